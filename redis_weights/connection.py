@@ -1,0 +1,80 @@
+"""Build the redis-py client: timeouts, idempotent retries, TLS and ACL from the URL.
+
+``redis.Redis.from_url`` retries nothing by default and waits forever on a dead
+socket; here every client gets finite timeouts and a short retry with backoff on
+connection errors. Every command this library sends is idempotent (SET, GET,
+MGET, the commit and ack scripts) or harmless to repeat (PUBLISH of a hint,
+INCR that skips a number), so a retry never corrupts state.
+
+Large values go through redis-py's pure-Python command packer: it hands
+memoryviews to ``sendall`` without copying them, where the hiredis packer
+copies each value twice (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.connection import PythonRespSerializer
+from redis.retry import Retry
+
+from .errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET_TIMEOUT = 30.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_RETRIES = 3
+_PACKER_BUFFER_CUTOFF = 6000  # redis-py's own cutoff: smaller args are joined, larger sent as-is
+
+
+def _pure_python_packer() -> PythonRespSerializer:
+    encoder = redis.connection.Encoder(encoding="utf-8", encoding_errors="strict", decode_responses=False)
+    return PythonRespSerializer(_PACKER_BUFFER_CUTOFF, encoder.encode)
+
+
+def default_client_options() -> dict[str, Any]:
+    """Keyword arguments applied to every client built from a URL (callers may override any)."""
+    return {
+        "socket_timeout": DEFAULT_SOCKET_TIMEOUT,
+        "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.02), DEFAULT_RETRIES),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        "command_packer": _pure_python_packer(),
+    }
+
+
+def client_from_url(url: str, **overrides: Any) -> redis.Redis:
+    """A ``redis.Redis`` for ``redis://``, ``rediss://`` (TLS) or ``unix://`` URLs.
+
+    User and password come from the URL (``redis://user:pass@host:6379/0``); TLS
+    options (``ssl_ca_certs=...``) may be given as keyword arguments or query
+    parameters. Responses stay bytes: weights are binary.
+    """
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError(
+            f"unsupported Redis URL {url!r}: expected redis://, rediss:// or unix://"
+        )
+    options = default_client_options()
+    options.update(overrides)
+    options["decode_responses"] = False
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
+
+
+def describe(client: Any) -> str:
+    """``host:port/db`` (or the socket path) of a client, without credentials, for messages."""
+    try:
+        kwargs = client.connection_pool.connection_kwargs
+    except AttributeError:
+        return type(client).__name__
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"

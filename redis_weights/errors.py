@@ -1,0 +1,67 @@
+"""Exception types. Every failure of a push is a ``RuntimeError`` subclass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+
+class RedisWeightsError(RuntimeError):
+    """Base class of every error this library raises on purpose."""
+
+
+class ConfigurationError(RedisWeightsError):
+    """Bad URL, missing server binary, unsafe server settings, wrong arguments."""
+
+
+class CodecError(RedisWeightsError, ValueError):
+    """Weights that cannot be encoded, or bytes that are not a valid version."""
+
+
+class IntegrityError(CodecError):
+    """A chunk whose checksum or size does not match the manifest (corrupted or truncated)."""
+
+
+class VersionNotFoundError(RedisWeightsError, KeyError):
+    """A version (or one of its chunks) is not in Redis: never committed, or garbage-collected."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "version not found"
+
+
+class StaleVersionError(RedisWeightsError):
+    """A commit refused because a newer version is already the latest (two writers)."""
+
+
+class WeightMismatchError(RedisWeightsError, ValueError):
+    """A version whose keys, shapes or dtypes do not match the worker's policy."""
+
+
+class PushError(RedisWeightsError):
+    """A sync push that did not end with every targeted rank reporting ``"updated"``.
+
+    ``lagging`` are the ranks still behind, ``dead`` those whose heartbeat expired,
+    ``errors`` maps a rank to the ``"error: ..."`` status it reported.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        version: int,
+        lagging: Sequence[int] = (),
+        dead: Sequence[int] = (),
+        errors: Mapping[int, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.version = version
+        self.lagging = list(lagging)
+        self.dead = list(dead)
+        self.errors = dict(errors or {})
+
+
+class PushTimeoutError(PushError, TimeoutError):
+    """A sync push whose acks did not all arrive within the timeout."""
+
+
+class ReceiveTimeoutError(RedisWeightsError, TimeoutError):
+    """``RedisWeightReceiver.wait`` saw no newer version within its timeout."""

@@ -1,0 +1,110 @@
+"""Every Redis key and channel name, built in one place from the namespace.
+
+All names share the prefix ``rw:{<namespace>}:``. The braces are a Redis Cluster
+hash tag: every key of a namespace lives in one slot, so the commit script and
+MULTI/EXEC may touch them together.
+
+``RedisStore`` addresses keys *relative* to that prefix (``"latest"``,
+``"rank:1:status"``); the library itself uses the full names below.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "policy"
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+_CHUNK_RE = re.compile(r"^v:\d+:c:\d+$")
+
+
+def validate_namespace(namespace: str) -> str:
+    """Refuse names that would break the hash tag or key parsing (braces, colons, spaces)."""
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+        raise ValueError(
+            f"invalid namespace {namespace!r}: use 1-128 characters from [A-Za-z0-9_.-]"
+        )
+    return namespace
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Names of the keys and channels of one namespace."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        validate_namespace(self.namespace)
+
+    # -- prefix <-> relative names (used by RedisStore) ---------------------------------
+    @property
+    def prefix(self) -> str:
+        return f"rw:{{{self.namespace}}}:"
+
+    def full(self, relative: str) -> str:
+        return self.prefix + relative
+
+    def relative(self, full: str | bytes) -> str:
+        name = full.decode() if isinstance(full, bytes) else full
+        if not name.startswith(self.prefix):
+            raise ValueError(f"{name!r} is not in namespace {self.namespace!r}")
+        return name[len(self.prefix) :]
+
+    @property
+    def pattern(self) -> str:
+        """SCAN pattern matching every key of the namespace (braces escaped for glob)."""
+        return f"rw:\\{{{self.namespace}\\}}:*"
+
+    @staticmethod
+    def is_blob(relative: str) -> bool:
+        """Whether a relative name is a weight chunk (binary, not text)."""
+        return bool(_CHUNK_RE.match(relative))
+
+    # -- versions ---------------------------------------------------------------------
+    @property
+    def latest(self) -> str:
+        """String (int): newest committed version, the truth workers follow."""
+        return self.full("latest")
+
+    @property
+    def counter(self) -> str:
+        """String (int): version numbers are allocated from it with INCR."""
+        return self.full("next")
+
+    @property
+    def versions(self) -> str:
+        """Sorted set of committed versions (score = version)."""
+        return self.full("versions")
+
+    def manifest(self, version: int) -> str:
+        return self.full(f"v:{version}:manifest")
+
+    def chunk(self, version: int, index: int) -> str:
+        return self.full(f"v:{version}:c:{index}")
+
+    def chunks(self, version: int, count: int) -> list[str]:
+        return [self.chunk(version, i) for i in range(count)]
+
+    # -- ranks ------------------------------------------------------------------------
+    def rank_status(self, rank: int) -> str:
+        """``"pending"``, ``"updated"`` or ``"error: <reason>"``."""
+        return self.full(f"rank:{rank}:status")
+
+    def rank_version(self, rank: int) -> str:
+        """Version that the rank has applied (0: none yet). Its presence marks a rank that has joined."""
+        return self.full(f"rank:{rank}:version")
+
+    def rank_alive(self, rank: int) -> str:
+        """Heartbeat of the rank: a string with a TTL."""
+        return self.full(f"rank:{rank}:alive")
+
+    # -- pub/sub ----------------------------------------------------------------------
+    @property
+    def updates_channel(self) -> str:
+        """Wake-up hint for workers: carries the new version number, never weights."""
+        return self.full("updates")
+
+    @property
+    def acks_channel(self) -> str:
+        """Wake-up hint for the trainer: a rank acknowledged (``"<rank>:<version>"``)."""
+        return self.full("acks")

@@ -1,0 +1,303 @@
+"""``RedisWeightReceiver``: the worker side. Wake, fetch, verify, apply in place, ack, heartbeat.
+
+Pub/sub is only a wake-up hint (it is at-most-once: a reconnect or a full output
+buffer drops messages). The truth is the ``latest`` key, read on every wake-up and
+at least every ``poll_interval`` seconds, so a worker that missed messages or
+joined late catches up by itself.
+
+A version is applied only when all of it has been fetched, every chunk checksum
+matches and every key, shape and dtype fits the policy; then the bytes are copied
+into the live tensors (same objects, same ``data_ptr``). Any failure leaves the
+old weights whole and sets the rank's status to ``"error: <reason>"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from .codec import apply_chunks, flatten_weights
+from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError
+from .fleet import STATUS_UPDATED
+from .store import RedisStore, as_store
+from .versions import VersionRegistry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_HEARTBEAT_TTL = 10.0
+_WAKE_SLICE = 0.2  # the background loop checks for stop() this often
+_FETCH_ATTEMPTS = 3  # a version garbage-collected mid-read: retry from latest
+
+# KEYS: status, version, latest. ARGV: version, status text, acks channel, rank.
+# The applied version is always recorded; the status only when no newer version
+# has been committed meanwhile (else it stays "pending" for the trainer's sake).
+_ACK = """
+local v = tonumber(ARGV[1])
+local latest = tonumber(redis.call('GET', KEYS[3]) or '0')
+if ARGV[2] == 'updated' then
+  redis.call('SET', KEYS[2], v)
+end
+if v >= latest then
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ':' .. v)
+return latest
+"""
+
+
+class RedisWeightReceiver:
+    """Keep ``policy`` (an ``nn.Module``, TensorDict or dict of tensors) at the latest version.
+
+    Args:
+        store: the ``RedisStore`` (or a Redis URL, or a redis-py client).
+        rank: this worker's 1-based rank.
+        policy: the live weights to update in place.
+
+    Keyword Args:
+        poll_interval: seconds between reads of ``latest`` when no notification arrives.
+        heartbeat_ttl: seconds after its last beat at which a rank counts as dead.
+        allow_cast: accept pushed dtypes that differ from the policy's (cast on copy).
+
+    Use ``poll()`` from your own loop, ``wait()`` to block, or ``start()`` for a
+    background thread (hold ``receiver.lock`` around code that must not see an
+    update half-applied, e.g. one forward pass).
+    """
+
+    def __init__(
+        self,
+        store: RedisStore | str | redis.Redis,
+        rank: int,
+        policy: Any,
+        *,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL,
+        allow_cast: bool = False,
+    ) -> None:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ConfigurationError(f"rank must be a 1-based integer, got {rank!r}")
+        if poll_interval <= 0 or heartbeat_ttl <= 0:
+            raise ConfigurationError("poll_interval and heartbeat_ttl must be positive")
+        flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill
+        self.store = as_store(store)
+        self.rank = rank
+        self.policy = policy
+        self.poll_interval = poll_interval
+        self.heartbeat_ttl = heartbeat_ttl
+        self.allow_cast = allow_cast
+        self.keyspace = self.store.keyspace
+        self.registry = VersionRegistry(self.store.client, self.keyspace)
+        self.version = 0
+        self.last_error: str | None = None
+        self.lock = threading.RLock()
+        self.post_hooks: list[Callable[[int], Any]] = []
+        self._ack = self.store.client.register_script(_ACK)
+        self._poll_lock = threading.Lock()
+        self._applied = threading.Condition()
+        self._failed_version = 0
+        self._lost_reported = False
+        self._updates: redis.client.PubSub | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._last_beat = 0.0
+        self._register()
+
+    # -- liveness -----------------------------------------------------------------------
+    def _register(self) -> None:
+        """Announce this rank: applied version 0 (it holds no pushed version yet) and a heartbeat."""
+        self.store.client.set(self.keyspace.rank_version(self.rank), 0)
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Refresh this rank's liveness key (value: wall time of the beat; expires after the TTL)."""
+        self.store.client.set(
+            self.keyspace.rank_alive(self.rank), repr(time.time()), px=int(self.heartbeat_ttl * 1000)
+        )
+        self._last_beat = time.monotonic()
+
+    def _report(self, version: int, status: str) -> None:
+        self._ack(
+            keys=[self.keyspace.rank_status(self.rank), self.keyspace.rank_version(self.rank), self.keyspace.latest],
+            args=[version, status, self.keyspace.acks_channel, self.rank],
+        )
+
+    def register_post_hook(self, hook: Callable[[int], Any]) -> None:
+        """Call ``hook(version)`` after each applied version (in the applying thread)."""
+        self.post_hooks.append(hook)
+
+    # -- applying -----------------------------------------------------------------------
+    def poll(self) -> int | None:
+        """Apply the latest version if it differs from the applied one; return it, else None.
+
+        Does not block on notifications. Redis errors propagate; bad versions do
+        not (they become this rank's ``"error: ..."`` status and ``last_error``).
+        """
+        with self._poll_lock:
+            self.heartbeat()
+            for _ in range(_FETCH_ATTEMPTS):
+                latest = self.registry.latest()
+                if latest == 0:
+                    self._report_lost()
+                    return None
+                if latest in (self.version, self._failed_version):
+                    return None
+                try:
+                    return self._apply(latest)
+                except VersionNotFoundError as exc:
+                    log.info("rank %d: version %d vanished while reading (%s); retrying", self.rank, latest, exc)
+            return None
+
+    def _apply(self, version: int) -> int | None:
+        started = time.perf_counter()
+        manifest = self.registry.read_manifest(version)
+        chunks = self.registry.read_chunks(manifest)
+        missing = [i for i, c in enumerate(chunks) if c is None]
+        if missing:
+            raise VersionNotFoundError(f"version {version}: chunk {missing[0]} is gone")
+        try:
+            with self.lock:
+                apply_chunks(chunks, manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
+        except CodecError as exc:  # corrupted, truncated, or does not fit the policy
+            self._fail(version, str(exc))
+            return None
+        previous, self.version = self.version, version
+        self.last_error = None
+        self._lost_reported = False
+        self._report(version, STATUS_UPDATED)
+        log.debug(
+            "rank %d: applied version %d (was %d), %d bytes in %.1f ms",
+            self.rank, version, previous, manifest.total_bytes, (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
+        with self._applied:
+            self._applied.notify_all()
+        for hook in self.post_hooks:
+            hook(version)
+        return version
+
+    def _fail(self, version: int, reason: str) -> None:
+        self._failed_version = version
+        self.last_error = f"error: version {version}: {reason}"
+        log.error("rank %d: refusing version %d, keeping version %d: %s", self.rank, version, self.version, reason)
+        self._report(version, self.last_error)
+
+    def _report_lost(self) -> None:
+        if self.version > 0 and not self._lost_reported:
+            self._lost_reported = True
+            self.last_error = (
+                f"error: Redis holds no committed version (data lost or flushed?); keeping version {self.version}"
+            )
+            log.warning("rank %d: %s", self.rank, self.last_error)
+            self._report(self.version, self.last_error)
+
+    # -- blocking -----------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until a version other than the current one is applied; return it."""
+        start = self.version
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._thread is not None:  # the background thread applies; just wait for it
+                with self._applied:
+                    self._applied.wait(self._slice(deadline, self.poll_interval))
+                if self.version != start:
+                    return self.version
+            else:
+                applied = self.poll()
+                if applied is not None:
+                    return applied
+                self._next_update(self._slice(deadline, min(self.poll_interval, self.heartbeat_ttl / 3)))
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ReceiveTimeoutError(
+                    f"rank {self.rank}: no new version within {timeout:g}s "
+                    f"(applied {self.version}, latest {self.registry.latest()})"
+                    + (f"; last error: {self.last_error}" if self.last_error else "")
+                )
+
+    @staticmethod
+    def _slice(deadline: float | None, cap: float) -> float:
+        return cap if deadline is None else max(0.0, min(cap, deadline - time.monotonic()))
+
+    def _subscribe_updates(self) -> redis.client.PubSub:
+        if self._updates is None:
+            self._updates = self.store.client.pubsub(ignore_subscribe_messages=True)
+            self._updates.subscribe(self.keyspace.updates_channel)
+        return self._updates
+
+    def _next_update(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for an ``updates`` message; True if one came."""
+        try:
+            pubsub = self._subscribe_updates()
+            got = pubsub.get_message(timeout=timeout) is not None
+            while pubsub.get_message(timeout=0) is not None:
+                got = True
+            return got
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.debug("rank %d: updates subscription lost (%s); will resubscribe", self.rank, exc)
+            self._close_updates()
+            time.sleep(min(timeout, 0.1))
+            return False
+
+    # -- background thread ----------------------------------------------------------------
+    def start(self) -> RedisWeightReceiver:
+        """Apply new versions from a daemon thread until ``stop()``."""
+        if self._thread is not None:
+            return self
+        self._stop.clear()
+        self._subscribe_updates()
+        self._thread = threading.Thread(target=self._run, name=f"redis-weights-rank-{self.rank}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        last_poll = 0.0
+        backoff = 0.1
+        wake = True
+        while not self._stop.is_set():
+            try:
+                if wake or time.monotonic() - last_poll >= self.poll_interval:
+                    last_poll = time.monotonic()
+                    self.poll()
+                elif time.monotonic() - self._last_beat >= self.heartbeat_ttl / 3:
+                    self.heartbeat()
+                backoff = 0.1
+            except redis.exceptions.RedisError as exc:
+                log.warning("rank %d: Redis error (%s); retrying in %.1fs", self.rank, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.poll_interval)
+            except Exception:  # never let the thread die silently
+                log.exception("rank %d: unexpected error in the receiver thread", self.rank)
+                self._stop.wait(self.poll_interval)
+            wake = self._next_update(_WAKE_SLICE)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the background thread (if any) and wait for it."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join(timeout)
+
+    def _close_updates(self) -> None:
+        if self._updates is not None:
+            try:
+                self._updates.close()
+            finally:
+                self._updates = None
+
+    def close(self) -> None:
+        """Stop, drop the subscription and close the store's connections."""
+        self.stop()
+        self._close_updates()
+        self.store.close()
+
+    def __enter__(self) -> RedisWeightReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RedisWeightReceiver(namespace={self.keyspace.namespace!r}, rank={self.rank}, version={self.version})"

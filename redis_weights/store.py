@@ -1,0 +1,146 @@
+"""``RedisStore``: the ``dict[str, str]`` store of the updater, over one Redis namespace.
+
+A real ``MutableMapping[str, str]``: ``store["rank:1:status"]`` reads
+``rw:{policy}:rank:1:status``. It also offers the TCPStore-like calls the seed's
+store has (``set``, ``get``, ``delete_key``, ``wait``) and owns the redis-py client
+that the updater and receiver share.
+
+The mapping covers the namespace's text keys (status, versions, manifests). Weight
+chunks are binary and the version list is a sorted set: neither is listed by
+iteration, and reading one through the mapping raises ``KeyError``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, MutableMapping
+from typing import Any
+
+import redis
+
+from .connection import client_from_url
+from .errors import ConfigurationError, RedisWeightsError
+from .keys import DEFAULT_NAMESPACE, Keys
+
+
+class StoreTimeoutError(RedisWeightsError, TimeoutError):
+    """``RedisStore.wait`` gave up before every key existed."""
+
+
+class RedisStore(MutableMapping[str, str]):
+    """A ``MutableMapping[str, str]`` over the keys of one namespace.
+
+    Args:
+        client: a ``redis.Redis`` (or compatible) client; the store owns it and
+            closes it on ``close()`` unless ``owns_client=False``.
+        namespace: the namespace; all keys live under ``rw:{namespace}:``.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        owns_client: bool = True,
+        url: str | None = None,
+    ) -> None:
+        self.client = client
+        self.keyspace = Keys(namespace)
+        self.url = url
+        self._owns_client = owns_client
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = DEFAULT_NAMESPACE, **client_options: Any) -> RedisStore:
+        """Connect to ``redis://``, ``rediss://`` or ``unix://`` (user and password in the URL)."""
+        return cls(client_from_url(url, **client_options), namespace, url=url)
+
+    @property
+    def namespace(self) -> str:
+        return self.keyspace.namespace
+
+    # -- MutableMapping ---------------------------------------------------------------
+    def __getitem__(self, key: str) -> str:
+        if self.keyspace.is_blob(key):
+            raise KeyError(key)
+        try:
+            value = self.client.get(self.keyspace.full(key))
+        except redis.exceptions.ResponseError as exc:  # WRONGTYPE: not a string key
+            raise KeyError(key) from exc
+        if value is None:
+            raise KeyError(key)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def __setitem__(self, key: str, value: str) -> None:
+        if not isinstance(value, (str, bytes, int, float)) or isinstance(value, bool):
+            raise TypeError(f"RedisStore values are strings, got {type(value).__name__}")
+        self.client.set(self.keyspace.full(key), value)
+
+    def __delitem__(self, key: str) -> None:
+        if not self.client.delete(self.keyspace.full(key)):
+            raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        for name in self.client.scan_iter(match=self.keyspace.pattern, count=1000, _type="string"):
+            relative = self.keyspace.relative(name)
+            if not self.keyspace.is_blob(relative):
+                yield relative
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str) or self.keyspace.is_blob(key):
+            return False
+        return self.client.type(self.keyspace.full(key)) in (b"string", "string")
+
+    # -- TCPStore-like calls ------------------------------------------------------------
+    def set(self, key: str, value: str | bytes) -> None:
+        """Set ``key`` (TCPStore spelling of ``store[key] = value``)."""
+        self[key] = value.decode() if isinstance(value, bytes) else value
+
+    def delete_key(self, key: str) -> bool:
+        """Delete ``key``; True if it existed (as ``TCPStore.delete_key``)."""
+        return bool(self.client.delete(self.keyspace.full(key)))
+
+    def wait(self, keys: Iterable[str], timeout: float | None = 30.0, poll_interval: float = 0.01) -> None:
+        """Block until every key exists; raise ``StoreTimeoutError`` after ``timeout`` seconds."""
+        names = [self.keyspace.full(k) for k in keys]
+        if not names:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll_interval
+        while True:
+            if self.client.exists(*names) == len(set(names)):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                missing = [self.keyspace.relative(n) for n in names if not self.client.exists(n)]
+                raise StoreTimeoutError(f"keys still missing after {timeout}s: {missing}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> RedisStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RedisStore(namespace={self.namespace!r}, url={self.url!r})"
+
+
+def as_store(store: RedisStore | str | redis.Redis, namespace: str | None = None) -> RedisStore:
+    """Accept a ``RedisStore``, a Redis URL or a redis-py client."""
+    if isinstance(store, RedisStore):
+        return store
+    if isinstance(store, str):
+        return RedisStore.from_url(store, namespace or DEFAULT_NAMESPACE)
+    if isinstance(store, redis.Redis):
+        return RedisStore(store, namespace or DEFAULT_NAMESPACE, owns_client=False)
+    raise ConfigurationError(
+        f"store must be a RedisStore, a Redis URL or a redis.Redis, got {type(store).__name__}"
+    )

@@ -1,0 +1,220 @@
+"""``RedisWeightUpdater``: the trainer side. Encode -> write chunks -> commit -> publish -> (sync) wait.
+
+The sync wait never sleep-polls: the updater stays subscribed to the ``acks``
+channel for its lifetime (subscribed before the first commit, so no ack can be
+missed), wakes on each ack and decides with one MGET of every targeted rank's
+status, version and heartbeat. A rank counts as done only when its status reads
+``"updated"`` *and* its version is at least the pushed one, so a slow worker's
+late ack of an older version cannot end the wait early. A rank whose heartbeat
+expired, or that reported an error, fails the push at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+
+from .base import WeightUpdaterBase, WorkerIds
+from .codec import DEFAULT_CHUNK_SIZE, Encoder
+from .errors import ConfigurationError, PushError, PushTimeoutError
+from .fleet import RankState, read_rank_states
+from .store import RedisStore, as_store
+from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, producer_id
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 60.0
+_LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
+
+
+class RedisWeightUpdater(WeightUpdaterBase):
+    """Push policy weights to ``num_workers`` ranks through Redis.
+
+    Args:
+        store: the ``RedisStore`` (or a Redis URL, or a redis-py client).
+        policy_weights: what ``update_weights()`` pushes: an ``nn.Module``, a
+            TensorDict or a dict of tensors (read live at each push).
+        num_workers: ranks are ``1..num_workers``.
+        sync: wait for every targeted rank's ack (True) or return after the commit.
+
+    Keyword Args:
+        timeout: seconds a sync push (or ``wait()``) waits for acks.
+        chunk_size: bytes per Redis value (default 8 MiB).
+        retention: committed versions kept; older ones are deleted after each push.
+        pending_ttl: seconds uncommitted chunks survive (orphans of a crashed push).
+        metadata: strings recorded in every version's safetensors ``__metadata__``.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore | str | redis.Redis,
+        policy_weights: Any = None,
+        num_workers: int = 1,
+        sync: bool = True,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        retention: int = DEFAULT_RETENTION,
+        pending_ttl: float = DEFAULT_PENDING_TTL,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ConfigurationError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if timeout <= 0:
+            raise ConfigurationError("timeout must be positive")
+        if retention < 1:
+            raise ConfigurationError("retention must be at least 1")
+        self.store = as_store(store)
+        self.policy_weights = policy_weights
+        self.num_workers = num_workers
+        self.sync = sync
+        self.timeout = timeout
+        self.retention = retention
+        self.pending_ttl = pending_ttl
+        self.metadata = dict(metadata or {})
+        self.keyspace = self.store.keyspace
+        self.registry = VersionRegistry(self.store.client, self.keyspace)
+        self._encoder = Encoder(chunk_size)
+        self._acks: redis.client.PubSub | None = None
+        self._last_ranks: list[int] = []
+        self.version = 0
+        self._producer = producer_id()
+
+    # -- WeightUpdaterBase --------------------------------------------------------------
+    @classmethod
+    def from_policy(cls, policy: Any) -> RedisWeightUpdater | None:
+        """None: an updater needs a Redis URL and a worker count, which a policy does not carry."""
+        return None
+
+    def _get_server_weights(self) -> Any:
+        return self.policy_weights
+
+    def _sync_weights_with_worker(self, *, worker_id: int | list[int] | None = None, server_weights: Any) -> None:
+        ranks = self._normalize_worker_ids(worker_id)
+        self._publish(server_weights, ranks)
+        if self.sync and ranks:
+            self._wait_for_acks(self.version, ranks, self.timeout)
+
+    # -- the push -----------------------------------------------------------------------
+    def _publish(self, weights: Any, ranks: list[int]) -> int:
+        """Encode, upload and commit one version for ``ranks``; returns it."""
+        started = time.perf_counter()
+        encoded = self._encoder.encode(weights, metadata=self.metadata)
+        if self.sync:
+            self._subscribe_acks()  # before the commit: no ack can slip past
+        version = self.registry.allocate(floor=self.version)
+        self.registry.write_chunks(version, encoded.chunks, self.pending_ttl)
+        manifest = encoded.manifest(version, created=time.time(), producer=self._producer)
+        self.registry.commit(manifest, ranks)
+        self.version = version
+        self._last_ranks = ranks
+        log.debug(
+            "committed version %d: %d tensors, %d bytes in %d chunks, %.1f ms",
+            version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks,
+            (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
+        try:
+            self.registry.gc(self.retention)
+        except redis.exceptions.RedisError as exc:  # retention is housekeeping: never fail a push
+            log.warning("garbage collection after version %d failed: %s", version, exc)
+        return version
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the acks of the last push (for ``sync=False``)."""
+        if self.version and self._last_ranks:
+            self._wait_for_acks(self.version, self._last_ranks, self.timeout if timeout is None else timeout)
+
+    def workers(self, ranks: WorkerIds = None) -> list[RankState]:
+        """Status, applied version and heartbeat of every (or the given) rank."""
+        return read_rank_states(self.store.client, self.keyspace, self._normalize_worker_ids(ranks))
+
+    # -- acks ---------------------------------------------------------------------------
+    def _subscribe_acks(self) -> redis.client.PubSub:
+        if self._acks is None:
+            self._acks = self.store.client.pubsub(ignore_subscribe_messages=True)
+            self._acks.subscribe(self.keyspace.acks_channel)
+        return self._acks
+
+    def _next_ack(self, timeout: float) -> None:
+        """Block until an ack is published (or ``timeout``), then drain what else is queued."""
+        pubsub = self._subscribe_acks()
+        try:
+            message = pubsub.get_message(timeout=timeout)
+            while message is not None:
+                message = pubsub.get_message(timeout=0)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            # Pub/sub is only a hint: drop the connection, the MGET loop decides.
+            log.debug("acks subscription lost (%s); resubscribing", exc)
+            self._close_acks()
+            time.sleep(min(timeout, 0.05))
+
+    def _wait_for_acks(self, version: int, ranks: list[int], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            states = read_rank_states(self.store.client, self.keyspace, ranks)
+            waiting = [s for s in states if not s.has_applied(version)]
+            if not waiting:
+                return
+            errors = {s.rank: s.status for s in waiting if s.error}
+            dead = [s.rank for s in waiting if s.dead]
+            remaining = deadline - time.monotonic()
+            if errors or dead or remaining <= 0:
+                raise self._push_failure(version, waiting, errors, dead, timed_out=remaining <= 0, timeout=timeout)
+            self._next_ack(min(remaining, _LIVENESS_CHECK))
+
+    @staticmethod
+    def _push_failure(
+        version: int,
+        waiting: list[RankState],
+        errors: dict[int, str | None],
+        dead: list[int],
+        *,
+        timed_out: bool,
+        timeout: float,
+    ) -> PushError:
+        parts = []
+        for s in waiting:
+            if s.rank in errors:
+                parts.append(f"rank {s.rank} reported {s.status!r}")
+            elif s.rank in dead:
+                parts.append(f"rank {s.rank} is dead (heartbeat expired; last applied version {s.version})")
+            elif not s.joined:
+                parts.append(f"rank {s.rank} never joined")
+            else:
+                parts.append(f"rank {s.rank} lags (status {s.status!r}, applied version {s.version})")
+        lagging = [s.rank for s in waiting if s.rank not in errors and s.rank not in dead]
+        reason = f"no ack within {timeout:g}s" if timed_out and not (errors or dead) else "failed"
+        message = f"push of version {version} {reason}: " + "; ".join(parts)
+        cls = PushTimeoutError if timed_out and not (errors or dead) else PushError
+        clean_errors = {r: e for r, e in errors.items() if e}
+        return cls(message, version=version, lagging=lagging, dead=dead, errors=clean_errors)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def _close_acks(self) -> None:
+        if self._acks is not None:
+            try:
+                self._acks.close()
+            finally:
+                self._acks = None
+
+    def close(self) -> None:
+        """Drop the acks subscription and close the store's connections."""
+        self._close_acks()
+        self.store.close()
+
+    def __enter__(self) -> RedisWeightUpdater:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisWeightUpdater(namespace={self.keyspace.namespace!r}, num_workers={self.num_workers}, "
+            f"sync={self.sync}, version={self.version})"
+        )
+

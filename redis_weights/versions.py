@@ -1,0 +1,207 @@
+"""The version registry: write chunks, commit atomically, read, list, delete, retain.
+
+A version becomes visible in one step: the commit script checks that every chunk
+is there, makes the chunks permanent, writes the manifest, adds the version to the
+sorted set, moves ``latest`` and marks the targeted ranks ``"pending"``, then
+publishes the version number. Until then nothing points at the chunks, and they
+carry an expiry, so chunks of a trainer that died mid-push vanish by themselves.
+
+``latest`` never moves backwards: a commit of a version not above it is refused
+(``StaleVersionError``), which is what stops a second, stale trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+
+from .codec import Buffer, Manifest
+from .errors import StaleVersionError, VersionNotFoundError
+from .keys import Keys
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETENTION = 3
+DEFAULT_PENDING_TTL = 900.0  # seconds an uncommitted chunk survives
+_PIPELINE_BYTES = 64 * 1024 * 1024  # bytes of chunk values per pipeline round trip
+
+# KEYS: counter, latest. ARGV: floor (the caller's last version).
+# INCR, but never at or below max(floor, latest): a Redis that lost its data, or a
+# second trainer, cannot make version numbers go backwards.
+_ALLOCATE = """
+local n = redis.call('INCR', KEYS[1])
+local floor = math.max(tonumber(ARGV[1]), tonumber(redis.call('GET', KEYS[2]) or '0'))
+if n <= floor then
+  n = floor + 1
+  redis.call('SET', KEYS[1], n)
+end
+return n
+"""
+
+# KEYS: latest, versions, manifest, chunk_1..chunk_n, status_1..status_m
+# ARGV: version, manifest json, n, m, updates channel
+# Idempotent: a retried commit of the version that is already latest returns 0.
+_COMMIT = """
+local v = tonumber(ARGV[1])
+local n = tonumber(ARGV[3])
+local m = tonumber(ARGV[4])
+local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
+if latest == v and redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
+if latest >= v then
+  return redis.error_reply('STALE ' .. latest)
+end
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[3 + i]) == 0 then
+    return redis.error_reply('MISSING ' .. (i - 1))
+  end
+end
+for i = 1, n do
+  redis.call('PERSIST', KEYS[3 + i])
+end
+redis.call('SET', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[2], v, v)
+redis.call('SET', KEYS[1], v)
+for j = 1, m do
+  redis.call('SET', KEYS[3 + n + j], 'pending')
+end
+redis.call('PUBLISH', ARGV[5], v)
+return 1
+"""
+
+
+def producer_id() -> str:
+    """``host:pid`` of this process, recorded in every manifest it commits."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _int(value: Any) -> int:
+    return int(value) if value is not None else 0
+
+
+class VersionRegistry:
+    """Versions of one namespace in Redis (see the module docstring for the protocol)."""
+
+    def __init__(self, client: redis.Redis, keyspace: Keys) -> None:
+        self.client = client
+        self.keyspace = keyspace
+        self._allocate = client.register_script(_ALLOCATE)
+        self._commit = client.register_script(_COMMIT)
+
+    # -- writing ------------------------------------------------------------------------
+    def allocate(self, floor: int = 0) -> int:
+        """A fresh version number above ``floor`` and above ``latest``."""
+        k = self.keyspace
+        return int(self._allocate(keys=[k.counter, k.latest], args=[floor]))
+
+    def write_chunks(self, version: int, chunks: Sequence[Buffer], pending_ttl: float = DEFAULT_PENDING_TTL) -> None:
+        """SET every chunk with an expiry (the commit removes it), pipelined in ~64 MiB rounds."""
+        ttl_ms = max(1, int(pending_ttl * 1000))
+        pipe = self.client.pipeline(transaction=False)
+        queued = 0
+        for index, chunk in enumerate(chunks):
+            pipe.set(self.keyspace.chunk(version, index), chunk, px=ttl_ms)
+            queued += len(chunk)
+            if queued >= _PIPELINE_BYTES:
+                pipe.execute()
+                queued = 0
+        pipe.execute()
+
+    def commit(self, manifest: Manifest, pending_ranks: Iterable[int] = ()) -> None:
+        """Make ``manifest.version`` the latest, in one atomic step (see ``_COMMIT``)."""
+        k, v = self.keyspace, manifest.version
+        ranks = list(pending_ranks)
+        keys = [k.latest, k.versions, k.manifest(v), *k.chunks(v, manifest.num_chunks)]
+        keys += [k.rank_status(r) for r in ranks]
+        try:
+            self._commit(
+                keys=keys,
+                args=[v, manifest.to_json(), manifest.num_chunks, len(ranks), k.updates_channel],
+            )
+        except redis.exceptions.ResponseError as exc:
+            text = str(exc)
+            if text.startswith("STALE"):
+                raise StaleVersionError(
+                    f"version {v} refused: latest is already {text.split()[1]} "
+                    "(is a second trainer pushing to this namespace?)"
+                ) from exc
+            if text.startswith("MISSING"):
+                raise VersionNotFoundError(
+                    f"version {v}: chunk {text.split()[1]} vanished before the commit "
+                    "(upload slower than pending_ttl, or Redis restarted)"
+                ) from exc
+            raise
+
+    # -- reading ------------------------------------------------------------------------
+    def latest(self) -> int:
+        """The newest committed version, 0 when there is none."""
+        return _int(self.client.get(self.keyspace.latest))
+
+    def read_manifest(self, version: int) -> Manifest:
+        raw = self.client.get(self.keyspace.manifest(version))
+        if raw is None:
+            raise VersionNotFoundError(f"version {version} not found")
+        return Manifest.from_json(raw)
+
+    def read_chunks(self, manifest: Manifest) -> list[bytes | None]:
+        """Every chunk of a version, pipelined; a missing one comes back as None."""
+        pipe = self.client.pipeline(transaction=False)
+        out: list[bytes | None] = []
+        queued = 0
+        for index, size in enumerate(manifest.chunk_sizes):
+            pipe.get(self.keyspace.chunk(manifest.version, index))
+            queued += size
+            if queued >= _PIPELINE_BYTES:
+                out.extend(pipe.execute())
+                queued = 0
+        out.extend(pipe.execute())
+        return out
+
+    def read(self, version: int | None = None) -> tuple[Manifest, list[bytes]]:
+        """Manifest and verified chunks of a version (default: the latest)."""
+        version = self.latest() if version is None else version
+        if version <= 0:
+            raise VersionNotFoundError("no version has been committed")
+        manifest = self.read_manifest(version)
+        chunks = self.read_chunks(manifest)
+        for index, data in enumerate(chunks):
+            if data is None:
+                raise VersionNotFoundError(f"version {version}: chunk {index} is gone (garbage-collected?)")
+            manifest.verify_chunk(index, data)
+        return manifest, [c for c in chunks if c is not None]
+
+    def list_versions(self) -> list[int]:
+        """Committed versions, oldest first."""
+        return [int(v) for v in self.client.zrange(self.keyspace.versions, 0, -1)]
+
+    # -- deleting -----------------------------------------------------------------------
+    def delete(self, version: int) -> None:
+        """Remove a version: first from the list, then its manifest and chunks."""
+        k = self.keyspace
+        try:
+            count = self.read_manifest(version).num_chunks
+            chunk_keys = k.chunks(version, count)
+        except Exception:  # unreadable manifest: find the chunks by name
+            chunk_keys = list(self.client.scan_iter(match=f"{k.pattern[:-1]}v:{version}:c:*", count=1000))
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(k.versions, version)
+        pipe.delete(k.manifest(version), *chunk_keys)
+        pipe.execute()
+
+    def gc(self, keep: int = DEFAULT_RETENTION) -> list[int]:
+        """Delete all but the newest ``keep`` versions (never ``latest``); the deleted ones."""
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        latest = self.latest()
+        old = [v for v in self.list_versions()[:-keep] if v != latest]
+        for version in old:
+            self.delete(version)
+        if old:
+            log.debug("gc removed versions %s", old)
+        return old

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The project's test command: set up the environment if needed, then run the suite.
+# Usage: scripts/test.sh [pytest args...]
+# Env:   REDIS_WEIGHTS_REQUIRE_SERVER=1 makes a missing redis/valkey server a failure
+#        instead of a skip (CI sets it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${VENV:-.venv}"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import redis_weights, fakeredis, torch" 2>/dev/null; then
+  scripts/setup_env.sh
+fi
+exec "$venv/bin/python" -m pytest -q "$@"
