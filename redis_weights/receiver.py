@@ -127,7 +127,7 @@ class RedisWeightReceiver:
         )
 
     def register_post_hook(self, hook: Callable[[int], Any]) -> None:
-        """Call ``hook(version)`` after each applied version (in the applying thread)."""
+        """Call ``hook(version)`` after each version is applied and before it is acked."""
         self.post_hooks.append(hook)
 
     # -- applying -----------------------------------------------------------------------
@@ -168,6 +168,11 @@ class RedisWeightReceiver:
         previous, self.version = self.version, version
         self.last_error = None
         self._lost_reported = False
+        for hook in self.post_hooks:  # before the ack: an ack means the hooks have run too
+            try:
+                hook(version)
+            except Exception:
+                log.exception("rank %d: post hook %r failed after version %d", self.rank, hook, version)
         self._report(version, STATUS_UPDATED)
         log.debug(
             "rank %d: applied version %d (was %d), %d bytes in %.1f ms",
@@ -175,8 +180,6 @@ class RedisWeightReceiver:
         )  # fmt: skip
         with self._applied:
             self._applied.notify_all()
-        for hook in self.post_hooks:
-            hook(version)
         return version
 
     def _fail(self, version: int, reason: str) -> None:

@@ -29,7 +29,7 @@ else
   sys_torch="$("$python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
   torch_spec="${TORCH_SPEC:-torch==${sys_torch:-2.13.0}}"
   echo "==> installing $torch_spec (CPU build from a local wheel when one is there)"
-  "${pip[@]}" "$torch_spec"
+  "${pip[@]}" "$torch_spec" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 fi
 
 # 2. The package and its extras, with torch held where it is.
@@ -37,5 +37,5 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "$torch_spec" > "$constraints"
 echo "==> installing redis_weights[$extras] (torch pinned: $torch_spec)"
-"${pip[@]}" -c "$constraints" -e ".[$extras]"
+"${pip[@]}" -c "$constraints" -e ".[$extras]" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 "$py" -c "import torch, redis_weights; print('torch', torch.__version__, '| redis_weights', redis_weights.__version__)"

