@@ -98,6 +98,12 @@ class Keys:
         """Heartbeat of the rank: a string with a TTL."""
         return self.full(f"rank:{rank}:alive")
 
+    # -- admin ------------------------------------------------------------------------
+    @property
+    def probe(self) -> str:
+        """Short-lived key that ``health`` writes to test the user's rights (expires by itself)."""
+        return self.full("doctor:probe")
+
     # -- pub/sub ----------------------------------------------------------------------
     @property
     def updates_channel(self) -> str:
