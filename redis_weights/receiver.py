@@ -22,7 +22,7 @@ from typing import Any
 import redis
 
 from .codec import apply_chunks, flatten_weights
-from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError
+from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
 from .store import RedisStore, as_store
 from .versions import VersionRegistry
@@ -162,7 +162,7 @@ class RedisWeightReceiver:
         try:
             with self.lock:
                 apply_chunks(chunks, manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
-        except CodecError as exc:  # corrupted, truncated, or does not fit the policy
+        except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
             self._fail(version, str(exc))
             return None
         previous, self.version = self.version, version
@@ -198,27 +198,30 @@ class RedisWeightReceiver:
             self._report(self.version, self.last_error)
 
     # -- blocking -----------------------------------------------------------------------
-    def wait(self, timeout: float | None = None) -> int:
-        """Block until a version other than the current one is applied; return it."""
+    def wait(self, timeout: float | None = None, *, min_version: int | None = None) -> int:
+        """Block until a version other than the current one (or one >= ``min_version``) is applied.
+
+        Returns the applied version; raises ``ReceiveTimeoutError`` after ``timeout`` seconds.
+        """
         start = self.version
+
+        def done() -> bool:
+            return self.version != start if min_version is None else self.version >= min_version
+
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        while not done():
             if self._thread is not None:  # the background thread applies; just wait for it
                 with self._applied:
-                    self._applied.wait(self._slice(deadline, self.poll_interval))
-                if self.version != start:
-                    return self.version
-            else:
-                applied = self.poll()
-                if applied is not None:
-                    return applied
+                    self._applied.wait_for(done, self._slice(deadline, self.poll_interval))
+            elif self.poll() is None and not done():
                 self._next_update(self._slice(deadline, min(self.poll_interval, self.heartbeat_ttl / 3)))
-            if deadline is not None and time.monotonic() >= deadline:
+            if not done() and deadline is not None and time.monotonic() >= deadline:
                 raise ReceiveTimeoutError(
                     f"rank {self.rank}: no new version within {timeout:g}s "
                     f"(applied {self.version}, latest {self.registry.latest()})"
                     + (f"; last error: {self.last_error}" if self.last_error else "")
                 )
+        return self.version
 
     @staticmethod
     def _slice(deadline: float | None, cap: float) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from .connection import client_from_url
+from .connection import client_from_url, describe
 from .errors import ConfigurationError, RedisWeightsError
 from .keys import DEFAULT_NAMESPACE, Keys
 
@@ -130,7 +130,7 @@ class RedisStore(MutableMapping[str, str]):
         self.close()
 
     def __repr__(self) -> str:
-        return f"RedisStore(namespace={self.namespace!r}, url={self.url!r})"
+        return f"RedisStore(namespace={self.namespace!r}, server={describe(self.client)!r})"
 
 
 def as_store(store: RedisStore | str | redis.Redis, namespace: str | None = None) -> RedisStore:

@@ -179,7 +179,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         parts = []
         for s in waiting:
             if s.rank in errors:
-                parts.append(f"rank {s.rank} reported {s.status!r}")
+                parts.append(f"rank {s.rank} reported: {s.status}")
             elif s.rank in dead:
                 parts.append(f"rank {s.rank} is dead (heartbeat expired; last applied version {s.version})")
             elif not s.joined:

@@ -1,0 +1,226 @@
+"""Codec: weights <-> chunked safetensors, manifest validation, in-place apply."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from redis_weights.codec import (
+    CodecError,
+    Encoder,
+    IntegrityError,
+    Manifest,
+    apply_chunks,
+    chunk_pieces,
+    decode_to_tensors,
+    flatten_weights,
+    parse_header,
+    parse_header_bytes,
+)
+from redis_weights.errors import WeightMismatchError
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.uint8, torch.bool]
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = {
+        f"t_{str(d).split('.')[-1]}": (torch.randn(37, 11, generator=g) * 10).to(d) for d in DTYPES
+    }
+    out["scalar"] = torch.tensor(3.5)
+    out["empty"] = torch.empty(0, 4)
+    out["big"] = torch.randn(300, 1000, generator=g)
+    return out
+
+
+def _encode(weights, chunk_size=64 * 1024, **kw):
+    encoded = Encoder(chunk_size).encode(weights, **kw)
+    manifest = encoded.manifest(1, created=0.0, producer="test")
+    chunks = [bytes(c) for c in encoded.chunks]
+    return encoded, Manifest.from_json(manifest.to_json()), chunks
+
+
+def test_concatenated_chunks_are_a_safetensors_file_equal_to_the_weights():
+    weights = _weights()
+    encoded, manifest, chunks = _encode(weights, metadata={"step": "12"})
+    loaded = safetensors.torch.load(b"".join(chunks))
+    assert loaded.keys() == weights.keys()
+    for name, tensor in weights.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    assert len(chunks) > 3 and max(len(c) for c in chunks) <= 64 * 1024
+    assert manifest.total_bytes == len(b"".join(chunks))
+    assert manifest.metadata == {"step": "12"}
+    assert json.loads(b"".join(chunks)[8 : manifest.header_len])["__metadata__"] == {"step": "12"}
+
+
+def test_big_tensors_are_sent_from_their_own_memory():
+    weights = {"big": torch.zeros(1 << 20)}
+    encoded = Encoder(1 << 20).encode(weights)
+    weights["big"].fill_(1.0)  # visible through the chunks: they are views, not copies
+    data = b"".join(bytes(c) for c in encoded.chunks)[encoded.header_len :]
+    assert data == torch.ones(1 << 20).numpy().tobytes()
+
+
+def test_snapshot_copies_so_later_changes_do_not_leak_into_the_push():
+    weights = {"big": torch.zeros(1 << 18)}
+    encoded = Encoder(1 << 20).encode(weights, snapshot=True)
+    weights["big"].fill_(1.0)
+    assert set(b"".join(bytes(c) for c in encoded.chunks)[encoded.header_len :]) == {0}
+
+
+def test_non_contiguous_and_shared_tensors_are_encoded():
+    base = torch.arange(12.0).reshape(3, 4)
+    weights = {"t": base.t(), "a": base, "alias": base}
+    _, manifest, chunks = _encode(weights)
+    out = decode_to_tensors(chunks, manifest)
+    assert torch.equal(out["t"], base.t()) and torch.equal(out["alias"], base)
+
+
+def test_chunk_pieces_keeps_order_gathers_small_pieces_and_bounds_size():
+    pieces = [b"a" * 10, b"b" * 100, b"c" * 5, bytes(range(256)) * 4]
+    chunks = chunk_pieces(pieces, 64)
+    assert b"".join(bytes(c) for c in chunks) == b"".join(pieces)
+    assert all(0 < len(c) <= 64 for c in chunks)
+
+
+def test_apply_is_in_place_and_keeps_identity_device_and_dtype():
+    src, dst = nn.Linear(64, 32), nn.Linear(64, 32)
+    params_before = {n: (p, p.data_ptr()) for n, p in dst.named_parameters()}
+    _, manifest, chunks = _encode(src)
+    apply_chunks(chunks, manifest, flatten_weights(dst))
+    for name, p in dst.named_parameters():
+        assert p is params_before[name][0] and p.data_ptr() == params_before[name][1]
+        assert torch.equal(p, getattr(src, name))
+
+
+def test_tensordict_and_nested_dict_are_flattened_with_dots():
+    td = TensorDict({"a": {"b": torch.ones(2)}, "c": torch.zeros(3)}, [])
+    assert set(flatten_weights(td)) == {"a.b", "c"}
+    assert set(flatten_weights({"x": {"y": torch.ones(1)}})) == {"x.y"}
+    module = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    assert "1.running_mean" in flatten_weights(TensorDict.from_module(module))
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        ({"x": [1, 2]}, "not a tensor"),
+        ({"x": torch.ones(2).to_sparse()}, "layout"),
+        (42, "nn.Module"),
+        ({1: torch.ones(1)}, "strings"),
+    ],
+)
+def test_unencodable_weights_are_refused_at_push_time(weights, match):
+    with pytest.raises(CodecError, match=match):
+        Encoder().encode(weights)
+
+
+def test_empty_model_round_trips():
+    _, manifest, chunks = _encode({})
+    assert safetensors.torch.load(b"".join(chunks)) == {}
+    apply_chunks(chunks, manifest, {})
+
+
+def _mismatch(targets, match):
+    src = {"w": torch.ones(4, 4), "b": torch.ones(4)}
+    _, manifest, chunks = _encode(src)
+    before = {k: v.clone() for k, v in targets.items()}
+    with pytest.raises(WeightMismatchError, match=match):
+        apply_chunks(chunks, manifest, targets)
+    for k, v in targets.items():  # the old weights stay whole
+        assert torch.equal(v, before[k])
+
+
+def test_missing_key_is_named():
+    _mismatch({"w": torch.zeros(4, 4), "b": torch.zeros(4), "extra": torch.zeros(1)}, "'extra' is missing")
+
+
+def test_unexpected_key_is_named():
+    _mismatch({"w": torch.zeros(4, 4)}, "unexpected key 'b'")
+
+
+def test_shape_mismatch_is_named():
+    _mismatch({"w": torch.zeros(4, 5), "b": torch.zeros(4)}, r"key 'w': shape \[4, 4\]")
+
+
+def test_dtype_mismatch_is_named_unless_casting_is_allowed():
+    _mismatch({"w": torch.zeros(4, 4, dtype=torch.float16), "b": torch.zeros(4)}, "key 'w': dtype")
+    src = {"w": torch.full((4, 4), 1.5)}
+    _, manifest, chunks = _encode(src)
+    target = {"w": torch.zeros(4, 4, dtype=torch.float64)}
+    apply_chunks(chunks, manifest, target, allow_cast=True)
+    assert torch.equal(target["w"], torch.full((4, 4), 1.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
+def test_damaged_chunks_are_refused_before_anything_is_written(damage):
+    src = {"w": torch.randn(100, 100)}
+    _, manifest, chunks = _encode(src, chunk_size=8192)
+    if damage == "flip":
+        chunks[2] = chunks[2][:100] + bytes([chunks[2][100] ^ 0xFF]) + chunks[2][101:]
+    elif damage == "truncate":
+        chunks[-1] = chunks[-1][:-1]
+    else:
+        chunks[1] = None  # type: ignore[call-overload]
+    target = {"w": torch.zeros(100, 100)}
+    with pytest.raises(IntegrityError, match="chunk"):
+        apply_chunks(chunks, manifest, target)
+    assert not target["w"].any()
+
+
+def test_manifest_round_trip_and_validation():
+    _, manifest, _ = _encode({"w": torch.ones(3)})
+    doc = json.loads(manifest.to_json())
+    assert Manifest.from_json(json.dumps(doc)).tensors == manifest.tensors
+    for field, value, match in [
+        ("format", "other", "format"),
+        ("checksum_algo", "md5", "checksum"),
+        ("chunk_sizes", [0], "chunk_sizes"),
+        ("checksums", [], "checksums"),
+        ("version", -1, "version"),
+        ("header_len", 10**12, "header_len"),
+        ("total_bytes", 1, "total_bytes"),
+    ]:
+        bad = dict(doc, **{field: value})
+        with pytest.raises(CodecError, match=match):
+            Manifest.from_json(json.dumps(bad))
+    with pytest.raises(CodecError, match="not JSON"):
+        Manifest.from_json(b"\x80not json")
+    with pytest.raises(CodecError, match="lacks"):
+        Manifest.from_json(json.dumps({"format": doc["format"]}))
+
+
+@pytest.mark.parametrize(
+    "header, match",
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, None),
+        ({"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, "unknown dtype"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "bad shape"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 99]}}, "outside"),
+        ({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, "does not fill"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, "gap"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, "describes 4 bytes"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"k": 1}}, "__metadata__"),
+        ([1, 2], "not a JSON object"),
+    ],
+)
+def test_parse_header_refuses_lies(header, match):
+    if match is None:
+        assert parse_header(header, 8)[0].shape == (2,)
+    else:
+        with pytest.raises(CodecError, match=match):
+            parse_header(header, 8)
+
+
+def test_parse_header_bytes_bounds_the_length_before_allocating():
+    huge = (10**12).to_bytes(8, "little") + b"{}"
+    with pytest.raises(CodecError, match="out of range"):
+        parse_header_bytes(huge, 100)
+    _, manifest, chunks = _encode({"w": torch.ones(3)})
+    start, entries = parse_header_bytes(b"".join(chunks), manifest.total_bytes)
+    assert start == manifest.header_len and entries == manifest.tensors

@@ -1,0 +1,150 @@
+"""RedisWeightReceiver on fakeredis: poll, wait, background thread, refusals, acks, heartbeats."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from redis_weights import (
+    ConfigurationError,
+    ReceiveTimeoutError,
+    RedisStore,
+    RedisWeightReceiver,
+    RedisWeightUpdater,
+)
+
+
+def _pair(fake_store, worker_policy, trainer_policy=None, **kw):
+    trainer_policy = trainer_policy if trainer_policy is not None else nn.Linear(8, 4)
+    updater = RedisWeightUpdater(fake_store, trainer_policy, 2, sync=False)
+    receiver = RedisWeightReceiver(RedisStore(fake_store.client, fake_store.namespace), 1, worker_policy, **kw)
+    return updater, receiver, trainer_policy
+
+
+def test_poll_applies_in_place_and_acks(fake_store):
+    worker = nn.Linear(8, 4)
+    ptrs = [p.data_ptr() for p in worker.parameters()]
+    updater, receiver, trainer = _pair(fake_store, worker)
+    assert receiver.poll() is None and receiver.version == 0
+    updater.update_weights()
+    assert receiver.poll() == 1 and receiver.version == 1
+    assert receiver.poll() is None
+    assert [p.data_ptr() for p in worker.parameters()] == ptrs
+    assert torch.equal(worker.weight, trainer.weight) and torch.equal(worker.bias, trainer.bias)
+    state = updater.workers(1)[0]
+    assert (state.status, state.version, state.alive, state.joined) == ("updated", 1, True, True)
+    assert state.heartbeat_age is not None and state.heartbeat_age < 5
+
+
+def test_registration_marks_the_rank_joined_and_alive(fake_store):
+    _, receiver, _ = _pair(fake_store, nn.Linear(8, 4), heartbeat_ttl=7)
+    assert fake_store["rank:1:version"] == "0"
+    assert 0 < fake_store.client.pttl(fake_store.keyspace.rank_alive(1)) <= 7000
+
+
+def test_a_mismatched_version_is_refused_once_and_reported(fake_store):
+    worker = nn.Linear(8, 5)
+    before = worker.weight.detach().clone()
+    updater, receiver, _ = _pair(fake_store, worker)
+    updater.update_weights()
+    assert receiver.poll() is None
+    assert receiver.last_error and "key 'weight': shape [4, 8] pushed" in receiver.last_error
+    assert fake_store["rank:1:status"] == receiver.last_error
+    assert torch.equal(worker.weight, before) and receiver.version == 0
+    assert receiver.poll() is None  # the same bad version is not fetched again
+
+
+def test_a_corrupted_chunk_is_refused_and_the_next_good_version_applies(fake_store):
+    worker = nn.Linear(8, 4)
+    updater, receiver, trainer = _pair(fake_store, worker)
+    updater.update_weights()
+    key = fake_store.keyspace.chunk(1, 0)
+    data = bytearray(fake_store.client.get(key))
+    data[-1] ^= 0xFF
+    fake_store.client.set(key, bytes(data))
+    assert receiver.poll() is None and "checksum" in receiver.last_error
+    updater.update_weights()
+    assert receiver.poll() == 2 and receiver.last_error is None
+    assert torch.equal(worker.weight, trainer.weight)
+
+
+def test_wait_blocks_until_a_new_version_and_times_out_clearly(fake_store):
+    updater, receiver, _ = _pair(fake_store, nn.Linear(8, 4), poll_interval=0.05)
+    with pytest.raises(ReceiveTimeoutError, match="rank 1: no new version within 0.2s") as info:
+        receiver.wait(timeout=0.2)
+    assert isinstance(info.value, TimeoutError)
+    updater.update_weights()
+    assert receiver.wait(timeout=5) == 1
+
+
+def test_background_thread_applies_new_versions(fake_store):
+    worker = nn.Linear(8, 4)
+    updater, receiver, trainer = _pair(fake_store, worker, poll_interval=0.05)
+    with receiver:
+        for expected in (1, 2):
+            with torch.no_grad():
+                trainer.weight.add_(1.0)
+            updater.update_weights()
+            assert receiver.wait(timeout=10, min_version=expected) == expected
+            with receiver.lock:
+                assert torch.equal(worker.weight, trainer.weight)
+    assert receiver._thread is None
+
+
+def test_post_hooks_see_the_version_before_the_ack(fake_store):
+    updater, receiver, _ = _pair(fake_store, nn.Linear(8, 4))
+    seen = []
+    receiver.register_post_hook(lambda v: seen.append((v, fake_store.get("rank:1:version"))))
+    updater.update_weights()
+    receiver.poll()
+    assert seen == [(1, "0")]  # the hook ran before the ack recorded version 1
+    assert fake_store["rank:1:version"] == "1"
+
+
+def test_a_tensordict_policy_is_updated_in_place(fake_store):
+    module = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    params = TensorDict.from_module(module)
+    trainer = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        trainer[1].running_mean.fill_(2.0)
+    updater, receiver, _ = _pair(fake_store, params, trainer)
+    updater.update_weights()
+    assert receiver.poll() == 1
+    assert torch.equal(module[0].weight, trainer[0].weight)
+    assert torch.equal(module[1].running_mean, torch.full((3,), 2.0))
+
+
+def test_losing_every_version_is_reported_and_the_weights_kept(fake_store):
+    worker = nn.Linear(8, 4)
+    updater, receiver, trainer = _pair(fake_store, worker)
+    updater.update_weights()
+    receiver.poll()
+    fake_store.client.flushall()  # Redis restarted empty
+    receiver.heartbeat()
+    assert receiver.poll() is None
+    assert "no committed version" in receiver.last_error and "keeping version 1" in receiver.last_error
+    assert torch.equal(worker.weight, trainer.weight)
+    updater.update_weights()  # the trainer's next push continues above its last version
+    assert updater.version == 2 and receiver.poll() == 2
+
+
+def test_constructor_validates(fake_store):
+    for rank in (0, -1, True, "1"):
+        with pytest.raises(ConfigurationError):
+            RedisWeightReceiver(fake_store, rank, nn.Linear(1, 1))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        RedisWeightReceiver(fake_store, 1, nn.Linear(1, 1), poll_interval=0)
+    with pytest.raises(Exception, match="nn.Module"):
+        RedisWeightReceiver(fake_store, 1, object())
+
+
+def test_stop_is_prompt(fake_store):
+    _, receiver, _ = _pair(fake_store, nn.Linear(8, 4), poll_interval=30)
+    receiver.start()
+    started = time.monotonic()
+    receiver.stop()
+    assert time.monotonic() - started < 2
