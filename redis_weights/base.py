@@ -37,7 +37,7 @@ class WeightUpdaterBase(metaclass=abc.ABCMeta):
         """An instance built from a policy alone, or None when that is not possible."""
         return None
 
-    def init(self, *args: Any, **kwargs: Any) -> None:
+    def init(self, *args: Any, **kwargs: Any) -> None:  # noqa: B027 (optional hook, as in TorchRL)
         """Late initialisation hook (called by collectors); no-op by default."""
 
     # -- collector --------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import CodecError, IntegrityError, WeightMismatchError
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 MANIFEST_FORMAT = "redis_weights/1"
 CHECKSUM_ALGO = "xxh3_64"
@@ -372,7 +372,8 @@ class Encoded:
 
 def _byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying."""
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
+    array: Any = t.detach().reshape(-1).view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
 
 
 class Encoder:
@@ -413,7 +414,7 @@ class Encoder:
             pin = any(tensors[e.name].device.type == "cuda" for e in entries) and torch.cuda.is_available()
             staging = self._staging_buffer(data_size, pin)
         pieces: list[Buffer] = [head]
-        for entry, copy in zip(entries, needs_copy):
+        for entry, copy in zip(entries, needs_copy, strict=True):
             if entry.nbytes == 0:
                 continue
             t = tensors[entry.name].detach()

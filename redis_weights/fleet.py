@@ -52,8 +52,8 @@ class RankState:
         return max(0, latest - self.version)
 
 
-def _text(value: bytes | None) -> str | None:
-    return value.decode(errors="replace") if value is not None else None
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def read_rank_states(client: redis.Redis, keyspace: Keys, ranks: Sequence[int]) -> list[RankState]:

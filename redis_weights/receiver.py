@@ -156,12 +156,13 @@ class RedisWeightReceiver:
         started = time.perf_counter()
         manifest = self.registry.read_manifest(version)
         chunks = self.registry.read_chunks(manifest)
-        missing = [i for i, c in enumerate(chunks) if c is None]
-        if missing:
-            raise VersionNotFoundError(f"version {version}: chunk {missing[0]} is gone")
+        present = [c for c in chunks if c is not None]
+        if len(present) != len(chunks):
+            missing = next(i for i, c in enumerate(chunks) if c is None)
+            raise VersionNotFoundError(f"version {version}: chunk {missing} is gone")
         try:
             with self.lock:
-                apply_chunks(chunks, manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
+                apply_chunks(present, manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
         except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
             self._fail(version, str(exc))
             return None

@@ -178,7 +178,8 @@ class VersionRegistry:
 
     def list_versions(self) -> list[int]:
         """Committed versions, oldest first."""
-        return [int(v) for v in self.client.zrange(self.keyspace.versions, 0, -1)]
+        members: list[bytes] = self.client.zrange(self.keyspace.versions, 0, -1)  # type: ignore[assignment]
+        return [int(v) for v in members]
 
     # -- deleting -----------------------------------------------------------------------
     def delete(self, version: int) -> None:
