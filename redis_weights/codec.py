@@ -39,6 +39,8 @@ MAX_CHUNK_SIZE = 256 * 1024 * 1024  # Redis refuses bulk values > 512 MiB; big o
 MIN_CHUNK_SIZE = 4096
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors limit
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_TENSOR_BYTES = 2**62  # shapes beyond this overflow torch's size arithmetic
+MAX_DIMS = 64
 _HEADER_ALIGN = 8
 
 DTYPES: dict[str, torch.dtype] = {
@@ -95,6 +97,8 @@ def flatten_weights(weights: Any) -> dict[str, torch.Tensor]:
             raise CodecError(f"weight {name!r} has dtype {value.dtype}, which safetensors cannot store")
         if value.is_sparse or value.layout != torch.strided:
             raise CodecError(f"weight {name!r} has layout {value.layout}; only dense tensors are supported")
+        if value.device.type == "meta":
+            raise CodecError(f"weight {name!r} is on the meta device: it has no data to send or receive")
         flat[name] = value
     return flat
 
@@ -196,6 +200,9 @@ def parse_header(header: Any, data_size: int) -> list[TensorEntry]:
             raise CodecError(f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise CodecError(f"tensor {name!r}: bad shape {shape!r}")
+        if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) * _ITEMSIZE[dtype] > MAX_TENSOR_BYTES:
+            # an empty tensor may still have a dimension no allocator can represent
+            raise CodecError(f"tensor {name!r}: shape {shape!r} is too large to allocate")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -221,6 +228,18 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def load_json(raw: bytes | str, what: str) -> Any:
+    """``json.loads`` whose every failure is a ``CodecError`` naming ``what``.
+
+    Besides malformed JSON that covers bytes that are not UTF-8, integers too long
+    to convert (``ValueError``) and nesting too deep to parse (``RecursionError``).
+    """
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CodecError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
+
+
 def parse_header_bytes(prefix: Buffer, total_size: int) -> tuple[int, list[TensorEntry]]:
     """Parse the start of a safetensors stream of ``total_size`` bytes: (data start, entries)."""
     if len(prefix) < 8:
@@ -230,10 +249,7 @@ def parse_header_bytes(prefix: Buffer, total_size: int) -> tuple[int, list[Tenso
         raise CodecError(f"header length {length} is out of range for a {total_size}-byte stream")
     if len(prefix) < 8 + length:
         raise CodecError("the header is longer than the bytes given")
-    try:
-        header = json.loads(bytes(prefix[8 : 8 + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodecError(f"safetensors header is not JSON: {exc}") from exc
+    header = load_json(bytes(prefix[8 : 8 + length]), "safetensors header")
     return 8 + length, parse_header(header, total_size - 8 - length)
 
 
@@ -285,10 +301,7 @@ class Manifest:
         """Parse and validate; any inconsistency raises ``CodecError`` (never a crash)."""
         if len(raw) > MAX_MANIFEST_BYTES:
             raise CodecError(f"manifest of {len(raw)} bytes is larger than {MAX_MANIFEST_BYTES}")
-        try:
-            doc = json.loads(bytes(raw) if not isinstance(raw, str) else raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CodecError(f"manifest is not JSON: {exc}") from exc
+        doc = load_json(bytes(raw) if not isinstance(raw, str) else raw, "manifest")
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
             raise CodecError(f"manifest format is not {MANIFEST_FORMAT!r}")
         try:
@@ -321,7 +334,7 @@ class Manifest:
             chunk_sizes=sizes,
             checksums=sums,
             metadata=metadata,
-            created=float(created) if isinstance(created, (int, float)) else 0.0,
+            created=float(created) if isinstance(created, float) or (_is_int(created) and abs(created) < 2**63) else 0.0,
             producer=str(producer),
         )
 

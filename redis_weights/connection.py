@@ -78,3 +78,21 @@ def describe(client: Any) -> str:
     if "path" in kwargs:
         return f"unix:{kwargs['path']}"
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+
+def ensure_reachable(client: Any, probe_key: str) -> None:
+    """Fail at start, with one clear ``ConfigurationError``, when Redis cannot be used.
+
+    Reads ``probe_key`` (a key the caller needs anyway): that proves the server
+    answers, the credentials are accepted and the user may read the namespace.
+    Bounded by the client's connect timeout and retries, never a hang.
+    """
+    where = describe(client)
+    try:
+        client.get(probe_key)
+    except redis.exceptions.AuthenticationError as exc:
+        raise ConfigurationError(f"Redis at {where} refused the credentials: {exc}") from exc
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise ConfigurationError(f"cannot reach Redis at {where}: {exc}") from exc
+    except redis.exceptions.ResponseError as exc:  # NOAUTH, NOPERM, WRONGTYPE
+        raise ConfigurationError(f"Redis at {where} refused to read {probe_key!r}: {exc}") from exc

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from .codec import apply_chunks, flatten_weights
+from .connection import ensure_reachable
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
 from .store import RedisStore, as_store
@@ -63,6 +64,8 @@ class RedisWeightReceiver:
         poll_interval: seconds between reads of ``latest`` when no notification arrives.
         heartbeat_ttl: seconds after its last beat at which a rank counts as dead.
         allow_cast: accept pushed dtypes that differ from the policy's (cast on copy).
+        check_server: fail at once with a ``ConfigurationError`` when Redis is
+            unreachable, refuses the credentials or is unsafe (False: skip the check).
 
     Use ``poll()`` from your own loop, ``wait()`` to block, or ``start()`` for a
     background thread (hold ``receiver.lock`` around code that must not see an
@@ -78,6 +81,7 @@ class RedisWeightReceiver:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL,
         allow_cast: bool = False,
+        check_server: bool = True,
     ) -> None:
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ConfigurationError(f"rank must be a 1-based integer, got {rank!r}")
@@ -105,6 +109,8 @@ class RedisWeightReceiver:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_beat = 0.0
+        if check_server:
+            ensure_reachable(self.store.client, self.keyspace.latest)
         self._register()
 
     # -- liveness -----------------------------------------------------------------------
@@ -154,12 +160,21 @@ class RedisWeightReceiver:
 
     def _apply(self, version: int) -> int | None:
         started = time.perf_counter()
-        manifest = self.registry.read_manifest(version)
+        try:
+            manifest = self.registry.read_manifest(version)
+        except CodecError as exc:  # a manifest that is not JSON, or lies about the layout
+            self._fail(version, str(exc))
+            return None
         chunks = self.registry.read_chunks(manifest)
         present = [c for c in chunks if c is not None]
         if len(present) != len(chunks):
             missing = next(i for i, c in enumerate(chunks) if c is None)
-            raise VersionNotFoundError(f"version {version}: chunk {missing} is gone")
+            if not self.registry.exists(version):  # garbage-collected meanwhile: retry from latest
+                raise VersionNotFoundError(f"version {version}: chunk {missing} is gone")
+            # GC deletes a manifest and its chunks in one transaction: the manifest is still
+            # there, so the chunk is really missing (evicted, deleted by hand).
+            self._fail(version, f"chunk {missing} is missing from Redis (evicted?)")
+            return None
         try:
             with self.lock:
                 apply_chunks(present, manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)

@@ -20,6 +20,7 @@ import redis
 
 from .base import WeightUpdaterBase, WorkerIds
 from .codec import DEFAULT_CHUNK_SIZE, Encoder
+from .connection import ensure_reachable
 from .errors import ConfigurationError, PushError, PushTimeoutError
 from .fleet import RankState, read_rank_states
 from .store import RedisStore, as_store
@@ -47,6 +48,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
         retention: committed versions kept; older ones are deleted after each push.
         pending_ttl: seconds uncommitted chunks survive (orphans of a crashed push).
         metadata: strings recorded in every version's safetensors ``__metadata__``.
+        check_server: fail at once with a ``ConfigurationError`` when Redis is
+            unreachable, refuses the credentials or is unsafe (False: skip the check).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         retention: int = DEFAULT_RETENTION,
         pending_ttl: float = DEFAULT_PENDING_TTL,
         metadata: Mapping[str, str] | None = None,
+        check_server: bool = True,
     ) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigurationError(f"num_workers must be a positive integer, got {num_workers!r}")
@@ -83,6 +87,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._last_ranks: list[int] = []
         self.version = 0
         self._producer = producer_id()
+        if check_server:
+            ensure_reachable(self.store.client, self.keyspace.latest)
 
     # -- WeightUpdaterBase --------------------------------------------------------------
     @classmethod

@@ -143,6 +143,10 @@ class VersionRegistry:
         """The newest committed version, 0 when there is none."""
         return _int(self.client.get(self.keyspace.latest))
 
+    def exists(self, version: int) -> bool:
+        """Whether the manifest of ``version`` is in Redis (committed and not deleted)."""
+        return bool(self.client.exists(self.keyspace.manifest(version)))
+
     def read_manifest(self, version: int) -> Manifest:
         raw = self.client.get(self.keyspace.manifest(version))
         if raw is None:

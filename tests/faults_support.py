@@ -1,0 +1,30 @@
+"""Helpers shared by the fault, bad-input and security suites."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def perturb(model: nn.Module, seed: int) -> None:
+    """A deterministic "training step": add noise to every floating-point tensor."""
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=generator))
+
+
+def eventually(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout:g}s")
+        time.sleep(0.02)

@@ -1,0 +1,304 @@
+"""Bad bytes in Redis, bad weights at push time, bad connection settings: a clear error, nothing lost.
+
+Versions are corrupted directly in a real server; the receiver must refuse them
+whole (old weights kept, ``"error: version N: ..."`` status), never crash, and
+apply the next good version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+import torch
+from torch import nn
+
+from redis_weights import (
+    CodecError,
+    ConfigurationError,
+    PushError,
+    RedisStore,
+    RedisWeightReceiver,
+    RedisWeightUpdater,
+)
+from redis_weights.codec import flatten_weights
+from redis_weights.server import free_port
+from tests.faults_support import perturb
+from tests.models import make_model, state_digest
+
+pytestmark = pytest.mark.server
+
+CHUNK = 4096  # small chunks: the test model spans several
+
+
+@pytest.fixture
+def pair(real_store, redis_url, namespace):
+    """An async updater and a receiver that has applied the updater's first version."""
+    trainer_model = make_model("mlp", seed=1)
+    updater = RedisWeightUpdater(real_store, trainer_model, num_workers=1, sync=False, chunk_size=CHUNK)
+    receiver = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, make_model("mlp"))
+    updater.update_weights()
+    assert receiver.poll() == updater.version
+    yield updater, receiver, trainer_model
+    receiver.close()
+
+
+def _manifest_doc(updater: RedisWeightUpdater) -> dict:
+    return json.loads(updater.store.client.get(updater.keyspace.manifest(updater.version)))
+
+
+def _set_manifest(updater: RedisWeightUpdater, doc: dict | bytes) -> None:
+    raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    updater.store.client.set(updater.keyspace.manifest(updater.version), raw)
+
+
+def _flip_byte(updater, version, index=0, offset=-1):
+    key = updater.keyspace.chunk(version, index)
+    data = bytearray(updater.store.client.get(key))
+    data[offset] ^= 0xFF
+    updater.store.client.set(key, bytes(data))
+
+
+def _truncate(updater, version, index=0):
+    key = updater.keyspace.chunk(version, index)
+    updater.store.client.set(key, updater.store.client.get(key)[:-3])
+
+
+def _delete_chunk(updater, version, index=0):
+    updater.store.client.delete(updater.keyspace.chunk(version, index))
+
+
+def _lie_about(field: str, value):
+    def corrupt(updater, version):
+        doc = _manifest_doc(updater)
+        name = sorted(doc["tensors"])[0]
+        if field == "header_len":
+            doc["header_len"] = value
+        else:
+            doc["tensors"][name][field] = value
+        _set_manifest(updater, doc)
+
+    return corrupt
+
+
+CORRUPTIONS = {
+    "flipped byte": (_flip_byte, "fails its checksum"),
+    "truncated chunk": (_truncate, "bytes, expected"),
+    "missing chunk": (_delete_chunk, "chunk 0 is missing"),
+    "manifest not JSON": (lambda u, v: _set_manifest(u, b"\x00{not json"), "manifest is not valid JSON"),
+    "manifest with a 5000-digit integer": (
+        lambda u, v: _set_manifest(u, b'{"format":"redis_weights/1","version":' + b"9" * 5000 + b"}"),
+        "manifest is not valid JSON",
+    ),
+    "manifest nested 100000 deep": (lambda u, v: _set_manifest(u, b"[" * 100_000), "not valid JSON"),
+    "offsets out of range": (_lie_about("data_offsets", [0, 10**12]), "outside"),
+    "shape whose size overflows": (_lie_about("shape", [2**64, 2**64, 0]), "too large to allocate"),
+    "header of gigabytes": (_lie_about("header_len", 8 + 4 * 2**30), "header_len"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_a_corrupted_version_is_refused_whole_and_the_next_one_applies(pair, corruption):
+    updater, receiver, trainer_model = pair
+    corrupt, reason = CORRUPTIONS[corruption]
+    good_version, good_digest = receiver.version, state_digest(receiver.policy)
+
+    perturb(trainer_model, 11)
+    updater.update_weights()
+    bad = updater.version
+    corrupt(updater, bad)
+
+    assert receiver.poll() is None
+    assert receiver.version == good_version
+    assert state_digest(receiver.policy) == good_digest, "a refused version changed the weights"
+    status = updater.workers()[0].status
+    assert status == receiver.last_error
+    assert status.startswith(f"error: version {bad}: ") and reason in status, status
+    assert receiver.poll() is None  # refused once, not re-fetched on every poll
+
+    perturb(trainer_model, 12)
+    updater.update_weights()
+    assert receiver.poll() == updater.version
+    assert state_digest(receiver.policy) == state_digest(trainer_model)
+    assert updater.workers()[0].status == "updated"
+
+
+def test_the_sync_push_reports_a_corrupted_chunk_naming_the_rank(real_store, redis_url, namespace):
+    trainer_model = make_model("mlp", seed=2)
+    updater = RedisWeightUpdater(real_store, trainer_model, num_workers=1, sync=True, timeout=30, chunk_size=CHUNK)
+    real_commit = updater.registry.commit
+
+    def commit_after_corrupting(manifest, ranks=()):
+        _flip_byte(updater, manifest.version, index=manifest.num_chunks - 1)  # written, not yet committed
+        real_commit(manifest, ranks)
+
+    worker = make_model("mlp")
+    with RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, worker, poll_interval=0.2):
+        updater.registry.commit = commit_after_corrupting  # type: ignore[method-assign]
+        started = time.monotonic()
+        with pytest.raises(PushError) as info:
+            updater.update_weights()
+        assert time.monotonic() - started < 20, "the error must end the push, not the timeout"
+        assert list(info.value.errors) == [1]
+        assert "fails its checksum" in info.value.errors[1] and "rank 1 reported" in str(info.value)
+        assert state_digest(worker) == state_digest(make_model("mlp")), "the worker's weights changed"
+
+
+# ---------------------------------------------------------------------------------------
+# Weights given to a push
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ({"a": torch.zeros(2), "b": [1.0, 2.0]}, "'b' is a list, not a tensor"),
+        ({"a": torch.zeros(2), "n": 3}, "'n' is a int, not a tensor"),
+        ({"m": torch.zeros(3, device="meta")}, "meta device"),
+        ({"s": torch.zeros(3, 3).to_sparse()}, "only dense tensors"),
+        ({"q": torch.zeros(2, dtype=torch.complex128)}, "safetensors cannot store"),
+        ("not weights", "weights must be an nn.Module"),
+    ],
+    ids=["list", "int", "meta", "sparse", "complex128", "string"],
+)
+def test_weights_that_cannot_be_sent_fail_at_push_time(real_store, weights, message):
+    updater = RedisWeightUpdater(real_store, weights, num_workers=1, sync=False)
+    with pytest.raises(CodecError, match=message):
+        updater.update_weights()
+    assert updater.registry.latest() == 0 and updater.version == 0, "nothing may be committed"
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight  # shared tensor under two names
+
+
+def _pairs() -> dict[str, tuple[object, object]]:
+    g = torch.Generator().manual_seed(3)
+    dtypes = [torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.int64, torch.uint8, torch.bool]
+    mixed = {str(d).split(".")[1]: (torch.randn(5, 3, generator=g) * 50).to(d) for d in dtypes}
+    return {
+        "dtypes": (mixed, {k: torch.zeros_like(v) for k, v in mixed.items()}),
+        "scalars": ({"s": torch.tensor(3.5), "i": torch.tensor(7)}, {"s": torch.tensor(0.0), "i": torch.tensor(0)}),
+        "empty model": (nn.Sequential(), nn.Sequential()),
+        "zero-size tensor": ({"z": torch.zeros(0, 5), "x": torch.ones(2)}, {"z": torch.zeros(0, 5), "x": torch.zeros(2)}),
+        "non-contiguous source": ({"t": torch.randn(6, 4, generator=g).t()}, {"t": torch.zeros(4, 6)}),
+        "non-contiguous target": ({"t": torch.randn(4, 6, generator=g)}, {"t": torch.zeros(6, 4).t()}),
+        "shared tensors": (_Tied(), _Tied()),
+        "nested dict": ({"a": {"b": torch.ones(3)}}, {"a": {"b": torch.zeros(3)}}),
+    }
+
+
+def _flat(weights) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in flatten_weights(weights).items()}
+
+
+@pytest.mark.parametrize("case", sorted(_pairs()))
+def test_unusual_weights_round_trip_exactly(real_store, redis_url, namespace, case):
+    source, target = _pairs()[case]
+    if isinstance(source, _Tied):
+        nn.init.normal_(source.embed.weight)
+    ptrs = {k: v.data_ptr() for k, v in flatten_weights(target).items()}
+    updater = RedisWeightUpdater(real_store, source, num_workers=1, sync=False, chunk_size=CHUNK)
+    updater.update_weights()
+    receiver = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, target)
+    try:
+        assert receiver.poll() == updater.version, receiver.last_error
+    finally:
+        receiver.close()
+    got, want = _flat(target), _flat(source)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    assert {k: v.data_ptr() for k, v in flatten_weights(target).items()} == ptrs, "weights must be written in place"
+
+
+def test_a_dtype_mismatch_is_refused_unless_cast_is_allowed(real_store, redis_url, namespace):
+    updater = RedisWeightUpdater(real_store, {"w": torch.full((4,), 1.5, dtype=torch.float16)}, 1, sync=False)
+    updater.update_weights()
+    strict = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, {"w": torch.zeros(4)})
+    lenient = RedisWeightReceiver(
+        RedisStore.from_url(redis_url, namespace), 2, {"w": torch.zeros(4)}, allow_cast=True
+    )
+    try:
+        assert strict.poll() is None
+        assert "key 'w': dtype torch.float16 pushed, the policy has torch.float32" in strict.last_error
+        assert strict.policy["w"].eq(0).all()
+        assert lenient.poll() == updater.version and lenient.policy["w"].eq(1.5).all()
+    finally:
+        strict.close()
+        lenient.close()
+
+
+def test_a_worker_policy_on_the_meta_device_is_refused_at_construction(real_store):
+    with pytest.raises(CodecError, match="meta device"):
+        RedisWeightReceiver(real_store, 1, {"w": torch.zeros(2, device="meta")})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_weights_reach_a_cpu_worker_and_back(real_store, redis_url, namespace):
+    source = {"w": torch.randn(1000, 100, device="cuda"), "b": torch.randn(7, device="cuda").half()}
+    updater = RedisWeightUpdater(real_store, source, num_workers=1, sync=False, chunk_size=CHUNK)
+    updater.update_weights()
+    cpu_target = {"w": torch.zeros(1000, 100), "b": torch.zeros(7).half()}
+    receiver = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, cpu_target)
+    try:
+        assert receiver.poll() == updater.version
+    finally:
+        receiver.close()
+    assert torch.equal(cpu_target["w"], source["w"].cpu()) and torch.equal(cpu_target["b"], source["b"].cpu())
+
+
+# ---------------------------------------------------------------------------------------
+# Connection settings: one clear error at start, never a hang
+# ---------------------------------------------------------------------------------------
+def test_a_url_with_an_unknown_scheme_is_refused():
+    with pytest.raises(ConfigurationError, match="unsupported Redis URL"):
+        RedisStore.from_url("http://127.0.0.1:6379/0")
+
+
+@pytest.mark.parametrize("side", ["updater", "receiver"])
+def test_nothing_listening_is_one_clear_error_at_start(side):
+    port = free_port()
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", "ns")
+    started = time.monotonic()
+    with pytest.raises(ConfigurationError, match=f"cannot reach Redis at 127.0.0.1:{port}/0"):
+        if side == "updater":
+            RedisWeightUpdater(store, {"w": torch.zeros(1)}, 1)
+        else:
+            RedisWeightReceiver(store, 1, {"w": torch.zeros(1)})
+    assert time.monotonic() - started < 10
+    store.close()
+
+
+def test_a_wrong_password_is_one_clear_error_at_start(server_factory):
+    server = server_factory("--requirepass", "right-password")
+    for side, url in (
+        ("updater", f"redis://:wrong-password@127.0.0.1:{server.port}/0"),
+        ("receiver", f"redis://nobody:right-password@127.0.0.1:{server.port}/0"),
+        ("receiver", f"redis://127.0.0.1:{server.port}/0"),  # no password at all
+    ):
+        store = RedisStore.from_url(url, "ns")
+        started = time.monotonic()
+        with pytest.raises(ConfigurationError, match="refused") as info:
+            if side == "updater":
+                RedisWeightUpdater(store, {"w": torch.zeros(1)}, 1)
+            else:
+                RedisWeightReceiver(store, 1, {"w": torch.zeros(1)})
+        assert "wrong-password" not in str(info.value) and "right-password" not in str(info.value)
+        assert time.monotonic() - started < 10
+        store.close()
+    good = RedisStore.from_url(f"redis://:right-password@127.0.0.1:{server.port}/0", "ns")
+    RedisWeightUpdater(good, {"w": torch.zeros(1)}, 1).close()
+
+
+def test_redis_errors_are_not_swallowed_by_the_start_check(server_factory):
+    server = server_factory()
+    client = redis.Redis(port=server.port)
+    client.lpush("rw:{ns}:latest", "x")  # WRONGTYPE on GET: someone else's key
+    with pytest.raises(ConfigurationError, match="WRONGTYPE"):
+        RedisWeightUpdater(RedisStore.from_url(server.url, "ns"), {"w": torch.zeros(1)}, 1)
+    client.close()

@@ -1,0 +1,160 @@
+"""Fuzz the parsers of what is read from Redis: the manifest and the safetensors header.
+
+Whatever the bytes, parsing either succeeds with a self-consistent layout or raises
+``CodecError``: no other exception, no crash, no allocation sized by the input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from redis_weights.codec import (
+    DTYPES,
+    Encoder,
+    Manifest,
+    apply_chunks,
+    parse_header,
+    parse_header_bytes,
+)
+from redis_weights.errors import CodecError
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# JSON values, biased towards the shapes the parsers look at.
+_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=8)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20,
+)
+_dims = st.lists(st.integers(-2, 2**66) | st.sampled_from([0, 1, 2**31, 2**63, 2**64]), max_size=5)
+_entry = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from([*DTYPES, "F128", "", None]),
+        "shape": _dims | _json,
+        "data_offsets": st.lists(st.integers(-10, 2**65), min_size=0, max_size=3) | _json,
+    }
+)
+_header = st.dictionaries(st.text(min_size=1, max_size=6), _entry | _json, max_size=4)
+
+
+def _assert_consistent(entries, data_size: int) -> None:
+    position = 0
+    for e in entries:
+        assert e.begin == position and e.end >= e.begin
+        assert len(e.shape) <= 64
+        # what a receiver allocates for an entry is bounded by the data it actually has
+        assert e.nbytes <= data_size
+        torch.empty(e.shape, dtype=e.torch_dtype, device="meta")  # representable
+        position = e.end
+    assert position == data_size
+
+
+@FUZZ
+@given(header=_header, data_size=st.integers(0, 2**40))
+def test_parse_header_accepts_only_consistent_layouts(header, data_size):
+    try:
+        entries = parse_header(header, data_size)
+    except CodecError:
+        return
+    _assert_consistent(entries, data_size)
+
+
+@FUZZ
+@given(dtype=st.sampled_from(sorted(DTYPES)), shape=_dims, extra=st.integers(0, 8))
+def test_parse_header_on_plausible_entries(dtype, shape, extra):
+    """Offsets computed from the shape: only the shape itself can be wrong (overflow, huge dims)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+    header = {"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}
+    try:
+        entries = parse_header(header, nbytes + extra)
+    except CodecError:
+        return
+    _assert_consistent(entries, nbytes + extra)
+
+
+@FUZZ
+@given(prefix=st.binary(max_size=64), total=st.integers(0, 2**64))
+def test_parse_header_bytes_on_random_bytes(prefix, total):
+    try:
+        start, entries = parse_header_bytes(prefix, total)
+    except CodecError:
+        return
+    assert 8 <= start <= total
+    _assert_consistent(entries, total - start)
+
+
+@FUZZ
+@given(length=st.integers(0, 2**64 - 1), body=st.binary(max_size=32))
+def test_a_header_claiming_gigabytes_is_refused_without_allocating(length, body):
+    prefix = struct.pack("<Q", length) + body
+    try:
+        parse_header_bytes(prefix, 2**62)
+    except CodecError:
+        return
+    assert length <= len(body)
+
+
+def _valid_manifest() -> dict:
+    weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([True, False])}
+    encoded = Encoder(4096).encode(weights)
+    return json.loads(encoded.manifest(1, created=0.0, producer="fuzz").to_json())
+
+
+_BASE = _valid_manifest()
+
+
+@FUZZ
+@given(field=st.sampled_from(sorted(_BASE)), value=_json | _dims)
+def test_manifest_with_one_field_replaced(field, value):
+    doc = dict(_BASE, **{field: value})
+    try:
+        manifest = Manifest.from_json(json.dumps(doc).encode())
+    except CodecError:
+        return
+    _assert_consistent(manifest.tensors, manifest.total_bytes - manifest.header_len)
+    assert len(manifest.checksums) == manifest.num_chunks
+
+
+@FUZZ
+@given(doc=_json)
+def test_manifest_from_arbitrary_json(doc):
+    try:
+        Manifest.from_json(json.dumps(doc).encode())
+    except CodecError:
+        pass
+
+
+@FUZZ
+@given(raw=st.binary(max_size=256))
+def test_manifest_from_arbitrary_bytes(raw):
+    try:
+        Manifest.from_json(raw)
+    except CodecError:
+        pass
+
+
+@FUZZ
+@given(data=st.data())
+def test_flipped_bytes_in_a_manifest_never_write_a_mix(data):
+    """Corrupt a valid manifest byte-wise; applying it either fails whole or leaves valid weights."""
+    weights = {"w": torch.randn(64), "b": torch.randn(8)}
+    encoded = Encoder(4096).encode(weights)
+    raw = bytearray(encoded.manifest(1, created=0.0, producer="fuzz").to_json())
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    targets = {"w": torch.zeros(64), "b": torch.zeros(8)}
+    try:
+        manifest = Manifest.from_json(bytes(raw))
+        apply_chunks([bytes(c) for c in encoded.chunks], manifest, targets)
+    except CodecError:
+        assert all(bool((t == 0).all()) for t in targets.values()), "a refused version wrote into the weights"
+        return
+    # accepted: the layout still fits, the checksums still match, the bytes are the originals
+    assert torch.equal(targets["w"], weights["w"]) and torch.equal(targets["b"], weights["b"])
