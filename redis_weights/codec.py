@@ -198,11 +198,8 @@ def parse_header(header: Any, data_size: int) -> list[TensorEntry]:
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
         if dtype not in DTYPES:
             raise CodecError(f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
             raise CodecError(f"tensor {name!r}: bad shape {shape!r}")
-        if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) * _ITEMSIZE[dtype] > MAX_TENSOR_BYTES:
-            # an empty tensor may still have a dimension no allocator can represent
-            raise CodecError(f"tensor {name!r}: shape {shape!r} is too large to allocate")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -212,6 +209,9 @@ def parse_header(header: Any, data_size: int) -> list[TensorEntry]:
             raise CodecError(f"tensor {name!r}: data_offsets {offsets!r} outside 0..{data_size}")
         if math.prod(shape) * _ITEMSIZE[dtype] != offsets[1] - offsets[0]:
             raise CodecError(f"tensor {name!r}: shape {shape} of {dtype} does not fill {offsets}")
+        if math.prod(d for d in shape if d) * _ITEMSIZE[dtype] > MAX_TENSOR_BYTES:
+            # an empty tensor may still have a dimension no allocator can represent
+            raise CodecError(f"tensor {name!r}: shape {shape!r} is too large to allocate")
         entries.append(TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1]))
     entries.sort(key=lambda e: (e.begin, e.end))
     position = 0
@@ -237,7 +237,7 @@ def load_json(raw: bytes | str, what: str) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CodecError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
+        raise CodecError(f"{what} is not JSON: {str(exc)[:200]}") from exc
 
 
 def parse_header_bytes(prefix: Buffer, total_size: int) -> tuple[int, list[TensorEntry]]:

@@ -87,14 +87,14 @@ CORRUPTIONS = {
     "flipped byte": (_flip_byte, "fails its checksum"),
     "truncated chunk": (_truncate, "bytes, expected"),
     "missing chunk": (_delete_chunk, "chunk 0 is missing"),
-    "manifest not JSON": (lambda u, v: _set_manifest(u, b"\x00{not json"), "manifest is not valid JSON"),
+    "manifest not JSON": (lambda u, v: _set_manifest(u, b"\x00{not json"), "manifest is not JSON"),
     "manifest with a 5000-digit integer": (
         lambda u, v: _set_manifest(u, b'{"format":"redis_weights/1","version":' + b"9" * 5000 + b"}"),
-        "manifest is not valid JSON",
+        "manifest is not JSON",
     ),
-    "manifest nested 100000 deep": (lambda u, v: _set_manifest(u, b"[" * 100_000), "not valid JSON"),
+    "manifest nested 100000 deep": (lambda u, v: _set_manifest(u, b"[" * 100_000), "not JSON"),
     "offsets out of range": (_lie_about("data_offsets", [0, 10**12]), "outside"),
-    "shape whose size overflows": (_lie_about("shape", [2**64, 2**64, 0]), "too large to allocate"),
+    "shape whose size overflows": (_lie_about("shape", [2**64, 2**64, 0]), "shape [18446744073709551616"),
     "header of gigabytes": (_lie_about("header_len", 8 + 4 * 2**30), "header_len"),
 }
 
