@@ -30,6 +30,7 @@ import redis
 from .codec import DEFAULT_CHUNK_SIZE
 from .errors import ConfigurationError
 from .keys import Keys
+from .units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +101,6 @@ def _parse_version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _human(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{nbytes} B"  # pragma: no cover
-
-
 # ---------------------------------------------------------------------------------------
 # The checks
 # ---------------------------------------------------------------------------------------
@@ -142,7 +134,7 @@ def check_eviction(client: redis.Redis) -> Finding:
         return Finding("maxmemory-policy", WARN, "cannot read the eviction policy (INFO and CONFIG refused)",
                        "make sure maxmemory-policy is noeviction (or volatile-*) on this server")
     maxmemory = int(raw_max) if raw_max is not None and str(raw_max).isdigit() else 0
-    limit = f"maxmemory {_human(maxmemory)}" if maxmemory else "no maxmemory limit"
+    limit = f"maxmemory {human_bytes(maxmemory)}" if maxmemory else "no maxmemory limit"
     if policy.startswith("allkeys-"):
         if maxmemory == 0:
             return Finding("maxmemory-policy", WARN,
@@ -157,7 +149,7 @@ def check_eviction(client: redis.Redis) -> Finding:
         used = int(info["used_memory"])
         if used > MEMORY_HEADROOM * maxmemory:
             return Finding("maxmemory-policy", WARN,
-                           f"policy {policy}, {_human(used)} used of {limit}: the next push may be refused (OOM)",
+                           f"policy {policy}, {human_bytes(used)} used of {limit}: the next push may be refused (OOM)",
                            "raise maxmemory, or lower the retention (redis-weights gc --keep 1)")
     return Finding("maxmemory-policy", OK, f"policy {policy}, {limit}")
 
@@ -167,14 +159,14 @@ def check_bulk_len(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
     raw = _config(client, "proto-max-bulk-len")
     if raw is None or not raw.isdigit():
         return Finding("proto-max-bulk-len", WARN, "cannot read proto-max-bulk-len (CONFIG GET refused)",
-                       f"make sure proto-max-bulk-len is at least the chunk size ({_human(chunk_size)})")
+                       f"make sure proto-max-bulk-len is at least the chunk size ({human_bytes(chunk_size)})")
     limit = int(raw)
     if limit < chunk_size:
         return Finding("proto-max-bulk-len", UNSAFE,
-                       f"proto-max-bulk-len {_human(limit)} is below the chunk size {_human(chunk_size)}: "
+                       f"proto-max-bulk-len {human_bytes(limit)} is below the chunk size {human_bytes(chunk_size)}: "
                        "every push will be refused",
                        f"CONFIG SET proto-max-bulk-len 512mb, or use chunk_size <= {limit}")
-    return Finding("proto-max-bulk-len", OK, f"{_human(limit)} (chunks of {_human(chunk_size)} fit)")
+    return Finding("proto-max-bulk-len", OK, f"{human_bytes(limit)} (chunks of {human_bytes(chunk_size)} fit)")
 
 
 def check_persistence(client: redis.Redis) -> Finding:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 DEFAULT_NAMESPACE = "policy"
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 _CHUNK_RE = re.compile(r"^v:\d+:c:\d+$")
+_RANK_VERSION_RE = re.compile(r"^rank:(\d+):version$")
 
 
 def validate_namespace(namespace: str) -> str:
@@ -97,6 +98,16 @@ class Keys:
     def rank_alive(self, rank: int) -> str:
         """Heartbeat of the rank: a string with a TTL."""
         return self.full(f"rank:{rank}:alive")
+
+    @property
+    def rank_version_pattern(self) -> str:
+        """SCAN pattern matching every rank's version key (finds the ranks that ever joined)."""
+        return f"{self.pattern[:-1]}rank:*:version"
+
+    def rank_of(self, full: str | bytes) -> int | None:
+        """The rank of a ``rank:<r>:version`` key name, None for any other key."""
+        match = _RANK_VERSION_RE.match(self.relative(full))
+        return int(match.group(1)) if match else None
 
     # -- admin ------------------------------------------------------------------------
     @property

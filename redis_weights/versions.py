@@ -12,9 +12,11 @@ carry an expiry, so chunks of a trainer that died mid-push vanish by themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -137,6 +139,32 @@ class VersionRegistry:
                     "(upload slower than pending_ttl, or Redis restarted)"
                 ) from exc
             raise
+
+    def rollback(
+        self, version: int, pending_ranks: Iterable[int] = (), pending_ttl: float = DEFAULT_PENDING_TTL
+    ) -> Manifest:
+        """Commit the weights of an older ``version`` again, as a new version that workers apply.
+
+        The chunks are copied server-side (COPY, no bytes through the client), with
+        an expiry until the commit, like an upload. The manifest is the old one with
+        a new number, a new ``created`` and a producer naming the rollback.
+        """
+        source = self.read_manifest(version)
+        target = self.allocate()
+        k, ttl_ms = self.keyspace, max(1, int(pending_ttl * 1000))
+        pipe = self.client.pipeline(transaction=False)
+        for index in range(source.num_chunks):
+            pipe.copy(k.chunk(version, index), k.chunk(target, index), replace=True)
+            pipe.pexpire(k.chunk(target, index), ttl_ms)
+        copied = pipe.execute()[0::2]
+        if not all(copied):
+            raise VersionNotFoundError(f"version {version}: chunk {copied.index(False)} is gone (garbage-collected?)")
+        manifest = dataclasses.replace(
+            source, version=target, created=time.time(), producer=f"rollback of v{version} by {producer_id()}"
+        )
+        self.commit(manifest, pending_ranks)
+        log.info("rolled back to version %d as version %d", version, target)
+        return manifest
 
     # -- reading ------------------------------------------------------------------------
     def latest(self) -> int:

@@ -1,0 +1,382 @@
+"""Operators' view of one namespace: versions, manifests, workers, export, import, rollback, GC.
+
+The ``redis-weights`` command and the scripts in ``scripts/`` both call these, so
+a cron job and a person at a shell see the same numbers. Everything goes through
+the library's own pieces (``VersionRegistry``, ``Manifest``, ``read_rank_states``,
+``RedisWeightUpdater``); nothing here speaks the commit protocol by itself.
+
+::
+
+    with Admin.from_url("redis://localhost:6379/0", "policy") as admin:
+        for row in admin.versions():
+            print(row.version, row.total_bytes, row.ranks)
+        admin.export("latest", "policy.safetensors")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from .codec import DEFAULT_CHUNK_SIZE, Manifest
+from .errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
+from .fleet import RankState, read_rank_states
+from .keys import DEFAULT_NAMESPACE, Keys
+from .store import RedisStore
+from .updater import RedisWeightUpdater
+from .versions import VersionRegistry
+
+log = logging.getLogger(__name__)
+
+_NO_RETENTION = 2**31  # an import must not garbage-collect the versions an operator keeps
+
+
+class RefusedError(RedisWeightsError):
+    """An admin action refused because it would break the fleet (e.g. deleting the latest version)."""
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One committed version as the ``versions`` report shows it."""
+
+    version: int
+    latest: bool
+    created: float
+    total_bytes: int
+    tensors: int
+    chunks: int
+    producer: str
+    ranks: list[int] = field(default_factory=list)
+    error: str | None = None  # a manifest that could not be read
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    """One rank as the ``workers`` report shows it."""
+
+    rank: int
+    status: str | None
+    version: int
+    lag: int
+    heartbeat_age: float | None
+    alive: bool
+
+    @classmethod
+    def from_state(cls, state: RankState, latest: int) -> WorkerRow:
+        return cls(state.rank, state.status, state.version, state.lag(latest), state.heartbeat_age, state.alive)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A push (``kind="push"``) or an ack (``kind="ack"``) seen on the namespace's channels."""
+
+    kind: str
+    version: int
+    time: float
+    rank: int | None = None
+    status: str | None = None
+    total_bytes: int | None = None
+    tensors: int | None = None
+    producer: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def manifest_dict(manifest: Manifest) -> dict[str, Any]:
+    """A JSON-ready view of a manifest: version facts, tensors (offset order) and chunks."""
+    return {
+        "version": manifest.version,
+        "created": manifest.created,
+        "producer": manifest.producer,
+        "total_bytes": manifest.total_bytes,
+        "header_bytes": manifest.header_len,
+        "metadata": dict(manifest.metadata),
+        "checksum_algo": manifest.checksum_algo,
+        "tensors": [
+            {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes,
+             "offsets": [manifest.header_len + e.begin, manifest.header_len + e.end]}
+            for e in manifest.tensors
+        ],  # fmt: skip
+        "chunks": [{"index": i, "bytes": size, "checksum": manifest.checksums[i]}
+                   for i, size in enumerate(manifest.chunk_sizes)],  # fmt: skip
+    }
+
+
+def parse_version(spec: str | int) -> int | str:
+    """``"latest"`` or a positive version number; anything else is a ``ConfigurationError``."""
+    if isinstance(spec, int):
+        value = spec
+    elif spec.strip().lower() == "latest":
+        return "latest"
+    else:
+        try:
+            value = int(spec.strip().lstrip("v"))
+        except ValueError:
+            raise ConfigurationError(f"version must be a number or 'latest', got {spec!r}") from None
+    if value < 1:
+        raise ConfigurationError(f"version numbers start at 1, got {value}")
+    return value
+
+
+class Admin:
+    """Admin actions on one namespace of one Redis (see the module docstring)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.client = store.client
+        self.keyspace: Keys = store.keyspace
+        self.registry = VersionRegistry(self.client, self.keyspace)
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = DEFAULT_NAMESPACE) -> Admin:
+        return cls(RedisStore.from_url(url, namespace))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- resolving ------------------------------------------------------------------------
+    def resolve(self, spec: str | int) -> int:
+        """A version number from ``"latest"`` or a number; ``VersionNotFoundError`` if none is committed."""
+        parsed = parse_version(spec)
+        if parsed == "latest":
+            latest = self.registry.latest()
+            if latest == 0:
+                raise VersionNotFoundError(f"namespace {self.keyspace.namespace!r} has no committed version")
+            return latest
+        assert isinstance(parsed, int)
+        return parsed
+
+    def manifest(self, spec: str | int) -> Manifest:
+        """The manifest of a version; a clear error when it does not exist."""
+        version = self.resolve(spec)
+        try:
+            return self.registry.read_manifest(version)
+        except VersionNotFoundError:
+            known = self.registry.list_versions()
+            hint = f" (committed: {', '.join(map(str, known))})" if known else " (no version is committed)"
+            raise VersionNotFoundError(
+                f"version {version} not found in namespace {self.keyspace.namespace!r}{hint}"
+            ) from None
+
+    # -- reports --------------------------------------------------------------------------
+    def known_ranks(self) -> list[int]:
+        """Every rank that ever joined this namespace (its version key exists), sorted."""
+        ranks = set()
+        for name in self.client.scan_iter(match=self.keyspace.rank_version_pattern, count=1000):
+            rank = self.keyspace.rank_of(name)
+            if rank is not None:
+                ranks.add(rank)
+        return sorted(ranks)
+
+    def rank_states(self, ranks: list[int] | None = None) -> list[RankState]:
+        return read_rank_states(self.client, self.keyspace, self.known_ranks() if ranks is None else ranks)
+
+    def workers(self, ranks: list[int] | None = None) -> tuple[int, list[WorkerRow]]:
+        """``(latest, one row per rank)``: status, applied version, lag, heartbeat age, alive."""
+        latest = self.registry.latest()
+        return latest, [WorkerRow.from_state(s, latest) for s in self.rank_states(ranks)]
+
+    def versions(self) -> list[VersionRow]:
+        """One row per committed version, oldest first, with the ranks that run it."""
+        versions = self.registry.list_versions()
+        latest = self.registry.latest()
+        running: dict[int, list[int]] = {}
+        for state in self.rank_states():
+            if state.version:
+                running.setdefault(state.version, []).append(state.rank)
+        raws = self.client.mget([self.keyspace.manifest(v) for v in versions]) if versions else []
+        rows = []
+        for version, raw in zip(versions, raws):
+            ranks = running.get(version, [])
+            try:
+                if raw is None:
+                    raise CodecError("manifest is missing")
+                m = Manifest.from_json(raw)
+            except CodecError as exc:
+                rows.append(VersionRow(version, version == latest, 0.0, 0, 0, 0, "", ranks, str(exc)))
+                continue
+            rows.append(VersionRow(version, version == latest, m.created, m.total_bytes, len(m.tensors),
+                                   m.num_chunks, m.producer, ranks))  # fmt: skip
+        return rows
+
+    def watch(self, timeout: float | None = None) -> Iterator[Event]:
+        """Pushes and acks as they are published, until ``timeout`` seconds pass (None: forever).
+
+        Pub/sub is at-most-once: a watcher that falls behind may miss events; the
+        ``versions`` and ``workers`` reports are the truth.
+        """
+        k = self.keyspace
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(k.updates_channel, k.acks_channel)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if wait <= 0:
+                    return
+                message = pubsub.get_message(timeout=wait)
+                if message is None:
+                    continue
+                event = self._event(_text(message["channel"]), _text(message["data"]))
+                if event is not None:
+                    yield event
+        finally:
+            pubsub.close()
+
+    def _event(self, channel: str, data: str) -> Event | None:
+        now = time.time()
+        try:
+            if channel == self.keyspace.updates_channel:
+                version = int(data)
+                try:
+                    m = self.registry.read_manifest(version)
+                except (VersionNotFoundError, CodecError):
+                    return Event("push", version, now)
+                return Event("push", version, now, total_bytes=m.total_bytes, tensors=len(m.tensors),
+                             producer=m.producer)  # fmt: skip
+            rank_text, _, version_text = data.partition(":")
+            rank, version = int(rank_text), int(version_text)
+        except ValueError:
+            log.debug("ignoring message %r on %s", data, channel)
+            return None
+        states = read_rank_states(self.client, self.keyspace, [rank])
+        return Event("ack", version, now, rank=rank, status=states[0].status)
+
+    # -- files ----------------------------------------------------------------------------
+    def export(self, spec: str | int, path: str | os.PathLike[str]) -> Manifest:
+        """Write a version (verified chunk by chunk) to ``path``: a ``.safetensors`` file.
+
+        Written to a temporary file in the same directory, then renamed: a reader
+        never sees half a file.
+        """
+        manifest = self.manifest(spec)
+        _, chunks = self.registry.read(manifest.version)
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return manifest
+
+    def import_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        metadata: dict[str, str] | None = None,
+    ) -> Manifest:
+        """Publish a ``.safetensors`` checkpoint as a new version, through ``RedisWeightUpdater``.
+
+        Every rank that has joined is marked ``"pending"``; nothing waits for acks and
+        no version is garbage-collected. The file's own ``__metadata__`` is kept.
+        """
+        tensors, file_metadata = read_safetensors(path)
+        ranks = self.known_ranks()
+        store = RedisStore(self.client, self.keyspace.namespace, owns_client=False)
+        updater = RedisWeightUpdater(
+            store, tensors, num_workers=max(ranks, default=1), sync=False, retention=_NO_RETENTION,
+            chunk_size=chunk_size, metadata={**file_metadata, **(metadata or {})},
+        )  # fmt: skip
+        with updater:
+            updater.update_weights(worker_ids=ranks)
+        return self.registry.read_manifest(updater.version)
+
+    # -- changes ----------------------------------------------------------------------------
+    def rollback(self, spec: str | int) -> Manifest:
+        """Commit an older version again as the newest (a new number), so every worker applies it."""
+        source = self.manifest(spec)
+        return self.registry.rollback(source.version, pending_ranks=self.known_ranks())
+
+    def gc(self, keep: int) -> list[int]:
+        """Delete all but the newest ``keep`` versions (never the latest); the deleted ones."""
+        if keep < 1:
+            raise ConfigurationError("--keep must be at least 1")
+        return self.registry.gc(keep)
+
+    def delete(self, spec: str | int, *, force: bool = False) -> int:
+        """Delete one version. The latest is refused unless ``force`` (workers would have nothing to fetch)."""
+        manifest_version = self.resolve(spec)
+        if manifest_version not in self.registry.list_versions():
+            self.manifest(manifest_version)  # raises the not-found error, with the committed list
+        if manifest_version == self.registry.latest() and not force:
+            raise RefusedError(
+                f"version {manifest_version} is the latest: workers follow it. Roll back to an older "
+                "version first, or pass --force"
+            )
+        self.registry.delete(manifest_version)
+        return manifest_version
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors and ``__metadata__`` of a ``.safetensors`` file; ``CodecError`` if it is not one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigurationError(f"{source}: no such file")
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = load_file(str(source))
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError, ValueError)
+        raise CodecError(f"{source}: not a valid .safetensors file ({exc})") from None
+    if not tensors:
+        raise CodecError(f"{source}: the file holds no tensors")
+    return tensors, metadata
+
+
+def connection_error_message(exc: redis.exceptions.RedisError, url: str) -> str:
+    """One line for a connection or authentication failure, without the password."""
+    where = redact(url)
+    if isinstance(exc, redis.exceptions.AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
+        return f"authentication failed at {where}: {exc}"
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return f"permission denied at {where}: {exc} (see `redis-weights doctor`)"
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return f"cannot reach Redis at {where}: {exc}"
+    return f"Redis error at {where}: {exc}"
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:
+        return "<invalid URL>"
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,31 @@
+"""Human-readable sizes, durations and times for reports (CLI, doctor, demo)."""
+
+from __future__ import annotations
+
+import time
+
+
+def human_bytes(nbytes: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``; bytes below 1 KiB stay exact."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float | None) -> str:
+    """``3.2`` -> ``"3.2s ago"``, minutes and hours for longer; ``"-"`` when unknown."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def utc_time(timestamp: float) -> str:
+    """A wall-clock timestamp as ``YYYY-MM-DD HH:MM:SS`` UTC (``"-"`` for 0)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp)) if timestamp else "-"
