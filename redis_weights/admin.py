@@ -207,7 +207,7 @@ class Admin:
                 running.setdefault(state.version, []).append(state.rank)
         raws = self.client.mget([self.keyspace.manifest(v) for v in versions]) if versions else []
         rows = []
-        for version, raw in zip(versions, raws):
+        for version, raw in zip(versions, raws, strict=True):
             ranks = running.get(version, [])
             try:
                 if raw is None:

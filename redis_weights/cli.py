@@ -62,7 +62,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title:
     if title:
         out.write(title + "\n")
     for row in [list(headers), *cells]:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
 def print_json(doc: Any) -> None:
@@ -167,7 +167,7 @@ def cmd_watch(admin: Admin, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(event.to_dict()), flush=True)
         elif event.kind == "push":
-            size = f"{human_bytes(event.total_bytes)}, {event.tensors} tensors" if event.total_bytes else "manifest gone"
+            size = f"{human_bytes(event.total_bytes)}, {event.tensors} tensors" if event.total_bytes else "(gone)"
             print(f"{utc_time(event.time)}  push  v{event.version}  {size}  by {event.producer or '-'}", flush=True)
         else:
             print(f"{utc_time(event.time)}  ack   v{event.version}  rank {event.rank}: {event.status}", flush=True)

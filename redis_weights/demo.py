@@ -84,7 +84,7 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
     for name in sorted(weights):
         t = weights[name].detach().contiguous()
         h.update(f"{name}|{tuple(t.shape)}|".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -242,7 +242,8 @@ def _live_view(out: IO[str], progress: Progress, workers: list[WorkerProcess]) -
     from rich.console import Console
     from rich.live import Live
 
-    with Live(console=Console(file=out), refresh_per_second=10, get_renderable=lambda: _render(progress, workers)) as live:
+    console = Console(file=out)
+    with Live(console=console, refresh_per_second=10, get_renderable=lambda: _render(progress, workers)) as live:
         yield live
 
 
@@ -273,7 +274,7 @@ def run_demo(options: DemoOptions, out: IO[str] | None = None) -> int:
             stack.callback(_drop_namespace, store)
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="redis-weights-demo-")))
         workers: list[WorkerProcess] = []
-        stack.callback(lambda: [w.stop() for w in workers])
+        stack.callback(_stop_all, workers)
         for rank in range(1, options.workers + 1):
             workers.append(WorkerProcess(rank, url, namespace, options.size_mb, log_dir))
         deadline = time.monotonic() + _READY_TIMEOUT
@@ -330,6 +331,11 @@ def _summary(out: IO[str], progress: Progress, workers: list[WorkerProcess], fin
               else f"FAILED: {failures} worker(s) do not hold the trainer's weights\n")  # fmt: skip
     out.flush()
     return 0 if not failures else 1
+
+
+def _stop_all(workers: list[WorkerProcess]) -> None:
+    for w in workers:
+        w.stop()
 
 
 def _drop_namespace(store: RedisStore) -> None:

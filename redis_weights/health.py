@@ -128,7 +128,10 @@ def check_version(client: redis.Redis) -> Finding:
 def check_eviction(client: redis.Redis) -> Finding:
     """``maxmemory`` and its policy: an ``allkeys-*`` policy can evict chunks of a live version."""
     info = _info(client, "memory")
-    policy = _text(info["maxmemory_policy"]) if info and "maxmemory_policy" in info else _config(client, "maxmemory-policy")
+    if info and "maxmemory_policy" in info:
+        policy: str | None = _text(info["maxmemory_policy"])
+    else:
+        policy = _config(client, "maxmemory-policy")
     raw_max = info.get("maxmemory") if info else _config(client, "maxmemory")
     if policy is None:
         return Finding("maxmemory-policy", WARN, "cannot read the eviction policy (INFO and CONFIG refused)",
