@@ -94,6 +94,6 @@ def test_a_pickle_or_zip_in_place_of_a_manifest_is_refused_as_not_json(real_stor
     receiver = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, make_model("mlp"))
     try:
         assert receiver.poll() is None
-        assert "manifest is not valid JSON" in receiver.last_error
+        assert "manifest is not JSON" in receiver.last_error
     finally:
         receiver.close()
