@@ -19,7 +19,7 @@ import bisect
 import json
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -353,30 +353,69 @@ class Manifest:
 # ---------------------------------------------------------------------------------------
 # Encoding
 # ---------------------------------------------------------------------------------------
+Chunk = list[memoryview]  # the parts of one chunk, in order; one part: a zero-copy view
+
+
 @dataclass
 class Encoded:
-    """One version, ready to upload: its layout and its chunks (views where possible)."""
+    """One version, ready to upload: its layout and its chunks, planned but not built.
+
+    A chunk of one part is a view of the weights' (or the staging buffer's) memory;
+    a chunk of several small parts is gathered only when ``stream()`` reaches it, into
+    one buffer reused from chunk to chunk, so encoding never holds more than one
+    chunk of copied bytes. Checksums are computed as the chunks stream by.
+    """
 
     header_len: int
     tensors: list[TensorEntry]
-    chunks: list[Buffer]
+    plan: list[Chunk]
     metadata: dict[str, str]
+    checksums: list[str] = field(default_factory=list)
 
     @property
     def chunk_sizes(self) -> list[int]:
-        return [len(c) for c in self.chunks]
+        return [sum(len(p) for p in parts) for parts in self.plan]
 
     @property
     def total_bytes(self) -> int:
         return sum(self.chunk_sizes)
 
+    @property
+    def chunks(self) -> list[Buffer]:
+        """Every chunk built at once (gathered ones as fresh ``bytes``): for tests and tools."""
+        return [parts[0] if len(parts) == 1 else b"".join(parts) for parts in self.plan]
+
+    def stream(self) -> Iterator[tuple[Buffer, bool]]:
+        """Yield ``(chunk, reused)`` in order, recording checksums; a ``reused`` chunk lives in
+        the gather buffer and is overwritten when the next chunk is requested."""
+        self.checksums = []
+        gather: bytearray | None = None
+        for parts in self.plan:
+            if len(parts) == 1:
+                chunk: Buffer = parts[0]
+            else:
+                size = sum(len(p) for p in parts)
+                if gather is None:  # sized for the largest gathered chunk, allocated once
+                    gather = bytearray(max(sum(len(p) for p in q) for q in self.plan if len(q) > 1))
+                view = memoryview(gather)
+                offset = 0
+                for p in parts:
+                    view[offset : offset + len(p)] = p
+                    offset += len(p)
+                chunk = view[:size]
+            self.checksums.append(checksum(chunk))
+            yield chunk, len(parts) > 1
+
     def manifest(self, version: int, *, created: float, producer: str) -> Manifest:
+        """The manifest; checksums come from ``stream()`` if it ran to the end, else are computed."""
+        if len(self.checksums) != len(self.plan):
+            self.checksums = [checksum(c) for c in self.chunks]
         return Manifest(
             version=version,
             header_len=self.header_len,
             tensors=self.tensors,
             chunk_sizes=self.chunk_sizes,
-            checksums=[checksum(c) for c in self.chunks],
+            checksums=list(self.checksums),
             metadata=self.metadata,
             created=created,
             producer=producer,
@@ -394,7 +433,9 @@ class Encoder:
 
     ``snapshot=True`` copies every tensor into the staging buffer (so the caller may
     modify its weights while the chunks upload); otherwise only tensors that are not
-    contiguous CPU tensors are copied there and the rest are read in place.
+    contiguous CPU tensors are copied there and the rest are read in place. Tensors
+    copied into the staging buffer lie back to back in stream order, so their bytes
+    are sent as one run of zero-copy chunks.
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
@@ -405,6 +446,7 @@ class Encoder:
 
     def _staging_buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
         if self._staging is None or self._staging.numel() < nbytes or (pin and not self._staging.is_pinned()):
+            self._staging = None  # free the old one before allocating its replacement
             self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         return self._staging
 
@@ -426,7 +468,8 @@ class Encoder:
         if any(needs_copy):
             pin = any(tensors[e.name].device.type == "cuda" for e in entries) and torch.cuda.is_available()
             staging = self._staging_buffer(data_size, pin)
-        pieces: list[Buffer] = [head]
+        # pieces: bytes, or (begin, end) runs of the staging buffer, merged when adjacent
+        pieces: list[Buffer | tuple[int, int]] = [head]
         for entry, copy in zip(entries, needs_copy, strict=True):
             if entry.nbytes == 0:
                 continue
@@ -434,47 +477,53 @@ class Encoder:
             if copy:
                 assert staging is not None
                 region = staging[entry.begin : entry.end]
-                region.copy_(t.contiguous().reshape(-1).view(torch.uint8), non_blocking=True)
-                pieces.append(region)  # type: ignore[arg-type]  # converted after the sync below
+                if t.device.type == "cpu":  # one memcpy; torch's threaded copy stalls on a busy machine
+                    np.copyto(region.numpy(), np.frombuffer(_byte_view(t.contiguous()), dtype=np.uint8))
+                else:
+                    region.copy_(t.contiguous().reshape(-1).view(torch.uint8), non_blocking=True)
+                last = pieces[-1]
+                if isinstance(last, tuple) and last[1] == entry.begin:
+                    pieces[-1] = (last[0], entry.end)
+                else:
+                    pieces.append((entry.begin, entry.end))
             else:
                 pieces.append(_byte_view(t))
         if staging is not None and staging.is_pinned():
             torch.cuda.synchronize()
-        views = [_byte_view(p) if isinstance(p, torch.Tensor) else p for p in pieces]
-        return Encoded(len(head), entries, chunk_pieces(views, self.chunk_size), dict(metadata or {}))
+        views = [_byte_view(staging[p[0] : p[1]]) if isinstance(p, tuple) else p for p in pieces]  # type: ignore[index]
+        return Encoded(len(head), entries, plan_chunks(views, self.chunk_size), dict(metadata or {}))
 
 
-def chunk_pieces(pieces: Sequence[Buffer], chunk_size: int) -> list[Buffer]:
+def plan_chunks(pieces: Sequence[Buffer], chunk_size: int) -> list[Chunk]:
     """Cut a stream given as pieces into chunks of at most ``chunk_size`` bytes, order kept.
 
     Pieces of at least half a chunk become chunks of their own (zero-copy views);
-    runs of smaller pieces are gathered into one chunk (the only copying done).
+    runs of smaller pieces are grouped into one chunk, to be gathered when sent.
     """
-    chunks: list[Buffer] = []
-    gather: list[Buffer] = []
-    gathered = 0
-
-    def flush() -> None:
-        nonlocal gathered
-        if gather:
-            chunks.append(gather[0] if len(gather) == 1 else b"".join(gather))
-            gather.clear()
-            gathered = 0
-
+    chunks: list[Chunk] = []
+    group: Chunk = []
+    grouped = 0
     for piece in pieces:
         view = memoryview(piece).cast("B") if not isinstance(piece, memoryview) else piece
         for start in range(0, len(view), chunk_size):
             part = view[start : start + chunk_size]
+            if len(part) >= chunk_size // 2 or grouped + len(part) > chunk_size:
+                if group:
+                    chunks.append(group)
+                group, grouped = [], 0
             if len(part) >= chunk_size // 2:
-                flush()
-                chunks.append(part)
+                chunks.append([part])
             else:
-                if gathered + len(part) > chunk_size:
-                    flush()
-                gather.append(part)
-                gathered += len(part)
-    flush()
+                group.append(part)
+                grouped += len(part)
+    if group:
+        chunks.append(group)
     return chunks
+
+
+def chunk_pieces(pieces: Sequence[Buffer], chunk_size: int) -> list[Buffer]:
+    """``plan_chunks``, with every chunk built (gathered ones joined into fresh bytes)."""
+    return [parts[0] if len(parts) == 1 else b"".join(parts) for parts in plan_chunks(pieces, chunk_size)]
 
 
 # ---------------------------------------------------------------------------------------

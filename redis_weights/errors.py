@@ -63,5 +63,10 @@ class PushTimeoutError(PushError, TimeoutError):
     """A sync push whose acks did not all arrive within the timeout."""
 
 
+class BackgroundUploadError(RedisWeightsError):
+    """A background upload (``RedisWeightUpdater(..., background=True)``) failed; raised on the
+    trainer's thread by the next push, ``flush()`` or ``wait()``, chained to the cause."""
+
+
 class ReceiveTimeoutError(RedisWeightsError, TimeoutError):
     """``RedisWeightReceiver.wait`` saw no newer version within its timeout."""

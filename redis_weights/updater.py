@@ -14,22 +14,33 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from .base import WeightUpdaterBase, WorkerIds
-from .codec import DEFAULT_CHUNK_SIZE, Encoder
+from .codec import DEFAULT_CHUNK_SIZE, Encoded, Encoder
 from .connection import ensure_reachable
-from .errors import ConfigurationError, PushError, PushTimeoutError
+from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
 from .fleet import RankState, read_rank_states
 from .store import RedisStore, as_store
+from .uploader import SLOTS, BackgroundUploader
 from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, producer_id
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """One version to upload: its number, its encoded chunks, the ranks it marks pending."""
+
+    version: int
+    encoded: Encoded
+    ranks: list[int]
 
 
 class RedisWeightUpdater(WeightUpdaterBase):
@@ -50,6 +61,12 @@ class RedisWeightUpdater(WeightUpdaterBase):
         metadata: strings recorded in every version's safetensors ``__metadata__``.
         check_server: fail at once with a ``ConfigurationError`` when Redis is
             unreachable, refuses the credentials or is unsafe (False: skip the check).
+        background: (needs ``sync=False``) return as soon as the weights are copied
+            into a staging buffer; upload and commit from a background thread. A push
+            made while an upload runs replaces any push still waiting for it.
+            ``version`` is then the version the last push *will* commit; ``flush()``
+            waits for the commit, ``wait()`` for the commit and the acks; an upload
+            error is raised by the next push, ``flush()`` or ``wait()``.
     """
 
     def __init__(
@@ -65,6 +82,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         pending_ttl: float = DEFAULT_PENDING_TTL,
         metadata: Mapping[str, str] | None = None,
         check_server: bool = True,
+        background: bool = False,
     ) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigurationError(f"num_workers must be a positive integer, got {num_workers!r}")
@@ -72,6 +90,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             raise ConfigurationError("timeout must be positive")
         if retention < 1:
             raise ConfigurationError("retention must be at least 1")
+        if background and sync:
+            raise ConfigurationError("background=True needs sync=False (a sync push waits for the acks anyway)")
         self.store = as_store(store)
         self.policy_weights = policy_weights
         self.num_workers = num_workers
@@ -83,6 +103,9 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.keyspace = self.store.keyspace
         self.registry = VersionRegistry(self.store.client, self.keyspace)
         self._encoder = Encoder(chunk_size)
+        self.background = background
+        self._uploader: BackgroundUploader[_Upload] | None = None
+        self._slots = [self._encoder] + [Encoder(chunk_size) for _ in range(SLOTS - 1)]
         self._acks: redis.client.PubSub | None = None
         self._last_ranks: list[int] = []
         self.version = 0
@@ -101,6 +124,9 @@ class RedisWeightUpdater(WeightUpdaterBase):
 
     def _sync_weights_with_worker(self, *, worker_id: int | list[int] | None = None, server_weights: Any) -> None:
         ranks = self._normalize_worker_ids(worker_id)
+        if self.background:
+            self._submit(server_weights, ranks)
+            return
         self._publish(server_weights, ranks)
         if self.sync and ranks:
             self._wait_for_acks(self.version, ranks, self.timeout)
@@ -108,31 +134,58 @@ class RedisWeightUpdater(WeightUpdaterBase):
     # -- the push -----------------------------------------------------------------------
     def _publish(self, weights: Any, ranks: list[int]) -> int:
         """Encode, upload and commit one version for ``ranks``; returns it."""
-        started = time.perf_counter()
         encoded = self._encoder.encode(weights, metadata=self.metadata)
         if self.sync:
             self._subscribe_acks()  # before the commit: no ack can slip past
         version = self.registry.allocate(floor=self.version)
-        self.registry.write_chunks(version, encoded.chunks, self.pending_ttl)
-        manifest = encoded.manifest(version, created=time.time(), producer=self._producer)
-        self.registry.commit(manifest, ranks)
+        self._upload(_Upload(version, encoded, ranks))
         self.version = version
         self._last_ranks = ranks
+        return version
+
+    def _upload(self, job: _Upload) -> None:
+        """Write the chunks, commit, then apply retention (on the background thread if any)."""
+        started = time.perf_counter()
+        self.registry.write_stream(job.version, job.encoded.stream(), self.pending_ttl)
+        manifest = job.encoded.manifest(job.version, created=time.time(), producer=self._producer)
+        self.registry.commit(manifest, job.ranks)
         log.debug(
             "committed version %d: %d tensors, %d bytes in %d chunks, %.1f ms",
-            version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks,
+            job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks,
             (time.perf_counter() - started) * 1000,
         )  # fmt: skip
         try:
             self.registry.gc(self.retention)
         except redis.exceptions.RedisError as exc:  # retention is housekeeping: never fail a push
-            log.warning("garbage collection after version %d failed: %s", version, exc)
-        return version
+            log.warning("garbage collection after version %d failed: %s", job.version, exc)
+
+    def _submit(self, weights: Any, ranks: list[int]) -> None:
+        """Background push: snapshot into a free staging buffer, queue the upload, return."""
+        if self._uploader is None:
+            self._uploader = BackgroundUploader(self._upload, name=f"redis-weights-upload-{self.keyspace.namespace}")
+        self._uploader.raise_error()
+        self._subscribe_acks()  # before any commit: wait() cannot miss an ack
+        version = self.registry.allocate(floor=self.version)
+
+        def prepare(slot: int) -> _Upload:
+            return _Upload(version, self._slots[slot].encode(weights, snapshot=True, metadata=self.metadata), ranks)
+
+        self._uploader.submit(prepare)
+        self.version = version
+        self._last_ranks = ranks
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Background mode: wait until the last push is committed; raise an upload error."""
+        if self._uploader is not None:
+            self._uploader.flush(self.timeout if timeout is None else timeout)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for the acks of the last push (for ``sync=False``)."""
+        """Wait for the acks of the last push (for ``sync=False``; with ``background``, its commit first)."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
         if self.version and self._last_ranks:
-            self._wait_for_acks(self.version, self._last_ranks, self.timeout if timeout is None else timeout)
+            self._wait_for_acks(self.version, self._last_ranks, max(0.0, deadline - time.monotonic()))
 
     def workers(self, ranks: WorkerIds = None) -> list[RankState]:
         """Status, applied version and heartbeat of every (or the given) rank."""
@@ -160,6 +213,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
 
     def _wait_for_acks(self, version: int, ranks: list[int], timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        self._subscribe_acks()  # before the first MGET, so an ack in between still wakes us
         while True:
             states = read_rank_states(self.store.client, self.keyspace, ranks)
             waiting = [s for s in states if not s.has_applied(version)]
@@ -208,7 +262,13 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 self._acks = None
 
     def close(self) -> None:
-        """Drop the acks subscription and close the store's connections."""
+        """Finish a background upload, drop the acks subscription and close the store's connections."""
+        if self._uploader is not None:
+            self._uploader.close(self.timeout)
+            try:
+                self._uploader.raise_error()
+            except BackgroundUploadError as exc:
+                log.error("%s", exc)
         self._close_acks()
         self.store.close()
 

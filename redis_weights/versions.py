@@ -104,16 +104,28 @@ class VersionRegistry:
 
     def write_chunks(self, version: int, chunks: Sequence[Buffer], pending_ttl: float = DEFAULT_PENDING_TTL) -> None:
         """SET every chunk with an expiry (the commit removes it), pipelined in ~64 MiB rounds."""
+        self.write_stream(version, ((chunk, False) for chunk in chunks), pending_ttl)
+
+    def write_stream(
+        self, version: int, chunks: Iterable[tuple[Buffer, bool]], pending_ttl: float = DEFAULT_PENDING_TTL
+    ) -> int:
+        """Like ``write_chunks`` for ``(chunk, reused)`` pairs (``Encoded.stream()``); returns the count.
+
+        Values are sent from the caller's memory when the pipeline executes, so a round
+        is sent right after a ``reused`` chunk, before its buffer is overwritten.
+        """
         ttl_ms = max(1, int(pending_ttl * 1000))
         pipe = self.client.pipeline(transaction=False)
-        queued = 0
-        for index, chunk in enumerate(chunks):
-            pipe.set(self.keyspace.chunk(version, index), chunk, px=ttl_ms)
+        queued = count = 0
+        for chunk, reused in chunks:
+            pipe.set(self.keyspace.chunk(version, count), chunk, px=ttl_ms)
+            count += 1
             queued += len(chunk)
-            if queued >= _PIPELINE_BYTES:
+            if reused or queued >= _PIPELINE_BYTES:
                 pipe.execute()
                 queued = 0
         pipe.execute()
+        return count
 
     def commit(self, manifest: Manifest, pending_ranks: Iterable[int] = ()) -> None:
         """Make ``manifest.version`` the latest, in one atomic step (see ``_COMMIT``)."""

@@ -60,7 +60,6 @@ def size_label(size: int) -> str:
 
 
 def machine() -> dict[str, Any]:
-    import psutil
     import torch
 
     cpu = platform.processor()
@@ -74,7 +73,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
