@@ -125,9 +125,8 @@ def run_config(url: str, system: str, size: int, workers: int, repeats: int, tim
         procs = []
         try:
             for rank in range(1, workers + 1):
-                procs.append(
-                    spawn("worker", [*common, "--rank", str(rank), "--out", str(d / f"w{rank}.json")], d / f"w{rank}.log")
-                )
+                out = ["--rank", str(rank), "--out", str(d / f"w{rank}.json")]
+                procs.append(spawn("worker", [*common, *out], d / f"w{rank}.log"))
             wait_files([d / f"w{r}.json.ready" for r in range(1, workers + 1)], procs, timeout)
             trainer = spawn("trainer", [*common, "--repeats", str(repeats), "--out", str(d / "t.json")], d / "t.log")
             procs.append(trainer)
@@ -204,7 +203,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {size_label(r['size'])} | {r['workers']} | {r['system']} | failed: {reason} |||||||")
             continue
         lines.append(
-            f"| {size_label(r['size'])} | {r['workers']} | {r['system']} | {fmt(r['push_s'])} | {fmt(r['mb_per_s'], 1, 4)} "
+            f"| {size_label(r['size'])} | {r['workers']} | {r['system']} | {fmt(r['push_s'])} "
+            f"| {fmt(r['mb_per_s'], 1, 4)} "
             f"| {fmt(r['stall_s'])} | {fmt(r['first_apply_s'])} | {fmt(r['redis_out_per_push'], mb, 4)} "
             f"| {fmt(r['trainer_rss_growth'], mb, 4)} | {fmt(r['worker_rss_growth'], mb, 4)} |"
             + ("" if r["verified"] else " (unverified)")
@@ -261,12 +261,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     counts = sorted({r["workers"] for r in rows})
     fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts), 3.6), squeeze=False, sharey=True)
-    for ax, n in zip(axes[0], counts):
+    for ax, n in zip(axes[0], counts, strict=True):
         for system in dict.fromkeys(r["system"] for r in rows):
             points = sorted((r["model_bytes"] / 1e6, r["push_s"]) for r in rows
                             if r["system"] == system and r["workers"] == n and r.get("push_s"))
             if points:
-                ax.plot(*zip(*points), marker="o", label=system)
+                ax.plot(*zip(*points, strict=True), marker="o", label=system)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{n} worker{'s' if n > 1 else ''}")

@@ -217,7 +217,7 @@ def run_worker(args: argparse.Namespace) -> None:
                     values.extend(pipe.execute())
                     queued = 0
             values.extend(pipe.execute())
-            for (name, b, e), value in zip(plan, values):
+            for (name, b, e), value in zip(plan, values, strict=True):
                 views[name][b:e] = np.frombuffer(value, dtype=np.uint8)
             record()
 
