@@ -106,6 +106,7 @@ class RedisWeightReceiver:
         self._failed_version = 0
         self._lost_reported = False
         self._updates: redis.client.PubSub | None = None
+        self._updates_refused = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_beat = 0.0
@@ -256,11 +257,20 @@ class RedisWeightReceiver:
             got = pubsub.get_message(timeout=timeout) is not None
             while pubsub.get_message(timeout=0) is not None:
                 got = True
+            self._updates_refused = False
             return got
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             log.debug("rank %d: updates subscription lost (%s); will resubscribe", self.rank, exc)
             self._close_updates()
             time.sleep(min(timeout, 0.1))
+            return False
+        except redis.exceptions.RedisError as exc:  # e.g. NOPERM: the ACL lost its channel rights
+            if not self._updates_refused:
+                log.warning("rank %d: updates subscription refused (%s); polling every %gs",
+                            self.rank, exc, self.poll_interval)  # fmt: skip
+            self._updates_refused = True
+            self._close_updates()
+            time.sleep(timeout)
             return False
 
     # -- background thread ----------------------------------------------------------------

@@ -21,7 +21,7 @@ import redis
 
 from .base import WeightUpdaterBase, WorkerIds
 from .codec import DEFAULT_CHUNK_SIZE, Encoded, Encoder
-from .connection import ensure_reachable
+from .connection import describe, ensure_reachable
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
 from .fleet import RankState, read_rank_states
 from .store import RedisStore, as_store
@@ -31,6 +31,7 @@ from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, p
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
+_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # Redis stopped answering
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
 
 
@@ -124,12 +125,24 @@ class RedisWeightUpdater(WeightUpdaterBase):
 
     def _sync_weights_with_worker(self, *, worker_id: int | list[int] | None = None, server_weights: Any) -> None:
         ranks = self._normalize_worker_ids(worker_id)
-        if self.background:
-            self._submit(server_weights, ranks)
-            return
-        self._publish(server_weights, ranks)
+        try:
+            if self.background:
+                self._submit(server_weights, ranks)
+                return
+            self._publish(server_weights, ranks)
+        except _LOST as exc:
+            raise self._unreachable(exc, None, "the new version was not committed") from exc
         if self.sync and ranks:
-            self._wait_for_acks(self.version, ranks, self.timeout)
+            try:
+                self._wait_for_acks(self.version, ranks, self.timeout)
+            except _LOST as exc:
+                raise self._unreachable(exc, self.version, "while waiting for the acks") from exc
+
+    def _unreachable(self, exc: Exception, version: int | None, what: str) -> PushError:
+        """The one error a push raises when Redis stops answering (refused, reset, timed out)."""
+        push = "push" if version is None else f"push of version {version}"
+        message = f"{push} failed: Redis at {describe(self.store.client)} is unreachable ({exc}); {what}"
+        return PushError(message, version=self.version if version is None else version)
 
     # -- the push -----------------------------------------------------------------------
     def _publish(self, weights: Any, ranks: list[int]) -> int:
@@ -148,7 +161,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
         started = time.perf_counter()
         self.registry.write_stream(job.version, job.encoded.stream(), self.pending_ttl)
         manifest = job.encoded.manifest(job.version, created=time.time(), producer=self._producer)
-        self.registry.commit(manifest, job.ranks)
+        try:
+            self.registry.commit(manifest, job.ranks)
+        except _LOST as exc:  # the script may or may not have run
+            raise self._unreachable(exc, job.version, "its commit could not be confirmed") from exc
         log.debug(
             "committed version %d: %d tensors, %d bytes in %d chunks, %.1f ms",
             job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks,
