@@ -177,12 +177,12 @@ class RedisWeightReceiver:
             self._fail(version, f"chunk {missing} is missing from Redis (evicted?)")
             return None
         try:
-            with self.lock:
+            with self.lock:  # holders of the lock see weights and version agree
                 apply_chunks(present, manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
+                previous, self.version = self.version, version
         except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
             self._fail(version, str(exc))
             return None
-        previous, self.version = self.version, version
         self.last_error = None
         self._lost_reported = False
         for hook in self.post_hooks:  # before the ack: an ack means the hooks have run too

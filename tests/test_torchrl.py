@@ -1,0 +1,287 @@
+"""The TorchRL integration with real TorchRL collectors against a real Redis server.
+
+The policy's action equals its one weight, so a batch shows which weights produced
+it: after the trainer changes the weight and pushes, the batches every worker
+collects next must carry the new value (and the version it came with).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchrl")
+
+from torchrl.collectors import Collector, MultiAsyncCollector, MultiSyncCollector  # noqa: E402
+from torchrl.collectors import WeightUpdaterBase as TorchRLWeightUpdaterBase  # noqa: E402
+from torchrl.weight_update import WeightSyncScheme  # noqa: E402
+
+import redis_weights.integrations.torchrl as integration  # noqa: E402
+from redis_weights import ConfigurationError, RedisStore  # noqa: E402
+from redis_weights.integrations.torchrl import (  # noqa: E402
+    CollectorWeightReceiver,
+    RedisCollectorWeightUpdater,
+    RedisWeightSyncScheme,
+)
+from tests.conftest import REPO_ROOT  # noqa: E402
+from tests.procs import Worker  # noqa: E402
+from tests.torchrl_env import action_values, make_env, make_policy, set_value  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+
+def _versions(batch) -> list[int]:
+    return sorted(set(batch["next", "policy_version"].flatten().tolist()))
+
+
+def _local_collector(policy, **kwargs) -> Collector:
+    return Collector(
+        make_env(), policy, frames_per_batch=10, total_frames=-1, track_policy_version=True,
+        auto_register_policy_transforms=False, **kwargs,
+    )  # fmt: skip
+
+
+# -- the legacy updater ----------------------------------------------------------------
+def test_import_does_not_warn_and_updater_is_a_torchrl_weight_updater() -> None:
+    # Execute the module afresh (not from the import cache) and record every warning.
+    spec = importlib.util.spec_from_file_location("redis_weights.integrations._torchrl_probe", integration.__file__)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec.loader.exec_module(module)
+    assert [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)] == []
+    assert issubclass(module.RedisCollectorWeightUpdater, TorchRLWeightUpdaterBase)
+    assert issubclass(RedisCollectorWeightUpdater, TorchRLWeightUpdaterBase)
+    assert issubclass(RedisWeightSyncScheme, WeightSyncScheme)
+
+
+def test_collector_update_policy_weights_pushes_and_bumps_the_version(real_store: RedisStore) -> None:
+    trainer_policy = make_policy(1.0)
+    updater = RedisCollectorWeightUpdater(real_store, trainer_policy, num_workers=1, sync=True, timeout=20)
+    trainer = _local_collector(trainer_policy, weight_updater=updater)
+    worker = _local_collector(make_policy(0.0))
+    receiver = CollectorWeightReceiver(RedisStore.from_url(real_store.url, real_store.namespace), 1, worker)
+    try:
+        assert updater.collector is trainer and updater.collectors == [trainer]
+        before = trainer.policy_version
+        receiver.start()
+        trainer.update_policy_weights_()  # sync: returns once rank 1 has applied it
+        assert trainer.policy_version == before + 1
+        updater.increment_version()
+        assert trainer.policy_version == before + 2
+        assert receiver.version == updater.version
+        batch = worker.next()
+        assert action_values(batch) == [1.0] and _versions(batch) == [updater.version]
+
+        set_value(trainer_policy, 3.0)
+        trainer.update_policy_weights_(worker_ids=1)  # worker ids are 1-based ranks
+        batch = worker.next()
+        assert action_values(batch) == [3.0] and _versions(batch) == [updater.version]
+        with pytest.raises(RuntimeError, match="1-based"):
+            trainer.update_policy_weights_(worker_ids=[0])
+    finally:
+        receiver.close()
+        worker.shutdown()
+        trainer.shutdown()
+        updater.close()
+
+
+def test_receiver_applies_only_between_batches(real_store: RedisStore) -> None:
+    """A version that arrives while a batch is being collected lands after that batch."""
+    worker = _local_collector(make_policy(0.0))
+    receiver = CollectorWeightReceiver(RedisStore.from_url(real_store.url, real_store.namespace), 1, worker)
+    updater = RedisWeightUpdaterForTest(real_store)
+    receiver.start()
+    try:
+        with receiver.receiver.lock:  # what a running batch holds
+            updater.push(5.0)
+            time.sleep(0.3)  # the receiver thread has the update by now, but must wait
+            assert receiver.version == 0
+            assert worker.policy.module.value.item() == 0.0
+        updater.updater.wait(10)
+        assert receiver.version == updater.updater.version
+        assert action_values(worker.next()) == [5.0]
+    finally:
+        receiver.close()
+        worker.shutdown()
+        updater.updater.close()
+
+
+class RedisWeightUpdaterForTest:
+    """Pushes a value-policy's weights asynchronously to rank 1."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.policy = make_policy(0.0)
+        self.updater = RedisCollectorWeightUpdater(store, self.policy, num_workers=1, sync=False, timeout=20)
+
+    def push(self, value: float) -> None:
+        set_value(self.policy, value)
+        self.updater.update_weights()
+
+
+# -- collectors in worker processes, kept in step by CollectorWeightReceiver ----------------
+class CollectorWorker(Worker):
+    """A ``tests/torchrl_worker.py`` process (the rest as ``tests.procs.Worker``)."""
+
+    def __init__(self, out: Path, args: list[str]) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.torchrl_worker", "--out", str(out), *args],
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(out.with_suffix(".log"), "wb"),
+        )
+
+    def batches(self) -> list[dict]:
+        return [r for r in self.records() if "values" in r]
+
+
+@contextmanager
+def collector_workers(tmp_path: Path, url: str, namespace: str, modes: dict[int, list[str]]) -> Iterator[dict]:
+    started: dict[int, CollectorWorker] = {}
+    try:
+        for rank, extra in modes.items():
+            args = ["--url", url, "--namespace", namespace, "--rank", str(rank), *extra]
+            started[rank] = CollectorWorker(tmp_path / f"collector{rank}.jsonl", args)
+        for w in started.values():
+            w.wait_ready(90)
+        yield started
+    finally:
+        for w in started.values():
+            w.stop()
+
+
+def _batches_started_after(worker: CollectorWorker, moment: float, count: int, timeout: float = 20) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        later = [b for b in worker.batches() if b["started"] > moment]
+        if len(later) >= count:
+            return later
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} batches after the push: {worker.log()}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_collectors_in_other_processes_use_new_weights_from_the_next_batch(
+    tmp_path: Path, redis_url: str, namespace: str, real_store: RedisStore, sync: bool
+) -> None:
+    trainer_policy = make_policy(0.0)
+    updater = RedisCollectorWeightUpdater(real_store, trainer_policy, num_workers=2, sync=sync, timeout=30)
+    trainer = _local_collector(trainer_policy, weight_updater=updater)
+    value_of = {0: 0.0}  # version -> the weight it carries
+    # rank 1 applies from a background thread, rank 2 checks Redis at each batch.
+    with collector_workers(tmp_path, redis_url, namespace, {1: [], 2: ["--poll-mode"]}) as workers:
+        try:
+            for value in (1.0, 2.0, 3.0):
+                set_value(trainer_policy, value)
+                trainer.update_policy_weights_()
+                if not sync:
+                    updater.wait(30)
+                acked = time.monotonic()
+                value_of[updater.version] = value
+                for worker in workers.values():
+                    for batch in _batches_started_after(worker, acked, 2):
+                        assert batch["values"] == [value], batch
+                        assert batch["versions"] == [updater.version], batch
+        finally:
+            trainer.shutdown()
+            updater.close()
+        for worker in workers.values():
+            for batch in worker.batches():  # never a batch of mixed weights, never a wrong label
+                assert len(batch["values"]) == 1 and len(batch["versions"]) == 1, batch
+                assert batch["values"] == [value_of[batch["versions"][0]]], batch
+    assert [s.version for s in updater.workers()] == [updater.version] * 2
+
+
+# -- the weight-sync scheme ------------------------------------------------------------
+def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, namespace: str, real_store: RedisStore) -> None:
+    trainer_policy = make_policy(1.0)
+    sender = RedisWeightSyncScheme(redis_url, namespace=namespace, num_workers=1, timeout=20)
+    trainer = _local_collector(trainer_policy, weight_sync_schemes={"policy": sender})
+    # A collector elsewhere: it waits for the trainer's initial weights when it connects.
+    worker = _local_collector(
+        make_policy(0.0),
+        weight_recv_schemes={"policy": RedisWeightSyncScheme(redis_url, namespace=namespace, rank=1)},
+    )
+    try:
+        assert sender.version >= 1
+        batch = worker.next()
+        assert action_values(batch) == [1.0] and _versions(batch) == [sender.version]
+        set_value(trainer_policy, 4.0)
+        trainer.update_policy_weights_(worker_ids=[1])  # sync: rank 1 acked
+        batch = worker.next()
+        assert action_values(batch) == [4.0] and _versions(batch) == [sender.version]
+        assert [s.status for s in sender.updater.workers()] == ["updated"]
+    finally:
+        worker.shutdown()
+        trainer.shutdown()
+        sender.shutdown()
+
+
+def test_scheme_needs_a_worker_count_and_a_picklable_store(real_store: RedisStore) -> None:
+    with pytest.raises(ConfigurationError, match="num_workers"):
+        _local_collector(make_policy(), weight_sync_schemes={"policy": RedisWeightSyncScheme(real_store.url)})
+    no_url = RedisWeightSyncScheme(RedisStore(real_store.client, real_store.namespace, owns_client=False))
+    with pytest.raises(ConfigurationError, match="URL"):
+        pickle.dumps(no_url)
+    clone = pickle.loads(pickle.dumps(RedisWeightSyncScheme(real_store.url, namespace="x", num_workers=3)))
+    assert (clone.url, clone.namespace, clone.num_workers, clone.updater) == (real_store.url, "x", 3, None)
+
+
+def test_multisync_collector_workers_receive_through_redis(redis_url: str, namespace: str) -> None:
+    policy = make_policy(1.0)
+    scheme = RedisWeightSyncScheme(redis_url, namespace=namespace, sync=True, timeout=30)
+    collector = MultiSyncCollector(
+        [make_env] * 2, policy, frames_per_batch=20, total_frames=-1,
+        weight_sync_schemes={"policy": scheme}, track_policy_version=True,
+    )  # fmt: skip
+    try:
+        batches = iter(collector)
+        first = next(batches)
+        assert action_values(first) == [1.0] and _versions(first) == [scheme.version]
+        for value in (2.0, 3.0):
+            set_value(policy, value)
+            collector.update_policy_weights_()  # returns when ranks 1 and 2 acked
+            batch = next(batches)
+            assert action_values(batch) == [value] and _versions(batch) == [scheme.version]
+        assert [s.version for s in scheme.updater.workers()] == [scheme.version] * 2
+    finally:
+        collector.shutdown()
+        scheme.shutdown()
+
+
+def test_multiasync_collector_async_scheme(redis_url: str, namespace: str) -> None:
+    policy = make_policy(1.0)
+    scheme = RedisWeightSyncScheme(redis_url, namespace=namespace, sync=False, timeout=30)
+    collector = MultiAsyncCollector(
+        [make_env] * 2, policy, frames_per_batch=10, total_frames=-1,
+        weight_sync_schemes={"policy": scheme}, track_policy_version=True,
+    )  # fmt: skip
+    value_of = {scheme.version: 1.0}
+    try:
+        batches = iter(collector)
+        seen = [next(batches)]
+        set_value(policy, 2.0)
+        collector.update_policy_weights_()  # returns at once
+        value_of[scheme.version] = 2.0
+        scheme.wait(30)  # both ranks applied it
+        deadline = time.monotonic() + 20
+        while [_versions(b) for b in seen[-4:]] != [[scheme.version]] * 4:
+            assert time.monotonic() < deadline, [_versions(b) for b in seen]
+            seen.append(next(batches))
+    finally:
+        collector.shutdown()
+        scheme.shutdown()
+    for batch in seen:  # each batch made by one set of weights, labelled with its version
+        assert len(_versions(batch)) == 1 and action_values(batch) == [value_of[_versions(batch)[0]]]
