@@ -19,10 +19,12 @@ from tests.conftest import REPO_ROOT
 class Worker:
     """One worker process and the JSON lines it writes."""
 
+    module = "tests.worker_main"  # the script ``python -m`` runs; subclasses run others
+
     def __init__(self, out: Path, args: list[str]) -> None:
         self.out = out
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.worker_main", "--out", str(out), *args],
+            [sys.executable, "-m", self.module, "--out", str(out), *args],
             cwd=REPO_ROOT,
             stdout=subprocess.DEVNULL,
             stderr=open(out.with_suffix(".log"), "wb"),

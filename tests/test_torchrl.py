@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -32,7 +30,6 @@ from redis_weights.integrations.torchrl import (  # noqa: E402
     RedisCollectorWeightUpdater,
     RedisWeightSyncScheme,
 )
-from tests.conftest import REPO_ROOT  # noqa: E402
 from tests.procs import Worker  # noqa: E402
 from tests.torchrl_env import action_values, make_env, make_policy, set_value  # noqa: E402
 
@@ -133,14 +130,7 @@ class RedisWeightUpdaterForTest:
 class CollectorWorker(Worker):
     """A ``tests/torchrl_worker.py`` process (the rest as ``tests.procs.Worker``)."""
 
-    def __init__(self, out: Path, args: list[str]) -> None:
-        self.out = out
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.torchrl_worker", "--out", str(out), *args],
-            cwd=REPO_ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=open(out.with_suffix(".log"), "wb"),
-        )
+    module = "tests.torchrl_worker"
 
     def batches(self) -> list[dict]:
         return [r for r in self.records() if "values" in r]
@@ -205,7 +195,7 @@ def test_collectors_in_other_processes_use_new_weights_from_the_next_batch(
 
 
 # -- the weight-sync scheme ------------------------------------------------------------
-def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, namespace: str, real_store: RedisStore) -> None:
+def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, namespace: str) -> None:
     trainer_policy = make_policy(1.0)
     sender = RedisWeightSyncScheme(redis_url, namespace=namespace, num_workers=1, timeout=20)
     trainer = _local_collector(trainer_policy, weight_sync_schemes={"policy": sender})
@@ -239,13 +229,18 @@ def test_scheme_needs_a_worker_count_and_a_picklable_store(real_store: RedisStor
     assert (clone.url, clone.namespace, clone.num_workers, clone.updater) == (real_store.url, "x", 3, None)
 
 
+def _two_worker_collector(cls: type, policy, scheme: RedisWeightSyncScheme):
+    """A TorchRL multi-process collector: two worker processes, receiving through ``scheme``."""
+    return cls(
+        [make_env] * 2, policy, frames_per_batch=10, total_frames=-1,
+        weight_sync_schemes={"policy": scheme}, track_policy_version=True,
+    )  # fmt: skip
+
+
 def test_multisync_collector_workers_receive_through_redis(redis_url: str, namespace: str) -> None:
     policy = make_policy(1.0)
     scheme = RedisWeightSyncScheme(redis_url, namespace=namespace, sync=True, timeout=30)
-    collector = MultiSyncCollector(
-        [make_env] * 2, policy, frames_per_batch=20, total_frames=-1,
-        weight_sync_schemes={"policy": scheme}, track_policy_version=True,
-    )  # fmt: skip
+    collector = _two_worker_collector(MultiSyncCollector, policy, scheme)
     try:
         batches = iter(collector)
         first = next(batches)
@@ -264,10 +259,7 @@ def test_multisync_collector_workers_receive_through_redis(redis_url: str, names
 def test_multiasync_collector_async_scheme(redis_url: str, namespace: str) -> None:
     policy = make_policy(1.0)
     scheme = RedisWeightSyncScheme(redis_url, namespace=namespace, sync=False, timeout=30)
-    collector = MultiAsyncCollector(
-        [make_env] * 2, policy, frames_per_batch=10, total_frames=-1,
-        weight_sync_schemes={"policy": scheme}, track_policy_version=True,
-    )  # fmt: skip
+    collector = _two_worker_collector(MultiAsyncCollector, policy, scheme)
     value_of = {scheme.version: 1.0}
     try:
         batches = iter(collector)

@@ -31,14 +31,12 @@ try:
     from torchrl.collectors import WeightUpdaterBase as _TorchRLWeightUpdaterBase
     from torchrl.weight_update import WeightSyncScheme
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "redis_weights.integrations.torchrl needs torchrl: pip install 'redis_weights[torchrl]'"
-    ) from exc
+    raise ImportError("redis_weights.integrations.torchrl needs torchrl: pip install 'redis_weights[torchrl]'") from exc
 
 from ..base import WorkerIds
 from ..errors import ConfigurationError, ReceiveTimeoutError
-from ..receiver import DEFAULT_HEARTBEAT_TTL, DEFAULT_POLL_INTERVAL, RedisWeightReceiver
 from ..keys import DEFAULT_NAMESPACE
+from ..receiver import DEFAULT_HEARTBEAT_TTL, DEFAULT_POLL_INTERVAL, RedisWeightReceiver
 from ..store import RedisStore, as_store
 from ..updater import DEFAULT_TIMEOUT, RedisWeightUpdater
 
@@ -82,9 +80,7 @@ def _store_from(store: RedisStore | str, namespace: str, client_options: Mapping
 
 def _materialize(model: Any) -> None:
     """Give a stateless (meta-device) module real CPU storage so weights can be copied into it."""
-    if isinstance(model, nn.Module) and any(
-        t.is_meta for t in itertools.chain(model.parameters(), model.buffers())
-    ):
+    if isinstance(model, nn.Module) and any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
         model.to_empty(device="cpu")
 
 
@@ -328,8 +324,9 @@ class RedisWeightSyncScheme(WeightSyncScheme):
     @context.setter
     def context(self, value: Any) -> None:
         WeightSyncScheme.context.fset(self, value)  # type: ignore[attr-defined]
-        if value is not None and getattr(self, "_receiver", None) is not None:
-            self._receiver.attach(value)
+        receiver = getattr(self, "_receiver", None)
+        if value is not None and receiver is not None:
+            receiver.attach(value)
 
     @property  # type: ignore[override]
     def model(self) -> Any | None:
@@ -338,9 +335,17 @@ class RedisWeightSyncScheme(WeightSyncScheme):
     @model.setter
     def model(self, value: Any) -> None:
         WeightSyncScheme.model.fset(self, value)  # type: ignore[attr-defined]
-        if value is not None and getattr(self, "_receiver", None) is not None:
+        receiver = getattr(self, "_receiver", None)
+        if value is not None and receiver is not None:
             _materialize(value)
-            self._receiver.set_policy(value)
+            receiver.set_policy(value)
+
+    def _bind(self, model_id: str, context: Any, model: Any) -> None:
+        self.model_id = model_id
+        if context is not None:
+            self.context = context
+        if model is not None:
+            self.model = model
 
     # -- sender -------------------------------------------------------------------------
     def _init_on_sender_impl(
@@ -353,11 +358,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         num_workers: int | None = None,
         **_: Any,  # e.g. ``ctx``, the multiprocessing context: Redis needs none
     ) -> None:
-        self.model_id = model_id
-        if context is not None:
-            self.context = context
-        if model is not None:
-            self.model = model
+        self._bind(model_id, context, model)
         if weights is not None:
             self.weights = weights
         count = self.num_workers or num_workers or getattr(context, "num_workers", None)
@@ -453,11 +454,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         rank: int | None = None,
         **_: Any,
     ) -> None:
-        self.model_id = model_id
-        if context is not None:
-            self.context = context
-        if model is not None:
-            self.model = model
+        self._bind(model_id, context, model)
         rank = rank or self.rank
         if rank is None:
             if worker_idx is None and context is not None:
