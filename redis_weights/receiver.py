@@ -108,6 +108,7 @@ class RedisWeightReceiver:
         self._updates: redis.client.PubSub | None = None
         self._updates_refused = False
         self._thread: threading.Thread | None = None
+        self._beater: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_beat = 0.0
         if check_server:
@@ -282,7 +283,17 @@ class RedisWeightReceiver:
         self._subscribe_updates()
         self._thread = threading.Thread(target=self._run, name=f"redis-weights-rank-{self.rank}", daemon=True)
         self._thread.start()
+        self._beater = threading.Thread(target=self._beat, name=f"redis-weights-beat-{self.rank}", daemon=True)
+        self._beater.start()
         return self
+
+    def _beat(self) -> None:
+        """Heartbeats on their own thread: a fetch or apply longer than the TTL is not a death."""
+        while not self._stop.wait(self.heartbeat_ttl / 3):
+            try:
+                self.heartbeat()
+            except redis.exceptions.RedisError as exc:  # the main loop reports Redis trouble
+                log.debug("rank %d: heartbeat failed (%s)", self.rank, exc)
 
     def _run(self) -> None:
         last_poll = 0.0
@@ -308,9 +319,12 @@ class RedisWeightReceiver:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the background thread (if any) and wait for it."""
         thread, self._thread = self._thread, None
+        beater, self._beater = self._beater, None
         if thread is not None:
             self._stop.set()
             thread.join(timeout)
+        if beater is not None:
+            beater.join(timeout)
 
     def _close_updates(self) -> None:
         if self._updates is not None:

@@ -34,6 +34,8 @@ def main() -> int:
         real_apply = receiver_module.apply_chunks
 
         def slow_apply(*a, **kw):  # type: ignore[no-untyped-def]
+            with open(args.out, "a") as f:  # lets a fault test kill the worker mid-apply
+                f.write(json.dumps({"applying": True}) + "\n")
             time.sleep(args.apply_delay)
             return real_apply(*a, **kw)
 
