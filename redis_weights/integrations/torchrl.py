@@ -256,6 +256,8 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         background, poll_interval, heartbeat_ttl, allow_cast: receiver options, as
             ``CollectorWeightReceiver``.
         client_options: extra ``redis.Redis`` options (TLS, ...) used with a URL.
+        updater_options: extra ``RedisWeightUpdater`` options for the sender
+            (``chunk_size``, ``retention``, ``metadata``, ...).
     """
 
     def __init__(
@@ -273,6 +275,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL,
         allow_cast: bool = False,
         client_options: Mapping[str, Any] | None = None,
+        updater_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(strategy="tensordict")
         if isinstance(store, RedisStore):
@@ -297,6 +300,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         self.heartbeat_ttl = heartbeat_ttl
         self.allow_cast = allow_cast
         self.client_options = dict(client_options or {})
+        self.updater_options = dict(updater_options or {})
         self._updater: RedisWeightUpdater | None = None
         self._receiver: CollectorWeightReceiver | None = None
 
@@ -367,8 +371,9 @@ class RedisWeightSyncScheme(WeightSyncScheme):
                 "RedisWeightSyncScheme needs the number of workers: pass num_workers= to the scheme"
             )
         self.num_workers = count
-        self._updater = RedisWeightUpdater(self._redis_store(), None, num_workers=count, sync=self.sync,
-                                           timeout=self.timeout)  # fmt: skip
+        self._updater = RedisWeightUpdater(
+            self._redis_store(), None, num_workers=count, sync=self.sync, timeout=self.timeout, **self.updater_options
+        )
 
     def _source(self, weights: Any, context: Any) -> Any:
         """What to push: the given weights (module, TensorDict, dict, model name) or the model's."""
