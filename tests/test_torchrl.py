@@ -16,15 +16,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 pytest.importorskip("torchrl")
 
+from tensordict.nn import TensorDictModule  # noqa: E402
 from torchrl.collectors import Collector, MultiAsyncCollector, MultiSyncCollector  # noqa: E402
 from torchrl.collectors import WeightUpdaterBase as TorchRLWeightUpdaterBase  # noqa: E402
 from torchrl.weight_update import WeightSyncScheme  # noqa: E402
 
 import redis_weights.integrations.torchrl as integration  # noqa: E402
-from redis_weights import ConfigurationError, RedisStore  # noqa: E402
+from redis_weights import ConfigurationError, ReceiveTimeoutError, RedisStore  # noqa: E402
 from redis_weights.integrations.torchrl import (  # noqa: E402
     CollectorWeightReceiver,
     RedisCollectorWeightUpdater,
@@ -126,6 +128,29 @@ class RedisWeightUpdaterForTest:
         self.updater.update_weights()
 
 
+def test_multisync_collector_with_the_legacy_updater(real_store: RedisStore) -> None:
+    """``MultiSyncCollector(weight_updater=...)``: its own workers and a rank elsewhere get the push."""
+    policy = make_policy(1.0)
+    updater = RedisCollectorWeightUpdater(real_store, policy, num_workers=1, sync=True, timeout=20)
+    remote = _local_collector(make_policy(0.0))
+    receiver = CollectorWeightReceiver(RedisStore.from_url(real_store.url, real_store.namespace), 1, remote).start()
+    collector = MultiSyncCollector([make_env], policy, frames_per_batch=10, total_frames=-1, weight_updater=updater)
+    try:
+        assert updater.collector is collector
+        batches = iter(collector)
+        assert action_values(next(batches)) == [1.0]
+        set_value(policy, 2.0)
+        collector.update_policy_weights_()  # rank 1 acked
+        assert action_values(next(batches)) == [2.0]
+        batch = remote.next()
+        assert action_values(batch) == [2.0] and _versions(batch) == [updater.version]
+    finally:
+        collector.shutdown()
+        receiver.close()
+        remote.shutdown()
+        updater.close()
+
+
 # -- collectors in worker processes, kept in step by CollectorWeightReceiver ----------------
 class CollectorWorker(Worker):
     """A ``tests/torchrl_worker.py`` process (the rest as ``tests.procs.Worker``)."""
@@ -162,42 +187,55 @@ def _batches_started_after(worker: CollectorWorker, moment: float, count: int, t
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
 def test_collectors_in_other_processes_use_new_weights_from_the_next_batch(
-    tmp_path: Path, redis_url: str, namespace: str, real_store: RedisStore, sync: bool
+    tmp_path: Path, redis_url: str, namespace: str, real_store: RedisStore
 ) -> None:
+    """Sync pushes (``collector.update_policy_weights_()``) and async ones (then ``wait()``)."""
     trainer_policy = make_policy(0.0)
-    updater = RedisCollectorWeightUpdater(real_store, trainer_policy, num_workers=2, sync=sync, timeout=30)
-    trainer = _local_collector(trainer_policy, weight_updater=updater)
+    sync_updater = RedisCollectorWeightUpdater(real_store, trainer_policy, num_workers=2, sync=True, timeout=30)
+    async_updater = RedisCollectorWeightUpdater(
+        RedisStore.from_url(redis_url, namespace), trainer_policy, num_workers=2, sync=False, timeout=30
+    )
+    trainer = _local_collector(trainer_policy, weight_updater=sync_updater)
     value_of = {0: 0.0}  # version -> the weight it carries
+
+    def push(value: float, sync: bool) -> int:
+        set_value(trainer_policy, value)
+        if sync:
+            trainer.update_policy_weights_()  # returns once ranks 1 and 2 acked
+            return sync_updater.version
+        async_updater.update_weights()  # returns after the commit
+        async_updater.wait(30)
+        return async_updater.version
+
     # rank 1 applies from a background thread, rank 2 checks Redis at each batch.
     with collector_workers(tmp_path, redis_url, namespace, {1: [], 2: ["--poll-mode"]}) as workers:
         try:
-            for value in (1.0, 2.0, 3.0):
-                set_value(trainer_policy, value)
-                trainer.update_policy_weights_()
-                if not sync:
-                    updater.wait(30)
+            for value, sync in ((1.0, True), (2.0, False), (3.0, True), (4.0, False)):
+                version = push(value, sync)
                 acked = time.monotonic()
-                value_of[updater.version] = value
+                value_of[version] = value
                 for worker in workers.values():
                     for batch in _batches_started_after(worker, acked, 2):
                         assert batch["values"] == [value], batch
-                        assert batch["versions"] == [updater.version], batch
+                        assert batch["versions"] == [version], batch
+            assert [s.version for s in sync_updater.workers()] == [version] * 2
         finally:
             trainer.shutdown()
-            updater.close()
+            sync_updater.close()
+            async_updater.close()
         for worker in workers.values():
             for batch in worker.batches():  # never a batch of mixed weights, never a wrong label
                 assert len(batch["values"]) == 1 and len(batch["versions"]) == 1, batch
                 assert batch["values"] == [value_of[batch["versions"][0]]], batch
-    assert [s.version for s in updater.workers()] == [updater.version] * 2
 
 
 # -- the weight-sync scheme ------------------------------------------------------------
 def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, namespace: str) -> None:
     trainer_policy = make_policy(1.0)
-    sender = RedisWeightSyncScheme(redis_url, namespace=namespace, num_workers=1, timeout=20)
+    sender = RedisWeightSyncScheme(
+        redis_url, namespace=namespace, num_workers=1, timeout=20, updater_options={"retention": 2}
+    )
     trainer = _local_collector(trainer_policy, weight_sync_schemes={"policy": sender})
     # A collector elsewhere: it waits for the trainer's initial weights when it connects.
     worker = _local_collector(
@@ -213,8 +251,28 @@ def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, names
         batch = worker.next()
         assert action_values(batch) == [4.0] and _versions(batch) == [sender.version]
         assert [s.status for s in sender.updater.workers()] == ["updated"]
+        assert sender.updater.retention == 2
     finally:
         worker.shutdown()
+        trainer.shutdown()
+        sender.shutdown()
+
+
+def test_receiving_scheme_refuses_a_policy_that_does_not_fit(redis_url: str, namespace: str) -> None:
+    sender = RedisWeightSyncScheme(redis_url, namespace=namespace, num_workers=1, timeout=5)
+    trainer = _local_collector(make_policy(1.0), weight_sync_schemes={"policy": sender})
+    other = TensorDictModule(nn.Linear(1, 1), in_keys=["observation"], out_keys=["action"])
+    try:
+        with pytest.raises(ReceiveTimeoutError, match="module.bias. is missing"):
+            _local_collector(
+                other,
+                weight_recv_schemes={
+                    "policy": RedisWeightSyncScheme(redis_url, namespace=namespace, rank=1, timeout=1)
+                },
+            )
+        state = sender.updater.workers()[0]  # what the trainer sees: the refusal, with its reason
+        assert state.error is not None and "module.bias" in state.error
+    finally:
         trainer.shutdown()
         sender.shutdown()
 

@@ -482,10 +482,14 @@ class RedisWeightSyncScheme(WeightSyncScheme):
             self._redis_store(), self.rank, policy=model, background=self.background,  # type: ignore[arg-type]
             poll_interval=self.poll_interval, heartbeat_ttl=self.heartbeat_ttl, allow_cast=self.allow_cast,
         )  # fmt: skip
+        try:
+            receiver.sync(self.timeout)
+        except BaseException:
+            receiver.close()  # no thread, no connection left behind by a failed connect
+            raise
         self._receiver = receiver
         if self.context is not None:
             receiver.attach(self.context)
-        receiver.sync(self.timeout)
         receiver.start()
 
     def receive(self, timeout: float | None = None) -> Any:
