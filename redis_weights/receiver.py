@@ -13,18 +13,21 @@ old weights whole and sets the rank's status to ``"error: <reason>"``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
 
-from .codec import apply_chunks, flatten_weights
-from .connection import ensure_reachable
+from .codec import Buffer, Manifest, apply_chunks, flatten_weights
+from .connection import describe, ensure_reachable
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
+from .hostcache import DEFAULT_DIRECTORY, HostCache, scope_name
 from .store import RedisStore, as_store
 from .versions import VersionRegistry
 
@@ -66,7 +69,12 @@ class RedisWeightReceiver:
         allow_cast: accept pushed dtypes that differ from the policy's (cast on copy).
         check_server: fail at once with a ``ConfigurationError`` when Redis is
             unreachable, refuses the credentials or is unsafe (False: skip the check).
+        host_cache: share each version with the other workers of this host through a
+            file in /dev/shm (True) or in the given directory: one worker fetches it
+            from Redis, the others memory-map it (see ``hostcache.py``).
 
+    Chunks are read straight into one receive buffer of the model's size, kept from
+    version to version (or into the shared file), verified, then copied in place.
     Use ``poll()`` from your own loop, ``wait()`` to block, or ``start()`` for a
     background thread (hold ``receiver.lock`` around code that must not see an
     update half-applied, e.g. one forward pass).
@@ -82,6 +90,7 @@ class RedisWeightReceiver:
         heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL,
         allow_cast: bool = False,
         check_server: bool = True,
+        host_cache: bool | str | os.PathLike[str] = False,
     ) -> None:
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ConfigurationError(f"rank must be a 1-based integer, got {rank!r}")
@@ -96,6 +105,8 @@ class RedisWeightReceiver:
         self.allow_cast = allow_cast
         self.keyspace = self.store.keyspace
         self.registry = VersionRegistry(self.store.client, self.keyspace)
+        self.host_cache = self._host_cache(host_cache)
+        self._receive_buffer = bytearray()
         self.version = 0
         self.last_error: str | None = None
         self.lock = threading.RLock()
@@ -167,23 +178,25 @@ class RedisWeightReceiver:
         except CodecError as exc:  # a manifest that is not JSON, or lies about the layout
             self._fail(version, str(exc))
             return None
-        chunks = self.registry.read_chunks(manifest)
-        present = [c for c in chunks if c is not None]
-        if len(present) != len(chunks):
-            missing = next(i for i, c in enumerate(chunks) if c is None)
-            if not self.registry.exists(version):  # garbage-collected meanwhile: retry from latest
-                raise VersionNotFoundError(f"version {version}: chunk {missing} is gone")
-            # GC deletes a manifest and its chunks in one transaction: the manifest is still
-            # there, so the chunk is really missing (evicted, deleted by hand).
-            self._fail(version, f"chunk {missing} is missing from Redis (evicted?)")
-            return None
-        try:
-            with self.lock:  # holders of the lock see weights and version agree
-                apply_chunks(present, manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
-                previous, self.version = self.version, version
-        except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
-            self._fail(version, str(exc))
-            return None
+        with self._fetch(manifest) as chunks:
+            present = [c for c in chunks if c is not None]
+            if len(present) != len(chunks):
+                missing = next(i for i, c in enumerate(chunks) if c is None)
+                if not self.registry.exists(version):  # garbage-collected meanwhile: retry from latest
+                    raise VersionNotFoundError(f"version {version}: chunk {missing} is gone")
+                # GC deletes a manifest and its chunks in one transaction: the manifest is still
+                # there, so the chunk is really missing (evicted, deleted by hand).
+                self._fail(version, f"chunk {missing} is missing from Redis (evicted?)")
+                return None
+            try:
+                with self.lock:  # holders of the lock see weights and version agree
+                    apply_chunks(present, manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
+                    previous, self.version = self.version, version
+            except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
+                self._fail(version, str(exc))
+                return None
+            finally:
+                del present
         self.last_error = None
         self._lost_reported = False
         for hook in self.post_hooks:  # before the ack: an ack means the hooks have run too
@@ -199,6 +212,24 @@ class RedisWeightReceiver:
         with self._applied:
             self._applied.notify_all()
         return version
+
+    def _host_cache(self, option: bool | str | os.PathLike[str]) -> HostCache | None:
+        if option is False or option is None:
+            return None
+        base = DEFAULT_DIRECTORY if option is True else os.fspath(option)
+        return HostCache(os.path.join(base, scope_name(describe(self.store.client), self.keyspace.namespace)))
+
+    @contextlib.contextmanager
+    def _fetch(self, manifest: Manifest) -> Iterator[list[Buffer | None]]:
+        """The chunks of a version: from the host's shared file, or read into the reused buffer."""
+        if self.host_cache is not None:
+            with self.host_cache.chunks(manifest, self.registry.read_chunks_into) as chunks:
+                yield chunks
+            return
+        if len(self._receive_buffer) < manifest.total_bytes:
+            self._receive_buffer = bytearray()  # drop the old one before allocating the bigger one
+            self._receive_buffer = bytearray(manifest.total_bytes)
+        yield self.registry.read_chunks_into(manifest, memoryview(self._receive_buffer))
 
     def _fail(self, version: int, reason: str) -> None:
         self._failed_version = version

@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from .bulkread import read_values_into
 from .codec import Buffer, Manifest
 from .errors import StaleVersionError, VersionNotFoundError
 from .keys import Keys
@@ -206,6 +207,12 @@ class VersionRegistry:
                 queued = 0
         out.extend(pipe.execute())
         return out
+
+    def read_chunks_into(self, manifest: Manifest, target: memoryview) -> list[Buffer | None]:
+        """Every chunk of a version, read straight into ``target`` (at least ``total_bytes``):
+        per chunk a view of ``target``, None if missing, ``bytes`` if its size is wrong."""
+        keys = self.keyspace.chunks(manifest.version, manifest.num_chunks)
+        return read_values_into(self.client, keys, manifest.chunk_sizes, target)
 
     def read(self, version: int | None = None) -> tuple[Manifest, list[bytes]]:
         """Manifest and verified chunks of a version (default: the latest)."""

@@ -1,0 +1,164 @@
+"""Read big string values straight into a caller's buffer (reused receive buffers, /dev/shm files).
+
+redis-py (with hiredis) builds a fresh ``bytes`` object per reply: a second copy of
+every byte, and page faults on memory that is new at every version. Here the GET
+commands are pipelined on one pooled connection and each bulk reply is read with
+``recv_into`` directly into its place in ``target``: one copy, from the kernel, into
+memory that stays mapped from version to version.
+
+Only the replies GET can give are parsed: ``$<n>`` + payload, ``$-1`` or RESP3's
+``_`` (no such key), ``-ERR ...``. On anything unexpected, or any socket error, the
+connection is dropped (never returned half-read to the pool). Clients without a
+plain socket (fakeredis, cluster clients) take the ordinary path and the values
+are copied into ``target``.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from .codec import Buffer
+
+_ROUND_BYTES = 64 * 1024 * 1024  # replies in flight per round trip (bounds Redis's output buffer)
+_READ_SIZE = 1 << 16
+
+
+class _Reader:
+    """A minimal RESP reader over a socket: header lines buffered, payloads read in place."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _fill(self) -> None:
+        data = self.sock.recv(_READ_SIZE)
+        if not data:
+            raise redis.exceptions.ConnectionError("connection closed by the server while reading chunks")
+        self.buf += data
+
+    def line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                out = bytes(self.buf[:end])
+                del self.buf[: end + 2]
+                return out
+            self._fill()
+
+    def read_into(self, view: memoryview) -> None:
+        have = min(len(self.buf), len(view))
+        view[:have] = self.buf[:have]
+        del self.buf[:have]
+        while have < len(view):
+            n = self.sock.recv_into(view[have:])
+            if n == 0:
+                raise redis.exceptions.ConnectionError("connection closed by the server while reading chunks")
+            have += n
+
+    def crlf(self) -> None:
+        while len(self.buf) < 2:
+            self._fill()
+        if self.buf[:2] != b"\r\n":
+            raise redis.exceptions.InvalidResponse("bulk reply not followed by CRLF")
+        del self.buf[:2]
+
+
+def _plain_socket(connection: Any) -> socket.socket | None:
+    sock = getattr(connection, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def read_values_into(
+    client: redis.Redis, keys: Sequence[str], sizes: Sequence[int], target: memoryview
+) -> list[Buffer | None]:
+    """GET ``keys``; value i, if it has ``sizes[i]`` bytes, lands at its offset in ``target``.
+
+    Returns per key a view of ``target`` (the value is there), None (no such key), or
+    the value as ``bytes`` when its size is not the expected one (a verifier reports it).
+    """
+    if len(target) < sum(sizes):
+        raise ValueError(f"target has {len(target)} bytes, the values need {sum(sizes)}")
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or not hasattr(pool, "get_connection"):
+        return _read_copying(client, keys, offsets, target)
+    connection = pool.get_connection()
+    try:
+        connection.connect()
+        sock = _plain_socket(connection)
+        if sock is None:
+            pool.release(connection)
+            connection = None
+            return _read_copying(client, keys, offsets, target)
+        try:
+            return _read_direct(connection, sock, keys, offsets, target)
+        except OSError as exc:  # socket timeout or reset: what redis-py would raise
+            raise redis.exceptions.ConnectionError(f"reading chunks failed: {exc}") from exc
+    except BaseException:
+        if connection is not None:
+            connection.disconnect()  # never hand a half-read connection back
+        raise
+    finally:
+        if connection is not None:
+            pool.release(connection)
+
+
+def _read_direct(
+    connection: Any, sock: socket.socket, keys: Sequence[str], offsets: list[int], target: memoryview
+) -> list[Buffer | None]:
+    reader = _Reader(sock)
+    out: list[Buffer | None] = []
+    start = 0
+    while start < len(keys):
+        end = start + 1
+        while end < len(keys) and offsets[end + 1] - offsets[start] <= _ROUND_BYTES:
+            end += 1
+        connection.send_packed_command(connection.pack_commands([("GET", k) for k in keys[start:end]]))
+        for i in range(start, end):
+            header = reader.line()
+            if header.startswith(b"-"):
+                raise redis.exceptions.ResponseError(header[1:].decode(errors="replace"))
+            if header == b"_":  # RESP3 null
+                out.append(None)
+                continue
+            if not header.startswith(b"$"):
+                raise redis.exceptions.InvalidResponse(f"unexpected reply to GET: {header[:40]!r}")
+            length = int(header[1:])
+            if length < 0:
+                out.append(None)
+                continue
+            expected = offsets[i + 1] - offsets[i]
+            if length == expected:
+                view = target[offsets[i] : offsets[i + 1]]
+                reader.read_into(view)
+                out.append(view)
+            else:  # not the size the manifest promises: keep it for the verifier to report
+                value = bytearray(length)
+                reader.read_into(memoryview(value))
+                out.append(bytes(value))
+            reader.crlf()
+        start = end
+    return out
+
+
+def _read_copying(
+    client: redis.Redis, keys: Sequence[str], offsets: list[int], target: memoryview
+) -> list[Buffer | None]:
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.get(key)
+    out: list[Buffer | None] = []
+    for i, value in enumerate(pipe.execute()):
+        if value is not None and len(value) == offsets[i + 1] - offsets[i]:
+            view = target[offsets[i] : offsets[i + 1]]
+            view[:] = value
+            out.append(view)
+        else:
+            out.append(value)
+    return out

@@ -1,0 +1,150 @@
+"""Host-local /dev/shm cache (one fetch per host and version) and reads into reused buffers."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from redis_weights.bulkread import read_values_into
+from redis_weights.hostcache import HostCache
+
+pytestmark = pytest.mark.server
+
+
+def _policy(seed: int | None = None) -> nn.Module:
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed))) if seed else p.zero_()
+    return model
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def _out_bytes(store: RedisStore) -> int:
+    return int(store.client.info("stats")["total_net_output_bytes"])
+
+
+def _receivers(redis_url: str, namespace: str, n: int, cache: Path) -> list[RedisWeightReceiver]:
+    return [
+        RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), r, _policy(), host_cache=cache)
+        for r in range(1, n + 1)
+    ]
+
+
+def test_one_worker_fetches_the_others_map_the_file(real_store, redis_url, namespace, tmp_path):
+    trainer = _policy(seed=1)
+    updater = RedisWeightUpdater(real_store, trainer, 4, sync=False, chunk_size=64 << 10)
+    updater.push_weights()
+    receivers = _receivers(redis_url, namespace, 4, tmp_path)
+    try:
+        model_bytes = sum(t.numel() * 4 for t in trainer.state_dict().values())
+        before = _out_bytes(real_store)
+        assert receivers[0].poll() == updater.version
+        first = _out_bytes(real_store) - before
+        for r in receivers[1:]:
+            assert r.poll() == updater.version
+        others = _out_bytes(real_store) - before - first
+        assert first >= model_bytes and others < model_bytes // 4  # the others read only small keys
+        assert all(_same(r.policy, trainer) for r in receivers)
+        assert [r.host_cache.fetched for r in receivers] == [1, 0, 0, 0]
+        assert [r.host_cache.shared for r in receivers] == [0, 1, 1, 1]
+        files = list(Path(receivers[0].host_cache.directory).glob("*.safetensors"))
+        total = updater.registry.read_manifest(updater.version).total_bytes
+        assert len(files) == 1 and files[0].stat().st_size == total
+    finally:
+        for r in receivers:
+            r.close()
+
+
+def test_concurrent_workers_fetch_once_and_old_versions_are_removed(real_store, redis_url, namespace, tmp_path):
+    trainer = _policy(seed=2)
+    updater = RedisWeightUpdater(real_store, trainer, 4, sync=False)
+    receivers = _receivers(redis_url, namespace, 4, tmp_path)
+    try:
+        for step in range(2):
+            with torch.no_grad():
+                trainer[0].bias.fill_(float(step))
+            updater.push_weights()
+            threads = [threading.Thread(target=r.poll) for r in receivers]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert all(r.version == updater.version and _same(r.policy, trainer) for r in receivers)
+        assert sum(r.host_cache.fetched for r in receivers) == 2  # once per version, for the host
+        names = [p.name for p in Path(receivers[0].host_cache.directory).iterdir()]
+        assert all(name.startswith(f"v{updater.version}-") for name in names), names
+    finally:
+        for r in receivers:
+            r.close()
+
+
+def test_a_damaged_cache_file_is_discarded_and_refetched(real_store, redis_url, namespace, tmp_path):
+    trainer = _policy(seed=3)
+    updater = RedisWeightUpdater(real_store, trainer, 1, sync=False)
+    updater.push_weights()
+    first, second = _receivers(redis_url, namespace, 2, tmp_path)
+    try:
+        first.poll()
+        (path,) = Path(first.host_cache.directory).glob("*.safetensors")
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        assert second.poll() == updater.version
+        assert _same(second.policy, trainer) and second.host_cache.fetched == 1
+        assert path.read_bytes() != bytes(data)  # replaced by a good copy
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_missing_chunk_publishes_no_file_and_is_reported(real_store, redis_url, namespace, tmp_path):
+    trainer = _policy(seed=4)
+    updater = RedisWeightUpdater(real_store, trainer, 1, sync=False, chunk_size=64 << 10)
+    updater.push_weights()
+    real_store.client.delete(real_store.keyspace.chunk(updater.version, 1))
+    (receiver,) = _receivers(redis_url, namespace, 1, tmp_path)
+    try:
+        assert receiver.poll() is None
+        assert "missing" in (receiver.last_error or "")
+        assert not list(Path(receiver.host_cache.directory).glob("*.safetensors"))
+        assert all(not torch.any(p) for p in receiver.policy.parameters())  # old weights whole
+    finally:
+        receiver.close()
+
+
+def test_read_values_into_places_values_and_flags_missing_and_wrong_sizes(real_store):
+    client = real_store.client
+    keys = [real_store.keyspace.full(f"x{i}") for i in range(4)]
+    client.set(keys[0], b"a" * 100_000)
+    client.set(keys[2], b"c" * 7)
+    client.set(keys[3], b"d" * 3)  # expected 5: the wrong size comes back as bytes
+    target = memoryview(bytearray(100_000 + 10 + 7 + 5))
+    out = read_values_into(client, keys, [100_000, 10, 7, 5], target)
+    assert bytes(out[0]) == b"a" * 100_000 and out[0].obj is target.obj  # type: ignore[union-attr]
+    assert out[1] is None and bytes(out[2]) == b"c" * 7 and out[3] == b"d" * 3
+    assert client.ping()  # the connection went back to the pool in a clean state
+
+
+def test_fakeredis_takes_the_copying_path(fake_store):
+    keys = [fake_store.keyspace.full("y")]
+    fake_store.client.set(keys[0], b"xyz")
+    target = memoryview(bytearray(3))
+    out = read_values_into(fake_store.client, keys, [3], target)
+    assert bytes(target) == b"xyz" and bytes(out[0]) == b"xyz"  # type: ignore[arg-type]
+
+
+def test_host_cache_directory_is_scoped_by_server_and_namespace(real_store, tmp_path):
+    a = RedisWeightReceiver(real_store, 1, _policy(), host_cache=tmp_path)
+    other = RedisStore(real_store.client, "another", owns_client=False)
+    b = RedisWeightReceiver(other, 1, _policy(), host_cache=tmp_path)
+    assert isinstance(a.host_cache, HostCache) and a.host_cache.directory != b.host_cache.directory
+    assert RedisWeightReceiver(real_store, 2, _policy()).host_cache is None
