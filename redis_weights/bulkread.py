@@ -23,7 +23,7 @@ import redis
 
 from .codec import Buffer
 
-_ROUND_BYTES = 64 * 1024 * 1024  # replies in flight per round trip (bounds Redis's output buffer)
+_ROUND_BYTES = 64 * 1024 * 1024  # default bytes of replies per round trip (bounds Redis's output buffer)
 _READ_SIZE = 1 << 16
 
 
@@ -73,7 +73,11 @@ def _plain_socket(connection: Any) -> socket.socket | None:
 
 
 def read_values_into(
-    client: redis.Redis, keys: Sequence[str], sizes: Sequence[int], target: memoryview
+    client: redis.Redis,
+    keys: Sequence[str],
+    sizes: Sequence[int],
+    target: memoryview,
+    round_bytes: int = _ROUND_BYTES,
 ) -> list[Buffer | None]:
     """GET ``keys``; value i, if it has ``sizes[i]`` bytes, lands at its offset in ``target``.
 
@@ -97,7 +101,7 @@ def read_values_into(
             connection = None
             return _read_copying(client, keys, offsets, target)
         try:
-            return _read_direct(connection, sock, keys, offsets, target)
+            return _read_direct(client, connection, sock, keys, offsets, target, round_bytes)
         except OSError as exc:  # socket timeout or reset: what redis-py would raise
             raise redis.exceptions.ConnectionError(f"reading chunks failed: {exc}") from exc
     except BaseException:
@@ -109,17 +113,28 @@ def read_values_into(
             pool.release(connection)
 
 
+def _send_round(client: redis.Redis, connection: Any, keys: Sequence[str]) -> None:
+    """Send the GETs of one round (fault tests hook here to act between rounds)."""
+    connection.send_packed_command(connection.pack_commands([("GET", k) for k in keys]))
+
+
 def _read_direct(
-    connection: Any, sock: socket.socket, keys: Sequence[str], offsets: list[int], target: memoryview
+    client: redis.Redis,
+    connection: Any,
+    sock: socket.socket,
+    keys: Sequence[str],
+    offsets: list[int],
+    target: memoryview,
+    round_bytes: int,
 ) -> list[Buffer | None]:
     reader = _Reader(sock)
     out: list[Buffer | None] = []
     start = 0
     while start < len(keys):
         end = start + 1
-        while end < len(keys) and offsets[end + 1] - offsets[start] <= _ROUND_BYTES:
+        while end < len(keys) and offsets[end + 1] - offsets[start] <= round_bytes:
             end += 1
-        connection.send_packed_command(connection.pack_commands([("GET", k) for k in keys[start:end]]))
+        _send_round(client, connection, keys[start:end])
         for i in range(start, end):
             header = reader.line()
             if header.startswith(b"-"):

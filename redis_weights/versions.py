@@ -212,7 +212,7 @@ class VersionRegistry:
         """Every chunk of a version, read straight into ``target`` (at least ``total_bytes``):
         per chunk a view of ``target``, None if missing, ``bytes`` if its size is wrong."""
         keys = self.keyspace.chunks(manifest.version, manifest.num_chunks)
-        return read_values_into(self.client, keys, manifest.chunk_sizes, target)
+        return read_values_into(self.client, keys, manifest.chunk_sizes, target, _PIPELINE_BYTES)
 
     def read(self, version: int | None = None) -> tuple[Manifest, list[bytes]]:
         """Manifest and verified chunks of a version (default: the latest)."""

@@ -28,6 +28,7 @@ from redis_weights import (
     RedisWeightReceiver,
     RedisWeightUpdater,
     StaleVersionError,
+    bulkread,
 )
 from tests.faults_support import eventually, perturb
 from tests.models import make_model, state_digest
@@ -57,9 +58,11 @@ class Digests:
         r.register_post_hook(lambda version: self.seen.append(state_digest(r.policy)))
 
 
-def _pipeline_hook(client: redis.Redis, on_execute) -> None:
-    """Call ``on_execute(n)`` before the n-th ``execute()`` of every pipeline ``client`` makes."""
+def _pipeline_hook(client: redis.Redis, on_execute, monkeypatch) -> None:
+    """Call ``on_execute(n)`` before the n-th round trip of chunks ``client`` makes: a pipeline
+    ``execute()``, or one round of the receiver's direct chunk reads (``bulkread``)."""
     real_pipeline = client.pipeline
+    real_send_round = bulkread._send_round
     count = [0]
 
     def pipeline(*args, **kwargs):
@@ -74,7 +77,14 @@ def _pipeline_hook(client: redis.Redis, on_execute) -> None:
         pipe.execute = execute
         return pipe
 
-    client.pipeline = pipeline  # type: ignore[method-assign]
+    def send_round(c, connection, keys):
+        if c is client:
+            count[0] += 1
+            on_execute(count[0])
+        return real_send_round(c, connection, keys)
+
+    monkeypatch.setattr(client, "pipeline", pipeline)
+    monkeypatch.setattr(bulkread, "_send_round", send_round)
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,7 +105,7 @@ def test_redis_killed_between_chunks_push_fails_clearly_then_everything_recovers
         updater.update_weights()
         v1, d1 = updater.version, state_digest(model)
 
-        _pipeline_hook(updater.store.client, lambda n: aof_server.kill() if n == 3 else None)
+        _pipeline_hook(updater.store.client, lambda n: aof_server.kill() if n == 3 else None, monkeypatch)
         perturb(model, 2)
         started = time.monotonic()
         with pytest.raises(PushError, match="unreachable") as info:
@@ -259,7 +269,7 @@ def test_gc_while_a_worker_reads_an_old_version(real_store, redis_url, namespace
             committed[updater.version] = state_digest(model)
 
     target_round = 1 if when == "before the chunks" else 3
-    _pipeline_hook(worker.store.client, lambda n: push_two_more_versions() if n == target_round else None)
+    _pipeline_hook(worker.store.client, lambda n: push_two_more_versions() if n == target_round else None, monkeypatch)
     try:
         applied = worker.poll()
     finally:
