@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,19 +34,25 @@ def _out_bytes(store: RedisStore) -> int:
     return int(store.client.info("stats")["total_net_output_bytes"])
 
 
-def _receivers(redis_url: str, namespace: str, n: int, cache: Path) -> list[RedisWeightReceiver]:
-    return [
+@contextmanager
+def _receivers(redis_url: str, namespace: str, n: int, cache: Path) -> Iterator[list[RedisWeightReceiver]]:
+    """``n`` receivers with their own connections, sharing ``cache``; all closed on exit."""
+    receivers = [
         RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), r, _policy(), host_cache=cache)
         for r in range(1, n + 1)
     ]
+    try:
+        yield receivers
+    finally:
+        for r in receivers:
+            r.close()
 
 
 def test_one_worker_fetches_the_others_map_the_file(real_store, redis_url, namespace, tmp_path):
     trainer = _policy(seed=1)
     updater = RedisWeightUpdater(real_store, trainer, 4, sync=False, chunk_size=64 << 10)
     updater.push_weights()
-    receivers = _receivers(redis_url, namespace, 4, tmp_path)
-    try:
+    with _receivers(redis_url, namespace, 4, tmp_path) as receivers:
         model_bytes = sum(t.numel() * 4 for t in trainer.state_dict().values())
         before = _out_bytes(real_store)
         assert receivers[0].poll() == updater.version
@@ -59,16 +67,12 @@ def test_one_worker_fetches_the_others_map_the_file(real_store, redis_url, names
         files = list(Path(receivers[0].host_cache.directory).glob("*.safetensors"))
         total = updater.registry.read_manifest(updater.version).total_bytes
         assert len(files) == 1 and files[0].stat().st_size == total
-    finally:
-        for r in receivers:
-            r.close()
 
 
 def test_concurrent_workers_fetch_once_and_old_versions_are_removed(real_store, redis_url, namespace, tmp_path):
     trainer = _policy(seed=2)
     updater = RedisWeightUpdater(real_store, trainer, 4, sync=False)
-    receivers = _receivers(redis_url, namespace, 4, tmp_path)
-    try:
+    with _receivers(redis_url, namespace, 4, tmp_path) as receivers:
         for step in range(2):
             with torch.no_grad():
                 trainer[0].bias.fill_(float(step))
@@ -82,17 +86,13 @@ def test_concurrent_workers_fetch_once_and_old_versions_are_removed(real_store, 
         assert sum(r.host_cache.fetched for r in receivers) == 2  # once per version, for the host
         names = [p.name for p in Path(receivers[0].host_cache.directory).iterdir()]
         assert all(name.startswith(f"v{updater.version}-") for name in names), names
-    finally:
-        for r in receivers:
-            r.close()
 
 
 def test_a_damaged_cache_file_is_discarded_and_refetched(real_store, redis_url, namespace, tmp_path):
     trainer = _policy(seed=3)
     updater = RedisWeightUpdater(real_store, trainer, 1, sync=False)
     updater.push_weights()
-    first, second = _receivers(redis_url, namespace, 2, tmp_path)
-    try:
+    with _receivers(redis_url, namespace, 2, tmp_path) as (first, second):
         first.poll()
         (path,) = Path(first.host_cache.directory).glob("*.safetensors")
         data = bytearray(path.read_bytes())
@@ -101,9 +101,6 @@ def test_a_damaged_cache_file_is_discarded_and_refetched(real_store, redis_url, 
         assert second.poll() == updater.version
         assert _same(second.policy, trainer) and second.host_cache.fetched == 1
         assert path.read_bytes() != bytes(data)  # replaced by a good copy
-    finally:
-        first.close()
-        second.close()
 
 
 def test_a_missing_chunk_publishes_no_file_and_is_reported(real_store, redis_url, namespace, tmp_path):
@@ -111,14 +108,11 @@ def test_a_missing_chunk_publishes_no_file_and_is_reported(real_store, redis_url
     updater = RedisWeightUpdater(real_store, trainer, 1, sync=False, chunk_size=64 << 10)
     updater.push_weights()
     real_store.client.delete(real_store.keyspace.chunk(updater.version, 1))
-    (receiver,) = _receivers(redis_url, namespace, 1, tmp_path)
-    try:
+    with _receivers(redis_url, namespace, 1, tmp_path) as (receiver,):
         assert receiver.poll() is None
         assert "missing" in (receiver.last_error or "")
         assert not list(Path(receiver.host_cache.directory).glob("*.safetensors"))
         assert all(not torch.any(p) for p in receiver.policy.parameters())  # old weights whole
-    finally:
-        receiver.close()
 
 
 def test_read_values_into_places_values_and_flags_missing_and_wrong_sizes(real_store):
