@@ -359,7 +359,11 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict
 def connection_error_message(exc: redis.exceptions.RedisError, url: str) -> str:
     """One line for a connection or authentication failure, without the password."""
     where = redact(url)
-    if isinstance(exc, redis.exceptions.AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
+    text = str(exc)
+    if isinstance(exc, redis.exceptions.AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
+        if "HELLO must be called" in text or "NOAUTH" in text or "Authentication required" in text:
+            return (f"authentication failed at {where}: the server requires a password "
+                    "(give it in the URL: redis://USER:PASSWORD@HOST:PORT/DB)")  # fmt: skip
         return f"authentication failed at {where}: {exc}"
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return f"permission denied at {where}: {exc} (see `redis-weights doctor`)"
