@@ -30,6 +30,7 @@ from .keys import DEFAULT_NAMESPACE
 from .units import human_age, human_bytes, utc_time
 
 DEFAULT_URL = "redis://localhost:6379/0"
+ENV_URL, ENV_NAMESPACE = "REDIS_URL", "REDIS_WEIGHTS_NAMESPACE"  # read when --url / --namespace are not given
 EXIT_ERROR, EXIT_USAGE, EXIT_UNSAFE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 log = logging.getLogger(__name__)
@@ -197,13 +198,21 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, run_demo
+    from . import demo
 
-    options = DemoOptions(
+    if args.role == "worker":
+        return demo.run_worker(args.url, args.namespace_given or demo.ROLE_NAMESPACE, args.rank, args.size_mb,
+                               json_lines=args.json_lines)  # fmt: skip
+    if args.role == "trainer":
+        return demo.run_trainer(args.url, args.namespace_given or demo.ROLE_NAMESPACE, args.workers, args.size_mb,
+                                args.versions, args.interval, args.timeout)  # fmt: skip
+    if args.versions < 1:
+        raise RedisWeightsError("--versions must be at least 1 (0, forever, is for --role trainer)")
+    options = demo.DemoOptions(
         workers=args.workers, size_mb=args.size_mb, versions=args.versions, interval=args.interval,
         url=args.url if args.url_given else None, namespace=args.namespace_given, timeout=args.timeout,
     )  # fmt: skip
-    return run_demo(options)
+    return demo.run_demo(options)
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -222,6 +231,16 @@ def _chunk_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8m, 512k, 4194304)") from None
     if not MIN_CHUNK_SIZE <= value <= MAX_CHUNK_SIZE:
         raise argparse.ArgumentTypeError(f"chunk size must be within {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -288,18 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE, help="the chunk size you push with")
     p = add("demo", cmd_demo, "a trainer and N worker processes with a live view (private server unless --url)")
-    p.add_argument("--workers", type=_positive_int, default=4, help="worker processes (default 4)")
+    p.add_argument("--workers", type=_positive_int, default=4, help="worker processes / ranks (default 4)")
     p.add_argument("--size-mb", type=float, default=16.0, help="model size in MB (default 16)")
-    p.add_argument("--versions", type=_positive_int, default=10, help="versions to push (default 10)")
+    p.add_argument("--versions", type=_count, default=10, help="versions to push (default 10; 0: forever, trainer)")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between pushes (default 0.2)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a push waits for acks (default 60)")
+    p.add_argument("--role", choices=["all", "trainer", "worker"], default="all",
+                   help="all: the whole demo here; trainer / worker: one side, against --url (Docker Compose)")
+    p.add_argument("--rank", type=_positive_int, default=None, help="worker role: the rank (default: lowest free)")
+    p.add_argument("--json-lines", action="store_true", help=argparse.SUPPRESS)  # the local demo's children
     return parser
 
 
 def _resolve_common(args: argparse.Namespace) -> None:
-    args.url_given = getattr(args, "url", None) is not None or bool(os.environ.get("REDIS_URL"))
-    args.url = getattr(args, "url", None) or os.environ.get("REDIS_URL") or DEFAULT_URL
-    given = getattr(args, "namespace", None) or os.environ.get("REDIS_WEIGHTS_NAMESPACE")
+    args.url_given = getattr(args, "url", None) is not None or bool(os.environ.get(ENV_URL))
+    args.url = getattr(args, "url", None) or os.environ.get(ENV_URL) or DEFAULT_URL
+    given = getattr(args, "namespace", None) or os.environ.get(ENV_NAMESPACE)
     args.namespace_given = given
     args.namespace = given or DEFAULT_NAMESPACE
     args.verbose = getattr(args, "verbose", False)

