@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -114,6 +115,25 @@ def test_receiver_applies_only_between_batches(real_store: RedisStore) -> None:
         receiver.close()
         worker.shutdown()
         updater.updater.close()
+
+
+def test_receiver_sync_waits_past_an_older_version(real_store: RedisStore) -> None:
+    """A worker told the trainer's first version does not start on an older one left in Redis."""
+    trainer = RedisWeightUpdaterForTest(real_store)
+    trainer.push(9.0)  # left over from an earlier run
+    stale = trainer.updater.version
+    worker = _local_collector(make_policy(0.0))
+    receiver = CollectorWeightReceiver(RedisStore.from_url(real_store.url, real_store.namespace), 1, worker)
+    pusher = threading.Timer(0.3, trainer.push, args=(1.0,))
+    pusher.start()
+    try:
+        assert receiver.sync(10, min_version=stale + 1) == trainer.updater.version > stale
+        assert action_values(worker.next()) == [1.0]
+    finally:
+        pusher.cancel()
+        receiver.close()
+        worker.shutdown()
+        trainer.updater.close()
 
 
 class RedisWeightUpdaterForTest:
@@ -252,6 +272,9 @@ def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, names
         assert action_values(batch) == [4.0] and _versions(batch) == [sender.version]
         assert [s.status for s in sender.updater.workers()] == ["updated"]
         assert sender.updater.retention == 2
+        # Worker processes get the scheme pickled: config and the first version to wait for.
+        clone = pickle.loads(pickle.dumps(sender))
+        assert (clone.url, clone.namespace, clone.updater, clone._initial_version) == (redis_url, namespace, None, 1)
     finally:
         worker.shutdown()
         trainer.shutdown()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -194,12 +195,13 @@ class CollectorWeightReceiver:
             log.warning("rank %d: could not check for new weights (%s); keeping version %d",
                         self.rank, exc, self.receiver.version)  # fmt: skip
 
-    def sync(self, timeout: float | None = DEFAULT_TIMEOUT) -> int:
-        """Apply the newest version now, waiting up to ``timeout`` for a first one; return it."""
-        applied = self.receiver.poll()
-        if applied is None and self.receiver.version == 0:
-            applied = self.receiver.wait(timeout)
-        return self.receiver.version if applied is None else applied
+    def sync(self, timeout: float | None = DEFAULT_TIMEOUT, *, min_version: int = 1) -> int:
+        """Apply the newest version now, waiting up to ``timeout`` until it is at least ``min_version``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.receiver.poll()
+        while self.receiver.version < min_version:
+            self.receiver.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self.receiver.version
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until a newer version is applied; return it (``ReceiveTimeoutError`` otherwise)."""
@@ -303,6 +305,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         self.updater_options = dict(updater_options or {})
         self._updater: RedisWeightUpdater | None = None
         self._receiver: CollectorWeightReceiver | None = None
+        self._initial_version = 0  # the sender's initial version; pickled, so receivers wait for it
 
     # -- pickling: configuration only ---------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -374,6 +377,9 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         self._updater = RedisWeightUpdater(
             self._redis_store(), None, num_workers=count, sync=self.sync, timeout=self.timeout, **self.updater_options
         )
+        # Publish the initial weights now, before a multi-process collector pickles the scheme
+        # into its workers: they then wait for this version, never starting on an older one.
+        self._initial_version = self._publish_initial(weights)
 
     def _source(self, weights: Any, context: Any) -> Any:
         """What to push: the given weights (module, TensorDict, dict, model name) or the model's."""
@@ -404,14 +410,20 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         """The object to encode: a module (its ``state_dict`` names), a TensorDict or a dict."""
         return self._source(weights, context)
 
-    def _setup_connection_and_weights_on_sender_impl(self, *, worker_idx: int | None = None,
-                                                     weights: Any = None) -> None:  # fmt: skip
-        """Publish the initial weights without waiting: the workers are still starting."""
+    def _publish_initial(self, weights: Any = None) -> int:
+        """Commit the initial weights as ``latest`` without waiting (workers are still starting); 0 if none."""
         source = self._source(weights, self.context)
         if source is None:
-            log.debug("no %s weights to publish at connect time", self.model_id)
-            return
-        self._sender().push_weights(source, worker_ids=[])  # committed as latest; no rank must ack yet
+            log.debug("no %s weights to publish yet", self.model_id)
+            return 0
+        self._sender().push_weights(source, worker_ids=[])  # no rank has to ack this one
+        return self._sender().version
+
+    def _setup_connection_and_weights_on_sender_impl(self, *, worker_idx: int | None = None,
+                                                     weights: Any = None) -> None:  # fmt: skip
+        """Publish weights given to ``connect()``, or the initial ones if ``init_on_sender`` had none."""
+        if weights is not None or not getattr(self, "_initial_version", 0):
+            self._initial_version = self._publish_initial(weights) or getattr(self, "_initial_version", 0)
 
     def _sender(self) -> RedisWeightUpdater:
         if self._updater is None:
@@ -483,7 +495,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
             poll_interval=self.poll_interval, heartbeat_ttl=self.heartbeat_ttl, allow_cast=self.allow_cast,
         )  # fmt: skip
         try:
-            receiver.sync(self.timeout)
+            receiver.sync(self.timeout, min_version=max(1, getattr(self, "_initial_version", 0)))
         except BaseException:
             receiver.close()  # no thread, no connection left behind by a failed connect
             raise
