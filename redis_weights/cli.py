@@ -255,16 +255,24 @@ _count, _positive_int = _int_at_least(0), _int_at_least(1)
 # ---------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    # --url / --namespace are accepted before or after the subcommand.
+def connection_options() -> argparse.ArgumentParser:
+    """The ``--url`` / ``--namespace`` / ``--verbose`` options (a parent parser; scripts share it).
+
+    Accepted before or after a subcommand; ``resolve_connection`` fills in the
+    environment's values and the defaults.
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS,
-                        help=f"Redis URL (default: $REDIS_URL, else {DEFAULT_URL}); user:password@ for ACL, "
+                        help=f"Redis URL (default: ${ENV_URL}, else {DEFAULT_URL}); user:password@ for ACL, "
                              "rediss:// for TLS")  # fmt: skip
     common.add_argument("--namespace", "-n", default=argparse.SUPPRESS,
-                        help=f"namespace (default: $REDIS_WEIGHTS_NAMESPACE, else {DEFAULT_NAMESPACE!r})")
+                        help=f"namespace (default: ${ENV_NAMESPACE}, else {DEFAULT_NAMESPACE!r})")
     common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return common
 
+
+def build_parser() -> argparse.ArgumentParser:
+    common = connection_options()
     parser = argparse.ArgumentParser(
         prog="redis-weights", parents=[common],
         description="Inspect and steer the policy weights that redis_weights keeps in Redis.",
@@ -317,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_common(args: argparse.Namespace) -> None:
+def resolve_connection(args: argparse.Namespace) -> None:
+    """Set ``args.url``, ``args.namespace`` (and whether each was given) from the options, the environment, defaults."""
     args.url_given = getattr(args, "url", None) is not None or bool(os.environ.get(ENV_URL))
     args.url = getattr(args, "url", None) or os.environ.get(ENV_URL) or DEFAULT_URL
     given = getattr(args, "namespace", None) or os.environ.get(ENV_NAMESPACE)
@@ -330,29 +339,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``redis-weights`` (and ``python -m redis_weights``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _resolve_common(args)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    resolve_connection(args)
+    setup_logging(args.verbose)
+    if args.func is cmd_demo:
+        return guarded(args.url, lambda: cmd_demo(args))
+    return guarded(args.url, lambda: _with_admin(args))
+
+
+def _with_admin(args: argparse.Namespace) -> int:
+    with Admin.from_url(args.url, args.namespace) as admin:
+        return int(args.func(admin, args))
+
+
+def run_script(
+    parser: argparse.ArgumentParser, action: Callable[[argparse.Namespace], int], argv: Sequence[str] | None, prog: str
+) -> int:
+    """Parse (a parser built on ``connection_options``), resolve the connection, run ``action`` guarded.
+
+    The entry point of the admin scripts in ``scripts/``.
+    """
+    args = parser.parse_args(argv)
+    resolve_connection(args)
+    setup_logging(args.verbose)
+    return guarded(args.url, lambda: action(args), prog=prog)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+
+
+def guarded(url: str, action: Callable[[], int], prog: str = "redis-weights") -> int:
+    """Run ``action``; turn every expected failure into one line on stderr and an exit code.
+
+    Used by the CLI and by the admin scripts in ``scripts/``.
+    """
     try:
-        if args.func is cmd_demo:
-            return cmd_demo(args)
-        with Admin.from_url(args.url, args.namespace) as admin:
-            return int(args.func(admin, args))
+        return action()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `redis-weights versions | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (RefusedError, RedisWeightsError, ValueError) as exc:
-        return _fail(str(exc))
+        return _fail(prog, str(exc))
     except redis.exceptions.RedisError as exc:
-        return _fail(connection_error_message(exc, args.url))
+        return _fail(prog, connection_error_message(exc, url))
     except OSError as exc:
-        return _fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
+        return _fail(prog, f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
 
 
-def _fail(message: str) -> int:
-    print(f"redis-weights: error: {message}", file=sys.stderr)
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
     return EXIT_ERROR
 
 

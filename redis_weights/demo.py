@@ -43,7 +43,7 @@ from .fleet import RankState, read_rank_states
 from .keys import Keys
 from .receiver import RedisWeightReceiver
 from .server import LocalRedisServer
-from .store import RedisStore
+from .store import RedisStore, StoreTimeoutError
 from .units import human_bytes
 from .updater import RedisWeightUpdater
 
@@ -51,6 +51,7 @@ _COLUMNS = 1024  # every demo tensor is a (rows, 1024) float32 matrix plus a bia
 _READY_TIMEOUT = 120.0
 _FINAL_LINE_TIMEOUT = 10.0
 _HEARTBEAT_TTL = 5.0
+_CLAIM_TTL = 30.0  # a claimed rank is held this long until the receiver's own heartbeat takes over
 ROLE_NAMESPACE = "demo"  # namespace of the trainer and worker roles unless one is given
 
 
@@ -130,9 +131,10 @@ def run_worker(url: str, namespace: str, rank: int | None, size_mb: float, *, js
 
     if json_lines:  # the parent closes our stdin (or dies): time to go
         threading.Thread(target=_stop_on_eof, args=(stop,), daemon=True).start()
+    flatten_weights(weights)  # slow first imports happen before a rank is claimed, not while it is held
     store = RedisStore.from_url(url, namespace)
     if rank is None:
-        rank = claim_rank(store.client, store.keyspace, _HEARTBEAT_TTL)
+        rank = claim_rank(store.client, store.keyspace, _CLAIM_TTL)
     receiver = RedisWeightReceiver(store, rank, weights, poll_interval=0.5, heartbeat_ttl=_HEARTBEAT_TTL)
 
     def applied(version: int) -> None:
@@ -167,6 +169,14 @@ def run_trainer(url: str, namespace: str, workers: int, size_mb: float, versions
     failures = 0
     with RedisWeightUpdater(RedisStore.from_url(url, namespace), weights, num_workers=workers, sync=True,
                             timeout=timeout) as updater:  # fmt: skip
+        keys = updater.keyspace
+        joined = [keys.relative(keys.rank_version(r)) for r in updater.all_worker_ids()]
+        out.write(f"waiting up to {timeout:g}s for ranks 1..{workers} to join namespace {namespace!r}\n")
+        out.flush()
+        try:
+            updater.store.wait(joined, timeout=timeout)
+        except StoreTimeoutError as exc:
+            out.write(f"pushing anyway: {exc}\n")
         step = 0
         while versions == 0 or step < versions:
             with torch.no_grad():

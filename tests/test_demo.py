@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import redis
 
-from redis_weights.demo import Progress, _summary, demo_weights, digest
+from redis_weights.demo import Progress, _summary, claim_rank, demo_weights, digest
 from tests.conftest import REPO_ROOT
 
 DEMO = ["--workers", "2", "--size-mb", "2", "--versions", "3", "--interval", "0"]
@@ -69,3 +69,12 @@ def test_summary_fails_when_a_worker_holds_other_weights() -> None:
     assert "FAILED: 2 worker(s)" in text
     out = io.StringIO()
     assert _summary(out, progress, workers[:1], 1, expected) == 0  # type: ignore[arg-type]
+
+
+def test_replicas_claim_distinct_ranks(real_store) -> None:
+    client, keys = real_store.client, real_store.keyspace
+    assert [claim_rank(client, keys, ttl=30) for _ in range(3)] == [1, 2, 3]
+    client.delete(keys.rank_alive(2))  # rank 2's heartbeat expired: a restarted replica takes it over
+    assert claim_rank(client, keys, ttl=30) == 2
+    assert claim_rank(client, keys, ttl=30) == 4
+    assert 0 < client.pttl(keys.rank_alive(4)) <= 30_000
