@@ -300,9 +300,11 @@ def test_receiving_scheme_refuses_a_policy_that_does_not_fit(redis_url: str, nam
         sender.shutdown()
 
 
-def test_scheme_needs_a_worker_count_and_a_picklable_store(real_store: RedisStore) -> None:
+def test_configuration_errors_are_clear(real_store: RedisStore) -> None:
     with pytest.raises(ConfigurationError, match="num_workers"):
         _local_collector(make_policy(), weight_sync_schemes={"policy": RedisWeightSyncScheme(real_store.url)})
+    with pytest.raises(ConfigurationError, match="weight_sync_schemes"):
+        CollectorWeightReceiver(real_store, 1, object(), policy=make_policy())
     no_url = RedisWeightSyncScheme(RedisStore(real_store.client, real_store.namespace, owns_client=False))
     with pytest.raises(ConfigurationError, match="URL"):
         pickle.dumps(no_url)

@@ -92,6 +92,16 @@ def _set_policy_version(collector: Any, version: int) -> None:
         tracker.version = version
 
 
+def _rollout_of(collector: Any) -> Callable[..., Any]:
+    rollout = getattr(collector, "rollout", None)
+    if not callable(rollout):
+        raise ConfigurationError(
+            f"{type(collector).__name__} has no rollout(): CollectorWeightReceiver guards a single-process "
+            "Collector; give a multi-process collector weight_sync_schemes={'policy': RedisWeightSyncScheme(...)}"
+        )
+    return rollout
+
+
 class CollectorWeightReceiver:
     """Worker side for a TorchRL collector: apply new versions from Redis only between batches.
 
@@ -130,6 +140,8 @@ class CollectorWeightReceiver:
         heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL,
         allow_cast: bool = False,
     ) -> None:
+        if collector is not None:
+            _rollout_of(collector)  # refuse what cannot be guarded before registering the rank
         if policy is None:
             if collector is None:
                 raise ConfigurationError("CollectorWeightReceiver needs a collector or a policy")
@@ -165,8 +177,8 @@ class CollectorWeightReceiver:
         current = self.collector
         if current is not None and current is not collector:
             raise ConfigurationError("a CollectorWeightReceiver guards one collector; create one per collector")
+        rollout = _rollout_of(collector)
         self._collector_ref = weakref.ref(collector)
-        rollout = collector.rollout
         if getattr(rollout, _GUARD_MARK, None) is self:
             return
         collector.rollout = self._guard(rollout, collector)
