@@ -21,7 +21,9 @@ from redis.backoff import ExponentialBackoff
 from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
+from . import health
 from .errors import ConfigurationError
+from .keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +98,14 @@ def ensure_reachable(client: Any, probe_key: str) -> None:
         raise ConfigurationError(f"cannot reach Redis at {where}: {exc}") from exc
     except redis.exceptions.ResponseError as exc:  # NOAUTH, NOPERM, WRONGTYPE
         raise ConfigurationError(f"Redis at {where} refused to read {probe_key!r}: {exc}") from exc
+
+
+def ensure_server(client: Any, keyspace: Keys) -> None:
+    """Everything a trainer or worker checks at start: reachable, credentials accepted,
+    no eviction policy that could drop committed chunks, and the ACL rights the
+    namespace needs (keys, scripts, channels). One ``ConfigurationError`` otherwise."""
+    ensure_reachable(client, keyspace.latest)
+    health.ensure_no_eviction(client)
+    acl = health.check_acl(client, keyspace)
+    if acl.unsafe:
+        raise health.UnsafeServerError(f"Redis at {describe(client)}: {acl.what}; fix: {acl.fix}")

@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from .codec import Buffer, Manifest, apply_chunks, flatten_weights
-from .connection import describe, ensure_reachable
+from .connection import describe, ensure_server
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
 from .hostcache import DEFAULT_DIRECTORY, HostCache, scope_name
@@ -123,7 +123,7 @@ class RedisWeightReceiver:
         self._stop = threading.Event()
         self._last_beat = 0.0
         if check_server:
-            ensure_reachable(self.store.client, self.keyspace.latest)
+            ensure_server(self.store.client, self.keyspace)
         self._register()
 
     # -- liveness -----------------------------------------------------------------------

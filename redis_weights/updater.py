@@ -21,7 +21,7 @@ import redis
 
 from .base import WeightUpdaterBase, WorkerIds
 from .codec import DEFAULT_CHUNK_SIZE, Encoded, Encoder
-from .connection import describe, ensure_reachable
+from .connection import describe, ensure_server
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
 from .fleet import RankState, read_rank_states
 from .store import RedisStore, as_store
@@ -112,7 +112,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.version = 0
         self._producer = producer_id()
         if check_server:
-            ensure_reachable(self.store.client, self.keyspace.latest)
+            ensure_server(self.store.client, self.keyspace)
 
     # -- WeightUpdaterBase --------------------------------------------------------------
     @classmethod

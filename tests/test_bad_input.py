@@ -302,3 +302,16 @@ def test_redis_errors_are_not_swallowed_by_the_start_check(server_factory):
     with pytest.raises(ConfigurationError, match="WRONGTYPE"):
         RedisWeightUpdater(RedisStore.from_url(server.url, "ns"), {"w": torch.zeros(1)}, 1)
     client.close()
+
+
+def test_an_evicting_maxmemory_policy_is_one_clear_error_at_start(server_factory):
+    server = server_factory("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    store = RedisStore.from_url(server.url, "ns")
+    for build in (
+        lambda: RedisWeightUpdater(store, {"w": torch.zeros(1)}, 1),
+        lambda: RedisWeightReceiver(store, 1, {"w": torch.zeros(1)}),
+    ):
+        with pytest.raises(ConfigurationError, match="allkeys-lru"):
+            build()
+    # the check can be skipped on purpose (a cache you accept to lose)
+    RedisWeightUpdater(store, {"w": torch.zeros(1)}, 1, check_server=False).close()

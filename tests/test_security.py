@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import ast
 import pickle
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
-from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from redis_weights import ConfigurationError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from redis_weights.server import free_port
 from tests.models import make_model, state_digest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "redis_weights"
@@ -97,3 +102,96 @@ def test_a_pickle_or_zip_in_place_of_a_manifest_is_refused_as_not_json(real_stor
         assert "manifest is not JSON" in receiver.last_error
     finally:
         receiver.close()
+
+
+# ---------------------------------------------------------------------------------------
+# ACL users and TLS
+# ---------------------------------------------------------------------------------------
+RIGHTS = ["+@read", "+@write", "+@scripting", "+@pubsub", "+@connection", "+info"]
+
+
+def _acl_user(admin: redis.Redis, name: str, namespace: str, *, channels: bool = True) -> None:
+    rules = ["on", ">pw", "resetkeys", f"~rw:{{{namespace}}}:*", "resetchannels", "-@all", *RIGHTS]
+    if channels:
+        rules.append(f"&rw:{{{namespace}}}:*")
+    admin.execute_command("ACL", "SETUSER", name, *rules)
+
+
+def _push_and_receive(url: str, namespace: str, **options) -> None:
+    model = make_model("mlp", seed=8)
+    updater = RedisWeightUpdater(RedisStore.from_url(url, namespace, **options), model, 1, sync=True, timeout=20)
+    worker = make_model("mlp")
+    with RedisWeightReceiver(RedisStore.from_url(url, namespace, **options), 1, worker, poll_interval=0.2):
+        updater.update_weights()
+        assert state_digest(worker) == state_digest(model)
+        updater.update_weights()  # a second version: GC and acks through the restricted user too
+    assert updater.workers()[0].status == "updated"
+    updater.close()
+
+
+def test_an_acl_user_restricted_to_the_namespace_pushes_and_receives(server_factory, namespace):
+    server = server_factory()
+    admin = redis.Redis(port=server.port)
+    _acl_user(admin, "alice", namespace)
+    url = f"redis://alice:pw@127.0.0.1:{server.port}/0"
+    _push_and_receive(url, namespace)
+    alice = redis.Redis.from_url(url)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        alice.get("rw:{other}:latest")  # the restriction is real
+    alice.close()
+    admin.close()
+
+
+def test_an_acl_user_without_channel_rights_is_one_clear_error_at_start(server_factory, namespace):
+    server = server_factory()
+    admin = redis.Redis(port=server.port)
+    _acl_user(admin, "bob", namespace, channels=False)
+    store = RedisStore.from_url(f"redis://bob:pw@127.0.0.1:{server.port}/0", namespace)
+    started = time.monotonic()
+    for build in (
+        lambda: RedisWeightUpdater(store, make_model("mlp"), 1),
+        lambda: RedisWeightReceiver(store, 1, make_model("mlp")),
+    ):
+        with pytest.raises(ConfigurationError, match="lacks rights: SUBSCRIBE: .*no permissions .*channels"):
+            build()
+    assert time.monotonic() - started < 10
+    store.close()
+    admin.close()
+
+
+def _make_certs(directory: Path) -> dict[str, Path]:
+    """A self-signed CA and a server certificate for 127.0.0.1, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to generate test certificates")
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=redis-weights test CA"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+         "-days", "1", "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True, timeout=60)
+    return {"ca": ca, "cert": cert, "key": key}
+
+
+def test_tls_with_a_self_signed_ca_and_an_acl_user(server_factory, tmp_path, namespace):
+    certs = _make_certs(tmp_path)
+    tls_port = free_port()
+    try:
+        server = server_factory(
+            "--tls-port", str(tls_port), "--tls-cert-file", str(certs["cert"]), "--tls-key-file", str(certs["key"]),
+            "--tls-ca-cert-file", str(certs["ca"]), "--tls-auth-clients", "no",
+        )  # fmt: skip
+    except ConfigurationError as exc:
+        pytest.skip(f"this server binary has no TLS support: {exc}")
+    admin = redis.Redis(port=server.port)
+    _acl_user(admin, "carol", namespace)
+    url = f"rediss://carol:pw@127.0.0.1:{tls_port}/0"
+    _push_and_receive(url, namespace, ssl_ca_certs=str(certs["ca"]))
+    # without the CA the certificate is refused: one clear error at start
+    with pytest.raises(ConfigurationError, match="certificate verify failed"):
+        RedisWeightUpdater(RedisStore.from_url(url, namespace), make_model("mlp"), 1)
+    admin.close()
