@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import redis
 
-from redis_weights.demo import Progress, _summary, claim_rank, demo_weights, digest
+from redis_weights.demo import DemoOptions, Progress, _summary, claim_rank, demo_weights, digest
+from redis_weights.demo import run_demo as run_demo_in_process
 from tests.conftest import REPO_ROOT
 
 DEMO = ["--workers", "2", "--size-mb", "2", "--versions", "3", "--interval", "0"]
@@ -36,9 +37,10 @@ def test_demo_on_its_own_private_server(redis_server) -> None:  # noqa: ARG001 -
 
 
 def test_demo_against_a_given_url_cleans_its_namespace(redis_url: str) -> None:
-    result = run_demo("--url", redis_url)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"on {redis_url}" in result.stdout and "verified" in result.stdout
+    # In-process (the entry point is covered above), one worker: the --url path and its clean-up.
+    out = io.StringIO()
+    assert run_demo_in_process(DemoOptions(workers=1, size_mb=0.5, versions=2, interval=0, url=redis_url), out) == 0
+    assert f"on {redis_url}" in out.getvalue() and "verified" in out.getvalue()
     client = redis.Redis.from_url(redis_url)
     try:
         assert list(client.scan_iter(match="rw:{demo-*", count=1000)) == []
