@@ -198,46 +198,59 @@ def check_persistence(client: redis.Redis) -> Finding:
     return Finding("persistence", OK, ", ".join(parts) if parts else "persistence settings not readable")
 
 
-# Commands (name, args) whose rights the library needs, key/channel arguments in place.
-def _needed_commands(keyspace: Keys) -> list[tuple[str, list[str]]]:
+# Commands whose rights the library needs, key/channel arguments in place. ``worker``: every
+# process needs them (fetch, ack, heartbeat, wake-ups); the rest only trainers and admin tools
+# (allocate, commit, retention, rollback).
+_WORKER, _TRAINER = "worker", "trainer"
+
+
+def _needed_commands(keyspace: Keys) -> list[tuple[str, list[str], str]]:
     chunk = keyspace.chunk(1, 0)
     return [
-        ("GET", [keyspace.latest]),
-        ("SET", [chunk, "x"]),
-        ("MGET", [keyspace.rank_status(1), keyspace.rank_version(1)]),
-        ("DEL", [chunk]),
-        ("ZRANGE", [keyspace.versions, "0", "-1"]),
-        ("ZREM", [keyspace.versions, "1"]),
-        ("EVALSHA", ["0" * 40, "1", keyspace.latest]),
-        ("SCRIPT", ["LOAD", "return 1"]),
-        ("COPY", [chunk, keyspace.chunk(2, 0)]),
-        ("PUBLISH", [keyspace.updates_channel, "0"]),
-        ("PUBLISH", [keyspace.acks_channel, "0"]),
-        ("SUBSCRIBE", [keyspace.updates_channel, keyspace.acks_channel]),
+        ("GET", [keyspace.latest], _WORKER),
+        ("MGET", [keyspace.rank_status(1), keyspace.rank_version(1)], _WORKER),
+        ("SET", [keyspace.rank_alive(1), "x"], _WORKER),
+        ("EVALSHA", ["0" * 40, "1", keyspace.latest], _WORKER),
+        ("SCRIPT", ["LOAD", "return 1"], _WORKER),
+        ("SUBSCRIBE", [keyspace.updates_channel, keyspace.acks_channel], _WORKER),
+        ("PUBLISH", [keyspace.acks_channel, "0"], _WORKER),
+        ("SET", [chunk, "x"], _TRAINER),
+        ("PUBLISH", [keyspace.updates_channel, "0"], _TRAINER),
+        ("ZRANGE", [keyspace.versions, "0", "-1"], _TRAINER),
+        ("ZREM", [keyspace.versions, "1"], _TRAINER),
+        ("DEL", [chunk], _TRAINER),
+        ("COPY", [chunk, keyspace.chunk(2, 0)], _TRAINER),
     ]
 
 
 def check_acl(client: redis.Redis, keyspace: Keys) -> Finding:
-    """Rights of the connected user on the namespace's keys, scripts and channels."""
+    """Rights of the connected user on the namespace's keys, scripts and channels.
+
+    Missing a right every process needs is ``unsafe``; missing only what trainers
+    and admin tools need (a worker-only user) is a ``warn``.
+    """
     try:
         user = _text(client.execute_command("ACL", "WHOAMI"))
     except redis.exceptions.ResponseError:
         user = "default"
-    denied: list[str] = []
+    denied: dict[str, list[str]] = {_WORKER: [], _TRAINER: []}
     try:
-        for name, args in _needed_commands(keyspace):
+        for name, args, role in _needed_commands(keyspace):
             reply = _text(client.execute_command("ACL", "DRYRUN", user, name, *args))
             if reply != "OK":
-                denied.append(f"{name}: {reply}")
+                denied[role].append(f"{name}: {reply}")
     except redis.exceptions.ResponseError as exc:  # no right to ACL DRYRUN (or Redis < 7): probe
         log.debug("ACL DRYRUN refused (%s); probing instead", exc)
-        denied = _probe_rights(client, keyspace)
-    if denied:
-        return Finding("acl", UNSAFE, f"user {user!r} lacks rights: " + "; ".join(denied),
-                       f"ACL SETUSER {user} ~rw:{{{keyspace.namespace}}}:* &rw:{{{keyspace.namespace}}}:* "
-                       "+@read +@write +@scripting +@pubsub +@connection +info")
-    return Finding("acl", OK, f"user {user!r} may read, write, run scripts and use the channels of "
-                              f"namespace {keyspace.namespace!r}")
+        denied = {_WORKER: _probe_rights(client, keyspace), _TRAINER: []}
+    ns = keyspace.namespace
+    fix = f"ACL SETUSER {user} ~rw:{{{ns}}}:* &rw:{{{ns}}}:* +@read +@write +@scripting +@pubsub +@connection +info"
+    if denied[_WORKER]:
+        return Finding("acl", UNSAFE, f"user {user!r} lacks rights: " + "; ".join(denied[_WORKER] + denied[_TRAINER]),
+                       fix)  # fmt: skip
+    if denied[_TRAINER]:
+        return Finding("acl", WARN, f"user {user!r} can run a worker but not a trainer or admin tool: "
+                                    + "; ".join(denied[_TRAINER]), fix)  # fmt: skip
+    return Finding("acl", OK, f"user {user!r} may read, write, run scripts and use the channels of namespace {ns!r}")
 
 
 def _probe_rights(client: redis.Redis, keyspace: Keys) -> list[str]:

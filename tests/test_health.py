@@ -113,12 +113,14 @@ def test_acl_user_without_channel_rights_is_unsafe(server_factory, namespace: st
     try:
         admin.execute_command("ACL", "SETUSER", "nochan", "on", ">pw", f"~{pattern}", "resetchannels", "+@all")
         admin.execute_command("ACL", "SETUSER", "good", "on", ">pw", f"~{pattern}", f"&{pattern}", "+@all")
+        admin.execute_command("ACL", "SETUSER", "workeronly", "on", ">pw", f"~{pattern}", f"&{pattern}", "+@all",
+                              "-del", "-zrem", "-copy")  # fmt: skip
         # A user that may not run ACL DRYRUN: the check probes with real commands instead.
         admin.execute_command(
             "ACL", "SETUSER", "plain", "on", ">pw", f"~{pattern}", "resetchannels", "+@all", "-acl|dryrun"
         )
         url = f"redis://{{}}:pw@{server.host}:{server.port}/0"
-        for user, level in (("nochan", UNSAFE), ("good", OK), ("plain", UNSAFE)):
+        for user, level in (("nochan", UNSAFE), ("good", OK), ("plain", UNSAFE), ("workeronly", WARN)):
             client = redis.Redis.from_url(url.format(user))
             try:
                 finding = check_acl(client, keys)
@@ -126,6 +128,8 @@ def test_acl_user_without_channel_rights_is_unsafe(server_factory, namespace: st
                 if level == UNSAFE:
                     assert "SUBSCRIBE" in finding.what or "PUBLISH" in finding.what
                     assert f"&rw:{{{namespace}}}:*" in finding.fix
+                if level == WARN:
+                    assert "not a trainer" in finding.what and "DEL" in finding.what and "COPY" in finding.what
             finally:
                 client.close()
         # The probe leaves nothing behind.
