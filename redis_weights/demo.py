@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,7 @@ _COLUMNS = 1024  # every demo tensor is a (rows, 1024) float32 matrix plus a bia
 _READY_TIMEOUT = 120.0
 _FINAL_LINE_TIMEOUT = 10.0
 _HEARTBEAT_TTL = 5.0
+_STATES_REFRESH = 0.25  # seconds between reads of the ranks' states for the live view
 _CLAIM_TTL = 30.0  # a claimed rank is held this long until the receiver's own heartbeat takes over
 ROLE_NAMESPACE = "demo"  # namespace of the trainer and worker roles unless one is given
 
@@ -309,16 +310,32 @@ def _render(progress: Progress, workers: list[WorkerProcess]) -> Any:
 
 
 @contextmanager
-def _live_view(out: IO[str], progress: Progress, workers: list[WorkerProcess]) -> Iterator[Any]:
-    """A rich ``Live`` table on a terminal (None when piped: the caller prints lines)."""
+def _live_view(
+    out: IO[str], progress: Progress, workers: list[WorkerProcess], poll_states: Callable[[], list[RankState]]
+) -> Iterator[Any]:
+    """A rich ``Live`` table on a terminal (None when piped: the caller prints lines).
+
+    The ranks' status and heartbeats are re-read a few times a second, so a long
+    push shows who has acked so far.
+    """
     if not out.isatty():
         yield None
         return
     from rich.console import Console
     from rich.live import Live
 
-    console = Console(file=out)
-    with Live(console=console, refresh_per_second=10, get_renderable=lambda: _render(progress, workers)) as live:
+    last_read = [0.0]
+
+    def renderable() -> Any:
+        if time.monotonic() - last_read[0] >= _STATES_REFRESH:
+            last_read[0] = time.monotonic()
+            try:
+                progress.states = poll_states()
+            except redis.exceptions.RedisError:
+                pass  # the push itself reports Redis failures
+        return _render(progress, workers)
+
+    with Live(console=Console(file=out), refresh_per_second=10, get_renderable=renderable) as live:
         yield live
 
 
@@ -362,7 +379,8 @@ def run_demo(options: DemoOptions, out: IO[str] | None = None) -> int:
             RedisWeightUpdater(store, weights, num_workers=options.workers, sync=True, timeout=options.timeout)
         )
         progress = Progress(total=options.versions)
-        with _live_view(out, progress, workers) as live:
+        ranks = updater.all_worker_ids()
+        with _live_view(out, progress, workers, lambda: read_rank_states(store.client, store.keyspace, ranks)) as live:
             for step in range(options.versions):
                 with torch.no_grad():
                     for tensor in weights.values():
@@ -372,7 +390,7 @@ def run_demo(options: DemoOptions, out: IO[str] | None = None) -> int:
                 progress.latencies.append(time.perf_counter() - started)
                 progress.size = updater.registry.read_manifest(updater.version).total_bytes
                 progress.version, progress.pushed = updater.version, step + 1
-                progress.states = read_rank_states(store.client, store.keyspace, updater.all_worker_ids())
+                progress.states = read_rank_states(store.client, store.keyspace, ranks)
                 if live is None:
                     at = ", ".join(f"{s.rank}:v{s.version}" for s in progress.states)
                     out.write(f"v{updater.version}: pushed {human_bytes(progress.size)} to {options.workers} "

@@ -36,11 +36,19 @@ def test_demo_on_its_own_private_server(redis_server) -> None:  # noqa: ARG001 -
     assert "push latency" in out and "MB/s" in out
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_demo_against_a_given_url_cleans_its_namespace(redis_url: str) -> None:
-    # In-process (the entry point is covered above), one worker: the --url path and its clean-up.
-    out = io.StringIO()
+    # In-process (the entry point is covered above), one worker, on a "terminal": the --url path,
+    # its clean-up, and the live table.
+    out = _Terminal()
     assert run_demo_in_process(DemoOptions(workers=1, size_mb=0.5, versions=2, interval=0, url=redis_url), out) == 0
-    assert f"on {redis_url}" in out.getvalue() and "verified" in out.getvalue()
+    text = out.getvalue()
+    assert f"on {redis_url}" in text and "verified: every worker holds the trainer's weights" in text
+    assert "2/2 pushed" in text and "heartbeat" in text and "updated" in text  # the live table's last frame
     client = redis.Redis.from_url(redis_url)
     try:
         assert list(client.scan_iter(match="rw:{demo-*", count=1000)) == []
