@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -60,15 +61,33 @@ def client_from_url(url: str, **overrides: Any) -> redis.Redis:
     """
     if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigurationError(
-            f"unsupported Redis URL {url!r}: expected redis://, rediss:// or unix://"
+            f"unsupported Redis URL {redacted(url)!r}: expected redis://, rediss:// or unix://"
         )
+    database = urlsplit(url).path.strip("/")
+    if not url.startswith("unix://") and database and not database.isdigit():
+        # redis-py would silently use database 0
+        raise ConfigurationError(f"invalid Redis URL {redacted(url)!r}: database {database!r} is not a number")
     options = default_client_options()
     options.update(overrides)
     options["decode_responses"] = False
     try:
         return redis.Redis.from_url(url, **options)
     except ValueError as exc:
-        raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
+        raise ConfigurationError(f"invalid Redis URL {redacted(url)!r}: {exc}") from exc
+
+
+def redacted(url: object) -> str:
+    """The URL with its password replaced by ``***``, for messages and logs."""
+    text = str(url)
+    try:
+        parts = urlsplit(text)
+        if parts.password is None:
+            return text
+        user = f"{parts.username}:" if parts.username else ":"
+        host = parts.netloc.rsplit("@", 1)[1]
+        return parts._replace(netloc=f"{user}***@{host}").geturl()
+    except ValueError:
+        return "<unparsable URL>"
 
 
 def describe(client: Any) -> str:

@@ -116,6 +116,7 @@ class RedisWeightReceiver:
         self._applied = threading.Condition()
         self._failed_version = 0
         self._lost_reported = False
+        self._history_lost = False  # Redis lost this rank's keys: version numbers may repeat
         self._updates: redis.client.PubSub | None = None
         self._updates_refused = False
         self._thread: threading.Thread | None = None
@@ -133,10 +134,21 @@ class RedisWeightReceiver:
         self.heartbeat()
 
     def heartbeat(self) -> None:
-        """Refresh this rank's liveness key (value: wall time of the beat; expires after the TTL)."""
-        self.store.client.set(
-            self.keyspace.rank_alive(self.rank), repr(time.time()), px=int(self.heartbeat_ttl * 1000)
-        )
+        """Refresh this rank's liveness key (value: wall time of the beat; expires after the TTL).
+
+        In the same round trip, re-create the rank's version key if Redis lost it
+        (restart without persistence, flush): the rank shows up as joined again, and
+        this worker knows version numbers may now repeat (a restarted trainer counts
+        from 1 again), so its next poll applies ``latest`` even if the number matches.
+        """
+        pipe = self.store.client.pipeline(transaction=False)
+        pipe.set(self.keyspace.rank_alive(self.rank), repr(time.time()), px=int(self.heartbeat_ttl * 1000))
+        pipe.set(self.keyspace.rank_version(self.rank), self.version, nx=True)
+        _, recreated = pipe.execute()
+        if recreated and self.version > 0 and not self._history_lost:
+            log.warning("rank %d: Redis lost this rank's keys; the next version is applied whatever its number",
+                        self.rank)  # fmt: skip
+            self._history_lost = True
         self._last_beat = time.monotonic()
 
     def _report(self, version: int, status: str) -> None:
@@ -163,7 +175,7 @@ class RedisWeightReceiver:
                 if latest == 0:
                     self._report_lost()
                     return None
-                if latest in (self.version, self._failed_version):
+                if latest in (self.version, self._failed_version) and not self._history_lost:
                     return None
                 try:
                     return self._apply(latest)
@@ -198,7 +210,7 @@ class RedisWeightReceiver:
             finally:
                 del present
         self.last_error = None
-        self._lost_reported = False
+        self._lost_reported = self._history_lost = False
         for hook in self.post_hooks:  # before the ack: an ack means the hooks have run too
             try:
                 hook(version)
@@ -233,6 +245,7 @@ class RedisWeightReceiver:
 
     def _fail(self, version: int, reason: str) -> None:
         self._failed_version = version
+        self._history_lost = False  # refused once, like any version: not re-fetched at every poll
         self.last_error = f"error: version {version}: {reason}"
         log.error("rank %d: refusing version %d, keeping version %d: %s", self.rank, version, self.version, reason)
         self._report(version, self.last_error)
@@ -244,7 +257,7 @@ class RedisWeightReceiver:
                 f"error: Redis holds no committed version (data lost or flushed?); keeping version {self.version}"
             )
             log.warning("rank %d: %s", self.rank, self.last_error)
-            self._report(self.version, self.last_error)
+            self._report(0, self.last_error)  # sets the status only while latest is still 0
 
     # -- blocking -----------------------------------------------------------------------
     def wait(self, timeout: float | None = None, *, min_version: int | None = None) -> int:

@@ -255,9 +255,25 @@ def test_cuda_weights_reach_a_cpu_worker_and_back(real_store, redis_url, namespa
 # ---------------------------------------------------------------------------------------
 # Connection settings: one clear error at start, never a hang
 # ---------------------------------------------------------------------------------------
-def test_a_url_with_an_unknown_scheme_is_refused():
-    with pytest.raises(ConfigurationError, match="unsupported Redis URL"):
-        RedisStore.from_url("http://127.0.0.1:6379/0")
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("http://127.0.0.1:6379/0", "unsupported Redis URL"),
+        ("127.0.0.1:6379", "unsupported Redis URL"),
+        ("redis://127.0.0.1:notaport/0", "invalid Redis URL"),
+        ("redis://127.0.0.1:6379/notadb", "invalid Redis URL"),
+    ],
+)
+def test_a_malformed_url_is_refused(url, message):
+    with pytest.raises(ConfigurationError, match=message):
+        RedisStore.from_url(url)
+
+
+def test_a_refused_url_never_shows_its_password():
+    for url in ("redis://:s3cret@127.0.0.1:notaport/0", "redis://u:s3cret@127.0.0.1/x", "http://u:s3cret@h/0"):
+        with pytest.raises(ConfigurationError) as info:
+            RedisStore.from_url(url)
+        assert "s3cret" not in str(info.value) and "***" in str(info.value)
 
 
 @pytest.mark.parametrize("side", ["updater", "receiver"])

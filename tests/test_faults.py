@@ -376,3 +376,65 @@ def test_receiver_wait_times_out(real_store):
     worker = RedisWeightReceiver(real_store, 1, {"w": torch.zeros(1)}, poll_interval=0.1)
     with pytest.raises(ReceiveTimeoutError, match="no new version within 0.5s"):
         worker.wait(timeout=0.5)
+
+
+def test_redis_and_trainer_restarted_together_a_repeated_version_number_is_still_applied(server_factory, namespace):
+    """Both lost their memory: the new trainer's first version gets the number the worker already holds."""
+    server = server_factory()
+    old = make_model("mlp", seed=70)
+    first = RedisWeightUpdater(RedisStore.from_url(server.url, namespace), old, 1, sync=False)
+    first.update_weights()
+    worker = RedisWeightReceiver(RedisStore.from_url(server.url, namespace), 1, make_model("mlp"), **FAST)
+    try:
+        assert worker.poll() == first.version == 1
+        server.kill()
+        server.start()  # empty
+        first.close()
+        new = make_model("mlp", seed=71)
+        second = RedisWeightUpdater(RedisStore.from_url(server.url, namespace), new, 1, sync=False)
+        second.update_weights()
+        assert second.version == 1, "a fresh trainer on an empty Redis starts again at 1"
+        assert worker.poll() == 1, "the worker must not take the new version 1 for the one it holds"
+        assert state_digest(worker.policy) == state_digest(new)
+        assert second.workers()[0].status == "updated"
+        second.close()
+    finally:
+        worker.close()
+
+
+def test_a_loss_report_never_hides_a_newer_pending_version(real_store, redis_url, namespace, monkeypatch):
+    """The worker reads ``latest`` = 0 (data lost); a trainer commits before its report lands."""
+    model = make_model("mlp", seed=72)
+    updater = RedisWeightUpdater(real_store, model, 1, sync=False)
+    for _ in range(3):
+        updater.update_weights()
+    worker = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, make_model("mlp"), **FAST)
+    try:
+        assert worker.poll() == updater.version == 3
+        real_store.client.delete(*real_store.client.scan_iter(match=real_store.keyspace.pattern))  # data lost
+        updater = RedisWeightUpdater(real_store, model, 1, sync=False)  # a restarted trainer
+        updater.update_weights()  # version 1, status "pending"
+        assert updater.version == 1
+        monkeypatch.setattr(worker.registry, "latest", lambda: 0)  # the worker's stale view: nothing committed
+        assert worker.poll() is None and "no committed version" in worker.last_error
+        assert updater.workers()[0].status == "pending", "the loss report overwrote a newer pending status"
+    finally:
+        worker.close()
+
+
+def test_retried_commands_are_idempotent(real_store):
+    """The client retries on connection errors: a commit or an ack sent twice changes nothing."""
+    from redis_weights.codec import Encoder
+
+    updater = RedisWeightUpdater(real_store, make_model("mlp", seed=80), 1, sync=False)
+    updater.update_weights()
+    registry, k = updater.registry, real_store.keyspace
+    manifest = registry.read_manifest(updater.version)
+    real_store.client.set(k.rank_status(1), "updated")
+    registry.commit(manifest, [1])  # the same commit again, as a retry after a lost reply would send it
+    assert registry.list_versions() == [updater.version] and registry.latest() == updater.version
+    assert real_store.client.get(k.rank_status(1)) == b"updated", "a retried commit must not re-mark ranks"
+    older = Encoder().encode(make_model("mlp", seed=81)).manifest(updater.version - 1 or 1, created=0, producer="x")
+    if older.version < updater.version:
+        with pytest.raises(StaleVersionError):
+            registry.commit(older, [1])
