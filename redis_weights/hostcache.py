@@ -1,17 +1,22 @@
 """One fetch per host and version: a safetensors file in /dev/shm shared by the local workers.
 
 The first local worker to claim a version (an exclusive ``flock`` on the version's
-lock file) reads its chunks from Redis straight into a new file in shared memory
-and renames it into place once every chunk matches the manifest. The other local
-workers wait on the lock, then memory-map the file: Redis sends one model size per
+lock file) reads its chunks from Redis straight into a file in shared memory and
+renames it into place once every chunk matches the manifest. The other local
+workers wait on that lock, then memory-map the file: Redis sends one model size per
 version to the host, however many workers run there.
 
 The file is a plain ``.safetensors`` file (its chunks concatenated). Its name
 carries the version and a digest of the manifest's chunk checksums; every reader
-verifies every chunk against the manifest it read from Redis anyway, so a stale,
-foreign or damaged file is deleted and refetched, never applied. Files of older
-versions are removed by the worker that publishes a newer one (a worker still
-reading an old file keeps its mapping: unlinking does not invalidate it).
+verifies every chunk against the manifest it read from Redis, so a stale, foreign
+or damaged file is deleted and refetched, never applied.
+
+Fresh shared-memory pages are expensive (allocating and zeroing them cost more than
+the transfer here), so the file of an old version is recycled for the next one. A
+reader holds a shared ``flock`` on the file for as long as it maps it, and a fetcher
+recycles only a file it can lock exclusively (so nobody is reading it), renaming it
+away before writing: a reader that opened it just before checks, once it holds its
+lock, that the name still points at the file it opened.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import mmap
 import os
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -33,7 +39,9 @@ from .errors import IntegrityError
 log = logging.getLogger(__name__)
 
 DEFAULT_DIRECTORY = "/dev/shm/redis_weights"
-_FILE_RE = re.compile(r"^v(\d+)-[0-9a-f]{16}\.(safetensors|lock|tmp\.\d+)$")
+SPARE_FILES = 1  # files of older versions kept to be recycled
+_FILE_RE = re.compile(r"^v(\d+)-[0-9a-f]{16}\.(safetensors|lock|tmp\.(\d+))$")
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # prefault the mapping in one go (Linux)
 
 Fetch = Callable[[Manifest, memoryview], list[Buffer | None]]
 
@@ -44,6 +52,47 @@ def scope_name(server: str, namespace: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', namespace)[:64]}-{digest}"
 
 
+@dataclass
+class _Mapping:
+    """A mapped file (or a private buffer) and the views of its chunks; ``fd`` holds the lock."""
+
+    chunks: list[Buffer | None]
+    region: mmap.mmap | None = None
+    fd: int | None = None
+
+    def close(self) -> None:
+        """Release the views, unmap, then drop the lock (a view still held elsewhere: GC unmaps)."""
+        for chunk in self.chunks:
+            if isinstance(chunk, memoryview):
+                with contextlib.suppress(BufferError):
+                    chunk.release()
+        self.chunks = []
+        if self.region is not None:
+            with contextlib.suppress(BufferError):
+                self.region.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _views(region: mmap.mmap, manifest: Manifest) -> list[Buffer | None]:
+    out: list[Buffer | None] = []
+    offset = 0
+    for size in manifest.chunk_sizes:
+        out.append(memoryview(region)[offset : offset + size])
+        offset += size
+    return out
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
 class HostCache:
     """Versions of one namespace shared through files in ``directory`` (default /dev/shm)."""
 
@@ -52,6 +101,7 @@ class HostCache:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fetched = 0  # versions this process fetched from Redis for the host
         self.shared = 0  # versions it mapped from a file another worker fetched
+        self.recycled = 0  # files of old versions it reused for a new one
 
     def _stem(self, manifest: Manifest) -> str:
         digest = xxhash.xxh3_64_hexdigest("|".join(manifest.checksums).encode())
@@ -67,22 +117,21 @@ class HostCache:
         """
         stem = self._stem(manifest)
         path = self.directory / f"{stem}.safetensors"
-        mapped = self._map_verified(path, manifest)
-        if mapped is None:
-            with self._locked(self.directory / f"{stem}.lock"):
-                mapped = self._map_verified(path, manifest)  # another worker fetched it meanwhile
-                if mapped is None:
-                    mapped = self._fetch_into_file(path, manifest, fetch)
-                    self.fetched += 1
-                else:
-                    self.shared += 1
-        else:
+        mapping = self._open_shared(path, manifest)
+        if mapping is not None:
             self.shared += 1
-        chunks, region = mapped
+        else:
+            with self._locked(self.directory / f"{stem}.lock"):
+                mapping = self._open_shared(path, manifest)  # another worker fetched it meanwhile
+                if mapping is not None:
+                    self.shared += 1
+                else:
+                    self.fetched += 1
+                    mapping = self._fetch_into_file(path, manifest, fetch)
         try:
-            yield chunks
+            yield mapping.chunks
         finally:
-            _unmap(chunks, region)
+            mapping.close()
 
     @contextlib.contextmanager
     def _locked(self, path: Path) -> Iterator[None]:
@@ -93,87 +142,119 @@ class HostCache:
         finally:
             os.close(fd)  # releases the lock
 
-    @staticmethod
-    def _views(region: mmap.mmap, manifest: Manifest) -> list[Buffer | None]:
-        out: list[Buffer | None] = []
-        offset = 0
-        for size in manifest.chunk_sizes:
-            out.append(memoryview(region)[offset : offset + size])
-            offset += size
-        return out
-
-    def _map_verified(self, path: Path, manifest: Manifest) -> tuple[list[Buffer | None], mmap.mmap] | None:
-        """Map an existing file if it holds exactly this version; delete it if it does not."""
+    def _open_shared(self, path: Path, manifest: Manifest) -> _Mapping | None:
+        """Map the file under a shared lock if it holds exactly this version; delete it if it does not."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        mapping = _Mapping([], fd=fd)
         try:
-            if os.fstat(fd).st_size != manifest.total_bytes:
-                raise IntegrityError(f"{path.name}: {os.fstat(fd).st_size} bytes, expected {manifest.total_bytes}")
-            region = mmap.mmap(fd, manifest.total_bytes, prot=mmap.PROT_READ)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if not _same_file(path, fd):  # recycled or replaced between open and lock
+                mapping.close()
+                return None
+            size = os.fstat(fd).st_size
+            if size != manifest.total_bytes:
+                raise IntegrityError(f"{size} bytes, expected {manifest.total_bytes}")
+            mapping.region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+            mapping.chunks = _views(mapping.region, manifest)
+            for index, chunk in enumerate(mapping.chunks):
+                manifest.verify_chunk(index, chunk)
         except (IntegrityError, ValueError, OSError) as exc:
             log.warning("host cache: discarding %s (%s)", path, exc)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            if _same_file(path, fd):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            mapping.close()
             return None
-        finally:
-            os.close(fd)
-        chunks = self._views(region, manifest)
-        try:
-            for index, chunk in enumerate(chunks):
-                manifest.verify_chunk(index, chunk)
-        except IntegrityError as exc:
-            log.warning("host cache: discarding %s (%s)", path, exc)
-            _unmap(chunks, region)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            return None
-        return chunks, region
+        return mapping
 
-    def _fetch_into_file(self, path: Path, manifest: Manifest, fetch: Fetch) -> tuple[list[Buffer | None], mmap.mmap]:
-        tmp = path.with_name(f"{path.stem}.tmp.{os.getpid()}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    def _fetch_into_file(self, path: Path, manifest: Manifest, fetch: Fetch) -> _Mapping:
+        """Fetch into a (recycled) file and publish it; then map it like any reader does."""
+        fd, tmp = self._writable_file(manifest.version, path)
+        region = None
         try:
             os.ftruncate(fd, manifest.total_bytes)
-            region = mmap.mmap(fd, manifest.total_bytes)
-        finally:
-            os.close(fd)
-        try:
-            chunks = fetch(manifest, memoryview(region))
-            complete = True
-            for index, chunk in enumerate(chunks):
-                try:
+            region = mmap.mmap(fd, manifest.total_bytes, flags=mmap.MAP_SHARED | _POPULATE)
+            written = _Mapping(fetch(manifest, memoryview(region)), region)
+            try:
+                for index, chunk in enumerate(written.chunks):
                     manifest.verify_chunk(index, chunk)
-                except IntegrityError:
-                    complete = False
-                    break
-            if complete:
-                os.replace(tmp, path)
-                self._remove_older(manifest.version)
-            else:
+            except IntegrityError:  # incomplete: publish nothing, let the caller report it
                 tmp.unlink()
+                written.fd, fd = fd, -1
+                return written
+            written.close()
+            os.replace(tmp, path)
         except BaseException:
-            _unmap([], region)
+            if region is not None:
+                with contextlib.suppress(BufferError):
+                    region.close()
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        return chunks, region
+        finally:
+            if fd >= 0:
+                os.close(fd)  # drops the exclusive lock: readers may map the published file
+        self._remove_older(manifest.version)
+        mapping = self._open_shared(path, manifest)
+        if mapping is None:  # recycled already by a fetcher of a newer version: read privately
+            log.info("host cache: %s vanished right after publishing; reading it privately", path.name)
+            buffer = bytearray(manifest.total_bytes)
+            mapping = _Mapping(fetch(manifest, memoryview(buffer)))
+        return mapping
 
-    def _remove_older(self, version: int) -> None:
-        """Delete the files (data, locks, leftovers of crashed fetches) of versions below ``version``."""
+    def _writable_file(self, version: int, path: Path) -> tuple[int, Path]:
+        """An exclusively locked file to write ``version`` into: an old version's if none reads it."""
+        tmp = path.with_name(f"{path.stem}.tmp.{os.getpid()}")
+        for old in self._data_files(below=version):
+            try:
+                fd = os.open(old, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _same_file(old, fd):
+                    os.rename(old, tmp)  # no reader holds it, and no new one can find it
+                    self.recycled += 1
+                    return fd, tmp
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            os.close(fd)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd, tmp
+
+    def _data_files(self, below: int) -> list[Path]:
+        """Data files of versions below ``below``, oldest first."""
+        found = []
         for entry in os.scandir(self.directory):
             match = _FILE_RE.match(entry.name)
-            if match and int(match.group(1)) < version:
+            if match and match.group(2) == "safetensors" and int(match.group(1)) < below:
+                found.append((int(match.group(1)), Path(entry.path)))
+        return [p for _, p in sorted(found)]
+
+    def _remove_older(self, version: int) -> None:
+        """Delete locks of versions below ``version``, leftovers of dead fetchers, and data files
+        beyond the ``SPARE_FILES`` newest older ones (kept to be recycled)."""
+        for old in self._data_files(below=version)[:-SPARE_FILES]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+        for entry in os.scandir(self.directory):
+            match = _FILE_RE.match(entry.name)
+            if not match or int(match.group(1)) >= version:
+                continue
+            if match.group(2) == "lock" or (match.group(3) and not _alive(int(match.group(3)))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
 
 
-def _unmap(chunks: list[Buffer | None], region: mmap.mmap) -> None:
-    """Release the views, then unmap (a view still exported elsewhere: the GC unmaps later)."""
-    for chunk in chunks:
-        if isinstance(chunk, memoryview):
-            with contextlib.suppress(BufferError):
-                chunk.release()
-    with contextlib.suppress(BufferError):
-        region.close()
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -212,6 +212,27 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: list[dict[str, Any]]) -> str:
+    """Compact table: one line per (size, workers), one column per system, median s/push;
+    async pushes as "stall / until applied"."""
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    lines = ["| size | workers | " + " | ".join(systems) + " |", "|---|---|" + "---|" * len(systems)]
+    for size in sorted({r["size"] for r in rows}):
+        for n in sorted({r["workers"] for r in rows}):
+            cells = []
+            for system in systems:
+                r = find(rows, system, size, n)
+                if r is None:
+                    failed = [x for x in rows if (x["system"], x["size"], x["workers"]) == (system, size, n)]
+                    cells.append("failed" if failed else "")
+                elif system == "rw-async":
+                    cells.append(f"{fmt(r['stall_s'], 1, 2)} / {fmt(r['push_s'], 1, 3)}")
+                else:
+                    cells.append(fmt(r["push_s"], 1, 3))
+            lines.append(f"| {size_label(size)} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def find(rows: list[dict[str, Any]], system: str, size: int, workers: int) -> dict[str, Any] | None:
     for r in rows:
         if (r["system"], r["size"], r["workers"]) == (system, size, workers) and r.get("push_s") is not None:
@@ -253,6 +274,26 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def report(doc: dict[str, Any]) -> str:
+    """The machine, the compact table, the full table and the targets, as Markdown."""
+    m = doc["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; {m['os']}; Python {m['python']}, "
+        f"torch {m['torch']}, redis-py {m['redis_py']}, Redis {m.get('redis_server')}; "
+        f"chunk {doc['args']['chunk_size'] >> 20} MiB; run took {doc['seconds']:.0f} s.",
+        "",
+        "Median seconds per push (until every worker runs the new weights; rw-async: trainer stall / until applied):",
+        "",
+        pivot(doc["rows"]),
+        "",
+        table(doc["rows"]),
+        "",
+    ]
+    for t in doc["targets"]:
+        lines.append(f"- {t['target']}: {t['ratio']} (limit {t['limit']}) {'met' if t['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -267,6 +308,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                             if r["system"] == system and r["workers"] == n and r.get("push_s"))
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=system)
+            stalls = sorted((r["model_bytes"] / 1e6, r["stall_s"]) for r in rows
+                            if r["system"] == system == "rw-async" and r["workers"] == n and r.get("stall_s"))
+            if stalls:
+                ax.plot(*zip(*stalls, strict=True), marker="x", linestyle="--", label="rw-async (trainer stall)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{n} worker{'s' if n > 1 else ''}")
@@ -284,14 +329,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1MB,100MB,1GB", help="comma-separated model sizes")
     parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"from {', '.join(SYSTEMS)}")
-    parser.add_argument("--repeats", type=int, default=7, help="timed pushes per configuration")
+    parser.add_argument("--repeats", type=int, default=5, help="timed pushes per configuration")
     parser.add_argument("--repeats-large", type=int, default=3, help="timed pushes for sizes of 512 MB and more")
     parser.add_argument("--url", help="an existing Redis to use (it is FLUSHED); default: a private server")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one configuration may take")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "results.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "bench" / "push_seconds.png")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--report", type=Path, help="only re-render the tables and plot of an earlier JSON file")
     args = parser.parse_args(argv)
+    if args.report:
+        doc = json.loads(args.report.read_text())
+        if not args.no_plot:
+            plot(doc["rows"], args.plot)
+        print(report(doc))
+        return 0
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     counts = [int(n) for n in args.workers.split(",")]
@@ -335,10 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, args.plot)
-    print(table(rows))
-    print()
-    for t in doc["targets"]:
-        print(f"- {t['target']}: {t['ratio']} (limit {t['limit']}) {'met' if t['met'] else 'NOT met'}")
+    print(report(doc))
     return 0 if all(r.get("verified") for r in rows if not r.get("error")) else 1
 
 

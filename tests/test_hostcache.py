@@ -69,11 +69,11 @@ def test_one_worker_fetches_the_others_map_the_file(real_store, redis_url, names
         assert len(files) == 1 and files[0].stat().st_size == total
 
 
-def test_concurrent_workers_fetch_once_and_old_versions_are_removed(real_store, redis_url, namespace, tmp_path):
+def test_concurrent_workers_fetch_once_and_old_files_are_recycled(real_store, redis_url, namespace, tmp_path):
     trainer = _policy(seed=2)
     updater = RedisWeightUpdater(real_store, trainer, 4, sync=False)
     with _receivers(redis_url, namespace, 4, tmp_path) as receivers:
-        for step in range(2):
+        for step in range(3):
             with torch.no_grad():
                 trainer[0].bias.fill_(float(step))
             updater.push_weights()
@@ -83,9 +83,30 @@ def test_concurrent_workers_fetch_once_and_old_versions_are_removed(real_store, 
             for t in threads:
                 t.join(30)
             assert all(r.version == updater.version and _same(r.policy, trainer) for r in receivers)
-        assert sum(r.host_cache.fetched for r in receivers) == 2  # once per version, for the host
+        assert sum(r.host_cache.fetched for r in receivers) == 3  # once per version, for the host
+        assert sum(r.host_cache.recycled for r in receivers) == 2  # each older file was reused
         names = [p.name for p in Path(receivers[0].host_cache.directory).iterdir()]
-        assert all(name.startswith(f"v{updater.version}-") for name in names), names
+        assert all(n.startswith(f"v{updater.version}-") for n in names), names  # one model size in /dev/shm
+
+
+def test_a_file_being_read_is_never_recycled(real_store, redis_url, namespace, tmp_path):
+    trainer = _policy(seed=5)
+    updater = RedisWeightUpdater(real_store, trainer, 1, sync=False)
+    updater.push_weights()
+    with _receivers(redis_url, namespace, 1, tmp_path) as (receiver,):
+        cache, registry = receiver.host_cache, updater.registry
+        manifest = registry.read_manifest(updater.version)
+        with cache.chunks(manifest, registry.read_chunks_into) as held:  # a slow reader of version 1
+            for step in (1, 2):
+                with torch.no_grad():
+                    trainer[0].bias.fill_(float(step))
+                updater.push_weights()
+                assert receiver.poll() == updater.version
+            assert cache.recycled == 1  # version 2's file became version 3's; version 1's is held
+            assert list(Path(cache.directory).glob("v1-*.safetensors"))
+            for index, chunk in enumerate(held):
+                manifest.verify_chunk(index, chunk)  # still version 1's bytes
+        assert _same(receiver.policy, trainer)
 
 
 def test_a_damaged_cache_file_is_discarded_and_refetched(real_store, redis_url, namespace, tmp_path):
