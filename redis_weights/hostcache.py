@@ -198,6 +198,7 @@ class HostCache:
             if fd >= 0:
                 os.close(fd)  # drops the exclusive lock: readers may map the published file
         self._remove_older(manifest.version)
+        self._remove_stale(manifest)
         mapping = self._open_shared(path, manifest)
         if mapping is None:  # recycled already by a fetcher of a newer version: read privately
             log.info("host cache: %s vanished right after publishing; reading it privately", path.name)
@@ -234,6 +235,17 @@ class HostCache:
             if match and match.group(2) == "safetensors" and int(match.group(1)) < below:
                 found.append((int(match.group(1)), Path(entry.path)))
         return [p for _, p in sorted(found)]
+
+    def _remove_stale(self, manifest: Manifest) -> None:
+        """Delete data files of *higher* versions written before ``manifest``'s commit: leftovers
+        of an earlier life of the Redis data (flushed or lost, so version numbers restarted).
+        A real newer version is committed, hence written, after this one was committed."""
+        for entry in os.scandir(self.directory):
+            match = _FILE_RE.match(entry.name)
+            if match and match.group(2) == "safetensors" and int(match.group(1)) > manifest.version:
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < manifest.created:
+                        os.unlink(entry.path)
 
     def _remove_older(self, version: int) -> None:
         """Delete locks of versions below ``version``, leftovers of dead fetchers, and data files

@@ -192,7 +192,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
         options: dict[str, Any] = {}
         if args.system == "rw-shm":
-            options["host_cache"] = True
+            options["host_cache"] = args.cache_dir  # one per configuration: never warm from another
         store = RedisStore.from_url(args.url, args.namespace)
         receiver = RedisWeightReceiver(store, args.rank, model, poll_interval=1.0, **options)
         receiver.register_post_hook(record)
@@ -426,6 +426,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tcp-port", type=int, default=0)
+    parser.add_argument("--cache-dir", default="/dev/shm/redis_weights", help="rw-shm: the host cache directory")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     (run_worker if args.role == "worker" else run_trainer)(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -163,3 +164,15 @@ def test_host_cache_directory_is_scoped_by_server_and_namespace(real_store, tmp_
     b = RedisWeightReceiver(other, 1, _policy(), host_cache=tmp_path)
     assert isinstance(a.host_cache, HostCache) and a.host_cache.directory != b.host_cache.directory
     assert RedisWeightReceiver(real_store, 2, _policy()).host_cache is None
+
+
+def test_files_left_from_an_earlier_life_of_the_redis_data_are_removed(real_store, redis_url, namespace, tmp_path):
+    trainer = _policy(seed=6)
+    updater = RedisWeightUpdater(real_store, trainer, 1, sync=False)
+    with _receivers(redis_url, namespace, 1, tmp_path) as (receiver,):
+        stale = Path(receiver.host_cache.directory) / "v9-0123456789abcdef.safetensors"
+        stale.write_bytes(b"x" * 100)  # version numbers restarted after a flush: 9 is from before
+        os.utime(stale, (1_000_000, 1_000_000))
+        updater.push_weights()
+        assert receiver.poll() == updater.version == 1
+        assert not stale.exists()
