@@ -92,7 +92,10 @@ def read_values_into(
     pool = getattr(client, "connection_pool", None)
     if pool is None or not hasattr(pool, "get_connection"):
         return _read_copying(client, keys, offsets, target)
-    connection = pool.get_connection()
+    try:
+        connection = pool.get_connection()
+    except TypeError:  # redis-py 5 requires a command name
+        connection = pool.get_connection("GET")
     try:
         connection.connect()
         sock = _plain_socket(connection)
