@@ -14,6 +14,7 @@ Worker (rank 1..4)::
 from .base import WeightUpdaterBase
 from .codec import Manifest
 from .errors import (
+    BackgroundUploadError,
     CodecError,
     ConfigurationError,
     IntegrityError,
@@ -35,6 +36,7 @@ from .versions import VersionRegistry
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackgroundUploadError",
     "CodecError",
     "ConfigurationError",
     "IntegrityError",

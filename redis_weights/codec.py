@@ -19,6 +19,7 @@ import bisect
 import json
 import math
 import struct
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -104,11 +105,10 @@ def flatten_weights(weights: Any) -> dict[str, torch.Tensor]:
 
 
 def _is_tensordict(obj: Any) -> bool:
-    try:
-        from tensordict import TensorDictBase
-    except ImportError:  # pragma: no cover - tensordict is a dependency
-        return False
-    return isinstance(obj, TensorDictBase)
+    """Without importing tensordict (a second of start-up): no TensorDict exists before it is imported."""
+    tensordict = sys.modules.get("tensordict")
+    base = getattr(tensordict, "TensorDictBase", None)
+    return base is not None and isinstance(obj, base)
 
 
 def _flatten_mapping(mapping: Mapping[Any, Any], prefix: str) -> Iterable[tuple[str, Any]]:

@@ -13,6 +13,7 @@ copies each value twice (see DESIGN.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +33,13 @@ DEFAULT_SOCKET_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 3
 _PACKER_BUFFER_CUTOFF = 6000  # redis-py's own cutoff: smaller args are joined, larger sent as-is
+
+
+def close_subscription(pubsub: redis.client.PubSub | None) -> None:
+    """Close a pub/sub connection; one already lost with Redis closes quietly."""
+    if pubsub is not None:
+        with contextlib.suppress(redis.exceptions.ConnectionError, OSError):
+            pubsub.close()
 
 
 def _pure_python_packer() -> PythonRespSerializer:

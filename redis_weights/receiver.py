@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from .codec import Buffer, Manifest, apply_chunks, flatten_weights
-from .connection import describe, ensure_server
+from .connection import close_subscription, describe, ensure_server
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
 from .hostcache import DEFAULT_DIRECTORY, HostCache, scope_name
@@ -371,11 +371,8 @@ class RedisWeightReceiver:
             beater.join(timeout)
 
     def _close_updates(self) -> None:
-        if self._updates is not None:
-            try:
-                self._updates.close()
-            finally:
-                self._updates = None
+        updates, self._updates = self._updates, None
+        close_subscription(updates)
 
     def close(self) -> None:
         """Stop, drop the subscription and close the store's connections."""

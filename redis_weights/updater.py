@@ -21,7 +21,7 @@ import redis
 
 from .base import WeightUpdaterBase, WorkerIds
 from .codec import DEFAULT_CHUNK_SIZE, Encoded, Encoder
-from .connection import describe, ensure_server
+from .connection import close_subscription, describe, ensure_server
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
 from .fleet import RankState, read_rank_states
 from .store import RedisStore, as_store
@@ -271,11 +271,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
 
     # -- lifecycle ----------------------------------------------------------------------
     def _close_acks(self) -> None:
-        if self._acks is not None:
-            try:
-                self._acks.close()
-            finally:
-                self._acks = None
+        acks, self._acks = self._acks, None
+        close_subscription(acks)
 
     def close(self) -> None:
         """Finish a background upload, drop the acks subscription and close the store's connections."""
