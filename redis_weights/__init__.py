@@ -11,27 +11,71 @@ Worker (rank 1..4)::
     receiver = RedisWeightReceiver(RedisStore.from_url(url), rank, policy).start()
 """
 
-from .base import WeightUpdaterBase
-from .codec import Manifest
-from .errors import (
-    BackgroundUploadError,
-    CodecError,
-    ConfigurationError,
-    IntegrityError,
-    PushError,
-    PushTimeoutError,
-    ReceiveTimeoutError,
-    RedisWeightsError,
-    StaleVersionError,
-    VersionNotFoundError,
-    WeightMismatchError,
-)
-from .fleet import RankState
-from .keys import Keys
-from .receiver import RedisWeightReceiver
-from .store import RedisStore
-from .updater import RedisWeightUpdater
-from .versions import VersionRegistry
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import WeightUpdaterBase
+    from .errors import (
+        BackgroundUploadError,
+        CodecError,
+        ConfigurationError,
+        IntegrityError,
+        PushError,
+        PushTimeoutError,
+        ReceiveTimeoutError,
+        RedisWeightsError,
+        StaleVersionError,
+        VersionNotFoundError,
+        WeightMismatchError,
+    )
+    from .fleet import RankState
+    from .keys import Keys
+    from .manifest import Manifest
+    from .receiver import RedisWeightReceiver
+    from .store import RedisStore
+    from .updater import RedisWeightUpdater
+    from .versions import VersionRegistry
+
+# Where each public name lives. Imported on first use (PEP 562): the operator CLI and
+# admin scripts need no torch, and importing torch costs a second or more.
+_EXPORTS = {
+    "BackgroundUploadError": "errors",
+    "CodecError": "errors",
+    "ConfigurationError": "errors",
+    "IntegrityError": "errors",
+    "PushError": "errors",
+    "PushTimeoutError": "errors",
+    "ReceiveTimeoutError": "errors",
+    "RedisWeightsError": "errors",
+    "StaleVersionError": "errors",
+    "VersionNotFoundError": "errors",
+    "WeightMismatchError": "errors",
+    "Keys": "keys",
+    "Manifest": "manifest",
+    "RankState": "fleet",
+    "RedisStore": "store",
+    "RedisWeightReceiver": "receiver",
+    "RedisWeightUpdater": "updater",
+    "VersionRegistry": "versions",
+    "WeightUpdaterBase": "base",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from .codec import Buffer
+from .manifest import Buffer
 
 _ROUND_BYTES = 64 * 1024 * 1024  # default bytes of replies per round trip (bounds Redis's output buffer)
 _READ_SIZE = 1 << 16

@@ -23,10 +23,10 @@ from typing import Any, TextIO
 import redis
 
 from .admin import Admin, RefusedError, connection_error_message, manifest_dict, redact
-from .codec import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from .errors import RedisWeightsError
 from .health import UNSAFE, check_server, worst
 from .keys import DEFAULT_NAMESPACE
+from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from .units import human_age, human_bytes, utc_time
 
 DEFAULT_URL = "redis://localhost:6379/0"

@@ -27,9 +27,9 @@ from typing import Any
 
 import redis
 
-from .codec import DEFAULT_CHUNK_SIZE
 from .errors import ConfigurationError
 from .keys import Keys
+from .manifest import DEFAULT_CHUNK_SIZE
 from .units import human_bytes
 
 log = logging.getLogger(__name__)

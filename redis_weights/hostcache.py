@@ -33,8 +33,8 @@ from pathlib import Path
 
 import xxhash
 
-from .codec import Buffer, Manifest
 from .errors import IntegrityError
+from .manifest import Buffer, Manifest
 
 log = logging.getLogger(__name__)
 

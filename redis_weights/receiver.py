@@ -23,11 +23,12 @@ from typing import Any
 
 import redis
 
-from .codec import Buffer, Manifest, apply_chunks, flatten_weights
+from .codec import apply_chunks, flatten_weights
 from .connection import close_subscription, describe, ensure_server
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
 from .hostcache import DEFAULT_DIRECTORY, HostCache, scope_name
+from .manifest import Buffer, Manifest
 from .store import RedisStore, as_store
 from .versions import VersionRegistry
 

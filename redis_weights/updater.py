@@ -20,10 +20,11 @@ from typing import Any
 import redis
 
 from .base import WeightUpdaterBase, WorkerIds
-from .codec import DEFAULT_CHUNK_SIZE, Encoded, Encoder
+from .codec import Encoded, Encoder
 from .connection import close_subscription, describe, ensure_server
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
 from .fleet import RankState, read_rank_states
+from .manifest import DEFAULT_CHUNK_SIZE
 from .store import RedisStore, as_store
 from .uploader import SLOTS, BackgroundUploader
 from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, producer_id

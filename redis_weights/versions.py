@@ -23,9 +23,9 @@ from typing import Any
 import redis
 
 from .bulkread import read_values_into
-from .codec import Buffer, Manifest
 from .errors import StaleVersionError, VersionNotFoundError
 from .keys import Keys
+from .manifest import Buffer, Manifest
 
 log = logging.getLogger(__name__)
 

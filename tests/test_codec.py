@@ -10,19 +10,9 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from redis_weights.codec import (
-    CodecError,
-    Encoder,
-    IntegrityError,
-    Manifest,
-    apply_chunks,
-    chunk_pieces,
-    decode_to_tensors,
-    flatten_weights,
-    parse_header,
-    parse_header_bytes,
-)
-from redis_weights.errors import WeightMismatchError
+from redis_weights.codec import Encoder, apply_chunks, chunk_pieces, decode_to_tensors, flatten_weights
+from redis_weights.errors import CodecError, IntegrityError, WeightMismatchError
+from redis_weights.manifest import Manifest, parse_header, parse_header_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.uint8, torch.bool]
 

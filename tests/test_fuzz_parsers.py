@@ -14,15 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from redis_weights.codec import (
-    DTYPES,
-    Encoder,
-    Manifest,
-    apply_chunks,
-    parse_header,
-    parse_header_bytes,
-)
+from redis_weights.codec import DTYPES, Encoder, apply_chunks
 from redis_weights.errors import CodecError, WeightMismatchError
+from redis_weights.manifest import Manifest, parse_header, parse_header_bytes
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from redis_weights import ConfigurationError, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.codec import Encoder, checksum, flatten_weights, plan_chunks
+from redis_weights.codec import Encoder, flatten_weights, plan_chunks
 from redis_weights.errors import BackgroundUploadError
+from redis_weights.manifest import checksum
 from redis_weights.uploader import BackgroundUploader
 from redis_weights.versions import VersionRegistry
 
