@@ -7,7 +7,8 @@
 #
 # Usage: scripts/setup_env.sh [EXTRAS]      (default extras: dev,server,torchrl)
 # Env:   VENV (default: .venv in the repo), PYTHON (default: python3),
-#        TORCH_SPEC (default: the installed torch, else torch==2.13.0)
+#        TORCH_SPEC (default: the installed torch, else torch==2.13.0+cpu),
+#        TORCH_INDEX_URL (where a +cpu build comes from when no local wheel has it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev,server,torchrl}"
@@ -21,15 +22,27 @@ fi
 py="$venv/bin/python"
 pip=("$py" -m pip install --disable-pip-version-check -q)
 
-# 1. torch: keep what the venv has; else the version the system Python has; else 2.13.0
-#    (this machine has a local CPU wheel of it, which pip's find-links picks up).
-if "$py" -c "import torch" 2>/dev/null; then
-  torch_spec="torch==$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
+# 1. torch: keep the build the venv has; else the system Python's build; else 2.13.0+cpu.
+#    The spec keeps the local label ("+cpu"), so pip can only take a CPU build: from a
+#    local wheel (pip's find-links) first, else from PyTorch's CPU index. Plain PyPI
+#    torch wheels for Linux are the CUDA build with gigabytes of dependencies.
+torch_version() { "$1" -c 'import torch; print(torch.__version__)' 2>/dev/null || true; }
+quiet() { { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+venv_torch="$(torch_version "$py")"
+if [ -n "$venv_torch" ]; then
+  torch_spec="torch==$venv_torch"
 else
-  sys_torch="$("$python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
-  torch_spec="${TORCH_SPEC:-torch==${sys_torch:-2.13.0}}"
-  echo "==> installing $torch_spec (CPU build from a local wheel when one is there)"
-  "${pip[@]}" "$torch_spec" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  sys_torch="$(torch_version "$python")"
+  torch_spec="${TORCH_SPEC:-torch==${sys_torch:-2.13.0+cpu}}"
+  echo "==> installing $torch_spec (a local wheel when one is there)"
+  if ! "${pip[@]}" "$torch_spec" 2>&1 | quiet; then
+    case "$torch_spec" in
+      *+cpu*)
+        echo "==> no local wheel for $torch_spec: trying PyTorch's CPU index"
+        "${pip[@]}" --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" "$torch_spec" 2>&1 | quiet ;;
+      *) echo "error: could not install $torch_spec" >&2; exit 1 ;;
+    esac
+  fi
 fi
 
 # 2. The package and its extras, with torch held where it is.
@@ -37,5 +50,5 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "$torch_spec" > "$constraints"
 echo "==> installing redis_weights[$extras] (torch pinned: $torch_spec)"
-"${pip[@]}" -c "$constraints" -e ".[$extras]" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+"${pip[@]}" -c "$constraints" -e ".[$extras]" 2>&1 | quiet
 "$py" -c "import torch, redis_weights; print('torch', torch.__version__, '| redis_weights', redis_weights.__version__)"
