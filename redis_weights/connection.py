@@ -76,6 +76,8 @@ def client_from_url(url: str, **overrides: Any) -> redis.Redis:
         # redis-py would silently use database 0
         raise ConfigurationError(f"invalid Redis URL {redacted(url)!r}: database {database!r} is not a number")
     options = default_client_options()
+    if url.startswith("unix://"):
+        del options["socket_keepalive"]  # a TCP option: redis-py's UnixDomainSocketConnection refuses it
     options.update(overrides)
     options["decode_responses"] = False
     try:

@@ -90,3 +90,27 @@ def test_as_store_accepts_store_url_and_client(fake_redis, fake_store):
     assert as_store("redis://127.0.0.1:1/0", "x").namespace == "x"
     with pytest.raises(ConfigurationError):
         as_store(42)  # type: ignore[arg-type]
+
+
+def test_unix_socket_url_pushes_and_receives(server_factory, tmp_path, namespace):
+    """unix:// gets the same defaults minus the TCP-only ones, and the whole path works over it."""
+    import torch
+
+    from redis_weights import RedisWeightReceiver, RedisWeightUpdater
+
+    socket = tmp_path / "redis.sock"
+    server_factory("--unixsocket", str(socket), "--unixsocketperm", "700")
+    url = f"unix://{socket}?db=0"
+    trainer = {"w": torch.arange(6, dtype=torch.float32)}
+    worker = {"w": torch.zeros(6)}
+    with RedisStore.from_url(url, namespace=namespace) as store:
+        store["hello"] = "world"
+        assert store["hello"] == "world"
+        assert f"unix:{socket}" in repr(store)
+    receiver = RedisWeightReceiver(RedisStore.from_url(url, namespace=namespace), 1, worker)
+    with RedisWeightUpdater(RedisStore.from_url(url, namespace=namespace), trainer, 1, sync=False) as updater:
+        updater.update_weights()
+        assert receiver.poll() == updater.version == 1
+        updater.wait(timeout=10)
+    receiver.close()
+    assert torch.equal(worker["w"], trainer["w"])
