@@ -193,3 +193,16 @@ def test_a_restarted_worker_takes_over_its_dead_rank(real_store, redis_url: str,
     assert restarted.rank() == 1  # not 3, which the trainer of 2 workers would never wait for
     assert "ranks 1..2 are all held; waiting up to" in restarted.text()
     assert real_store.client.exists(real_store.keyspace.rank_alive(3)) == 0
+
+
+def test_workers_default_from_the_environment(monkeypatch, capsys) -> None:
+    from redis_weights.cli import _workers_from_environment, main
+
+    monkeypatch.delenv("WORKERS", raising=False)
+    assert _workers_from_environment() == 4
+    monkeypatch.setenv("WORKERS", "8")
+    assert _workers_from_environment() == 8
+    monkeypatch.setenv("WORKERS", "-1")
+    assert main(["demo", "--role", "worker"]) == 1  # refused before connecting anywhere
+    err = capsys.readouterr().err
+    assert err == "redis-weights: error: WORKERS='-1': must be at least 1, got -1\n"
