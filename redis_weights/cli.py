@@ -331,12 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"worker processes / ranks 1..N; a worker without --rank claims one of them "
                         f"(default: ${ENV_WORKERS}, else {DEFAULT_WORKERS})")  # fmt: skip
     p.add_argument("--size-mb", type=float, default=16.0, help="model size in MB (default 16)")
-    p.add_argument("--versions", type=non_negative_int, default=10, help="versions to push (default 10; 0: forever, trainer)")
+    p.add_argument("--versions", type=non_negative_int, default=10,
+                   help="versions to push (default 10; 0: forever, trainer)")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between pushes (default 0.2)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a push waits for acks (default 60)")
     p.add_argument("--role", choices=["all", "trainer", "worker"], default="all",
                    help="all: the whole demo here; trainer / worker: one side, against --url (Docker Compose)")
-    p.add_argument("--rank", type=positive_int, default=None, help="worker role: the rank (default: the lowest free one of 1..--workers)")
+    p.add_argument("--rank", type=positive_int, default=None,
+                   help="worker role: the rank (default: the lowest free one of 1..--workers)")
     p.add_argument("--json-lines", action="store_true", help=argparse.SUPPRESS)  # the local demo's children
     return parser
 

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from redis_weights.errors import ConfigurationError
 from redis_weights.demo import DemoOptions, Progress, _summary, claim_rank, demo_weights, digest
 from redis_weights.demo import run_demo as run_demo_in_process
+from redis_weights.errors import ConfigurationError
 from tests.conftest import REPO_ROOT
 
 DEMO = ["--workers", "2", "--size-mb", "2", "--versions", "3", "--interval", "0"]
@@ -176,7 +175,8 @@ def test_docker_roles_trainer_and_workers_without_rank(real_store, redis_url: st
     assert "push failed" not in out and "pushing anyway" not in out
     ranks = [w.rank() for w in workers]
     assert sorted(ranks) == [1, 2]
-    digests = {w.wait_for(rf"rank {r}: applied version 2 \(digest (\w+)\)").group(1) for w, r in zip(workers, ranks)}
+    pattern = r"rank {}: applied version 2 \(digest (\w+)\)"
+    digests = {w.wait_for(pattern.format(r)).group(1) for w, r in zip(workers, ranks, strict=True)}
     assert len(digests) == 1 and digests != {digest(demo_weights(1, seed=None))}  # same, non-zero weights
 
 
