@@ -8,8 +8,10 @@ here, so the remaining variations call the same ``main()`` in-process.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -196,6 +198,41 @@ def test_export_import_rollback_gc_delete(fleet, redis_url: str, namespace: str,
     assert run("delete", str(v5), "--force").returncode == 0
     assert json.loads(run("versions", "--json").stdout)["versions"] == []
     assert "no committed version" in run("versions").stdout
+
+
+def test_export_checks_the_path_and_writes_an_ordinary_file(
+    fleet, redis_url: str, namespace: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    nowhere = cli("export", "latest", "-o", "/nonexistent/x.safetensors", url=redis_url, namespace=namespace)
+    assert_one_line_error(nowhere, "cannot write /nonexistent/x.safetensors: directory /nonexistent does not exist")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_main(capsys, "--url", redis_url, "-n", namespace, *args)
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert_one_line_error(run("export", "latest", "-o", str(tmp_path)), f"{tmp_path} is a directory: give a file name")
+    assert_one_line_error(run("export", "latest", "-o", str(a_file / "x.safetensors")),
+                          f"directory {a_file} is not a directory")  # fmt: skip
+    target = tmp_path / "v.safetensors"
+
+    def disk_full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/somewhere/.v.safetensors.1234.tmp")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", disk_full)
+        full = run("export", "latest", "-o", str(target))
+    assert full.returncode == 1 and full.stderr == f"redis-weights: error: {target}: No space left on device\n"
+    assert list(tmp_path.iterdir()) == [a_file]  # no temporary file left behind
+    umask = os.umask(0o027)
+    try:
+        exported = run("export", "latest", "-o", str(target))
+    finally:
+        os.umask(umask)
+    assert exported.returncode == 0 and f"to {target}" in exported.stdout, exported
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # 0666 less the umask, like any new file (not 0600)
+    assert all(torch.equal(load_file(str(target))[k], v) for k, v in weights(3).items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "v.safetensors"]
 
 
 def test_watch_prints_pushes_and_acks(real_store: RedisStore, redis_url: str, namespace: str) -> None:
