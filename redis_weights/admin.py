@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -267,20 +267,32 @@ class Admin:
         """Write a version (verified chunk by chunk) to ``path``: a ``.safetensors`` file.
 
         Written to a temporary file in the same directory, then renamed: a reader
-        never sees half a file.
+        never sees half a file. The file gets the mode of any new file (0666 less the
+        umask). A ``path`` that is a directory, or whose directory does not exist, is
+        a ``ConfigurationError``, checked before anything is read from Redis; write
+        errors name ``path``, never the temporary file.
         """
+        target = Path(path)
+        if target.is_dir():
+            raise ConfigurationError(f"{path} is a directory: give a file name, e.g. {target / 'weights.safetensors'}")
+        if not target.parent.is_dir():
+            why = "is not a directory" if target.parent.exists() else "does not exist"
+            raise ConfigurationError(f"cannot write {path}: directory {target.parent} {why}")
         manifest = self.manifest(spec)
         _, chunks = self.registry.read(manifest.version)
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    for chunk in chunks:
+                        f.write(chunk)
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
         return manifest
 
     def import_file(

@@ -31,6 +31,8 @@ from .units import human_age, human_bytes, utc_time
 
 DEFAULT_URL = "redis://localhost:6379/0"
 ENV_URL, ENV_NAMESPACE = "REDIS_URL", "REDIS_WEIGHTS_NAMESPACE"  # read when --url / --namespace are not given
+ENV_WORKERS = "WORKERS"  # read when ``demo --workers`` is not given (Docker Compose sets it)
+DEFAULT_WORKERS = 4
 EXIT_ERROR, EXIT_USAGE, EXIT_UNSAFE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 log = logging.getLogger(__name__)
@@ -200,19 +202,31 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
+    workers = args.workers or _workers_from_environment()
     if args.role == "worker":
         return demo.run_worker(args.url, args.namespace_given or demo.ROLE_NAMESPACE, args.rank, args.size_mb,
-                               json_lines=args.json_lines)  # fmt: skip
+                               workers=workers, json_lines=args.json_lines)  # fmt: skip
     if args.role == "trainer":
-        return demo.run_trainer(args.url, args.namespace_given or demo.ROLE_NAMESPACE, args.workers, args.size_mb,
+        return demo.run_trainer(args.url, args.namespace_given or demo.ROLE_NAMESPACE, workers, args.size_mb,
                                 args.versions, args.interval, args.timeout)  # fmt: skip
     if args.versions < 1:
         raise RedisWeightsError("--versions must be at least 1 (0, forever, is for --role trainer)")
     options = demo.DemoOptions(
-        workers=args.workers, size_mb=args.size_mb, versions=args.versions, interval=args.interval,
+        workers=workers, size_mb=args.size_mb, versions=args.versions, interval=args.interval,
         url=args.url if args.url_given else None, namespace=args.namespace_given, timeout=args.timeout,
     )  # fmt: skip
     return demo.run_demo(options)
+
+
+def _workers_from_environment() -> int:
+    """``$WORKERS`` (a positive integer), else ``DEFAULT_WORKERS``: the ``demo --workers`` default."""
+    text = os.environ.get(ENV_WORKERS)
+    if not text:
+        return DEFAULT_WORKERS
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise RedisWeightsError(f"{ENV_WORKERS}={text!r}: {exc}") from None
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -249,7 +263,7 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-_count, _positive_int = _int_at_least(0), _int_at_least(1)
+non_negative_int, positive_int = _int_at_least(0), _int_at_least(1)  # argparse types (scripts/ use them too)
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,26 +315,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rollback", cmd_rollback, "commit an older version again as the newest (workers apply it)")
     p.add_argument("version", help="the version to go back to")
     p = add("gc", cmd_gc, "delete all but the newest K versions (never the latest)")
-    p.add_argument("--keep", type=_positive_int, required=True, metavar="K")
+    p.add_argument("--keep", type=positive_int, required=True, metavar="K")
     p = add("delete", cmd_delete, "delete one version (the latest only with --force)")
     p.add_argument("version")
     p.add_argument("--force", action="store_true", help="also delete the latest version")
     p = add("watch", cmd_watch, "live view of pushes and acks until Ctrl-C")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--count", type=_positive_int, help="stop after this many events")
+    p.add_argument("--count", type=positive_int, help="stop after this many events")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
     p = add("doctor", cmd_doctor, "check the server's settings; exit code 3 when something is unsafe")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE, help="the chunk size you push with")
     p = add("demo", cmd_demo, "a trainer and N worker processes with a live view (private server unless --url)")
-    p.add_argument("--workers", type=_positive_int, default=4, help="worker processes / ranks (default 4)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help=f"worker processes / ranks 1..N; a worker without --rank claims one of them "
+                        f"(default: ${ENV_WORKERS}, else {DEFAULT_WORKERS})")  # fmt: skip
     p.add_argument("--size-mb", type=float, default=16.0, help="model size in MB (default 16)")
-    p.add_argument("--versions", type=_count, default=10, help="versions to push (default 10; 0: forever, trainer)")
+    p.add_argument("--versions", type=non_negative_int, default=10,
+                   help="versions to push (default 10; 0: forever, trainer)")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between pushes (default 0.2)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a push waits for acks (default 60)")
     p.add_argument("--role", choices=["all", "trainer", "worker"], default="all",
                    help="all: the whole demo here; trainer / worker: one side, against --url (Docker Compose)")
-    p.add_argument("--rank", type=_positive_int, default=None, help="worker role: the rank (default: lowest free)")
+    p.add_argument("--rank", type=positive_int, default=None,
+                   help="worker role: the rank (default: the lowest free one of 1..--workers)")
     p.add_argument("--json-lines", action="store_true", help=argparse.SUPPRESS)  # the local demo's children
     return parser
 

@@ -12,12 +12,14 @@ stops it at the end. With ``--url`` it works in a fresh ``demo-<hex>`` namespace
 (unless one is given) and deletes that namespace's keys at the end.
 
 ``--role trainer`` and ``--role worker`` run one side on its own against ``--url``
-(the Docker Compose services): workers take the lowest free rank by themselves.
+(the Docker Compose services): workers take the lowest free rank of 1..``--workers``
+by themselves.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import statistics
@@ -52,8 +54,14 @@ _READY_TIMEOUT = 120.0
 _FINAL_LINE_TIMEOUT = 10.0
 _HEARTBEAT_TTL = 5.0
 _STATES_REFRESH = 0.25  # seconds between reads of the ranks' states for the live view
-_CLAIM_TTL = 30.0  # a claimed rank is held this long until the receiver's own heartbeat takes over
+_CLAIM_TTL = 15.0  # a claimed rank is held this long until the receiver's own heartbeat takes over
+# A worker without --rank waits this long for a rank of 1..N to free up (a crashed worker's
+# heartbeat or claim expires within its TTL) before it gives up.
+CLAIM_WAIT = max(_CLAIM_TTL, _HEARTBEAT_TTL) + 5.0
+_CLAIM_RETRY = 0.25  # seconds between claim attempts while every rank is held
 ROLE_NAMESPACE = "demo"  # namespace of the trainer and worker roles unless one is given
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,21 +107,38 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------------------------------
 # Worker process
 # ---------------------------------------------------------------------------------------
-def claim_rank(client: redis.Redis, keyspace: Keys, ttl: float, limit: int = 4096) -> int:
-    """The lowest rank whose heartbeat is absent, taken atomically (SET NX) for ``ttl`` seconds.
+def claim_rank(client: redis.Redis, keyspace: Keys, ttl: float, workers: int, *, wait: float = 0.0) -> int:
+    """The lowest rank of 1..``workers`` whose heartbeat is absent, taken atomically (SET NX) for ``ttl`` seconds.
 
-    Lets identical replicas (``docker compose up --scale worker=8``) share out ranks
-    1..N without configuration; a restarted replica takes over a dead rank.
+    Lets identical replicas (``docker compose up --scale worker=N``) share out the
+    ranks the trainer waits for without configuration. When every one is held, it
+    retries for up to ``wait`` seconds rather than take a rank above ``workers``
+    (which the trainer ignores): a replica restarted right after a crash finds its
+    old rank's heartbeat still alive until the TTL runs out, then takes it over.
     """
-    for rank in range(1, limit + 1):
-        if client.set(keyspace.rank_alive(rank), repr(time.time()), nx=True, px=int(ttl * 1000)):
-            return rank
-    raise ConfigurationError(f"no free rank among 1..{limit}")
+    deadline = time.monotonic() + wait
+    warned = False
+    while True:
+        for rank in range(1, workers + 1):
+            if client.set(keyspace.rank_alive(rank), repr(time.time()), nx=True, px=int(ttl * 1000)):
+                return rank
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConfigurationError(
+                f"every rank of 1..{workers} has a live worker (waited {wait:g}s for one to free up): "
+                f"run at most {workers} workers, or raise --workers / WORKERS on the trainer and the workers"
+            )
+        if not warned:
+            log.warning("ranks 1..%d are all held; waiting up to %.0fs for one to free up", workers, left)
+            warned = True
+        time.sleep(min(_CLAIM_RETRY, left))
 
 
-def run_worker(url: str, namespace: str, rank: int | None, size_mb: float, *, json_lines: bool = False,
-               out: IO[str] | None = None) -> int:  # fmt: skip
+def run_worker(url: str, namespace: str, rank: int | None, size_mb: float, *, workers: int = 4,
+               json_lines: bool = False, out: IO[str] | None = None) -> int:  # fmt: skip
     """One demo worker: keep a zero-initialised model in step until SIGTERM/SIGINT (or stdin EOF with ``json_lines``).
+
+    Without ``rank`` it claims the lowest free rank of 1..``workers`` (see ``claim_rank``).
 
     ``json_lines``: the protocol of the local demo's children (``{"ready"}``, then
     ``{"version", "digest"}`` per applied version on stdout); else one readable
@@ -135,7 +160,7 @@ def run_worker(url: str, namespace: str, rank: int | None, size_mb: float, *, js
     flatten_weights(weights)  # slow first imports happen before a rank is claimed, not while it is held
     store = RedisStore.from_url(url, namespace)
     if rank is None:
-        rank = claim_rank(store.client, store.keyspace, _CLAIM_TTL)
+        rank = claim_rank(store.client, store.keyspace, _CLAIM_TTL, workers, wait=CLAIM_WAIT)
     receiver = RedisWeightReceiver(store, rank, weights, poll_interval=0.5, heartbeat_ttl=_HEARTBEAT_TTL)
 
     def applied(version: int) -> None:

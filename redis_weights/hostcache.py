@@ -17,6 +17,11 @@ reader holds a shared ``flock`` on the file for as long as it maps it, and a fet
 recycles only a file it can lock exclusively (so nobody is reading it), renaming it
 away before writing: a reader that opened it just before checks, once it holds its
 lock, that the name still points at the file it opened.
+
+Every worker trusts the files of the directory (the chunk checks are xxh3, not
+cryptographic), so it must be private: the default is one directory per user
+(``/dev/shm/redis_weights-<uid>``), created mode 0700, and a directory owned by
+another user or writable by group or others is refused.
 """
 
 from __future__ import annotations
@@ -27,18 +32,19 @@ import logging
 import mmap
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
-from .errors import IntegrityError
+from .errors import ConfigurationError, IntegrityError
 from .manifest import Buffer, Manifest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DIRECTORY = "/dev/shm/redis_weights"
+DEFAULT_DIRECTORY = f"/dev/shm/redis_weights-{os.getuid()}"  # one per user: nobody else may write there
 SPARE_FILES = 1  # files of older versions kept to be recycled
 _FILE_RE = re.compile(r"^v(\d+)-[0-9a-f]{16}\.(safetensors|lock|tmp\.(\d+))$")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # prefault the mapping in one go (Linux)
@@ -50,6 +56,43 @@ def scope_name(server: str, namespace: str) -> str:
     """A directory name for one (Redis server, namespace): files of others never mix in."""
     digest = xxhash.xxh3_64_hexdigest(f"{server}|{namespace}".encode())
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', namespace)[:64]}-{digest}"
+
+
+def private_directory(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a directory that only this user can write to, symlinks resolved.
+
+    Missing directories (parents included) are created mode 0700; an existing one
+    must belong to this user and not be writable by group or others, since another
+    local user could otherwise plant files that workers apply. Raises
+    ``ConfigurationError`` (with the path and the fix) rather than a raw ``OSError``.
+    """
+    directory = Path(os.path.abspath(path))
+    missing = []
+    for level in (directory, *directory.parents):
+        if os.path.lexists(level):
+            break
+        missing.append(level)
+    try:
+        for level in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # created meanwhile: checked below like any
+                os.mkdir(level, 0o700)
+        directory = directory.resolve(strict=True)
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot create the host cache directory {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigurationError(f"host cache directory {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise ConfigurationError(
+            f"host cache directory {directory} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}): "
+            "pass host_cache=<a directory of your own>"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigurationError(
+            f"host cache directory {directory} is writable by group or others (mode {stat.S_IMODE(st.st_mode):03o}), "
+            f"so another user could plant weights in it: chmod 700 {directory}, or use another directory"
+        )
+    return directory
 
 
 @dataclass
@@ -94,14 +137,18 @@ def _same_file(path: Path, fd: int) -> bool:
 
 
 class HostCache:
-    """Versions of one namespace shared through files in ``directory`` (default /dev/shm)."""
+    """Versions of one namespace shared through files in ``directory`` (a private one, see ``private_directory``)."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory = private_directory(directory)
         self.fetched = 0  # versions this process fetched from Redis for the host
         self.shared = 0  # versions it mapped from a file another worker fetched
         self.recycled = 0  # files of old versions it reused for a new one
+
+    @classmethod
+    def scoped(cls, base: str | os.PathLike[str], server: str, namespace: str) -> HostCache:
+        """The cache of one (server, namespace) in its own subdirectory of ``base`` (both private)."""
+        return cls(private_directory(base) / scope_name(server, namespace))
 
     def _stem(self, manifest: Manifest) -> str:
         digest = xxhash.xxh3_64_hexdigest("|".join(manifest.checksums).encode())

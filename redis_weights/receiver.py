@@ -27,7 +27,7 @@ from .codec import apply_chunks, flatten_weights
 from .connection import close_subscription, describe, ensure_server
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
-from .hostcache import DEFAULT_DIRECTORY, HostCache, scope_name
+from .hostcache import DEFAULT_DIRECTORY, HostCache
 from .manifest import Buffer, Manifest
 from .store import RedisStore, as_store
 from .versions import VersionRegistry
@@ -229,8 +229,8 @@ class RedisWeightReceiver:
     def _host_cache(self, option: bool | str | os.PathLike[str]) -> HostCache | None:
         if option is False or option is None:
             return None
-        base = DEFAULT_DIRECTORY if option is True else os.fspath(option)
-        return HostCache(os.path.join(base, scope_name(describe(self.store.client), self.keyspace.namespace)))
+        base = DEFAULT_DIRECTORY if option is True else option
+        return HostCache.scoped(base, describe(self.store.client), self.keyspace.namespace)
 
     @contextlib.contextmanager
     def _fetch(self, manifest: Manifest) -> Iterator[list[Buffer | None]]:

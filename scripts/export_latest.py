@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from redis_weights.admin import Admin  # noqa: E402
-from redis_weights.cli import connection_options, run_script  # noqa: E402
+from redis_weights.cli import connection_options, non_negative_int, run_script  # noqa: E402
 from redis_weights.units import human_bytes  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def export_latest(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[connection_options()])
     parser.add_argument("--dir", required=True, help="directory of the exports")
-    parser.add_argument("--keep", type=int, default=0, help="keep only the newest K exports (0: keep all)")
+    parser.add_argument("--keep", type=non_negative_int, default=0, help="keep only the newest K exports (0: keep all)")
     return run_script(parser, export_latest, argv, prog="export_latest")
 
 

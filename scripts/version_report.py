@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from redis_weights.admin import Admin, VersionRow, WorkerRow  # noqa: E402
-from redis_weights.cli import cmd_versions, cmd_workers, connection_options, run_script  # noqa: E402
+from redis_weights.cli import cmd_versions, cmd_workers, connection_options, non_negative_int, run_script  # noqa: E402
 
 
 def problems(rows: list[WorkerRow], max_lag: int | None, fail_on_dead: bool) -> list[str]:
@@ -58,7 +58,8 @@ def report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[connection_options()])
-    parser.add_argument("--max-lag", type=int, default=None, help="a live rank further behind is a problem")
+    parser.add_argument("--max-lag", type=non_negative_int, default=None,
+                        help="a live rank further behind is a problem")
     parser.add_argument("--fail-on-dead", action="store_true", help="a dead rank is a problem")
     parser.add_argument("--json", action="store_true", help="one JSON document")
     return run_script(parser, report, argv, prog="version_report")

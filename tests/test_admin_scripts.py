@@ -100,3 +100,18 @@ def test_export_latest_writes_once_and_prunes(fleet, redis_url: str, namespace: 
     assert script.main(["--url", redis_url, "-n", namespace + "-empty", "--dir", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("export_latest: error: ") and "no committed version" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("name", "option"), [("export_latest", "--keep"), ("version_report", "--max-lag")])
+def test_negative_counts_are_usage_errors(name: str, option: str, tmp_path: Path, capsys) -> None:
+    script = load(name)
+    extra = ["--dir", str(tmp_path)] if name == "export_latest" else []
+    kept = tmp_path / "policy-v1.safetensors"
+    kept.write_bytes(b"an export")
+    for value, why in (("-2", "must be at least 0, got -2"), ("x", "not an integer: 'x'")):
+        with pytest.raises(SystemExit) as exc:  # refused by argparse, before anything connects or deletes
+            script.main(["--url", "redis://127.0.0.1:1/0", *extra, option, value])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {option}: {why}" in err
+    assert kept.read_bytes() == b"an export"

@@ -8,12 +8,18 @@ here, so the remaining variations call the same ``main()`` in-process.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -198,6 +204,41 @@ def test_export_import_rollback_gc_delete(fleet, redis_url: str, namespace: str,
     assert "no committed version" in run("versions").stdout
 
 
+def test_export_checks_the_path_and_writes_an_ordinary_file(
+    fleet, redis_url: str, namespace: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    nowhere = cli("export", "latest", "-o", "/nonexistent/x.safetensors", url=redis_url, namespace=namespace)
+    assert_one_line_error(nowhere, "cannot write /nonexistent/x.safetensors: directory /nonexistent does not exist")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_main(capsys, "--url", redis_url, "-n", namespace, *args)
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert_one_line_error(run("export", "latest", "-o", str(tmp_path)), f"{tmp_path} is a directory: give a file name")
+    assert_one_line_error(run("export", "latest", "-o", str(a_file / "x.safetensors")),
+                          f"directory {a_file} is not a directory")  # fmt: skip
+    target = tmp_path / "v.safetensors"
+
+    def disk_full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/somewhere/.v.safetensors.1234.tmp")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", disk_full)
+        full = run("export", "latest", "-o", str(target))
+    assert full.returncode == 1 and full.stderr == f"redis-weights: error: {target}: No space left on device\n"
+    assert list(tmp_path.iterdir()) == [a_file]  # no temporary file left behind
+    umask = os.umask(0o027)
+    try:
+        exported = run("export", "latest", "-o", str(target))
+    finally:
+        os.umask(umask)
+    assert exported.returncode == 0 and f"to {target}" in exported.stdout, exported
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # 0666 less the umask, like any new file (not 0600)
+    assert all(torch.equal(load_file(str(target))[k], v) for k, v in weights(3).items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "v.safetensors"]
+
+
 def test_watch_prints_pushes_and_acks(real_store: RedisStore, redis_url: str, namespace: str) -> None:
     watcher = _start(["--url", redis_url, "--namespace", namespace, "watch", "--json", "--count", "2",
                       "--timeout", "60"], None, None)  # fmt: skip
@@ -222,6 +263,92 @@ def test_watch_prints_pushes_and_acks(real_store: RedisStore, redis_url: str, na
     events = [json.loads(line) for line in out.splitlines()]
     assert [(e["kind"], e["version"]) for e in events] == [("push", 1), ("ack", 1)]
     assert events[0]["tensors"] == 3 and events[1]["rank"] == 1 and events[1]["status"] == "updated"
+
+
+class _Terminal(io.StringIO):
+    """A stdout that says it is a terminal: the CLI draws rich tables on it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture
+def terminal(monkeypatch) -> _Terminal:
+    """A 120-column terminal for ``redirect_stdout`` (set in the test: capture resets ``sys.stdout`` after setup)."""
+    for name in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setenv("COLUMNS", "120")
+    return _Terminal()
+
+
+def _boxed_rows(text: str, title: str) -> list[list[str]]:
+    """The cells of the one boxed table in ``text`` under ``title``, after checking the box's shape."""
+    lines = [line.rstrip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    assert lines[0] == title, lines
+    top, header, rule, *rows, bottom = lines[1:]
+    assert top[0] + top[-1] == "┏┓" and rule[0] + rule[-1] == "┡┩" and bottom[0] + bottom[-1] == "└┘", lines
+    assert len({len(line) for line in lines[1:]}) == 1, lines  # one width: columns line up
+    assert header[0] == header[-1] == "┃" and all(r[0] == r[-1] == "│" for r in rows), lines
+    return [[c.strip() for c in header.strip("┃").split("┃")]] + [[c.strip() for c in r.strip("│").split("│")]
+                                                                   for r in rows]  # fmt: skip
+
+
+def test_tables_on_a_terminal_are_boxed(fleet, redis_url: str, namespace: str, terminal: _Terminal) -> None:
+    v1, v2, v3 = fleet["versions"]
+    with redirect_stdout(terminal):
+        assert main(["--url", redis_url, "-n", namespace, "versions"]) == 0
+    versions = _boxed_rows(terminal.getvalue(), f"namespace {namespace!r}")
+    assert versions[0] == ["version", "created (UTC)", "size", "tensors", "producer", "ranks"]
+    assert [(r[0], r[3], r[5]) for r in versions[1:]] == [(f"{v3} (latest)", "3", "1"), (str(v2), "3", "2"),
+                                                         (str(v1), "3", "3")]  # fmt: skip
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", r[1]) and r[2].endswith("KiB") for r in versions[1:])
+    terminal.seek(0)
+    terminal.truncate()
+    with redirect_stdout(terminal):
+        assert main(["--url", redis_url, "-n", namespace, "workers"]) == 0
+    workers = _boxed_rows(terminal.getvalue(), f"namespace {namespace!r}, latest version {v3}")
+    assert workers[0] == ["rank", "status", "applied", "lag", "heartbeat", "state"]
+    assert [(r[0], r[1], r[2], r[3], r[5]) for r in workers[1:]] == [
+        ("1", "updated", str(v3), "0", "alive"), ("2", "pending", str(v2), str(v3 - v2), "alive"),
+        ("3", "pending", str(v1), str(v3 - v1), "DEAD"),
+    ]  # fmt: skip
+    assert re.fullmatch(r"[\d.]+s ago", workers[1][4]) and workers[3][4] == "-"
+
+
+def _push_once_watched(real_store: RedisStore, namespace: str, watcher: threading.Thread) -> None:
+    """Once ``watcher`` has subscribed: push version 1, rank 1 applies it; then wait for the watcher to end."""
+    try:
+        store = RedisStore(real_store.client, namespace, owns_client=False)
+        receiver = RedisWeightReceiver(store, 1, {k: torch.zeros_like(v) for k, v in weights(0).items()})
+        updater = RedisWeightUpdater(store, weights(1), 1, sync=False)
+        deadline = time.monotonic() + 30
+        while real_store.client.pubsub_numsub(store.keyspace.acks_channel)[0][1] == 0:
+            assert time.monotonic() < deadline and watcher.is_alive()
+            time.sleep(0.02)
+        updater.update_weights()
+        assert receiver.poll() == 1
+    finally:
+        watcher.join(40)
+
+
+def test_watch_text_lines(real_store: RedisStore, redis_url: str, namespace: str, terminal: _Terminal) -> None:
+    codes: list[int] = []
+    watcher = threading.Thread(target=lambda: codes.append(main(
+        ["--url", redis_url, "-n", namespace, "watch", "--count", "2", "--timeout", "30"])))  # fmt: skip
+    with redirect_stdout(terminal):  # process-wide: the watcher thread prints there too
+        watcher.start()
+        _push_once_watched(real_store, namespace, watcher)
+    assert codes == [0]
+    lines = terminal.getvalue().splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    assert lines[0] == f"watching namespace {namespace!r} (Ctrl-C to stop)"
+    assert re.fullmatch(rf"{stamp}  push  v1  [\d.]+ KiB, 3 tensors  by \S+", lines[1]), lines
+    assert re.fullmatch(rf"{stamp}  ack   v1  rank 1: updated", lines[2]), lines
+    assert len(lines) == 3
 
 
 def test_doctor(server_factory, redis_url: str, namespace: str, capsys) -> None:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import io
+import re
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import pytest
 import redis
 
 from redis_weights.demo import DemoOptions, Progress, _summary, claim_rank, demo_weights, digest
 from redis_weights.demo import run_demo as run_demo_in_process
+from redis_weights.errors import ConfigurationError
 from tests.conftest import REPO_ROOT
 
 DEMO = ["--workers", "2", "--size-mb", "2", "--versions", "3", "--interval", "0"]
@@ -83,8 +90,119 @@ def test_summary_fails_when_a_worker_holds_other_weights() -> None:
 
 def test_replicas_claim_distinct_ranks(real_store) -> None:
     client, keys = real_store.client, real_store.keyspace
-    assert [claim_rank(client, keys, ttl=30) for _ in range(3)] == [1, 2, 3]
+    assert [claim_rank(client, keys, ttl=30, workers=3) for _ in range(3)] == [1, 2, 3]
     client.delete(keys.rank_alive(2))  # rank 2's heartbeat expired: a restarted replica takes it over
-    assert claim_rank(client, keys, ttl=30) == 2
-    assert claim_rank(client, keys, ttl=30) == 4
-    assert 0 < client.pttl(keys.rank_alive(4)) <= 30_000
+    assert claim_rank(client, keys, ttl=30, workers=3) == 2
+    assert 0 < client.pttl(keys.rank_alive(2)) <= 30_000
+    assert claim_rank(client, keys, ttl=30, workers=4) == 4
+
+
+def test_a_claim_waits_for_a_rank_within_the_bound_and_never_goes_above(real_store) -> None:
+    client, keys = real_store.client, real_store.keyspace
+    assert [claim_rank(client, keys, ttl=30, workers=2) for _ in range(2)] == [1, 2]
+    with pytest.raises(ConfigurationError, match=r"every rank of 1\.\.2 has a live worker .*WORKERS"):
+        claim_rank(client, keys, ttl=30, workers=2, wait=0.3)
+    assert client.exists(keys.rank_alive(3)) == 0  # nothing claimed above the bound
+    # Rank 1's heartbeat runs out while the claim waits: it gets rank 1.
+    client.pexpire(keys.rank_alive(1), 400)
+    started = time.monotonic()
+    assert claim_rank(client, keys, ttl=30, workers=2, wait=10) == 1
+    assert time.monotonic() - started < 10
+    assert client.exists(keys.rank_alive(3)) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# The Docker Compose roles (``--role trainer`` / ``--role worker`` without ``--rank``), as processes
+# ---------------------------------------------------------------------------------------
+@dataclass
+class _Process:
+    """A ``python -m redis_weights`` process whose stdout and stderr go to one file."""
+
+    out: Path
+    proc: subprocess.Popen[bytes]
+
+    def text(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(pattern, self.text())):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} (exit code {self.proc.poll()}): {self.text()[-2000:]}")
+            time.sleep(0.05)
+        return match
+
+    def rank(self) -> int:
+        return int(self.wait_for(r"rank (\d+): ready on namespace").group(1))
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., _Process]]:
+    """Start ``redis-weights`` processes; every one is stopped at teardown, even when the test fails."""
+    started: list[_Process] = []
+
+    def start(*args: str) -> _Process:
+        out = tmp_path / f"proc{len(started)}.out"
+        with open(out, "wb") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "redis_weights", *args], cwd=REPO_ROOT,
+                                    stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+        started.append(_Process(out, proc))
+        return started[-1]
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def test_docker_roles_trainer_and_workers_without_rank(real_store, redis_url: str, namespace: str, spawn) -> None:
+    demo = ("--url", redis_url, "--namespace", namespace, "demo", "--size-mb", "1", "--workers", "2")
+    workers = [spawn(*demo, "--role", "worker") for _ in range(2)]
+    trainer = spawn(*demo, "--role", "trainer", "--versions", "2", "--interval", "0", "--timeout", "30")
+    assert trainer.proc.wait(120) == 0, trainer.text()
+    out = trainer.text()
+    assert f"waiting up to 30s for ranks 1..2 to join namespace {namespace!r}" in out
+    for version in (1, 2):
+        assert re.search(rf"^v{version}: pushed 981\.1 KiB to 2 workers in [\d.]+ ms", out, re.M), out
+    assert "push failed" not in out and "pushing anyway" not in out
+    ranks = [w.rank() for w in workers]
+    assert sorted(ranks) == [1, 2]
+    pattern = r"rank {}: applied version 2 \(digest (\w+)\)"
+    digests = {w.wait_for(pattern.format(r)).group(1) for w, r in zip(workers, ranks, strict=True)}
+    assert len(digests) == 1 and digests != {digest(demo_weights(1, seed=None))}  # same, non-zero weights
+
+
+def test_a_restarted_worker_takes_over_its_dead_rank(real_store, redis_url: str, namespace: str, spawn) -> None:
+    worker = ("--url", redis_url, "--namespace", namespace, "demo", "--role", "worker", "--workers", "2",
+              "--size-mb", "0.1")  # fmt: skip
+    first, second = spawn(*worker), spawn(*worker)
+    by_rank = {first.rank(): first, second.rank(): second}
+    assert sorted(by_rank) == [1, 2]
+    by_rank[1].stop(signal.SIGKILL)  # a crash: rank 1's heartbeat lives on until its TTL runs out
+    alive = real_store.keyspace.rank_alive(1)
+    assert real_store.client.pexpire(alive, 8000)  # ...long enough to outlast the new process's start
+    restarted = spawn(*worker)
+    assert restarted.rank() == 1  # not 3, which the trainer of 2 workers would never wait for
+    assert "ranks 1..2 are all held; waiting up to" in restarted.text()
+    assert real_store.client.exists(real_store.keyspace.rank_alive(3)) == 0
+
+
+def test_workers_default_from_the_environment(monkeypatch, capsys) -> None:
+    from redis_weights.cli import _workers_from_environment, main
+
+    monkeypatch.delenv("WORKERS", raising=False)
+    assert _workers_from_environment() == 4
+    monkeypatch.setenv("WORKERS", "8")
+    assert _workers_from_environment() == 8
+    monkeypatch.setenv("WORKERS", "-1")
+    assert main(["demo", "--role", "worker"]) == 1  # refused before connecting anywhere
+    err = capsys.readouterr().err
+    assert err == "redis-weights: error: WORKERS='-1': must be at least 1, got -1\n"

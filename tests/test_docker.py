@@ -49,12 +49,13 @@ def test_services_and_scaling() -> None:
     trainer = build_parser().parse_args(services["trainer"]["command"])
     assert trainer.role == "trainer" and trainer.workers == 8 and trainer.versions == 0  # pushes forever
     worker = build_parser().parse_args(services["worker"]["command"])
-    assert worker.role == "worker" and worker.rank is None  # replicas take the lowest free rank
+    assert worker.role == "worker" and worker.rank is None  # replicas take the lowest free rank...
+    assert worker.workers == 8  # ...of 1..WORKERS, the ranks the trainer waits for
     assert worker.size_mb == trainer.size_mb  # same model shapes on both sides
     defaults = compose()["services"]
-    assert build_parser().parse_args(defaults["trainer"]["command"]).workers == int(
-        defaults["worker"]["deploy"]["replicas"]
-    )
+    replicas = int(defaults["worker"]["deploy"]["replicas"])
+    assert build_parser().parse_args(defaults["trainer"]["command"]).workers == replicas
+    assert build_parser().parse_args(defaults["worker"]["command"]).workers == replicas
     # The fleet starts only after `doctor` passed, and the doctor only once Redis answers.
     for name in ("trainer", "worker"):
         assert services[name]["depends_on"]["doctor"]["condition"] == "service_completed_successfully"

@@ -28,6 +28,7 @@ def main() -> int:
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--heartbeat-ttl", type=float, default=10.0)
     parser.add_argument("--apply-delay", type=float, default=0.0, help="sleep inside each apply (fault tests)")
+    parser.add_argument("--host-cache", default=None, help="share versions through this directory (host_cache=DIR)")
     args = parser.parse_args()
 
     if args.apply_delay:
@@ -44,7 +45,8 @@ def main() -> int:
     model = make_model(args.model, seed=None)
     store = RedisStore.from_url(args.url, args.namespace)
     receiver = RedisWeightReceiver(
-        store, args.rank, model, poll_interval=args.poll_interval, heartbeat_ttl=args.heartbeat_ttl
+        store, args.rank, model, poll_interval=args.poll_interval, heartbeat_ttl=args.heartbeat_ttl,
+        host_cache=args.host_cache or False,
     )
 
     def record(version: int) -> None:
