@@ -78,6 +78,18 @@ redis.call('PUBLISH', ARGV[5], v)
 return 1
 """
 
+# KEYS: manifest, chunk_1..chunk_n. Drop the chunks of a version that was not
+# committed (its upload failed); a version whose manifest exists is left alone.
+_DISCARD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+for i = 2, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+return 1
+"""
+
 
 def producer_id() -> str:
     """``host:pid`` of this process, recorded in every manifest it commits."""
@@ -96,6 +108,7 @@ class VersionRegistry:
         self.keyspace = keyspace
         self._allocate = client.register_script(_ALLOCATE)
         self._commit = client.register_script(_COMMIT)
+        self._discard = client.register_script(_DISCARD)
 
     # -- writing ------------------------------------------------------------------------
     def allocate(self, floor: int = 0) -> int:
@@ -152,6 +165,12 @@ class VersionRegistry:
                     "(upload slower than pending_ttl, or Redis restarted)"
                 ) from exc
             raise
+
+    def discard(self, version: int, num_chunks: int) -> bool:
+        """Delete the chunks of an uncommitted ``version`` now rather than at their expiry
+        (frees the memory of a failed upload at once); False if it was committed after all."""
+        k = self.keyspace
+        return bool(self._discard(keys=[k.manifest(version), *k.chunks(version, num_chunks)]))
 
     def rollback(
         self, version: int, pending_ranks: Iterable[int] = (), pending_ttl: float = DEFAULT_PENDING_TTL
