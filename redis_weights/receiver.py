@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from .codec import apply_chunks, flatten_weights
+from .codec import apply_chunks, check_compatible, flatten_weights
 from .connection import close_subscription, describe, ensure_server
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
@@ -116,6 +116,7 @@ class RedisWeightReceiver:
         self._poll_lock = threading.Lock()
         self._applied = threading.Condition()
         self._failed_version = 0
+        self._unsent: tuple[int, str] | None = None  # a report Redis did not confirm; poll() resends it
         self._lost_reported = False
         self._history_lost = False  # Redis lost this rank's keys: version numbers may repeat
         self._updates: redis.client.PubSub | None = None
@@ -153,10 +154,15 @@ class RedisWeightReceiver:
         self._last_beat = time.monotonic()
 
     def _report(self, version: int, status: str) -> None:
+        """Record ``status`` for ``version`` (the ack script). Kept until Redis confirms it:
+        a report lost to a Redis blip is sent again by the next ``poll()``, else the
+        rank would stay ``"pending"`` and the trainer's sync push would time out."""
+        self._unsent = (version, status)
         self._ack(
             keys=[self.keyspace.rank_status(self.rank), self.keyspace.rank_version(self.rank), self.keyspace.latest],
             args=[version, status, self.keyspace.acks_channel, self.rank],
         )
+        self._unsent = None
 
     def register_post_hook(self, hook: Callable[[int], Any]) -> None:
         """Call ``hook(version)`` after each version is applied and before it is acked."""
@@ -168,9 +174,12 @@ class RedisWeightReceiver:
 
         Does not block on notifications. Redis errors propagate; bad versions do
         not (they become this rank's ``"error: ..."`` status and ``last_error``).
+        A status report that Redis did not confirm (a lost ack) is sent again first.
         """
         with self._poll_lock:
             self.heartbeat()
+            if self._unsent is not None:  # the ack script guards a newer "pending" from an old report
+                self._report(*self._unsent)
             for _ in range(_FETCH_ATTEMPTS):
                 latest = self.registry.latest()
                 if latest == 0:
@@ -191,6 +200,12 @@ class RedisWeightReceiver:
         except CodecError as exc:  # a manifest that is not JSON, or lies about the layout
             self._fail(version, str(exc))
             return None
+        targets = flatten_weights(self.policy)
+        try:  # before allocating or fetching anything: a version that cannot fit costs one GET
+            check_compatible(manifest.tensors, targets, allow_cast=self.allow_cast)
+        except WeightMismatchError as exc:
+            self._fail(version, str(exc))
+            return None
         with self._fetch(manifest) as chunks:
             present = [c for c in chunks if c is not None]
             if len(present) != len(chunks):
@@ -203,7 +218,7 @@ class RedisWeightReceiver:
                 return None
             try:
                 with self.lock:  # holders of the lock see weights and version agree
-                    apply_chunks(present, manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
+                    apply_chunks(present, manifest, targets, allow_cast=self.allow_cast)
                     previous, self.version = self.version, version
             except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
                 self._fail(version, str(exc))
