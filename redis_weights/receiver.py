@@ -42,6 +42,8 @@ _FETCH_ATTEMPTS = 3  # a version garbage-collected mid-read: retry from latest
 # KEYS: status, version, latest. ARGV: version, status text, acks channel, rank.
 # The applied version is always recorded; the status only when no newer version
 # has been committed meanwhile (else it stays "pending" for the trainer's sake).
+# The PUBLISH is only a wake-up hint: refused (the user lost its channel rights), it
+# must not fail the ack, whose SETs a script cannot take back anyway.
 _ACK = """
 local v = tonumber(ARGV[1])
 local latest = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -51,7 +53,7 @@ end
 if v >= latest then
   redis.call('SET', KEYS[1], ARGV[2])
 end
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ':' .. v)
+redis.pcall('PUBLISH', ARGV[3], ARGV[4] .. ':' .. v)
 return latest
 """
 
@@ -174,23 +176,24 @@ class RedisWeightReceiver:
 
         Does not block on notifications. Redis errors propagate; bad versions do
         not (they become this rank's ``"error: ..."`` status and ``last_error``).
-        A status report that Redis did not confirm (a lost ack) is sent again first.
+        With nothing new to apply, a status report that Redis did not confirm (a lost
+        ack) is sent again.
         """
         with self._poll_lock:
             self.heartbeat()
-            if self._unsent is not None:  # the ack script guards a newer "pending" from an old report
-                self._report(*self._unsent)
             for _ in range(_FETCH_ATTEMPTS):
                 latest = self.registry.latest()
                 if latest == 0:
                     self._report_lost()
-                    return None
-                if latest in (self.version, self._failed_version) and not self._history_lost:
-                    return None
-                try:
-                    return self._apply(latest)
-                except VersionNotFoundError as exc:
-                    log.info("rank %d: version %d vanished while reading (%s); retrying", self.rank, latest, exc)
+                elif latest not in (self.version, self._failed_version) or self._history_lost:
+                    try:
+                        return self._apply(latest)
+                    except VersionNotFoundError as exc:
+                        log.info("rank %d: version %d vanished while reading (%s); retrying", self.rank, latest, exc)
+                        continue
+                if self._unsent is not None:  # nothing newer to apply, whose report would supersede it
+                    self._report(*self._unsent)
+                return None
             return None
 
     def _apply(self, version: int) -> int | None:

@@ -49,6 +49,8 @@ return n
 # KEYS: latest, versions, manifest, chunk_1..chunk_n, status_1..status_m
 # ARGV: version, manifest json, n, m, updates channel
 # Idempotent: a retried commit of the version that is already latest returns 0.
+# The PUBLISH is only a hint (workers poll latest): refused, it must not fail a
+# commit that has already happened.
 _COMMIT = """
 local v = tonumber(ARGV[1])
 local n = tonumber(ARGV[3])
@@ -74,7 +76,7 @@ redis.call('SET', KEYS[1], v)
 for j = 1, m do
   redis.call('SET', KEYS[3 + n + j], 'pending')
 end
-redis.call('PUBLISH', ARGV[5], v)
+redis.pcall('PUBLISH', ARGV[5], v)
 return 1
 """
 
