@@ -185,10 +185,11 @@ class RedisWeightUpdater(WeightUpdaterBase):
         except _LOST as exc:  # Redis is gone; the commit script may or may not have run
             what = "its commit could not be confirmed" if committing else "the new version was not committed"
             raise self._redis_failure(exc, job.version, what) from exc
-        except Exception as exc:  # an error reply or a refused commit: nothing was committed
-            self._discard(job)
+        except Exception as exc:  # an error reply or a refused commit: nothing was committed, or
+            committed = self._discard(job)  # a script that failed part-way (its manifest exists)
             if isinstance(exc, redis.exceptions.RedisError):
-                raise self._redis_failure(exc, job.version, "the new version was not committed") from exc
+                what = "its commit failed part-way" if committed else "the new version was not committed"
+                raise self._redis_failure(exc, job.version, what) from exc
             raise
         log.debug(
             "committed version %d: %d tensors, %d bytes in %d chunks, %.1f ms",
@@ -200,13 +201,15 @@ class RedisWeightUpdater(WeightUpdaterBase):
         except redis.exceptions.RedisError as exc:  # retention is housekeeping: never fail a push
             log.warning("garbage collection after version %d failed: %s", job.version, exc)
 
-    def _discard(self, job: _Upload) -> None:
-        """Best effort: delete the chunks of an upload that failed before its commit."""
+    def _discard(self, job: _Upload) -> bool:
+        """Best effort: delete the chunks of an upload that failed before its commit.
+        True when the version turns out committed after all (its chunks are kept)."""
         try:
-            self.registry.discard(job.version, len(job.encoded.plan))
+            return not self.registry.discard(job.version, len(job.encoded.plan))
         except redis.exceptions.RedisError as exc:
             log.warning("could not delete the chunks of failed version %d (%s); they expire in %gs",
                         job.version, exc, self.pending_ttl)  # fmt: skip
+            return False
 
     def _submit(self, weights: Any, ranks: list[int]) -> None:
         """Background push: snapshot into a free staging buffer, queue the upload, return."""

@@ -223,3 +223,20 @@ def test_flush_that_times_out_is_a_push_timeout(fake_store, policy, monkeypatch)
     updater.flush(10)
     assert updater.registry.latest() == 1
     updater.close()
+
+
+def test_an_error_reply_after_the_commit_happened_says_so_and_keeps_the_chunks(fake_store, policy, monkeypatch):
+    """A script that fails part-way (here: after its writes) is not reported as "not committed",
+    and the chunks of the committed version are not discarded."""
+    updater = _updater(fake_store, policy, n=1)
+    real_commit = updater.registry._commit
+
+    def commit_then_fail(*args, **kwargs):
+        real_commit(*args, **kwargs)
+        raise redis.exceptions.ResponseError("failed after its writes")
+
+    monkeypatch.setattr(updater.registry, "_commit", commit_then_fail)
+    with pytest.raises(PushError, match="push of version 1 failed: .*after its writes; its commit failed part-way"):
+        updater.update_weights()
+    monkeypatch.undo()
+    assert updater.registry.latest() == 1 and updater.registry.read(1)[0].version == 1
