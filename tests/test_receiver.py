@@ -173,7 +173,9 @@ def test_a_lost_report_is_sent_again_by_the_next_poll(fake_store):
 
 
 @pytest.mark.parametrize("host_cache", [False, True])
-def test_a_version_that_does_not_fit_is_refused_before_anything_is_fetched(fake_store, monkeypatch, tmp_path, host_cache):
+def test_a_version_that_does_not_fit_is_refused_before_anything_is_fetched(
+    fake_store, monkeypatch, tmp_path, host_cache
+):
     """A worker with a small model and a manifest of a big one: refused from the manifest alone."""
     worker = nn.Linear(8, 4)
     before = worker.weight.detach().clone()
