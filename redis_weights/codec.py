@@ -36,6 +36,7 @@ from .manifest import (
     TensorEntry,
     checksum,
     header_bytes,
+    parse_header_bytes,
 )
 
 DTYPES: dict[str, torch.dtype] = {code: getattr(torch, attr) for code, attr in DTYPE_ATTRS.items()}
@@ -333,6 +334,34 @@ class _ChunkedStream:
             i += 1
 
 
+def check_header(stream: _ChunkedStream, manifest: Manifest) -> None:
+    """Raise ``IntegrityError`` unless the safetensors header at the start of the (verified)
+    chunks describes exactly the manifest's tensors.
+
+    The checksums vouch for the chunks, not for the manifest's tensor table: without
+    this check a manifest edited after the commit (two same-shape tensors swapped)
+    would put verified bytes into the wrong tensors. One parse of the header, which
+    usually lies in chunk 0.
+    """
+    head = np.empty(manifest.header_len, dtype=np.uint8)
+    stream.copy_range(0, manifest.header_len, head)
+    where = f"version {manifest.version}"
+    try:
+        start, entries = parse_header_bytes(head.data, manifest.total_bytes)
+    except CodecError as exc:
+        raise IntegrityError(f"{where}: the safetensors header in its chunks is invalid: {exc}") from exc
+    if start != manifest.header_len:
+        raise IntegrityError(f"{where}: header_len {manifest.header_len} in the manifest, {start} in the chunks")
+    header = {e.name: e for e in entries}
+    listed = {e.name: e for e in manifest.tensors}
+    if header != listed:
+        name = next(n for n in sorted(header.keys() | listed.keys()) if header.get(n) != listed.get(n))
+        raise IntegrityError(
+            f"{where}: the manifest does not match the safetensors header in its chunks "
+            f"(tensor {name!r} differs; was the manifest edited?)"
+        )
+
+
 def apply_chunks(
     chunks: Sequence[Buffer],
     manifest: Manifest,
@@ -340,7 +369,8 @@ def apply_chunks(
     *,
     allow_cast: bool = False,
 ) -> None:
-    """Verify every chunk, check the layout against ``targets``, then copy in place.
+    """Verify every chunk and the header inside them, check the layout against ``targets``,
+    then copy in place.
 
     Nothing is written into ``targets`` unless every check passes, so a failure
     leaves the old weights whole. The target tensors keep their identity, device
@@ -350,8 +380,9 @@ def apply_chunks(
         raise IntegrityError(f"version {manifest.version}: got {len(chunks)} chunks, expected {manifest.num_chunks}")
     for index, data in enumerate(chunks):
         manifest.verify_chunk(index, data)
-    check_compatible(manifest.tensors, targets, allow_cast=allow_cast)
     stream = _ChunkedStream(chunks)
+    check_header(stream, manifest)
+    check_compatible(manifest.tensors, targets, allow_cast=allow_cast)
     base = manifest.header_len
     with torch.no_grad():
         for entry in manifest.tensors:

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from .codec import apply_chunks, flatten_weights
+from .codec import apply_chunks, check_compatible, flatten_weights
 from .connection import close_subscription, describe, ensure_server
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
@@ -42,6 +42,8 @@ _FETCH_ATTEMPTS = 3  # a version garbage-collected mid-read: retry from latest
 # KEYS: status, version, latest. ARGV: version, status text, acks channel, rank.
 # The applied version is always recorded; the status only when no newer version
 # has been committed meanwhile (else it stays "pending" for the trainer's sake).
+# The PUBLISH is only a wake-up hint: refused (the user lost its channel rights), it
+# must not fail the ack, whose SETs a script cannot take back anyway.
 _ACK = """
 local v = tonumber(ARGV[1])
 local latest = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -51,7 +53,7 @@ end
 if v >= latest then
   redis.call('SET', KEYS[1], ARGV[2])
 end
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ':' .. v)
+redis.pcall('PUBLISH', ARGV[3], ARGV[4] .. ':' .. v)
 return latest
 """
 
@@ -116,6 +118,7 @@ class RedisWeightReceiver:
         self._poll_lock = threading.Lock()
         self._applied = threading.Condition()
         self._failed_version = 0
+        self._unsent: tuple[int, str] | None = None  # a report Redis did not confirm; poll() resends it
         self._lost_reported = False
         self._history_lost = False  # Redis lost this rank's keys: version numbers may repeat
         self._updates: redis.client.PubSub | None = None
@@ -153,10 +156,15 @@ class RedisWeightReceiver:
         self._last_beat = time.monotonic()
 
     def _report(self, version: int, status: str) -> None:
+        """Record ``status`` for ``version`` (the ack script). Kept until Redis confirms it:
+        a report lost to a Redis blip is sent again by the next ``poll()``, else the
+        rank would stay ``"pending"`` and the trainer's sync push would time out."""
+        self._unsent = (version, status)
         self._ack(
             keys=[self.keyspace.rank_status(self.rank), self.keyspace.rank_version(self.rank), self.keyspace.latest],
             args=[version, status, self.keyspace.acks_channel, self.rank],
         )
+        self._unsent = None
 
     def register_post_hook(self, hook: Callable[[int], Any]) -> None:
         """Call ``hook(version)`` after each version is applied and before it is acked."""
@@ -168,6 +176,8 @@ class RedisWeightReceiver:
 
         Does not block on notifications. Redis errors propagate; bad versions do
         not (they become this rank's ``"error: ..."`` status and ``last_error``).
+        With nothing new to apply, a status report that Redis did not confirm (a lost
+        ack) is sent again.
         """
         with self._poll_lock:
             self.heartbeat()
@@ -175,13 +185,15 @@ class RedisWeightReceiver:
                 latest = self.registry.latest()
                 if latest == 0:
                     self._report_lost()
-                    return None
-                if latest in (self.version, self._failed_version) and not self._history_lost:
-                    return None
-                try:
-                    return self._apply(latest)
-                except VersionNotFoundError as exc:
-                    log.info("rank %d: version %d vanished while reading (%s); retrying", self.rank, latest, exc)
+                elif latest not in (self.version, self._failed_version) or self._history_lost:
+                    try:
+                        return self._apply(latest)
+                    except VersionNotFoundError as exc:
+                        log.info("rank %d: version %d vanished while reading (%s); retrying", self.rank, latest, exc)
+                        continue
+                if self._unsent is not None:  # nothing newer to apply, whose report would supersede it
+                    self._report(*self._unsent)
+                return None
             return None
 
     def _apply(self, version: int) -> int | None:
@@ -189,6 +201,12 @@ class RedisWeightReceiver:
         try:
             manifest = self.registry.read_manifest(version)
         except CodecError as exc:  # a manifest that is not JSON, or lies about the layout
+            self._fail(version, str(exc))
+            return None
+        targets = flatten_weights(self.policy)
+        try:  # before allocating or fetching anything: a version that cannot fit costs one GET
+            check_compatible(manifest.tensors, targets, allow_cast=self.allow_cast)
+        except WeightMismatchError as exc:
             self._fail(version, str(exc))
             return None
         with self._fetch(manifest) as chunks:
@@ -203,7 +221,7 @@ class RedisWeightReceiver:
                 return None
             try:
                 with self.lock:  # holders of the lock see weights and version agree
-                    apply_chunks(present, manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
+                    apply_chunks(present, manifest, targets, allow_cast=self.allow_cast)
                     previous, self.version = self.version, version
             except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
                 self._fail(version, str(exc))

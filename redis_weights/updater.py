@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
 _LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # Redis stopped answering
+# What to do about the Redis errors a push most likely meets once Redis answers but refuses.
+_HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
+    (redis.exceptions.OutOfMemoryError, "Redis is full (maxmemory, noeviction): raise maxmemory or lower retention"),
+    (redis.exceptions.NoPermissionError, "the Redis user lacks a right this push needs (ACL SETUSER)"),
+    (redis.exceptions.ReadOnlyError, "this Redis is a read-only replica: connect to the primary"),
+)
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
 
 
@@ -131,18 +137,22 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 self._submit(server_weights, ranks)
                 return
             self._publish(server_weights, ranks)
-        except _LOST as exc:
-            raise self._unreachable(exc, None, "the new version was not committed") from exc
+        except redis.exceptions.RedisError as exc:  # subscribe or allocate; ``_upload`` raises its own PushError
+            raise self._redis_failure(exc, None, "the new version was not committed") from exc
         if self.sync and ranks:
-            try:
-                self._wait_for_acks(self.version, ranks, self.timeout)
-            except _LOST as exc:
-                raise self._unreachable(exc, self.version, "while waiting for the acks") from exc
+            self._collect_acks(self.version, ranks, self.timeout)
 
-    def _unreachable(self, exc: Exception, version: int | None, what: str) -> PushError:
-        """The one error a push raises when Redis stops answering (refused, reset, timed out)."""
+    def _redis_failure(self, exc: redis.exceptions.RedisError, version: int | None, what: str) -> PushError:
+        """The one error a push raises for a Redis error: Redis stopped answering (refused, reset,
+        timed out), or answered with an error (out of memory, no permission, read-only replica...)."""
         push = "push" if version is None else f"push of version {version}"
-        message = f"{push} failed: Redis at {describe(self.store.client)} is unreachable ({exc}); {what}"
+        where = describe(self.store.client)
+        if isinstance(exc, _LOST):
+            message = f"{push} failed: Redis at {where} is unreachable ({exc}); {what}"
+        else:
+            hint = next((f"; {text}" for cls, text in _HINTS if isinstance(exc, cls)), "")
+            error = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
+            message = f"{push} failed: Redis at {where} answered {error}; {what}{hint}"
         return PushError(message, version=self.version if version is None else version)
 
     # -- the push -----------------------------------------------------------------------
@@ -158,14 +168,29 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return version
 
     def _upload(self, job: _Upload) -> None:
-        """Write the chunks, commit, then apply retention (on the background thread if any)."""
+        """Write the chunks, commit, then apply retention (on the background thread if any).
+
+        A Redis error becomes a ``PushError`` naming the version. When the commit surely
+        did not happen, the chunks already written are deleted at once (under
+        ``maxmemory`` they hold memory the next push needs); otherwise they expire
+        after ``pending_ttl`` like any orphan.
+        """
         started = time.perf_counter()
-        self.registry.write_stream(job.version, job.encoded.stream(), self.pending_ttl)
-        manifest = job.encoded.manifest(job.version, created=time.time(), producer=self._producer)
+        committing = False
         try:
+            self.registry.write_stream(job.version, job.encoded.stream(), self.pending_ttl)
+            manifest = job.encoded.manifest(job.version, created=time.time(), producer=self._producer)
+            committing = True
             self.registry.commit(manifest, job.ranks)
-        except _LOST as exc:  # the script may or may not have run
-            raise self._unreachable(exc, job.version, "its commit could not be confirmed") from exc
+        except _LOST as exc:  # Redis is gone; the commit script may or may not have run
+            what = "its commit could not be confirmed" if committing else "the new version was not committed"
+            raise self._redis_failure(exc, job.version, what) from exc
+        except Exception as exc:  # an error reply or a refused commit: nothing was committed, or
+            committed = self._discard(job)  # a script that failed part-way (its manifest exists)
+            if isinstance(exc, redis.exceptions.RedisError):
+                what = "its commit failed part-way" if committed else "the new version was not committed"
+                raise self._redis_failure(exc, job.version, what) from exc
+            raise
         log.debug(
             "committed version %d: %d tensors, %d bytes in %d chunks, %.1f ms",
             job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks,
@@ -175,6 +200,16 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self.registry.gc(self.retention)
         except redis.exceptions.RedisError as exc:  # retention is housekeeping: never fail a push
             log.warning("garbage collection after version %d failed: %s", job.version, exc)
+
+    def _discard(self, job: _Upload) -> bool:
+        """Best effort: delete the chunks of an upload that failed before its commit.
+        True when the version turns out committed after all (its chunks are kept)."""
+        try:
+            return not self.registry.discard(job.version, len(job.encoded.plan))
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not delete the chunks of failed version %d (%s); they expire in %gs",
+                        job.version, exc, self.pending_ttl)  # fmt: skip
+            return False
 
     def _submit(self, weights: Any, ranks: list[int]) -> None:
         """Background push: snapshot into a free staging buffer, queue the upload, return."""
@@ -192,9 +227,15 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._last_ranks = ranks
 
     def flush(self, timeout: float | None = None) -> None:
-        """Background mode: wait until the last push is committed; raise an upload error."""
-        if self._uploader is not None:
-            self._uploader.flush(self.timeout if timeout is None else timeout)
+        """Background mode: wait until the last push is committed; raise an upload error
+        (``BackgroundUploadError``) or ``PushTimeoutError`` if it is still uploading after ``timeout``."""
+        if self._uploader is None:
+            return
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            self._uploader.flush(timeout)
+        except TimeoutError as exc:
+            raise PushTimeoutError(f"push of version {self.version}: {exc}", version=self.version) from exc
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the acks of the last push (for ``sync=False``; with ``background``, its commit first)."""
@@ -202,7 +243,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         deadline = time.monotonic() + timeout
         self.flush(timeout)
         if self.version and self._last_ranks:
-            self._wait_for_acks(self.version, self._last_ranks, max(0.0, deadline - time.monotonic()))
+            self._collect_acks(self.version, self._last_ranks, max(0.0, deadline - time.monotonic()))
 
     def workers(self, ranks: WorkerIds = None) -> list[RankState]:
         """Status, applied version and heartbeat of every (or the given) rank."""
@@ -227,6 +268,13 @@ class RedisWeightUpdater(WeightUpdaterBase):
             log.debug("acks subscription lost (%s); resubscribing", exc)
             self._close_acks()
             time.sleep(min(timeout, 0.05))
+
+    def _collect_acks(self, version: int, ranks: list[int], timeout: float) -> None:
+        """``_wait_for_acks``, with a Redis error raised as a ``PushError``."""
+        try:
+            self._wait_for_acks(version, ranks, timeout)
+        except redis.exceptions.RedisError as exc:
+            raise self._redis_failure(exc, version, "while waiting for the acks") from exc
 
     def _wait_for_acks(self, version: int, ranks: list[int], timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -49,6 +49,8 @@ return n
 # KEYS: latest, versions, manifest, chunk_1..chunk_n, status_1..status_m
 # ARGV: version, manifest json, n, m, updates channel
 # Idempotent: a retried commit of the version that is already latest returns 0.
+# The PUBLISH is only a hint (workers poll latest): refused, it must not fail a
+# commit that has already happened.
 _COMMIT = """
 local v = tonumber(ARGV[1])
 local n = tonumber(ARGV[3])
@@ -74,7 +76,19 @@ redis.call('SET', KEYS[1], v)
 for j = 1, m do
   redis.call('SET', KEYS[3 + n + j], 'pending')
 end
-redis.call('PUBLISH', ARGV[5], v)
+redis.pcall('PUBLISH', ARGV[5], v)
+return 1
+"""
+
+# KEYS: manifest, chunk_1..chunk_n. Drop the chunks of a version that was not
+# committed (its upload failed); a version whose manifest exists is left alone.
+_DISCARD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+for i = 2, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
 return 1
 """
 
@@ -96,6 +110,7 @@ class VersionRegistry:
         self.keyspace = keyspace
         self._allocate = client.register_script(_ALLOCATE)
         self._commit = client.register_script(_COMMIT)
+        self._discard = client.register_script(_DISCARD)
 
     # -- writing ------------------------------------------------------------------------
     def allocate(self, floor: int = 0) -> int:
@@ -152,6 +167,12 @@ class VersionRegistry:
                     "(upload slower than pending_ttl, or Redis restarted)"
                 ) from exc
             raise
+
+    def discard(self, version: int, num_chunks: int) -> bool:
+        """Delete the chunks of an uncommitted ``version`` now rather than at their expiry
+        (frees the memory of a failed upload at once); False if it was committed after all."""
+        k = self.keyspace
+        return bool(self._discard(keys=[k.manifest(version), *k.chunks(version, num_chunks)]))
 
     def rollback(
         self, version: int, pending_ranks: Iterable[int] = (), pending_ttl: float = DEFAULT_PENDING_TTL

@@ -83,6 +83,19 @@ def _lie_about(field: str, value):
     return corrupt
 
 
+def _swap_same_shape_tensors(updater, version):
+    """Swap the places of two tensors of one dtype and shape: a manifest that still parses and
+    fits the policy, and whose chunks all pass their checksums."""
+    doc = _manifest_doc(updater)
+    by_kind: dict[str, list[str]] = {}
+    for name, spec in sorted(doc["tensors"].items()):
+        by_kind.setdefault(json.dumps([spec["dtype"], spec["shape"]]), []).append(name)
+    a, b = next(names for names in by_kind.values() if len(names) > 1)[:2]
+    tensors = doc["tensors"]
+    tensors[a]["data_offsets"], tensors[b]["data_offsets"] = tensors[b]["data_offsets"], tensors[a]["data_offsets"]
+    _set_manifest(updater, doc)
+
+
 CORRUPTIONS = {
     "flipped byte": (_flip_byte, "fails its checksum"),
     "truncated chunk": (_truncate, "bytes, expected"),
@@ -96,6 +109,7 @@ CORRUPTIONS = {
     "offsets out of range": (_lie_about("data_offsets", [0, 10**12]), "outside"),
     "shape whose size overflows": (_lie_about("shape", [2**64, 2**64, 0]), "shape [18446744073709551616"),
     "header of gigabytes": (_lie_about("header_len", 8 + 4 * 2**30), "header_len"),
+    "tensors swapped in the manifest": (_swap_same_shape_tensors, "does not match the safetensors header"),
 }
 
 

@@ -163,6 +163,27 @@ def test_damaged_chunks_are_refused_before_anything_is_written(damage):
     assert not target["w"].any()
 
 
+def test_a_manifest_that_disagrees_with_the_header_in_the_chunks_is_refused():
+    """Checksums cover the chunks only: swapped same-shape entries must not place bytes wrongly."""
+    src = {"a": torch.randn(8), "b": torch.randn(8)}
+    _, manifest, chunks = _encode(src)
+    doc = json.loads(manifest.to_json())
+    doc["tensors"]["a"], doc["tensors"]["b"] = doc["tensors"]["b"], doc["tensors"]["a"]
+    target = {"a": torch.zeros(8), "b": torch.zeros(8)}
+    with pytest.raises(IntegrityError, match="tensor 'a' differs"):
+        apply_chunks(chunks, Manifest.from_json(json.dumps(doc)), target)
+    assert not target["a"].any() and not target["b"].any()
+
+
+def test_a_header_longer_than_a_chunk_is_checked_across_chunks():
+    src = {f"layer_{i:03d}.weight": torch.full((3,), float(i)) for i in range(200)}
+    _, manifest, chunks = _encode(src, chunk_size=4096)
+    assert manifest.header_len > len(chunks[0])
+    target = {name: torch.zeros(3) for name in src}
+    apply_chunks(chunks, manifest, target)
+    assert all(torch.equal(target[n], src[n]) for n in src)
+
+
 def test_manifest_round_trip_and_validation():
     _, manifest, _ = _encode({"w": torch.ones(3)})
     doc = json.loads(manifest.to_json())

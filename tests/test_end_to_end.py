@@ -36,13 +36,18 @@ def test_sync_push_reaches_every_worker_over_several_versions(tmp_path, real_sto
 
 
 def test_async_push_returns_before_acks_and_wait_collects_them(tmp_path, real_store, redis_url, namespace):
+    """The workers take 1.5 s per apply (``--apply-delay``): every push returns while both ranks
+    are still "pending", and ``wait()`` collects the acks of the last one."""
     model = make_model("mlp", seed=2)
-    with workers(tmp_path, redis_url, namespace, [1, 2], "--poll-interval", "0.2") as procs:
+    slow = ["--poll-interval", "0.2", "--apply-delay", "1.5"]
+    with workers(tmp_path, redis_url, namespace, [1, 2], *slow) as procs:
         updater = RedisWeightUpdater(real_store, model, num_workers=2, sync=False, timeout=30)
         for _ in range(3):
             _train_step(model, 7)
             updater.push_weights()
+            assert [s.status for s in updater.workers()] == ["pending", "pending"], "the push waited for acks"
         updater.wait()
+        assert [(s.status, s.version) for s in updater.workers()] == [("updated", updater.version)] * 2
         expected = state_digest(model)
         for proc in procs.values():
             assert proc.wait_version(updater.version) == expected

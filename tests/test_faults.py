@@ -21,6 +21,7 @@ import torch
 
 import redis_weights.versions as versions_module
 from redis_weights import (
+    BackgroundUploadError,
     PushError,
     PushTimeoutError,
     ReceiveTimeoutError,
@@ -221,7 +222,7 @@ def test_pubsub_connection_killed_worker_resubscribes_and_applies(redis_url, rea
         assert worker._thread is not None and worker._thread.is_alive()
 
 
-def test_notifications_dropped_for_good_worker_applies_within_its_poll_interval(server_factory, namespace):
+def test_notifications_dropped_for_good_worker_applies_within_its_poll_interval(server_factory, namespace, caplog):
     server = server_factory()
     admin = redis.Redis(port=server.port)
     admin.execute_command("ACL", "SETUSER", "trainer", "on", ">pw", "~*", "&*", "+@all")
@@ -243,6 +244,18 @@ def test_notifications_dropped_for_good_worker_applies_within_its_poll_interval(
             assert time.monotonic() - started < 1.0 + 2.0, "must apply within about one poll interval"
             assert state_digest(worker.policy) == state_digest(model)
         assert worker._thread is not None and worker._thread.is_alive(), "the receiver thread died"
+        # The acks' PUBLISH is refused too: only a hint, it must not fail the ack (and raise at every poll).
+        assert not [r for r in caplog.records if "Redis error" in r.getMessage()], "an ack failed"
+        # The trainer loses its channel rights as well: the commit's PUBLISH is refused, the commit is not.
+        admin.execute_command("ACL", "SETUSER", "trainer", "resetchannels")
+        unheard = RedisWeightUpdater(RedisStore.from_url(trainer_url, namespace), model, 1, sync=False,
+                                     check_server=False)  # fmt: skip
+        perturb(model, 20)
+        unheard.update_weights()
+        assert unheard.version == updater.version + 1
+        eventually(lambda: worker.version == unheard.version, what="the worker applies it")
+        assert state_digest(worker.policy) == state_digest(model)
+        unheard.close()
     updater.close()
     admin.close()
 
@@ -422,19 +435,121 @@ def test_a_loss_report_never_hides_a_newer_pending_version(real_store, redis_url
         worker.close()
 
 
-def test_retried_commands_are_idempotent(real_store):
-    """The client retries on connection errors: a commit or an ack sent twice changes nothing."""
+def test_retried_commands_are_idempotent(real_store, redis_url, namespace):
+    """The client retries on connection errors: a commit or an ack sent twice changes nothing;
+    a commit that is not above ``latest`` is refused; a late ack never hides a newer "pending"."""
     from redis_weights.codec import Encoder
 
     updater = RedisWeightUpdater(real_store, make_model("mlp", seed=80), 1, sync=False)
+    worker = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, make_model("mlp"), **FAST)
+    registry, k, client = updater.registry, real_store.keyspace, real_store.client
+
+    def state() -> tuple:
+        keys = [k.latest, k.rank_status(1), k.rank_version(1), k.manifest(1), k.manifest(2)]
+        return tuple(client.mget(keys)) + (tuple(registry.list_versions()),)
+
+    try:
+        updater.update_weights()
+        updater.update_weights()
+        assert updater.version == 2 and worker.poll() == 2
+        before = state()
+        assert before[:3] == (b"2", b"updated", b"2")
+
+        registry.commit(registry.read_manifest(2), [1])  # the same commit again, as a retry would send it
+        assert state() == before, "a retried commit must change nothing (nor re-mark the rank pending)"
+        worker._report(2, "updated")  # the same ack again
+        assert state() == before, "a retried ack must change nothing"
+
+        older = Encoder().encode(make_model("mlp", seed=81)).manifest(1, created=0, producer="x")
+        with pytest.raises(StaleVersionError, match="latest is already 2"):
+            registry.commit(older, [1])  # a commit below latest: refused, version 1 untouched
+        assert state() == before
+
+        updater.update_weights()  # version 3: the rank is "pending"
+        worker._report(2, "updated")  # a late retry of the ack of version 2
+        assert client.mget(k.rank_status(1), k.rank_version(1)) == [b"pending", b"2"]
+    finally:
+        worker.close()
+
+
+# ---------------------------------------------------------------------------------------
+# 14. Redis refuses writes (maxmemory reached with noeviction)
+# ---------------------------------------------------------------------------------------
+def _chunk_keys(admin: redis.Redis, keyspace) -> list[bytes]:
+    return [key for key in admin.scan_iter(match=keyspace.pattern) if b":v:" in key and b":c:" in key]
+
+
+def test_a_push_refused_for_lack_of_memory_is_a_push_error_and_the_next_push_works(server_factory, namespace):
+    """``maxmemory`` + ``noeviction``: Redis answers OOM; the push raises one ``PushError`` (a
+    ``RuntimeError``), nothing is committed, no chunk is left behind, the worker keeps its weights."""
+    server = server_factory("--maxmemory-policy", "noeviction")
+    admin = redis.Redis(port=server.port)
+    model = make_model("mb:4", seed=90)  # one 4 MiB layer
+    updater = RedisWeightUpdater(RedisStore.from_url(server.url, namespace), model, 1, sync=True, timeout=20)
+    with receiver(server.url, namespace, 1, make_model("mb:4")) as worker:
+        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 1024 * 1024)  # 1 MiB of room
+        with pytest.raises(PushError, match=r"push of version 1 failed: .*OutOfMemoryError.*raise maxmemory") as info:
+            updater.update_weights()
+        assert isinstance(info.value, RuntimeError) and info.value.version == 1
+        assert isinstance(info.value.__cause__, redis.exceptions.OutOfMemoryError)
+        k = updater.keyspace
+        assert admin.get(k.latest) is None and not admin.exists(k.manifest(1))
+        assert _chunk_keys(admin, k) == [], "the chunks of a refused push must not stay in Redis"
+        assert worker.version == 0 and state_digest(worker.policy) == state_digest(make_model("mb:4"))
+
+        admin.config_set("maxmemory", 0)
+        updater.update_weights()
+        assert worker.version == updater.version == 2
+        assert state_digest(worker.policy) == state_digest(model)
+    updater.close()
+    admin.close()
+
+
+def test_a_background_push_refused_for_lack_of_memory_raises_on_the_next_call(server_factory, namespace):
+    server = server_factory("--maxmemory-policy", "noeviction")
+    admin = redis.Redis(port=server.port)
+    updater = RedisWeightUpdater(
+        RedisStore.from_url(server.url, namespace), make_model("mb:4", seed=91), 1, sync=False, background=True
+    )
+    admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 1024 * 1024)
+    updater.update_weights()  # returns at once; the upload fails on the background thread
+    with pytest.raises(BackgroundUploadError) as info:
+        updater.flush(10)
+    cause = info.value.__cause__
+    assert isinstance(cause, PushError) and cause.version == 1 and "OutOfMemoryError" in str(cause)
+    assert isinstance(cause.__cause__, redis.exceptions.OutOfMemoryError)
+    assert _chunk_keys(admin, updater.keyspace) == []
+    admin.config_set("maxmemory", 0)
     updater.update_weights()
-    registry, k = updater.registry, real_store.keyspace
-    manifest = registry.read_manifest(updater.version)
-    real_store.client.set(k.rank_status(1), "updated")
-    registry.commit(manifest, [1])  # the same commit again, as a retry after a lost reply would send it
-    assert registry.list_versions() == [updater.version] and registry.latest() == updater.version
-    assert real_store.client.get(k.rank_status(1)) == b"updated", "a retried commit must not re-mark ranks"
-    older = Encoder().encode(make_model("mlp", seed=81)).manifest(updater.version - 1 or 1, created=0, producer="x")
-    if older.version < updater.version:
-        with pytest.raises(StaleVersionError):
-            registry.commit(older, [1])
+    updater.flush(10)
+    assert updater.registry.latest() == updater.version == 2
+    updater.close()
+    admin.close()
+
+
+
+# ---------------------------------------------------------------------------------------
+# 15. A worker's ack lost (Redis blip after the apply)
+# ---------------------------------------------------------------------------------------
+def test_a_lost_ack_is_sent_again_and_the_sync_push_completes(real_store, redis_url, namespace):
+    """The ack script fails once after the weights were applied: the next poll sends it again."""
+    model = make_model("mlp", seed=95)
+    updater = RedisWeightUpdater(real_store, model, 1, sync=True, timeout=10)
+    with receiver(redis_url, namespace, 1, make_model("mlp")) as worker:
+        real_ack, sent = worker._ack, []
+
+        def ack_lost_once(*args, **kwargs):
+            sent.append(kwargs["args"][:2])
+            if len(sent) == 1:
+                raise redis.exceptions.ConnectionError("connection reset while acking")
+            return real_ack(*args, **kwargs)
+
+        worker._ack = ack_lost_once
+        updater.update_weights()  # before the fix: PushTimeoutError, the rank stays "pending"
+        assert sent[:2] == [[1, "updated"], [1, "updated"]]
+        state = updater.workers()[0]
+        assert (state.status, state.version) == ("updated", 1)
+        assert state_digest(worker.policy) == state_digest(model)
+        count = len(sent)
+        assert worker.poll() is None and len(sent) == count, "a confirmed ack is not sent again"
+    updater.close()

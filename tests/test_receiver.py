@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 import torch
 from tensordict import TensorDict
 from torch import nn
@@ -148,3 +149,46 @@ def test_stop_is_prompt(fake_store):
     started = time.monotonic()
     receiver.stop()
     assert time.monotonic() - started < 2
+
+
+def test_a_lost_report_is_sent_again_by_the_next_poll(fake_store):
+    """A refusal whose report did not reach Redis is reported by the next poll; once, not forever."""
+    updater, receiver, _ = _pair(fake_store, nn.Linear(8, 5))
+    updater.update_weights()
+    real_ack, sent = receiver._ack, []
+
+    def report_lost_once(*args, **kwargs):
+        sent.append(kwargs["args"][1])
+        if len(sent) == 1:
+            raise redis.exceptions.TimeoutError("timed out")
+        return real_ack(*args, **kwargs)
+
+    receiver._ack = report_lost_once
+    with pytest.raises(redis.exceptions.TimeoutError):
+        receiver.poll()
+    assert fake_store["rank:1:status"] == "pending" and receiver.last_error
+    assert receiver.poll() is None
+    assert fake_store["rank:1:status"] == receiver.last_error and len(sent) == 2
+    assert receiver.poll() is None and len(sent) == 2
+
+
+@pytest.mark.parametrize("host_cache", [False, True])
+def test_a_version_that_does_not_fit_is_refused_before_anything_is_fetched(
+    fake_store, monkeypatch, tmp_path, host_cache
+):
+    """A worker with a small model and a manifest of a big one: refused from the manifest alone."""
+    worker = nn.Linear(8, 4)
+    before = worker.weight.detach().clone()
+    updater = RedisWeightUpdater(fake_store, nn.Linear(1024, 1024), 1, sync=False)
+    cache = tmp_path / "cache" if host_cache else False
+    receiver = RedisWeightReceiver(RedisStore(fake_store.client, fake_store.namespace), 1, worker, host_cache=cache)
+    updater.update_weights()
+    reads: list[object] = []
+    monkeypatch.setattr(receiver.registry, "read_chunks_into", lambda *args: reads.append(args))
+    assert receiver.poll() is None
+    assert receiver.last_error == "error: version 1: key 'weight': shape [1024, 1024] pushed, the policy has [4, 8]"
+    assert fake_store["rank:1:status"] == receiver.last_error
+    assert reads == [], "chunks were fetched for a version the policy cannot hold"
+    assert len(receiver._receive_buffer) == 0, "a receive buffer was allocated for it"
+    assert not host_cache or not any((tmp_path / "cache").rglob("v1-*"))
+    assert torch.equal(worker.weight, before) and receiver.version == 0

@@ -7,6 +7,7 @@ import time
 import weakref
 
 import pytest
+import redis
 import torch
 from torch import nn
 
@@ -184,3 +185,58 @@ def test_constructor_validates_its_arguments(fake_store, policy):
             RedisWeightUpdater(fake_store, policy, **kwargs)
     with pytest.raises(ValueError):
         RedisWeightUpdater(fake_store, policy, 1, chunk_size=10)
+
+
+def test_a_redis_error_while_waiting_for_acks_is_a_push_error(fake_store, policy, monkeypatch):
+    """Not only lost connections: an error reply (here NOPERM) is a ``PushError`` too, in a sync
+    push and in ``wait()``, naming the version and chained to the Redis error."""
+    import redis_weights.updater as updater_module
+
+    def refused(*args, **kwargs):
+        raise redis.exceptions.NoPermissionError("this user has no permissions to access one of the keys")
+
+    monkeypatch.setattr(updater_module, "read_rank_states", refused)
+    for sync in (True, False):
+        updater = _updater(fake_store, policy, n=1, sync=sync, timeout=5)
+        with pytest.raises(PushError, match=r"version \d+ failed: .*NoPermissionError.*acks.*lacks a right") as info:
+            updater.update_weights()
+            updater.wait()
+        assert isinstance(info.value.__cause__, redis.exceptions.NoPermissionError)
+        assert info.value.version == updater.version == updater.registry.latest()
+
+
+def test_flush_that_times_out_is_a_push_timeout(fake_store, policy, monkeypatch):
+    updater = _updater(fake_store, policy, n=1, background=True)
+    release = threading.Event()
+    real_write = updater.registry.write_stream
+
+    def slow_write(*args, **kwargs):
+        release.wait(10)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(updater.registry, "write_stream", slow_write)
+    updater.update_weights()
+    with pytest.raises(PushTimeoutError, match="push of version 1: background upload still running") as info:
+        updater.flush(0.05)
+    assert isinstance(info.value, TimeoutError) and isinstance(info.value, RuntimeError)
+    release.set()
+    updater.flush(10)
+    assert updater.registry.latest() == 1
+    updater.close()
+
+
+def test_an_error_reply_after_the_commit_happened_says_so_and_keeps_the_chunks(fake_store, policy, monkeypatch):
+    """A script that fails part-way (here: after its writes) is not reported as "not committed",
+    and the chunks of the committed version are not discarded."""
+    updater = _updater(fake_store, policy, n=1)
+    real_commit = updater.registry._commit
+
+    def commit_then_fail(*args, **kwargs):
+        real_commit(*args, **kwargs)
+        raise redis.exceptions.ResponseError("failed after its writes")
+
+    monkeypatch.setattr(updater.registry, "_commit", commit_then_fail)
+    with pytest.raises(PushError, match="push of version 1 failed: .*after its writes; its commit failed part-way"):
+        updater.update_weights()
+    monkeypatch.undo()
+    assert updater.registry.latest() == 1 and updater.registry.read(1)[0].version == 1

@@ -108,6 +108,32 @@ def test_gc_keeps_the_newest_and_never_the_latest(registry, fake_redis):
         registry.gc(keep=0)
 
 
+def test_gc_spares_latest_even_when_newer_versions_exist(registry, fake_redis):
+    """The library never commits below ``latest``, so ``latest`` is always the newest committed
+    version; an operator who points ``latest`` back by hand must not lose it to retention."""
+    versions = []
+    for _ in range(5):
+        m = _stage(registry)
+        registry.commit(m)
+        versions.append(m.version)
+    fake_redis.set(registry.keyspace.latest, versions[1])
+    assert registry.gc(keep=2) == [versions[0], versions[2]]
+    assert registry.list_versions() == [versions[1], *versions[3:]]
+    assert registry.read(versions[1])[0].version == versions[1]
+
+
+def test_discard_drops_the_chunks_of_an_uncommitted_version_only(registry, fake_redis):
+    staged = _stage(registry)
+    committed = _stage(registry)
+    registry.commit(committed)
+    k = registry.keyspace
+    assert registry.discard(staged.version, staged.num_chunks)
+    assert not fake_redis.exists(*k.chunks(staged.version, staged.num_chunks))
+    assert not registry.discard(committed.version, committed.num_chunks), "a committed version must stay whole"
+    assert fake_redis.exists(*k.chunks(committed.version, committed.num_chunks)) == committed.num_chunks
+    assert registry.read(committed.version)[0].version == committed.version
+
+
 def test_delete_finds_chunks_even_when_the_manifest_is_unreadable(registry, fake_redis):
     m = _stage(registry)
     registry.commit(m)
