@@ -103,6 +103,15 @@ def ready(path: str) -> None:
     Path(path + ".ready").write_text("1")
 
 
+def wait_for_file(path: str, timeout: float = 600.0) -> None:
+    """Block until ``path`` exists: the trainer starts with its workers and pushes once they are ready."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+
+
 def chunk_plan(model: nn.Module, chunk: int = CHUNK) -> list[tuple[str, int, int]]:
     """(tensor name, byte begin, byte end) of every raw chunk: tensors cut at ``chunk`` bytes."""
     plan = []
@@ -295,6 +304,7 @@ def run_trainer(args: argparse.Namespace) -> None:
     redis_out: list[int] = []
     info_client = None if args.system == "torchrl" else redis.Redis.from_url(args.url)
     push, finish = make_pusher(args, model, ranks)
+    wait_for_file(args.go)
     baseline = rss()
     error = None
     try:
@@ -428,7 +438,10 @@ def main() -> None:
     parser.add_argument("--tcp-port", type=int, default=0)
     parser.add_argument("--cache-dir", default="/dev/shm/redis_weights", help="rw-shm: the host cache directory")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--go", help="trainer: push only once this file exists (every worker is ready)")
     args = parser.parse_args()
+    if args.role == "trainer" and not args.go:
+        parser.error("the trainer needs --go")
     (run_worker if args.role == "worker" else run_trainer)(args)
 
 
