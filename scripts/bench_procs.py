@@ -161,15 +161,22 @@ class AckWaiter:
 
 
 def peer_worker_loop(
-    client: redis.Redis, keys: dict[str, str], rank: int, stop: threading.Event, apply: Callable[[int], None]
+    client: redis.Redis, keys: dict[str, str], rank: int, stop: threading.Event, apply: Callable[[int], None],
+    on_subscribed: Callable[[], None],
 ) -> None:
-    """Wait for an ``updates`` message, apply the version, ack (SET + PUBLISH)."""
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    """Subscribe to ``updates`` (``on_subscribed`` once the server has confirmed it, so that no
+    PUBLISH made after it can be missed), then per message: apply the version, ack (SET + PUBLISH)."""
+    pubsub = client.pubsub()
     pubsub.subscribe(keys["updates"])
+    deadline = time.monotonic() + 60.0
+    while (confirmed := pubsub.get_message(timeout=1.0)) is None or confirmed["type"] != "subscribe":
+        if time.monotonic() > deadline:
+            raise TimeoutError("no confirmation of SUBSCRIBE")
+    on_subscribed()
     applied = 0
     while not stop.is_set():
         message = pubsub.get_message(timeout=0.2)
-        if message is None:
+        if message is None or message["type"] != "message":
             continue
         version = int(message["data"])
         if version <= applied:
@@ -230,8 +237,7 @@ def run_worker(args: argparse.Namespace) -> None:
                 views[name][b:e] = np.frombuffer(value, dtype=np.uint8)
             record()
 
-        ready(args.out)
-        peer_worker_loop(client, keys, args.rank, stop, apply_raw)
+        peer_worker_loop(client, keys, args.rank, stop, apply_raw, lambda: ready(args.out))
     elif args.system == "naive":
         client = redis.Redis.from_url(args.url)  # what a user writes: defaults
         keys = peer_keys("naive", args.namespace)
@@ -243,8 +249,7 @@ def run_worker(args: argparse.Namespace) -> None:
             del state, blob
             record()
 
-        ready(args.out)
-        peer_worker_loop(client, keys, args.rank, stop, apply_naive)
+        peer_worker_loop(client, keys, args.rank, stop, apply_naive, lambda: ready(args.out))
     elif args.system == "torchrl":
         torchrl_worker(args, model, record)
     else:
