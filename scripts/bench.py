@@ -10,7 +10,10 @@ separate processes (``scripts/bench_procs.py``), does one warm-up push and
 call until every worker runs the new weights), MB/s, trainer stall (how long the
 push call blocks the trainer), time to first apply (push start -> first worker
 applied), Redis egress per push, and the peak RSS growth of the trainer and of
-one worker. Results go to a JSON file and a PNG plot; the table is printed as
+one worker. A row is *verified* when every worker recorded, for every timed push,
+an apply after which the first element of its first weight held that push's index
+(the trainer writes it there before pushing): a per-push marker, not a comparison
+of every byte. Results go to a JSON file and a PNG plot; the table is printed as
 Markdown. All Redis systems share one private ``redis-server`` (flushed between
 configurations); nothing touches a Redis you run. See docs/benchmarks.md.
 """
@@ -37,12 +40,18 @@ sys.path.insert(0, str(REPO))
 import redis  # noqa: E402
 
 from redis_weights.server import LocalRedisServer, free_port  # noqa: E402
-from scripts.bench_procs import CHUNK, SYSTEMS  # noqa: E402
+from scripts.bench_procs import CHUNK, RW_SYSTEMS, SYSTEMS  # noqa: E402
 
 DEFAULT_SYSTEMS = ("rw-sync", "rw-async", "rw-shm", "raw", "naive", "torchrl")
 PROCS = str(REPO / "scripts" / "bench_procs.py")
 LARGE = 512 << 20  # sizes from here on use --repeats-large
 UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
+HEADER = 64 << 10  # room for the safetensors header and manifest in the trainer's memory target
+# Why a memory target cannot be met by a system, printed next to its verdict.
+RSS_NOTES = {
+    "rw-async": "by design: background=True snapshots the whole model into a staging buffer, so the "
+    "trainer may change its weights while the upload runs; one model copy, not one chunk",
+}
 
 
 def parse_size(text: str) -> int:
@@ -129,9 +138,13 @@ def run_config(url: str, system: str, size: int, workers: int, repeats: int, tim
             for rank in range(1, workers + 1):
                 out = ["--rank", str(rank), "--out", str(d / f"w{rank}.json")]
                 procs.append(spawn("worker", [*common, *out], d / f"w{rank}.log"))
-            wait_files([d / f"w{r}.json.ready" for r in range(1, workers + 1)], procs, timeout)
-            trainer = spawn("trainer", [*common, "--repeats", str(repeats), "--out", str(d / "t.json")], d / "t.log")
+            # The trainer starts (imports torch, builds its model) alongside the workers and
+            # pushes only once every worker is ready and the "go" file exists.
+            trainer_args = ["--repeats", str(repeats), "--out", str(d / "t.json"), "--go", str(d / "go")]
+            trainer = spawn("trainer", [*common, *trainer_args], d / "t.log")
             procs.append(trainer)
+            wait_files([d / f"w{r}.json.ready" for r in range(1, workers + 1)], procs, timeout)
+            (d / "go").write_text("1")
             trainer.wait(timeout)
         except Exception as exc:
             logs = "".join(p.read_text(errors="replace")[-800:] for p in d.glob("*.log"))
@@ -265,19 +278,23 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ratio("shm push 100 MB, 4 workers / plain rw-sync", find(rows, "rw-shm", mb100, 4), "push_s",
           find(rows, "rw-sync", mb100, 4), "push_s", float("inf"))
     for r in rows:
-        if r["system"] in ("rw-sync", "rw-shm") and r.get("push_s") is not None:
-            header = 64 << 10
-            out.append({"target": f"trainer RSS growth, {r['system']} {size_label(r['size'])} x{r['workers']} "
-                        "/ (chunk + header)", "ratio": round(r["trainer_rss_growth"] / (CHUNK + header), 3),
-                        "limit": 1.0, "met": r["trainer_rss_growth"] <= CHUNK + header})
-            out.append({"target": f"worker RSS growth, {r['system']} {size_label(r['size'])} x{r['workers']} "
-                        "/ (model + chunk)", "ratio": round(r["worker_rss_growth"] / (r["model_bytes"] + CHUNK), 3),
-                        "limit": 1.0, "met": r["worker_rss_growth"] <= r["model_bytes"] + CHUNK})
+        if r["system"] in RW_SYSTEMS and r.get("push_s") is not None:
+            where = f"{r['system']} {size_label(r['size'])} x{r['workers']}"
+            limit = CHUNK + HEADER
+            out.append({"target": f"trainer RSS growth, {where} / (chunk + header)",
+                        "ratio": round(r["trainer_rss_growth"] / limit, 3), "limit": 1.0,
+                        "met": r["trainer_rss_growth"] <= limit, "note": RSS_NOTES.get(r["system"])})
+            limit = r["model_bytes"] + CHUNK
+            out.append({"target": f"worker RSS growth, {where} / (model + chunk)",
+                        "ratio": round(r["worker_rss_growth"] / limit, 3), "limit": 1.0,
+                        "met": r["worker_rss_growth"] <= limit})
     return out
 
 
 def report(doc: dict[str, Any]) -> str:
-    """The machine, the compact table, the full table and the targets, as Markdown."""
+    """The machine, the compact table, the full table and the targets, as Markdown.
+
+    Targets are computed again from the rows, so an older results file is judged by today's targets."""
     m = doc["machine"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; {m['os']}; Python {m['python']}, "
@@ -291,10 +308,11 @@ def report(doc: dict[str, Any]) -> str:
         table(doc["rows"]),
         "",
     ]
-    for t in doc["targets"]:
+    for t in targets(doc["rows"]):
         verdict = "measured (no target)" if t["limit"] == float("inf") else (
             f"limit {t['limit']}: {'met' if t['met'] else 'NOT met'}")
-        lines.append(f"- {t['target']}: {t['ratio']} ({verdict})")
+        note = f"; {t['note']}" if t.get("note") and not t["met"] else ""
+        lines.append(f"- {t['target']}: {t['ratio']} ({verdict}{note})")
     return "\n".join(lines)
 
 

@@ -103,6 +103,15 @@ def ready(path: str) -> None:
     Path(path + ".ready").write_text("1")
 
 
+def wait_for_file(path: str, timeout: float = 600.0) -> None:
+    """Block until ``path`` exists: the trainer starts with its workers and pushes once they are ready."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+
+
 def chunk_plan(model: nn.Module, chunk: int = CHUNK) -> list[tuple[str, int, int]]:
     """(tensor name, byte begin, byte end) of every raw chunk: tensors cut at ``chunk`` bytes."""
     plan = []
@@ -152,15 +161,22 @@ class AckWaiter:
 
 
 def peer_worker_loop(
-    client: redis.Redis, keys: dict[str, str], rank: int, stop: threading.Event, apply: Callable[[int], None]
+    client: redis.Redis, keys: dict[str, str], rank: int, stop: threading.Event, apply: Callable[[int], None],
+    on_subscribed: Callable[[], None],
 ) -> None:
-    """Wait for an ``updates`` message, apply the version, ack (SET + PUBLISH)."""
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    """Subscribe to ``updates`` (``on_subscribed`` once the server has confirmed it, so that no
+    PUBLISH made after it can be missed), then per message: apply the version, ack (SET + PUBLISH)."""
+    pubsub = client.pubsub()
     pubsub.subscribe(keys["updates"])
+    deadline = time.monotonic() + 60.0
+    while (confirmed := pubsub.get_message(timeout=1.0)) is None or confirmed["type"] != "subscribe":
+        if time.monotonic() > deadline:
+            raise TimeoutError("no confirmation of SUBSCRIBE")
+    on_subscribed()
     applied = 0
     while not stop.is_set():
         message = pubsub.get_message(timeout=0.2)
-        if message is None:
+        if message is None or message["type"] != "message":
             continue
         version = int(message["data"])
         if version <= applied:
@@ -221,8 +237,7 @@ def run_worker(args: argparse.Namespace) -> None:
                 views[name][b:e] = np.frombuffer(value, dtype=np.uint8)
             record()
 
-        ready(args.out)
-        peer_worker_loop(client, keys, args.rank, stop, apply_raw)
+        peer_worker_loop(client, keys, args.rank, stop, apply_raw, lambda: ready(args.out))
     elif args.system == "naive":
         client = redis.Redis.from_url(args.url)  # what a user writes: defaults
         keys = peer_keys("naive", args.namespace)
@@ -234,8 +249,7 @@ def run_worker(args: argparse.Namespace) -> None:
             del state, blob
             record()
 
-        ready(args.out)
-        peer_worker_loop(client, keys, args.rank, stop, apply_naive)
+        peer_worker_loop(client, keys, args.rank, stop, apply_naive, lambda: ready(args.out))
     elif args.system == "torchrl":
         torchrl_worker(args, model, record)
     else:
@@ -295,6 +309,7 @@ def run_trainer(args: argparse.Namespace) -> None:
     redis_out: list[int] = []
     info_client = None if args.system == "torchrl" else redis.Redis.from_url(args.url)
     push, finish = make_pusher(args, model, ranks)
+    wait_for_file(args.go)
     baseline = rss()
     error = None
     try:
@@ -428,7 +443,10 @@ def main() -> None:
     parser.add_argument("--tcp-port", type=int, default=0)
     parser.add_argument("--cache-dir", default="/dev/shm/redis_weights", help="rw-shm: the host cache directory")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--go", help="trainer: push only once this file exists (every worker is ready)")
     args = parser.parse_args()
+    if args.role == "trainer" and not args.go:
+        parser.error("the trainer needs --go")
     (run_worker if args.role == "worker" else run_trainer)(args)
 
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${VENV:-.venv}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import redis_weights, fakeredis, torch" 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import redis_weights, fakeredis, torch, matplotlib" 2>/dev/null; then
   scripts/setup_env.sh
 fi
 exec "$venv/bin/python" -m pytest -q "$@"

@@ -2,9 +2,58 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+from pathlib import Path
+
 import pytest
 
 from redis_weights.keys import Keys, validate_namespace
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+# Members of Keys that do not name one key or channel (helpers, patterns, the prefix).
+NOT_NAMES = {"namespace", "prefix", "full", "relative", "pattern", "is_blob", "chunks", "rank_version_pattern",
+             "rank_of"}
+# Sample arguments for the members that take some, and the README table's placeholders for them.
+SAMPLES = {"version": 7, "index": 3, "rank": 1}
+PLACEHOLDERS = {"{ns}": "{policy}", "<N>": "7", "<i>": "3", "<r>": "1"}
+
+
+def readme_layout() -> dict[str, bool]:
+    """The README's "Redis layout" table: each name (placeholders filled in) -> whether it is a channel."""
+    text = README.read_text()
+    section = text[text.index("### Redis layout"):]
+    section = section[: section.index("\n#", 1)]
+    rows = {}
+    for line in section.splitlines():
+        match = re.match(r"\| (channel )?`(rw:[^`]+)` \|", line)
+        if match:
+            name = match.group(2)
+            for placeholder, value in PLACEHOLDERS.items():
+                name = name.replace(placeholder, value)
+            assert name not in rows, f"{name} listed twice"
+            rows[name] = bool(match.group(1))
+    return rows
+
+
+def built_names() -> dict[str, bool]:
+    """Every name keys.py builds, with sample arguments -> whether it is a channel."""
+    k = Keys("policy")
+    names = {}
+    for member, value in inspect.getmembers(Keys):
+        if member.startswith("_") or member in NOT_NAMES:
+            continue
+        if isinstance(value, property):
+            name = getattr(k, member)
+        else:
+            params = list(inspect.signature(value).parameters)[1:]
+            name = getattr(k, member)(*(SAMPLES[p] for p in params))
+        names[name] = member.endswith("_channel")
+    return names
+
+
+def test_readme_layout_table_lists_every_key_exactly_as_keys_py_builds_it():
+    assert readme_layout() == built_names()
 
 
 def test_layout_matches_the_documented_table():
