@@ -35,6 +35,13 @@ DEFAULT_RETRIES = 3
 _PACKER_BUFFER_CUTOFF = 6000  # redis-py's own cutoff: smaller args are joined, larger sent as-is
 
 
+def subscribe(client: redis.Redis, channel: str) -> redis.client.PubSub:
+    """A pub/sub connection subscribed to ``channel``, yielding messages only (no confirmations)."""
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel)
+    return pubsub
+
+
 def close_subscription(pubsub: redis.client.PubSub | None) -> None:
     """Close a pub/sub connection; one already lost with Redis closes quietly."""
     if pubsub is not None:

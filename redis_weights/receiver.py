@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from .codec import apply_chunks, check_compatible, flatten_weights
-from .connection import close_subscription, describe, ensure_server
+from .connection import close_subscription, describe, ensure_server, subscribe
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
 from .hostcache import DEFAULT_DIRECTORY, HostCache
@@ -310,8 +310,7 @@ class RedisWeightReceiver:
 
     def _subscribe_updates(self) -> redis.client.PubSub:
         if self._updates is None:
-            self._updates = self.store.client.pubsub(ignore_subscribe_messages=True)
-            self._updates.subscribe(self.keyspace.updates_channel)
+            self._updates = subscribe(self.store.client, self.keyspace.updates_channel)
         return self._updates
 
     def _next_update(self, timeout: float) -> bool:

@@ -21,7 +21,7 @@ import redis
 
 from .base import WeightUpdaterBase, WorkerIds
 from .codec import Encoded, Encoder
-from .connection import close_subscription, describe, ensure_server
+from .connection import close_subscription, describe, ensure_server, subscribe
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
 from .fleet import RankState, read_rank_states
 from .manifest import DEFAULT_CHUNK_SIZE
@@ -252,8 +252,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
     # -- acks ---------------------------------------------------------------------------
     def _subscribe_acks(self) -> redis.client.PubSub:
         if self._acks is None:
-            self._acks = self.store.client.pubsub(ignore_subscribe_messages=True)
-            self._acks.subscribe(self.keyspace.acks_channel)
+            self._acks = subscribe(self.store.client, self.keyspace.acks_channel)
         return self._acks
 
     def _next_ack(self, timeout: float) -> None:

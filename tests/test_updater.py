@@ -136,13 +136,23 @@ def test_sync_push_fails_at_once_on_a_dead_rank(fake_store, policy):
 def test_sync_push_fails_with_the_error_the_rank_reported(fake_store, policy):
     receiver = RedisWeightReceiver(RedisStore(fake_store.client, fake_store.namespace), 1, nn.Linear(8, 5))
     updater = _updater(fake_store, policy, n=1, sync=True, timeout=30)
-    thread = threading.Thread(target=receiver.wait, kwargs={"timeout": 10}, daemon=True)
+    done = threading.Event()
+
+    def worker() -> None:  # polls, refuses the version, reports the error
+        while not done.is_set():
+            receiver.poll()
+            done.wait(0.05)
+
+    thread = threading.Thread(target=worker, daemon=True)
     thread.start()
-    with pytest.raises(PushError, match=r"rank 1 reported: error: version 1: key 'weight': shape") as info:
-        updater.update_weights()
+    try:
+        with pytest.raises(PushError, match=r"rank 1 reported: error: version 1: key 'weight': shape") as info:
+            updater.update_weights()
+    finally:
+        done.set()
+        thread.join(5)
     assert info.value.errors[1].startswith("error: version 1")
     assert isinstance(info.value, RuntimeError)
-    receiver.stop()
 
 
 def test_a_late_ack_of_an_older_version_does_not_end_the_wait(fake_store, policy):
