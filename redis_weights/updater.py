@@ -161,10 +161,21 @@ class RedisWeightUpdater(WeightUpdaterBase):
         encoded = self._encoder.encode(weights, metadata=self.metadata)
         if self.sync:
             self._subscribe_acks()  # before the commit: no ack can slip past
-        version = self.registry.allocate(floor=self.version)
+        version = self._allocate()
         self._upload(_Upload(version, encoded, ranks))
         self.version = version
         self._last_ranks = ranks
+        return version
+
+    def _allocate(self) -> int:
+        """The next version; warns when someone else committed since this updater's last push."""
+        version, latest = self.registry.allocate_after(floor=self.version)
+        if self.version and latest > self.version:
+            log.warning(
+                "namespace %r: version %d was committed by another writer after this updater's version %d "
+                "(a second trainer, or an operator's rollback/import); version %d supersedes it",
+                self.keyspace.namespace, latest, self.version, version,
+            )  # fmt: skip
         return version
 
     def _upload(self, job: _Upload) -> None:
@@ -217,7 +228,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self._uploader = BackgroundUploader(self._upload, name=f"redis-weights-upload-{self.keyspace.namespace}")
         self._uploader.raise_error()
         self._subscribe_acks()  # before any commit: wait() cannot miss an ack
-        version = self.registry.allocate(floor=self.version)
+        version = self._allocate()
 
         def prepare(slot: int) -> _Upload:
             return _Upload(version, self._slots[slot].encode(weights, snapshot=True, metadata=self.metadata), ranks)

@@ -33,17 +33,18 @@ DEFAULT_RETENTION = 3
 DEFAULT_PENDING_TTL = 900.0  # seconds an uncommitted chunk survives
 _PIPELINE_BYTES = 64 * 1024 * 1024  # bytes of chunk values per pipeline round trip
 
-# KEYS: counter, latest. ARGV: floor (the caller's last version).
+# KEYS: counter, latest. ARGV: floor (the caller's last version). Returns {version, latest}.
 # INCR, but never at or below max(floor, latest): a Redis that lost its data, or a
 # second trainer, cannot make version numbers go backwards.
 _ALLOCATE = """
 local n = redis.call('INCR', KEYS[1])
-local floor = math.max(tonumber(ARGV[1]), tonumber(redis.call('GET', KEYS[2]) or '0'))
+local latest = tonumber(redis.call('GET', KEYS[2]) or '0')
+local floor = math.max(tonumber(ARGV[1]), latest)
 if n <= floor then
   n = floor + 1
   redis.call('SET', KEYS[1], n)
 end
-return n
+return {n, latest}
 """
 
 # KEYS: latest, versions, manifest, chunk_1..chunk_n, status_1..status_m
@@ -115,8 +116,13 @@ class VersionRegistry:
     # -- writing ------------------------------------------------------------------------
     def allocate(self, floor: int = 0) -> int:
         """A fresh version number above ``floor`` and above ``latest``."""
+        return self.allocate_after(floor)[0]
+
+    def allocate_after(self, floor: int = 0) -> tuple[int, int]:
+        """``(a fresh version above floor and latest, latest as it was)``, in one round trip."""
         k = self.keyspace
-        return int(self._allocate(keys=[k.counter, k.latest], args=[floor]))
+        version, latest = self._allocate(keys=[k.counter, k.latest], args=[floor])
+        return int(version), int(latest)
 
     def write_chunks(self, version: int, chunks: Sequence[Buffer], pending_ttl: float = DEFAULT_PENDING_TTL) -> None:
         """SET every chunk with an expiry (the commit removes it), pipelined in ~64 MiB rounds."""

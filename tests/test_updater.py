@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -250,3 +251,19 @@ def test_an_error_reply_after_the_commit_happened_says_so_and_keeps_the_chunks(f
         updater.update_weights()
     monkeypatch.undo()
     assert updater.registry.latest() == 1 and updater.registry.read(1)[0].version == 1
+
+
+def test_a_second_writer_is_reported_when_this_updater_pushes_next(fake_store, policy, caplog):
+    """Two trainers that take turns are not refused (numbers still rise), but each sees a warning."""
+    first, second = _updater(fake_store, policy), _updater(fake_store, policy)
+    with caplog.at_level(logging.WARNING, logger="redis_weights.updater"):
+        first.update_weights()
+        first.update_weights()
+        assert not caplog.records  # one writer: nothing to report
+        second.update_weights()  # its first push: nothing of its own to compare with
+        assert not caplog.records
+        first.update_weights()
+    assert [first.version, second.version] == [4, 3]
+    (record,) = caplog.records
+    assert "version 3 was committed by another writer after this updater's version 2" in record.getMessage()
+    assert "version 4 supersedes it" in record.getMessage()
