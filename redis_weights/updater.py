@@ -40,6 +40,8 @@ _HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
     (redis.exceptions.ReadOnlyError, "this Redis is a read-only replica: connect to the primary"),
 )
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
+_POLL_WITHOUT_ACKS = 0.05  # seconds between MGETs while the acks subscription is lost or refused
+_RESUBSCRIBE_AFTER = 5.0  # seconds before a refused acks subscription is tried again
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._uploader: BackgroundUploader[_Upload] | None = None
         self._slots = [self._encoder] + [Encoder(chunk_size) for _ in range(SLOTS - 1)]
         self._acks: redis.client.PubSub | None = None
+        self._acks_refused_until = 0.0  # while the ACL refuses the acks channel: poll, retry later
         self._last_ranks: list[int] = []
         self.version = 0
         self._producer = producer_id()
@@ -261,23 +264,40 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return read_rank_states(self.store.client, self.keyspace, self._normalize_worker_ids(ranks))
 
     # -- acks ---------------------------------------------------------------------------
-    def _subscribe_acks(self) -> redis.client.PubSub:
-        if self._acks is None:
+    def _subscribe_acks(self) -> redis.client.PubSub | None:
+        """The acks subscription, opened if needed; None while the server refuses it."""
+        if self._acks is None and time.monotonic() >= self._acks_refused_until:
             self._acks = subscribe(self.store.client, self.keyspace.acks_channel)
         return self._acks
 
     def _next_ack(self, timeout: float) -> None:
-        """Block until an ack is published (or ``timeout``), then drain what else is queued."""
-        pubsub = self._subscribe_acks()
+        """Block until an ack is published (or ``timeout``), then drain what else is queued.
+
+        Pub/sub is only a hint: without a subscription (lost, or refused by the ACL)
+        this sleeps briefly and the caller's MGET loop decides all the same.
+        """
         try:
+            pubsub = self._subscribe_acks()
+            if pubsub is None:
+                time.sleep(min(timeout, _POLL_WITHOUT_ACKS))
+                return
             message = pubsub.get_message(timeout=timeout)
             while message is not None:
                 message = pubsub.get_message(timeout=0)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            # Pub/sub is only a hint: drop the connection, the MGET loop decides.
             log.debug("acks subscription lost (%s); resubscribing", exc)
             self._close_acks()
-            time.sleep(min(timeout, 0.05))
+            time.sleep(min(timeout, _POLL_WITHOUT_ACKS))
+            return
+        except redis.exceptions.RedisError as exc:  # e.g. NOPERM: the user lost its channel rights
+            if not self._acks_refused_until:
+                log.warning("acks subscription refused (%s); deciding by polling every %gs until it is allowed again",
+                            exc, _POLL_WITHOUT_ACKS)  # fmt: skip
+            self._acks_refused_until = time.monotonic() + _RESUBSCRIBE_AFTER
+            self._close_acks()
+            time.sleep(min(timeout, _POLL_WITHOUT_ACKS))
+            return
+        self._acks_refused_until = 0.0
 
     def _collect_acks(self, version: int, ranks: list[int], timeout: float) -> None:
         """``_wait_for_acks``, with a Redis error raised as a ``PushError``."""

@@ -256,6 +256,15 @@ def test_notifications_dropped_for_good_worker_applies_within_its_poll_interval(
         eventually(lambda: worker.version == unheard.version, what="the worker applies it")
         assert state_digest(worker.policy) == state_digest(model)
         unheard.close()
+        # The sync updater's own acks subscription is gone and refused: it decides by polling.
+        admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        for step in range(2):
+            perturb(model, 21 + step)
+            updater.update_weights()  # returns only once rank 1 reads "updated" at this version
+            assert worker.version == updater.version
+            assert state_digest(worker.policy) == state_digest(model)
+        refused = [r for r in caplog.records if "acks subscription refused" in r.getMessage()]
+        assert len(refused) == 1, "one warning, not one per poll"
     updater.close()
     admin.close()
 
