@@ -27,6 +27,20 @@ _ROUND_BYTES = 64 * 1024 * 1024  # default bytes of replies per round trip (boun
 _READ_SIZE = 1 << 16
 
 
+def receive_buffer(size: int) -> memoryview:
+    """``size`` writable, uninitialized bytes to read a version into.
+
+    Not ``bytearray(size)``: that zero-fills every page while holding the GIL (about
+    a second per GB here, several under load), long enough to starve the receiver's
+    heartbeat thread, so a worker fetching a big model looked dead to the trainer.
+    ``numpy.empty`` maps fresh pages lazily; they are faulted in by the socket reads,
+    which release the GIL.
+    """
+    import numpy as np  # not at module level: operator tools import this module without numpy's cost
+
+    return np.empty(size, dtype=np.uint8).data
+
+
 class _Reader:
     """A minimal RESP reader over a socket: header lines buffered, payloads read in place."""
 

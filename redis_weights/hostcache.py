@@ -39,6 +39,7 @@ from pathlib import Path
 
 import xxhash
 
+from .bulkread import receive_buffer
 from .errors import ConfigurationError, IntegrityError
 from .manifest import Buffer, Manifest
 
@@ -249,8 +250,7 @@ class HostCache:
         mapping = self._open_shared(path, manifest)
         if mapping is None:  # recycled already by a fetcher of a newer version: read privately
             log.info("host cache: %s vanished right after publishing; reading it privately", path.name)
-            buffer = bytearray(manifest.total_bytes)
-            mapping = _Mapping(fetch(manifest, memoryview(buffer)))
+            mapping = _Mapping(fetch(manifest, receive_buffer(manifest.total_bytes)))
         return mapping
 
     def _writable_file(self, version: int, path: Path) -> tuple[int, Path]:

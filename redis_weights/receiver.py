@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from .bulkread import receive_buffer
 from .codec import apply_chunks, check_compatible, flatten_weights
 from .connection import close_subscription, describe, ensure_server, subscribe
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
@@ -109,7 +110,7 @@ class RedisWeightReceiver:
         self.keyspace = self.store.keyspace
         self.registry = VersionRegistry(self.store.client, self.keyspace)
         self.host_cache = self._host_cache(host_cache)
-        self._receive_buffer = bytearray()
+        self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
         self.version = 0
         self.last_error: str | None = None
         self.lock = threading.RLock()
@@ -258,9 +259,9 @@ class RedisWeightReceiver:
                 yield chunks
             return
         if len(self._receive_buffer) < manifest.total_bytes:
-            self._receive_buffer = bytearray()  # drop the old one before allocating the bigger one
-            self._receive_buffer = bytearray(manifest.total_bytes)
-        yield self.registry.read_chunks_into(manifest, memoryview(self._receive_buffer))
+            self._receive_buffer = memoryview(b"")  # drop the old one before allocating the bigger one
+            self._receive_buffer = receive_buffer(manifest.total_bytes)
+        yield self.registry.read_chunks_into(manifest, self._receive_buffer)
 
     def _fail(self, version: int, reason: str) -> None:
         self._failed_version = version
