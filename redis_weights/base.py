@@ -1,10 +1,12 @@
 """``WeightUpdaterBase``: TorchRL's weight-updater API, without requiring torchrl.
 
 Same methods and semantics as ``torchrl.collectors.WeightUpdaterBase`` (push,
-post-hooks, collector registration, ``from_policy``), with two deliberate
-differences: worker ids are 1-based ranks everywhere (an int or a list of ints),
-and registering a second collector is refused instead of making ``collector``
-raise later.
+post-hooks, collector registration, ``from_policy``), with three deliberate
+differences: worker ids are 1-based ranks everywhere (an int or a list of ints);
+registering a second collector is refused instead of making ``collector`` raise
+later; and ``_sync_weights_with_worker`` is called once per push with the list
+of targeted ranks, not once per worker, because one push is one version that
+every rank reads (a per-worker loop would commit N versions).
 """
 
 from __future__ import annotations
