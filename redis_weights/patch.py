@@ -36,9 +36,15 @@ bf16 with realistic AdamW steps, zstd level 1):
 - each of the two sections is zstd-compressed (level 1: as small as levels 2-3 and
   negative levels here, lz4 1.3-2x larger) when that makes it smaller.
 
-Measured sizes relative to the dense chunk: 0.9% at 1.3% density, 4.6% at 8.8%, 18% at
-46%, 31% at 86%. ``encode_patch`` returns None when the patch would not be smaller than
-``max_ratio`` of the dense chunk (by default: not smaller than the chunk itself).
+Measured sizes relative to the dense chunk: 0.8% at 1% density, 5% at 10%, 18% at 46%,
+25% at 70%, 31% at 86%. ``encode_patch`` returns None when the patch would not be
+smaller than ``max_ratio`` of the dense chunk (by default: not smaller than the chunk
+itself). Speed on one core of this machine (8 MiB bf16 chunks, machine otherwise idle):
+encode ~2 GB/s at 1% density, ~0.8 GB/s at 10%, ~0.3 GB/s at 70%; apply ~5 GB/s, ~2
+GB/s, ~0.3 GB/s. A 500 MB bf16 model at 1% density encodes in about 0.25 s.
+
+A patch does not name its base: whoever stores it (the manifest) records which chunk it
+patches, and the new chunk's checksum in the manifest proves the result bit for bit.
 
 Binary format (all integers little-endian), a fixed 52-byte header then the sections::
 
@@ -137,11 +143,7 @@ def encode_patch(base: Buffer, new: Buffer, itemsize: int, *, max_ratio: float =
     """
     if not 0.0 < max_ratio <= 1.0:
         raise PatchError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
-    limit = max_ratio * len(_byte_view(new, "new"))
-    if HEADER_SIZE >= limit:
-        return None
-    patch = _build(base, new, itemsize, limit=limit)
-    return patch if patch is not None and len(patch) < limit else None
+    return _build(base, new, itemsize, max_ratio=max_ratio)
 
 
 def _build(
@@ -149,11 +151,12 @@ def _build(
     new: Buffer,
     itemsize: int,
     *,
-    limit: float = float("inf"),
+    max_ratio: float | None = None,
     encoding: int | None = None,
     compress: bool = True,
 ) -> bytes | None:
-    """The smallest patch, or None as soon as it is known to reach ``limit`` bytes.
+    """The smallest patch, or None as soon as it is known not to be smaller than
+    ``max_ratio`` of the chunk (no limit when None).
 
     ``encoding`` forces the positions encoding and ``compress=False`` stores both
     sections raw: the tests reach every form of the format through them.
@@ -166,6 +169,9 @@ def _build(
         raise PatchError(f"base and new differ in length ({len(b)} and {len(nw)} bytes)")
     if len(b) > MAX_CHUNK_SIZE:
         raise PatchError(f"chunk of {len(b)} bytes is larger than MAX_CHUNK_SIZE ({MAX_CHUNK_SIZE})")
+    limit = float("inf") if max_ratio is None else max_ratio * len(b)
+    if HEADER_SIZE >= limit:
+        return None
     whole = len(b) // itemsize * itemsize
     diff = b[:whole].view(_UINT[itemsize]) ^ nw[:whole].view(_UINT[itemsize])
     mask = diff != 0
