@@ -333,7 +333,7 @@ def _parse_header(patch: memoryview) -> _Header:
 
 def patch_info(patch: Buffer) -> PatchInfo:
     """What ``patch`` holds, from its header (checked, not decompressed)."""
-    view = memoryview(patch).cast("B")
+    view = _flat(patch, "patch")
     head = _parse_header(view)
     return PatchInfo(
         encoding=ENCODINGS[head.kind],
@@ -356,7 +356,7 @@ def apply_patch(base: Buffer, patch: Buffer, out: Any) -> None:
     place). The whole patch is checked before the first byte of ``out`` is written: on
     a PatchError ``out`` (and so an in-place ``base``) is untouched.
     """
-    view = memoryview(patch).cast("B")
+    view = _flat(patch, "patch")
     head = _parse_header(view)
     b = _byte_view(base, "base")
     o = _byte_view(out, "out", writable=True)
@@ -416,17 +416,23 @@ def _section(stored: memoryview, raw_len: int, compressed: bool, name: str) -> B
 # ---------------------------------------------------------------------------------------
 # Buffers
 # ---------------------------------------------------------------------------------------
-def _byte_view(buf: Any, name: str, *, writable: bool = False) -> np.ndarray:
-    """A flat uint8 numpy view of a buffer (no copy)."""
+def _flat(buf: Any, name: str) -> memoryview:
+    """A flat memoryview of the bytes of a buffer (no copy)."""
     try:
         mv = memoryview(buf)
     except TypeError:
         raise PatchError(f"{name} must be a bytes-like buffer, got {type(buf).__name__}") from None
     if not mv.c_contiguous:
         raise PatchError(f"{name} must be a contiguous buffer")
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+def _byte_view(buf: Any, name: str, *, writable: bool = False) -> np.ndarray:
+    """A flat uint8 numpy view of a buffer (no copy)."""
+    mv = _flat(buf, name)
     if writable and mv.readonly:
         raise PatchError(f"{name} must be a writable buffer (bytearray, memoryview of one, numpy array)")
-    return np.frombuffer(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv, dtype=np.uint8)
+    return np.frombuffer(mv, dtype=np.uint8)
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:

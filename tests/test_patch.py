@@ -438,6 +438,10 @@ def test_bad_output_buffers(patches):
         apply_patch(BASE, patch, bytes(len(BASE)))
     with pytest.raises(PatchError, match="bytes-like"):
         apply_patch(BASE, patch, None)
+    with pytest.raises(PatchError, match="patch must be a bytes-like"):
+        apply_patch(BASE, patch.hex(), bytearray(len(BASE)))
+    with pytest.raises(PatchError, match="patch must be a bytes-like"):
+        patch_info(None)
     shared = bytearray(2 * len(BASE))
     shared[: len(BASE)] = BASE
     view = memoryview(shared)
