@@ -375,9 +375,9 @@ class Manifest:
         chunks = [_chunk_entry(e, i, sizes[i], where) for i, e in enumerate(raw_chunks)]
         entries = parse_header(tensors, total - header_len)
         wire, cast = doc.get("wire_dtype"), doc.get("cast") or {}
-        if wire is not None and wire not in DTYPE_SIZES:
+        if wire is not None and (not isinstance(wire, str) or wire not in DTYPE_SIZES):
             raise CodecError(f"{where}: unknown wire_dtype {wire!r}")
-        if not isinstance(cast, dict) or not all(v in DTYPE_SIZES for v in cast.values()):
+        if not isinstance(cast, dict) or not all(isinstance(v, str) and v in DTYPE_SIZES for v in cast.values()):
             raise CodecError(f"{where}: cast must map tensor names to dtypes")
         keyframe, parent, depth = doc.get("keyframe", number), doc.get("parent"), doc.get("depth", 0)
         uploaded, created, producer = doc.get("uploaded_bytes", 0), doc.get("created", 0.0), doc.get("producer", "")

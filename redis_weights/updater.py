@@ -236,7 +236,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
         except VersionNotFoundError as exc:  # an object the delta chain relies on is gone
             self._forget_delta()
             raise PushError(f"push of version {job.version} failed: {exc}", version=job.version) from exc
-        except redis.exceptions.RedisError as exc:  # an error reply: nothing was committed
+        except redis.exceptions.RedisError as exc:  # an error reply: nothing committed, or a script failed part-way
+            if self._committed(job.version):
+                self._forget_delta()
+                raise self._redis_failure(exc, job.version, "its commit failed part-way") from exc
             self._collect_garbage(job.version)
             raise self._redis_failure(exc, job.version, "the new version was not committed") from exc
         if self._delta is not None:
@@ -268,6 +271,13 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 )
 
         return self.registry.chunks.write(objects())
+
+    def _committed(self, version: int) -> bool:
+        """Whether ``version``'s manifest is in Redis after an error reply (False if Redis cannot say)."""
+        try:
+            return self.registry.exists(version)
+        except redis.exceptions.RedisError:
+            return False
 
     def _forget_delta(self) -> None:
         if self._delta is not None:

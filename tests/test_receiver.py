@@ -10,7 +10,6 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from tests.faults_support import chunk_key
 from redis_weights import (
     ConfigurationError,
     ReceiveTimeoutError,
@@ -18,6 +17,7 @@ from redis_weights import (
     RedisWeightReceiver,
     RedisWeightUpdater,
 )
+from tests.faults_support import chunk_key
 
 
 def _pair(fake_store, worker_policy, trainer_policy=None, **kw):
