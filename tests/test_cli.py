@@ -155,7 +155,7 @@ def test_reports_as_tables_and_json(fleet, redis_url: str, namespace: str, capsy
     assert show.returncode == 0 and f"version {v3}" in show.stdout
     for name in ("net.0.weight", "net.0.bias", "net.2.weight"):
         assert name in show.stdout
-    assert "32x16" in show.stdout and "F16" in show.stdout and "checksum" in show.stdout
+    assert "32x16" in show.stdout and "F16" in show.stdout and "chunk ids" in show.stdout and "full (keyframe)" in show.stdout
     workers = run_main(capsys, "workers", "--url", redis_url, "-n", namespace)
     assert workers.returncode == 0
     assert "DEAD" in workers.stdout and workers.stdout.count("alive") == 2
