@@ -223,16 +223,18 @@ class RedisWeightUpdater(WeightUpdaterBase):
         started = time.perf_counter()
         encoded = job.encoded
         fields = {"created": time.time(), "producer": self._producer}
+        committing: list[bool] = []
         try:
             if self._delta is not None:
                 manifest, patches = self._delta.plan(encoded, job.version, **fields)
             else:
                 manifest, patches = encoded.manifest(job.version, keyframe=job.version, **fields), {}
             self.registry.publish(manifest, job.ranks, upload=lambda missing: self._write(encoded, patches, missing),
-                                  pending_ttl=self.pending_ttl)  # fmt: skip
+                                  pending_ttl=self.pending_ttl, committing=lambda: committing.append(True))  # fmt: skip
         except _LOST as exc:  # Redis is gone; the commit script may or may not have run
             self._forget_delta()
-            raise self._redis_failure(exc, job.version, "its commit could not be confirmed") from exc
+            what = "its commit could not be confirmed" if committing else "the new version was not committed"
+            raise self._redis_failure(exc, job.version, what) from exc
         except VersionNotFoundError as exc:  # an object the delta chain relies on is gone
             self._forget_delta()
             raise PushError(f"push of version {job.version} failed: {exc}", version=job.version) from exc

@@ -204,12 +204,15 @@ class VersionRegistry:
         upload: Callable[[set[str]], int] | None = None,
         pending_ttl: float = DEFAULT_PENDING_TTL,
         attempts: int = 5,
+        committing: Callable[[], None] | None = None,
     ) -> int:
         """Commit ``manifest`` once every object it references is in Redis; returns the bytes uploaded.
 
         ``upload(missing_ids)`` writes the missing objects (None: nothing may be
         uploaded, so a missing one is a ``VersionNotFoundError``, as for a rollback
         whose chunks were deleted). A commit refused by a concurrent GC is retried.
+        ``committing()`` is called before the commit script is sent (from then on a lost
+        connection leaves it unknown whether the version was committed).
         """
         token = uuid.uuid4().hex
         objects = manifest.objects()
@@ -226,6 +229,8 @@ class VersionRegistry:
                         )
                     uploaded += upload(missing)
                 manifest.uploaded_bytes = uploaded
+                if committing is not None:
+                    committing()
                 try:
                     self.commit(manifest, pending_ranks, epoch=epoch, token=token)
                     return uploaded
