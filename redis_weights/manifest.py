@@ -328,15 +328,18 @@ class Manifest:
         ).encode()
 
     @classmethod
-    def from_json(cls, raw: Buffer | str, version: int | None = None) -> Manifest:
+    def from_json(cls, raw: Buffer | str, version: int | None = None, *, max_total_bytes: int | None = None) -> Manifest:
         """Parse and validate; any inconsistency raises ``CodecError`` (never a crash).
 
         ``version``: the key it was stored under; a manifest of another version is
         refused (else a worker would apply one version's weights and ack another).
+        ``max_total_bytes``: the largest stream the caller could hold (a worker: its
+        policy's size); a manifest describing more is refused before its chunk entries
+        are walked.
         Work and memory are bounded by ``MAX_MANIFEST_BYTES``: sizes and counts are
         checked before the per-chunk entries are walked.
         """
-        where = "manifest" if version is None else f"manifest of version {version}"
+        where = "manifest"  # the caller names the version it read
         if len(raw) > MAX_MANIFEST_BYTES:
             raise CodecError(f"{where}: {len(raw)} bytes, more than the limit of {MAX_MANIFEST_BYTES}")
         doc = load_json(bytes(raw) if not isinstance(raw, str) else raw, where)
@@ -357,7 +360,10 @@ class Manifest:
         if not _is_int(number) or number < 1:
             raise CodecError(f"{where}: version {number!r} is not a positive integer")
         if version is not None and number != version:
-            raise CodecError(f"{where} says it is version {number} (a manifest copied under another version's key?)")
+            raise CodecError(
+                f"the manifest stored as version {version} says it is version {number} "
+                "(a manifest copied under another version's key?)"
+            )
         where = f"manifest of version {number}"
         if algo != CHECKSUM_ALGO:
             raise CodecError(f"{where}: unsupported checksum algorithm {algo!r}")
@@ -365,6 +371,8 @@ class Manifest:
             raise CodecError(f"{where}: chunk_size {size!r} outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
         if not _is_int(total) or not 8 <= total <= MAX_TENSOR_BYTES:
             raise CodecError(f"{where}: total_bytes {total!r} out of range")
+        if max_total_bytes is not None and total > max_total_bytes:
+            raise CodecError(f"{where}: {total} bytes of weights, more than this policy can hold ({max_total_bytes})")
         if not isinstance(raw_chunks, list) or len(raw_chunks) != -(-total // size):
             raise CodecError(f"{where}: {total} bytes in chunks of {size} need {-(-total // size)} chunk entries")
         if not _is_int(header_len) or not 8 <= header_len <= min(total, 8 + MAX_HEADER_BYTES):
@@ -410,6 +418,15 @@ class Manifest:
             raise IntegrityError(f"version {self.version}: chunk {index} has {len(data)} bytes, expected {expected}")
         if checksum(data) != self.chunks[index].id:
             raise IntegrityError(f"version {self.version}: chunk {index} does not match its id (corrupted?)")
+
+
+def manifest_bounds(data_bytes: int, tensors: int) -> tuple[int, int]:
+    """``(largest stream, largest manifest in bytes)`` a policy of ``tensors`` tensors holding
+    ``data_bytes`` bytes (at 8 bytes per element) can be sent as: what a worker reads at most."""
+    header = 4096 + tensors * 512  # names, dtypes, shapes, offsets, metadata
+    stream = data_bytes + header
+    entries = -(-stream // MIN_CHUNK_SIZE) * (MAX_CHAIN * 96 + 64)
+    return stream, min(MAX_MANIFEST_BYTES, 65536 + 2 * header + entries)
 
 
 def chunk_sizes(total: int, chunk_size: int) -> list[int]:

@@ -272,19 +272,22 @@ class VersionRegistry:
         """Whether the manifest of ``version`` is in Redis (committed and not deleted)."""
         return bool(self.client.exists(self.keyspace.manifest(version)))
 
-    def read_manifest(self, version: int) -> Manifest:
-        """The validated manifest stored under ``version``; one stored larger than
-        ``MAX_MANIFEST_BYTES`` is refused without downloading it."""
+    def read_manifest(
+        self, version: int, *, max_bytes: int | None = None, max_total_bytes: int | None = None
+    ) -> Manifest:
+        """The validated manifest stored under ``version``; one stored larger than ``max_bytes``
+        (default ``MAX_MANIFEST_BYTES``) is refused without downloading it (``STRLEN`` first)."""
+        limit = MAX_MANIFEST_BYTES if max_bytes is None else min(max_bytes, MAX_MANIFEST_BYTES)
         key = self.keyspace.manifest(version)
         pipe = self.client.pipeline(transaction=False)
         pipe.strlen(key)
-        pipe.getrange(key, 0, MAX_MANIFEST_BYTES)  # at most one byte over the limit
+        pipe.getrange(key, 0, limit)  # at most one byte over the limit
         length, raw = pipe.execute()
         if not length:
             raise VersionNotFoundError(f"version {version} not found")
-        if length > MAX_MANIFEST_BYTES:
-            raise CodecError(f"manifest of version {version}: {length} bytes, more than the limit of {MAX_MANIFEST_BYTES}")
-        return Manifest.from_json(raw, version)
+        if length > limit:
+            raise CodecError(f"manifest of {length} bytes, more than the limit of {limit} (hostile or corrupted?)")
+        return Manifest.from_json(raw, version, max_total_bytes=max_total_bytes)
 
     def list_versions(self) -> list[int]:
         """Committed versions, oldest first."""

@@ -101,7 +101,7 @@ def test_a_trainer_killed_before_its_commit_leaves_orphans_that_the_next_gc_swee
         orphan, *ids = marker.read_text().split()
         orphan = int(orphan)
         chunks = [k.chunk(i) for i in set(ids) - set(updater.registry.read_manifest(committed).ids)]
-        assert len(chunks) > 1 and all(client.exists(c) for c in chunks), "the trainer should have written chunks"
+        assert chunks and all(client.exists(c) for c in chunks), "the trainer should have written its chunks"
         (record,) = client.scan_iter(match=k.pending_pattern)  # GC spares them while the push may commit
         assert 0 < client.pttl(record) <= 2000, "a pending record must expire"
         assert not client.exists(k.manifest(orphan)) and updater.registry.latest() == committed
