@@ -51,3 +51,23 @@ def read_version(registry: VersionRegistry, version: int) -> tuple[Manifest, byt
     buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
     assemble(registry.chunks, manifest, memoryview(buffer), [])
     return manifest, buffer.tobytes()
+
+
+def count_reads(monkeypatch) -> list[int]:
+    """Record the bytes every ``ChunkStore`` read asks for (one entry per call), for this test."""
+    from redis_weights.chunkstore import ChunkStore
+
+    seen: list[int] = []
+    real_read, real_read_into = ChunkStore.read, ChunkStore.read_into
+
+    def read(self, ids, sizes):
+        seen.append(sum(sizes))
+        return real_read(self, ids, sizes)
+
+    def read_into(self, ids, sizes, target):
+        seen.append(sum(sizes))
+        return real_read_into(self, ids, sizes, target)
+
+    monkeypatch.setattr(ChunkStore, "read", read)
+    monkeypatch.setattr(ChunkStore, "read_into", read_into)
+    return seen

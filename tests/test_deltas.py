@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from redis_weights import ConfigurationError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.chunkstore import ChunkStore
+from tests.codec_support import count_reads
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -33,20 +33,7 @@ def _exact(worker: nn.Module, expected: dict[str, torch.Tensor]) -> bool:
 @pytest.fixture
 def reads(monkeypatch):
     """Bytes every ChunkStore read asked for, per call."""
-    seen: list[int] = []
-    real_read, real_read_into = ChunkStore.read, ChunkStore.read_into
-
-    def read(self, ids, sizes):
-        seen.append(sum(sizes))
-        return real_read(self, ids, sizes)
-
-    def read_into(self, ids, sizes, target):
-        seen.append(sum(sizes))
-        return real_read_into(self, ids, sizes, target)
-
-    monkeypatch.setattr(ChunkStore, "read", read)
-    monkeypatch.setattr(ChunkStore, "read_into", read_into)
-    return seen
+    return count_reads(monkeypatch)
 
 
 def _updater(fake_store, model, **kw):
