@@ -370,6 +370,7 @@ class Admin:
                 "version first, or pass --force"
             )
         self.registry.delete(manifest_version)
+        self.registry.gc(keep=_NO_RETENTION)  # no other version goes: only the chunks nothing references now
         return manifest_version
 
 

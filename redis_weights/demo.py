@@ -457,7 +457,7 @@ def _stop_all(workers: list[WorkerProcess]) -> None:
 
 
 def _drop_namespace(store: RedisStore) -> None:
-    keys = list(store.client.scan_iter(match=store.keyspace.pattern, count=1000))
+    keys = [k for pattern in store.keyspace.patterns for k in store.client.scan_iter(match=pattern, count=1000)]
     if keys:
         store.client.delete(*keys)
 

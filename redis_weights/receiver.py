@@ -33,7 +33,7 @@ from .connection import close_subscription, describe, ensure_server, subscribe
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
 from .hostcache import DEFAULT_DIRECTORY, HostCache
-from .manifest import Buffer, Manifest, TensorEntry, manifest_bounds
+from .manifest import Buffer, Manifest, TensorEntry, manifest_limit
 from .store import RedisStore, as_store
 from .versions import VersionRegistry
 
@@ -108,8 +108,8 @@ class RedisWeightReceiver:
         if poll_interval <= 0 or heartbeat_ttl <= 0:
             raise ConfigurationError("poll_interval and heartbeat_ttl must be positive")
         flat = flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill
-        # what a manifest for this policy can be at most: a bigger one is refused before it is parsed
-        self._max_stream, self._max_manifest = manifest_bounds(8 * sum(t.numel() for t in flat.values()), len(flat))
+        # what a manifest for this policy can be at most: a bigger one is refused before it is downloaded
+        self._max_manifest = manifest_limit(8 * sum(t.numel() for t in flat.values()), len(flat))
         self.store = as_store(store)
         self.rank = rank
         self.policy = policy
@@ -212,9 +212,7 @@ class RedisWeightReceiver:
     def _apply(self, version: int) -> int | None:
         started = time.perf_counter()
         try:
-            manifest = self.registry.read_manifest(
-                version, max_bytes=self._max_manifest, max_total_bytes=self._max_stream
-            )
+            manifest = self.registry.read_manifest(version, max_bytes=self._max_manifest)
         except CodecError as exc:  # not JSON, lies about the layout, too big, or another version's manifest
             self._fail(version, str(exc))
             return None

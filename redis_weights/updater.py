@@ -198,8 +198,9 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self._subscribe_acks()  # before the commit: no ack can slip past
         version = self._allocate()
         self._upload(_Upload(version, encoded, ranks))
-        self.version = version
+        self.version = version  # before the GC: workers may apply (and ack) it already
         self._last_ranks = ranks
+        self._collect_garbage(version)
         return version
 
     def _allocate(self) -> int:
@@ -214,7 +215,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return version
 
     def _upload(self, job: _Upload) -> None:
-        """Upload what Redis lacks, commit, then apply retention (on the background thread if any).
+        """Upload what Redis lacks and commit (on the background thread if any); retention follows.
 
         A Redis error becomes a ``PushError`` naming the version. When the commit surely
         did not happen, a GC runs at once: the chunks this push wrote are garbage now,
@@ -251,6 +252,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
             job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks, manifest.uploaded_bytes,
             (time.perf_counter() - started) * 1000,
         )  # fmt: skip
+
+    def _upload_and_collect(self, job: _Upload) -> None:
+        """A background job: ``_upload``, then retention, both on the upload thread."""
+        self._upload(job)
         self._collect_garbage(job.version)
 
     def _write(self, encoded: Encoded, patches: Mapping[str, bytes], missing: set[str]) -> int:
@@ -294,7 +299,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
     def _submit(self, weights: Any, ranks: list[int]) -> None:
         """Background push: snapshot into a free staging buffer, queue the upload, return."""
         if self._uploader is None:
-            self._uploader = BackgroundUploader(self._upload, name=f"redis-weights-upload-{self.keyspace.namespace}")
+            self._uploader = BackgroundUploader(self._upload_and_collect, name=f"redis-weights-upload-{self.keyspace.namespace}")
         self._uploader.raise_error()
         self._subscribe_acks()  # before any commit: wait() cannot miss an ack
         version = self._allocate()

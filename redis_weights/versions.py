@@ -143,7 +143,6 @@ class VersionRegistry:
         self._commit = client.register_script(_COMMIT)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
-        self.gc_hook: Callable[[str], None] | None = None  # tests: called at each GC phase
 
     # -- writing ------------------------------------------------------------------------
     def allocate(self, floor: int = 0) -> int:
@@ -272,9 +271,7 @@ class VersionRegistry:
         """Whether the manifest of ``version`` is in Redis (committed and not deleted)."""
         return bool(self.client.exists(self.keyspace.manifest(version)))
 
-    def read_manifest(
-        self, version: int, *, max_bytes: int | None = None, max_total_bytes: int | None = None
-    ) -> Manifest:
+    def read_manifest(self, version: int, *, max_bytes: int | None = None) -> Manifest:
         """The validated manifest stored under ``version``; one stored larger than ``max_bytes``
         (default ``MAX_MANIFEST_BYTES``) is refused without downloading it (``STRLEN`` first)."""
         limit = MAX_MANIFEST_BYTES if max_bytes is None else min(max_bytes, MAX_MANIFEST_BYTES)
@@ -287,7 +284,7 @@ class VersionRegistry:
             raise VersionNotFoundError(f"version {version} not found")
         if length > limit:
             raise CodecError(f"manifest of {length} bytes, more than the limit of {limit} (hostile or corrupted?)")
-        return Manifest.from_json(raw, version, max_total_bytes=max_total_bytes)
+        return Manifest.from_json(raw, version)
 
     def list_versions(self) -> list[int]:
         """Committed versions, oldest first."""
@@ -321,17 +318,12 @@ class VersionRegistry:
             old = [v for v in self.list_versions()[:-keep] if v != latest]
             for version in old:
                 self.delete(version)
-            self._phase("retired")
             held = self._sweep(token, held)
         finally:
             self._give_back(token, held)
         if old:
             log.debug("gc removed versions %s", old)
         return old
-
-    def _phase(self, name: str) -> None:
-        if self.gc_hook is not None:
-            self.gc_hook(name)
 
     def _take_lease(self, token: str) -> bool | None:
         """True: this GC holds the lease (and bumped the epoch); False: Redis is too full to take it
@@ -389,17 +381,14 @@ class VersionRegistry:
         """Delete unreferenced objects in small steps (see the module docstring); whether
         this GC holds the lease at the end."""
         marked = self._marked()
-        self._phase("marked")
         if marked is None:
             return held
         garbage = [i for i in self.chunks.scan() if i not in marked]
-        self._phase("scanned")
         position = 0
         while position < len(garbage):
             batch = garbage[position : position + DELETE_BATCH]
             position += len(batch)
             self.chunks.delete(batch)
-            self._phase("deleted")
             if not held:  # memory was freed: take the lease now, and mark again under it
                 taken = self._take_lease(token)
                 if taken is None:  # another GC took it: it sweeps from here

@@ -74,7 +74,7 @@ def real_store(redis_url: str, namespace: str) -> Iterator[RedisStore]:
     store = RedisStore.from_url(redis_url, namespace)
     yield store
     # Leave the shared server clean: drop this test's namespace.
-    keys = list(store.client.scan_iter(match=store.keyspace.pattern, count=1000))
+    keys = [k for pattern in store.keyspace.patterns for k in store.client.scan_iter(match=pattern, count=1000)]
     if keys:
         store.client.delete(*keys)
     store.close()
