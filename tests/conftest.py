@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from redis_weights import RedisStore
-from redis_weights.server import LocalRedisServer, find_server_binary
+from redis_weights.tools.server import LocalRedisServer, find_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_SERVER = os.environ.get("REDIS_WEIGHTS_REQUIRE_SERVER") == "1"

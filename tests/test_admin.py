@@ -1,4 +1,4 @@
-"""The operators' library functions (``redis_weights.admin``) against a real server."""
+"""The operators' library functions (``redis_weights.tools.admin``) against a real server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, VersionNotFoundError
-from redis_weights.admin import Admin, RefusedError, manifest_dict, parse_version, redact
+from redis_weights.tools.admin import Admin, RefusedError, manifest_dict, parse_version, redact
 from redis_weights.errors import CodecError, ConfigurationError
 
 

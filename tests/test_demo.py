@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from redis_weights.demo import DemoOptions, Progress, _summary, claim_rank, demo_weights, digest
-from redis_weights.demo import run_demo as run_demo_in_process
+from redis_weights.tools.demo import DemoOptions, Progress, _summary, claim_rank, demo_weights, digest
+from redis_weights.tools.demo import run_demo as run_demo_in_process
 from redis_weights.errors import ConfigurationError
 from tests.conftest import REPO_ROOT
 
@@ -196,7 +196,7 @@ def test_a_restarted_worker_takes_over_its_dead_rank(real_store, redis_url: str,
 
 
 def test_workers_default_from_the_environment(monkeypatch, capsys) -> None:
-    from redis_weights.cli import _workers_from_environment, main
+    from redis_weights.tools.cli import _workers_from_environment, main
 
     monkeypatch.delenv("WORKERS", raising=False)
     assert _workers_from_environment() == 4

@@ -1,7 +1,7 @@
 """The ``redis-weights`` command: inspect and steer the weights in Redis from a shell.
 
-Every subcommand is a thin layer over ``redis_weights.admin`` (reports and actions)
-and ``redis_weights.health`` (``doctor``); ``demo`` lives in ``redis_weights.demo``.
+Every subcommand is a thin layer over ``redis_weights.tools.admin`` (reports and actions)
+and ``redis_weights.health`` (``doctor``); ``demo`` lives in ``redis_weights.tools.demo``.
 Failures print one line on stderr and exit non-zero, never a traceback. Tables
 are boxed on a terminal and plain, aligned text when piped; ``--json`` is for
 scripts.
@@ -22,12 +22,12 @@ from typing import Any, TextIO
 
 import redis
 
-from .admin import Admin, RefusedError, connection_error_message, manifest_dict, redact
-from .errors import RedisWeightsError
-from .health import UNSAFE, check_server, worst
-from .keys import DEFAULT_NAMESPACE
-from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from .units import human_age, human_bytes, utc_time
+from ..admin import Admin, RefusedError, connection_error_message, manifest_dict, redact
+from ...errors import RedisWeightsError
+from ...health import UNSAFE, check_server, worst
+from ...keys import DEFAULT_NAMESPACE
+from ...manifest import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from ...units import human_age, human_bytes, utc_time
 
 DEFAULT_URL = "redis://localhost:6379/0"
 ENV_URL, ENV_NAMESPACE = "REDIS_URL", "REDIS_WEIGHTS_NAMESPACE"  # read when --url / --namespace are not given
@@ -200,7 +200,7 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from .. import demo
 
     workers = args.workers or _workers_from_environment()
     if args.role == "worker":

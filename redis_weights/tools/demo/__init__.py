@@ -39,15 +39,15 @@ import redis
 import torch
 import xxhash
 
-from .codec import flatten_weights
-from .errors import ConfigurationError, PushError
-from .fleet import RankState, read_rank_states
-from .keys import Keys
-from .receiver import RedisWeightReceiver
-from .server import LocalRedisServer
-from .store import RedisStore, StoreTimeoutError
-from .units import human_bytes
-from .updater import RedisWeightUpdater
+from ...codec import flatten_weights
+from ...errors import ConfigurationError, PushError
+from ...fleet import RankState, read_rank_states
+from ...keys import Keys
+from ...receiver import RedisWeightReceiver
+from ..server import LocalRedisServer
+from ...store import RedisStore, StoreTimeoutError
+from ...units import human_bytes
+from ...updater import RedisWeightUpdater
 
 _COLUMNS = 1024  # every demo tensor is a (rows, 1024) float32 matrix plus a bias
 _READY_TIMEOUT = 120.0

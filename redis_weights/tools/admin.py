@@ -26,12 +26,12 @@ from typing import Any
 
 import redis
 
-from .errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
-from .fleet import RankState, read_rank_states
-from .keys import DEFAULT_NAMESPACE, Keys
-from .manifest import DEFAULT_CHUNK_SIZE, Manifest
-from .store import RedisStore
-from .versions import VersionRegistry
+from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
+from ..fleet import RankState, read_rank_states
+from ..keys import DEFAULT_NAMESPACE, Keys
+from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
+from ..store import RedisStore
+from ..versions import VersionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ class Admin:
         Every rank that has joined is marked ``"pending"``; nothing waits for acks and
         no version is garbage-collected. The file's own ``__metadata__`` is kept.
         """
-        from .updater import RedisWeightUpdater  # imports torch: only this command needs it
+        from ..updater import RedisWeightUpdater  # imports torch: only this command needs it
 
         tensors, file_metadata = read_safetensors(path)
         ranks = self.known_ranks()
