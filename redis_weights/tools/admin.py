@@ -1,4 +1,4 @@
-"""Operators' view of one namespace: versions, manifests, workers, export, import, rollback, GC.
+"""Operators' view of one namespace: versions, manifests, workers, export, import, rollback, GC, drop.
 
 The ``redis-weights`` command and the scripts in ``scripts/`` both call these, so
 a cron job and a person at a shell see the same numbers. Everything goes through
@@ -36,6 +36,7 @@ from ..versions import VersionRegistry
 log = logging.getLogger(__name__)
 
 _NO_RETENTION = 2**31  # an import must not garbage-collect the versions an operator keeps
+_DROP_BATCH = 1000  # keys per DEL when a namespace is dropped
 
 
 class RefusedError(RedisWeightsError):
@@ -344,6 +345,19 @@ class Admin:
             )
         self.registry.delete(manifest_version)
         return manifest_version
+
+
+def drop_namespace(client: redis.Redis, keyspace: Keys) -> int:
+    """Delete every key of ``keyspace``'s namespace; how many were deleted.
+
+    For throw-away namespaces (the demo's ``demo-<hex>``, the tests'): it takes no
+    lease and no lock, so never run it on a namespace a fleet still uses.
+    """
+    names = list(client.scan_iter(match=keyspace.pattern, count=1000))
+    deleted = 0
+    for start in range(0, len(names), _DROP_BATCH):
+        deleted += int(client.delete(*names[start : start + _DROP_BATCH]))
+    return deleted
 
 
 def _text(value: Any) -> str:
