@@ -1,4 +1,4 @@
-"""The README says what the code does: the ACL rights health.py asks for, and every error class."""
+"""The README says what the code does: the ACL rights health.py asks for, every error class, every module."""
 
 from __future__ import annotations
 
@@ -70,3 +70,32 @@ def test_the_errors_table_lists_every_error_class_under_its_import_path():
         assert issubclass(cls, RedisWeightsError) and issubclass(cls, RuntimeError), name
         exported = "." not in name
         assert exported == (cls.__name__ in redis_weights.__all__), f"{name}: README and __all__ disagree"
+
+
+def module_map() -> dict[str, str]:
+    """The README's module map: first column (``keys``, ``tools/admin``, ``tools/cli/``...) -> its whole row."""
+    section = README[README.index("### Layout"):]
+    section = section[: section.index("\n#", 1)]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            for name in re.findall(r"`([\w/]+)`", line.split(" | ")[0]):
+                rows[name] = line
+    return rows
+
+
+def test_the_module_map_lists_every_module_of_the_package_and_nothing_else():
+    rows = module_map()
+    packages, modules = set(), set()
+    for info in pkgutil.walk_packages(redis_weights.__path__, "redis_weights."):
+        path = info.name.removeprefix("redis_weights.").replace(".", "/")
+        (packages if info.ispkg else modules).add(path)
+    missing = []
+    for path in sorted(modules - {"__main__"}):
+        package, _, name = path.rpartition("/")
+        row = rows.get(f"{package}/") if package else None
+        if path not in rows and not (row and f"`{name}`" in row):  # a package's row names its modules
+            missing.append(path)
+    assert missing == [], f"modules the README's module map does not list: {missing}"
+    unknown = [name for name in rows if name.rstrip("/") not in (packages if name.endswith("/") else modules)]
+    assert unknown == [], f"the README's module map lists modules that do not exist: {unknown}"
