@@ -56,15 +56,19 @@ def error_classes() -> set[type]:
     return found
 
 
-def test_the_errors_table_lists_every_error_class_under_its_import_path():
-    section = README[README.index("### Errors"):]
+def first_column(heading: str, pattern: str) -> dict[str, str]:
+    """In the README's section ``heading``: each name ``pattern`` finds in a table's first column -> its row."""
+    section = README[README.index(heading):]
     section = section[: section.index("\n#", 1)]
+    return {name: line for line in section.splitlines() if line.startswith("| `")
+            for name in re.findall(pattern, line.split(" | ")[0])}  # fmt: skip
+
+
+def test_the_errors_table_lists_every_error_class_under_its_import_path():
     listed = {}
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            for name in re.findall(r"`([\w.]+Error)`", line.split(" | ")[0]):
-                module, _, cls = name.rpartition(".")
-                listed[name] = getattr(importlib.import_module(module) if module else redis_weights, cls)
+    for name in first_column("### Errors", r"`([\w.]+Error)`"):
+        module, _, cls = name.rpartition(".")
+        listed[name] = getattr(importlib.import_module(module) if module else redis_weights, cls)
     assert set(listed.values()) == error_classes() - {RedisWeightsError}
     for name, cls in listed.items():
         assert issubclass(cls, RedisWeightsError) and issubclass(cls, RuntimeError), name
@@ -72,20 +76,8 @@ def test_the_errors_table_lists_every_error_class_under_its_import_path():
         assert exported == (cls.__name__ in redis_weights.__all__), f"{name}: README and __all__ disagree"
 
 
-def module_map() -> dict[str, str]:
-    """The README's module map: first column (``keys``, ``tools/admin``, ``tools/cli/``...) -> its whole row."""
-    section = README[README.index("### Layout"):]
-    section = section[: section.index("\n#", 1)]
-    rows = {}
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            for name in re.findall(r"`([\w/]+)`", line.split(" | ")[0]):
-                rows[name] = line
-    return rows
-
-
 def test_the_module_map_lists_every_module_of_the_package_and_nothing_else():
-    rows = module_map()
+    rows = first_column("### Layout", r"`([\w/]+)`")  # a package's row (`tools/cli/`) names its modules
     packages, modules = set(), set()
     for info in pkgutil.walk_packages(redis_weights.__path__, "redis_weights."):
         path = info.name.removeprefix("redis_weights.").replace(".", "/")
@@ -94,7 +86,7 @@ def test_the_module_map_lists_every_module_of_the_package_and_nothing_else():
     for path in sorted(modules - {"__main__"}):
         package, _, name = path.rpartition("/")
         row = rows.get(f"{package}/") if package else None
-        if path not in rows and not (row and f"`{name}`" in row):  # a package's row names its modules
+        if path not in rows and not (row and f"`{name}`" in row):
             missing.append(path)
     assert missing == [], f"modules the README's module map does not list: {missing}"
     unknown = [name for name in rows if name.rstrip("/") not in (packages if name.endswith("/") else modules)]
