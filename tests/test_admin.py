@@ -1,4 +1,4 @@
-"""The operators' library functions (``redis_weights.admin``) against a real server."""
+"""The operators' library functions (``redis_weights.tools.admin``), against a real server (fakeredis for one)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, VersionNotFoundError
-from redis_weights.admin import Admin, RefusedError, manifest_dict, parse_version, redact
 from redis_weights.errors import CodecError, ConfigurationError
+from redis_weights.keys import Keys
+from redis_weights.tools.admin import Admin, RefusedError, drop_namespace, manifest_dict, parse_version, redact
 
 
 def weights(seed: int) -> dict[str, torch.Tensor]:
@@ -207,3 +208,17 @@ def test_watch_reports_pushes_and_acks(real_store: RedisStore, admin: Admin) -> 
 def test_redact_hides_passwords() -> None:
     assert redact("redis://user:secret@host:6380/0") == "redis://user:***@host:6380/0"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_drop_namespace_deletes_that_namespace_and_nothing_else(fake_redis) -> None:
+    for namespace in ("demo", "demo-1", "other"):
+        updater = RedisWeightUpdater(RedisStore(fake_redis, namespace, owns_client=False), weights(1), 2, sync=False)
+        updater.update_weights()
+    fake_redis.set("unrelated", b"1")
+    before = fake_redis.dbsize()
+    keyspace = Keys("demo")
+    dropped = drop_namespace(fake_redis, keyspace)
+    assert dropped > 0 and fake_redis.dbsize() == before - dropped
+    assert list(fake_redis.scan_iter(match=keyspace.pattern)) == []
+    assert fake_redis.exists("unrelated", Keys("demo-1").latest, Keys("other").latest) == 3
+    assert drop_namespace(fake_redis, keyspace) == 0

@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.cli import main
-from redis_weights.server import free_port
+from redis_weights.tools.cli import main
+from redis_weights.tools.server import free_port
 from tests.conftest import REPO_ROOT
 
 
@@ -71,7 +71,7 @@ def cli(*args: str, url: str | None = None, namespace: str | None = None) -> sub
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
-    """``redis_weights.cli.main(args)`` in this process, with its exit code and output."""
+    """``redis_weights.tools.cli.main(args)`` in this process, with its exit code and output."""
     capsys.readouterr()
     try:
         code = main(list(args))

@@ -31,6 +31,7 @@ from redis_weights import (
     StaleVersionError,
     bulkread,
 )
+from redis_weights.tools.admin import drop_namespace
 from tests.faults_support import eventually, perturb
 from tests.models import make_model, state_digest
 
@@ -433,7 +434,7 @@ def test_a_loss_report_never_hides_a_newer_pending_version(real_store, redis_url
     worker = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, make_model("mlp"), **FAST)
     try:
         assert worker.poll() == updater.version == 3
-        real_store.client.delete(*real_store.client.scan_iter(match=real_store.keyspace.pattern))  # data lost
+        drop_namespace(real_store.client, real_store.keyspace)  # data lost
         updater = RedisWeightUpdater(real_store, model, 1, sync=False)  # a restarted trainer
         updater.update_weights()  # version 1, status "pending"
         assert updater.version == 1

@@ -1,4 +1,4 @@
-"""Operators' view of one namespace: versions, manifests, workers, export, import, rollback, GC.
+"""Operators' view of one namespace: versions, manifests, workers, export, import, rollback, GC, drop.
 
 The ``redis-weights`` command and the scripts in ``scripts/`` both call these, so
 a cron job and a person at a shell see the same numbers. Everything goes through
@@ -26,16 +26,17 @@ from typing import Any
 
 import redis
 
-from .errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
-from .fleet import RankState, read_rank_states
-from .keys import DEFAULT_NAMESPACE, Keys
-from .manifest import DEFAULT_CHUNK_SIZE, Manifest
-from .store import RedisStore
-from .versions import VersionRegistry
+from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
+from ..fleet import RankState, read_rank_states
+from ..keys import DEFAULT_NAMESPACE, Keys
+from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
+from ..store import RedisStore
+from ..versions import VersionRegistry
 
 log = logging.getLogger(__name__)
 
 _NO_RETENTION = 2**31  # an import must not garbage-collect the versions an operator keeps
+_DROP_BATCH = 1000  # keys per DEL when a namespace is dropped
 
 
 class RefusedError(RedisWeightsError):
@@ -307,7 +308,7 @@ class Admin:
         Every rank that has joined is marked ``"pending"``; nothing waits for acks and
         no version is garbage-collected. The file's own ``__metadata__`` is kept.
         """
-        from .updater import RedisWeightUpdater  # imports torch: only this command needs it
+        from ..updater import RedisWeightUpdater  # imports torch: only this command needs it
 
         tensors, file_metadata = read_safetensors(path)
         ranks = self.known_ranks()
@@ -344,6 +345,19 @@ class Admin:
             )
         self.registry.delete(manifest_version)
         return manifest_version
+
+
+def drop_namespace(client: redis.Redis, keyspace: Keys) -> int:
+    """Delete every key of ``keyspace``'s namespace; how many were deleted.
+
+    For throw-away namespaces (the demo's ``demo-<hex>``, the tests'): it takes no
+    lease and no lock, so never run it on a namespace a fleet still uses.
+    """
+    names = list(client.scan_iter(match=keyspace.pattern, count=1000))
+    deleted = 0
+    for start in range(0, len(names), _DROP_BATCH):
+        deleted += int(client.delete(*names[start : start + _DROP_BATCH]))
+    return deleted
 
 
 def _text(value: Any) -> str:
