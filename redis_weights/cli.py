@@ -22,7 +22,8 @@ from typing import Any, TextIO
 
 import redis
 
-from .admin import Admin, RefusedError, connection_error_message, manifest_dict, redact
+from .admin import Admin, RefusedError, connection_error_message, manifest_dict
+from .deployment import redacted
 from .errors import RedisWeightsError
 from .health import UNSAFE, check_server, worst
 from .keys import DEFAULT_NAMESPACE
@@ -184,7 +185,7 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
     findings = check_server(admin.client, admin.keyspace, chunk_size=args.chunk_size)
     verdict = worst(findings)
     if args.json:
-        print_json({"url": redact(args.url), "verdict": verdict, "findings": [f.to_dict() for f in findings]})
+        print_json({"url": redacted(args.url), "verdict": verdict, "findings": [f.to_dict() for f in findings]})
     else:
         tty = is_tty(sys.stdout)
         colors = {"ok": "32", "warn": "33", "unsafe": "31"}

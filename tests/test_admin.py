@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, VersionNotFoundError
-from redis_weights.admin import Admin, RefusedError, manifest_dict, parse_version, redact
+from redis_weights.admin import Admin, RefusedError, manifest_dict, parse_version
 from redis_weights.errors import CodecError, ConfigurationError
 
 
@@ -202,8 +202,3 @@ def test_watch_reports_pushes_and_acks(real_store: RedisStore, admin: Admin) -> 
     kinds = [(e.kind, e.version, e.rank) for e in events]
     assert kinds == [("push", v1, None), ("ack", v1, 2)]
     assert events[0].tensors == 4 and events[0].total_bytes and events[1].status == "updated"
-
-
-def test_redact_hides_passwords() -> None:
-    assert redact("redis://user:secret@host:6380/0") == "redis://user:***@host:6380/0"
-    assert redact("redis://host:6379/0") == "redis://host:6379/0"
