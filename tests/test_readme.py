@@ -70,3 +70,14 @@ def test_the_errors_table_lists_every_error_class_under_its_import_path():
         assert issubclass(cls, RedisWeightsError) and issubclass(cls, RuntimeError), name
         exported = "." not in name
         assert exported == (cls.__name__ in redis_weights.__all__), f"{name}: README and __all__ disagree"
+
+
+def test_the_design_section_maps_every_module_of_the_package():
+    """The module table (first column) names each module of the package once, and nothing else."""
+    section = README[README.index("## Design") : README.index("### Redis layout")]
+    first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    mapped = [name for cell in first_cells for name in re.findall(r"`([a-z_/]+)`", cell)]
+    package = Path(redis_weights.__file__).parent
+    modules = {p.stem for p in package.glob("*.py") if not p.stem.startswith("_")}
+    modules |= {f"{p.parent.name}/{p.stem}" for p in package.glob("*/*.py") if not p.stem.startswith("_")}
+    assert sorted(mapped) == sorted(modules)
