@@ -198,7 +198,8 @@ class Deployment:
 
     @contextlib.contextmanager
     def bulk_connection(self, key: str | None = None) -> Iterator[RawConnection | None]:
-        """A pooled connection, with its plain socket, to the node that holds ``key``.
+        """A pooled connection, with its plain socket, to the node that holds ``key``
+        (a standalone server holds every key; a cluster will pick the key's master).
 
         Yields None when the client has no plain socket (fakeredis): the caller then
         takes redis-py's ordinary path. After the block the connection goes back to

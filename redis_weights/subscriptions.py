@@ -112,8 +112,8 @@ class Subscription:
             return []
         except redis.exceptions.RedisError as exc:  # e.g. NOPERM: the user lacks (or lost) its channel rights
             if not self.refused:
-                log.warning("%s refused (%s); polling every %gs, subscribing again every %gs",
-                            self.what, exc, self.poll_every, self.retry_after)  # fmt: skip
+                log.warning("%s refused (%s); going on without it, subscribing again every %gs",
+                            self.what, exc, self.retry_after)  # fmt: skip
             self.error = exc
             self._refused_until = time.monotonic() + self.retry_after
             self.close()

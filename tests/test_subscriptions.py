@@ -102,3 +102,15 @@ def test_an_unreachable_server_raises_when_subscribing():
     with pytest.raises(redis.exceptions.ConnectionError):
         _subscription(client).open()
     assert _subscription(client).messages(0.01) == []  # a wait never raises
+
+
+def test_a_watch_refused_by_the_acl_raises_rather_than_shows_nothing(server_factory, namespace):
+    from redis_weights.admin import Admin
+
+    server = server_factory()
+    admin_client = redis.Redis(port=server.port)
+    admin_client.execute_command("ACL", "SETUSER", "nochan", "on", ">pw", "~*", "resetchannels", "+@all")
+    with Admin.from_url(f"redis://nochan:pw@127.0.0.1:{server.port}/0", namespace) as admin:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            list(admin.watch(timeout=10))
+    admin_client.close()
