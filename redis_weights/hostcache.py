@@ -53,9 +53,11 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # prefault the mapping in one go (
 Fetch = Callable[[Manifest, memoryview], list[Buffer | None]]
 
 
-def scope_name(server: str, namespace: str) -> str:
-    """A directory name for one (Redis server, namespace): files of others never mix in."""
-    digest = xxhash.xxh3_64_hexdigest(f"{server}|{namespace}".encode())
+def scope_name(scope: str, namespace: str) -> str:
+    """A directory name for one (deployment, namespace): files of others never mix in.
+
+    ``scope`` is the deployment's identity (``Deployment.scope()``)."""
+    digest = xxhash.xxh3_64_hexdigest(f"{scope}|{namespace}".encode())
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', namespace)[:64]}-{digest}"
 
 
@@ -147,9 +149,9 @@ class HostCache:
         self.recycled = 0  # files of old versions it reused for a new one
 
     @classmethod
-    def scoped(cls, base: str | os.PathLike[str], server: str, namespace: str) -> HostCache:
-        """The cache of one (server, namespace) in its own subdirectory of ``base`` (both private)."""
-        return cls(private_directory(base) / scope_name(server, namespace))
+    def scoped(cls, base: str | os.PathLike[str], scope: str, namespace: str) -> HostCache:
+        """The cache of one (deployment scope, namespace) in its own subdirectory of ``base`` (both private)."""
+        return cls(private_directory(base) / scope_name(scope, namespace))
 
     def _stem(self, manifest: Manifest) -> str:
         digest = xxhash.xxh3_64_hexdigest("|".join(manifest.checksums).encode())

@@ -54,7 +54,16 @@ class Keys:
     @property
     def pattern(self) -> str:
         """SCAN pattern matching every key of the namespace (braces escaped for glob)."""
-        return f"rw:\\{{{self.namespace}\\}}:*"
+        return self._glob("*")
+
+    def _glob(self, relative: str) -> str:
+        """SCAN pattern of the namespace's names matching ``relative`` (a glob)."""
+        return f"rw:\\{{{self.namespace}\\}}:{relative}"
+
+    @property
+    def acl_pattern(self) -> str:
+        """ACL key (``~``) and channel (``&``) pattern that covers every name of the namespace."""
+        return f"{self.prefix}*"
 
     @staticmethod
     def is_blob(relative: str) -> bool:
@@ -86,6 +95,10 @@ class Keys:
     def chunks(self, version: int, count: int) -> list[str]:
         return [self.chunk(version, i) for i in range(count)]
 
+    def chunk_pattern(self, version: int) -> str:
+        """SCAN pattern matching every chunk of ``version`` (finds them without a manifest)."""
+        return self._glob(f"v:{version}:c:*")
+
     # -- ranks ------------------------------------------------------------------------
     def rank_status(self, rank: int) -> str:
         """``"pending"``, ``"updated"`` or ``"error: <reason>"``."""
@@ -102,7 +115,7 @@ class Keys:
     @property
     def rank_version_pattern(self) -> str:
         """SCAN pattern matching every rank's version key (finds the ranks that ever joined)."""
-        return f"{self.pattern[:-1]}rank:*:version"
+        return self._glob("rank:*:version")
 
     def rank_of(self, full: str | bytes) -> int | None:
         """The rank of a ``rank:<r>:version`` key name, None for any other key."""

@@ -21,11 +21,12 @@ import redis
 
 from .base import WeightUpdaterBase, WorkerIds
 from .codec import Encoded, Encoder
-from .connection import close_subscription, describe, ensure_server, subscribe
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
-from .fleet import RankState, read_rank_states
+from .health import ensure_server
 from .manifest import DEFAULT_CHUNK_SIZE
+from .ranks import RankState, read_rank_states
 from .store import RedisStore, as_store
+from .subscriptions import Subscription
 from .uploader import SLOTS, BackgroundUploader
 from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, producer_id
 
@@ -41,7 +42,6 @@ _HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
 )
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
 _POLL_WITHOUT_ACKS = 0.05  # seconds between MGETs while the acks subscription is lost or refused
-_RESUBSCRIBE_AFTER = 5.0  # seconds before a refused acks subscription is tried again
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,13 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.background = background
         self._uploader: BackgroundUploader[_Upload] | None = None
         self._slots = [self._encoder] + [Encoder(chunk_size) for _ in range(SLOTS - 1)]
-        self._acks: redis.client.PubSub | None = None
-        self._acks_refused_until = 0.0  # while the ACL refuses the acks channel: poll, retry later
+        self._acks = Subscription(self.store.client, [self.keyspace.acks_channel], what="acks subscription",
+                                  poll_every=_POLL_WITHOUT_ACKS)  # fmt: skip
         self._last_ranks: list[int] = []
         self.version = 0
         self._producer = producer_id()
         if check_server:
-            ensure_server(self.store.client, self.keyspace)
+            ensure_server(self.store.deployment, self.keyspace)
 
     # -- WeightUpdaterBase --------------------------------------------------------------
     @classmethod
@@ -133,8 +133,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
     def _get_server_weights(self) -> Any:
         return self.policy_weights
 
-    def _sync_weights_with_worker(self, *, worker_id: int | list[int] | None = None, server_weights: Any) -> None:
-        ranks = self._normalize_worker_ids(worker_id)
+    def _sync_weights_with_worker(self, *, worker_id: list[int], server_weights: Any) -> None:
+        ranks = worker_id  # validated once, by ``push_weights``
         try:
             if self.background:
                 self._submit(server_weights, ranks)
@@ -149,7 +149,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         """The one error a push raises for a Redis error: Redis stopped answering (refused, reset,
         timed out), or answered with an error (out of memory, no permission, read-only replica...)."""
         push = "push" if version is None else f"push of version {version}"
-        where = describe(self.store.client)
+        where = self.store.deployment.describe()
         if isinstance(exc, _LOST):
             message = f"{push} failed: Redis at {where} is unreachable ({exc}); {what}"
         else:
@@ -163,7 +163,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         """Encode, upload and commit one version for ``ranks``; returns it."""
         encoded = self._encoder.encode(weights, metadata=self.metadata)
         if self.sync:
-            self._subscribe_acks()  # before the commit: no ack can slip past
+            self._acks.open()  # before the commit: no ack can slip past
         version = self._allocate()
         self._upload(_Upload(version, encoded, ranks))
         self.version = version
@@ -230,7 +230,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         if self._uploader is None:
             self._uploader = BackgroundUploader(self._upload, name=f"redis-weights-upload-{self.keyspace.namespace}")
         self._uploader.raise_error()
-        self._subscribe_acks()  # before any commit: wait() cannot miss an ack
+        self._acks.open()  # before any commit: wait() cannot miss an ack
         version = self._allocate()
 
         def prepare(slot: int) -> _Upload:
@@ -264,41 +264,6 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return read_rank_states(self.store.client, self.keyspace, self._normalize_worker_ids(ranks))
 
     # -- acks ---------------------------------------------------------------------------
-    def _subscribe_acks(self) -> redis.client.PubSub | None:
-        """The acks subscription, opened if needed; None while the server refuses it."""
-        if self._acks is None and time.monotonic() >= self._acks_refused_until:
-            self._acks = subscribe(self.store.client, self.keyspace.acks_channel)
-        return self._acks
-
-    def _next_ack(self, timeout: float) -> None:
-        """Block until an ack is published (or ``timeout``), then drain what else is queued.
-
-        Pub/sub is only a hint: without a subscription (lost, or refused by the ACL)
-        this sleeps briefly and the caller's MGET loop decides all the same.
-        """
-        try:
-            pubsub = self._subscribe_acks()
-            if pubsub is None:
-                time.sleep(min(timeout, _POLL_WITHOUT_ACKS))
-                return
-            message = pubsub.get_message(timeout=timeout)
-            while message is not None:
-                message = pubsub.get_message(timeout=0)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            log.debug("acks subscription lost (%s); resubscribing", exc)
-            self._close_acks()
-            time.sleep(min(timeout, _POLL_WITHOUT_ACKS))
-            return
-        except redis.exceptions.RedisError as exc:  # e.g. NOPERM: the user lost its channel rights
-            if not self._acks_refused_until:
-                log.warning("acks subscription refused (%s); deciding by polling every %gs until it is allowed again",
-                            exc, _POLL_WITHOUT_ACKS)  # fmt: skip
-            self._acks_refused_until = time.monotonic() + _RESUBSCRIBE_AFTER
-            self._close_acks()
-            time.sleep(min(timeout, _POLL_WITHOUT_ACKS))
-            return
-        self._acks_refused_until = 0.0
-
     def _collect_acks(self, version: int, ranks: list[int], timeout: float) -> None:
         """``_wait_for_acks``, with a Redis error raised as a ``PushError``."""
         try:
@@ -308,7 +273,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
 
     def _wait_for_acks(self, version: int, ranks: list[int], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        self._subscribe_acks()  # before the first MGET, so an ack in between still wakes us
+        self._acks.open()  # before the first MGET, so an ack in between still wakes us
         while True:
             states = read_rank_states(self.store.client, self.keyspace, ranks)
             waiting = [s for s in states if not s.has_applied(version)]
@@ -319,7 +284,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
             remaining = deadline - time.monotonic()
             if errors or dead or remaining <= 0:
                 raise self._push_failure(version, waiting, errors, dead, timed_out=remaining <= 0, timeout=timeout)
-            self._next_ack(min(remaining, _LIVENESS_CHECK))
+            self._acks.messages(min(remaining, _LIVENESS_CHECK))  # a hint: the next MGET decides
 
     @staticmethod
     def _push_failure(
@@ -349,10 +314,6 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return cls(message, version=version, lagging=lagging, dead=dead, errors=clean_errors)
 
     # -- lifecycle ----------------------------------------------------------------------
-    def _close_acks(self) -> None:
-        acks, self._acks = self._acks, None
-        close_subscription(acks)
-
     def close(self) -> None:
         """Finish a background upload, drop the acks subscription and close the store's connections."""
         if self._uploader is not None:
@@ -361,7 +322,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 self._uploader.raise_error()
             except BackgroundUploadError as exc:
                 log.error("%s", exc)
-        self._close_acks()
+        self._acks.close()
         self.store.close()
 
     def __enter__(self) -> RedisWeightUpdater:

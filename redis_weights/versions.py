@@ -22,7 +22,9 @@ from typing import Any
 
 import redis
 
+from . import ranks
 from .bulkread import read_values_into
+from .deployment import Deployment
 from .errors import StaleVersionError, VersionNotFoundError
 from .keys import Keys
 from .manifest import Buffer, Manifest
@@ -48,7 +50,7 @@ return {n, latest}
 """
 
 # KEYS: latest, versions, manifest, chunk_1..chunk_n, status_1..status_m
-# ARGV: version, manifest json, n, m, updates channel
+# ARGV: version, manifest json, n, m, updates channel, pending status
 # Idempotent: a retried commit of the version that is already latest returns 0.
 # The PUBLISH is only a hint (workers poll latest): refused, it must not fail a
 # commit that has already happened.
@@ -75,7 +77,7 @@ redis.call('SET', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[2], v, v)
 redis.call('SET', KEYS[1], v)
 for j = 1, m do
-  redis.call('SET', KEYS[3 + n + j], 'pending')
+  redis.call('SET', KEYS[3 + n + j], ARGV[6])
 end
 redis.pcall('PUBLISH', ARGV[5], v)
 return 1
@@ -109,6 +111,7 @@ class VersionRegistry:
     def __init__(self, client: redis.Redis, keyspace: Keys) -> None:
         self.client = client
         self.keyspace = keyspace
+        self._deployment = Deployment(client)  # the caller's client: never closed here
         self._allocate = client.register_script(_ALLOCATE)
         self._commit = client.register_script(_COMMIT)
         self._discard = client.register_script(_DISCARD)
@@ -152,13 +155,14 @@ class VersionRegistry:
     def commit(self, manifest: Manifest, pending_ranks: Iterable[int] = ()) -> None:
         """Make ``manifest.version`` the latest, in one atomic step (see ``_COMMIT``)."""
         k, v = self.keyspace, manifest.version
-        ranks = list(pending_ranks)
+        targets = list(pending_ranks)
         keys = [k.latest, k.versions, k.manifest(v), *k.chunks(v, manifest.num_chunks)]
-        keys += [k.rank_status(r) for r in ranks]
+        keys += ranks.status_keys(k, targets)
         try:
             self._commit(
                 keys=keys,
-                args=[v, manifest.to_json(), manifest.num_chunks, len(ranks), k.updates_channel],
+                args=[v, manifest.to_json(), manifest.num_chunks, len(targets), k.updates_channel,
+                      ranks.STATUS_PENDING],
             )
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
@@ -239,7 +243,7 @@ class VersionRegistry:
         """Every chunk of a version, read straight into ``target`` (at least ``total_bytes``):
         per chunk a view of ``target``, None if missing, ``bytes`` if its size is wrong."""
         keys = self.keyspace.chunks(manifest.version, manifest.num_chunks)
-        return read_values_into(self.client, keys, manifest.chunk_sizes, target, _PIPELINE_BYTES)
+        return read_values_into(self._deployment, keys, manifest.chunk_sizes, target, _PIPELINE_BYTES)
 
     def read(self, version: int | None = None) -> tuple[Manifest, list[bytes]]:
         """Manifest and verified chunks of a version (default: the latest)."""
@@ -267,7 +271,7 @@ class VersionRegistry:
             count = self.read_manifest(version).num_chunks
             chunk_keys = k.chunks(version, count)
         except Exception:  # unreadable manifest: find the chunks by name
-            chunk_keys = list(self.client.scan_iter(match=f"{k.pattern[:-1]}v:{version}:c:*", count=1000))
+            chunk_keys = list(self.client.scan_iter(match=k.chunk_pattern(version), count=1000))
         pipe = self.client.pipeline(transaction=True)
         pipe.zrem(k.versions, version)
         pipe.delete(k.manifest(version), *chunk_keys)

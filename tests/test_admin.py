@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, VersionNotFoundError
 from redis_weights.errors import CodecError, ConfigurationError
 from redis_weights.keys import Keys
-from redis_weights.tools.admin import Admin, RefusedError, drop_namespace, manifest_dict, parse_version, redact
+from redis_weights.tools.admin import Admin, RefusedError, drop_namespace, manifest_dict, parse_version
 
 
 def weights(seed: int) -> dict[str, torch.Tensor]:
@@ -203,11 +203,6 @@ def test_watch_reports_pushes_and_acks(real_store: RedisStore, admin: Admin) -> 
     kinds = [(e.kind, e.version, e.rank) for e in events]
     assert kinds == [("push", v1, None), ("ack", v1, 2)]
     assert events[0].tensors == 4 and events[0].total_bytes and events[1].status == "updated"
-
-
-def test_redact_hides_passwords() -> None:
-    assert redact("redis://user:secret@host:6380/0") == "redis://user:***@host:6380/0"
-    assert redact("redis://host:6379/0") == "redis://host:6379/0"
 
 
 def test_drop_namespace_deletes_that_namespace_and_nothing_else(fake_redis) -> None:

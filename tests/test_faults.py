@@ -30,6 +30,7 @@ from redis_weights import (
     RedisWeightUpdater,
     StaleVersionError,
     bulkread,
+    ranks,
 )
 from redis_weights.tools.admin import drop_namespace
 from tests.faults_support import eventually, perturb
@@ -541,20 +542,20 @@ def test_a_background_push_refused_for_lack_of_memory_raises_on_the_next_call(se
 # ---------------------------------------------------------------------------------------
 # 15. A worker's ack lost (Redis blip after the apply)
 # ---------------------------------------------------------------------------------------
-def test_a_lost_ack_is_sent_again_and_the_sync_push_completes(real_store, redis_url, namespace):
+def test_a_lost_ack_is_sent_again_and_the_sync_push_completes(real_store, redis_url, namespace, monkeypatch):
     """The ack script fails once after the weights were applied: the next poll sends it again."""
     model = make_model("mlp", seed=95)
     updater = RedisWeightUpdater(real_store, model, 1, sync=True, timeout=10)
     with receiver(redis_url, namespace, 1, make_model("mlp")) as worker:
-        real_ack, sent = worker._ack, []
+        real_ack, sent = ranks.ack, []
 
-        def ack_lost_once(*args, **kwargs):
-            sent.append(kwargs["args"][:2])
+        def ack_lost_once(client, keyspace, rank, version, status):
+            sent.append([version, status])
             if len(sent) == 1:
                 raise redis.exceptions.ConnectionError("connection reset while acking")
-            return real_ack(*args, **kwargs)
+            return real_ack(client, keyspace, rank, version, status)
 
-        worker._ack = ack_lost_once
+        monkeypatch.setattr(ranks, "ack", ack_lost_once)
         updater.update_weights()  # before the fix: PushTimeoutError, the rank stays "pending"
         assert sent[:2] == [[1, "updated"], [1, "updated"]]
         state = updater.workers()[0]

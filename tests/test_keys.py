@@ -13,7 +13,7 @@ from redis_weights.keys import Keys, validate_namespace
 README = Path(__file__).resolve().parent.parent / "README.md"
 # Members of Keys that do not name one key or channel (helpers, patterns, the prefix).
 NOT_NAMES = {"namespace", "prefix", "full", "relative", "pattern", "is_blob", "chunks", "rank_version_pattern",
-             "rank_of"}
+             "rank_of", "acl_pattern", "chunk_pattern"}
 # Sample arguments for the members that take some, and the README table's placeholders for them.
 SAMPLES = {"version": 7, "index": 3, "rank": 1}
 PLACEHOLDERS = {"{ns}": "{policy}", "<N>": "7", "<i>": "3", "<r>": "1"}

@@ -26,11 +26,13 @@ from typing import Any
 
 import redis
 
+from ..deployment import redacted
 from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
-from ..fleet import RankState, read_rank_states
 from ..keys import DEFAULT_NAMESPACE, Keys
 from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
+from ..ranks import RankState, known_ranks, read_rank_states
 from ..store import RedisStore
+from ..subscriptions import Subscription
 from ..versions import VersionRegistry
 
 log = logging.getLogger(__name__)
@@ -182,12 +184,7 @@ class Admin:
     # -- reports --------------------------------------------------------------------------
     def known_ranks(self) -> list[int]:
         """Every rank that ever joined this namespace (its version key exists), sorted."""
-        ranks = set()
-        for name in self.client.scan_iter(match=self.keyspace.rank_version_pattern, count=1000):
-            rank = self.keyspace.rank_of(name)
-            if rank is not None:
-                ranks.add(rank)
-        return sorted(ranks)
+        return known_ranks(self.client, self.keyspace)
 
     def rank_states(self, ranks: list[int] | None = None) -> list[RankState]:
         return read_rank_states(self.client, self.keyspace, self.known_ranks() if ranks is None else ranks)
@@ -224,25 +221,27 @@ class Admin:
         """Pushes and acks as they are published, until ``timeout`` seconds pass (None: forever).
 
         Pub/sub is at-most-once: a watcher that falls behind may miss events; the
-        ``versions`` and ``workers`` reports are the truth.
+        ``versions`` and ``workers`` reports are the truth. A lost connection is
+        subscribed again; a subscription the server refuses (``NOPERM``) raises.
         """
         k = self.keyspace
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(k.updates_channel, k.acks_channel)
+        subscription = Subscription(self.client, [k.updates_channel, k.acks_channel], what="watch subscription",
+                                    poll_every=1.0)  # fmt: skip
+        subscription.open()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
                 wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if wait <= 0:
                     return
-                message = pubsub.get_message(timeout=wait)
-                if message is None:
-                    continue
-                event = self._event(_text(message["channel"]), _text(message["data"]))
-                if event is not None:
-                    yield event
+                for channel, data in subscription.messages(wait):
+                    event = self._event(channel, data)
+                    if event is not None:
+                        yield event
+                if subscription.refused and subscription.error is not None:  # nothing to watch without it
+                    raise subscription.error
         finally:
-            pubsub.close()
+            subscription.close()
 
     def _event(self, channel: str, data: str) -> Event | None:
         now = time.time()
@@ -360,10 +359,6 @@ def drop_namespace(client: redis.Redis, keyspace: Keys) -> int:
     return deleted
 
 
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """Tensors and ``__metadata__`` of a ``.safetensors`` file; ``CodecError`` if it is not one."""
     from safetensors import safe_open
@@ -385,7 +380,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict
 
 def connection_error_message(exc: redis.exceptions.RedisError, url: str) -> str:
     """One line for a connection or authentication failure, without the password."""
-    where = redact(url)
+    where = redacted(url)
     text = str(exc)
     if isinstance(exc, redis.exceptions.AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
         if "HELLO must be called" in text or "NOAUTH" in text or "Authentication required" in text:
@@ -397,17 +392,3 @@ def connection_error_message(exc: redis.exceptions.RedisError, url: str) -> str:
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
         return f"cannot reach Redis at {where}: {exc}"
     return f"Redis error at {where}: {exc}"
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    except ValueError:
-        return "<invalid URL>"
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -14,7 +14,8 @@ import sys
 from ...errors import RedisWeightsError
 from ...health import UNSAFE, check_server, worst
 from ...units import human_age, human_bytes, utc_time
-from ..admin import Admin, manifest_dict, redact
+from ...deployment import redacted
+from ..admin import Admin, manifest_dict
 from .args import key_value, workers_from_environment
 from .guard import EXIT_UNSAFE
 from .render import is_tty, print_json, print_table
@@ -128,7 +129,7 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
     findings = check_server(admin.client, admin.keyspace, chunk_size=args.chunk_size)
     verdict = worst(findings)
     if args.json:
-        print_json({"url": redact(args.url), "verdict": verdict, "findings": [f.to_dict() for f in findings]})
+        print_json({"url": redacted(args.url), "verdict": verdict, "findings": [f.to_dict() for f in findings]})
     else:
         tty = is_tty(sys.stdout)
         colors = {"ok": "32", "warn": "33", "unsafe": "31"}

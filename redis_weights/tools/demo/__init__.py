@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from ...errors import ConfigurationError
-from ...fleet import read_rank_states
+from ...ranks import read_rank_states
 from ...store import RedisStore
 from ...updater import RedisWeightUpdater
 from ..admin import drop_namespace

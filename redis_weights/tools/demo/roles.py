@@ -13,13 +13,10 @@ import logging
 import signal
 import sys
 import threading
-import time
 from typing import IO, Any
 
-import redis
 
-from ...errors import ConfigurationError
-from ...keys import Keys
+from ...ranks import claim_rank
 from ...receiver import RedisWeightReceiver
 from ...store import RedisStore, StoreTimeoutError
 from ...updater import RedisWeightUpdater
@@ -30,37 +27,9 @@ _CLAIM_TTL = 15.0  # a claimed rank is held this long until the receiver's own h
 # A worker without --rank waits this long for a rank of 1..N to free up (a crashed worker's
 # heartbeat or claim expires within its TTL) before it gives up.
 CLAIM_WAIT = max(_CLAIM_TTL, _HEARTBEAT_TTL) + 5.0
-_CLAIM_RETRY = 0.25  # seconds between claim attempts while every rank is held
 ROLE_NAMESPACE = "demo"  # namespace of the trainer and worker roles unless one is given
 
 log = logging.getLogger(__name__)
-
-
-def claim_rank(client: redis.Redis, keyspace: Keys, ttl: float, workers: int, *, wait: float = 0.0) -> int:
-    """The lowest rank of 1..``workers`` whose heartbeat is absent, taken atomically (SET NX) for ``ttl`` seconds.
-
-    Lets identical replicas (``docker compose up --scale worker=N``) share out the
-    ranks the trainer waits for without configuration. When every one is held, it
-    retries for up to ``wait`` seconds rather than take a rank above ``workers``
-    (which the trainer ignores): a replica restarted right after a crash finds its
-    old rank's heartbeat still alive until the TTL runs out, then takes it over.
-    """
-    deadline = time.monotonic() + wait
-    warned = False
-    while True:
-        for rank in range(1, workers + 1):
-            if client.set(keyspace.rank_alive(rank), repr(time.time()), nx=True, px=int(ttl * 1000)):
-                return rank
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ConfigurationError(
-                f"every rank of 1..{workers} has a live worker (waited {wait:g}s for one to free up): "
-                f"run at most {workers} workers, or raise --workers / WORKERS on the trainer and the workers"
-            )
-        if not warned:
-            log.warning("ranks 1..%d are all held; waiting up to %.0fs for one to free up", workers, left)
-            warned = True
-        time.sleep(min(_CLAIM_RETRY, left))
 
 
 def run_worker(url: str, namespace: str, rank: int | None, size_mb: float, *, workers: int = 4,
