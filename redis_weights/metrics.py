@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
+from .reports import PUSH_PHASES
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ WORKER_METRICS = (
                "Versions the worker is behind latest, as of its last check of Redis"),
 )  # fmt: skip
 
+_LABEL_VALUES = {"phase": PUSH_PHASES, "kind": FAILURE_KINDS}  # the values of the labels besides ``namespace``
 _families: dict[int, dict[str, Any]] = {}  # id(registry) -> metric name -> prometheus_client metric
 _families_lock = threading.Lock()
 
@@ -113,6 +115,10 @@ class _Recorder:
         if AVAILABLE:
             registry = prometheus_client.REGISTRY if registry is None else registry
             self._metrics = {s.name: _family(s, registry) for s in specs}
+            for spec in specs:  # every series exists from the start, at 0 (no gaps before the first event)
+                extra = [label for label in spec.labels if label != "namespace"]
+                for value in _LABEL_VALUES[extra[0]] if extra else [None]:
+                    self._child(spec.name, **({extra[0]: value} if extra else {}))
 
     def _child(self, name: str, **labels: str) -> Any | None:
         if self._metrics is None:

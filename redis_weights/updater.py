@@ -164,19 +164,21 @@ class RedisWeightUpdater(WeightUpdaterBase):
     def _sync_weights_with_worker(self, *, worker_id: list[int], server_weights: Any) -> None:
         ranks = worker_id  # validated once, by ``push_weights``
         clock = PhaseClock(self._metrics.phase)
-        with self._counting_failures():
-            try:
-                if self.background:
-                    self._submit(server_weights, ranks, clock)
-                else:
-                    self._publish(server_weights, ranks, clock)
-            except redis.exceptions.RedisError as exc:  # subscribe or allocate; ``_upload`` raises its own PushError
-                raise self._redis_failure(exc, None, "the new version was not committed") from exc
-            bound = self.lag_bound
-            if bound is not None and ranks:
-                with clock.phase("acks"):
-                    self._collect_acks(self.version, ranks, self.timeout, max_lag=bound)
-        self._metrics.pushed(sum(clock.seconds.values()))
+        try:
+            with self._counting_failures():
+                try:
+                    if self.background:
+                        self._submit(server_weights, ranks, clock)
+                    else:
+                        self._publish(server_weights, ranks, clock)
+                except redis.exceptions.RedisError as exc:  # subscribe or allocate; ``_upload`` raises a PushError
+                    raise self._redis_failure(exc, None, "the new version was not committed") from exc
+                bound = self.lag_bound
+                if bound is not None and ranks:
+                    with clock.phase("acks"):
+                        self._collect_acks(self.version, ranks, self.timeout, max_lag=bound)
+        finally:  # a failed push blocked its caller too
+            self._metrics.pushed(sum(clock.seconds.values()))
         written = 0 if self.background else clock.bytes  # a background upload is still running
         self.last_push = PushReport(self.version, tuple(ranks), clock.total_bytes, written, dict(clock.seconds),
                                     self.sync, self.lag_bound, self.background)  # fmt: skip
