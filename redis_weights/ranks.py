@@ -36,9 +36,10 @@ STATUS_UPDATED = "updated"
 ERROR_PREFIX = "error:"
 _CLAIM_RETRY = 0.25  # seconds between claim attempts while every rank is held
 
-# KEYS: status, version, latest, acked. ARGV: version, status text, acks channel, rank, updated value,
-# wall time of the ack. The applied version (and the ack's time) is always recorded; the status only when no newer version
-# has been committed meanwhile (else it stays "pending" for the trainer's sake).
+# KEYS: status, version, latest, acked. ARGV: version, status text, acks channel, rank,
+# updated value, wall time of the ack. The applied version (and the ack's time) is always
+# recorded; the status only when no newer version has been committed meanwhile (else it
+# stays "pending" for the trainer's sake).
 # The PUBLISH is only a wake-up hint: refused (the user lost its channel rights), it
 # must not fail the ack, whose SETs a script cannot take back anyway.
 _ACK = """

@@ -21,23 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, metrics
+from redis_weights import RedisStore, VersionRegistry, metrics
 from redis_weights.tools.admin import Admin
 from redis_weights.tools.exporter import FLEET_METRICS, STATUSES, serve
 from redis_weights.tools.server import free_port
+from tests import test_cli
 from tests.conftest import REPO_ROOT
 from tests.test_dashboard import dashboard_queries
 
 pytestmark = pytest.mark.server
+fleet = test_cli.fleet  # the fixture: rank 1 runs v3, rank 2 v2, rank 3 ran v1 and died
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
-
-
-def weights(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"a": torch.randn(64, 16, generator=g), "b": torch.randn(16, generator=g)}
 
 
 def scrape(port: int) -> dict[str, list[Any]]:
@@ -57,22 +53,6 @@ def by_rank(samples: dict[str, list[Any]], name: str) -> dict[int, float]:
 
 
 @pytest.fixture
-def fleet(real_store: RedisStore) -> Iterator[dict[str, Any]]:
-    """Two versions; rank 1 runs the latest, rank 2 the first, rank 3 ran the first and died."""
-    store = RedisStore(real_store.client, real_store.namespace, owns_client=False)
-    updater = RedisWeightUpdater(store, None, 3, sync=False, retention=5)
-    receivers = {r: RedisWeightReceiver(store, r, {k: torch.zeros_like(v) for k, v in weights(0).items()},
-                                        heartbeat_ttl=60 if r != 3 else 0.3) for r in (1, 2, 3)}  # fmt: skip
-    updater.update_weights(weights(1))
-    for receiver in receivers.values():
-        receiver.poll()
-    updater.update_weights(weights(2))
-    receivers[1].poll()
-    time.sleep(0.4)  # rank 3's heartbeat expires
-    yield {"updater": updater, "receivers": receivers, "store": store}
-
-
-@pytest.fixture
 def exporter(real_store: RedisStore) -> Iterator[int]:
     """The exporter of the test's namespace on a free loopback port; stopped at teardown."""
     admin = Admin(RedisStore(real_store.client, real_store.namespace, owns_client=False))
@@ -82,20 +62,22 @@ def exporter(real_store: RedisStore) -> Iterator[int]:
     server.server_close()
 
 
-def test_the_fleet_over_http(fleet, exporter: int, namespace: str) -> None:
-    updater = fleet["updater"]
+def test_the_fleet_over_http(fleet, exporter: int, namespace: str, real_store: RedisStore) -> None:
+    registry = VersionRegistry(real_store.client, real_store.keyspace)
     samples = scrape(exporter)
     names = {spec.name for spec in FLEET_METRICS}
     assert names <= set(samples), names - set(samples)
     for items in samples.values():
         assert all(s.labels["namespace"] == namespace for s in items)
-    one = {name: samples[name][0].value for name in names if len(samples[name]) == 1 and "rank" not in samples[name][0].labels}
-    sizes = [updater.registry.read_manifest(v).total_bytes for v in (1, 2)]
+    one = {name: samples[name][0].value for name in names
+           if len(samples[name]) == 1 and "rank" not in samples[name][0].labels}  # fmt: skip
+    v1, v2, v3 = fleet["versions"]
+    sizes = [registry.read_manifest(v).total_bytes for v in (v1, v2, v3)]
     assert one["redis_weights_fleet_up"] == 1 and one["redis_weights_fleet_ranks"] == 3
-    assert one["redis_weights_fleet_latest_version"] == 2 and one["redis_weights_fleet_versions_retained"] == 2
+    assert one["redis_weights_fleet_latest_version"] == v3 and one["redis_weights_fleet_versions_retained"] == 3
     assert one["redis_weights_fleet_stored_bytes"] == sum(sizes)
-    assert by_rank(samples, "redis_weights_fleet_rank_applied_version") == {1: 2, 2: 1, 3: 1}
-    assert by_rank(samples, "redis_weights_fleet_rank_lag_versions") == {1: 0, 2: 1, 3: 1}
+    assert by_rank(samples, "redis_weights_fleet_rank_applied_version") == {1: v3, 2: v2, 3: v1}
+    assert by_rank(samples, "redis_weights_fleet_rank_lag_versions") == {1: 0, 2: v3 - v2, 3: v3 - v1}
     assert by_rank(samples, "redis_weights_fleet_rank_alive") == {1: 1, 2: 1, 3: 0}
     ages = by_rank(samples, "redis_weights_fleet_rank_heartbeat_age_seconds")
     assert set(ages) == {1, 2} and all(age >= 0 for age in ages.values())  # a dead rank has no heartbeat
@@ -147,7 +129,7 @@ def test_the_cli_command_serves_until_sigterm(fleet, redis_url: str, namespace: 
     )  # fmt: skip
     try:
         samples = _wait_for(lambda: scrape(port), "the exporter's /metrics", proc=proc)
-        assert samples["redis_weights_fleet_latest_version"][0].value == 2
+        assert samples["redis_weights_fleet_latest_version"][0].value == fleet["versions"][-1]
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
         assert f"on http://127.0.0.1:{port}/metrics" in (tmp_path / "exporter.log").read_text()
@@ -193,12 +175,13 @@ def test_a_real_prometheus_scrapes_the_exporter_and_the_in_process_metrics(fleet
 
         latest = _wait_for(lambda: query(f'redis_weights_fleet_latest_version{{namespace="{namespace}"}}'),
                            "the exporter's samples in Prometheus", proc=proc)  # fmt: skip
-        assert float(latest[0]["value"][1]) == 2
+        v1, v2, v3 = fleet["versions"]
+        assert float(latest[0]["value"][1]) == v3
         lag = _wait_for(lambda: query(f'redis_weights_fleet_rank_lag_versions{{namespace="{namespace}"}}'), "lag")
-        assert {r["metric"]["rank"]: float(r["value"][1]) for r in lag} == {"1": 0, "2": 1, "3": 1}
+        assert {r["metric"]["rank"]: float(r["value"][1]) for r in lag} == {"1": 0, "2": v3 - v2, "3": v3 - v1}
         committed = _wait_for(lambda: query(f'redis_weights_versions_committed_total{{namespace="{namespace}"}}'),
                               "the in-process samples in Prometheus", proc=proc)  # fmt: skip
-        assert float(committed[0]["value"][1]) == 2
+        assert float(committed[0]["value"][1]) == 3
         for title, expr in dashboard_queries():  # every panel's query is valid PromQL here
             answer = _prometheus_get(port, "/api/v1/query", query=expr.replace("$namespace", namespace))
             assert answer["status"] == "success", (title, expr, answer)

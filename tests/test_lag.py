@@ -35,8 +35,9 @@ def _step(model: torch.nn.Module) -> None:
             p.add_(0.01)
 
 
-def test_a_push_returns_only_while_every_rank_is_within_max_lag(tmp_path: Path, redis_url: str,
-                                                                real_store: RedisStore, namespace: str) -> None:  # fmt: skip
+def test_a_push_returns_only_while_every_rank_is_within_max_lag(
+    tmp_path: Path, redis_url: str, real_store: RedisStore, namespace: str
+) -> None:
     model = make_model("mlp", seed=1)
     store = RedisStore(real_store.client, namespace, owns_client=False)
     with fast_and_slow(tmp_path, redis_url, namespace, delay=0.6) as procs, \
@@ -59,14 +60,16 @@ def test_a_push_returns_only_while_every_rank_is_within_max_lag(tmp_path: Path, 
         assert {s.rank: s for s in updater.workers()}[2].lag(updater.version) >= 2
 
 
-def test_a_rank_that_stays_too_far_behind_times_out_by_name(tmp_path: Path, redis_url: str,
-                                                            real_store: RedisStore, namespace: str) -> None:  # fmt: skip
+def test_a_rank_that_stays_too_far_behind_times_out_by_name(
+    tmp_path: Path, redis_url: str, real_store: RedisStore, namespace: str
+) -> None:
     model = make_model("mlp", seed=1)
     store = RedisStore(real_store.client, namespace, owns_client=False)
     with fast_and_slow(tmp_path, redis_url, namespace, delay=5.0), \
             RedisWeightUpdater(store, model, 2, sync=False, max_lag=1, timeout=0.5) as updater:  # fmt: skip
         updater.update_weights()  # version 1: nothing committed is more than one behind
         _step(model)
-        with pytest.raises(PushTimeoutError, match=r"push of version 2 no ack within 0.5s .*max_lag=1.*rank 2 lags") as info:
+        expected = r"push of version 2 no ack within 0.5s .*max_lag=1.*rank 2 lags"
+        with pytest.raises(PushTimeoutError, match=expected) as info:
             updater.update_weights()  # rank 2 is still inside its 5 s apply of version 1
         assert info.value.lagging == [2] and info.value.version == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import threading
 
 import prometheus_client
 import pytest
@@ -21,6 +20,7 @@ from redis_weights import ConfigurationError, PushTimeoutError, RedisStore, Redi
 from redis_weights.metrics import FAILURE_KINDS, TRAINER_METRICS, WORKER_METRICS, failure_kind
 from redis_weights.reports import PUSH_PHASES, ApplyReport, PushReport, call_hook, wants_report
 from tests.conftest import REPO_ROOT
+from tests.test_updater import hold_uploads
 
 ALLOWED_LABELS = {"namespace", "phase", "kind", "le"}  # never a rank or a version
 
@@ -116,14 +116,7 @@ def test_failure_kinds() -> None:
 
 def test_superseded_background_uploads_are_counted(store: RedisStore, namespace: str, monkeypatch) -> None:
     updater = RedisWeightUpdater(store, nn.Linear(8, 4), 1, sync=False, background=True)
-    release = threading.Event()
-    real_write = updater.registry.write_stream
-
-    def slow_write(*args, **kwargs):
-        release.wait(10)
-        return real_write(*args, **kwargs)
-
-    monkeypatch.setattr(updater.registry, "write_stream", slow_write)
+    release = hold_uploads(updater, monkeypatch)
     updater.update_weights()  # uploading (held)
     while updater._uploader._inflight is None:  # the first upload has started
         release.wait(0.01)

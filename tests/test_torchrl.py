@@ -362,8 +362,9 @@ def test_multiasync_collector_async_scheme(redis_url: str, namespace: str) -> No
         assert len(_versions(batch)) == 1 and action_values(batch) == [value_of[_versions(batch)[0]]]
 
 
-def test_the_scheme_and_the_legacy_updater_take_max_lag(redis_url: str, namespace: str, real_store: RedisStore) -> None:
-    """``max_lag`` reaches the core updater (which ``test_lag.py`` tests against slow workers), and survives pickling."""
+def test_the_scheme_and_the_legacy_updater_take_max_lag(redis_url: str, namespace: str,
+                                                        real_store: RedisStore) -> None:  # fmt: skip
+    """``max_lag`` reaches the core updater (``test_lag.py`` tests it with slow workers), and survives pickling."""
     legacy = RedisCollectorWeightUpdater(real_store, make_policy(1.0), 2, sync=False, max_lag=1)
     assert legacy.lag_bound == 1
     legacy.close()

@@ -85,12 +85,13 @@ class FleetCollector:
             up = 1.0
         except redis.exceptions.RedisError as exc:
             log.warning("scrape of namespace %r failed: %s", self.namespace, exc)
+            kept = ("redis_weights_fleet_up", "redis_weights_fleet_scrape_duration_seconds")
             families = {name: GaugeMetricFamily(name, _SPECS[name].help, labels=_SPECS[name].labels)
-                        for name in ("redis_weights_fleet_up", "redis_weights_fleet_scrape_duration_seconds")}  # fmt: skip
+                        for name in kept}  # fmt: skip
             up = 0.0
         families["redis_weights_fleet_up"].add_metric([self.namespace], up)
-        families["redis_weights_fleet_scrape_duration_seconds"].add_metric([self.namespace],
-                                                                           time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        families["redis_weights_fleet_scrape_duration_seconds"].add_metric([self.namespace], elapsed)
         yield from families.values()
 
     def _fill(self, families: dict[str, Any]) -> None:
@@ -112,7 +113,8 @@ class FleetCollector:
                 families["redis_weights_fleet_rank_ack_latency_seconds"].add_metric(labels, row.ack_latency)
             current = status_label(row.status)
             for status in STATUSES:
-                families["redis_weights_fleet_rank_status"].add_metric([*labels, status], 1.0 if status == current else 0.0)
+                value = 1.0 if status == current else 0.0
+                families["redis_weights_fleet_rank_status"].add_metric([*labels, status], value)
 
 
 def serve(admin: Admin, port: int = DEFAULT_PORT, address: str = "0.0.0.0") -> Any:

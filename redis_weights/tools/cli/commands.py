@@ -13,10 +13,10 @@ import signal
 import sys
 import threading
 
+from ...deployment import redacted
 from ...errors import RedisWeightsError
 from ...health import UNSAFE, check_server, worst
 from ...units import human_age, human_bytes, human_seconds, utc_time
-from ...deployment import redacted
 from .. import exporter
 from ..admin import Admin, manifest_dict
 from .args import key_value, workers_from_environment
@@ -168,10 +168,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workers = args.workers or workers_from_environment()
     if args.role == "worker":
         return roles.run_worker(args.url, args.namespace_given or roles.ROLE_NAMESPACE, args.rank, args.size_mb,
-                                workers=workers, json_lines=args.json_lines, metrics_port=args.metrics_port)  # fmt: skip
+                                workers=workers, json_lines=args.json_lines,
+                                metrics_port=args.metrics_port)  # fmt: skip
     if args.role == "trainer":
         return roles.run_trainer(args.url, args.namespace_given or roles.ROLE_NAMESPACE, workers, args.size_mb,
-                                 args.versions, args.interval, args.timeout, metrics_port=args.metrics_port)  # fmt: skip
+                                 args.versions, args.interval, args.timeout,
+                                 metrics_port=args.metrics_port)  # fmt: skip
     if args.metrics_port is not None:
         raise RedisWeightsError("--metrics-port is for --role trainer / worker (one process per port)")
     if args.versions < 1:

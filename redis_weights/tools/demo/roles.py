@@ -15,7 +15,6 @@ import sys
 import threading
 from typing import IO, Any
 
-
 from ... import metrics
 from ...ranks import claim_rank
 from ...receiver import RedisWeightReceiver
@@ -34,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(url: str, namespace: str, rank: int | None, size_mb: float, *, workers: int = 4,
-               json_lines: bool = False, out: IO[str] | None = None, metrics_port: int | None = None) -> int:  # fmt: skip
+               json_lines: bool = False, out: IO[str] | None = None,
+               metrics_port: int | None = None) -> int:  # fmt: skip
     """One demo worker: keep a zero-initialised model in step until SIGTERM/SIGINT (or stdin EOF with ``json_lines``).
 
     Without ``rank`` it claims the lowest free rank of 1..``workers`` (see ``claim_rank``).
