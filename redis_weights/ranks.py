@@ -1,16 +1,18 @@
 """The rank protocol: what each worker rank writes (join, heartbeat, ack, claim) and how it is read.
 
 One module owns it, as rq's ``worker_registration`` owns worker registration. Per
-rank ``r`` Redis holds three keys (names from ``keys.py``):
+rank ``r`` Redis holds four keys (names from ``keys.py``):
 
 - ``rank:<r>:status``: ``"pending"`` (set by the trainer's commit), ``"updated"``
   (set by the rank's ack), or ``"error: <reason>"`` (a version the rank refused);
 - ``rank:<r>:version``: the version the rank has applied (0: none yet); its presence
   marks a rank that has joined;
 - ``rank:<r>:alive``: the heartbeat, the wall time of the last beat, expiring after
-  the rank's TTL.
+  the rank's TTL;
+- ``rank:<r>:acked``: the wall time of the rank's last ``"updated"`` ack (its ack
+  latency is that minus the version's ``created``, both wall clocks).
 
-Readers decide with one MGET of all three keys of every rank they care about: the
+Readers decide with one MGET of all four keys of every rank they care about: the
 trainer's sync wait, ``RedisWeightUpdater.workers()`` and the operators' reports.
 """
 
@@ -34,9 +36,10 @@ STATUS_UPDATED = "updated"
 ERROR_PREFIX = "error:"
 _CLAIM_RETRY = 0.25  # seconds between claim attempts while every rank is held
 
-# KEYS: status, version, latest. ARGV: version, status text, acks channel, rank, updated value.
-# The applied version is always recorded; the status only when no newer version
-# has been committed meanwhile (else it stays "pending" for the trainer's sake).
+# KEYS: status, version, latest, acked. ARGV: version, status text, acks channel, rank,
+# updated value, wall time of the ack. The applied version (and the ack's time) is always
+# recorded; the status only when no newer version has been committed meanwhile (else it
+# stays "pending" for the trainer's sake).
 # The PUBLISH is only a wake-up hint: refused (the user lost its channel rights), it
 # must not fail the ack, whose SETs a script cannot take back anyway.
 _ACK = """
@@ -44,6 +47,7 @@ local v = tonumber(ARGV[1])
 local latest = tonumber(redis.call('GET', KEYS[3]) or '0')
 if ARGV[2] == ARGV[5] then
   redis.call('SET', KEYS[2], v)
+  redis.call('SET', KEYS[4], ARGV[6])
 end
 if v >= latest then
   redis.call('SET', KEYS[1], ARGV[2])
@@ -69,7 +73,8 @@ class RankState:
 
     ``joined``: the rank has registered (its version key exists).
     ``alive``: its heartbeat key has not expired. ``heartbeat_age``: seconds since
-    its last beat (None when there is none).
+    its last beat (None when there is none). ``acked_at``: wall time of its last
+    ``"updated"`` ack (None before the first).
     """
 
     rank: int
@@ -78,6 +83,7 @@ class RankState:
     joined: bool
     alive: bool
     heartbeat_age: float | None
+    acked_at: float | None = None
 
     @property
     def error(self) -> str | None:
@@ -100,21 +106,22 @@ class RankState:
 # Reads
 # ---------------------------------------------------------------------------------------
 def read_rank_states(client: redis.Redis, keyspace: Keys, ranks: Sequence[int]) -> list[RankState]:
-    """Status, version and heartbeat of ``ranks`` in one MGET."""
+    """Status, version, heartbeat and last ack time of ``ranks`` in one MGET."""
     if not ranks:
         return []
     names = []
     for r in ranks:
-        names += [keyspace.rank_status(r), keyspace.rank_version(r), keyspace.rank_alive(r)]
+        names += [keyspace.rank_status(r), keyspace.rank_version(r), keyspace.rank_alive(r), keyspace.rank_acked(r)]
     values = client.mget(names)
     now = time.time()
     states = []
     for i, rank in enumerate(ranks):
-        status, version, alive = values[3 * i : 3 * i + 3]
+        status, version, alive, acked = values[4 * i : 4 * i + 4]
         beat = parse_float(alive)
         age = max(0.0, now - beat) if beat is not None else None
         applied = parse_int(version) or 0
-        states.append(RankState(rank, text_or_none(status), applied, version is not None, alive is not None, age))
+        states.append(RankState(rank, text_or_none(status), applied, version is not None, alive is not None, age,
+                                parse_float(acked)))  # fmt: skip
     return states
 
 
@@ -164,13 +171,13 @@ def heartbeat(client: redis.Redis, keyspace: Keys, rank: int, version: int, ttl:
 def ack(client: redis.Redis, keyspace: Keys, rank: int, version: int, status: str) -> int:
     """Record ``status`` for ``version`` (the ack script), publish on ``acks``; returns ``latest``.
 
-    ``STATUS_UPDATED`` also records ``version`` as applied. The status is written only
+    ``STATUS_UPDATED`` also records ``version`` as applied, and the ack's wall time. The status is written only
     while no newer version is committed, so a late ack never hides a newer ``"pending"``.
     """
     script = client.register_script(_ACK)
     latest = script(
-        keys=[keyspace.rank_status(rank), keyspace.rank_version(rank), keyspace.latest],
-        args=[version, status, keyspace.acks_channel, rank, STATUS_UPDATED],
+        keys=[keyspace.rank_status(rank), keyspace.rank_version(rank), keyspace.latest, keyspace.rank_acked(rank)],
+        args=[version, status, keyspace.acks_channel, rank, STATUS_UPDATED, _beat_value()],
     )
     return int(latest)
 

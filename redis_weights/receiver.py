@@ -9,6 +9,10 @@ A version is applied only when all of it has been fetched, every chunk checksum
 matches and every key, shape and dtype fits the policy; then the bytes are copied
 into the live tensors (same objects, same ``data_ptr``). Any failure leaves the
 old weights whole and sets the rank's status to ``"error: <reason>"``.
+
+Each apply is timed (fetch, apply: ``reports.ApplyReport`` in ``last_apply``, to the
+post-hooks that declare ``report``, and to the Prometheus metrics); ``lag`` is how
+many versions this rank is behind ``latest`` as of its last check.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, Version
 from .health import ensure_server
 from .hostcache import DEFAULT_DIRECTORY, HostCache
 from .manifest import Buffer, Manifest
+from .metrics import WorkerMetrics
+from .reports import ApplyReport, PhaseClock, call_hook
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
 from .versions import VersionRegistry
@@ -94,9 +100,12 @@ class RedisWeightReceiver:
         self.host_cache = self._host_cache(host_cache)
         self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
         self.version = 0
+        self.latest_seen = 0  # ``latest`` as of the last check of Redis
+        self.last_apply: ApplyReport | None = None
+        self._metrics = WorkerMetrics(self.keyspace.namespace)
         self.last_error: str | None = None
         self.lock = threading.RLock()
-        self.post_hooks: list[Callable[[int], Any]] = []
+        self.post_hooks: list[Callable[..., Any]] = []
         self._poll_lock = threading.Lock()
         self._applied = threading.Condition()
         self._failed_version = 0
@@ -138,9 +147,15 @@ class RedisWeightReceiver:
         ranks.ack(self.store.client, self.keyspace, self.rank, version, status)
         self._unsent = None
 
-    def register_post_hook(self, hook: Callable[[int], Any]) -> None:
-        """Call ``hook(version)`` after each version is applied and before it is acked."""
+    def register_post_hook(self, hook: Callable[..., Any]) -> None:
+        """Call ``hook(version)`` after each version is applied and before it is acked;
+        ``hook(version, report=ApplyReport)`` for a hook that declares ``report``."""
         self.post_hooks.append(hook)
+
+    @property
+    def lag(self) -> int:
+        """Versions this rank is behind ``latest`` as of its last check (numbers may skip: an upper bound)."""
+        return max(0, self.latest_seen - self.version)
 
     # -- applying -----------------------------------------------------------------------
     def poll(self) -> int | None:
@@ -155,6 +170,7 @@ class RedisWeightReceiver:
             self.heartbeat()
             for _ in range(_FETCH_ATTEMPTS):
                 latest = self.registry.latest()
+                self._saw_latest(latest)
                 if latest == 0:
                     self._report_lost()
                 elif latest not in (self.version, self._failed_version) or self._history_lost:
@@ -168,8 +184,13 @@ class RedisWeightReceiver:
                 return None
             return None
 
+    def _saw_latest(self, latest: int) -> None:
+        self.latest_seen = latest
+        self._metrics.lag(self.lag)
+
     def _apply(self, version: int) -> int | None:
         started = time.perf_counter()
+        clock = PhaseClock(self._metrics.phase)
         try:
             manifest = self.registry.read_manifest(version)
         except CodecError as exc:  # a manifest that is not JSON, or lies about the layout
@@ -181,7 +202,10 @@ class RedisWeightReceiver:
         except WeightMismatchError as exc:
             self._fail(version, str(exc))
             return None
-        with self._fetch(manifest) as chunks:
+        fetched = self.host_cache.fetched if self.host_cache is not None else 0
+        fetch_started = time.perf_counter()
+        with self._fetch(manifest) as chunks:  # the chunks are read (or mapped) on entry
+            clock.add("fetch", time.perf_counter() - fetch_started)
             present = [c for c in chunks if c is not None]
             if len(present) != len(chunks):
                 missing = next(i for i, c in enumerate(chunks) if c is None)
@@ -192,7 +216,7 @@ class RedisWeightReceiver:
                 self._fail(version, f"chunk {missing} is missing from Redis (evicted?)")
                 return None
             try:
-                with self.lock:  # holders of the lock see weights and version agree
+                with self.lock, clock.phase("apply"):  # holders of the lock see weights and version agree
                     apply_chunks(present, manifest, targets, allow_cast=self.allow_cast)
                     previous, self.version = self.version, version
             except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
@@ -202,9 +226,15 @@ class RedisWeightReceiver:
                 del present
         self.last_error = None
         self._lost_reported = self._history_lost = False
+        from_redis = self.host_cache is None or self.host_cache.fetched > fetched  # not mapped from another's file
+        report = ApplyReport(version, previous, manifest.total_bytes, manifest.total_bytes if from_redis else 0,
+                             dict(clock.seconds), max(0, self.latest_seen - version))  # fmt: skip
+        self.last_apply = report
+        self._metrics.applied(version, report.fetched_bytes)
+        self._metrics.lag(self.lag)
         for hook in self.post_hooks:  # before the ack: an ack means the hooks have run too
             try:
-                hook(version)
+                call_hook(hook, version, report=report)
             except Exception:
                 log.exception("rank %d: post hook %r failed after version %d", self.rank, hook, version)
         self._report(version, ranks.STATUS_UPDATED)
@@ -235,6 +265,7 @@ class RedisWeightReceiver:
         yield self.registry.read_chunks_into(manifest, self._receive_buffer)
 
     def _fail(self, version: int, reason: str) -> None:
+        self._metrics.refused()
         self._failed_version = version
         self._history_lost = False  # refused once, like any version: not re-fetched at every poll
         self.last_error = ranks.error_status(f"version {version}: {reason}")
