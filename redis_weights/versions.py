@@ -41,7 +41,9 @@ from typing import Any
 
 import redis
 
+from . import ranks
 from .chunkstore import DELETE_BATCH, ChunkStore
+from .deployment import Deployment
 from .errors import CodecError, LegacyFormatError, RedisWeightsError, StaleVersionError, VersionNotFoundError
 from .keys import Keys
 from .manifest import MAX_MANIFEST_BYTES, Manifest
@@ -69,7 +71,7 @@ return {n, latest}
 """
 
 # KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, status_1..status_m
-# ARGV: version, manifest json, epoch seen by the push, m, updates channel
+# ARGV: version, manifest json, epoch seen by the push, m, updates channel, pending status
 # Idempotent: a retried commit of the version that is already latest returns 0.
 # The PUBLISH is only a hint (workers poll latest): refused, it must not fail a
 # commit that has already happened.
@@ -92,7 +94,7 @@ redis.call('ZADD', KEYS[2], v, v)
 redis.call('SET', KEYS[1], v)
 redis.call('DEL', KEYS[6])
 for j = 1, m do
-  redis.call('SET', KEYS[6 + j], 'pending')
+  redis.call('SET', KEYS[6 + j], ARGV[6])
 end
 redis.pcall('PUBLISH', ARGV[5], v)
 return 1
@@ -138,7 +140,7 @@ class VersionRegistry:
     def __init__(self, client: redis.Redis, keyspace: Keys) -> None:
         self.client = client
         self.keyspace = keyspace
-        self.chunks = ChunkStore(client, keyspace)
+        self.chunks = ChunkStore(client, keyspace, Deployment(client))  # the caller's client: never closed here
         self._allocate = client.register_script(_ALLOCATE)
         self._commit = client.register_script(_COMMIT)
         self._renew = client.register_script(_RENEW)
@@ -179,11 +181,14 @@ class VersionRegistry:
     def commit(self, manifest: Manifest, pending_ranks: Iterable[int] = (), *, epoch: str, token: str) -> None:
         """Make ``manifest.version`` the latest, in one atomic step (see ``_COMMIT``)."""
         k, v = self.keyspace, manifest.version
-        ranks = list(pending_ranks)
+        targets = list(pending_ranks)
         keys = [k.latest, k.versions, k.manifest(v), k.gc_epoch, k.gc_lease, k.pending(token)]
-        keys += [k.rank_status(r) for r in ranks]
+        keys += ranks.status_keys(k, targets)
         try:
-            self._commit(keys=keys, args=[v, manifest.to_json(), epoch, len(ranks), k.updates_channel])
+            self._commit(
+                keys=keys,
+                args=[v, manifest.to_json(), epoch, len(targets), k.updates_channel, ranks.STATUS_PENDING],
+            )
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
             if text.startswith("STALE"):

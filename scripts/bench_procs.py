@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from redis_weights.connection import client_from_url  # noqa: E402
+from redis_weights.deployment import client_from_url  # noqa: E402
 
 CHUNK = 8 << 20
 PIPELINE_BYTES = 64 << 20

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.server import LocalRedisServer
+from redis_weights.tools.server import LocalRedisServer
 
 
 def model(layers: int, width: int, seed: int = 0) -> nn.Module:

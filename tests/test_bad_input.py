@@ -24,7 +24,7 @@ from redis_weights import (
     RedisWeightUpdater,
 )
 from redis_weights.codec import flatten_weights
-from redis_weights.server import free_port
+from redis_weights.tools.server import free_port
 from tests.faults_support import chunk_key, perturb
 from tests.models import make_model, state_digest
 

@@ -16,6 +16,7 @@ from torch import nn
 import redis_weights.receiver as receiver_module
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.bulkread import read_values_into
+from redis_weights.deployment import Deployment
 from redis_weights.errors import ConfigurationError
 from redis_weights.hostcache import DEFAULT_DIRECTORY, HostCache, private_directory
 from tests.codec_support import count_reads
@@ -151,7 +152,7 @@ def test_read_values_into_places_values_and_flags_missing_and_wrong_sizes(real_s
     client.set(keys[2], b"c" * 7)
     client.set(keys[3], b"d" * 3)  # expected 5: the wrong size comes back as bytes
     target = memoryview(bytearray(100_000 + 10 + 7 + 5))
-    out = read_values_into(client, keys, [100_000, 10, 7, 5], target)
+    out = read_values_into(Deployment(client), keys, [100_000, 10, 7, 5], target)
     assert bytes(out[0]) == b"a" * 100_000 and out[0].obj is target.obj  # type: ignore[union-attr]
     assert out[1] is None and bytes(out[2]) == b"c" * 7 and out[3] == b"d" * 3
     assert client.ping()  # the connection went back to the pool in a clean state
@@ -161,7 +162,7 @@ def test_fakeredis_takes_the_copying_path(fake_store):
     keys = [fake_store.keyspace.full("y")]
     fake_store.client.set(keys[0], b"xyz")
     target = memoryview(bytearray(3))
-    out = read_values_into(fake_store.client, keys, [3], target)
+    out = read_values_into(fake_store.deployment, keys, [3], target)
     assert bytes(target) == b"xyz" and bytes(out[0]) == b"xyz"  # type: ignore[arg-type]
 
 
