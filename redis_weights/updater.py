@@ -86,8 +86,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
     Keyword Args:
         timeout: seconds a sync push (or ``wait()``) waits for acks.
         chunk_size: bytes per Redis value (default 8 MiB).
-        retention: committed versions kept; older ones are deleted after each push.
-        pending_ttl: seconds uncommitted chunks survive (orphans of a crashed push).
+        retention: committed versions kept; older ones are deleted after each push, then
+            every chunk no retained version references is swept (mark and sweep).
+        pending_ttl: seconds a push in flight protects its chunks from GC (after a crash,
+            its chunks are swept once this passes).
         metadata: strings recorded in every version's safetensors ``__metadata__``.
         check_server: fail at once with a ``ConfigurationError`` when Redis is
             unreachable, refuses the credentials or is unsafe (False: skip the check).
