@@ -26,7 +26,7 @@ from torchrl.collectors import Collector, MultiAsyncCollector, MultiSyncCollecto
 from torchrl.collectors import WeightUpdaterBase as TorchRLWeightUpdaterBase  # noqa: E402
 from torchrl.weight_update import WeightSyncScheme  # noqa: E402
 
-import redis_weights.integrations.torchrl as integration  # noqa: E402
+import redis_weights.integrations.torchrl.updater as legacy_module  # noqa: E402
 from redis_weights import ConfigurationError, ReceiveTimeoutError, RedisStore  # noqa: E402
 from redis_weights.integrations.torchrl import (  # noqa: E402
     CollectorWeightReceiver,
@@ -53,7 +53,7 @@ def _local_collector(policy, **kwargs) -> Collector:
 # -- the legacy updater ----------------------------------------------------------------
 def test_import_does_not_warn_and_updater_is_a_torchrl_weight_updater() -> None:
     # Execute the module afresh (not from the import cache) and record every warning.
-    spec = importlib.util.spec_from_file_location("redis_weights.integrations._torchrl_probe", integration.__file__)
+    spec = importlib.util.spec_from_file_location("redis_weights.integrations.torchrl._probe", legacy_module.__file__)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     with warnings.catch_warnings(record=True) as caught:
@@ -254,7 +254,7 @@ def test_collectors_in_other_processes_use_new_weights_from_the_next_batch(
 def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, namespace: str) -> None:
     trainer_policy = make_policy(1.0)
     sender = RedisWeightSyncScheme(
-        redis_url, namespace=namespace, num_workers=1, timeout=20, updater_options={"retention": 2}
+        redis_url, namespace=namespace, num_workers=1, timeout=20, retention=2
     )
     trainer = _local_collector(trainer_policy, weight_sync_schemes={"policy": sender})
     # A collector elsewhere: it waits for the trainer's initial weights when it connects.
@@ -274,7 +274,7 @@ def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, names
         assert sender.updater.retention == 2
         # Worker processes get the scheme pickled: config and the first version to wait for.
         clone = pickle.loads(pickle.dumps(sender))
-        assert (clone.url, clone.namespace, clone.updater, clone._initial_version) == (redis_url, namespace, None, 1)
+        assert (clone.url, clone.namespace, clone.updater, clone._start_version) == (redis_url, namespace, None, 1)
     finally:
         worker.shutdown()
         trainer.shutdown()
@@ -303,7 +303,7 @@ def test_receiving_scheme_refuses_a_policy_that_does_not_fit(redis_url: str, nam
 def test_configuration_errors_are_clear(real_store: RedisStore) -> None:
     with pytest.raises(ConfigurationError, match="num_workers"):
         _local_collector(make_policy(), weight_sync_schemes={"policy": RedisWeightSyncScheme(real_store.url)})
-    with pytest.raises(ConfigurationError, match="weight_sync_schemes"):
+    with pytest.raises(ConfigurationError, match="not a TorchRL collector"):
         CollectorWeightReceiver(real_store, 1, object(), policy=make_policy())
     no_url = RedisWeightSyncScheme(RedisStore(real_store.client, real_store.namespace, owns_client=False))
     with pytest.raises(ConfigurationError, match="URL"):
