@@ -37,7 +37,7 @@ def namespace_for(model_id: str) -> str:
 
 def _per_worker(weights: Any) -> bool:
     """TorchRL's per-worker form ``{worker_idx: weights}``."""
-    return isinstance(weights, Mapping) and bool(weights) and all(isinstance(k, int) for k in weights)
+    return type(weights) is dict and len(weights) > 0 and all(isinstance(k, int) for k in weights)
 
 
 class RedisWeightSyncScheme(WeightSyncScheme):
