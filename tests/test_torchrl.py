@@ -149,7 +149,13 @@ class RedisWeightUpdaterForTest:
 
 
 def test_multisync_collector_with_the_legacy_updater(real_store: RedisStore) -> None:
-    """``MultiSyncCollector(weight_updater=...)``: its own workers and a rank elsewhere get the push."""
+    """``MultiSyncCollector(weight_updater=...)``: a rank elsewhere gets the push through Redis.
+
+    The collector's own CPU workers run the new weights too, but not through the
+    updater: on CPU they share the policy's memory with the trainer (TorchRL's
+    behaviour), so they see the change as soon as it is made. Workers of their own
+    need ``weight_sync_schemes={"policy": RedisWeightSyncScheme(...)}``.
+    """
     policy = make_policy(1.0)
     updater = RedisCollectorWeightUpdater(real_store, policy, num_workers=1, sync=True, timeout=20)
     remote = _local_collector(make_policy(0.0))
@@ -360,3 +366,90 @@ def test_multiasync_collector_async_scheme(redis_url: str, namespace: str) -> No
         scheme.shutdown()
     for batch in seen:  # each batch made by one set of weights, labelled with its version
         assert len(_versions(batch)) == 1 and action_values(batch) == [value_of[_versions(batch)[0]]]
+
+
+# -- configuration: one options object, namespaces, ranks ---------------------------------------
+def test_options_take_their_defaults_from_the_core_constructors() -> None:
+    import inspect
+
+    from redis_weights import RedisWeightReceiver, RedisWeightUpdater
+    from redis_weights.integrations.torchrl import RedisSyncOptions
+
+    options = RedisSyncOptions()
+    for cls, kwargs in ((RedisWeightUpdater, options.updater_kwargs()), (RedisWeightReceiver, options.receiver_kwargs())):
+        params = inspect.signature(cls.__init__).parameters
+        for name, value in kwargs.items():
+            assert name in params, f"{cls.__name__} has no option {name!r}"
+            default = params[name].default
+            assert value == (dict(default or {}) if name == "metadata" else default), name
+    assert options.first_version_timeout == options.timeout
+    assert RedisSyncOptions.of(connect_timeout=2.0).first_version_timeout == 2.0
+    with pytest.raises(ConfigurationError, match="unknown option.*'timout'"):
+        RedisSyncOptions.of(timout=3)
+    with pytest.raises(ConfigurationError, match="unknown option"):
+        RedisWeightSyncScheme("redis://127.0.0.1:1/0", updater_options={"retention": 2})
+    scheme = RedisWeightSyncScheme("redis://127.0.0.1:1/0", options=RedisSyncOptions(retention=5), sync=False)
+    assert (scheme.options.retention, scheme.sync) == (5, False)
+
+
+def test_scheme_refuses_a_namespace_that_contradicts_its_store(real_store: RedisStore) -> None:
+    with pytest.raises(ConfigurationError, match="contradicts the store's namespace"):
+        RedisWeightSyncScheme(real_store, namespace="other")
+    same = RedisWeightSyncScheme(real_store, namespace=real_store.namespace)
+    assert RedisWeightSyncScheme(real_store).namespace == same.namespace == real_store.namespace
+    clone = pickle.loads(pickle.dumps(same))  # receivers rebuild the store from URL and namespace
+    assert (clone.url, clone.namespace) == (real_store.url, real_store.namespace)
+
+
+def test_default_namespace_comes_from_the_model_id(real_store: RedisStore) -> None:
+    from redis_weights.integrations.torchrl.scheme import namespace_for
+
+    assert namespace_for("policy") == "policy" and namespace_for("env.transform[0]") == "env.transform_0_"
+    value = RedisWeightSyncScheme(real_store.url, num_workers=1, sync=False)
+    assert value.namespace is None
+    value.init_on_sender(model_id=f"value{real_store.namespace}", weights={"w": __import__("torch").ones(1)})
+    try:
+        assert value.namespace == f"value{real_store.namespace}" and value.version == 1
+        assert pickle.loads(pickle.dumps(value)).namespace == value.namespace
+    finally:
+        value.updater.registry.client.delete(*value.updater.registry.client.keys(f"rw:{{{value.namespace}}}:*"))
+        value.shutdown()
+
+
+def test_ranks_from_torchrl_worker_indices(real_store: RedisStore) -> None:
+    """Multi-process workers pass a 0-based index; DistributedCollector nodes their 1-based torch rank."""
+    import torch
+    from torchrl.collectors.distributed import DistributedCollector
+
+    weights = {"w": torch.ones(1)}
+    for context, worker_idx in ((None, 0), (object.__new__(DistributedCollector), 1)):
+        sender = RedisWeightSyncScheme(real_store.url, namespace=real_store.namespace, num_workers=2, sync=False)
+        sender.init_on_sender(model_id="policy", context=context, weights=weights)
+        try:
+            receiver = pickle.loads(pickle.dumps(sender))
+            receiver.init_on_receiver(model_id="policy", worker_idx=worker_idx, model=torch.nn.Linear(1, 1))
+            assert receiver.rank == 1, (type(context).__name__, receiver.rank)
+            offset = pickle.loads(pickle.dumps(sender))
+            offset.rank_offset = 2
+            offset.init_on_receiver(model_id="policy", worker_idx=worker_idx, model=torch.nn.Linear(1, 1))
+            assert offset.rank == 3
+        finally:
+            sender.shutdown()
+
+
+def test_worker_count_from_devices_or_params_map(real_store: RedisStore) -> None:
+    """TorchRL's ``init_on_sender(model=..., devices=[d] * n)`` and ``params_map=`` overloads."""
+    from tensordict import TensorDict
+
+    for kwargs in ({"model": make_policy(1.0), "devices": ["cpu"] * 2},
+                   {"params_map": dict.fromkeys(range(3), TensorDict.from_module(make_policy(1.0)))}):  # fmt: skip
+        scheme = RedisWeightSyncScheme(real_store.url, namespace=real_store.namespace, sync=False)
+        scheme.init_on_sender(model_id="policy", **kwargs)
+        try:
+            assert scheme.num_workers == len(kwargs.get("devices") or kwargs["params_map"])
+            assert scheme.updater.all_worker_ids() == list(range(1, scheme.num_workers + 1))
+        finally:
+            scheme.shutdown()
+    distinct = {i: TensorDict.from_module(make_policy(float(i))) for i in range(2)}
+    with pytest.raises(ConfigurationError, match="different weights per worker"):
+        RedisWeightSyncScheme(real_store.url, namespace=real_store.namespace).init_on_sender(params_map=distinct)

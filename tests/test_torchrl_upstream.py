@@ -28,7 +28,6 @@ from tensordict.nn import TensorDictModule  # noqa: E402
 from torchrl.collectors import Collector, MultiAsyncCollector, MultiSyncCollector  # noqa: E402
 from torchrl.testing.dist_utils import assert_no_new_python_processes, snapshot_python_processes  # noqa: E402
 from torchrl.testing.mocking_classes import ContinuousActionVecMockEnv  # noqa: E402
-from torchrl.testing.modules import BiasModule, NonSerializableBiasModule  # noqa: E402
 from torchrl.weight_update import WeightSyncScheme  # noqa: E402
 
 from redis_weights import ConfigurationError  # noqa: E402
@@ -230,45 +229,6 @@ def test_policy_factory_update_weights(scheme_cls) -> None:
 
 def _linear_policy(obs: int, act: int, device: str) -> TensorDictModule:
     return TensorDictModule(nn.Linear(obs, act, device=device), in_keys=["observation"], out_keys=["action"])
-
-
-def test_nonserializable_policy_with_factory_and_weight_sync(scheme_cls) -> None:
-    """test/test_collectors.py::TestPolicyFactory::test_nonserializable_policy_with_factory_and_weight_sync
-    [MultiSyncCollector-<scheme>]."""
-    collector_cls = functools.partial(MultiSyncCollector, cat_results="stack")
-
-    def create_env():
-        return ContinuousActionVecMockEnv()
-
-    # Non-serializable policy instance on main node
-    base_module = NonSerializableBiasModule(0.0)
-    policy = TensorDictModule(base_module, in_keys=["observation"], out_keys=["action"])
-
-    # Serializable factory used to build worker policies
-    def policy_factory():
-        return TensorDictModule(BiasModule(0.0), in_keys=["observation"], out_keys=["action"])
-
-    device = "cpu"
-    weight_sync_scheme = scheme_cls()
-    collector = collector_cls(
-        [create_env, create_env],
-        policy=policy,
-        policy_factory=policy_factory,
-        frames_per_batch=16,
-        total_frames=64,
-        device=device,
-        storing_device="cpu",
-        weight_sync_schemes={"policy": weight_sync_scheme},
-    )
-    try:
-        iterator = iter(collector)
-        _ = next(iterator)
-        with torch.no_grad():
-            base_module.bias.add_(1.0)
-        collector.update_policy_weights_()
-        _ = next(iterator)
-    finally:
-        collector.shutdown()
 
 
 def test_weight_update_after_device_cast(scheme_cls) -> None:
