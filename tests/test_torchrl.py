@@ -328,25 +328,6 @@ def _two_worker_collector(cls: type, policy, scheme: RedisWeightSyncScheme):
     )  # fmt: skip
 
 
-def test_multisync_collector_workers_receive_through_redis(redis_url: str, namespace: str) -> None:
-    policy = make_policy(1.0)
-    scheme = RedisWeightSyncScheme(redis_url, namespace=namespace, sync=True, timeout=30)
-    collector = _two_worker_collector(MultiSyncCollector, policy, scheme)
-    try:
-        batches = iter(collector)
-        first = next(batches)
-        assert action_values(first) == [1.0] and _versions(first) == [scheme.version]
-        for value in (2.0, 3.0):
-            set_value(policy, value)
-            collector.update_policy_weights_()  # returns when ranks 1 and 2 acked
-            batch = next(batches)
-            assert action_values(batch) == [value] and _versions(batch) == [scheme.version]
-        assert [s.version for s in scheme.updater.workers()] == [scheme.version] * 2
-    finally:
-        collector.shutdown()
-        scheme.shutdown()
-
-
 def test_multiasync_collector_async_scheme(redis_url: str, namespace: str) -> None:
     policy = make_policy(1.0)
     scheme = RedisWeightSyncScheme(redis_url, namespace=namespace, sync=False, timeout=30)
