@@ -9,7 +9,7 @@ manifest entries that reach each of its chunks. For a new push, per chunk:
 * otherwise ``patch.encode_patch(previous, new)``: when the patch is at most
   ``keyframe_fraction`` of the chunk, the previous entry's chain plus one step; else the
   chunk is stored whole (a patch that large would make the version a keyframe soon
-  anyway, and ``encode_patch`` gives up on such a chunk after a small sample: a dense
+  anyway, and ``encode_patch`` gives up on such a chunk after a 128 KiB sample: a dense
   fp32 step costs next to nothing to detect).
 
 A version is a keyframe (every chunk stored whole) when there is no previous

@@ -39,7 +39,7 @@ bf16 with realistic AdamW steps, zstd level 1):
 Measured sizes relative to the dense chunk: 0.8% at 1% density, 5% at 10%, 18% at 46%,
 25% at 70%, 31% at 86%. ``encode_patch`` returns None when the patch would not be
 smaller than ``max_ratio`` of the dense chunk (by default: not smaller than the chunk
-itself); a chunk of 2 MiB or more is first tried on a 256 KiB sample from its middle, and
+itself); a chunk of 1 MiB or more is first tried on a 128 KiB sample from its middle, and
 stored dense at once when even that sample's patch does not pay (dense fp32 steps). Speed on one core of this machine (8 MiB bf16 chunks, machine otherwise idle):
 encode ~2 GB/s at 1% density, ~0.8 GB/s at 10%, ~0.3 GB/s at 70%; apply ~5 GB/s, ~2
 GB/s, ~0.3 GB/s. A 500 MB bf16 model at 1% density encodes in about 0.25 s.
@@ -100,7 +100,7 @@ ZSTD_LEVEL = 1  # measured: as small as levels 2-3 on weight patches and faster;
 _POS_ZSTD = 0x01
 _VAL_ZSTD = 0x02
 
-_SAMPLE_BYTES = 256 << 10  # bytes of a large chunk tried first (a multiple of every itemsize)
+_SAMPLE_BYTES = 128 << 10  # bytes of a large chunk tried first (a multiple of every itemsize)
 _SAMPLE_FROM = 8 * _SAMPLE_BYTES  # chunks of at least this many bytes are sampled first
 
 _HEADER = struct.Struct("<4sBBBBB3xQQQQQ")

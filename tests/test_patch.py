@@ -489,7 +489,7 @@ def test_a_large_chunk_whose_every_element_moves_randomly_is_stored_dense() -> N
     rng = np.random.default_rng(7)
     base = rng.integers(0, 2**32, size=(4 << 20) // 4, dtype=np.uint32)
     new = rng.integers(0, 2**32, size=base.size, dtype=np.uint32)  # incompressible XOR values
-    assert _sample_says_dense(base.tobytes(), new.tobytes(), 4, 1.0)  # decided on 256 KiB, not 4 MiB
+    assert _sample_says_dense(base.tobytes(), new.tobytes(), 4, 1.0)  # decided on 128 KiB, not 4 MiB
     assert encode_patch(base.tobytes(), new.tobytes(), 4) is None
 
 
