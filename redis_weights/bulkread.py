@@ -24,7 +24,7 @@ import redis
 from .deployment import Deployment, RawConnection
 from .manifest import Buffer
 
-_ROUND_BYTES = 64 * 1024 * 1024  # default bytes of replies per round trip (bounds Redis's output buffer)
+ROUND_BYTES = 64 * 1024 * 1024  # default bytes of replies per round trip (bounds Redis's output buffer)
 _READ_SIZE = 1 << 16
 
 
@@ -87,7 +87,7 @@ def read_values_into(
     keys: Sequence[str],
     sizes: Sequence[int],
     target: memoryview,
-    round_bytes: int = _ROUND_BYTES,
+    round_bytes: int = ROUND_BYTES,
 ) -> list[Buffer | None]:
     """GET ``keys``; value i, if it has ``sizes[i]`` bytes, lands at its offset in ``target``.
 

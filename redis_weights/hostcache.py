@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DIRECTORY = f"/dev/shm/redis_weights-{os.getuid()}"  # one per user: nobody else may write there
 SPARE_FILES = 1  # files of older versions kept to be recycled
-_FILE_RE = re.compile(r"^v(\d+)-[0-9a-f]{16}\.(safetensors|lock|tmp\.(\d+))$")
+_FILE_RE = re.compile(r"v([0-9]+)-[0-9a-f]{16}\.(safetensors|lock|tmp\.([0-9]+))")  # fullmatch: no "\n" after it
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # prefault the mapping in one go (Linux)
 
 Fetch = Callable[[Manifest, memoryview], list[Buffer | None]]
@@ -280,7 +280,7 @@ class HostCache:
         """Data files of versions below ``below``, oldest first."""
         found = []
         for entry in os.scandir(self.directory):
-            match = _FILE_RE.match(entry.name)
+            match = _FILE_RE.fullmatch(entry.name)
             if match and match.group(2) == "safetensors" and int(match.group(1)) < below:
                 found.append((int(match.group(1)), Path(entry.path)))
         return [p for _, p in sorted(found)]
@@ -290,7 +290,7 @@ class HostCache:
         of an earlier life of the Redis data (flushed or lost, so version numbers restarted).
         A real newer version is committed, hence written, after this one was committed."""
         for entry in os.scandir(self.directory):
-            match = _FILE_RE.match(entry.name)
+            match = _FILE_RE.fullmatch(entry.name)
             if match and match.group(2) == "safetensors" and int(match.group(1)) > manifest.version:
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat().st_mtime < manifest.created:
@@ -303,7 +303,7 @@ class HostCache:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
         for entry in os.scandir(self.directory):
-            match = _FILE_RE.match(entry.name)
+            match = _FILE_RE.fullmatch(entry.name)
             if not match or int(match.group(1)) >= version:
                 continue
             if match.group(2) == "lock" or (match.group(3) and not _alive(int(match.group(3)))):

@@ -14,14 +14,15 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "policy"
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-_CHUNK_RE = re.compile(r"^v:\d+:c:\d+$")
-_RANK_VERSION_RE = re.compile(r"^rank:(\d+):version$")
+# Matched with ``fullmatch``: ``$`` also matches before a trailing newline.
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+_CHUNK_RE = re.compile(r"v:[0-9]+:c:[0-9]+")
+_RANK_VERSION_RE = re.compile(r"rank:([0-9]{1,18}):version")
 
 
 def validate_namespace(namespace: str) -> str:
     """Refuse names that would break the hash tag or key parsing (braces, colons, spaces)."""
-    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
         raise ValueError(
             f"invalid namespace {namespace!r}: use 1-128 characters from [A-Za-z0-9_.-]"
         )
@@ -68,7 +69,7 @@ class Keys:
     @staticmethod
     def is_blob(relative: str) -> bool:
         """Whether a relative name is a weight chunk (binary, not text)."""
-        return bool(_CHUNK_RE.match(relative))
+        return bool(_CHUNK_RE.fullmatch(relative))
 
     # -- versions ---------------------------------------------------------------------
     @property
@@ -119,14 +120,19 @@ class Keys:
 
     def rank_of(self, full: str | bytes) -> int | None:
         """The rank of a ``rank:<r>:version`` key name, None for any other key."""
-        match = _RANK_VERSION_RE.match(self.relative(full))
-        return int(match.group(1)) if match else None
+        match = _RANK_VERSION_RE.fullmatch(self.relative(full))
+        return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
 
     # -- admin ------------------------------------------------------------------------
     @property
     def probe(self) -> str:
         """Short-lived key that ``health`` writes to test the user's rights (expires by itself)."""
         return self.full("doctor:probe")
+
+    @property
+    def stall_probe(self) -> str:
+        """A key that never exists: the trainer's write probe PEXPIREs it to time a server stall (``ranks``)."""
+        return self.full("stall-probe")
 
     # -- pub/sub ----------------------------------------------------------------------
     @property
