@@ -16,6 +16,7 @@ and the values are copied into ``target``.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Sequence
 
@@ -104,8 +105,11 @@ def read_values_into(
             return _read_copying(deployment.client, keys, offsets, target)
         try:
             return _read_direct(deployment.client, raw, keys, offsets, target, round_bytes)
-        except OSError as exc:  # socket timeout or reset: what redis-py would raise
-            raise redis.exceptions.ConnectionError(f"reading chunks failed: {exc}") from exc
+        except OSError as exc:
+            if exc.errno == errno.EFAULT:  # the kernel could not write into ``target``: not the network's fault
+                raise OSError(exc.errno, f"the chunks cannot be written into the receive buffer ({exc.strerror}; "
+                                         "a memory-mapped file on a full filesystem?)") from exc  # fmt: skip
+            raise redis.exceptions.ConnectionError(f"reading chunks failed: {exc}") from exc  # timeout, reset
 
 
 def _send_round(client: redis.Redis, raw: RawConnection, keys: Sequence[str]) -> None:

@@ -18,6 +18,12 @@ recycles only a file it can lock exclusively (so nobody is reading it), renaming
 away before writing: a reader that opened it just before checks, once it holds its
 lock, that the name still points at the file it opened.
 
+The fetcher reserves the file's space before writing a byte (``posix_fallocate``):
+on a filesystem too small for the version (Docker's and Kubernetes' default 64 MB
+``/dev/shm``) a mapped file would otherwise turn "disk full" into ``EFAULT`` in the
+middle of a socket read, at every try. When the space cannot be had, the version
+is read into the worker's private buffer instead, with one warning per cause.
+
 Every worker trusts the files of the directory (the chunk checks are xxh3, not
 cryptographic), so it must be private: the default is one directory per user
 (``/dev/shm/redis_weights-<uid>``), created mode 0700, and a directory owned by
@@ -27,6 +33,7 @@ another user or writable by group or others is refused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import mmap
@@ -51,6 +58,8 @@ _FILE_RE = re.compile(r"v([0-9]+)-[0-9a-f]{16}\.(safetensors|lock|tmp\.([0-9]+))
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # prefault the mapping in one go (Linux)
 
 Fetch = Callable[[Manifest, memoryview], list[Buffer | None]]
+Allocate = Callable[[int], memoryview]  # a private buffer of at least n bytes (the receiver's, reused)
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM)  # the filesystem cannot hold the version
 
 
 def scope_name(scope: str, namespace: str) -> str:
@@ -147,6 +156,8 @@ class HostCache:
         self.fetched = 0  # versions this process fetched from Redis for the host
         self.shared = 0  # versions it mapped from a file another worker fetched
         self.recycled = 0  # files of old versions it reused for a new one
+        self.private = 0  # versions it read into a private buffer: the directory had no room for them
+        self._no_room: str | None = None  # the last "no room" cause warned about
 
     @classmethod
     def scoped(cls, base: str | os.PathLike[str], scope: str, namespace: str) -> HostCache:
@@ -158,12 +169,15 @@ class HostCache:
         return f"v{manifest.version}-{digest}"
 
     @contextlib.contextmanager
-    def chunks(self, manifest: Manifest, fetch: Fetch) -> Iterator[list[Buffer | None]]:
+    def chunks(
+        self, manifest: Manifest, fetch: Fetch, allocate: Allocate = receive_buffer
+    ) -> Iterator[list[Buffer | None]]:
         """The chunks of ``manifest``'s version, as views of a shared file (valid inside the block).
 
         ``fetch(manifest, target)`` reads the chunks from Redis into ``target``. If some
         chunk is missing or wrong, the chunks are yielded as fetched (the caller's checks
-        report them) and no file is published.
+        report them) and no file is published. When the directory has no room for the
+        version, it is fetched into ``allocate(total_bytes)`` instead.
         """
         stem = self._stem(manifest)
         path = self.directory / f"{stem}.safetensors"
@@ -177,7 +191,7 @@ class HostCache:
                     self.shared += 1
                 else:
                     self.fetched += 1
-                    mapping = self._fetch_into_file(path, manifest, fetch)
+                    mapping = self._fetch_into_file(path, manifest, fetch, allocate)
         try:
             yield mapping.chunks
         finally:
@@ -220,12 +234,16 @@ class HostCache:
             return None
         return mapping
 
-    def _fetch_into_file(self, path: Path, manifest: Manifest, fetch: Fetch) -> _Mapping:
-        """Fetch into a (recycled) file and publish it; then map it like any reader does."""
+    def _fetch_into_file(self, path: Path, manifest: Manifest, fetch: Fetch, allocate: Allocate) -> _Mapping:
+        """Fetch into a (recycled) file and publish it; then map it like any reader does.
+        Without room for the file, fetch into a private buffer."""
         fd, tmp = self._writable_file(manifest.version, path)
         region = None
         try:
-            os.ftruncate(fd, manifest.total_bytes)
+            no_room = _reserve(fd, manifest.total_bytes)
+            if no_room is not None:
+                tmp.unlink()
+                return self._private(manifest, fetch, allocate, no_room)
             region = mmap.mmap(fd, manifest.total_bytes, flags=mmap.MAP_SHARED | _POPULATE)
             written = _Mapping(fetch(manifest, memoryview(region)), region)
             try:
@@ -252,8 +270,21 @@ class HostCache:
         mapping = self._open_shared(path, manifest)
         if mapping is None:  # recycled already by a fetcher of a newer version: read privately
             log.info("host cache: %s vanished right after publishing; reading it privately", path.name)
-            mapping = _Mapping(fetch(manifest, receive_buffer(manifest.total_bytes)))
+            mapping = _Mapping(fetch(manifest, allocate(manifest.total_bytes)))
         return mapping
+
+    def _private(self, manifest: Manifest, fetch: Fetch, allocate: Allocate, no_room: OSError) -> _Mapping:
+        """Fetch a version the directory has no room for into a private buffer (one warning per cause)."""
+        self.private += 1
+        cause = no_room.strerror or str(no_room)
+        if cause != self._no_room:
+            self._no_room = cause
+            log.warning(
+                "host cache: no room for version %d (%d bytes) in %s (%s); reading versions into a private buffer "
+                "until there is (give the directory a bigger filesystem, e.g. docker run --shm-size)",
+                manifest.version, manifest.total_bytes, self.directory, cause,
+            )  # fmt: skip
+        return _Mapping(fetch(manifest, allocate(manifest.total_bytes)))
 
     def _writable_file(self, version: int, path: Path) -> tuple[int, Path]:
         """An exclusively locked file to write ``version`` into: an old version's if none reads it."""
@@ -309,6 +340,22 @@ class HostCache:
             if match.group(2) == "lock" or (match.group(3) and not _alive(int(match.group(3)))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
+
+
+def _reserve(fd: int, size: int) -> OSError | None:
+    """Size the file to ``size`` bytes and reserve its storage now; the error when the filesystem
+    has no room for it (None: reserved, or a filesystem that cannot reserve, left sparse)."""
+    os.ftruncate(fd, size)
+    if size == 0:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in _NO_ROOM:
+            return exc
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    return None
 
 
 def _alive(pid: int) -> bool:

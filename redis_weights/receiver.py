@@ -32,7 +32,14 @@ import redis
 from . import ranks
 from .bulkread import receive_buffer
 from .codec import apply_chunks, check_compatible, flatten_weights
-from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
+from .errors import (
+    CodecError,
+    ConfigurationError,
+    ReceiveTimeoutError,
+    RedisWeightsError,
+    VersionNotFoundError,
+    WeightMismatchError,
+)
 from .failures import Repeats
 from .health import ensure_server, explain_lost_connection
 from .hostcache import DEFAULT_DIRECTORY, HostCache
@@ -278,13 +285,17 @@ class RedisWeightReceiver:
     def _fetch(self, manifest: Manifest) -> Iterator[list[Buffer | None]]:
         """The chunks of a version: from the host's shared file, or read into the reused buffer."""
         if self.host_cache is not None:
-            with self.host_cache.chunks(manifest, self.registry.read_chunks_into) as chunks:
+            with self.host_cache.chunks(manifest, self.registry.read_chunks_into, self._buffer) as chunks:
                 yield chunks
             return
-        if len(self._receive_buffer) < manifest.total_bytes:
+        yield self.registry.read_chunks_into(manifest, self._buffer(manifest.total_bytes))
+
+    def _buffer(self, size: int) -> memoryview:
+        """The reused receive buffer, grown to ``size`` bytes if it is smaller."""
+        if len(self._receive_buffer) < size:
             self._receive_buffer = memoryview(b"")  # drop the old one before allocating the bigger one
-            self._receive_buffer = receive_buffer(manifest.total_bytes)
-        yield self.registry.read_chunks_into(manifest, self._receive_buffer)
+            self._receive_buffer = receive_buffer(size)
+        return self._receive_buffer
 
     def _fail(self, version: int, reason: str) -> None:
         self._failed_version = version
@@ -358,8 +369,8 @@ class RedisWeightReceiver:
                     last_poll = time.monotonic()
                     self.poll()
                 backoff = 0.1
-            except redis.exceptions.RedisError as exc:
-                log.warning("rank %d: Redis error (%s); retrying in %.1fs", self.rank, exc, backoff)
+            except (redis.exceptions.RedisError, RedisWeightsError) as exc:  # e.g. a corrupt latest
+                log.warning("rank %d: %s (%s); retrying in %.1fs", self.rank, type(exc).__name__, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.poll_interval)
             except Exception:  # never let the thread die silently

@@ -77,6 +77,7 @@ def test_workers_report_lag_and_dead_ranks(real_store: RedisStore, admin: Admin)
     (v2,) = push(real_store, 2)
     assert live.poll() == v2
     assert admin.known_ranks() == [1, 2]
+    short.close()  # its process is gone: no more beats
     time.sleep(0.3)  # rank 2's heartbeat expires: it is dead
     live.heartbeat()
     latest, rows = admin.workers()

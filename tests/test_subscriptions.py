@@ -105,7 +105,7 @@ def test_an_unreachable_server_raises_when_subscribing():
 
 
 def test_a_watch_refused_by_the_acl_raises_rather_than_shows_nothing(server_factory, namespace):
-    from redis_weights.admin import Admin
+    from redis_weights.tools.admin import Admin
 
     server = server_factory()
     admin_client = redis.Redis(port=server.port)
