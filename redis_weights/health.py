@@ -219,7 +219,7 @@ def check_output_buffer(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZ
     lowest = min((x for x in limits if x), default=0)
     if not lowest:
         return Finding(check, OK, "no limit for normal clients")
-    what = f"normal clients limited to {human_bytes(hard)} (hard), {human_bytes(soft)} (soft)"
+    what = f"client-output-buffer-limit for normal clients is {human_bytes(hard)} (hard), {human_bytes(soft)} (soft)"
     if lowest < chunk_size:
         return Finding(check, UNSAFE, f"{what}, below the chunk size {human_bytes(chunk_size)}: Redis cuts every "
                                       "worker's fetch", fix)  # fmt: skip

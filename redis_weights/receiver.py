@@ -196,7 +196,9 @@ class RedisWeightReceiver:
                     self._report(*self._unsent)
                 return None
             if gone is not None:  # latest kept pointing at a version that is not there
-                self._fetch_failed(latest, gone)
+                self._fetch_failed(latest, VersionNotFoundError(
+                    f"latest points at version {latest}, which is not in Redis ({gone}; deleted by hand, e.g. "
+                    "`redis-weights delete --force`?)"))  # fmt: skip
             return None
 
     def _fetch_failed(self, version: int, exc: BaseException) -> None:
