@@ -68,9 +68,9 @@ def _debug_sleep(server, client: redis.Redis) -> None:
 
 
 def _sigstop(server, client: redis.Redis) -> None:
-    os.kill(server.pid, signal.SIGSTOP)  # hung: the trainer's 1 s socket timeout runs out
+    os.kill(server.pid, signal.SIGSTOP)  # hung: the trainer's 1 s socket timeout and its retries run out
     try:
-        time.sleep(3)
+        time.sleep(6)
     finally:
         os.kill(server.pid, signal.SIGCONT)
 
@@ -81,7 +81,7 @@ STALLS: dict[str, Callable[..., None]] = {"client-pause-write": _pause_writes, "
 
 @contextmanager
 def stall_after_commit(server, namespace: str, after: int, stall: Callable[..., None]) -> Iterator[None]:
-    """Stall the server (3 s, three heartbeat TTLs) as soon as a version above ``after`` is committed."""
+    """Stall the server (3 s or more: three heartbeat TTLs) as soon as a version above ``after`` is committed."""
     client = redis.Redis.from_url(server.url)
     latest = Keys(namespace).latest
 
