@@ -134,6 +134,19 @@ def test_a_rank_that_died_is_still_named_dead_when_the_server_stalls_during_the_
             assert procs[1].wait_version(updater.version) == state_digest(model)
 
 
+def test_a_redis_at_maxmemory_still_takes_the_heartbeats(tmp_path, server_factory, namespace):
+    server = server_factory("--maxmemory", "8mb", "--maxmemory-policy", "noeviction")
+    client = redis.Redis.from_url(server.url)
+    with workers(tmp_path, server.url, namespace, [1], *FAST):
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for i in range(10_000):  # fill it until it refuses writes that allocate
+                client.set(f"filler:{i}", b"x" * 65536)
+        time.sleep(3.0)  # three heartbeat TTLs: a heartbeat that needs a SET would have expired by now
+        (state,) = read_rank_states(client, Keys(namespace), [1])
+        assert state.alive and state.heartbeat_age is not None and state.heartbeat_age < 1.0, state
+    client.close()
+
+
 # ---------------------------------------------------------------------------------------
 # 3. A failure that repeats becomes the rank's status, never a silent loop
 # ---------------------------------------------------------------------------------------

@@ -124,8 +124,8 @@ class CollectorWeightReceiver:
             (no thread; the ack of a sync push then waits for the next batch).
         poll_interval, heartbeat_ttl, allow_cast: as ``RedisWeightReceiver``.
 
-    With ``background=True`` keep batches shorter than ``heartbeat_ttl``: the
-    receiver thread waits for the batch to end before it applies and beats again.
+    In both modes the heartbeat has a thread of its own: a batch longer than
+    ``heartbeat_ttl`` does not make the rank look dead.
     """
 
     def __init__(
