@@ -113,6 +113,10 @@ class Keys:
         """Heartbeat of the rank: a string with a TTL."""
         return self.full(f"rank:{rank}:alive")
 
+    def rank_acked(self, rank: int) -> str:
+        """Wall time (seconds) of the rank's last ``"updated"`` ack; with the version's ``created``, its ack latency."""
+        return self.full(f"rank:{rank}:acked")
+
     @property
     def rank_version_pattern(self) -> str:
         """SCAN pattern matching every rank's version key (finds the ranks that ever joined)."""

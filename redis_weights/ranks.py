@@ -1,7 +1,7 @@
 """The rank protocol: what each worker rank writes (join, heartbeat, ack, claim) and how it is read.
 
 One module owns it, as rq's ``worker_registration`` owns worker registration. Per
-rank ``r`` Redis holds three keys (names from ``keys.py``):
+rank ``r`` Redis holds four keys (names from ``keys.py``):
 
 - ``rank:<r>:status``: ``"pending"`` (set by the trainer's commit), ``"updated"``
   (set by the rank's ack), or ``"error: <reason>"`` (a version the rank refused);
@@ -9,9 +9,11 @@ rank ``r`` Redis holds three keys (names from ``keys.py``):
   marks a rank that has joined;
 - ``rank:<r>:alive``: the heartbeat: its value is the rank's heartbeat TTL in
   seconds, and it expires after that TTL unless the rank beats again (every
-  ``TTL / BEATS_PER_TTL`` seconds, from a thread of its own).
+  ``TTL / BEATS_PER_TTL`` seconds, from a thread of its own);
+- ``rank:<r>:acked``: the wall time of the rank's last ``"updated"`` ack (its ack
+  latency is that minus the version's ``created``, both wall clocks).
 
-Readers decide with one round trip: an MGET of all three keys of every rank they
+Readers decide with one round trip: an MGET of all four keys of every rank they
 care about, plus the remaining TTL (PTTL) of each heartbeat. A beat's age is its
 TTL less what remains of it, both on the server's clock, so ages mean the same on
 every host whatever their clocks say.
@@ -48,9 +50,10 @@ STATUS_UPDATED = "updated"
 ERROR_PREFIX = "error:"
 _CLAIM_RETRY = 0.25  # seconds between claim attempts while every rank is held
 
-# KEYS: status, version, latest. ARGV: version, status text, acks channel, rank, updated value.
-# The applied version is always recorded; the status only when no newer version
-# has been committed meanwhile (else it stays "pending" for the trainer's sake).
+# KEYS: status, version, latest, acked. ARGV: version, status text, acks channel, rank,
+# updated value, wall time of the ack. The applied version (and the ack's time) is always
+# recorded; the status only when no newer version has been committed meanwhile (else it
+# stays "pending" for the trainer's sake).
 # The PUBLISH is only a wake-up hint: refused (the user lost its channel rights), it
 # must not fail the ack, whose SETs a script cannot take back anyway.
 _ACK = """
@@ -61,6 +64,7 @@ if latest == nil then
 end
 if ARGV[2] == ARGV[5] then
   redis.call('SET', KEYS[2], v)
+  redis.call('SET', KEYS[4], ARGV[6])
 end
 if v >= latest then
   redis.call('SET', KEYS[1], ARGV[2])
@@ -107,6 +111,7 @@ class RankState:
     holds something else than a heartbeat). ``heartbeat_ttl``: the TTL the rank
     beats with (None when unknown). ``dead`` is what one read shows; a sync push
     asks ``DeathWatch``, which is not fooled by a server that stalled.
+    ``acked_at``: wall time of its last ``"updated"`` ack (None before the first).
     """
 
     rank: int
@@ -115,6 +120,7 @@ class RankState:
     joined: bool
     alive: bool
     heartbeat_age: float | None
+    acked_at: float | None = None
     heartbeat_ttl: float | None = None
 
     @property
@@ -138,7 +144,7 @@ class RankState:
 # Reads
 # ---------------------------------------------------------------------------------------
 def read_rank_states(client: redis.Redis, keyspace: Keys, ranks: Sequence[int]) -> list[RankState]:
-    """Status, version and heartbeat of ``ranks`` in one round trip."""
+    """Status, version, heartbeat and last ack time of ``ranks`` in one round trip."""
     return _read(client, keyspace, ranks, probe=False)
 
 
@@ -162,7 +168,7 @@ def _read(client: redis.Redis, keyspace: Keys, ranks: Sequence[int], *, probe: b
         return []
     names = []
     for r in ranks:
-        names += [keyspace.rank_status(r), keyspace.rank_version(r), keyspace.rank_alive(r)]
+        names += [keyspace.rank_status(r), keyspace.rank_version(r), keyspace.rank_alive(r), keyspace.rank_acked(r)]
     pipe = client.pipeline(transaction=False)
     if probe:
         pipe.pexpire(keyspace.stall_probe, 1)
@@ -173,10 +179,11 @@ def _read(client: redis.Redis, keyspace: Keys, ranks: Sequence[int], *, probe: b
     values, remaining = replies[0], replies[1:]
     states = []
     for i, rank in enumerate(ranks):
-        status, version, alive = values[3 * i : 3 * i + 3]
+        status, version, alive, acked = values[4 * i : 4 * i + 4]
         ttl, age = _heartbeat(alive, remaining[i])
         applied = parse_int(version, minimum=0, maximum=MAX_VERSION) or 0
-        states.append(RankState(rank, text_or_none(status), applied, version is not None, alive is not None, age, ttl))
+        states.append(RankState(rank, text_or_none(status), applied, version is not None, alive is not None, age,
+                                parse_float(acked, minimum=0.0), ttl))  # fmt: skip
     return states
 
 
@@ -244,13 +251,13 @@ def _ms(seconds: float) -> int:
 def ack(client: redis.Redis, keyspace: Keys, rank: int, version: int, status: str) -> int:
     """Record ``status`` for ``version`` (the ack script), publish on ``acks``; returns ``latest``.
 
-    ``STATUS_UPDATED`` also records ``version`` as applied. The status is written only
+    ``STATUS_UPDATED`` also records ``version`` as applied, and the ack's wall time. The status is written only
     while no newer version is committed, so a late ack never hides a newer ``"pending"``.
     """
     script = client.register_script(_ACK)
     latest = script(
-        keys=[keyspace.rank_status(rank), keyspace.rank_version(rank), keyspace.latest],
-        args=[version, status, keyspace.acks_channel, rank, STATUS_UPDATED],
+        keys=[keyspace.rank_status(rank), keyspace.rank_version(rank), keyspace.latest, keyspace.rank_acked(rank)],
+        args=[version, status, keyspace.acks_channel, rank, STATUS_UPDATED, repr(time.time())],
     )
     return int(latest)
 

@@ -14,6 +14,10 @@ fetch that keeps failing (``failures.py``), whose attempts are spaced out meanwh
 The heartbeat has a thread of its own from construction to ``close()``, whether the
 versions are applied by ``start()``'s thread or by the caller's ``poll()``/``wait()``:
 a rank is alive as long as its process is, however long a fetch or an apply takes.
+
+Each apply is timed (fetch, apply: ``reports.ApplyReport`` in ``last_apply``, to the
+post-hooks that declare ``report``, and to the Prometheus metrics); ``lag`` is how
+many versions this rank is behind ``latest`` as of its last check.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from .failures import Repeats
 from .health import ensure_server, explain_lost_connection
 from .hostcache import DEFAULT_DIRECTORY, HostCache
 from .manifest import Buffer, Manifest
+from .metrics import WorkerMetrics
+from .reports import ApplyReport, PhaseClock, call_hook
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
 from .versions import VersionRegistry
@@ -109,9 +115,12 @@ class RedisWeightReceiver:
         self.host_cache = self._host_cache(host_cache)
         self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
         self.version = 0
+        self.latest_seen = 0  # ``latest`` as of the last check of Redis
+        self.last_apply: ApplyReport | None = None
+        self._metrics = WorkerMetrics(self.keyspace.namespace)
         self.last_error: str | None = None
         self.lock = threading.RLock()
-        self.post_hooks: list[Callable[[int], Any]] = []
+        self.post_hooks: list[Callable[..., Any]] = []
         self._poll_lock = threading.Lock()
         self._applied = threading.Condition()
         self._failed_version = 0
@@ -156,9 +165,15 @@ class RedisWeightReceiver:
         ranks.ack(self.store.client, self.keyspace, self.rank, version, status)
         self._unsent = None
 
-    def register_post_hook(self, hook: Callable[[int], Any]) -> None:
-        """Call ``hook(version)`` after each version is applied and before it is acked."""
+    def register_post_hook(self, hook: Callable[..., Any]) -> None:
+        """Call ``hook(version)`` after each version is applied and before it is acked;
+        ``hook(version, report=ApplyReport)`` for a hook that declares ``report``."""
         self.post_hooks.append(hook)
+
+    @property
+    def lag(self) -> int:
+        """Versions this rank is behind ``latest`` as of its last check (numbers may skip: an upper bound)."""
+        return max(0, self.latest_seen - self.version)
 
     # -- applying -----------------------------------------------------------------------
     def poll(self) -> int | None:
@@ -176,6 +191,7 @@ class RedisWeightReceiver:
             gone: VersionNotFoundError | None = None
             for _ in range(_FETCH_ATTEMPTS):
                 latest = self.registry.latest()
+                self._saw_latest(latest)
                 if latest == 0:
                     self._report_lost()
                 elif latest not in (self.version, self._failed_version) or self._history_lost:
@@ -229,8 +245,13 @@ class RedisWeightReceiver:
                 text += f"; {hint}"
         return text
 
+    def _saw_latest(self, latest: int) -> None:
+        self.latest_seen = latest
+        self._metrics.lag(self.lag)
+
     def _apply(self, version: int) -> int | None:
         started = time.perf_counter()
+        clock = PhaseClock(self._metrics.phase)
         try:
             manifest = self.registry.read_manifest(version)
         except CodecError as exc:  # a manifest that is not JSON, or lies about the layout
@@ -242,7 +263,10 @@ class RedisWeightReceiver:
         except WeightMismatchError as exc:
             self._fail(version, str(exc))
             return None
-        with self._fetch(manifest) as chunks:
+        fetched = self.host_cache.fetched if self.host_cache is not None else 0
+        fetch_started = time.perf_counter()
+        with self._fetch(manifest) as chunks:  # the chunks are read (or mapped) on entry
+            clock.add("fetch", time.perf_counter() - fetch_started)
             present = [c for c in chunks if c is not None]
             if len(present) != len(chunks):
                 missing = next(i for i, c in enumerate(chunks) if c is None)
@@ -253,7 +277,7 @@ class RedisWeightReceiver:
                 self._fail(version, f"chunk {missing} is missing from Redis (evicted?)")
                 return None
             try:
-                with self.lock:  # holders of the lock see weights and version agree
+                with self.lock, clock.phase("apply"):  # holders of the lock see weights and version agree
                     apply_chunks(present, manifest, targets, allow_cast=self.allow_cast)
                     previous, self.version = self.version, version
             except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
@@ -263,9 +287,15 @@ class RedisWeightReceiver:
                 del present
         self.last_error = None
         self._lost_reported = self._history_lost = False
+        from_redis = self.host_cache is None or self.host_cache.fetched > fetched  # not mapped from another's file
+        report = ApplyReport(version, previous, manifest.total_bytes, manifest.total_bytes if from_redis else 0,
+                             dict(clock.seconds), max(0, self.latest_seen - version))  # fmt: skip
+        self.last_apply = report
+        self._metrics.applied(version, report.fetched_bytes)
+        self._metrics.lag(self.lag)
         for hook in self.post_hooks:  # before the ack: an ack means the hooks have run too
             try:
-                hook(version)
+                call_hook(hook, version, report=report)
             except Exception:
                 log.exception("rank %d: post hook %r failed after version %d", self.rank, hook, version)
         self._report(version, ranks.STATUS_UPDATED)
@@ -300,6 +330,7 @@ class RedisWeightReceiver:
         return self._receive_buffer
 
     def _fail(self, version: int, reason: str) -> None:
+        self._metrics.refused()
         self._failed_version = version
         self._history_lost = False  # refused once, like any version: not re-fetched at every poll
         reason = reason.removeprefix(f"version {version}: ")  # some causes name the version already

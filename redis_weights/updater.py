@@ -12,14 +12,22 @@ answered promptly*, so a server that stalled (a failover's ``CLIENT PAUSE WRITE`
 long ``DEBUG SLEEP``) or that the trainer itself could not reach for a while never
 gets healthy ranks named dead. The wait rides out a lost connection until its
 timeout.
+
+``max_lag=K`` (with ``sync=False``) bounds the policy lag instead: the push returns
+at once while every targeted rank runs a version at most K behind the one just
+committed, and otherwise waits, like a sync push, until the laggards catch up
+(``sync=True`` is ``max_lag=0``). Each push is timed by phase (``reports.py``): the
+report goes to ``last_push``, to the post-hooks that ask for it and to the
+Prometheus metrics (``metrics.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -29,7 +37,9 @@ from .codec import Encoded, Encoder
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
 from .health import ensure_server, explain_lost_connection
 from .manifest import DEFAULT_CHUNK_SIZE
+from .metrics import TrainerMetrics
 from .ranks import DeathWatch, RankState, observe_rank_states, read_rank_states
+from .reports import PhaseClock, PushReport, call_hook
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
 from .uploader import SLOTS, BackgroundUploader
@@ -59,11 +69,12 @@ _POLL_WITHOUT_ACKS = 0.05  # seconds between MGETs while the acks subscription i
 
 @dataclass(frozen=True)
 class _Upload:
-    """One version to upload: its number, its encoded chunks, the ranks it marks pending."""
+    """One version to upload: its number, its encoded chunks, the ranks it marks pending, its clock."""
 
     version: int
     encoded: Encoded
     ranks: list[int]
+    clock: PhaseClock = field(default_factory=PhaseClock)
 
 
 class RedisWeightUpdater(WeightUpdaterBase):
@@ -74,7 +85,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
         policy_weights: what ``update_weights()`` pushes: an ``nn.Module``, a
             TensorDict or a dict of tensors (read live at each push).
         num_workers: ranks are ``1..num_workers``.
-        sync: wait for every targeted rank's ack (True) or return after the commit.
+        sync: wait for every targeted rank's ack (True) or return after the commit
+            (False, see ``max_lag``).
 
     Keyword Args:
         timeout: seconds a sync push (or ``wait()``) waits for acks.
@@ -90,6 +102,11 @@ class RedisWeightUpdater(WeightUpdaterBase):
             ``version`` is then the version the last push *will* commit; ``flush()``
             waits for the commit, ``wait()`` for the commit and the acks; an upload
             error is raised by the next push, ``flush()`` or ``wait()``.
+        max_lag: (with ``sync=False``) bound the policy lag: a push returns at once
+            while every targeted rank runs a version at most ``max_lag`` behind the
+            one it committed, else waits (up to ``timeout``, failing like a sync push
+            and naming the laggards) until they catch up. None: no bound.
+            ``sync=True`` behaves as ``max_lag=0``.
     """
 
     def __init__(
@@ -106,6 +123,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         metadata: Mapping[str, str] | None = None,
         check_server: bool = True,
         background: bool = False,
+        max_lag: int | None = None,
     ) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigurationError(f"num_workers must be a positive integer, got {num_workers!r}")
@@ -115,10 +133,18 @@ class RedisWeightUpdater(WeightUpdaterBase):
             raise ConfigurationError("retention must be at least 1")
         if background and sync:
             raise ConfigurationError("background=True needs sync=False (a sync push waits for the acks anyway)")
+        if max_lag is not None:
+            if not isinstance(max_lag, int) or isinstance(max_lag, bool) or max_lag < 0:
+                raise ConfigurationError(f"max_lag must be a non-negative integer or None, got {max_lag!r}")
+            if sync and max_lag:
+                raise ConfigurationError(f"max_lag={max_lag} needs sync=False (sync=True is max_lag=0)")
+            if background:
+                raise ConfigurationError("max_lag needs background=False (a background push returns before its commit)")
         self.store = as_store(store)
         self.policy_weights = policy_weights
         self.num_workers = num_workers
         self.sync = sync
+        self.max_lag = max_lag
         self.timeout = timeout
         self.retention = retention
         self.pending_ttl = pending_ttl
@@ -135,6 +161,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._last_ranks: list[int] = []
         self._deaths = DeathWatch()
         self.version = 0
+        self.last_push: PushReport | None = None  # the report of the last push (``reports.PushReport``)
+        self._metrics = TrainerMetrics(self.keyspace.namespace)
         self._producer = producer_id()
         if check_server:
             ensure_server(self.store.deployment, self.keyspace, chunk_size=chunk_size)
@@ -150,15 +178,45 @@ class RedisWeightUpdater(WeightUpdaterBase):
 
     def _sync_weights_with_worker(self, *, worker_id: list[int], server_weights: Any) -> None:
         ranks = worker_id  # validated once, by ``push_weights``
+        clock = PhaseClock(self._metrics.phase)
         try:
-            if self.background:
-                self._submit(server_weights, ranks)
-                return
-            self._publish(server_weights, ranks)
-        except redis.exceptions.RedisError as exc:  # subscribe or allocate; ``_upload`` raises its own PushError
-            raise self._redis_failure(exc, None, "the new version was not committed") from exc
-        if self.sync and ranks:
-            self._collect_acks(self.version, ranks, self.timeout)
+            with self._counting_failures():
+                try:
+                    if self.background:
+                        self._submit(server_weights, ranks, clock)
+                    else:
+                        self._publish(server_weights, ranks, clock)
+                except redis.exceptions.RedisError as exc:  # subscribe or allocate; ``_upload`` raises a PushError
+                    raise self._redis_failure(exc, None, "the new version was not committed") from exc
+                bound = self.lag_bound
+                if bound is not None and ranks:
+                    with clock.phase("acks"):
+                        self._collect_acks(self.version, ranks, self.timeout, max_lag=bound)
+        finally:  # a failed push blocked its caller too
+            self._metrics.pushed(sum(clock.seconds.values()))
+        written = 0 if self.background else clock.bytes  # a background upload is still running
+        self.last_push = PushReport(self.version, tuple(ranks), clock.total_bytes, written, dict(clock.seconds),
+                                    self.sync, self.lag_bound, self.background)  # fmt: skip
+
+    @property
+    def lag_bound(self) -> int | None:
+        """How far behind a push lets the ranks run: 0 when ``sync``, else ``max_lag`` (None: no bound)."""
+        return 0 if self.sync else self.max_lag
+
+    def _call_post_hooks(self) -> None:
+        """Run the post-hooks: ``hook()``, or ``hook(report=last_push)`` for a hook that declares ``report``."""
+        for hook in self.post_hooks:
+            call_hook(hook, report=self.last_push)
+
+    @contextlib.contextmanager
+    def _counting_failures(self) -> Iterator[None]:
+        """Count a failed push in the metrics by kind (a background upload's failure was counted on its thread)."""
+        try:
+            yield
+        except (PushError, BackgroundUploadError) as exc:
+            if not isinstance(exc, BackgroundUploadError):
+                self._metrics.failed(exc)
+            raise
 
     def _redis_failure(
         self, exc: redis.exceptions.RedisError, version: int | None, what: str, *, uploading: bool = False
@@ -186,13 +244,15 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return PushError(message, version=self.version if version is None else version)
 
     # -- the push -----------------------------------------------------------------------
-    def _publish(self, weights: Any, ranks: list[int]) -> int:
+    def _publish(self, weights: Any, ranks: list[int], clock: PhaseClock) -> int:
         """Encode, upload and commit one version for ``ranks``; returns it."""
-        encoded = self._encoder.encode(weights, metadata=self.metadata)
-        if self.sync:
+        with clock.phase("encode"):
+            encoded = self._encoder.encode(weights, metadata=self.metadata)
+        clock.total_bytes = encoded.total_bytes
+        if self.lag_bound is not None:
             self._acks.open()  # before the commit: no ack can slip past
         version = self._allocate()
-        self._upload(_Upload(version, encoded, ranks))
+        self._upload(_Upload(version, encoded, ranks, clock))
         self.version = version
         self._last_ranks = ranks
         return version
@@ -219,10 +279,12 @@ class RedisWeightUpdater(WeightUpdaterBase):
         started = time.perf_counter()
         committing = False
         try:
-            self.registry.write_stream(job.version, job.encoded.stream(), self.pending_ttl)
+            with job.clock.phase("upload"):
+                self.registry.write_stream(job.version, job.encoded.stream(), self.pending_ttl)
             manifest = job.encoded.manifest(job.version, created=time.time(), producer=self._producer)
             committing = True
-            self.registry.commit(manifest, job.ranks)
+            with job.clock.phase("commit"):
+                self.registry.commit(manifest, job.ranks)
         except _LOST as exc:  # Redis is gone; the commit script may or may not have run
             what = "its commit could not be confirmed" if committing else "the new version was not committed"
             raise self._redis_failure(exc, job.version, what, uploading=not committing) from exc
@@ -237,6 +299,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks,
             (time.perf_counter() - started) * 1000,
         )  # fmt: skip
+        job.clock.bytes = manifest.total_bytes  # every chunk of the version is written
+        self._metrics.committed(job.version, manifest.total_bytes)
         try:
             self.registry.gc(self.retention)
         except redis.exceptions.RedisError as exc:  # retention is housekeeping: never fail a push
@@ -252,20 +316,34 @@ class RedisWeightUpdater(WeightUpdaterBase):
                         job.version, exc, self.pending_ttl)  # fmt: skip
             return False
 
-    def _submit(self, weights: Any, ranks: list[int]) -> None:
+    def _submit(self, weights: Any, ranks: list[int], clock: PhaseClock) -> None:
         """Background push: snapshot into a free staging buffer, queue the upload, return."""
         if self._uploader is None:
-            self._uploader = BackgroundUploader(self._upload, name=f"redis-weights-upload-{self.keyspace.namespace}")
+            self._uploader = BackgroundUploader(self._background_upload,
+                                                name=f"redis-weights-upload-{self.keyspace.namespace}")  # fmt: skip
         self._uploader.raise_error()
         self._acks.open()  # before any commit: wait() cannot miss an ack
         version = self._allocate()
 
         def prepare(slot: int) -> _Upload:
-            return _Upload(version, self._slots[slot].encode(weights, snapshot=True, metadata=self.metadata), ranks)
+            with clock.phase("encode"):
+                encoded = self._slots[slot].encode(weights, snapshot=True, metadata=self.metadata)
+            clock.total_bytes = encoded.total_bytes
+            return _Upload(version, encoded, ranks, clock)
 
+        superseded = self._uploader.superseded
         self._uploader.submit(prepare)
+        self._metrics.superseded(self._uploader.superseded - superseded)
         self.version = version
         self._last_ranks = ranks
+
+    def _background_upload(self, job: _Upload) -> None:
+        """``_upload`` on the upload thread; a failure is counted there, where it happens."""
+        try:
+            self._upload(job)
+        except Exception as exc:
+            self._metrics.failed(exc)
+            raise
 
     def flush(self, timeout: float | None = None) -> None:
         """Background mode: wait until the last push is committed; raise an upload error
@@ -284,21 +362,25 @@ class RedisWeightUpdater(WeightUpdaterBase):
         deadline = time.monotonic() + timeout
         self.flush(timeout)
         if self.version and self._last_ranks:
-            self._collect_acks(self.version, self._last_ranks, max(0.0, deadline - time.monotonic()))
+            with self._counting_failures():
+                self._collect_acks(self.version, self._last_ranks, max(0.0, deadline - time.monotonic()))
 
     def workers(self, ranks: WorkerIds = None) -> list[RankState]:
         """Status, applied version and heartbeat of every (or the given) rank."""
         return read_rank_states(self.store.client, self.keyspace, self._normalize_worker_ids(ranks))
 
     # -- acks ---------------------------------------------------------------------------
-    def _collect_acks(self, version: int, ranks: list[int], timeout: float) -> None:
+    def _collect_acks(self, version: int, ranks: list[int], timeout: float, *, max_lag: int = 0) -> None:
         """``_wait_for_acks``, with a Redis error raised as a ``PushError``."""
         try:
-            self._wait_for_acks(version, ranks, timeout)
+            self._wait_for_acks(version, ranks, timeout, max_lag)
         except redis.exceptions.RedisError as exc:
             raise self._redis_failure(exc, version, "while waiting for the acks") from exc
 
-    def _wait_for_acks(self, version: int, ranks: list[int], timeout: float) -> None:
+    def _wait_for_acks(self, version: int, ranks: list[int], timeout: float, max_lag: int = 0) -> None:
+        """Until every rank acked ``version`` (``max_lag=0``) or runs at least ``version - max_lag``."""
+        if version - max_lag <= 0:
+            return  # nothing committed is that far behind
         deadline = time.monotonic() + timeout
         self._acks.open()  # before the first MGET, so an ack in between still wakes us
         self._deaths.start()
@@ -315,13 +397,17 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 time.sleep(min(remaining, _RECONNECT_PAUSE))
                 continue
             remaining = deadline - time.monotonic()
-            waiting = [s for s in states if not s.has_applied(version)]
+            if max_lag:
+                waiting = [s for s in states if s.version < version - max_lag]
+            else:
+                waiting = [s for s in states if not s.has_applied(version)]
             if not waiting:
                 return
             errors = {s.rank: s.status for s in waiting if s.error}
             dead = self._deaths.dead(waiting, seconds)
             if errors or dead or remaining <= 0:
-                raise self._push_failure(version, waiting, errors, dead, timed_out=remaining <= 0, timeout=timeout)
+                raise self._push_failure(version, waiting, errors, dead, timed_out=remaining <= 0, timeout=timeout,
+                                         max_lag=max_lag)  # fmt: skip
             self._acks.messages(min(remaining, _LIVENESS_CHECK))  # a hint: the next MGET decides
 
     @staticmethod
@@ -333,6 +419,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         *,
         timed_out: bool,
         timeout: float,
+        max_lag: int = 0,
     ) -> PushError:
         parts = []
         for s in waiting:
@@ -349,6 +436,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 parts.append(f"rank {s.rank} lags (status {s.status!r}, applied version {s.version})")
         lagging = [s.rank for s in waiting if s.rank not in errors and s.rank not in dead]
         reason = f"no ack within {timeout:g}s" if timed_out and not (errors or dead) else "failed"
+        if max_lag:
+            reason += f" (ranks must run version {version - max_lag} or newer: max_lag={max_lag})"
         message = f"push of version {version} {reason}: " + "; ".join(parts)
         cls = PushTimeoutError if timed_out and not (errors or dead) else PushError
         clean_errors = {r: e for r, e in errors.items() if e}

@@ -209,6 +209,7 @@ def test_watch_reports_pushes_and_acks(real_store: RedisStore, admin: Admin) -> 
     kinds = [(e.kind, e.version, e.rank) for e in events]
     assert kinds == [("push", v1, None), ("ack", v1, 2)]
     assert events[0].tensors == 4 and events[0].total_bytes and events[1].status == "updated"
+    assert events[1].lag == 0 and events[1].ack_latency is not None and events[1].ack_latency >= 0
 
 
 def test_drop_namespace_deletes_that_namespace_and_nothing_else(fake_redis) -> None:

@@ -210,10 +210,11 @@ def test_a_restarted_worker_takes_over_its_dead_rank(real_store, redis_url: str,
     assert sorted(by_rank) == [1, 2]
     by_rank[1].stop(signal.SIGKILL)  # a crash: rank 1's heartbeat lives on until its TTL runs out
     alive = real_store.keyspace.rank_alive(1)
-    assert real_store.client.pexpire(alive, 8000)  # ...long enough to outlast the new process's start
+    assert real_store.client.persist(alive)  # ...held until the new process has found every rank taken
     restarted = spawn(*worker)
+    restarted.wait_for(r"ranks 1\.\.2 are all held; waiting up to")
+    real_store.client.delete(alive)  # the crashed worker's heartbeat expires
     assert restarted.rank() == 1  # not 3, which the trainer of 2 workers would never wait for
-    assert "ranks 1..2 are all held; waiting up to" in restarted.text()
     assert real_store.client.exists(real_store.keyspace.rank_alive(3)) == 0
 
 

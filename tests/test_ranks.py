@@ -60,7 +60,8 @@ class _Clock:
 
 
 def _state(rank: int, *, alive: bool, ttl: float | None = 1.5) -> ranks.RankState:
-    return ranks.RankState(rank, STATUS_PENDING, 1, True, alive, 0.1 if alive else None, ttl if alive else None)
+    return ranks.RankState(rank, STATUS_PENDING, 1, True, alive, 0.1 if alive else None,
+                           heartbeat_ttl=ttl if alive else None)
 
 
 def test_death_watch_confirms_a_missing_heartbeat_only_after_a_beat_interval_of_prompt_reads():

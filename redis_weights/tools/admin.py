@@ -66,7 +66,11 @@ class VersionRow:
 
 @dataclass(frozen=True)
 class WorkerRow:
-    """One rank as the ``workers`` report shows it."""
+    """One rank as the ``workers`` report shows it.
+
+    ``ack_latency``: seconds from the creation of the version the rank runs to the
+    rank's ack of it (the trainer's and the worker's wall clocks; None when unknown).
+    """
 
     rank: int
     status: str | None
@@ -74,10 +78,12 @@ class WorkerRow:
     lag: int
     heartbeat_age: float | None
     alive: bool
+    ack_latency: float | None = None
 
     @classmethod
-    def from_state(cls, state: RankState, latest: int) -> WorkerRow:
-        return cls(state.rank, state.status, state.version, state.lag(latest), state.heartbeat_age, state.alive)
+    def from_state(cls, state: RankState, latest: int, created: float | None = None) -> WorkerRow:
+        return cls(state.rank, state.status, state.version, state.lag(latest), state.heartbeat_age, state.alive,
+                   ack_latency(state, created))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,9 +101,18 @@ class Event:
     total_bytes: int | None = None
     tensors: int | None = None
     producer: str | None = None
+    lag: int | None = None  # an ack: versions the rank is behind latest
+    ack_latency: float | None = None  # an ack: seconds since the version was created
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def ack_latency(state: RankState, created: float | None) -> float | None:
+    """Seconds from ``created`` (the version the rank runs) to the rank's last ack; None when unknown."""
+    if state.acked_at is None or not created or not state.version:
+        return None
+    return max(0.0, state.acked_at - created)
 
 
 def manifest_dict(manifest: Manifest) -> dict[str, Any]:
@@ -191,9 +206,24 @@ class Admin:
         return read_rank_states(self.client, self.keyspace, self.known_ranks() if ranks is None else ranks)
 
     def workers(self, ranks: list[int] | None = None) -> tuple[int, list[WorkerRow]]:
-        """``(latest, one row per rank)``: status, applied version, lag, heartbeat age, alive."""
+        """``(latest, one row per rank)``: status, applied version, lag, heartbeat age, alive, ack latency."""
         latest = self.registry.latest()
-        return latest, [WorkerRow.from_state(s, latest) for s in self.rank_states(ranks)]
+        states = self.rank_states(ranks)
+        created = self.created_times({s.version for s in states if s.version})
+        return latest, [WorkerRow.from_state(s, latest, created.get(s.version)) for s in states]
+
+    def created_times(self, versions: set[int] | list[int]) -> dict[int, float]:
+        """The ``created`` time of each of ``versions`` still in Redis (one MGET of their manifests)."""
+        wanted = sorted(versions)
+        raws = self.client.mget([self.keyspace.manifest(v) for v in wanted]) if wanted else []
+        created = {}
+        for version, raw in zip(wanted, raws, strict=True):
+            try:
+                if raw is not None:
+                    created[version] = Manifest.from_json(raw).created
+            except CodecError:
+                continue
+        return created
 
     def versions(self) -> list[VersionRow]:
         """One row per committed version, oldest first, with the ranks that run it."""
@@ -264,8 +294,10 @@ class Admin:
         if rank is None or acked is None:
             log.debug("ignoring message %r on %s", data, channel)
             return None
-        states = read_rank_states(self.client, self.keyspace, [rank])
-        return Event("ack", acked, now, rank=rank, status=states[0].status)
+        state = read_rank_states(self.client, self.keyspace, [rank])[0]
+        latency = ack_latency(state, self.created_times([state.version]).get(state.version))
+        return Event("ack", acked, now, rank=rank, status=state.status, lag=state.lag(self.registry.latest()),
+                     ack_latency=latency)  # fmt: skip
 
     # -- files ----------------------------------------------------------------------------
     def export(self, spec: str | int, path: str | os.PathLike[str]) -> Manifest:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from ...manifest import DEFAULT_CHUNK_SIZE
 from ..admin import Admin
+from ..exporter import DEFAULT_PORT as DEFAULT_EXPORTER_PORT
 from .args import (
     DEFAULT_WORKERS,
     ENV_WORKERS,
@@ -32,6 +33,7 @@ from .commands import (
     cmd_demo,
     cmd_doctor,
     cmd_export,
+    cmd_exporter,
     cmd_gc,
     cmd_import,
     cmd_rollback,
@@ -85,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("doctor", cmd_doctor, "check the server's settings; exit code 3 when something is unsafe")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--chunk-size", type=chunk_size, default=DEFAULT_CHUNK_SIZE, help="the chunk size you push with")
+    p = add("exporter", cmd_exporter, "serve the fleet's metrics (versions, per-rank lag and liveness) to Prometheus")
+    p.add_argument("--port", type=non_negative_int, default=DEFAULT_EXPORTER_PORT,
+                   help=f"HTTP port of /metrics (default {DEFAULT_EXPORTER_PORT})")
+    p.add_argument("--address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p = add("demo", cmd_demo, "a trainer and N worker processes with a live view (private server unless --url)")
     p.add_argument("--workers", type=positive_int, default=None,
                    help=f"worker processes / ranks 1..N; a worker without --rank claims one of them "
@@ -98,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all: the whole demo here; trainer / worker: one side, against --url (Docker Compose)")
     p.add_argument("--rank", type=positive_int, default=None,
                    help="worker role: the rank (default: the lowest free one of 1..--workers)")
+    p.add_argument("--metrics-port", type=non_negative_int, default=None,
+                   help="trainer / worker role: serve its Prometheus metrics on this port (needs the metrics extra)")
     p.add_argument("--json-lines", action="store_true", help=argparse.SUPPRESS)  # the local demo's children
     return parser
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
+from ...deployment import redacted
 from ...errors import RedisWeightsError
 from ...health import UNSAFE, check_server, worst
-from ...units import human_age, human_bytes, utc_time
-from ...deployment import redacted
+from ...units import human_age, human_bytes, human_seconds, utc_time
+from .. import exporter
 from ..admin import Admin, manifest_dict
 from .args import key_value, workers_from_environment
 from .guard import EXIT_UNSAFE
@@ -66,9 +69,9 @@ def cmd_workers(admin: Admin, args: argparse.Namespace) -> int:
     if not rows:
         print(f"namespace {admin.keyspace.namespace!r}: no worker has joined (latest version {latest})")
         return 0
-    table = [(r.rank, r.status or "-", r.version, r.lag, human_age(r.heartbeat_age), "alive" if r.alive else "DEAD")
-             for r in rows]  # fmt: skip
-    print_table(["rank", "status", "applied", "lag", "heartbeat", "state"], table,
+    table = [(r.rank, r.status or "-", r.version, r.lag, human_seconds(r.ack_latency), human_age(r.heartbeat_age),
+              "alive" if r.alive else "DEAD") for r in rows]  # fmt: skip
+    print_table(["rank", "status", "applied", "lag", "ack latency", "heartbeat", "state"], table,
                 title=f"namespace {admin.keyspace.namespace!r}, latest version {latest}")  # fmt: skip
     return 0
 
@@ -118,7 +121,8 @@ def cmd_watch(admin: Admin, args: argparse.Namespace) -> int:
             size = f"{human_bytes(event.total_bytes)}, {event.tensors} tensors" if event.total_bytes else "(gone)"
             print(f"{utc_time(event.time)}  push  v{event.version}  {size}  by {event.producer or '-'}", flush=True)
         else:
-            print(f"{utc_time(event.time)}  ack   v{event.version}  rank {event.rank}: {event.status}", flush=True)
+            print(f"{utc_time(event.time)}  ack   v{event.version}  rank {event.rank}: {event.status}  "
+                  f"lag {event.lag}  ack latency {human_seconds(event.ack_latency)}", flush=True)  # fmt: skip
         seen += 1
         if args.count and seen >= args.count:
             break
@@ -144,6 +148,19 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
     return EXIT_UNSAFE if verdict == UNSAFE else 0
 
 
+def cmd_exporter(admin: Admin, args: argparse.Namespace) -> int:
+    server = exporter.serve(admin, args.port, args.address)
+    print(f"serving the fleet metrics of namespace {admin.keyspace.namespace!r} on "
+          f"http://{args.address}:{server.server_port}/metrics (Ctrl-C to stop)", flush=True)  # fmt: skip
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        server.shutdown()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .. import demo  # imports torch: only this command needs it
     from ..demo import roles
@@ -151,10 +168,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workers = args.workers or workers_from_environment()
     if args.role == "worker":
         return roles.run_worker(args.url, args.namespace_given or roles.ROLE_NAMESPACE, args.rank, args.size_mb,
-                                workers=workers, json_lines=args.json_lines)  # fmt: skip
+                                workers=workers, json_lines=args.json_lines,
+                                metrics_port=args.metrics_port)  # fmt: skip
     if args.role == "trainer":
         return roles.run_trainer(args.url, args.namespace_given or roles.ROLE_NAMESPACE, workers, args.size_mb,
-                                 args.versions, args.interval, args.timeout)  # fmt: skip
+                                 args.versions, args.interval, args.timeout,
+                                 metrics_port=args.metrics_port)  # fmt: skip
+    if args.metrics_port is not None:
+        raise RedisWeightsError("--metrics-port is for --role trainer / worker (one process per port)")
     if args.versions < 1:
         raise RedisWeightsError("--versions must be at least 1 (0, forever, is for --role trainer)")
     options = demo.DemoOptions(

@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import IO, Any
 
-
+from ... import metrics
 from ...ranks import claim_rank
 from ...receiver import RedisWeightReceiver
 from ...store import RedisStore, StoreTimeoutError
@@ -33,16 +33,19 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(url: str, namespace: str, rank: int | None, size_mb: float, *, workers: int = 4,
-               json_lines: bool = False, out: IO[str] | None = None) -> int:  # fmt: skip
+               json_lines: bool = False, out: IO[str] | None = None,
+               metrics_port: int | None = None) -> int:  # fmt: skip
     """One demo worker: keep a zero-initialised model in step until SIGTERM/SIGINT (or stdin EOF with ``json_lines``).
 
     Without ``rank`` it claims the lowest free rank of 1..``workers`` (see ``claim_rank``).
 
     ``json_lines``: the protocol of the local demo's children (``{"ready"}``, then
     ``{"version", "digest"}`` per applied version on stdout); else one readable
-    line per applied version.
+    line per applied version. ``metrics_port``: serve the worker's Prometheus metrics there.
     """
     out = out or sys.stdout
+    if metrics_port is not None:
+        metrics.serve(metrics_port)
     weights = demo_weights(size_mb, seed=None)  # slow first imports happen here, not while a claimed rank is held
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -79,13 +82,16 @@ def _stop_on_eof(stop: threading.Event) -> None:
     stop.set()
 
 def run_trainer(url: str, namespace: str, workers: int, size_mb: float, versions: int, interval: float,
-                timeout: float, out: IO[str] | None = None) -> int:  # fmt: skip
+                timeout: float, out: IO[str] | None = None, metrics_port: int | None = None) -> int:  # fmt: skip
     """A demo trainer on its own: push ``versions`` versions (0: forever) to ranks 1..workers, sync.
 
     A push that misses acks is reported and the next one goes on (workers may come
-    and go); returns 1 if any push failed.
+    and go); returns 1 if any push failed. ``metrics_port``: serve the trainer's
+    Prometheus metrics there.
     """
     out = out or sys.stdout
+    if metrics_port is not None:
+        metrics.serve(metrics_port)
     weights = demo_weights(size_mb, seed=1)
     failures = 0
     with RedisWeightUpdater(RedisStore.from_url(url, namespace), weights, num_workers=workers, sync=True,
