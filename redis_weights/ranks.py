@@ -163,8 +163,6 @@ def observe_rank_states(client: redis.Redis, keyspace: Keys, ranks: Sequence[int
 
 def _read(client: redis.Redis, keyspace: Keys, ranks: Sequence[int], *, probe: bool) -> list[RankState]:
     if not ranks:
-        if probe:
-            client.pexpire(keyspace.stall_probe, 1)
         return []
     names = []
     for r in ranks:
@@ -175,7 +173,14 @@ def _read(client: redis.Redis, keyspace: Keys, ranks: Sequence[int], *, probe: b
     pipe.mget(names)
     for r in ranks:
         pipe.pttl(keyspace.rank_alive(r))
-    replies = pipe.execute()[1:] if probe else pipe.execute()
+    replies = pipe.execute(raise_on_error=False)
+    if probe:  # refused (a user without PEXPIRE): the read still counts, only a paused write goes unseen
+        if isinstance(replies[0], redis.exceptions.ResponseError):
+            log.debug("stall probe refused: %s", replies[0])
+        replies = replies[1:]
+    failed = next((r for r in replies if isinstance(r, Exception)), None)
+    if failed is not None:
+        raise failed
     values, remaining = replies[0], replies[1:]
     states = []
     for i, rank in enumerate(ranks):

@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TTL = ranks.DEFAULT_HEARTBEAT_TTL
-_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _WAKE_SLICE = 0.2  # the background loop checks for stop() this often
 _FETCH_ATTEMPTS = 3  # a version garbage-collected mid-read: retry from latest
 
@@ -239,7 +238,7 @@ class RedisWeightReceiver:
         about a connection Redis cut in the middle of a fetch."""
         text = str(exc) if isinstance(exc, (redis.exceptions.RedisError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
         text = text.removeprefix(f"version {self._repeats.subject}: ")
-        if isinstance(exc, _LOST):
+        if isinstance(exc, redis.exceptions.ConnectionError):  # cut, not timed out: maybe a server limit
             hint = explain_lost_connection(self.store.client, reading=True)
             if hint:
                 text += f"; {hint}"

@@ -229,8 +229,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
         Redis still answers, the message names the limit instead of "unreachable"."""
         push = "push" if version is None else f"push of version {version}"
         where = self.store.deployment.describe()
-        cause = explain_lost_connection(self.store.client, reading=False, chunk_size=self.chunk_size) if (
-            uploading and isinstance(exc, _LOST)) else None  # fmt: skip
+        cut = uploading and isinstance(exc, redis.exceptions.ConnectionError)  # a timeout is a hung server: no limit
+        cause = explain_lost_connection(self.store.client, reading=False, chunk_size=self.chunk_size) if cut else None
         if cause is not None:
             message = f"{push} failed: Redis at {where} cut the connection while the chunks were sent ({exc}): " \
                       f"{cause}; {what}"
@@ -384,6 +384,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         deadline = time.monotonic() + timeout
         self._acks.open()  # before the first MGET, so an ack in between still wakes us
         self._deaths.start()
+        unreachable = False
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -391,8 +392,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
             except _LOST as exc:  # the trainer cannot reach Redis: a stall for every rank, not their death
                 if remaining <= 0:
                     raise
-                log.warning("push of version %d: Redis is unreachable while waiting for the acks (%s); "
-                            "retrying for up to %.0fs", version, exc, remaining)  # fmt: skip
+                if not unreachable:
+                    log.warning("push of version %d: Redis is unreachable while waiting for the acks (%s); "
+                                "retrying for up to %.0fs", version, exc, remaining)  # fmt: skip
+                unreachable = True
                 self._deaths.stalled()
                 time.sleep(min(remaining, _RECONNECT_PAUSE))
                 continue
@@ -404,7 +407,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             if not waiting:
                 return
             errors = {s.rank: s.status for s in waiting if s.error}
-            dead = self._deaths.dead(waiting, seconds)
+            behind = {s.rank for s in waiting}
+            dead = [r for r in self._deaths.dead(states, seconds) if r in behind]  # every state teaches a TTL
             if errors or dead or remaining <= 0:
                 raise self._push_failure(version, waiting, errors, dead, timed_out=remaining <= 0, timeout=timeout,
                                          max_lag=max_lag)  # fmt: skip
