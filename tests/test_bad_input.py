@@ -158,6 +158,7 @@ def test_a_corrupted_version_is_refused_whole_and_the_next_one_applies(pair, cor
     status = updater.workers()[0].status
     assert status == receiver.last_error
     assert status.startswith(f"error: version {bad}: ") and reason in status, status
+    assert status.count(f"version {bad}:") == 1, f"the version is named once: {status}"
     assert receiver.poll() is None  # refused once, not re-fetched on every poll
 
     perturb(trainer_model, 12)

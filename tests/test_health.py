@@ -34,8 +34,10 @@ def test_default_test_server_is_safe(redis_url: str, namespace: str) -> None:
         findings = _by_check(check_server(client, Keys(namespace)))
     finally:
         client.close()
-    assert set(findings) == {"version", "maxmemory-policy", "proto-max-bulk-len", "persistence", "acl"}
+    assert set(findings) == {"version", "maxmemory-policy", "proto-max-bulk-len", "client-query-buffer-limit",
+                             "client-output-buffer-limit", "persistence", "acl"}
     assert findings["version"].level == OK
+    assert findings["client-query-buffer-limit"].level == findings["client-output-buffer-limit"].level == OK
     assert findings["maxmemory-policy"].level == OK
     assert "noeviction" in findings["maxmemory-policy"].what
     assert findings["proto-max-bulk-len"].level == OK
