@@ -367,7 +367,8 @@ class RedisWeightReceiver:
         self._metrics.refused()
         self._failed_version = version
         self._history_lost = False  # refused once, like any version: not re-fetched at every poll
-        reason = reason.removeprefix(f"version {version}: ")  # some causes name the version already
+        # some causes name the version already: name it once
+        reason = reason.removeprefix(f"version {version}: ").replace(f"manifest of version {version}: ", "manifest: ", 1)
         self.last_error = ranks.error_status(f"version {version}: {reason}")
         log.error("rank %d: refusing version %d, keeping version %d: %s", self.rank, version, self.version, reason)
         self._report(version, self.last_error)

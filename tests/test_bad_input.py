@@ -120,7 +120,7 @@ CORRUPTIONS = {
     "truncated chunk": (_truncate, "of chunk 0 does not match its id"),
     "missing chunk": (_delete_chunk, "of chunk 0 is missing from Redis"),
     "manifest of another version": (
-        lambda u, v: _set_manifest(u, u.store.client.get(u.keyspace.manifest(v - 1))), f"says it is version"
+        lambda u, v: _set_manifest(u, u.store.client.get(u.keyspace.manifest(v - 1))), "says it is version"
     ),
     "manifest of the previous format": (
         lambda u, v: _set_manifest(u, json.dumps({"format": "redis_weights/1", "version": v}).encode()),
