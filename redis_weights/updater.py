@@ -33,7 +33,7 @@ from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTi
 from .health import ensure_server
 from .manifest import DEFAULT_CHUNK_SIZE
 from .metrics import TrainerMetrics
-from .ranks import RankState, read_rank_states
+from .ranks import RankState, check_worker_count, read_rank_states
 from .reports import PhaseClock, PushReport, call_hook
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
@@ -112,8 +112,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         background: bool = False,
         max_lag: int | None = None,
     ) -> None:
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise ConfigurationError(f"num_workers must be a positive integer, got {num_workers!r}")
+        check_worker_count(num_workers)
         if timeout <= 0:
             raise ConfigurationError("timeout must be positive")
         if retention < 1:
