@@ -48,6 +48,10 @@ class IntegrityError(CodecError):
     """A chunk whose checksum or size does not match the manifest (corrupted or truncated)."""
 
 
+class LegacyFormatError(CodecError):
+    """A version written by an older release in a format this one does not read (see the message)."""
+
+
 class VersionNotFoundError(RedisWeightsError, KeyError):
     """A version (or one of its chunks) is not in Redis: never committed, or garbage-collected."""
 

@@ -1,8 +1,13 @@
 """Every Redis key and channel name, built in one place from the namespace.
 
-All names share the prefix ``rw:{<namespace>}:``. The braces are a Redis Cluster
-hash tag: every key of a namespace lives in one slot, so the commit script and
-MULTI/EXEC may touch them together.
+Control keys (latest, versions, manifests, ranks, GC bookkeeping) share the prefix
+``rw:{<namespace>}:``. The braces are a Redis Cluster hash tag: every control key
+of a namespace lives in one slot, so the commit script may touch them together.
+
+Chunks (and patches) are content-addressed: ``rw:<namespace>:c:{<id>}``. Their hash
+tag is their own id, so a Cluster spreads them over its masters; the namespace is
+in the name, so each namespace has its own chunk store and GC. An ACL user needs
+both patterns (``acl_key_patterns``).
 
 ``RedisStore`` addresses keys *relative* to that prefix (``"latest"``,
 ``"rank:1:status"``); the library itself uses the full names below.
@@ -14,14 +19,16 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "policy"
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-_CHUNK_RE = re.compile(r"^v:\d+:c:\d+$")
-_RANK_VERSION_RE = re.compile(r"^rank:(\d+):version$")
+# Matched with ``fullmatch``: ``$`` also matches before a trailing newline.
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+_LEGACY_CHUNK_RE = re.compile(r"v:[0-9]+:c:[0-9]+")
+_CHUNK_ID_RE = re.compile(r"[0-9a-f]{32}")
+_RANK_VERSION_RE = re.compile(r"rank:([0-9]{1,18}):version")
 
 
 def validate_namespace(namespace: str) -> str:
     """Refuse names that would break the hash tag or key parsing (braces, colons, spaces)."""
-    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
         raise ValueError(
             f"invalid namespace {namespace!r}: use 1-128 characters from [A-Za-z0-9_.-]"
         )
@@ -67,8 +74,18 @@ class Keys:
 
     @staticmethod
     def is_blob(relative: str) -> bool:
-        """Whether a relative name is a weight chunk (binary, not text)."""
-        return bool(_CHUNK_RE.match(relative))
+        """Whether a relative name is a weight chunk of the old per-version layout (binary, not text)."""
+        return bool(_LEGACY_CHUNK_RE.fullmatch(relative))
+
+    @property
+    def patterns(self) -> list[str]:
+        """SCAN patterns that together match every key of the namespace: control keys and chunks."""
+        return [self.pattern, self.chunk_pattern]
+
+    @property
+    def acl_key_patterns(self) -> list[str]:
+        """The ACL key patterns (``~...``) a user of this namespace needs."""
+        return [self.acl_pattern, f"rw:{self.namespace}:c:*"]
 
     # -- versions ---------------------------------------------------------------------
     @property
@@ -89,15 +106,48 @@ class Keys:
     def manifest(self, version: int) -> str:
         return self.full(f"v:{version}:manifest")
 
-    def chunk(self, version: int, index: int) -> str:
-        return self.full(f"v:{version}:c:{index}")
-
-    def chunks(self, version: int, count: int) -> list[str]:
-        return [self.chunk(version, i) for i in range(count)]
-
-    def chunk_pattern(self, version: int) -> str:
-        """SCAN pattern matching every chunk of ``version`` (finds them without a manifest)."""
+    def legacy_chunks_pattern(self, version: int) -> str:
+        """SCAN pattern of the chunks of ``version`` in the old per-version layout (deleted with it)."""
         return self._glob(f"v:{version}:c:*")
+
+    # -- content-addressed chunks and patches -------------------------------------------
+    def chunk(self, chunk_id: str) -> str:
+        """String (bytes): the chunk or patch whose xxh3-128 digest is ``chunk_id``; no TTL."""
+        if not _CHUNK_ID_RE.fullmatch(chunk_id):
+            raise ValueError(f"invalid chunk id {chunk_id!r}: 32 hex digits expected")
+        return f"rw:{self.namespace}:c:{{{chunk_id}}}"
+
+    @property
+    def chunk_pattern(self) -> str:
+        """SCAN pattern matching every chunk and patch of the namespace."""
+        return f"rw:{self.namespace}:c:*"
+
+    def chunk_id_of(self, full: str | bytes) -> str | None:
+        """The id in a chunk key name, None for any other name."""
+        name = full.decode() if isinstance(full, bytes) else full
+        head = f"rw:{self.namespace}:c:{{"
+        if name.startswith(head) and name.endswith("}") and _CHUNK_ID_RE.fullmatch(name[len(head) : -1]):
+            return name[len(head) : -1]
+        return None
+
+    # -- garbage collection -------------------------------------------------------------
+    def pending(self, token: str) -> str:
+        """String with a TTL: the objects an uncommitted push relies on (GC spares them)."""
+        return self.full(f"pending:{token}")
+
+    @property
+    def pending_pattern(self) -> str:
+        return self._glob("pending:*")
+
+    @property
+    def gc_epoch(self) -> str:
+        """String (int): bumped by every GC when it starts and ends; a commit checks it."""
+        return self.full("gc:epoch")
+
+    @property
+    def gc_lease(self) -> str:
+        """String with a TTL: held by the GC that is marking or sweeping."""
+        return self.full("gc:lease")
 
     # -- ranks ------------------------------------------------------------------------
     def rank_status(self, rank: int) -> str:
@@ -123,14 +173,19 @@ class Keys:
 
     def rank_of(self, full: str | bytes) -> int | None:
         """The rank of a ``rank:<r>:version`` key name, None for any other key."""
-        match = _RANK_VERSION_RE.match(self.relative(full))
-        return int(match.group(1)) if match else None
+        match = _RANK_VERSION_RE.fullmatch(self.relative(full))
+        return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
 
     # -- admin ------------------------------------------------------------------------
     @property
     def probe(self) -> str:
         """Short-lived key that ``health`` writes to test the user's rights (expires by itself)."""
         return self.full("doctor:probe")
+
+    @property
+    def stall_probe(self) -> str:
+        """A key that never exists: the trainer's write probe PEXPIREs it to time a server stall (``ranks``)."""
+        return self.full("stall-probe")
 
     # -- pub/sub ----------------------------------------------------------------------
     @property

@@ -5,10 +5,18 @@ buffer drops messages). The truth is the ``latest`` key, read on every wake-up a
 at least every ``poll_interval`` seconds, so a worker that missed messages or
 joined late catches up by itself.
 
-A version is applied only when all of it has been fetched, every chunk checksum
-matches and every key, shape and dtype fits the policy; then the bytes are copied
-into the live tensors (same objects, same ``data_ptr``). Any failure leaves the
-old weights whole and sets the rank's status to ``"error: <reason>"``.
+A version is applied only when every key, shape and dtype fits the policy (checked
+before anything is fetched) and all of its chunks are in the receive buffer, each
+verified against its id: chunks the buffer already holds are not downloaded again,
+patched chunks are rebuilt in place from the previous ones (``assemble.py``). Then
+the tensors whose chunks changed are copied into the live tensors (same objects,
+same ``data_ptr``). Any failure leaves the old weights whole and sets the rank's
+status to ``"error: <reason>"``; so does a fetch that keeps failing (``failures.py``),
+whose attempts are spaced out meanwhile.
+
+The heartbeat has a thread of its own from construction to ``close()``, whether the
+versions are applied by ``start()``'s thread or by the caller's ``poll()``/``wait()``:
+a rank is alive as long as its process is, however long a fetch or an apply takes.
 
 Each apply is timed (fetch, apply: ``reports.ApplyReport`` in ``last_apply``, to the
 post-hooks that declare ``report``, and to the Prometheus metrics); ``lag`` is how
@@ -22,25 +30,29 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
 
 from . import ranks
+from .assemble import MissingObjectError, assemble
 from .bulkread import receive_buffer
-from .codec import apply_chunks, check_compatible, flatten_weights
+from .codec import check_compatible, check_header, copy_tensors, flatten_weights, tensors_in_chunks
 from .errors import (
     ApplyError,
     CodecError,
     ConfigurationError,
     ReceiveTimeoutError,
+    RedisWeightsError,
     VersionNotFoundError,
     WeightMismatchError,
 )
-from .health import ensure_server
+from .failures import Repeats
+from .health import ensure_server, explain_lost_connection
 from .hostcache import DEFAULT_DIRECTORY, HostCache
-from .manifest import Buffer, Manifest
+from .manifest import Buffer, Manifest, TensorEntry, manifest_limit
 from .metrics import WorkerMetrics
 from .reports import ApplyReport, PhaseClock, call_hook
 from .store import RedisStore, as_store
@@ -50,7 +62,7 @@ from .versions import VersionRegistry
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL = 1.0
-DEFAULT_HEARTBEAT_TTL = 10.0
+DEFAULT_HEARTBEAT_TTL = ranks.DEFAULT_HEARTBEAT_TTL
 _WAKE_SLICE = 0.2  # the background loop checks for stop() this often
 _FETCH_ATTEMPTS = 3  # a version garbage-collected mid-read: retry from latest
 
@@ -65,7 +77,8 @@ class RedisWeightReceiver:
     Keyword Args:
         poll_interval: seconds between reads of ``latest`` when no notification arrives.
         heartbeat_ttl: seconds after its last beat at which a rank counts as dead.
-        allow_cast: accept pushed dtypes that differ from the policy's (cast on copy).
+        allow_cast: accept pushed dtypes that differ from the policy's (cast on copy). A cast
+            the trainer chose (``wire_dtype``) is accepted for floating tensors without it.
         check_server: fail at once with a ``ConfigurationError`` when Redis is
             unreachable, refuses the credentials or is unsafe (False: skip the check).
         host_cache: share each version with the other workers of this host through a
@@ -73,7 +86,9 @@ class RedisWeightReceiver:
             from Redis, the others memory-map it (see ``hostcache.py``).
 
     Chunks are read straight into one receive buffer of the model's size, kept from
-    version to version (or into the shared file), verified, then copied in place.
+    version to version (or into the shared file), verified, then copied in place;
+    only the tensors whose chunks changed since the applied version are copied, so
+    weights modified locally in between are not restored.
     Use ``poll()`` from your own loop, ``wait()`` to block, or ``start()`` for a
     background thread (hold ``receiver.lock`` around code that must not see an
     update half-applied, e.g. one forward pass).
@@ -94,7 +109,9 @@ class RedisWeightReceiver:
         ranks.check_rank(rank)
         if poll_interval <= 0 or heartbeat_ttl <= 0:
             raise ConfigurationError("poll_interval and heartbeat_ttl must be positive")
-        flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill
+        flat = flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill
+        # what a manifest for this policy can be at most: a bigger one is refused before it is downloaded
+        self._max_manifest = manifest_limit(8 * sum(t.numel() for t in flat.values()), len(flat))
         self.store = as_store(store)
         self.rank = rank
         self.policy = policy
@@ -105,6 +122,10 @@ class RedisWeightReceiver:
         self.registry = VersionRegistry(self.store.client, self.keyspace)
         self.host_cache = self._host_cache(host_cache)
         self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
+        self._held: list[str | None] = []  # id of each chunk in the receive buffer (None: unknown)
+        self._held_chunk_size = 0
+        self._fetched_bytes = 0  # bytes this receiver read from Redis, all versions together
+        self._live: tuple[tuple[int, int, tuple[TensorEntry, ...]], list[str]] | None = None  # what the tensors hold
         self.version = 0
         self.latest_seen = 0  # ``latest`` as of the last check of Redis
         self.last_apply: ApplyReport | None = None
@@ -120,14 +141,18 @@ class RedisWeightReceiver:
         self._history_lost = False  # Redis lost this rank's keys: version numbers may repeat
         self._updates = Subscription(self.store.client, [self.keyspace.updates_channel],
                                      what=f"rank {rank}: updates subscription", poll_every=poll_interval)  # fmt: skip
+        self._repeats = Repeats()  # a version whose fetch keeps failing: backoff, then an error status
         self._thread: threading.Thread | None = None
-        self._beater: threading.Thread | None = None
         self._stop = threading.Event()
-        self._last_beat = 0.0
+        self._beating = threading.Event()  # set: the heartbeat thread stops
         if check_server:
             ensure_server(self.store.deployment, self.keyspace)
         ranks.register(self.store.client, self.keyspace, rank, heartbeat_ttl)
-        self._last_beat = time.monotonic()
+        self._beater = threading.Thread(
+            target=_beat_until_closed, args=(weakref.ref(self), self._beating, ranks.beat_interval(heartbeat_ttl)),
+            name=f"redis-weights-beat-{rank}", daemon=True,
+        )  # fmt: skip
+        self._beater.start()
 
     # -- liveness -----------------------------------------------------------------------
     def heartbeat(self) -> None:
@@ -143,7 +168,6 @@ class RedisWeightReceiver:
             log.warning("rank %d: Redis lost this rank's keys; the next version is applied whatever its number",
                         self.rank)  # fmt: skip
             self._history_lost = True
-        self._last_beat = time.monotonic()
 
     def _report(self, version: int, status: str) -> None:
         """Record ``status`` for ``version`` (``ranks.ack``). Kept until Redis confirms it:
@@ -186,26 +210,69 @@ class RedisWeightReceiver:
 
         Does not block on notifications. Redis errors propagate; bad versions do
         not (they become this rank's ``"error: ..."`` status and ``last_error``).
-        With nothing new to apply, a status report that Redis did not confirm (a lost
-        ack) is sent again.
+        A version whose fetch fails again and again is tried with a growing pause in
+        between (None meanwhile), and from the third failure in a row its cause is
+        the rank's ``"error: ..."`` status. With nothing new to apply, a status report
+        that Redis did not confirm (a lost ack) is sent again.
         """
         with self._poll_lock:
             self.heartbeat()
+            gone: VersionNotFoundError | None = None
             for _ in range(_FETCH_ATTEMPTS):
                 latest = self.registry.latest()
                 self._saw_latest(latest)
                 if latest == 0:
                     self._report_lost()
                 elif latest not in (self.version, self._failed_version) or self._history_lost:
+                    if not self._repeats.due(latest):
+                        return None  # it failed lately: the backoff decides when to try again
                     try:
-                        return self._apply(latest)
+                        applied = self._apply(latest)
                     except VersionNotFoundError as exc:
                         log.info("rank %d: version %d vanished while reading (%s); retrying", self.rank, latest, exc)
+                        gone = exc
                         continue
+                    except Exception as exc:
+                        self._fetch_failed(latest, exc)
+                        raise
+                    self._repeats.clear()
+                    return applied
                 if self._unsent is not None:  # nothing newer to apply, whose report would supersede it
                     self._report(*self._unsent)
                 return None
+            if gone is not None:  # latest kept pointing at a version that is not there
+                self._fetch_failed(latest, VersionNotFoundError(
+                    f"latest points at version {latest}, which is not in Redis ({gone}; deleted by hand, e.g. "
+                    "`redis-weights delete --force`?)"))  # fmt: skip
             return None
+
+    def _fetch_failed(self, version: int, exc: BaseException) -> None:
+        """Count a failed attempt at ``version``; from ``failures.REPORT_AFTER`` in a row, its cause
+        becomes the rank's ``"error: ..."`` status (best effort: Redis may be what fails)."""
+        count = self._repeats.failed(version)
+        cause = self._cause(exc)
+        log.warning("rank %d: version %d failed (%d in a row, next try in %.1fs): %s",
+                    self.rank, version, count, self._repeats.delay, cause)  # fmt: skip
+        if not self._repeats.to_report(cause):
+            return
+        self.last_error = ranks.error_status(
+            f"version {version}: {cause} (failed {count} times in a row; retrying with a backoff)"
+        )
+        try:
+            self._report(version, self.last_error)
+        except redis.exceptions.RedisError as report_exc:  # kept in _unsent: the next poll sends it
+            log.debug("rank %d: could not report the failure (%s)", self.rank, report_exc)
+
+    def _cause(self, exc: BaseException) -> str:
+        """What to tell the trainer about ``exc``: its text, and what the server's settings say
+        about a connection Redis cut in the middle of a fetch."""
+        text = str(exc) if isinstance(exc, (redis.exceptions.RedisError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
+        text = text.removeprefix(f"version {self._repeats.subject}: ")
+        if isinstance(exc, redis.exceptions.ConnectionError):  # cut, not timed out: maybe a server limit
+            hint = explain_lost_connection(self.store.client, reading=True)
+            if hint:
+                text += f"; {hint}"
+        return text
 
     def _saw_latest(self, latest: int) -> None:
         self.latest_seen = latest
@@ -215,43 +282,42 @@ class RedisWeightReceiver:
         started = time.perf_counter()
         clock = PhaseClock(self._metrics.phase)
         try:
-            manifest = self.registry.read_manifest(version)
-        except CodecError as exc:  # a manifest that is not JSON, or lies about the layout
+            manifest = self.registry.read_manifest(version, max_bytes=self._max_manifest)
+        except CodecError as exc:  # not JSON, lies about the layout, too big, or another version's manifest
             self._fail(version, str(exc))
             return None
         targets = flatten_weights(self.policy)
         try:  # before allocating or fetching anything: a version that cannot fit costs one GET
-            check_compatible(manifest.tensors, targets, allow_cast=self.allow_cast)
+            check_compatible(manifest, targets, allow_cast=self.allow_cast)
         except WeightMismatchError as exc:
             self._fail(version, str(exc))
             return None
-        fetched = self.host_cache.fetched if self.host_cache is not None else 0
+        fetched = self.host_cache.fetched_bytes if self.host_cache is not None else self._fetched_bytes
         fetch_started = time.perf_counter()
-        with self._fetch(manifest) as chunks:  # the chunks are read (or mapped) on entry
-            clock.add("fetch", time.perf_counter() - fetch_started)
-            present = [c for c in chunks if c is not None]
-            if len(present) != len(chunks):
-                missing = next(i for i, c in enumerate(chunks) if c is None)
-                if not self.registry.exists(version):  # garbage-collected meanwhile: retry from latest
-                    raise VersionNotFoundError(f"version {version}: chunk {missing} is gone")
-                # GC deletes a manifest and its chunks in one transaction: the manifest is still
-                # there, so the chunk is really missing (evicted, deleted by hand).
-                self._fail(version, f"chunk {missing} is missing from Redis (evicted?)")
-                return None
-            try:
+        try:
+            with self._fetch(manifest) as chunks:  # the chunks are read, patched (or mapped) on entry
+                clock.add("fetch", time.perf_counter() - fetch_started)
+                check_header(chunks, manifest)
+                names = self._changed_tensors(manifest)
                 with self.lock, clock.phase("apply"):  # holders of the lock see weights and version agree
-                    apply_chunks(present, manifest, targets, allow_cast=self.allow_cast)
+                    self._live = None  # until the copy is complete
+                    copy_tensors(chunks, manifest, targets, names)
+                    self._live = (self._layout(manifest), manifest.ids)
                     previous, self.version = self.version, version
-            except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
-                self._fail(version, str(exc))
-                return None
-            finally:
-                del present
+        except MissingObjectError as exc:
+            if not self.registry.exists(version):  # garbage-collected meanwhile: retry from latest
+                raise VersionNotFoundError(str(exc)) from exc
+            # the manifest is still there, so the object is really missing (evicted, deleted by hand)
+            self._fail(version, f"{exc} (evicted?)")
+            return None
+        except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
+            self._fail(version, str(exc))
+            return None
         self.last_error = None
         self._lost_reported = self._history_lost = False
-        from_redis = self.host_cache is None or self.host_cache.fetched > fetched  # not mapped from another's file
-        report = ApplyReport(version, previous, manifest.total_bytes, manifest.total_bytes if from_redis else 0,
-                             dict(clock.seconds), max(0, self.latest_seen - version))  # fmt: skip
+        fetched = (self.host_cache.fetched_bytes if self.host_cache is not None else self._fetched_bytes) - fetched
+        report = ApplyReport(version, previous, manifest.total_bytes, fetched, dict(clock.seconds),
+                             max(0, self.latest_seen - version))  # fmt: skip
         self.last_apply = report
         self._metrics.applied(version, report.fetched_bytes)
         self._metrics.lag(self.lag)
@@ -268,6 +334,17 @@ class RedisWeightReceiver:
             self._applied.notify_all()
         return version
 
+    @staticmethod
+    def _layout(manifest: Manifest) -> tuple[int, int, tuple[TensorEntry, ...]]:
+        return manifest.chunk_size, manifest.header_len, tuple(manifest.tensors)
+
+    def _changed_tensors(self, manifest: Manifest) -> set[str] | None:
+        """The tensors whose chunks differ from what the live tensors hold (None: all of them)."""
+        if self._live is None or self._live[0] != self._layout(manifest):
+            return None
+        live = self._live[1]
+        return tensors_in_chunks(manifest, [i for i, c in enumerate(manifest.ids) if live[i] != c])
+
     def _host_cache(self, option: bool | str | os.PathLike[str]) -> HostCache | None:
         if option is False or option is None:
             return None
@@ -275,16 +352,32 @@ class RedisWeightReceiver:
         return HostCache.scoped(base, self.store.deployment.scope(), self.keyspace.namespace)
 
     @contextlib.contextmanager
-    def _fetch(self, manifest: Manifest) -> Iterator[list[Buffer | None]]:
-        """The chunks of a version: from the host's shared file, or read into the reused buffer."""
+    def _fetch(self, manifest: Manifest) -> Iterator[list[Buffer]]:
+        """The verified chunks of a version: from the host's shared file, or built in the reused
+        receive buffer from the chunks it holds already plus what Redis has (``assemble``)."""
         if self.host_cache is not None:
-            with self.host_cache.chunks(manifest, self.registry.read_chunks_into) as chunks:
+            self._held = []  # the private fallback may write into the receive buffer
+            with self.host_cache.chunks(manifest, self.registry.chunks, self._buffer) as chunks:
                 yield chunks
             return
         if len(self._receive_buffer) < manifest.total_bytes:
+            self._held = []
+        buffer = self._buffer(manifest.total_bytes)
+        if self._held_chunk_size != manifest.chunk_size:
+            self._held, self._held_chunk_size = [], manifest.chunk_size
+        self._fetched_bytes += assemble(self.registry.chunks, manifest, buffer, self._held)
+        offset, views = 0, []
+        for size in manifest.chunk_sizes:
+            views.append(buffer[offset : offset + size])
+            offset += size
+        yield views
+
+    def _buffer(self, size: int) -> memoryview:
+        """The reused receive buffer, grown to ``size`` bytes if it is smaller."""
+        if len(self._receive_buffer) < size:
             self._receive_buffer = memoryview(b"")  # drop the old one before allocating the bigger one
-            self._receive_buffer = receive_buffer(manifest.total_bytes)
-        yield self.registry.read_chunks_into(manifest, self._receive_buffer)
+            self._receive_buffer = receive_buffer(size)
+        return self._receive_buffer
 
     def _fail(self, version: int, reason: str, *, applied: bool = False) -> None:
         """Report ``version`` as refused (``"error: version N: <reason>"``, also ``last_error``); it is
@@ -296,6 +389,7 @@ class RedisWeightReceiver:
             log.error("rank %d: refusing version %d, keeping version %d: %s", self.rank, version, self.version, reason)
         self._failed_version = version
         self._history_lost = False  # refused once, like any version: not re-fetched at every poll
+        reason = reason.removeprefix(f"version {version}: ")  # some causes name the version already
         self.last_error = ranks.error_status(f"version {version}: {reason}")
         self._report(version, self.last_error)
 
@@ -325,7 +419,7 @@ class RedisWeightReceiver:
                 with self._applied:
                     self._applied.wait_for(done, self._slice(deadline, self.poll_interval))
             elif self.poll() is None and not done():
-                self._next_update(self._slice(deadline, min(self.poll_interval, self.heartbeat_ttl / 3)))
+                self._next_update(self._slice(deadline, self.poll_interval))
             if not done() and deadline is not None and time.monotonic() >= deadline:
                 raise ReceiveTimeoutError(
                     f"rank {self.rank}: no new version within {timeout:g}s "
@@ -351,17 +445,7 @@ class RedisWeightReceiver:
         self._updates.open()
         self._thread = threading.Thread(target=self._run, name=f"redis-weights-rank-{self.rank}", daemon=True)
         self._thread.start()
-        self._beater = threading.Thread(target=self._beat, name=f"redis-weights-beat-{self.rank}", daemon=True)
-        self._beater.start()
         return self
-
-    def _beat(self) -> None:
-        """Heartbeats on their own thread: a fetch or apply longer than the TTL is not a death."""
-        while not self._stop.wait(self.heartbeat_ttl / 3):
-            try:
-                self.heartbeat()
-            except redis.exceptions.RedisError as exc:  # the main loop reports Redis trouble
-                log.debug("rank %d: heartbeat failed (%s)", self.rank, exc)
 
     def _run(self) -> None:
         last_poll = 0.0
@@ -372,11 +456,9 @@ class RedisWeightReceiver:
                 if wake or time.monotonic() - last_poll >= self.poll_interval:
                     last_poll = time.monotonic()
                     self.poll()
-                elif time.monotonic() - self._last_beat >= self.heartbeat_ttl / 3:
-                    self.heartbeat()
                 backoff = 0.1
-            except redis.exceptions.RedisError as exc:
-                log.warning("rank %d: Redis error (%s); retrying in %.1fs", self.rank, exc, backoff)
+            except (redis.exceptions.RedisError, RedisWeightsError) as exc:  # e.g. a corrupt latest
+                log.warning("rank %d: %s (%s); retrying in %.1fs", self.rank, type(exc).__name__, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.poll_interval)
             except Exception:  # never let the thread die silently
@@ -385,18 +467,18 @@ class RedisWeightReceiver:
             wake = self._next_update(_WAKE_SLICE)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the background thread (if any) and wait for it."""
+        """Stop the background thread (if any) and wait for it. The heartbeat goes on until ``close()``."""
         thread, self._thread = self._thread, None
-        beater, self._beater = self._beater, None
         if thread is not None:
             self._stop.set()
             thread.join(timeout)
-        if beater is not None:
-            beater.join(timeout)
 
     def close(self) -> None:
-        """Stop, drop the subscription and close the store's connections."""
+        """Stop, end the heartbeat, drop the subscription and close the store's connections."""
         self.stop()
+        self._beating.set()
+        if self._beater.is_alive() and self._beater is not threading.current_thread():
+            self._beater.join(5.0)
         self._updates.close()
         self.store.close()
 
@@ -408,3 +490,27 @@ class RedisWeightReceiver:
 
     def __repr__(self) -> str:
         return f"RedisWeightReceiver(namespace={self.keyspace.namespace!r}, rank={self.rank}, version={self.version})"
+
+
+def _beat_until_closed(ref: weakref.ref[RedisWeightReceiver], stop: threading.Event, interval: float) -> None:
+    """The heartbeat thread: beat every ``interval`` seconds until ``stop`` is set or the receiver is gone.
+
+    It holds the receiver only weakly, so a receiver dropped without ``close()`` stops
+    beating once it is garbage-collected. A beat that fails is retried at the next
+    interval; a failure is logged as a warning once per distinct cause (a rank whose
+    beats are refused looks dead to the trainer), not at every beat.
+    """
+    reported = None
+    while not stop.wait(interval):
+        receiver = ref()
+        if receiver is None:
+            return
+        try:
+            receiver.heartbeat()
+            reported = None
+        except Exception as exc:  # never let the thread die: the next beat may work
+            cause = f"{type(exc).__name__}: {exc}"
+            if cause != reported:
+                log.warning("rank %d: heartbeat failed (%s); retrying every %.2gs", receiver.rank, cause, interval)
+                reported = cause
+        del receiver

@@ -1,12 +1,21 @@
-"""``RedisWeightUpdater``: the trainer side. Encode -> write chunks -> commit -> publish -> (sync) wait.
+"""``RedisWeightUpdater``: the trainer side. Encode -> upload what Redis lacks -> commit -> (sync) wait.
+
+Chunks are content-addressed (``versions.py``): a chunk Redis already holds is not
+uploaded again. With ``delta=True`` a changed chunk is stored as a patch against
+the chunk the previous push committed (``delta.py``), when that is smaller.
 
 The sync wait never sleep-polls: the updater stays subscribed to the ``acks``
 channel for its lifetime (subscribed before the first commit, so no ack can be
 missed), wakes on each ack and decides with one MGET of every targeted rank's
 status, version and heartbeat. A rank counts as done only when its status reads
 ``"updated"`` *and* its version is at least the pushed one, so a slow worker's
-late ack of an older version cannot end the wait early. A rank whose heartbeat
-expired, or that reported an error, fails the push at once.
+late ack of an older version cannot end the wait early. A rank that reported an
+error fails the push at once; so does a dead rank, as ``ranks.DeathWatch`` judges
+it: its heartbeat missing for longer than it needs to beat again *while the server
+answered promptly*, so a server that stalled (a failover's ``CLIENT PAUSE WRITE``, a
+long ``DEBUG SLEEP``) or that the trainer itself could not reach for a while never
+gets healthy ranks named dead. The wait rides out a lost connection until its
+timeout.
 
 ``max_lag=K`` (with ``sync=False``) bounds the policy lag instead: the push returns
 at once while every targeted rank runs a version at most K behind the one just
@@ -26,14 +35,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import torch
 
 from .base import WeightUpdaterBase, WorkerIds
-from .codec import Encoded, Encoder
-from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
-from .health import ensure_server
-from .manifest import DEFAULT_CHUNK_SIZE
+from .codec import WIRE_DTYPES, Encoded, Encoder
+from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner
+from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError, VersionNotFoundError
+from .health import ensure_server, explain_lost_connection
+from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
 from .metrics import TrainerMetrics
-from .ranks import RankState, check_worker_count, read_rank_states
+from .ranks import DeathWatch, RankState, check_worker_count, observe_rank_states, read_rank_states
 from .reports import PhaseClock, PushReport, call_hook
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
@@ -46,10 +57,20 @@ DEFAULT_TIMEOUT = 60.0
 _LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # Redis stopped answering
 # What to do about the Redis errors a push most likely meets once Redis answers but refuses.
 _HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
-    (redis.exceptions.OutOfMemoryError, "Redis is full (maxmemory, noeviction): raise maxmemory or lower retention"),
+    (redis.exceptions.OutOfMemoryError,
+     "Redis is full (maxmemory, noeviction): this push already ran a GC of its leftovers; `redis-weights gc "
+     "--keep 1` frees older versions (it works while Redis is full); else lower retention or raise maxmemory"),
     (redis.exceptions.NoPermissionError, "the Redis user lacks a right this push needs (ACL SETUSER)"),
     (redis.exceptions.ReadOnlyError, "this Redis is a read-only replica: connect to the primary"),
 )
+# Error replies redis-py has no class for, by the code that starts them.
+_CODE_HINTS = (
+    ("MISCONF", "Redis refuses writes because its last RDB save failed: fix its disk (space, permissions of "
+                "'dir'), or CONFIG SET stop-writes-on-bgsave-error no"),
+    ("CORRUPT", "a key of the namespace holds something else than what redis_weights wrote there: "
+                "see `redis-weights versions` and `redis-weights workers`"),
+)  # fmt: skip
+_RECONNECT_PAUSE = 0.2  # seconds between tries while the sync wait cannot reach Redis
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
 _POLL_WITHOUT_ACKS = 0.05  # seconds between MGETs while the acks subscription is lost or refused
 
@@ -78,11 +99,24 @@ class RedisWeightUpdater(WeightUpdaterBase):
     Keyword Args:
         timeout: seconds a sync push (or ``wait()``) waits for acks.
         chunk_size: bytes per Redis value (default 8 MiB).
-        retention: committed versions kept; older ones are deleted after each push.
-        pending_ttl: seconds uncommitted chunks survive (orphans of a crashed push).
+        retention: committed versions kept; older ones are deleted after each push, then
+            every chunk no retained version references is swept (mark and sweep).
+        pending_ttl: seconds a push in flight protects its chunks from GC (after a crash,
+            its chunks are swept once this passes).
         metadata: strings recorded in every version's safetensors ``__metadata__``.
         check_server: fail at once with a ``ConfigurationError`` when Redis is
             unreachable, refuses the credentials or is unsafe (False: skip the check).
+        wire_dtype: cast floating tensors to this dtype (``torch.bfloat16``, ``torch.float16``,
+            ``torch.float8_e4m3fn``, ``torch.float8_e5m2``) before encoding: half the bytes
+            (or a quarter), and what makes deltas sparse. Integer and bool tensors are sent
+            as they are. Workers accept the cast whatever their own floating dtype.
+        delta: store a changed chunk as a patch against the previous push's chunk when
+            that is smaller (lossless; workers verify every chunk they rebuild). Costs one
+            copy of the model in the wire dtype on the trainer (none with ``delta=False``).
+        keyframe_interval: with ``delta``, a version storing every chunk whole at least
+            every this many versions (the longest patch chain a late joiner applies).
+        keyframe_fraction: with ``delta``, a keyframe sooner when the patches a late joiner
+            would apply exceed this fraction of the version's size.
         background: (needs ``sync=False``) return as soon as the weights are copied
             into a staging buffer; upload and commit from a background thread. A push
             made while an upload runs replaces any push still waiting for it.
@@ -111,6 +145,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
         check_server: bool = True,
         background: bool = False,
         max_lag: int | None = None,
+        wire_dtype: torch.dtype | None = None,
+        delta: bool = False,
+        keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
+        keyframe_fraction: float = DEFAULT_KEYFRAME_FRACTION,
     ) -> None:
         check_worker_count(num_workers)
         if timeout <= 0:
@@ -119,6 +157,12 @@ class RedisWeightUpdater(WeightUpdaterBase):
             raise ConfigurationError("retention must be at least 1")
         if background and sync:
             raise ConfigurationError("background=True needs sync=False (a sync push waits for the acks anyway)")
+        if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
+            raise ConfigurationError(f"wire_dtype must be one of {', '.join(map(str, WIRE_DTYPES))}, got {wire_dtype}")
+        if not isinstance(keyframe_interval, int) or not 1 <= keyframe_interval <= MAX_CHAIN:
+            raise ConfigurationError(f"keyframe_interval must be within 1..{MAX_CHAIN}")
+        if not 0 < keyframe_fraction <= 1:
+            raise ConfigurationError("keyframe_fraction must be within (0, 1]")
         if max_lag is not None:
             if not isinstance(max_lag, int) or isinstance(max_lag, bool) or max_lag < 0:
                 raise ConfigurationError(f"max_lag must be a non-negative integer or None, got {max_lag!r}")
@@ -137,19 +181,23 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.metadata = dict(metadata or {})
         self.keyspace = self.store.keyspace
         self.registry = VersionRegistry(self.store.client, self.keyspace)
-        self._encoder = Encoder(chunk_size)
+        self.wire_dtype = wire_dtype
+        self._encoder = Encoder(chunk_size, wire_dtype)
+        self.chunk_size = chunk_size
         self.background = background
         self._uploader: BackgroundUploader[_Upload] | None = None
-        self._slots = [self._encoder] + [Encoder(chunk_size) for _ in range(SLOTS - 1)]
+        self._slots = [self._encoder] + [Encoder(chunk_size, wire_dtype) for _ in range(SLOTS - 1)]
+        self._delta = DeltaPlanner(self.registry.chunks, keyframe_interval, keyframe_fraction) if delta else None
         self._acks = Subscription(self.store.client, [self.keyspace.acks_channel], what="acks subscription",
                                   poll_every=_POLL_WITHOUT_ACKS)  # fmt: skip
         self._last_ranks: list[int] = []
+        self._deaths = DeathWatch()
         self.version = 0
         self.last_push: PushReport | None = None  # the report of the last push (``reports.PushReport``)
         self._metrics = TrainerMetrics(self.keyspace.namespace)
         self._producer = producer_id()
         if check_server:
-            ensure_server(self.store.deployment, self.keyspace)
+            ensure_server(self.store.deployment, self.keyspace, chunk_size=chunk_size)
 
     # -- WeightUpdaterBase --------------------------------------------------------------
     @classmethod
@@ -202,15 +250,27 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 self._metrics.failed(exc)
             raise
 
-    def _redis_failure(self, exc: redis.exceptions.RedisError, version: int | None, what: str) -> PushError:
+    def _redis_failure(
+        self, exc: redis.exceptions.RedisError, version: int | None, what: str, *, uploading: bool = False
+    ) -> PushError:
         """The one error a push raises for a Redis error: Redis stopped answering (refused, reset,
-        timed out), or answered with an error (out of memory, no permission, read-only replica...)."""
+        timed out), or answered with an error (out of memory, no permission, read-only replica...).
+
+        A connection cut while the chunks were being sent is most often a server limit
+        below the chunk size (``proto-max-bulk-len``, ``client-query-buffer-limit``): when
+        Redis still answers, the message names the limit instead of "unreachable"."""
         push = "push" if version is None else f"push of version {version}"
         where = self.store.deployment.describe()
-        if isinstance(exc, _LOST):
+        cut = uploading and isinstance(exc, redis.exceptions.ConnectionError)  # a timeout is a hung server: no limit
+        cause = explain_lost_connection(self.store.client, reading=False, chunk_size=self.chunk_size) if cut else None
+        if cause is not None:
+            message = f"{push} failed: Redis at {where} cut the connection while the chunks were sent ({exc}): " \
+                      f"{cause}; {what}"
+        elif isinstance(exc, _LOST):
             message = f"{push} failed: Redis at {where} is unreachable ({exc}); {what}"
         else:
             hint = next((f"; {text}" for cls, text in _HINTS if isinstance(exc, cls)), "")
+            hint = hint or next((f"; {text}" for code, text in _CODE_HINTS if str(exc).startswith(code)), "")
             error = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
             message = f"{push} failed: Redis at {where} answered {error}; {what}{hint}"
         return PushError(message, version=self.version if version is None else version)
@@ -225,8 +285,9 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self._acks.open()  # before the commit: no ack can slip past
         version = self._allocate()
         self._upload(_Upload(version, encoded, ranks, clock))
-        self.version = version
+        self.version = version  # before the GC: workers may apply (and ack) it already
         self._last_ranks = ranks
+        self._collect_garbage(version)
         return version
 
     def _allocate(self) -> int:
@@ -241,52 +302,89 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return version
 
     def _upload(self, job: _Upload) -> None:
-        """Write the chunks, commit, then apply retention (on the background thread if any).
+        """Upload what Redis lacks and commit (on the background thread if any); retention follows.
 
         A Redis error becomes a ``PushError`` naming the version. When the commit surely
-        did not happen, the chunks already written are deleted at once (under
-        ``maxmemory`` they hold memory the next push needs); otherwise they expire
-        after ``pending_ttl`` like any orphan.
+        did not happen, a GC runs at once: the chunks this push wrote are garbage now,
+        and under ``maxmemory`` they hold memory the next push needs.
         """
         started = time.perf_counter()
-        committing = False
+        encoded = job.encoded
+        fields = {"created": time.time(), "producer": self._producer}
+        committing: list[float] = []  # when the commit script was sent
         try:
-            with job.clock.phase("upload"):
-                self.registry.write_stream(job.version, job.encoded.stream(), self.pending_ttl)
-            manifest = job.encoded.manifest(job.version, created=time.time(), producer=self._producer)
-            committing = True
-            with job.clock.phase("commit"):
-                self.registry.commit(manifest, job.ranks)
+            if self._delta is not None:
+                manifest, patches = self._delta.plan(encoded, job.version, **fields)
+            else:
+                manifest, patches = encoded.manifest(job.version, keyframe=job.version, **fields), {}
+            self.registry.publish(manifest, job.ranks, upload=lambda missing: self._write(encoded, patches, missing),
+                                  pending_ttl=self.pending_ttl,
+                                  committing=lambda: committing.append(time.perf_counter()))  # fmt: skip
         except _LOST as exc:  # Redis is gone; the commit script may or may not have run
+            self._forget_delta()
             what = "its commit could not be confirmed" if committing else "the new version was not committed"
-            raise self._redis_failure(exc, job.version, what) from exc
-        except Exception as exc:  # an error reply or a refused commit: nothing was committed, or
-            committed = self._discard(job)  # a script that failed part-way (its manifest exists)
-            if isinstance(exc, redis.exceptions.RedisError):
-                what = "its commit failed part-way" if committed else "the new version was not committed"
-                raise self._redis_failure(exc, job.version, what) from exc
-            raise
+            raise self._redis_failure(exc, job.version, what, uploading=not committing) from exc
+        except VersionNotFoundError as exc:  # an object the delta chain relies on is gone
+            self._forget_delta()
+            raise PushError(f"push of version {job.version} failed: {exc}", version=job.version) from exc
+        except redis.exceptions.RedisError as exc:  # an error reply: nothing committed, or a script failed part-way
+            if self._committed(job.version):
+                self._forget_delta()
+                raise self._redis_failure(exc, job.version, "its commit failed part-way") from exc
+            self._collect_garbage(job.version)
+            raise self._redis_failure(exc, job.version, "the new version was not committed") from exc
+        finally:
+            sent = committing[-1] if committing else time.perf_counter()
+            job.clock.add("upload", sent - started)  # planning, the existence check, the upload
+            if committing:
+                job.clock.add("commit", time.perf_counter() - sent)
+        if self._delta is not None:
+            self._delta.committed(encoded, manifest)
         log.debug(
-            "committed version %d: %d tensors, %d bytes in %d chunks, %.1f ms",
-            job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks,
+            "committed version %d: %d tensors, %d bytes in %d chunks, %d uploaded, %.1f ms",
+            job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks, manifest.uploaded_bytes,
             (time.perf_counter() - started) * 1000,
         )  # fmt: skip
-        job.clock.bytes = manifest.total_bytes  # every chunk of the version is written
-        self._metrics.committed(job.version, manifest.total_bytes)
+        job.clock.bytes = manifest.uploaded_bytes  # only what Redis lacked was written
+        self._metrics.committed(job.version, manifest.uploaded_bytes)
+
+    def _write(self, encoded: Encoded, patches: Mapping[str, bytes], missing: set[str]) -> int:
+        """Upload the chunks and patches among ``missing`` (each once); the bytes sent."""
+
+        def objects() -> Any:
+            sent = set()
+            for index, chunk_id in enumerate(encoded.ids):
+                if chunk_id in missing and chunk_id not in sent:
+                    sent.add(chunk_id)
+                    yield (chunk_id, *encoded.chunk(index))
+            for patch_id, data in patches.items():
+                if patch_id in missing:
+                    sent.add(patch_id)
+                    yield patch_id, data, False
+            unknown = missing - sent
+            if unknown:
+                raise VersionNotFoundError(
+                    f"{len(unknown)} object(s) an earlier version's patch chain needs are gone from Redis"
+                )
+
+        return self.registry.chunks.write(objects())
+
+    def _committed(self, version: int) -> bool:
+        """Whether ``version``'s manifest is in Redis after an error reply (False if Redis cannot say)."""
+        try:
+            return self.registry.exists(version)
+        except redis.exceptions.RedisError:
+            return False
+
+    def _forget_delta(self) -> None:
+        if self._delta is not None:
+            self._delta.reset()
+
+    def _collect_garbage(self, version: int) -> None:
         try:
             self.registry.gc(self.retention)
         except redis.exceptions.RedisError as exc:  # retention is housekeeping: never fail a push
-            log.warning("garbage collection after version %d failed: %s", job.version, exc)
-
-    def _discard(self, job: _Upload) -> bool:
-        """Best effort: delete the chunks of an upload that failed before its commit.
-        True when the version turns out committed after all (its chunks are kept)."""
-        try:
-            return not self.registry.discard(job.version, len(job.encoded.plan))
-        except redis.exceptions.RedisError as exc:
-            log.warning("could not delete the chunks of failed version %d (%s); they expire in %gs",
-                        job.version, exc, self.pending_ttl)  # fmt: skip
-            return False
+            log.warning("garbage collection after version %d failed: %s", version, exc)
 
     def _submit(self, weights: Any, ranks: list[int], clock: PhaseClock) -> None:
         """Background push: snapshot into a free staging buffer, queue the upload, return."""
@@ -310,12 +408,13 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._last_ranks = ranks
 
     def _background_upload(self, job: _Upload) -> None:
-        """``_upload`` on the upload thread; a failure is counted there, where it happens."""
+        """``_upload`` then retention, on the upload thread; a failure is counted there, where it happens."""
         try:
             self._upload(job)
         except Exception as exc:
             self._metrics.failed(exc)
             raise
+        self._collect_garbage(job.version)
 
     def flush(self, timeout: float | None = None) -> None:
         """Background mode: wait until the last push is committed; raise an upload error
@@ -355,8 +454,23 @@ class RedisWeightUpdater(WeightUpdaterBase):
             return  # nothing committed is that far behind
         deadline = time.monotonic() + timeout
         self._acks.open()  # before the first MGET, so an ack in between still wakes us
+        self._deaths.start()
+        unreachable = False
         while True:
-            states = read_rank_states(self.store.client, self.keyspace, ranks)
+            remaining = deadline - time.monotonic()
+            try:
+                states, seconds = observe_rank_states(self.store.client, self.keyspace, ranks)
+            except _LOST as exc:  # the trainer cannot reach Redis: a stall for every rank, not their death
+                if remaining <= 0:
+                    raise
+                if not unreachable:
+                    log.warning("push of version %d: Redis is unreachable while waiting for the acks (%s); "
+                                "retrying for up to %.0fs", version, exc, remaining)  # fmt: skip
+                unreachable = True
+                self._deaths.stalled()
+                time.sleep(min(remaining, _RECONNECT_PAUSE))
+                continue
+            remaining = deadline - time.monotonic()
             if max_lag:
                 waiting = [s for s in states if s.version < version - max_lag]
             else:
@@ -364,8 +478,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             if not waiting:
                 return
             errors = {s.rank: s.status for s in waiting if s.error}
-            dead = [s.rank for s in waiting if s.dead]
-            remaining = deadline - time.monotonic()
+            behind = {s.rank for s in waiting}
+            dead = [r for r in self._deaths.dead(states, seconds) if r in behind]  # every state teaches a TTL
             if errors or dead or remaining <= 0:
                 raise self._push_failure(version, waiting, errors, dead, timed_out=remaining <= 0, timeout=timeout,
                                          max_lag=max_lag)  # fmt: skip
@@ -388,6 +502,9 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 parts.append(f"rank {s.rank} reported: {s.status}")
             elif s.rank in dead:
                 parts.append(f"rank {s.rank} is dead (heartbeat expired; last applied version {s.version})")
+            elif s.dead:
+                parts.append(f"rank {s.rank} lags (heartbeat missing since the server stalled, not yet long enough "
+                             f"to call it dead; applied version {s.version})")
             elif not s.joined:
                 parts.append(f"rank {s.rank} never joined")
             else:

@@ -19,6 +19,8 @@ from redis_weights.bulkread import read_values_into
 from redis_weights.deployment import Deployment
 from redis_weights.errors import ConfigurationError
 from redis_weights.hostcache import DEFAULT_DIRECTORY, HostCache, private_directory
+from tests.codec_support import count_reads
+from tests.faults_support import chunk_key
 from tests.models import make_model, state_digest
 from tests.procs import workers
 
@@ -103,7 +105,7 @@ def test_a_file_being_read_is_never_recycled(real_store, redis_url, namespace, t
     with _receivers(redis_url, namespace, 1, tmp_path) as (receiver,):
         cache, registry = receiver.host_cache, updater.registry
         manifest = registry.read_manifest(updater.version)
-        with cache.chunks(manifest, registry.read_chunks_into) as held:  # a slow reader of version 1
+        with cache.chunks(manifest, registry.chunks) as held:  # a slow reader of version 1
             for step in (1, 2):
                 with torch.no_grad():
                     trainer[0].bias.fill_(float(step))
@@ -135,7 +137,7 @@ def test_a_missing_chunk_publishes_no_file_and_is_reported(real_store, redis_url
     trainer = _policy(seed=4)
     updater = RedisWeightUpdater(real_store, trainer, 1, sync=False, chunk_size=64 << 10)
     updater.push_weights()
-    real_store.client.delete(real_store.keyspace.chunk(updater.version, 1))
+    real_store.client.delete(chunk_key(real_store, updater.version, 1))
     with _receivers(redis_url, namespace, 1, tmp_path) as (receiver,):
         assert receiver.poll() is None
         assert "missing" in (receiver.last_error or "")
@@ -250,3 +252,33 @@ def test_worker_processes_sharing_a_cache_make_redis_send_the_version_once(serve
         assert len(list(cache.glob("*/*.safetensors"))) == 1
     finally:
         store.close()
+
+
+def test_with_deltas_the_host_fetches_each_version_once_and_only_its_patches(
+    real_store, redis_url, namespace, tmp_path, monkeypatch
+):
+    """The fetcher builds the new shared file from the recycled old one: unchanged chunks stay,
+    patched ones are patched in the file, so Redis sends the host the patches, not a model size."""
+    fetched = count_reads(monkeypatch)
+    trainer = _policy(seed=6)
+    optimizer = torch.optim.AdamW(trainer.parameters(), lr=1e-6)
+    updater = RedisWeightUpdater(real_store, trainer, 3, sync=False, chunk_size=16384, wire_dtype=torch.bfloat16,
+                                 delta=True)  # fmt: skip
+    with _receivers(redis_url, namespace, 3, tmp_path) as receivers:
+        sizes = []
+        for _ in range(3):
+            trainer(torch.randn(4, 256)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            updater.push_weights()
+            fetched.clear()
+            for receiver in receivers:
+                assert receiver.poll() == updater.version, receiver.last_error
+            sizes.append(sum(fetched))
+            expected = {k: v.detach().bfloat16().float() for k, v in trainer.state_dict().items()}
+            assert all(torch.equal(t, expected[n]) for r in receivers for n, t in r.policy.state_dict().items())
+        manifest = updater.registry.read_manifest(updater.version)
+        assert not manifest.is_keyframe
+        assert sum(r.host_cache.fetched for r in receivers) == 3  # once per version for the host
+        assert sizes[0] == manifest.total_bytes  # the keyframe: the whole model, once
+        assert 0 < sizes[2] < manifest.total_bytes / 5, sizes  # a delta version: its patches only

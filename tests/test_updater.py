@@ -21,6 +21,7 @@ from redis_weights import (
     RedisWeightUpdater,
     WeightUpdaterBase,
 )
+from tests.codec_support import read_version
 
 
 @pytest.fixture
@@ -206,7 +207,7 @@ def test_a_redis_error_while_waiting_for_acks_is_a_push_error(fake_store, policy
     def refused(*args, **kwargs):
         raise redis.exceptions.NoPermissionError("this user has no permissions to access one of the keys")
 
-    monkeypatch.setattr(updater_module, "read_rank_states", refused)
+    monkeypatch.setattr(updater_module, "observe_rank_states", refused)
     for sync in (True, False):
         updater = _updater(fake_store, policy, n=1, sync=sync, timeout=5)
         with pytest.raises(PushError, match=r"version \d+ failed: .*NoPermissionError.*acks.*lacks a right") as info:
@@ -219,13 +220,13 @@ def test_a_redis_error_while_waiting_for_acks_is_a_push_error(fake_store, policy
 def hold_uploads(updater: RedisWeightUpdater, monkeypatch) -> threading.Event:
     """Make every chunk upload of ``updater`` wait (up to 10 s) until the returned event is set."""
     release = threading.Event()
-    real_write = updater.registry.write_stream
+    real_write = updater.registry.chunks.write
 
     def slow_write(*args, **kwargs):
         release.wait(10)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(updater.registry, "write_stream", slow_write)
+    monkeypatch.setattr(updater.registry.chunks, "write", slow_write)
     return release
 
 
@@ -256,7 +257,7 @@ def test_an_error_reply_after_the_commit_happened_says_so_and_keeps_the_chunks(f
     with pytest.raises(PushError, match="push of version 1 failed: .*after its writes; its commit failed part-way"):
         updater.update_weights()
     monkeypatch.undo()
-    assert updater.registry.latest() == 1 and updater.registry.read(1)[0].version == 1
+    assert updater.registry.latest() == 1 and read_version(updater.registry, 1)[0].version == 1
 
 
 def test_a_second_writer_is_reported_when_this_updater_pushes_next(fake_store, policy, caplog):

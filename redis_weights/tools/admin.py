@@ -16,6 +16,7 @@ the library's own pieces (``VersionRegistry``, ``Manifest``, ``read_rank_states`
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import time
 import uuid
@@ -26,6 +27,7 @@ from typing import Any
 
 import redis
 
+from ..assemble import assemble
 from ..deployment import redacted
 from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
 from ..keys import DEFAULT_NAMESPACE, Keys
@@ -33,7 +35,7 @@ from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
 from ..ranks import RankState, known_ranks, parse_ack, read_rank_states
 from ..store import RedisStore
 from ..subscriptions import Subscription
-from ..values import parse_int
+from ..values import MAX_VERSION, parse_int
 from ..versions import VersionRegistry
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ class VersionRow:
     producer: str
     ranks: list[int] = field(default_factory=list)
     error: str | None = None  # a manifest that could not be read
+    keyframe: bool = False  # every chunk stored whole (no patch chain)
+    depth: int = 0  # versions since its keyframe
+    stored_bytes: int = 0  # what a reader holding nothing downloads
+    new_bytes: int = 0  # what its push uploaded
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,7 +122,8 @@ def ack_latency(state: RankState, created: float | None) -> float | None:
 
 
 def manifest_dict(manifest: Manifest) -> dict[str, Any]:
-    """A JSON-ready view of a manifest: version facts, tensors (offset order) and chunks."""
+    """A JSON-ready view of a manifest: version facts, storage (keyframe or patches), tensors
+    (offset order) and chunks."""
     return {
         "version": manifest.version,
         "created": manifest.created,
@@ -125,13 +132,23 @@ def manifest_dict(manifest: Manifest) -> dict[str, Any]:
         "header_bytes": manifest.header_len,
         "metadata": dict(manifest.metadata),
         "checksum_algo": manifest.checksum_algo,
+        "storage": "full" if manifest.is_keyframe else "patch",
+        "keyframe": manifest.keyframe,
+        "base": manifest.parent,
+        "chain_length": manifest.depth,
+        "longest_chain": max((len(c.steps) for c in manifest.chunks), default=0),
+        "stored_bytes": manifest.stored_bytes(),
+        "new_bytes": manifest.uploaded_bytes,
+        "wire_dtype": manifest.wire_dtype,
+        "cast": dict(manifest.cast),
         "tensors": [
             {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes,
              "offsets": [manifest.header_len + e.begin, manifest.header_len + e.end]}
             for e in manifest.tensors
         ],  # fmt: skip
-        "chunks": [{"index": i, "bytes": size, "checksum": manifest.checksums[i]}
-                   for i, size in enumerate(manifest.chunk_sizes)],  # fmt: skip
+        "chunks": [{"index": i, "bytes": size, "id": entry.id, "base": entry.base,
+                    "patches": [{"id": s.patch, "bytes": s.size} for s in entry.steps]}
+                   for i, (entry, size) in enumerate(zip(manifest.chunks, manifest.chunk_sizes, strict=True))],
     }
 
 
@@ -216,9 +233,9 @@ class Admin:
         """The manifest of each of ``versions`` (one MGET), or the ``CodecError`` saying why it cannot be read."""
         raws = self.client.mget([self.keyspace.manifest(v) for v in versions]) if versions else []
         out: list[Manifest | CodecError] = []
-        for raw in raws:
+        for version, raw in zip(versions, raws, strict=True):
             try:
-                out.append(Manifest.from_json(raw) if raw is not None else CodecError("manifest is missing"))
+                out.append(Manifest.from_json(raw, version) if raw is not None else CodecError("manifest is missing"))
             except CodecError as exc:
                 out.append(exc)
         return out
@@ -243,7 +260,8 @@ class Admin:
                 rows.append(VersionRow(version, version == latest, 0.0, 0, 0, 0, "", ranks, str(m)))
                 continue
             rows.append(VersionRow(version, version == latest, m.created, m.total_bytes, len(m.tensors),
-                                   m.num_chunks, m.producer, ranks))  # fmt: skip
+                                   m.num_chunks, m.producer, ranks, keyframe=m.is_keyframe, depth=m.depth,
+                                   stored_bytes=m.stored_bytes(), new_bytes=m.uploaded_bytes))  # fmt: skip
         return rows
 
     def watch(self, timeout: float | None = None) -> Iterator[Event]:
@@ -273,9 +291,10 @@ class Admin:
             subscription.close()
 
     def _event(self, channel: str, data: str) -> Event | None:
+        """The event a message announces; None for a message that is not one (checked, never trusted)."""
         now = time.time()
         if channel == self.keyspace.updates_channel:
-            version = parse_int(data)
+            version = parse_int(data, minimum=1, maximum=MAX_VERSION)
             if version is not None:
                 try:
                     m = self.registry.read_manifest(version)
@@ -294,7 +313,8 @@ class Admin:
 
     # -- files ----------------------------------------------------------------------------
     def export(self, spec: str | int, path: str | os.PathLike[str]) -> Manifest:
-        """Write a version (verified chunk by chunk) to ``path``: a ``.safetensors`` file.
+        """Write a version to ``path``: a ``.safetensors`` file, bit-exact, whether the version is
+        stored whole or as patches (keyframe chunks patched in the file, each chunk verified).
 
         Written to a temporary file in the same directory, then renamed: a reader
         never sees half a file. The file gets the mode of any new file (0666 less the
@@ -309,14 +329,20 @@ class Admin:
             why = "is not a directory" if target.parent.exists() else "does not exist"
             raise ConfigurationError(f"cannot write {path}: directory {target.parent} {why}")
         manifest = self.manifest(spec)
-        _, chunks = self.registry.read(manifest.version)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
             try:
-                with os.fdopen(fd, "wb") as f:
-                    for chunk in chunks:
-                        f.write(chunk)
+                try:
+                    os.ftruncate(fd, manifest.total_bytes)
+                    with mmap.mmap(fd, manifest.total_bytes) as region:
+                        view = memoryview(region)
+                        try:
+                            assemble(self.registry.chunks, manifest, view, [])
+                        finally:
+                            view.release()
+                finally:
+                    os.close(fd)
                 os.replace(tmp, target)
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -335,7 +361,9 @@ class Admin:
         """Publish a ``.safetensors`` checkpoint as a new version, through ``RedisWeightUpdater``.
 
         Every rank that has joined is marked ``"pending"``; nothing waits for acks and
-        no version is garbage-collected. The file's own ``__metadata__`` is kept.
+        no version is garbage-collected. The file's own ``__metadata__`` is kept. Chunks
+        Redis already holds (the file was exported from a retained version) are not
+        uploaded again.
         """
         from ..updater import RedisWeightUpdater  # imports torch: only this command needs it
 
@@ -373,6 +401,7 @@ class Admin:
                 "version first, or pass --force"
             )
         self.registry.delete(manifest_version)
+        self.registry.gc(keep=_NO_RETENTION)  # no other version goes: only the chunks nothing references now
         return manifest_version
 
 
@@ -382,10 +411,13 @@ def drop_namespace(client: redis.Redis, keyspace: Keys) -> int:
     For throw-away namespaces (the demo's ``demo-<hex>``, the tests'): it takes no
     lease and no lock, so never run it on a namespace a fleet still uses.
     """
-    names = list(client.scan_iter(match=keyspace.pattern, count=1000))
+    names = [n for pattern in keyspace.patterns for n in client.scan_iter(match=pattern, count=1000)]
     deleted = 0
     for start in range(0, len(names), _DROP_BATCH):
-        deleted += int(client.delete(*names[start : start + _DROP_BATCH]))
+        pipe = client.pipeline(transaction=False)  # one key per DEL: chunks lie in many slots
+        for name in names[start : start + _DROP_BATCH]:
+            pipe.delete(name)
+        deleted += sum(int(n) for n in pipe.execute())
     return deleted
 
 

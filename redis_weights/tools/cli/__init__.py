@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("versions", cmd_versions, "committed versions: created, size, tensors, producer, ranks running it")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("show", cmd_show, "the manifest of a version: tensors, dtypes, shapes, bytes, chunk checksums")
+    p = add("show", cmd_show, "a version: full or patch, chain, stored and new bytes; tensors; chunk ids")
     p.add_argument("version", help="a version number or 'latest'")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("workers", cmd_workers, "per rank: status, applied version, lag, heartbeat age, alive or dead")
