@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .base import WeightUpdaterBase
     from .errors import (
+        ApplyError,
         BackgroundUploadError,
         CodecError,
         ConfigurationError,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 # Where each public name lives. Imported on first use (PEP 562): the operator CLI and
 # admin scripts need no torch, and importing torch costs a second or more.
 _EXPORTS = {
+    "ApplyError": "errors",
     "BackgroundUploadError": "errors",
     "CodecError": "errors",
     "ConfigurationError": "errors",
@@ -80,6 +82,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplyError",
     "BackgroundUploadError",
     "CodecError",
     "ConfigurationError",

@@ -101,3 +101,13 @@ class BackgroundUploadError(RedisWeightsError):
 
 class ReceiveTimeoutError(RedisWeightsError, TimeoutError):
     """``RedisWeightReceiver.wait`` saw no newer version within its timeout."""
+
+
+class ApplyError(RedisWeightsError):
+    """Raised by a receiver's post-hook: the version is in the policy but does not run where it must.
+
+    E.g. a TorchRL collector's worker processes did not take it. The receiver then
+    reports ``"error: version N: <message>"`` for the rank instead of ``"updated"``
+    (a sync push fails, naming the rank); any other exception of a hook is logged
+    and the rank acks as usual.
+    """

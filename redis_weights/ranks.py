@@ -91,6 +91,29 @@ return 0
 """
 
 
+def check_rank(rank: object) -> int:
+    """``rank`` if it is a 1-based integer rank, else a ``ConfigurationError``."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigurationError(f"rank must be a 1-based integer, got {rank!r}")
+    return rank
+
+
+def check_worker_count(count: object) -> int:
+    """``count`` if it is a positive number of workers (ranks ``1..count``), else a ``ConfigurationError``."""
+    if not isinstance(count, int) or count < 1:
+        raise ConfigurationError(f"num_workers must be a positive integer, got {count!r}")
+    return count
+
+
+def parse_ack(message: str) -> tuple[int, int] | None:
+    """``(rank, version)`` of a message on the ``acks`` channel (``"<rank>:<version>"``, written by the
+    ack script); None for anything else."""
+    rank_text, _, version_text = message.partition(":")
+    rank = parse_int(rank_text, minimum=1, maximum=MAX_VERSION)
+    version = parse_int(version_text, minimum=0, maximum=MAX_VERSION)
+    return None if rank is None or version is None else (rank, version)
+
+
 def error_status(reason: str) -> str:
     """The status a rank writes when it refuses a version or loses its history."""
     return f"{ERROR_PREFIX} {reason}"

@@ -41,6 +41,7 @@ from .assemble import MissingObjectError, assemble
 from .bulkread import receive_buffer
 from .codec import check_compatible, check_header, copy_tensors, flatten_weights, tensors_in_chunks
 from .errors import (
+    ApplyError,
     CodecError,
     ConfigurationError,
     ReceiveTimeoutError,
@@ -105,8 +106,7 @@ class RedisWeightReceiver:
         check_server: bool = True,
         host_cache: bool | str | os.PathLike[str] = False,
     ) -> None:
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ConfigurationError(f"rank must be a 1-based integer, got {rank!r}")
+        ranks.check_rank(rank)
         if poll_interval <= 0 or heartbeat_ttl <= 0:
             raise ConfigurationError("poll_interval and heartbeat_ttl must be positive")
         flat = flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill
@@ -179,8 +179,25 @@ class RedisWeightReceiver:
 
     def register_post_hook(self, hook: Callable[..., Any]) -> None:
         """Call ``hook(version)`` after each version is applied and before it is acked;
-        ``hook(version, report=ApplyReport)`` for a hook that declares ``report``."""
+        ``hook(version, report=ApplyReport)`` for a hook that declares ``report``.
+
+        A hook that raises ``ApplyError`` turns the ack into the rank's ``"error: ..."``
+        status (the version is in the policy but does not run where it must); any other
+        exception is logged and the rank acks as usual.
+        """
         self.post_hooks.append(hook)
+
+    def _run_post_hooks(self, version: int, report: ApplyReport) -> str | None:
+        """Call the post-hooks in order; the message of the first ``ApplyError`` (the hooks after
+        it are not called), else None."""
+        for hook in self.post_hooks:
+            try:
+                call_hook(hook, version, report=report)
+            except ApplyError as exc:
+                return str(exc)
+            except Exception:
+                log.exception("rank %d: post hook %r failed after version %d", self.rank, hook, version)
+        return None
 
     @property
     def lag(self) -> int:
@@ -304,12 +321,11 @@ class RedisWeightReceiver:
         self.last_apply = report
         self._metrics.applied(version, report.fetched_bytes)
         self._metrics.lag(self.lag)
-        for hook in self.post_hooks:  # before the ack: an ack means the hooks have run too
-            try:
-                call_hook(hook, version, report=report)
-            except Exception:
-                log.exception("rank %d: post hook %r failed after version %d", self.rank, hook, version)
-        self._report(version, ranks.STATUS_UPDATED)
+        refusal = self._run_post_hooks(version, report)  # before the ack: an ack means the hooks have run too
+        if refusal is None:
+            self._report(version, ranks.STATUS_UPDATED)
+        else:
+            self._fail(version, refusal, applied=True)
         log.debug(
             "rank %d: applied version %d (was %d), %d bytes in %.1f ms",
             self.rank, version, previous, manifest.total_bytes, (time.perf_counter() - started) * 1000,
@@ -363,14 +379,19 @@ class RedisWeightReceiver:
             self._receive_buffer = receive_buffer(size)
         return self._receive_buffer
 
-    def _fail(self, version: int, reason: str) -> None:
-        self._metrics.refused()
+    def _fail(self, version: int, reason: str, *, applied: bool = False) -> None:
+        """Report ``version`` as refused (``"error: version N: <reason>"``, also ``last_error``); it is
+        not fetched again. ``applied``: it is in the policy, but a post-hook raised ``ApplyError``."""
+        if applied:
+            log.error("rank %d: version %d is applied, but a post hook refused it: %s", self.rank, version, reason)
+        else:
+            self._metrics.refused()
+            log.error("rank %d: refusing version %d, keeping version %d: %s", self.rank, version, self.version, reason)
         self._failed_version = version
         self._history_lost = False  # refused once, like any version: not re-fetched at every poll
         # some causes name the version already: name it once
         reason = reason.removeprefix(f"version {version}: ").replace(f"manifest of version {version}: ", "manifest: ", 1)
         self.last_error = ranks.error_status(f"version {version}: {reason}")
-        log.error("rank %d: refusing version %d, keeping version %d: %s", self.rank, version, self.version, reason)
         self._report(version, self.last_error)
 
     def _report_lost(self) -> None:

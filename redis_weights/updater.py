@@ -44,7 +44,7 @@ from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTi
 from .health import ensure_server, explain_lost_connection
 from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
 from .metrics import TrainerMetrics
-from .ranks import DeathWatch, RankState, observe_rank_states, read_rank_states
+from .ranks import DeathWatch, RankState, check_worker_count, observe_rank_states, read_rank_states
 from .reports import PhaseClock, PushReport, call_hook
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
@@ -150,8 +150,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
         keyframe_fraction: float = DEFAULT_KEYFRAME_FRACTION,
     ) -> None:
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise ConfigurationError(f"num_workers must be a positive integer, got {num_workers!r}")
+        check_worker_count(num_workers)
         if timeout <= 0:
             raise ConfigurationError("timeout must be positive")
         if retention < 1:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from redis_weights import ranks
+import pytest
+
+from redis_weights import ConfigurationError, ranks
 from redis_weights.keys import Keys
-from redis_weights.ranks import STATUS_PENDING, STATUS_UPDATED, error_status, is_error, read_rank_states
+from redis_weights.ranks import STATUS_PENDING, STATUS_UPDATED, error_status, is_error, parse_ack, read_rank_states
+from redis_weights.subscriptions import Subscription
 
 K = Keys("r")
 
@@ -110,3 +113,29 @@ def test_a_heartbeat_carries_its_ttl_and_its_age_comes_from_the_server(fake_redi
     assert read_rank_states(fake_redis, K, [4])[0].heartbeat_ttl == 5.0
     states, seconds = ranks.observe_rank_states(fake_redis, K, [4])
     assert states[0].alive and seconds >= 0 and not fake_redis.exists(K.stall_probe), "the probe creates nothing"
+
+
+def test_an_ack_message_parses_back_to_its_rank_and_version(fake_redis):
+    subscription = Subscription(fake_redis, [K.acks_channel], what="test", poll_every=0.01)
+    subscription.open()
+    try:
+        ranks.ack(fake_redis, K, 4, 7, STATUS_UPDATED)
+        ranks.ack(fake_redis, K, 5, 0, error_status("lost"))
+        messages = subscription.messages(5.0)
+        while len(messages) < 2:
+            messages += subscription.messages(5.0)
+    finally:
+        subscription.close()
+    assert [parse_ack(data) for _, data in messages] == [(4, 7), (5, 0)]
+    for garbage in ("", "4", "x:7", "4:x", "0:3", "4:-1", ":"):
+        assert parse_ack(garbage) is None, garbage
+
+
+def test_ranks_and_worker_counts_are_checked_once():
+    assert ranks.check_rank(3) == 3 and ranks.check_worker_count(2) == 2
+    for rank in (0, -1, True, "1", 1.0, None):
+        with pytest.raises(ConfigurationError, match="rank must be a 1-based integer"):
+            ranks.check_rank(rank)
+    for count in (0, -2, "3", 2.0, None):
+        with pytest.raises(ConfigurationError, match="num_workers must be a positive integer"):
+            ranks.check_worker_count(count)

@@ -1,7 +1,9 @@
-"""The README says what the code does: the ACL rights health.py asks for, every error class, every module."""
+"""The README says what the code does: the ACL rights health.py asks for, every error class, every module,
+and the layering of the package."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 import re
@@ -91,3 +93,44 @@ def test_the_module_map_lists_every_module_of_the_package_and_nothing_else():
     assert missing == [], f"modules the README's module map does not list: {missing}"
     unknown = [name for name in rows if name.rstrip("/") not in (packages if name.endswith("/") else modules)]
     assert unknown == [], f"the README's module map lists modules that do not exist: {unknown}"
+
+
+def _imports(path: Path, package: str, modules: set[str]) -> set[str]:
+    """The ``redis_weights`` modules (of ``modules``) that the module at ``path`` imports, lazy imports too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:  # ``from . import ranks`` imports a module, ``from .x import y`` x
+                found.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
+    return found & modules
+
+
+def test_no_module_imports_one_above_it():
+    root = Path(redis_weights.__file__).parent
+    names = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        names[path] = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    graph: dict[str, set[str]] = {}
+    for path, name in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = _imports(path, package, set(names.values())) - {name}
+    core = {name for name in graph if name.count(".") == 1 and not name.endswith("__main__")}
+    above = ("redis_weights.tools", "redis_weights.integrations")
+    upward = {(m, t) for m in core for t in graph[m] if t.startswith(above)}
+    assert upward == set(), "the core imports an operator tool or an integration"
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join(path[path.index(name):] + (name,))}"
+        if name not in done:
+            for target in graph[name]:
+                visit(target, path + (name,))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())

@@ -11,7 +11,9 @@ from tensordict import TensorDict
 from torch import nn
 
 from redis_weights import (
+    ApplyError,
     ConfigurationError,
+    PushError,
     ReceiveTimeoutError,
     RedisStore,
     RedisWeightReceiver,
@@ -107,6 +109,38 @@ def test_post_hooks_see_the_version_before_the_ack(fake_store):
     receiver.poll()
     assert seen == [(1, "0")]  # the hook ran before the ack recorded version 1
     assert fake_store["rank:1:version"] == "1"
+
+
+def test_a_post_hook_raising_apply_error_reports_the_version_as_refused(fake_store):
+    """``ApplyError`` from a hook: the rank reports an error instead of acking (the push fails,
+    naming it) and the hooks after it are skipped; any other hook exception is logged, and the rank acks."""
+    worker = nn.Linear(8, 4)
+    updater, receiver, trainer = _pair(fake_store, worker)
+    failed, after = [], []
+
+    def flaky(version):
+        failed.append(version)
+        raise RuntimeError("the metrics backend is down")
+
+    def forward(version):
+        if version == 1:
+            raise ApplyError("the worker processes did not take it")
+
+    for hook in (flaky, forward, after.append):
+        receiver.register_post_hook(hook)
+    updater.update_weights()
+    assert receiver.poll() == 1 and receiver.version == 1 and torch.equal(worker.weight, trainer.weight)
+    assert receiver.last_error == "error: version 1: the worker processes did not take it"
+    assert fake_store["rank:1:status"] == receiver.last_error and fake_store["rank:1:version"] == "0"
+    assert after == []
+    with pytest.raises(PushError, match="rank 1 reported: error: version 1: the worker processes") as info:
+        updater.wait(timeout=5)
+    assert info.value.errors[1] == receiver.last_error
+    assert receiver.poll() is None  # neither applied nor reported again
+    updater.update_weights()
+    assert receiver.poll() == 2 and receiver.last_error is None
+    assert fake_store["rank:1:status"] == "updated" and fake_store["rank:1:version"] == "2"
+    assert failed == [1, 2] and after == [2]
 
 
 def test_a_tensordict_policy_is_updated_in_place(fake_store):

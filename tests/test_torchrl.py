@@ -27,7 +27,13 @@ from torchrl.collectors import WeightUpdaterBase as TorchRLWeightUpdaterBase  # 
 from torchrl.weight_update import WeightSyncScheme  # noqa: E402
 
 import redis_weights.integrations.torchrl.updater as legacy_module  # noqa: E402
-from redis_weights import ConfigurationError, ReceiveTimeoutError, RedisStore  # noqa: E402
+from redis_weights import (  # noqa: E402
+    ConfigurationError,
+    PushError,
+    ReceiveTimeoutError,
+    RedisStore,
+    RedisWeightUpdater,
+)
 from redis_weights.integrations.torchrl import (  # noqa: E402
     CollectorWeightReceiver,
     RedisCollectorWeightUpdater,
@@ -176,6 +182,36 @@ def test_multisync_collector_with_the_legacy_updater(real_store: RedisStore) -> 
         collector.shutdown()
         receiver.close()
         remote.shutdown()
+        updater.close()
+
+
+def test_a_version_the_collector_cannot_forward_is_reported_not_acked(real_store: RedisStore) -> None:
+    """A multi-process collector whose ``update_policy_weights_`` raises: the rank reports the
+    error (the push fails, naming it) instead of acking a version its worker processes do not run.
+
+    Here it raises for real: the receiver fills a policy shaped like the trainer's (a
+    ``Linear``), which the collector's workers (a ``ValueNet``) have no place for.
+    """
+    def linear_policy() -> TensorDictModule:
+        return TensorDictModule(nn.Linear(1, 1), in_keys=["observation"], out_keys=["action"])
+
+    updater = RedisWeightUpdater(real_store, linear_policy(), num_workers=1, sync=False, timeout=20)
+    collector = MultiSyncCollector([make_env], make_policy(1.0), frames_per_batch=10, total_frames=-1)
+    receiver = CollectorWeightReceiver(RedisStore.from_url(real_store.url, real_store.namespace), 1, collector,
+                                       policy=linear_policy(), background=False)  # fmt: skip
+    try:
+        batches = iter(collector)
+        next(batches)
+        updater.update_weights()
+        next(batches)  # the guard applies version 1 before this batch, then forwards it: refused
+        with pytest.raises(PushError, match="rank 1 reported: error: version 1: MultiSyncCollector did not take it"):
+            updater.wait()
+        (state,) = updater.workers(1)
+        assert state.error == receiver.receiver.last_error and "KeyError" in state.error
+        assert state.version == 0 and receiver.version == 1
+    finally:
+        collector.shutdown()
+        receiver.close()
         updater.close()
 
 

@@ -32,7 +32,7 @@ from ..deployment import redacted
 from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
 from ..keys import DEFAULT_NAMESPACE, Keys
 from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
-from ..ranks import RankState, known_ranks, read_rank_states
+from ..ranks import RankState, known_ranks, parse_ack, read_rank_states
 from ..store import RedisStore
 from ..subscriptions import Subscription
 from ..values import MAX_VERSION, parse_int
@@ -229,18 +229,21 @@ class Admin:
         created = self.created_times({s.version for s in states if s.version})
         return latest, [WorkerRow.from_state(s, latest, created.get(s.version)) for s in states]
 
+    def _manifests(self, versions: list[int]) -> list[Manifest | CodecError]:
+        """The manifest of each of ``versions`` (one MGET), or the ``CodecError`` saying why it cannot be read."""
+        raws = self.client.mget([self.keyspace.manifest(v) for v in versions]) if versions else []
+        out: list[Manifest | CodecError] = []
+        for version, raw in zip(versions, raws, strict=True):
+            try:
+                out.append(Manifest.from_json(raw, version) if raw is not None else CodecError("manifest is missing"))
+            except CodecError as exc:
+                out.append(exc)
+        return out
+
     def created_times(self, versions: set[int] | list[int]) -> dict[int, float]:
         """The ``created`` time of each of ``versions`` still in Redis (one MGET of their manifests)."""
         wanted = sorted(versions)
-        raws = self.client.mget([self.keyspace.manifest(v) for v in wanted]) if wanted else []
-        created = {}
-        for version, raw in zip(wanted, raws, strict=True):
-            try:
-                if raw is not None:
-                    created[version] = Manifest.from_json(raw).created
-            except CodecError:
-                continue
-        return created
+        return {v: m.created for v, m in zip(wanted, self._manifests(wanted), strict=True) if isinstance(m, Manifest)}
 
     def versions(self) -> list[VersionRow]:
         """One row per committed version, oldest first, with the ranks that run it."""
@@ -250,16 +253,11 @@ class Admin:
         for state in self.rank_states():
             if state.version:
                 running.setdefault(state.version, []).append(state.rank)
-        raws = self.client.mget([self.keyspace.manifest(v) for v in versions]) if versions else []
         rows = []
-        for version, raw in zip(versions, raws, strict=True):
+        for version, m in zip(versions, self._manifests(versions), strict=True):
             ranks = running.get(version, [])
-            try:
-                if raw is None:
-                    raise CodecError("manifest is missing")
-                m = Manifest.from_json(raw, version)
-            except CodecError as exc:
-                rows.append(VersionRow(version, version == latest, 0.0, 0, 0, 0, "", ranks, str(exc)))
+            if isinstance(m, CodecError):
+                rows.append(VersionRow(version, version == latest, 0.0, 0, 0, 0, "", ranks, str(m)))
                 continue
             rows.append(VersionRow(version, version == latest, m.created, m.total_bytes, len(m.tensors),
                                    m.num_chunks, m.producer, ranks, keyframe=m.is_keyframe, depth=m.depth,
@@ -297,25 +295,21 @@ class Admin:
         now = time.time()
         if channel == self.keyspace.updates_channel:
             version = parse_int(data, minimum=1, maximum=MAX_VERSION)
-            if version is None:
-                log.debug("ignoring message %r on %s", data, channel)
-                return None
-            try:
-                m = self.registry.read_manifest(version)
-            except (VersionNotFoundError, CodecError):
-                return Event("push", version, now)
-            return Event("push", version, now, total_bytes=m.total_bytes, tensors=len(m.tensors),
-                         producer=m.producer)  # fmt: skip
-        rank_text, _, version_text = data.partition(":")
-        rank = parse_int(rank_text, minimum=1, maximum=MAX_VERSION)
-        acked = parse_int(version_text, minimum=0, maximum=MAX_VERSION)
-        if rank is None or acked is None:
-            log.debug("ignoring message %r on %s", data, channel)
-            return None
-        state = read_rank_states(self.client, self.keyspace, [rank])[0]
-        latency = ack_latency(state, self.created_times([state.version]).get(state.version))
-        return Event("ack", acked, now, rank=rank, status=state.status, lag=state.lag(self.registry.latest()),
-                     ack_latency=latency)  # fmt: skip
+            if version is not None:
+                try:
+                    m = self.registry.read_manifest(version)
+                except (VersionNotFoundError, CodecError):
+                    return Event("push", version, now)
+                return Event("push", version, now, total_bytes=m.total_bytes, tensors=len(m.tensors),
+                             producer=m.producer)  # fmt: skip
+        elif (ack := parse_ack(data)) is not None:
+            rank, version = ack
+            state = read_rank_states(self.client, self.keyspace, [rank])[0]
+            latency = ack_latency(state, self.created_times([state.version]).get(state.version))
+            return Event("ack", version, now, rank=rank, status=state.status, lag=state.lag(self.registry.latest()),
+                         ack_latency=latency)  # fmt: skip
+        log.debug("ignoring message %r on %s", data, channel)
+        return None
 
     # -- files ----------------------------------------------------------------------------
     def export(self, spec: str | int, path: str | os.PathLike[str]) -> Manifest:

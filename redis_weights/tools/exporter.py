@@ -23,7 +23,7 @@ import redis
 
 from .. import metrics
 from ..metrics import MetricSpec, require
-from ..ranks import ERROR_PREFIX, STATUS_PENDING, STATUS_UPDATED
+from ..ranks import ERROR_PREFIX, STATUS_PENDING, STATUS_UPDATED, is_error
 from .admin import Admin
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def status_label(status: str | None) -> str:
     """The ``status`` label of a rank's status text (an ``"error: ..."`` becomes ``error``)."""
     if status is None:
         return "none"
-    if status.startswith(ERROR_PREFIX):
+    if is_error(status):
         return "error"
     return status if status in (STATUS_PENDING, STATUS_UPDATED) else "none"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from ...errors import ConfigurationError
+from ...errors import ApplyError, ConfigurationError
 from ...store import RedisStore
 from ._collectors import is_multi_process, is_single_process, set_policy_version
 from .options import RedisSyncOptions
@@ -42,7 +42,8 @@ class CollectorWeightReceiver:
     - a ``MultiSyncCollector`` / ``MultiAsyncCollector`` (e.g. the inner collector
       of a ``DistributedCollector`` node): each step of its ``iterator()`` is
       guarded, and every applied version is forwarded to its own worker processes
-      with ``collector.update_policy_weights_(policy)`` before the rank acks.
+      with ``collector.update_policy_weights_(policy)`` before the rank acks (if that
+      raises, the rank reports ``"error: version N: ..."`` instead of ``"updated"``).
 
     Args:
         store: a ``RedisStore``, a Redis URL or a redis-py client.
@@ -161,12 +162,20 @@ class CollectorWeightReceiver:
 
     def _forward(self, version: int) -> None:
         """Post-apply hook of a multi-process collector: hand the new weights to its workers
-        (between batches), so the rank acks only once they run them."""
+        (between batches), so the rank acks only once they run them.
+
+        If the collector refuses them, the rank reports ``"error: version N: ..."``
+        (``ApplyError``) rather than claim a version its workers do not run.
+        """
         collector = self.collector
         if collector is None:
             return
         with self.receiver.lock:
-            collector.update_policy_weights_(self.receiver.policy)
+            try:
+                collector.update_policy_weights_(self.receiver.policy)
+            except Exception as exc:
+                raise ApplyError(f"{type(collector).__name__} did not take it for its worker processes "
+                                 f"({type(exc).__name__}: {exc})") from exc  # fmt: skip
         log.debug("rank %d: version %d forwarded to %s's workers", self.rank, version, type(collector).__name__)
 
     def _poll_quietly(self) -> None:

@@ -18,6 +18,7 @@ from torchrl.weight_update import WeightSyncScheme
 from ...base import WorkerIds
 from ...errors import ConfigurationError, ReceiveTimeoutError
 from ...keys import validate_namespace
+from ...ranks import check_rank, check_worker_count
 from ...store import RedisStore
 from ...updater import RedisWeightUpdater
 from ._collectors import collector_num_workers, materialize, set_policy_version, worker_index_base
@@ -101,10 +102,10 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         else:
             raise ConfigurationError(f"store must be a Redis URL or a RedisStore, got {type(store).__name__}")
         self._namespace = None if namespace is None else validate_namespace(namespace)
-        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-            raise ConfigurationError(f"rank must be a 1-based integer, got {rank!r}")
-        if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
-            raise ConfigurationError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if rank is not None:
+            check_rank(rank)
+        if num_workers is not None:
+            check_worker_count(num_workers)
         self.options = RedisSyncOptions.of(options, **overrides)
         self.num_workers = num_workers
         self.rank = rank

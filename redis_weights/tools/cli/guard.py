@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import redis
 
 from ...errors import RedisWeightsError
-from ..admin import RefusedError, connection_error_message
+from ..admin import connection_error_message
 from .args import resolve_connection
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNSAFE, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -40,7 +40,7 @@ def guarded(url: str, action: Callable[[], int], prog: str = "redis-weights") ->
     except BrokenPipeError:  # `redis-weights versions | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (RefusedError, RedisWeightsError, ValueError) as exc:
+    except (RedisWeightsError, ValueError) as exc:  # RefusedError too
         return _fail(prog, str(exc))
     except redis.exceptions.RedisError as exc:
         return _fail(prog, connection_error_message(exc, url))
