@@ -42,6 +42,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis_weights.connection import client_from_url  # noqa: E402
+from scripts import bench_train  # noqa: E402
+from scripts.bench_train import TRAIN_SYSTEMS, WORKLOADS, add_arguments  # noqa: E402
 
 CHUNK = 8 << 20
 PIPELINE_BYTES = 64 << 20
@@ -274,8 +276,13 @@ def torchrl_init(args: argparse.Namespace, rank: int, world: int) -> Any:
     return store
 
 
-def torchrl_worker(args: argparse.Namespace, model: nn.Module, record: Callable[[], None]) -> None:
-    """TorchRL's worker loop (torchrl.collectors.distributed.generic._run_collector), minus the env."""
+def torchrl_worker(
+    args: argparse.Namespace, model: nn.Module, record: Callable[[float], None],
+    after_ack: Callable[[], None] | None = None,
+) -> None:
+    """TorchRL's worker loop (torchrl.collectors.distributed.generic._run_collector), minus the env.
+
+    ``record(seconds the recv took)`` runs before the ack, ``after_ack()`` (if given) after it."""
     from tensordict import TensorDict
 
     ready(args.out)
@@ -286,9 +293,12 @@ def torchrl_worker(args: argparse.Namespace, model: nn.Module, record: Callable[
         instruction = store.get(f"NODE_{rank}_in")
         store.delete_key(f"NODE_{rank}_in")
         if instruction == b"update_weights":
+            started = time.perf_counter()
             policy_weights.recv(0)
-            record()
+            record(time.perf_counter() - started)
             store.set(f"NODE_{rank}_out", b"updated")
+            if after_ack is not None:
+                after_ack()
         elif instruction == b"shutdown":
             store.set(f"NODE_{rank}_out", b"down")
             break
@@ -433,8 +443,11 @@ def make_pusher(args: argparse.Namespace, model: nn.Module, ranks: list[int]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("role", choices=["worker", "trainer"])
-    parser.add_argument("--system", choices=SYSTEMS, required=True)
-    parser.add_argument("--size", type=int, required=True, help="model bytes")
+    parser.add_argument("--system", choices=SYSTEMS + TRAIN_SYSTEMS, required=True)
+    parser.add_argument("--size", type=int, default=0, help="model bytes (the size sweep)")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), help="a training workload instead of --size")
+    parser.add_argument("--lr", type=float, default=1e-6, help="the workload's learning rate")
+    parser.add_argument("--signals", help="workloads: the folder of the per-push hand-over files")
     parser.add_argument("--url", default="")
     parser.add_argument("--namespace", default="bench")
     parser.add_argument("--rank", type=int, default=0)
@@ -444,10 +457,18 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="/dev/shm/redis_weights", help="rw-shm: the host cache directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--go", help="trainer: push only once this file exists (every worker is ready)")
+    add_arguments(parser)
     args = parser.parse_args()
     if args.role == "trainer" and not args.go:
         parser.error("the trainer needs --go")
-    (run_worker if args.role == "worker" else run_trainer)(args)
+    if args.workload:
+        if not args.signals:
+            parser.error("a workload needs --signals")
+        (bench_train.run_worker if args.role == "worker" else bench_train.run_trainer)(args)
+    elif args.size <= 0:
+        parser.error("give --size or --workload")
+    else:
+        (run_worker if args.role == "worker" else run_trainer)(args)
 
 
 if __name__ == "__main__":
