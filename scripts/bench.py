@@ -16,6 +16,18 @@ an apply after which the first element of its first weight held that push's inde
 of every byte. Results go to a JSON file and a PNG plot; the table is printed as
 Markdown. All Redis systems share one private ``redis-server`` (flushed between
 configurations); nothing touches a Redis you run. See docs/benchmarks.md.
+
+    python scripts/bench.py --workloads finetune,frozen,classic    # issue 11 (~25 min here)
+    python scripts/bench.py --workloads finetune --lrs 1e-6 --workers 4 --systems rw-delta,torchrl
+
+The training workloads (``scripts/bench_train.py``) take real optimizer steps between
+pushes: a >= 250M-parameter decoder-only transformer with fp32 master weights and
+AdamW (``finetune``; ``frozen``: half its blocks frozen), and an fp32 MLP policy with
+Adam at lr 3e-4 (``classic``). Per push: the fraction of changed wire-dtype elements,
+the bytes written to Redis and its egress (``INFO stats``), the trainer's encode
+seconds, the push seconds, the slowest worker's apply seconds; a row is *bit-exact*
+when every worker's xxh3-128 digest of all its weight bytes equalled the trainer's
+digest of its wire-dtype weights after every push. Results: docs/bench/workloads.json.
 """
 
 from __future__ import annotations
@@ -41,7 +53,15 @@ import redis  # noqa: E402
 
 from redis_weights.server import LocalRedisServer, free_port  # noqa: E402
 from scripts.bench_procs import CHUNK, RW_SYSTEMS, SYSTEMS  # noqa: E402
-from scripts.bench_train import MODEL_FLAGS, TRAIN_SYSTEMS, WORKLOADS, add_arguments, model_flags, skip_reason  # noqa: E402
+from scripts.bench_train import (  # noqa: E402
+    MODEL_FLAGS,
+    TRAIN_SYSTEMS,
+    WORKLOADS,
+    Workload,
+    add_arguments,
+    model_flags,
+    skip_reason,
+)
 
 DEFAULT_SYSTEMS = ("rw-sync", "rw-async", "rw-shm", "raw", "naive", "torchrl")
 PROCS = str(REPO / "scripts" / "bench_procs.py")
@@ -356,6 +376,14 @@ def run_workload(
     return summarize_workload(ident, *docs)
 
 
+def workload_runs(workload: Workload, lrs: str | None) -> list[tuple[float, tuple[int, ...]]]:
+    """(learning rate, default worker counts) to run: the workload's own, or ``--lrs`` (finetune)."""
+    if not lrs or workload.name != "finetune":
+        return list(workload.runs)
+    own = dict(workload.runs)
+    return [(float(x), own.get(float(x), (1, 2, 4))) for x in lrs.split(",")]
+
+
 def summarize_workload(
     ident: dict[str, Any], trainer: dict[str, Any], worker_docs: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -425,7 +453,8 @@ def workload_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{where} {fmt(r.get('changed'), 100, 3)} | {fmt(r.get('bytes_in'), mb, 4)} | {fmt(ratio, 1, 3)} "
             f"| {fmt(r.get('bytes_out'), mb, 4)} | {fmt(r.get('encode_s'))} | {fmt(r['push_s'])} "
-            f"| {fmt(r.get('apply_s'))} | {fmt(r.get('worker_rss_growth'), mb, 4)} | {'yes' if r['verified'] else 'NO'} |"
+            f"| {fmt(r.get('apply_s'))} | {fmt(r.get('worker_rss_growth'), mb, 4)} "
+            f"| {'yes' if r['verified'] else 'NO'} |"
         )
     return "\n".join(lines)
 
@@ -503,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated model sizes (default 1MB,100MB,1GB; none with --workloads)")
     parser.add_argument("--workloads", default="", help=f"training workloads, from {', '.join(WORKLOADS)}")
     parser.add_argument("--lrs", help="finetune: comma-separated learning rates (default 1e-6,1e-5)")
-    parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
+    parser.add_argument("--workers", help="comma-separated worker counts (default 1,2,4; workloads: their own)")
     parser.add_argument("--systems", help=f"from {', '.join(SYSTEMS)} (the sweep) and {', '.join(TRAIN_SYSTEMS)} "
                         "(workloads); default: every sweep system and each workload's own peers")
     parser.add_argument("--repeats", type=int, default=5, help="timed pushes per configuration")
@@ -530,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown workloads {sorted(set(workloads) - set(WORKLOADS))}; choose from {list(WORKLOADS)}")
     sizes = [parse_size(s) for s in (args.sizes if args.sizes is not None else
                                      "" if workloads else "1MB,100MB,1GB").split(",") if s.strip()]
-    counts = [int(n) for n in args.workers.split(",")]
+    counts = [int(n) for n in (args.workers or "1,2,4").split(",")]
     chosen = None if args.systems is None else [s.strip() for s in args.systems.split(",")]
     if chosen is not None and set(chosen) - set(SYSTEMS) - set(TRAIN_SYSTEMS):
         parser.error(f"unknown systems {sorted(set(chosen) - set(SYSTEMS) - set(TRAIN_SYSTEMS))}; "
@@ -559,11 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                           + (f"  ERROR {row['error'][:200]}" if row.get("error") else ""), file=sys.stderr, flush=True)
         flags = model_flags(args)
         for name in workloads:
-            workload = WORKLOADS[name]
-            lrs = [float(x) for x in args.lrs.split(",")] if args.lrs and name == "finetune" else workload.lrs
-            peers = [s for s in (chosen or workload.systems) if s in TRAIN_SYSTEMS]
-            for lr in lrs:
-                for n in counts:
+            for lr, default_counts in workload_runs(WORKLOADS[name], args.lrs):
+                peers = [s for s in (chosen or WORKLOADS[name].systems) if s in TRAIN_SYSTEMS]
+                for n in counts if args.workers else default_counts:
                     for system in peers:
                         t = time.monotonic()
                         row = run_workload(url, name, lr, system, n, args.repeats_train, args.timeout, flags)
