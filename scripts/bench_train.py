@@ -284,33 +284,39 @@ def rw_pusher(args: argparse.Namespace, system: str, trainer: Trainer, wire: Wir
         weights = wire.model  # no wire_dtype in the library yet: push the trainer's own cast
     updater = RedisWeightUpdater(store, weights, len(ranks), sync=True, retention=1, timeout=600, **options)
     encode = PhaseTimer(updater)
-    return Pusher(updater.update_weights, encode.last, updater.close)
+    return Pusher(updater.update_weights, encode.take, updater.close)
 
 
 class PhaseTimer:
-    """Seconds the updater's last push spent encoding (casting, hashing, diffing).
+    """Seconds the updater's last push spent encoding: the encoder (cast to the wire dtype,
+    chunk ids) and, with ``delta=True``, the delta planner (diffing and patch encoding).
 
-    Times the encoder the updater calls, from the outside (the library records no
-    per-phase timings); None when this checkout's updater has no such encoder."""
+    Timed from the outside (the library records no per-phase timings) by wrapping the
+    methods the updater calls; None when this checkout's updater has neither."""
+
+    PHASES = (("_encoder", "encode"), ("_delta", "plan"))
 
     def __init__(self, updater: Any) -> None:
         self.seconds: float | None = None
-        encoder = getattr(updater, "_encoder", None)
-        if encoder is None or not callable(getattr(encoder, "encode", None)):
-            return
-        inner = encoder.encode
+        for owner, method in self.PHASES:
+            target = getattr(updater, owner, None)
+            if target is not None and callable(getattr(target, method, None)):
+                setattr(target, method, self._timed(getattr(target, method)))
 
+    def _timed(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*a: Any, **k: Any) -> Any:
             start = time.perf_counter()
             try:
                 return inner(*a, **k)
             finally:
-                self.seconds = time.perf_counter() - start
+                self.seconds = (self.seconds or 0.0) + time.perf_counter() - start
 
-        encoder.encode = timed
+        return timed
 
-    def last(self) -> float | None:
-        return self.seconds
+    def take(self) -> float | None:
+        """The seconds since the last ``take()``, and start counting again."""
+        seconds, self.seconds = self.seconds, None
+        return seconds
 
 
 def torchrl_pusher(args: argparse.Namespace, wire: WireCopy, ranks: list[int]) -> Pusher:
