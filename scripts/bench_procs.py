@@ -17,6 +17,9 @@ Systems (see docs/benchmarks.md):
                               checksum, no manifest; pipelined chunks; acks via MGET
   naive                       torch.save -> one SET + PUBLISH; GET + torch.load + load_state_dict
   torchrl                     TorchRL's DistributedWeightUpdater over gloo + TCPStore
+
+With ``--workload`` (issue 11) the processes train and push instead: see
+``scripts/bench_train.py`` (systems rw-dense, rw-delta, torchrl).
 """
 
 from __future__ import annotations
