@@ -16,6 +16,7 @@ the library's own pieces (``VersionRegistry``, ``Manifest``, ``read_rank_states`
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import time
 import uuid
@@ -26,6 +27,7 @@ from typing import Any
 
 import redis
 
+from .assemble import assemble
 from .errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
 from .fleet import RankState, read_rank_states
 from .keys import DEFAULT_NAMESPACE, Keys
@@ -55,6 +57,10 @@ class VersionRow:
     producer: str
     ranks: list[int] = field(default_factory=list)
     error: str | None = None  # a manifest that could not be read
+    keyframe: bool = False  # every chunk stored whole (no patch chain)
+    depth: int = 0  # versions since its keyframe
+    stored_bytes: int = 0  # what a reader holding nothing downloads
+    new_bytes: int = 0  # what its push uploaded
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +103,8 @@ class Event:
 
 
 def manifest_dict(manifest: Manifest) -> dict[str, Any]:
-    """A JSON-ready view of a manifest: version facts, tensors (offset order) and chunks."""
+    """A JSON-ready view of a manifest: version facts, storage (keyframe or patches), tensors
+    (offset order) and chunks."""
     return {
         "version": manifest.version,
         "created": manifest.created,
@@ -106,13 +113,23 @@ def manifest_dict(manifest: Manifest) -> dict[str, Any]:
         "header_bytes": manifest.header_len,
         "metadata": dict(manifest.metadata),
         "checksum_algo": manifest.checksum_algo,
+        "storage": "full" if manifest.is_keyframe else "patch",
+        "keyframe": manifest.keyframe,
+        "base": manifest.parent,
+        "chain_length": manifest.depth,
+        "longest_chain": max((len(c.steps) for c in manifest.chunks), default=0),
+        "stored_bytes": manifest.stored_bytes(),
+        "new_bytes": manifest.uploaded_bytes,
+        "wire_dtype": manifest.wire_dtype,
+        "cast": dict(manifest.cast),
         "tensors": [
             {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes,
              "offsets": [manifest.header_len + e.begin, manifest.header_len + e.end]}
             for e in manifest.tensors
         ],  # fmt: skip
-        "chunks": [{"index": i, "bytes": size, "checksum": manifest.checksums[i]}
-                   for i, size in enumerate(manifest.chunk_sizes)],  # fmt: skip
+        "chunks": [{"index": i, "bytes": size, "id": entry.id, "base": entry.base,
+                    "patches": [{"id": s.patch, "bytes": s.size} for s in entry.steps]}
+                   for i, (entry, size) in enumerate(zip(manifest.chunks, manifest.chunk_sizes, strict=True))],
     }
 
 
@@ -211,12 +228,13 @@ class Admin:
             try:
                 if raw is None:
                     raise CodecError("manifest is missing")
-                m = Manifest.from_json(raw)
+                m = Manifest.from_json(raw, version)
             except CodecError as exc:
                 rows.append(VersionRow(version, version == latest, 0.0, 0, 0, 0, "", ranks, str(exc)))
                 continue
             rows.append(VersionRow(version, version == latest, m.created, m.total_bytes, len(m.tensors),
-                                   m.num_chunks, m.producer, ranks))  # fmt: skip
+                                   m.num_chunks, m.producer, ranks, keyframe=m.is_keyframe, depth=m.depth,
+                                   stored_bytes=m.stored_bytes(), new_bytes=m.uploaded_bytes))  # fmt: skip
         return rows
 
     def watch(self, timeout: float | None = None) -> Iterator[Event]:
@@ -264,7 +282,8 @@ class Admin:
 
     # -- files ----------------------------------------------------------------------------
     def export(self, spec: str | int, path: str | os.PathLike[str]) -> Manifest:
-        """Write a version (verified chunk by chunk) to ``path``: a ``.safetensors`` file.
+        """Write a version to ``path``: a ``.safetensors`` file, bit-exact, whether the version is
+        stored whole or as patches (keyframe chunks patched in the file, each chunk verified).
 
         Written to a temporary file in the same directory, then renamed: a reader
         never sees half a file. The file gets the mode of any new file (0666 less the
@@ -279,14 +298,20 @@ class Admin:
             why = "is not a directory" if target.parent.exists() else "does not exist"
             raise ConfigurationError(f"cannot write {path}: directory {target.parent} {why}")
         manifest = self.manifest(spec)
-        _, chunks = self.registry.read(manifest.version)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
             try:
-                with os.fdopen(fd, "wb") as f:
-                    for chunk in chunks:
-                        f.write(chunk)
+                try:
+                    os.ftruncate(fd, manifest.total_bytes)
+                    with mmap.mmap(fd, manifest.total_bytes) as region:
+                        view = memoryview(region)
+                        try:
+                            assemble(self.registry.chunks, manifest, view, [])
+                        finally:
+                            view.release()
+                finally:
+                    os.close(fd)
                 os.replace(tmp, target)
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -305,7 +330,9 @@ class Admin:
         """Publish a ``.safetensors`` checkpoint as a new version, through ``RedisWeightUpdater``.
 
         Every rank that has joined is marked ``"pending"``; nothing waits for acks and
-        no version is garbage-collected. The file's own ``__metadata__`` is kept.
+        no version is garbage-collected. The file's own ``__metadata__`` is kept. Chunks
+        Redis already holds (the file was exported from a retained version) are not
+        uploaded again.
         """
         from .updater import RedisWeightUpdater  # imports torch: only this command needs it
 

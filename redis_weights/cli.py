@@ -88,10 +88,12 @@ def cmd_versions(admin: Admin, args: argparse.Namespace) -> int:
     table = [
         (f"{r.version}{' (latest)' if r.latest else ''}", utc_time(r.created),
          human_bytes(r.total_bytes) if not r.error else "?", r.tensors if not r.error else "?",
+         ("?" if r.error else "keyframe" if r.keyframe else f"patch +{r.depth}"),
+         human_bytes(r.new_bytes) if not r.error else "?",
          r.error or r.producer, ",".join(map(str, r.ranks)) or "-")
         for r in reversed(rows)
     ]  # fmt: skip
-    print_table(["version", "created (UTC)", "size", "tensors", "producer", "ranks"], table,
+    print_table(["version", "created (UTC)", "size", "tensors", "stored", "new", "producer", "ranks"], table,
                 title=f"namespace {admin.keyspace.namespace!r}")  # fmt: skip
     return 0
 
@@ -103,13 +105,24 @@ def cmd_show(admin: Admin, args: argparse.Namespace) -> int:
         return 0
     print(f"version {doc['version']}  created {utc_time(doc['created'])} UTC  by {doc['producer'] or '-'}")
     print(f"{human_bytes(doc['total_bytes'])} ({doc['total_bytes']} bytes) in {len(doc['chunks'])} chunk(s), "
-          f"{len(doc['tensors'])} tensor(s), {doc['checksum_algo']} checksums")  # fmt: skip
+          f"{len(doc['tensors'])} tensor(s), {doc['checksum_algo']} chunk ids")  # fmt: skip
+    if doc["storage"] == "full":
+        storage = "full (keyframe)"
+    else:
+        storage = (f"patch against version {doc['base']}, chain length {doc['chain_length']} "
+                   f"from keyframe {doc['keyframe']}")  # fmt: skip
+    print(f"stored: {storage}; {human_bytes(doc['stored_bytes'])} stored, {human_bytes(doc['new_bytes'])} new"
+          + (f"; wire dtype {doc['wire_dtype']} ({len(doc['cast'])} tensor(s) cast)" if doc["wire_dtype"] else ""))
     for key, value in doc["metadata"].items():
         print(f"metadata {key} = {value}")
     print_table(["tensor", "dtype", "shape", "bytes"],
                 [(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"])
                  for t in doc["tensors"]])  # fmt: skip
-    print_table(["chunk", "bytes", "checksum"], [(c["index"], c["bytes"], c["checksum"]) for c in doc["chunks"]])
+    print_table(["chunk", "bytes", "id", "stored as"],
+                [(c["index"], c["bytes"], c["id"],
+                  f"base {c['base'][:12]} + {len(c['patches'])} patch(es), "
+                  f"{sum(p['bytes'] for p in c['patches'])} bytes" if c["base"] else "whole")
+                 for c in doc["chunks"]])  # fmt: skip
     return 0
 
 

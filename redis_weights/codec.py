@@ -2,12 +2,15 @@
 
 The stream of one version is a valid ``.safetensors`` file: an 8-byte little-endian
 header length, the JSON header (padded with spaces to a multiple of 8), then the
-tensor data. It is cut into chunks; concatenated in order they give the file back.
+tensor data. It is cut into fixed-size chunks by stream offset, so a region that
+did not change gives the same chunk (and chunk id) from version to version;
+concatenated in order they give the file back.
 
-Encoding reads the tensors' own memory (memoryviews of CPU tensors): big tensors
-become chunks without any copy, only runs of small tensors are gathered into one
-chunk. Tensors that are not contiguous CPU tensors (CUDA, strided views) or a
-``snapshot`` (async push) go through one reused staging buffer.
+Encoding reads the tensors' own memory (memoryviews of CPU tensors): a chunk that
+lies inside one tensor is sent without any copy, a chunk that spans several is
+gathered into one reused buffer when it is needed. Tensors that are not contiguous
+CPU tensors (CUDA, strided views), a ``snapshot`` (async push) and tensors cast to a
+``wire_dtype`` go through one reused staging buffer.
 
 Decoding never unpickles and never calls ``torch.load``: the manifest is JSON,
 validated field by field, and bytes are copied into the live tensors in place.
@@ -32,9 +35,10 @@ from .manifest import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     Buffer,
+    ChunkEntry,
     Manifest,
     TensorEntry,
-    checksum,
+    checksum_parts,
     header_bytes,
     parse_header_bytes,
 )
@@ -98,18 +102,25 @@ def _flatten_mapping(mapping: Mapping[Any, Any], prefix: str) -> Iterable[tuple[
 # ---------------------------------------------------------------------------------------
 # Layout: where each tensor goes in the safetensors stream
 # ---------------------------------------------------------------------------------------
-def layout_for(tensors: Mapping[str, torch.Tensor]) -> list[TensorEntry]:
-    """Entries for ``tensors``, ordered as safetensors orders them (wider dtypes first, then name),
-    so that every tensor starts at an offset aligned to its element size."""
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+WIRE_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def wire_dtype_of(tensor: torch.Tensor, wire: torch.dtype | None) -> torch.dtype:
+    """The dtype ``tensor`` is sent in: ``wire`` for floating tensors when one is set, else its own."""
+    return wire if wire is not None and tensor.dtype.is_floating_point else tensor.dtype
+
+
+def layout_for(tensors: Mapping[str, torch.Tensor], wire: torch.dtype | None = None) -> list[TensorEntry]:
+    """Entries for ``tensors`` (floating ones in ``wire``), ordered as safetensors orders them
+    (wider dtypes first, then name), so that every tensor starts at an offset aligned to its element size."""
+    dtypes = {name: wire_dtype_of(t, wire) for name, t in tensors.items()}
+    order = sorted(tensors, key=lambda n: (-dtypes[n].itemsize, n))
     entries, offset = [], 0
     for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        entries.append(TensorEntry(name, DTYPE_CODES[t.dtype], tuple(t.shape), offset, offset + nbytes))
+        nbytes = tensors[name].numel() * dtypes[name].itemsize
+        entries.append(TensorEntry(name, DTYPE_CODES[dtypes[name]], tuple(tensors[name].shape), offset, offset + nbytes))
         offset += nbytes
     return entries
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,19 +131,24 @@ Chunk = list[memoryview]  # the parts of one chunk, in order; one part: a zero-c
 
 @dataclass
 class Encoded:
-    """One version, ready to upload: its layout and its chunks, planned but not built.
+    """One version, ready to upload: its layout and its fixed-size chunks, planned but not built.
 
     A chunk of one part is a view of the weights' (or the staging buffer's) memory;
-    a chunk of several small parts is gathered only when ``stream()`` reaches it, into
+    a chunk of several parts is gathered only when ``chunk()`` is asked for it, into
     one buffer reused from chunk to chunk, so encoding never holds more than one
-    chunk of copied bytes. Checksums are computed as the chunks stream by.
+    chunk of copied bytes. ``ids`` (content hashes) are computed from the parts,
+    without gathering.
     """
 
     header_len: int
     tensors: list[TensorEntry]
+    chunk_size: int
     plan: list[Chunk]
     metadata: dict[str, str]
-    checksums: list[str] = field(default_factory=list)
+    wire_dtype: str | None = None
+    cast: dict[str, str] = field(default_factory=dict)
+    _ids: list[str] | None = None
+    _gather: bytearray | None = None
 
     @property
     def chunk_sizes(self) -> list[int]:
@@ -143,44 +159,40 @@ class Encoded:
         return sum(self.chunk_sizes)
 
     @property
-    def chunks(self) -> list[Buffer]:
-        """Every chunk built at once (gathered ones as fresh ``bytes``): for tests and tools."""
-        return [parts[0] if len(parts) == 1 else b"".join(parts) for parts in self.plan]
+    def ids(self) -> list[str]:
+        """The id (xxh3-128) of every chunk, computed once."""
+        if self._ids is None:
+            self._ids = [checksum_parts(parts) for parts in self.plan]
+        return self._ids
 
-    def stream(self) -> Iterator[tuple[Buffer, bool]]:
-        """Yield ``(chunk, reused)`` in order, recording checksums; a ``reused`` chunk lives in
-        the gather buffer and is overwritten when the next chunk is requested."""
-        self.checksums = []
-        gather: bytearray | None = None
-        for parts in self.plan:
-            if len(parts) == 1:
-                chunk: Buffer = parts[0]
-            else:
-                size = sum(len(p) for p in parts)
-                if gather is None:  # sized for the largest gathered chunk, allocated once
-                    gather = bytearray(max(sum(len(p) for p in q) for q in self.plan if len(q) > 1))
-                view = memoryview(gather)
-                offset = 0
-                for p in parts:
-                    view[offset : offset + len(p)] = p
-                    offset += len(p)
-                chunk = view[:size]
-            self.checksums.append(checksum(chunk))
-            yield chunk, len(parts) > 1
+    def chunk(self, index: int) -> tuple[Buffer, bool]:
+        """``(bytes of chunk index, reused)``: a ``reused`` chunk lives in the gather buffer
+        and is overwritten by the next ``chunk()`` call."""
+        parts = self.plan[index]
+        if len(parts) == 1:
+            return parts[0], False
+        if self._gather is None:
+            self._gather = bytearray(self.chunk_size)
+        view = memoryview(self._gather)
+        offset = 0
+        for p in parts:
+            view[offset : offset + len(p)] = p
+            offset += len(p)
+        return view[:offset], True
 
-    def manifest(self, version: int, *, created: float, producer: str) -> Manifest:
-        """The manifest; checksums come from ``stream()`` if it ran to the end, else are computed."""
-        if len(self.checksums) != len(self.plan):
-            self.checksums = [checksum(c) for c in self.chunks]
+    def manifest(self, version: int, chunks: Sequence[ChunkEntry] | None = None, **fields: Any) -> Manifest:
+        """The manifest of this stream as ``version``; ``chunks`` default to every chunk stored whole."""
         return Manifest(
             version=version,
             header_len=self.header_len,
             tensors=self.tensors,
-            chunk_sizes=self.chunk_sizes,
-            checksums=list(self.checksums),
+            chunk_size=self.chunk_size,
+            total_bytes=self.total_bytes,
+            chunks=list(chunks) if chunks is not None else [ChunkEntry(i) for i in self.ids],
             metadata=self.metadata,
-            created=created,
-            producer=producer,
+            wire_dtype=self.wire_dtype,
+            cast=self.cast,
+            **fields,
         )
 
 
@@ -195,15 +207,17 @@ class Encoder:
 
     ``snapshot=True`` copies every tensor into the staging buffer (so the caller may
     modify its weights while the chunks upload); otherwise only tensors that are not
-    contiguous CPU tensors are copied there and the rest are read in place. Tensors
-    copied into the staging buffer lie back to back in stream order, so their bytes
-    are sent as one run of zero-copy chunks.
+    contiguous CPU tensors, or that are cast to ``wire_dtype``, are copied there and
+    the rest are read in place.
     """
 
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, wire_dtype: torch.dtype | None = None) -> None:
         if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be within {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
+        if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(map(str, WIRE_DTYPES))}, got {wire_dtype}")
         self.chunk_size = chunk_size
+        self.wire_dtype = wire_dtype
         self._staging: torch.Tensor | None = None
 
     def _staging_buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
@@ -220,11 +234,15 @@ class Encoder:
         metadata: Mapping[str, str] | None = None,
     ) -> Encoded:
         tensors = flatten_weights(weights)
-        entries = layout_for(tensors)
+        entries = layout_for(tensors, self.wire_dtype)
+        cast = {
+            e.name: DTYPE_CODES[tensors[e.name].dtype] for e in entries if DTYPE_CODES[tensors[e.name].dtype] != e.dtype
+        }
         head = header_bytes(entries, metadata)
         data_size = entries[-1].end if entries else 0
         needs_copy = [
-            snapshot or t.device.type != "cpu" or not t.is_contiguous() for t in (tensors[e.name] for e in entries)
+            snapshot or e.name in cast or t.device.type != "cpu" or not t.is_contiguous()
+            for e, t in ((e, tensors[e.name]) for e in entries)
         ]
         staging = None
         if any(needs_copy):
@@ -239,7 +257,9 @@ class Encoder:
             if copy:
                 assert staging is not None
                 region = staging[entry.begin : entry.end]
-                if t.device.type == "cpu":  # one memcpy; torch's threaded copy stalls on a busy machine
+                if entry.name in cast:  # a cast is a copy anyway
+                    region.view(entry.torch_dtype).copy_(t.reshape(-1), non_blocking=t.device.type == "cuda")
+                elif t.device.type == "cpu":  # one memcpy; torch's threaded copy stalls on a busy machine
                     np.copyto(region.numpy(), np.frombuffer(_byte_view(t.contiguous()), dtype=np.uint8))
                 else:
                     region.copy_(t.contiguous().reshape(-1).view(torch.uint8), non_blocking=True)
@@ -253,49 +273,46 @@ class Encoder:
         if staging is not None and staging.is_pinned():
             torch.cuda.synchronize()
         views = [_byte_view(staging[p[0] : p[1]]) if isinstance(p, tuple) else p for p in pieces]  # type: ignore[index]
-        return Encoded(len(head), entries, plan_chunks(views, self.chunk_size), dict(metadata or {}))
+        wire = DTYPE_CODES[self.wire_dtype] if self.wire_dtype is not None else None
+        return Encoded(len(head), entries, self.chunk_size, plan_chunks(views, self.chunk_size), dict(metadata or {}),
+                       wire, cast)  # fmt: skip
 
 
 def plan_chunks(pieces: Sequence[Buffer], chunk_size: int) -> list[Chunk]:
-    """Cut a stream given as pieces into chunks of at most ``chunk_size`` bytes, order kept.
-
-    Pieces of at least half a chunk become chunks of their own (zero-copy views);
-    runs of smaller pieces are grouped into one chunk, to be gathered when sent.
-    """
+    """Cut a stream given as pieces into chunks of exactly ``chunk_size`` bytes (the last one
+    may be shorter), at fixed stream offsets: chunk i is bytes ``[i*chunk_size, (i+1)*chunk_size)``.
+    Each chunk is the list of views of the pieces it spans, order kept."""
     chunks: list[Chunk] = []
-    group: Chunk = []
-    grouped = 0
+    current: Chunk = []
+    room = chunk_size
     for piece in pieces:
-        view = memoryview(piece).cast("B") if not isinstance(piece, memoryview) else piece
-        for start in range(0, len(view), chunk_size):
-            part = view[start : start + chunk_size]
-            if len(part) >= chunk_size // 2 or grouped + len(part) > chunk_size:
-                if group:
-                    chunks.append(group)
-                group, grouped = [], 0
-            if len(part) >= chunk_size // 2:
-                chunks.append([part])
-            else:
-                group.append(part)
-                grouped += len(part)
-    if group:
-        chunks.append(group)
+        view = piece if isinstance(piece, memoryview) else memoryview(piece)
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        position = 0
+        while position < len(view):
+            take = min(room, len(view) - position)
+            current.append(view[position : position + take])
+            position += take
+            room -= take
+            if room == 0:
+                chunks.append(current)
+                current, room = [], chunk_size
+    if current:
+        chunks.append(current)
     return chunks
-
-
-def chunk_pieces(pieces: Sequence[Buffer], chunk_size: int) -> list[Buffer]:
-    """``plan_chunks``, with every chunk built (gathered ones joined into fresh bytes)."""
-    return [parts[0] if len(parts) == 1 else b"".join(parts) for parts in plan_chunks(pieces, chunk_size)]
 
 
 # ---------------------------------------------------------------------------------------
 # Decoding into live tensors
 # ---------------------------------------------------------------------------------------
-def check_compatible(
-    entries: Sequence[TensorEntry], targets: Mapping[str, torch.Tensor], *, allow_cast: bool = False
-) -> None:
-    """Raise ``WeightMismatchError`` naming the first key whose presence, shape or dtype differs."""
-    incoming = {e.name: e for e in entries}
+def check_compatible(manifest: Manifest, targets: Mapping[str, torch.Tensor], *, allow_cast: bool = False) -> None:
+    """Raise ``WeightMismatchError`` naming the first key whose presence, shape or dtype differs.
+
+    A dtype that differs is accepted with ``allow_cast``, and for a floating target
+    when the trainer chose the cast explicitly (``wire_dtype``: the tensor is in the
+    manifest's ``cast`` table).
+    """
+    incoming = {e.name: e for e in manifest.tensors}
     missing = sorted(set(targets) - set(incoming))
     if missing:
         raise WeightMismatchError(f"key {missing[0]!r} is missing from the pushed weights ({len(missing)} missing)")
@@ -308,8 +325,11 @@ def check_compatible(
             raise WeightMismatchError(
                 f"key {name!r}: shape {list(entry.shape)} pushed, the policy has {list(target.shape)}"
             )
-        if target.dtype != entry.torch_dtype and not allow_cast:
-            raise WeightMismatchError(f"key {name!r}: dtype {entry.torch_dtype} pushed, the policy has {target.dtype}")
+        if target.dtype == entry.torch_dtype or allow_cast:
+            continue
+        if name in manifest.cast and target.dtype.is_floating_point:
+            continue  # the trainer chose this cast (wire_dtype)
+        raise WeightMismatchError(f"key {name!r}: dtype {entry.torch_dtype} pushed, the policy has {target.dtype}")
 
 
 class _ChunkedStream:
@@ -334,17 +354,17 @@ class _ChunkedStream:
             i += 1
 
 
-def check_header(stream: _ChunkedStream, manifest: Manifest) -> None:
+def check_header(chunks: Sequence[Buffer], manifest: Manifest) -> None:
     """Raise ``IntegrityError`` unless the safetensors header at the start of the (verified)
     chunks describes exactly the manifest's tensors.
 
-    The checksums vouch for the chunks, not for the manifest's tensor table: without
+    The chunk ids vouch for the chunks, not for the manifest's tensor table: without
     this check a manifest edited after the commit (two same-shape tensors swapped)
     would put verified bytes into the wrong tensors. One parse of the header, which
     usually lies in chunk 0.
     """
     head = np.empty(manifest.header_len, dtype=np.uint8)
-    stream.copy_range(0, manifest.header_len, head)
+    _ChunkedStream(chunks).copy_range(0, manifest.header_len, head)
     where = f"version {manifest.version}"
     try:
         start, entries = parse_header_bytes(head.data, manifest.total_bytes)
@@ -362,31 +382,38 @@ def check_header(stream: _ChunkedStream, manifest: Manifest) -> None:
         )
 
 
-def apply_chunks(
+def tensors_in_chunks(manifest: Manifest, indices: Iterable[int]) -> set[str]:
+    """Names of the tensors whose bytes overlap any of the chunks ``indices``."""
+    changed = sorted(set(indices))
+    names = set()
+    for entry in manifest.tensors:
+        if entry.nbytes == 0:
+            continue
+        first = (manifest.header_len + entry.begin) // manifest.chunk_size
+        last = (manifest.header_len + entry.end - 1) // manifest.chunk_size
+        at = bisect.bisect_left(changed, first)
+        if at < len(changed) and changed[at] <= last:
+            names.add(entry.name)
+    return names
+
+
+def copy_tensors(
     chunks: Sequence[Buffer],
     manifest: Manifest,
     targets: Mapping[str, torch.Tensor],
-    *,
-    allow_cast: bool = False,
+    names: set[str] | None = None,
 ) -> None:
-    """Verify every chunk and the header inside them, check the layout against ``targets``,
-    then copy in place.
+    """Copy the verified chunks of a version into ``targets`` in place (all tensors, or ``names``).
 
-    Nothing is written into ``targets`` unless every check passes, so a failure
-    leaves the old weights whole. The target tensors keep their identity, device
-    and dtype (``data_ptr`` unchanged).
+    The caller has checked the chunks (ids), the header (``check_header``) and the
+    layout (``check_compatible``). The target tensors keep their identity, device
+    and dtype (``data_ptr`` unchanged); a dtype that differs is cast on copy.
     """
-    if len(chunks) != manifest.num_chunks:
-        raise IntegrityError(f"version {manifest.version}: got {len(chunks)} chunks, expected {manifest.num_chunks}")
-    for index, data in enumerate(chunks):
-        manifest.verify_chunk(index, data)
     stream = _ChunkedStream(chunks)
-    check_header(stream, manifest)
-    check_compatible(manifest.tensors, targets, allow_cast=allow_cast)
     base = manifest.header_len
     with torch.no_grad():
         for entry in manifest.tensors:
-            if entry.nbytes == 0:
+            if entry.nbytes == 0 or (names is not None and entry.name not in names):
                 continue
             target = targets[entry.name]
             direct = target.device.type == "cpu" and target.is_contiguous() and target.dtype == entry.torch_dtype
@@ -397,10 +424,3 @@ def apply_chunks(
                 tmp = torch.empty(entry.nbytes, dtype=torch.uint8)
                 stream.copy_range(base + entry.begin, base + entry.end, tmp.numpy())
                 target.copy_(tmp.view(entry.torch_dtype).view(entry.shape))
-
-
-def decode_to_tensors(chunks: Sequence[Buffer], manifest: Manifest) -> dict[str, torch.Tensor]:
-    """New CPU tensors for every entry of a version, verified first (admin tools, tests)."""
-    targets = {e.name: torch.empty(e.shape, dtype=e.torch_dtype) for e in manifest.tensors}
-    apply_chunks(chunks, manifest, targets)
-    return targets

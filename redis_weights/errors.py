@@ -17,8 +17,16 @@ class CodecError(RedisWeightsError, ValueError):
     """Weights that cannot be encoded, or bytes that are not a valid version."""
 
 
+class PatchError(CodecError):
+    """A chunk patch (``redis_weights.patch``) that is malformed, corrupted, or meant for another chunk."""
+
+
 class IntegrityError(CodecError):
     """A chunk whose checksum or size does not match the manifest (corrupted or truncated)."""
+
+
+class LegacyFormatError(CodecError):
+    """A version written by an older release in a format this one does not read (see the message)."""
 
 
 class VersionNotFoundError(RedisWeightsError, KeyError):

@@ -205,9 +205,10 @@ _WORKER, _TRAINER = "worker", "trainer"
 
 
 def _needed_commands(keyspace: Keys) -> list[tuple[str, list[str], str]]:
-    chunk = keyspace.chunk(1, 0)
+    chunk = keyspace.chunk("0" * 32)
     return [
         ("GET", [keyspace.latest], _WORKER),
+        ("GET", [chunk], _WORKER),
         ("MGET", [keyspace.rank_status(1), keyspace.rank_version(1)], _WORKER),
         ("SET", [keyspace.rank_alive(1), "x"], _WORKER),
         ("EVALSHA", ["0" * 40, "1", keyspace.latest], _WORKER),
@@ -218,8 +219,9 @@ def _needed_commands(keyspace: Keys) -> list[tuple[str, list[str], str]]:
         ("PUBLISH", [keyspace.updates_channel, "0"], _TRAINER),
         ("ZRANGE", [keyspace.versions, "0", "-1"], _TRAINER),
         ("ZREM", [keyspace.versions, "1"], _TRAINER),
+        ("EXISTS", [chunk], _TRAINER),
         ("DEL", [chunk], _TRAINER),
-        ("COPY", [chunk, keyspace.chunk(2, 0)], _TRAINER),
+        ("SCAN", ["0", "MATCH", keyspace.chunk_pattern], _TRAINER),
     ]
 
 
@@ -243,7 +245,8 @@ def check_acl(client: redis.Redis, keyspace: Keys) -> Finding:
         log.debug("ACL DRYRUN refused (%s); probing instead", exc)
         denied = {_WORKER: _probe_rights(client, keyspace), _TRAINER: []}
     ns = keyspace.namespace
-    fix = f"ACL SETUSER {user} ~rw:{{{ns}}}:* &rw:{{{ns}}}:* +@read +@write +@scripting +@pubsub +@connection +info"
+    patterns = " ".join(f"~{p}" for p in keyspace.acl_key_patterns)
+    fix = f"ACL SETUSER {user} {patterns} &rw:{{{ns}}}:* +@read +@write +@scripting +@pubsub +@connection +info"
     if denied[_WORKER]:
         return Finding("acl", UNSAFE, f"user {user!r} lacks rights: " + "; ".join(denied[_WORKER] + denied[_TRAINER]),
                        fix)  # fmt: skip

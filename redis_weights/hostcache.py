@@ -1,24 +1,28 @@
 """One fetch per host and version: a safetensors file in /dev/shm shared by the local workers.
 
 The first local worker to claim a version (an exclusive ``flock`` on the version's
-lock file) reads its chunks from Redis straight into a file in shared memory and
-renames it into place once every chunk matches the manifest. The other local
-workers wait on that lock, then memory-map the file: Redis sends one model size per
-version to the host, however many workers run there.
+lock file) builds it in a file in shared memory and renames it into place once
+every chunk matches the manifest. The other local workers wait on that lock, then
+memory-map the file: Redis sends each version to the host once, however many
+workers run there.
+
+The fetcher builds the new file from an old version's file, recycled (fresh
+shared-memory pages are expensive: allocating and zeroing them cost more than the
+transfer here): it hashes the old file's chunks, keeps those the new version
+shares, and reads or patches only the others (``assemble.py``). With deltas a
+version costs the host its patches, not a model size.
 
 The file is a plain ``.safetensors`` file (its chunks concatenated). Its name
-carries the version and a digest of the manifest's chunk checksums; every reader
+carries the version and a digest of the manifest's chunk ids; every reader
 verifies every chunk against the manifest it read from Redis, so a stale, foreign
 or damaged file is deleted and refetched, never applied.
 
-Fresh shared-memory pages are expensive (allocating and zeroing them cost more than
-the transfer here), so the file of an old version is recycled for the next one. A
-reader holds a shared ``flock`` on the file for as long as it maps it, and a fetcher
-recycles only a file it can lock exclusively (so nobody is reading it), renaming it
-away before writing: a reader that opened it just before checks, once it holds its
-lock, that the name still points at the file it opened.
+A reader holds a shared ``flock`` on the file for as long as it maps it, and a
+fetcher recycles only a file it can lock exclusively (so nobody is reading it),
+renaming it away before writing: a reader that opened it just before checks, once
+it holds its lock, that the name still points at the file it opened.
 
-Every worker trusts the files of the directory (the chunk checks are xxh3, not
+Every worker trusts the files of the directory (the chunk ids are xxh3, not
 cryptographic), so it must be private: the default is one directory per user
 (``/dev/shm/redis_weights-<uid>``), created mode 0700, and a directory owned by
 another user or writable by group or others is refused.
@@ -33,15 +37,17 @@ import mmap
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
+from .assemble import assemble
 from .bulkread import receive_buffer
+from .chunkstore import ChunkStore
 from .errors import ConfigurationError, IntegrityError
-from .manifest import Buffer, Manifest
+from .manifest import Buffer, Manifest, checksum
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,6 @@ DEFAULT_DIRECTORY = f"/dev/shm/redis_weights-{os.getuid()}"  # one per user: nob
 SPARE_FILES = 1  # files of older versions kept to be recycled
 _FILE_RE = re.compile(r"^v(\d+)-[0-9a-f]{16}\.(safetensors|lock|tmp\.(\d+))$")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # prefault the mapping in one go (Linux)
-
-Fetch = Callable[[Manifest, memoryview], list[Buffer | None]]
 
 
 def scope_name(server: str, namespace: str) -> str:
@@ -100,7 +104,7 @@ def private_directory(path: str | os.PathLike[str]) -> Path:
 class _Mapping:
     """A mapped file (or a private buffer) and the views of its chunks; ``fd`` holds the lock."""
 
-    chunks: list[Buffer | None]
+    chunks: list[Buffer]
     region: mmap.mmap | None = None
     fd: int | None = None
 
@@ -119,8 +123,8 @@ class _Mapping:
             self.fd = None
 
 
-def _views(region: mmap.mmap, manifest: Manifest) -> list[Buffer | None]:
-    out: list[Buffer | None] = []
+def _views(region: mmap.mmap | memoryview, manifest: Manifest) -> list[Buffer]:
+    out: list[Buffer] = []
     offset = 0
     for size in manifest.chunk_sizes:
         out.append(memoryview(region)[offset : offset + size])
@@ -152,16 +156,15 @@ class HostCache:
         return cls(private_directory(base) / scope_name(server, namespace))
 
     def _stem(self, manifest: Manifest) -> str:
-        digest = xxhash.xxh3_64_hexdigest("|".join(manifest.checksums).encode())
+        digest = xxhash.xxh3_64_hexdigest("|".join(manifest.ids).encode())
         return f"v{manifest.version}-{digest}"
 
     @contextlib.contextmanager
-    def chunks(self, manifest: Manifest, fetch: Fetch) -> Iterator[list[Buffer | None]]:
-        """The chunks of ``manifest``'s version, as views of a shared file (valid inside the block).
+    def chunks(self, manifest: Manifest, store: ChunkStore) -> Iterator[list[Buffer]]:
+        """The verified chunks of ``manifest``'s version, as views of a shared file (valid inside the block).
 
-        ``fetch(manifest, target)`` reads the chunks from Redis into ``target``. If some
-        chunk is missing or wrong, the chunks are yielded as fetched (the caller's checks
-        report them) and no file is published.
+        What the file lacks is read from ``store`` (and patched). If some object is
+        missing or wrong, the error propagates and no file is published.
         """
         stem = self._stem(manifest)
         path = self.directory / f"{stem}.safetensors"
@@ -175,7 +178,7 @@ class HostCache:
                     self.shared += 1
                 else:
                     self.fetched += 1
-                    mapping = self._fetch_into_file(path, manifest, fetch)
+                    mapping = self._fetch_into_file(path, manifest, store)
         try:
             yield mapping.chunks
         finally:
@@ -218,22 +221,21 @@ class HostCache:
             return None
         return mapping
 
-    def _fetch_into_file(self, path: Path, manifest: Manifest, fetch: Fetch) -> _Mapping:
-        """Fetch into a (recycled) file and publish it; then map it like any reader does."""
+    def _fetch_into_file(self, path: Path, manifest: Manifest, store: ChunkStore) -> _Mapping:
+        """Build the version in a (recycled) file and publish it; then map it like any reader does."""
         fd, tmp = self._writable_file(manifest.version, path)
         region = None
         try:
+            old_size = os.fstat(fd).st_size
             os.ftruncate(fd, manifest.total_bytes)
             region = mmap.mmap(fd, manifest.total_bytes, flags=mmap.MAP_SHARED | _POPULATE)
-            written = _Mapping(fetch(manifest, memoryview(region)), region)
+            view = memoryview(region)
             try:
-                for index, chunk in enumerate(written.chunks):
-                    manifest.verify_chunk(index, chunk)
-            except IntegrityError:  # incomplete: publish nothing, let the caller report it
-                tmp.unlink()
-                written.fd, fd = fd, -1
-                return written
-            written.close()
+                assemble(store, manifest, view, _held_ids(view, manifest, min(old_size, manifest.total_bytes)))
+            finally:
+                view.release()
+            region.close()
+            region = None
             os.replace(tmp, path)
         except BaseException:
             if region is not None:
@@ -243,14 +245,15 @@ class HostCache:
                 tmp.unlink()
             raise
         finally:
-            if fd >= 0:
-                os.close(fd)  # drops the exclusive lock: readers may map the published file
+            os.close(fd)  # drops the exclusive lock: readers may map the published file
         self._remove_older(manifest.version)
         self._remove_stale(manifest)
         mapping = self._open_shared(path, manifest)
-        if mapping is None:  # recycled already by a fetcher of a newer version: read privately
+        if mapping is None:  # recycled already by a fetcher of a newer version: build it privately
             log.info("host cache: %s vanished right after publishing; reading it privately", path.name)
-            mapping = _Mapping(fetch(manifest, receive_buffer(manifest.total_bytes)))
+            private = receive_buffer(manifest.total_bytes)
+            assemble(store, manifest, private, [])
+            mapping = _Mapping(_views(private, manifest))
         return mapping
 
     def _writable_file(self, version: int, path: Path) -> tuple[int, Path]:
@@ -307,6 +310,17 @@ class HostCache:
             if match.group(2) == "lock" or (match.group(3) and not _alive(int(match.group(3)))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
+
+
+def _held_ids(region: memoryview, manifest: Manifest, valid: int) -> list[str | None]:
+    """Ids of the chunks (at the manifest's chunk size) that the first ``valid`` bytes of a
+    recycled file hold: an older version's, mostly shared with the new one."""
+    held: list[str | None] = []
+    offset = 0
+    for size in manifest.chunk_sizes:
+        held.append(checksum(region[offset : offset + size]) if offset + size <= valid else None)
+        offset += size
+    return held
 
 
 def _alive(pid: int) -> bool:

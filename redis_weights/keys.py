@@ -1,8 +1,13 @@
 """Every Redis key and channel name, built in one place from the namespace.
 
-All names share the prefix ``rw:{<namespace>}:``. The braces are a Redis Cluster
-hash tag: every key of a namespace lives in one slot, so the commit script and
-MULTI/EXEC may touch them together.
+Control keys (latest, versions, manifests, ranks, GC bookkeeping) share the prefix
+``rw:{<namespace>}:``. The braces are a Redis Cluster hash tag: every control key
+of a namespace lives in one slot, so the commit script may touch them together.
+
+Chunks (and patches) are content-addressed: ``rw:<namespace>:c:{<id>}``. Their hash
+tag is their own id, so a Cluster spreads them over its masters; the namespace is
+in the name, so each namespace has its own chunk store and GC. An ACL user needs
+both patterns (``acl_key_patterns``).
 
 ``RedisStore`` addresses keys *relative* to that prefix (``"latest"``,
 ``"rank:1:status"``); the library itself uses the full names below.
@@ -15,7 +20,8 @@ from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "policy"
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-_CHUNK_RE = re.compile(r"^v:\d+:c:\d+$")
+_LEGACY_CHUNK_RE = re.compile(r"^v:\d+:c:\d+$")
+_CHUNK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _RANK_VERSION_RE = re.compile(r"^rank:(\d+):version$")
 
 
@@ -58,8 +64,18 @@ class Keys:
 
     @staticmethod
     def is_blob(relative: str) -> bool:
-        """Whether a relative name is a weight chunk (binary, not text)."""
-        return bool(_CHUNK_RE.match(relative))
+        """Whether a relative name is a weight chunk of the old per-version layout (binary, not text)."""
+        return bool(_LEGACY_CHUNK_RE.match(relative))
+
+    @property
+    def patterns(self) -> list[str]:
+        """SCAN patterns that together match every key of the namespace: control keys and chunks."""
+        return [self.pattern, self.chunk_pattern]
+
+    @property
+    def acl_key_patterns(self) -> list[str]:
+        """The ACL key patterns (``~...``) a user of this namespace needs."""
+        return [f"rw:{{{self.namespace}}}:*", f"rw:{self.namespace}:c:*"]
 
     # -- versions ---------------------------------------------------------------------
     @property
@@ -80,11 +96,48 @@ class Keys:
     def manifest(self, version: int) -> str:
         return self.full(f"v:{version}:manifest")
 
-    def chunk(self, version: int, index: int) -> str:
-        return self.full(f"v:{version}:c:{index}")
+    def legacy_chunks_pattern(self, version: int) -> str:
+        """SCAN pattern of the chunks of ``version`` in the old per-version layout (deleted with it)."""
+        return f"{self.pattern[:-1]}v:{version}:c:*"
 
-    def chunks(self, version: int, count: int) -> list[str]:
-        return [self.chunk(version, i) for i in range(count)]
+    # -- content-addressed chunks and patches -------------------------------------------
+    def chunk(self, chunk_id: str) -> str:
+        """String (bytes): the chunk or patch whose xxh3-128 digest is ``chunk_id``; no TTL."""
+        if not _CHUNK_ID_RE.match(chunk_id):
+            raise ValueError(f"invalid chunk id {chunk_id!r}: 32 hex digits expected")
+        return f"rw:{self.namespace}:c:{{{chunk_id}}}"
+
+    @property
+    def chunk_pattern(self) -> str:
+        """SCAN pattern matching every chunk and patch of the namespace."""
+        return f"rw:{self.namespace}:c:*"
+
+    def chunk_id_of(self, full: str | bytes) -> str | None:
+        """The id in a chunk key name, None for any other name."""
+        name = full.decode() if isinstance(full, bytes) else full
+        head = f"rw:{self.namespace}:c:{{"
+        if name.startswith(head) and name.endswith("}") and _CHUNK_ID_RE.match(name[len(head) : -1]):
+            return name[len(head) : -1]
+        return None
+
+    # -- garbage collection -------------------------------------------------------------
+    def pending(self, token: str) -> str:
+        """String with a TTL: the objects an uncommitted push relies on (GC spares them)."""
+        return self.full(f"pending:{token}")
+
+    @property
+    def pending_pattern(self) -> str:
+        return f"{self.pattern[:-1]}pending:*"
+
+    @property
+    def gc_epoch(self) -> str:
+        """String (int): bumped by every GC when it starts and ends; a commit checks it."""
+        return self.full("gc:epoch")
+
+    @property
+    def gc_lease(self) -> str:
+        """String with a TTL: held by the GC that is marking or sweeping."""
+        return self.full("gc:lease")
 
     # -- ranks ------------------------------------------------------------------------
     def rank_status(self, rank: int) -> str:

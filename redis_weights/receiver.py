@@ -5,10 +5,13 @@ buffer drops messages). The truth is the ``latest`` key, read on every wake-up a
 at least every ``poll_interval`` seconds, so a worker that missed messages or
 joined late catches up by itself.
 
-A version is applied only when all of it has been fetched, every chunk checksum
-matches and every key, shape and dtype fits the policy; then the bytes are copied
-into the live tensors (same objects, same ``data_ptr``). Any failure leaves the
-old weights whole and sets the rank's status to ``"error: <reason>"``.
+A version is applied only when every key, shape and dtype fits the policy (checked
+before anything is fetched) and all of its chunks are in the receive buffer, each
+verified against its id: chunks the buffer already holds are not downloaded again,
+patched chunks are rebuilt in place from the previous ones (``assemble.py``). Then
+the tensors whose chunks changed are copied into the live tensors (same objects,
+same ``data_ptr``). Any failure leaves the old weights whole and sets the rank's
+status to ``"error: <reason>"``.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from typing import Any
 
 import redis
 
+from .assemble import MissingObjectError, assemble
 from .bulkread import receive_buffer
-from .codec import apply_chunks, check_compatible, flatten_weights
+from .codec import check_compatible, check_header, copy_tensors, flatten_weights, tensors_in_chunks
 from .connection import close_subscription, describe, ensure_server, subscribe
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
 from .fleet import STATUS_UPDATED
 from .hostcache import DEFAULT_DIRECTORY, HostCache
-from .manifest import Buffer, Manifest
+from .manifest import Buffer, Manifest, TensorEntry, manifest_bounds
 from .store import RedisStore, as_store
 from .versions import VersionRegistry
 
@@ -70,7 +74,8 @@ class RedisWeightReceiver:
     Keyword Args:
         poll_interval: seconds between reads of ``latest`` when no notification arrives.
         heartbeat_ttl: seconds after its last beat at which a rank counts as dead.
-        allow_cast: accept pushed dtypes that differ from the policy's (cast on copy).
+        allow_cast: accept pushed dtypes that differ from the policy's (cast on copy). A cast
+            the trainer chose (``wire_dtype``) is accepted for floating tensors without it.
         check_server: fail at once with a ``ConfigurationError`` when Redis is
             unreachable, refuses the credentials or is unsafe (False: skip the check).
         host_cache: share each version with the other workers of this host through a
@@ -78,7 +83,9 @@ class RedisWeightReceiver:
             from Redis, the others memory-map it (see ``hostcache.py``).
 
     Chunks are read straight into one receive buffer of the model's size, kept from
-    version to version (or into the shared file), verified, then copied in place.
+    version to version (or into the shared file), verified, then copied in place;
+    only the tensors whose chunks changed since the applied version are copied, so
+    weights modified locally in between are not restored.
     Use ``poll()`` from your own loop, ``wait()`` to block, or ``start()`` for a
     background thread (hold ``receiver.lock`` around code that must not see an
     update half-applied, e.g. one forward pass).
@@ -100,7 +107,9 @@ class RedisWeightReceiver:
             raise ConfigurationError(f"rank must be a 1-based integer, got {rank!r}")
         if poll_interval <= 0 or heartbeat_ttl <= 0:
             raise ConfigurationError("poll_interval and heartbeat_ttl must be positive")
-        flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill
+        flat = flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill
+        # what a manifest for this policy can be at most: a bigger one is refused before it is parsed
+        self._max_stream, self._max_manifest = manifest_bounds(8 * sum(t.numel() for t in flat.values()), len(flat))
         self.store = as_store(store)
         self.rank = rank
         self.policy = policy
@@ -111,6 +120,9 @@ class RedisWeightReceiver:
         self.registry = VersionRegistry(self.store.client, self.keyspace)
         self.host_cache = self._host_cache(host_cache)
         self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
+        self._held: list[str | None] = []  # id of each chunk in the receive buffer (None: unknown)
+        self._held_chunk_size = 0
+        self._live: tuple[tuple[int, int, tuple[TensorEntry, ...]], list[str]] | None = None  # what the tensors hold
         self.version = 0
         self.last_error: str | None = None
         self.lock = threading.RLock()
@@ -200,35 +212,36 @@ class RedisWeightReceiver:
     def _apply(self, version: int) -> int | None:
         started = time.perf_counter()
         try:
-            manifest = self.registry.read_manifest(version)
-        except CodecError as exc:  # a manifest that is not JSON, or lies about the layout
+            manifest = self.registry.read_manifest(
+                version, max_bytes=self._max_manifest, max_total_bytes=self._max_stream
+            )
+        except CodecError as exc:  # not JSON, lies about the layout, too big, or another version's manifest
             self._fail(version, str(exc))
             return None
         targets = flatten_weights(self.policy)
         try:  # before allocating or fetching anything: a version that cannot fit costs one GET
-            check_compatible(manifest.tensors, targets, allow_cast=self.allow_cast)
+            check_compatible(manifest, targets, allow_cast=self.allow_cast)
         except WeightMismatchError as exc:
             self._fail(version, str(exc))
             return None
-        with self._fetch(manifest) as chunks:
-            present = [c for c in chunks if c is not None]
-            if len(present) != len(chunks):
-                missing = next(i for i, c in enumerate(chunks) if c is None)
-                if not self.registry.exists(version):  # garbage-collected meanwhile: retry from latest
-                    raise VersionNotFoundError(f"version {version}: chunk {missing} is gone")
-                # GC deletes a manifest and its chunks in one transaction: the manifest is still
-                # there, so the chunk is really missing (evicted, deleted by hand).
-                self._fail(version, f"chunk {missing} is missing from Redis (evicted?)")
-                return None
-            try:
+        try:
+            with self._fetch(manifest) as chunks:
+                check_header(chunks, manifest)
+                names = self._changed_tensors(manifest)
                 with self.lock:  # holders of the lock see weights and version agree
-                    apply_chunks(present, manifest, targets, allow_cast=self.allow_cast)
+                    self._live = None  # until the copy is complete
+                    copy_tensors(chunks, manifest, targets, names)
+                    self._live = (self._layout(manifest), manifest.ids)
                     previous, self.version = self.version, version
-            except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
-                self._fail(version, str(exc))
-                return None
-            finally:
-                del present
+        except MissingObjectError as exc:
+            if not self.registry.exists(version):  # garbage-collected meanwhile: retry from latest
+                raise VersionNotFoundError(str(exc)) from exc
+            # the manifest is still there, so the object is really missing (evicted, deleted by hand)
+            self._fail(version, f"{exc} (evicted?)")
+            return None
+        except (CodecError, WeightMismatchError) as exc:  # corrupted, truncated, or does not fit the policy
+            self._fail(version, str(exc))
+            return None
         self.last_error = None
         self._lost_reported = self._history_lost = False
         for hook in self.post_hooks:  # before the ack: an ack means the hooks have run too
@@ -245,6 +258,17 @@ class RedisWeightReceiver:
             self._applied.notify_all()
         return version
 
+    @staticmethod
+    def _layout(manifest: Manifest) -> tuple[int, int, tuple[TensorEntry, ...]]:
+        return manifest.chunk_size, manifest.header_len, tuple(manifest.tensors)
+
+    def _changed_tensors(self, manifest: Manifest) -> set[str] | None:
+        """The tensors whose chunks differ from what the live tensors hold (None: all of them)."""
+        if self._live is None or self._live[0] != self._layout(manifest):
+            return None
+        live = self._live[1]
+        return tensors_in_chunks(manifest, [i for i, c in enumerate(manifest.ids) if live[i] != c])
+
     def _host_cache(self, option: bool | str | os.PathLike[str]) -> HostCache | None:
         if option is False or option is None:
             return None
@@ -252,16 +276,25 @@ class RedisWeightReceiver:
         return HostCache.scoped(base, describe(self.store.client), self.keyspace.namespace)
 
     @contextlib.contextmanager
-    def _fetch(self, manifest: Manifest) -> Iterator[list[Buffer | None]]:
-        """The chunks of a version: from the host's shared file, or read into the reused buffer."""
+    def _fetch(self, manifest: Manifest) -> Iterator[list[Buffer]]:
+        """The verified chunks of a version: from the host's shared file, or built in the reused
+        receive buffer from the chunks it holds already plus what Redis has (``assemble``)."""
         if self.host_cache is not None:
-            with self.host_cache.chunks(manifest, self.registry.read_chunks_into) as chunks:
+            with self.host_cache.chunks(manifest, self.registry.chunks) as chunks:
                 yield chunks
             return
         if len(self._receive_buffer) < manifest.total_bytes:
+            self._held = []
             self._receive_buffer = memoryview(b"")  # drop the old one before allocating the bigger one
             self._receive_buffer = receive_buffer(manifest.total_bytes)
-        yield self.registry.read_chunks_into(manifest, self._receive_buffer)
+        if self._held_chunk_size != manifest.chunk_size:
+            self._held, self._held_chunk_size = [], manifest.chunk_size
+        assemble(self.registry.chunks, manifest, self._receive_buffer, self._held)
+        offset, views = 0, []
+        for size in manifest.chunk_sizes:
+            views.append(self._receive_buffer[offset : offset + size])
+            offset += size
+        yield views
 
     def _fail(self, version: int, reason: str) -> None:
         self._failed_version = version

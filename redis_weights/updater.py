@@ -1,4 +1,8 @@
-"""``RedisWeightUpdater``: the trainer side. Encode -> write chunks -> commit -> publish -> (sync) wait.
+"""``RedisWeightUpdater``: the trainer side. Encode -> upload what Redis lacks -> commit -> (sync) wait.
+
+Chunks are content-addressed (``versions.py``): a chunk Redis already holds is not
+uploaded again. With ``delta=True`` a changed chunk is stored as a patch against
+the chunk the previous push committed (``delta.py``), when that is smaller.
 
 The sync wait never sleep-polls: the updater stays subscribed to the ``acks``
 channel for its lifetime (subscribed before the first commit, so no ack can be
@@ -20,11 +24,14 @@ from typing import Any
 import redis
 
 from .base import WeightUpdaterBase, WorkerIds
-from .codec import Encoded, Encoder
+import torch
+
+from .codec import WIRE_DTYPES, Encoded, Encoder
 from .connection import close_subscription, describe, ensure_server, subscribe
-from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError
+from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner
+from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError, VersionNotFoundError
 from .fleet import RankState, read_rank_states
-from .manifest import DEFAULT_CHUNK_SIZE
+from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
 from .store import RedisStore, as_store
 from .uploader import SLOTS, BackgroundUploader
 from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, producer_id
@@ -35,7 +42,9 @@ DEFAULT_TIMEOUT = 60.0
 _LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # Redis stopped answering
 # What to do about the Redis errors a push most likely meets once Redis answers but refuses.
 _HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
-    (redis.exceptions.OutOfMemoryError, "Redis is full (maxmemory, noeviction): raise maxmemory or lower retention"),
+    (redis.exceptions.OutOfMemoryError,
+     "Redis is full (maxmemory, noeviction): this push already ran a GC of its leftovers; `redis-weights gc "
+     "--keep 1` frees older versions (it works while Redis is full); else lower retention or raise maxmemory"),
     (redis.exceptions.NoPermissionError, "the Redis user lacks a right this push needs (ACL SETUSER)"),
     (redis.exceptions.ReadOnlyError, "this Redis is a read-only replica: connect to the primary"),
 )
@@ -71,6 +80,17 @@ class RedisWeightUpdater(WeightUpdaterBase):
         metadata: strings recorded in every version's safetensors ``__metadata__``.
         check_server: fail at once with a ``ConfigurationError`` when Redis is
             unreachable, refuses the credentials or is unsafe (False: skip the check).
+        wire_dtype: cast floating tensors to this dtype (``torch.bfloat16``, ``torch.float16``,
+            ``torch.float8_e4m3fn``, ``torch.float8_e5m2``) before encoding: half the bytes
+            (or a quarter), and what makes deltas sparse. Integer and bool tensors are sent
+            as they are. Workers accept the cast whatever their own floating dtype.
+        delta: store a changed chunk as a patch against the previous push's chunk when
+            that is smaller (lossless; workers verify every chunk they rebuild). Costs one
+            copy of the model in the wire dtype on the trainer (none with ``delta=False``).
+        keyframe_interval: with ``delta``, a version storing every chunk whole at least
+            every this many versions (the longest patch chain a late joiner applies).
+        keyframe_fraction: with ``delta``, a keyframe sooner when the patches a late joiner
+            would apply exceed this fraction of the version's size.
         background: (needs ``sync=False``) return as soon as the weights are copied
             into a staging buffer; upload and commit from a background thread. A push
             made while an upload runs replaces any push still waiting for it.
@@ -93,6 +113,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
         metadata: Mapping[str, str] | None = None,
         check_server: bool = True,
         background: bool = False,
+        wire_dtype: torch.dtype | None = None,
+        delta: bool = False,
+        keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
+        keyframe_fraction: float = DEFAULT_KEYFRAME_FRACTION,
     ) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigurationError(f"num_workers must be a positive integer, got {num_workers!r}")
@@ -102,6 +126,12 @@ class RedisWeightUpdater(WeightUpdaterBase):
             raise ConfigurationError("retention must be at least 1")
         if background and sync:
             raise ConfigurationError("background=True needs sync=False (a sync push waits for the acks anyway)")
+        if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
+            raise ConfigurationError(f"wire_dtype must be one of {', '.join(map(str, WIRE_DTYPES))}, got {wire_dtype}")
+        if not isinstance(keyframe_interval, int) or not 1 <= keyframe_interval <= MAX_CHAIN:
+            raise ConfigurationError(f"keyframe_interval must be within 1..{MAX_CHAIN}")
+        if not 0 < keyframe_fraction <= 1:
+            raise ConfigurationError("keyframe_fraction must be within (0, 1]")
         self.store = as_store(store)
         self.policy_weights = policy_weights
         self.num_workers = num_workers
@@ -112,10 +142,12 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.metadata = dict(metadata or {})
         self.keyspace = self.store.keyspace
         self.registry = VersionRegistry(self.store.client, self.keyspace)
-        self._encoder = Encoder(chunk_size)
+        self.wire_dtype = wire_dtype
+        self._encoder = Encoder(chunk_size, wire_dtype)
         self.background = background
         self._uploader: BackgroundUploader[_Upload] | None = None
-        self._slots = [self._encoder] + [Encoder(chunk_size) for _ in range(SLOTS - 1)]
+        self._slots = [self._encoder] + [Encoder(chunk_size, wire_dtype) for _ in range(SLOTS - 1)]
+        self._delta = DeltaPlanner(self.registry.chunks, keyframe_interval, keyframe_fraction) if delta else None
         self._acks: redis.client.PubSub | None = None
         self._acks_refused_until = 0.0  # while the ACL refuses the acks channel: poll, retry later
         self._last_ranks: list[int] = []
@@ -182,48 +214,82 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return version
 
     def _upload(self, job: _Upload) -> None:
-        """Write the chunks, commit, then apply retention (on the background thread if any).
+        """Upload what Redis lacks, commit, then apply retention (on the background thread if any).
 
         A Redis error becomes a ``PushError`` naming the version. When the commit surely
-        did not happen, the chunks already written are deleted at once (under
-        ``maxmemory`` they hold memory the next push needs); otherwise they expire
-        after ``pending_ttl`` like any orphan.
+        did not happen, a GC runs at once: the chunks this push wrote are garbage now,
+        and under ``maxmemory`` they hold memory the next push needs.
         """
         started = time.perf_counter()
-        committing = False
+        encoded = job.encoded
+        fields = {"created": time.time(), "producer": self._producer}
+        committing: list[bool] = []
         try:
-            self.registry.write_stream(job.version, job.encoded.stream(), self.pending_ttl)
-            manifest = job.encoded.manifest(job.version, created=time.time(), producer=self._producer)
-            committing = True
-            self.registry.commit(manifest, job.ranks)
+            if self._delta is not None:
+                manifest, patches = self._delta.plan(encoded, job.version, **fields)
+            else:
+                manifest, patches = encoded.manifest(job.version, keyframe=job.version, **fields), {}
+            self.registry.publish(manifest, job.ranks, upload=lambda missing: self._write(encoded, patches, missing),
+                                  pending_ttl=self.pending_ttl, committing=lambda: committing.append(True))  # fmt: skip
         except _LOST as exc:  # Redis is gone; the commit script may or may not have run
+            self._forget_delta()
             what = "its commit could not be confirmed" if committing else "the new version was not committed"
             raise self._redis_failure(exc, job.version, what) from exc
-        except Exception as exc:  # an error reply or a refused commit: nothing was committed, or
-            committed = self._discard(job)  # a script that failed part-way (its manifest exists)
-            if isinstance(exc, redis.exceptions.RedisError):
-                what = "its commit failed part-way" if committed else "the new version was not committed"
-                raise self._redis_failure(exc, job.version, what) from exc
-            raise
+        except VersionNotFoundError as exc:  # an object the delta chain relies on is gone
+            self._forget_delta()
+            raise PushError(f"push of version {job.version} failed: {exc}", version=job.version) from exc
+        except redis.exceptions.RedisError as exc:  # an error reply: nothing committed, or a script failed part-way
+            if self._committed(job.version):
+                self._forget_delta()
+                raise self._redis_failure(exc, job.version, "its commit failed part-way") from exc
+            self._collect_garbage(job.version)
+            raise self._redis_failure(exc, job.version, "the new version was not committed") from exc
+        if self._delta is not None:
+            self._delta.committed(encoded, manifest)
         log.debug(
-            "committed version %d: %d tensors, %d bytes in %d chunks, %.1f ms",
-            job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks,
+            "committed version %d: %d tensors, %d bytes in %d chunks, %d uploaded, %.1f ms",
+            job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks, manifest.uploaded_bytes,
             (time.perf_counter() - started) * 1000,
         )  # fmt: skip
+        self._collect_garbage(job.version)
+
+    def _write(self, encoded: Encoded, patches: Mapping[str, bytes], missing: set[str]) -> int:
+        """Upload the chunks and patches among ``missing`` (each once); the bytes sent."""
+
+        def objects() -> Any:
+            sent = set()
+            for index, chunk_id in enumerate(encoded.ids):
+                if chunk_id in missing and chunk_id not in sent:
+                    sent.add(chunk_id)
+                    yield (chunk_id, *encoded.chunk(index))
+            for patch_id, data in patches.items():
+                if patch_id in missing:
+                    sent.add(patch_id)
+                    yield patch_id, data, False
+            unknown = missing - sent
+            if unknown:
+                raise VersionNotFoundError(
+                    f"{len(unknown)} object(s) an earlier version's patch chain needs are gone from Redis"
+                )
+
+        return self.registry.chunks.write(objects())
+
+    def _committed(self, version: int) -> bool:
+        """Whether ``version``'s manifest is in Redis after an error reply (False if Redis cannot say)."""
+        try:
+            return self.registry.exists(version)
+        except redis.exceptions.RedisError:
+            return False
+
+    def _forget_delta(self) -> None:
+        if self._delta is not None:
+            self._delta.reset()
+
+    def _collect_garbage(self, version: int) -> None:
         try:
             self.registry.gc(self.retention)
         except redis.exceptions.RedisError as exc:  # retention is housekeeping: never fail a push
-            log.warning("garbage collection after version %d failed: %s", job.version, exc)
-
-    def _discard(self, job: _Upload) -> bool:
-        """Best effort: delete the chunks of an upload that failed before its commit.
-        True when the version turns out committed after all (its chunks are kept)."""
-        try:
-            return not self.registry.discard(job.version, len(job.encoded.plan))
-        except redis.exceptions.RedisError as exc:
-            log.warning("could not delete the chunks of failed version %d (%s); they expire in %gs",
-                        job.version, exc, self.pending_ttl)  # fmt: skip
-            return False
+            log.warning("garbage collection after version %d failed: %s", version, exc)
 
     def _submit(self, weights: Any, ranks: list[int]) -> None:
         """Background push: snapshot into a free staging buffer, queue the upload, return."""

@@ -1,10 +1,29 @@
-"""The version registry: write chunks, commit atomically, read, list, delete, retain.
+"""The version registry: commit atomically, read, list, delete, retain, and mark-and-sweep GC.
 
-A version becomes visible in one step: the commit script checks that every chunk
-is there, makes the chunks permanent, writes the manifest, adds the version to the
-sorted set, moves ``latest`` and marks the targeted ranks ``"pending"``, then
-publishes the version number. Until then nothing points at the chunks, and they
-carry an expiry, so chunks of a trainer that died mid-push vanish by themselves.
+A version is a manifest (``rw:{ns}:v:<N>:manifest``) over content-addressed chunks
+and patches (``chunkstore.py``). A push goes:
+
+1. ``begin``: record the objects the new manifest will reference in a pending
+   record (TTL ``pending_ttl``), then read the GC epoch (waiting while a GC holds
+   its lease);
+2. upload the objects Redis lacks (``ChunkStore.missing`` then ``write``);
+3. ``commit``: one Lua script in the namespace's slot writes the manifest, adds the
+   version to the sorted set, moves ``latest``, marks the targeted ranks
+   ``"pending"``, drops the pending record and publishes the version number.
+
+The script cannot check that the chunks exist (on a Cluster they live in other
+slots); instead it refuses (``GcRaceError``) when the GC epoch moved or a GC holds
+its lease, because a GC that ran since step 1 may have deleted an object the push
+found present. The updater then repeats steps 1-3 (re-uploading what is missing).
+
+GC (``gc``) takes the lease and bumps the epoch, deletes the manifests beyond the
+retention (plain ZREM and DEL, one version at a time), marks every object
+referenced by a retained manifest or a pending record, then sweeps the others
+(SCAN, then DEL in batches of ``DELETE_BATCH`` keys, each its own round trip: no
+MULTI, no long script, so a 1 GB version is never freed in one call and deleting
+works while Redis is over ``maxmemory``), and bumps the epoch again. When Redis is
+too full to take the lease, the GC deletes without it and takes it as soon as its
+first deletions freed memory, re-marking before it goes on.
 
 ``latest`` never moves backwards: a commit of a version not above it is refused
 (``StaleVersionError``), which is what stops a second, stale trainer.
@@ -12,26 +31,28 @@ carry an expiry, so chunks of a trainer that died mid-push vanish by themselves.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
 
-from .bulkread import read_values_into
-from .errors import StaleVersionError, VersionNotFoundError
+from .chunkstore import DELETE_BATCH, ChunkStore
+from .errors import CodecError, LegacyFormatError, RedisWeightsError, StaleVersionError, VersionNotFoundError
 from .keys import Keys
-from .manifest import Buffer, Manifest
+from .manifest import MAX_MANIFEST_BYTES, Manifest
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION = 3
-DEFAULT_PENDING_TTL = 900.0  # seconds an uncommitted chunk survives
-_PIPELINE_BYTES = 64 * 1024 * 1024  # bytes of chunk values per pipeline round trip
+DEFAULT_PENDING_TTL = 900.0  # seconds a push's pending record protects its objects
+GC_LEASE_TTL = 30.0  # seconds a GC's lease lives without renewal (a dead GC stops blocking commits)
+_LEASE_WAIT = 0.02  # seconds between checks while a push waits for a GC to finish
+_MANIFEST_ROUND = 100  # manifests per MGET while marking
 
 # KEYS: counter, latest. ARGV: floor (the caller's last version). Returns {version, latest}.
 # INCR, but never at or below max(floor, latest): a Redis that lost its data, or a
@@ -47,51 +68,55 @@ end
 return {n, latest}
 """
 
-# KEYS: latest, versions, manifest, chunk_1..chunk_n, status_1..status_m
-# ARGV: version, manifest json, n, m, updates channel
+# KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, status_1..status_m
+# ARGV: version, manifest json, epoch seen by the push, m, updates channel
 # Idempotent: a retried commit of the version that is already latest returns 0.
 # The PUBLISH is only a hint (workers poll latest): refused, it must not fail a
 # commit that has already happened.
 _COMMIT = """
 local v = tonumber(ARGV[1])
-local n = tonumber(ARGV[3])
 local m = tonumber(ARGV[4])
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 if latest == v and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('DEL', KEYS[6])
   return 0
 end
 if latest >= v then
   return redis.error_reply('STALE ' .. latest)
 end
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[3 + i]) == 0 then
-    return redis.error_reply('MISSING ' .. (i - 1))
-  end
-end
-for i = 1, n do
-  redis.call('PERSIST', KEYS[3 + i])
+if (redis.call('GET', KEYS[4]) or '0') ~= ARGV[3] or redis.call('EXISTS', KEYS[5]) == 1 then
+  return redis.error_reply('GCRACE')
 end
 redis.call('SET', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[2], v, v)
 redis.call('SET', KEYS[1], v)
+redis.call('DEL', KEYS[6])
 for j = 1, m do
-  redis.call('SET', KEYS[3 + n + j], 'pending')
+  redis.call('SET', KEYS[6 + j], 'pending')
 end
 redis.pcall('PUBLISH', ARGV[5], v)
 return 1
 """
 
-# KEYS: manifest, chunk_1..chunk_n. Drop the chunks of a version that was not
-# committed (its upload failed); a version whose manifest exists is left alone.
-_DISCARD = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
+# KEYS: lease. ARGV: token, ttl ms. Renew the lease if this GC still holds it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-for i = 2, #KEYS do
-  redis.call('DEL', KEYS[i])
-end
-return 1
+return 0
 """
+
+# KEYS: lease. ARGV: token. Release the lease if this GC still holds it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class GcRaceError(RedisWeightsError):
+    """A commit refused because a GC ran (or runs) since the push checked its objects: check again."""
 
 
 def producer_id() -> str:
@@ -103,15 +128,22 @@ def _int(value: Any) -> int:
     return int(value) if value is not None else 0
 
 
+def _oom(exc: redis.exceptions.RedisError) -> bool:
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM" in str(exc)
+
+
 class VersionRegistry:
     """Versions of one namespace in Redis (see the module docstring for the protocol)."""
 
     def __init__(self, client: redis.Redis, keyspace: Keys) -> None:
         self.client = client
         self.keyspace = keyspace
+        self.chunks = ChunkStore(client, keyspace)
         self._allocate = client.register_script(_ALLOCATE)
         self._commit = client.register_script(_COMMIT)
-        self._discard = client.register_script(_DISCARD)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self.gc_hook: Callable[[str], None] | None = None  # tests: called at each GC phase
 
     # -- writing ------------------------------------------------------------------------
     def allocate(self, floor: int = 0) -> int:
@@ -124,42 +156,35 @@ class VersionRegistry:
         version, latest = self._allocate(keys=[k.counter, k.latest], args=[floor])
         return int(version), int(latest)
 
-    def write_chunks(self, version: int, chunks: Sequence[Buffer], pending_ttl: float = DEFAULT_PENDING_TTL) -> None:
-        """SET every chunk with an expiry (the commit removes it), pipelined in ~64 MiB rounds."""
-        self.write_stream(version, ((chunk, False) for chunk in chunks), pending_ttl)
-
-    def write_stream(
-        self, version: int, chunks: Iterable[tuple[Buffer, bool]], pending_ttl: float = DEFAULT_PENDING_TTL
-    ) -> int:
-        """Like ``write_chunks`` for ``(chunk, reused)`` pairs (``Encoded.stream()``); returns the count.
-
-        Values are sent from the caller's memory when the pipeline executes, so a round
-        is sent right after a ``reused`` chunk, before its buffer is overwritten.
-        """
+    def begin(self, token: str, objects: Iterable[str], pending_ttl: float = DEFAULT_PENDING_TTL) -> str:
+        """Record the objects a push relies on (GC spares them until the commit or ``pending_ttl``),
+        then return the GC epoch the commit must still see; waits while a GC holds its lease."""
+        k = self.keyspace
         ttl_ms = max(1, int(pending_ttl * 1000))
-        pipe = self.client.pipeline(transaction=False)
-        queued = count = 0
-        for chunk, reused in chunks:
-            pipe.set(self.keyspace.chunk(version, count), chunk, px=ttl_ms)
-            count += 1
-            queued += len(chunk)
-            if reused or queued >= _PIPELINE_BYTES:
-                pipe.execute()
-                queued = 0
-        pipe.execute()
-        return count
+        record = ",".join(sorted(set(objects)))
+        deadline = time.monotonic() + 2 * GC_LEASE_TTL
+        while True:
+            pipe = self.client.pipeline(transaction=False)  # in order: the record is written before the read
+            pipe.set(k.pending(token), record, px=ttl_ms)
+            pipe.get(k.gc_epoch)
+            pipe.exists(k.gc_lease)
+            _, epoch, busy = pipe.execute()
+            if not busy or time.monotonic() >= deadline:
+                return (epoch or b"0").decode() if isinstance(epoch, bytes) else str(epoch or "0")
+            time.sleep(_LEASE_WAIT)
 
-    def commit(self, manifest: Manifest, pending_ranks: Iterable[int] = ()) -> None:
+    def end(self, token: str) -> None:
+        """Drop a push's pending record (its push failed): its objects become garbage unless referenced."""
+        self.client.delete(self.keyspace.pending(token))
+
+    def commit(self, manifest: Manifest, pending_ranks: Iterable[int] = (), *, epoch: str, token: str) -> None:
         """Make ``manifest.version`` the latest, in one atomic step (see ``_COMMIT``)."""
         k, v = self.keyspace, manifest.version
         ranks = list(pending_ranks)
-        keys = [k.latest, k.versions, k.manifest(v), *k.chunks(v, manifest.num_chunks)]
+        keys = [k.latest, k.versions, k.manifest(v), k.gc_epoch, k.gc_lease, k.pending(token)]
         keys += [k.rank_status(r) for r in ranks]
         try:
-            self._commit(
-                keys=keys,
-                args=[v, manifest.to_json(), manifest.num_chunks, len(ranks), k.updates_channel],
-            )
+            self._commit(keys=keys, args=[v, manifest.to_json(), epoch, len(ranks), k.updates_channel])
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
             if text.startswith("STALE"):
@@ -167,43 +192,75 @@ class VersionRegistry:
                     f"version {v} refused: latest is already {text.split()[1]} "
                     "(is a second trainer pushing to this namespace?)"
                 ) from exc
-            if text.startswith("MISSING"):
-                raise VersionNotFoundError(
-                    f"version {v}: chunk {text.split()[1]} vanished before the commit "
-                    "(upload slower than pending_ttl, or Redis restarted)"
-                ) from exc
+            if text.startswith("GCRACE"):
+                raise GcRaceError(f"version {v}: a garbage collection ran during the push; checking again") from exc
             raise
 
-    def discard(self, version: int, num_chunks: int) -> bool:
-        """Delete the chunks of an uncommitted ``version`` now rather than at their expiry
-        (frees the memory of a failed upload at once); False if it was committed after all."""
-        k = self.keyspace
-        return bool(self._discard(keys=[k.manifest(version), *k.chunks(version, num_chunks)]))
+    def publish(
+        self,
+        manifest: Manifest,
+        pending_ranks: Iterable[int] = (),
+        *,
+        upload: Callable[[set[str]], int] | None = None,
+        pending_ttl: float = DEFAULT_PENDING_TTL,
+        attempts: int = 5,
+        committing: Callable[[], None] | None = None,
+    ) -> int:
+        """Commit ``manifest`` once every object it references is in Redis; returns the bytes uploaded.
+
+        ``upload(missing_ids)`` writes the missing objects (None: nothing may be
+        uploaded, so a missing one is a ``VersionNotFoundError``, as for a rollback
+        whose chunks were deleted). A commit refused by a concurrent GC is retried.
+        ``committing()`` is called before the commit script is sent (from then on a lost
+        connection leaves it unknown whether the version was committed).
+        """
+        token = uuid.uuid4().hex
+        objects = manifest.objects()
+        uploaded = 0
+        try:
+            for attempt in range(attempts):
+                epoch = self.begin(token, objects, pending_ttl)
+                missing = self.chunks.missing(objects)
+                if missing:
+                    if upload is None:
+                        raise VersionNotFoundError(
+                            f"version {manifest.version}: {len(missing)} chunk(s) are gone from Redis "
+                            "(garbage-collected?)"
+                        )
+                    uploaded += upload(missing)
+                manifest.uploaded_bytes = uploaded
+                if committing is not None:
+                    committing()
+                try:
+                    self.commit(manifest, pending_ranks, epoch=epoch, token=token)
+                    return uploaded
+                except GcRaceError:
+                    if attempt == attempts - 1:
+                        raise
+                    log.info("version %d: a GC ran during the push; checking its chunks again", manifest.version)
+            raise AssertionError("unreachable")
+        except BaseException:
+            try:
+                self.end(token)
+            except redis.exceptions.RedisError as exc:
+                log.debug("could not drop pending record %s: %s (it expires)", token, exc)
+            raise
 
     def rollback(
         self, version: int, pending_ranks: Iterable[int] = (), pending_ttl: float = DEFAULT_PENDING_TTL
     ) -> Manifest:
         """Commit the weights of an older ``version`` again, as a new version that workers apply.
 
-        The chunks are copied server-side (COPY, no bytes through the client), with
-        an expiry until the commit, like an upload. The manifest is the old one with
-        a new number, a new ``created`` and a producer naming the rollback.
+        Its chunks are already in Redis (content-addressed): nothing is uploaded or
+        copied. The manifest is the old one with a new number, a new ``created`` and a
+        producer naming the rollback.
         """
         source = self.read_manifest(version)
-        target = self.allocate()
-        k, ttl_ms = self.keyspace, max(1, int(pending_ttl * 1000))
-        pipe = self.client.pipeline(transaction=False)
-        for index in range(source.num_chunks):
-            pipe.copy(k.chunk(version, index), k.chunk(target, index), replace=True)
-            pipe.pexpire(k.chunk(target, index), ttl_ms)
-        copied = pipe.execute()[0::2]
-        if not all(copied):
-            raise VersionNotFoundError(f"version {version}: chunk {copied.index(False)} is gone (garbage-collected?)")
-        manifest = dataclasses.replace(
-            source, version=target, created=time.time(), producer=f"rollback of v{version} by {producer_id()}"
+        manifest = source.renumbered(
+            self.allocate(), created=time.time(), producer=f"rollback of v{version} by {producer_id()}"
         )
-        self.commit(manifest, pending_ranks)
-        log.info("rolled back to version %d as version %d", version, target)
+        self.publish(manifest, pending_ranks, pending_ttl=pending_ttl)
+        log.info("rolled back to version %d as version %d", version, manifest.version)
         return manifest
 
     # -- reading ------------------------------------------------------------------------
@@ -215,44 +272,22 @@ class VersionRegistry:
         """Whether the manifest of ``version`` is in Redis (committed and not deleted)."""
         return bool(self.client.exists(self.keyspace.manifest(version)))
 
-    def read_manifest(self, version: int) -> Manifest:
-        raw = self.client.get(self.keyspace.manifest(version))
-        if raw is None:
-            raise VersionNotFoundError(f"version {version} not found")
-        return Manifest.from_json(raw)
-
-    def read_chunks(self, manifest: Manifest) -> list[bytes | None]:
-        """Every chunk of a version, pipelined; a missing one comes back as None."""
+    def read_manifest(
+        self, version: int, *, max_bytes: int | None = None, max_total_bytes: int | None = None
+    ) -> Manifest:
+        """The validated manifest stored under ``version``; one stored larger than ``max_bytes``
+        (default ``MAX_MANIFEST_BYTES``) is refused without downloading it (``STRLEN`` first)."""
+        limit = MAX_MANIFEST_BYTES if max_bytes is None else min(max_bytes, MAX_MANIFEST_BYTES)
+        key = self.keyspace.manifest(version)
         pipe = self.client.pipeline(transaction=False)
-        out: list[bytes | None] = []
-        queued = 0
-        for index, size in enumerate(manifest.chunk_sizes):
-            pipe.get(self.keyspace.chunk(manifest.version, index))
-            queued += size
-            if queued >= _PIPELINE_BYTES:
-                out.extend(pipe.execute())
-                queued = 0
-        out.extend(pipe.execute())
-        return out
-
-    def read_chunks_into(self, manifest: Manifest, target: memoryview) -> list[Buffer | None]:
-        """Every chunk of a version, read straight into ``target`` (at least ``total_bytes``):
-        per chunk a view of ``target``, None if missing, ``bytes`` if its size is wrong."""
-        keys = self.keyspace.chunks(manifest.version, manifest.num_chunks)
-        return read_values_into(self.client, keys, manifest.chunk_sizes, target, _PIPELINE_BYTES)
-
-    def read(self, version: int | None = None) -> tuple[Manifest, list[bytes]]:
-        """Manifest and verified chunks of a version (default: the latest)."""
-        version = self.latest() if version is None else version
-        if version <= 0:
-            raise VersionNotFoundError("no version has been committed")
-        manifest = self.read_manifest(version)
-        chunks = self.read_chunks(manifest)
-        for index, data in enumerate(chunks):
-            if data is None:
-                raise VersionNotFoundError(f"version {version}: chunk {index} is gone (garbage-collected?)")
-            manifest.verify_chunk(index, data)
-        return manifest, [c for c in chunks if c is not None]
+        pipe.strlen(key)
+        pipe.getrange(key, 0, limit)  # at most one byte over the limit
+        length, raw = pipe.execute()
+        if not length:
+            raise VersionNotFoundError(f"version {version} not found")
+        if length > limit:
+            raise CodecError(f"manifest of {length} bytes, more than the limit of {limit} (hostile or corrupted?)")
+        return Manifest.from_json(raw, version, max_total_bytes=max_total_bytes)
 
     def list_versions(self) -> list[int]:
         """Committed versions, oldest first."""
@@ -261,26 +296,121 @@ class VersionRegistry:
 
     # -- deleting -----------------------------------------------------------------------
     def delete(self, version: int) -> None:
-        """Remove a version: first from the list, then its manifest and chunks."""
+        """Remove a version from the list and its manifest (two small commands, no MULTI: they
+        work while Redis is full). Its objects go at the next sweep unless another version needs them.
+        Chunks of the old per-version layout, if any, are deleted with it."""
         k = self.keyspace
-        try:
-            count = self.read_manifest(version).num_chunks
-            chunk_keys = k.chunks(version, count)
-        except Exception:  # unreadable manifest: find the chunks by name
-            chunk_keys = list(self.client.scan_iter(match=f"{k.pattern[:-1]}v:{version}:c:*", count=1000))
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zrem(k.versions, version)
-        pipe.delete(k.manifest(version), *chunk_keys)
-        pipe.execute()
+        self.client.zrem(k.versions, version)
+        self.client.delete(k.manifest(version))
+        legacy = list(self.client.scan_iter(match=k.legacy_chunks_pattern(version), count=1000))
+        for start in range(0, len(legacy), DELETE_BATCH):
+            self.client.delete(*legacy[start : start + DELETE_BATCH])
 
     def gc(self, keep: int = DEFAULT_RETENTION) -> list[int]:
-        """Delete all but the newest ``keep`` versions (never ``latest``); the deleted ones."""
+        """Delete all but the newest ``keep`` versions (never ``latest``), then sweep every object
+        no retained version and no pending push references; returns the deleted versions."""
         if keep < 1:
             raise ValueError("keep must be at least 1")
-        latest = self.latest()
-        old = [v for v in self.list_versions()[:-keep] if v != latest]
-        for version in old:
-            self.delete(version)
+        token = uuid.uuid4().hex
+        held = self._take_lease(token)
+        if held is None:
+            log.info("namespace %r: another GC holds the lease; skipping", self.keyspace.namespace)
+            return []
+        try:
+            latest = self.latest()
+            old = [v for v in self.list_versions()[:-keep] if v != latest]
+            for version in old:
+                self.delete(version)
+            self._phase("retired")
+            held = self._sweep(token, held)
+        finally:
+            self._give_back(token, held)
         if old:
             log.debug("gc removed versions %s", old)
         return old
+
+    def _phase(self, name: str) -> None:
+        if self.gc_hook is not None:
+            self.gc_hook(name)
+
+    def _take_lease(self, token: str) -> bool | None:
+        """True: this GC holds the lease (and bumped the epoch); False: Redis is too full to take it
+        (go on without it); None: another GC holds it."""
+        k = self.keyspace
+        try:
+            if not self.client.set(k.gc_lease, token, nx=True, px=int(GC_LEASE_TTL * 1000)):
+                return None
+            self.client.incr(k.gc_epoch)
+            return True
+        except redis.exceptions.ResponseError as exc:
+            if not _oom(exc):
+                raise
+            log.warning("namespace %r: Redis is full; collecting garbage without the GC lease until memory is freed",
+                        self.keyspace.namespace)  # fmt: skip
+            return False
+
+    def _give_back(self, token: str, held: bool) -> None:
+        k = self.keyspace
+        try:
+            self.client.incr(k.gc_epoch)  # a push that checked during this GC must check again
+        except redis.exceptions.ResponseError as exc:
+            if not _oom(exc):
+                raise
+        if held:
+            self._release(keys=[k.gc_lease], args=[token])
+
+    def _marked(self) -> set[str] | None:
+        """Every object a retained version or a pending push references; None when a retained
+        manifest cannot be read (then nothing may be swept: its objects are unknown)."""
+        k = self.keyspace
+        marked: set[str] = set()
+        versions = self.list_versions()
+        for start in range(0, len(versions), _MANIFEST_ROUND):
+            batch = versions[start : start + _MANIFEST_ROUND]
+            for version, raw in zip(batch, self.client.mget([k.manifest(v) for v in batch]), strict=True):
+                if raw is None:
+                    continue  # deleted meanwhile
+                try:
+                    marked |= Manifest.from_json(raw, version).objects()
+                except LegacyFormatError:
+                    continue  # old layout: its chunks are per-version keys, deleted with it
+                except CodecError as exc:
+                    log.warning("namespace %r: version %d has an unreadable manifest (%s); not sweeping",
+                                k.namespace, version, exc)  # fmt: skip
+                    return None
+        records = list(self.client.scan_iter(match=k.pending_pattern, count=1000))
+        for start in range(0, len(records), _MANIFEST_ROUND):
+            for raw in self.client.mget(records[start : start + _MANIFEST_ROUND]):
+                if raw:
+                    marked.update(raw.decode().split(","))
+        return marked
+
+    def _sweep(self, token: str, held: bool) -> bool:
+        """Delete unreferenced objects in small steps (see the module docstring); whether
+        this GC holds the lease at the end."""
+        marked = self._marked()
+        self._phase("marked")
+        if marked is None:
+            return held
+        garbage = [i for i in self.chunks.scan() if i not in marked]
+        self._phase("scanned")
+        position = 0
+        while position < len(garbage):
+            batch = garbage[position : position + DELETE_BATCH]
+            position += len(batch)
+            self.chunks.delete(batch)
+            self._phase("deleted")
+            if not held:  # memory was freed: take the lease now, and mark again under it
+                taken = self._take_lease(token)
+                if taken is None:  # another GC took it: it sweeps from here
+                    return False
+                held = taken
+                if held:
+                    marked = self._marked()
+                    if marked is None:
+                        return held
+                    garbage = garbage[:position] + [i for i in garbage[position:] if i not in marked]
+            elif not self._renew(keys=[self.keyspace.gc_lease], args=[token, int(GC_LEASE_TTL * 1000)]):
+                log.warning("namespace %r: the GC lease expired mid-sweep; stopping", self.keyspace.namespace)
+                return False
+        return held

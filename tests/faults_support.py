@@ -28,3 +28,11 @@ def eventually(predicate: Callable[[], object], timeout: float = 15.0, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout:g}s")
         time.sleep(0.02)
+
+
+def chunk_key(store, version: int, index: int) -> str:
+    """The Redis key of the object behind chunk ``index`` of ``version`` (its stored base if patched)."""
+    from redis_weights import VersionRegistry
+
+    entry = VersionRegistry(store.client, store.keyspace).read_manifest(version).chunks[index]
+    return store.keyspace.chunk(entry.base or entry.id)

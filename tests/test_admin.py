@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, VersionNotFoundError
 from redis_weights.admin import Admin, RefusedError, manifest_dict, parse_version, redact
 from redis_weights.errors import CodecError, ConfigurationError
+from tests.codec_support import read_version
 
 
 def weights(seed: int) -> dict[str, torch.Tensor]:
@@ -91,8 +92,7 @@ def test_export_writes_the_concatenated_chunks(real_store: RedisStore, admin: Ad
     push(real_store, 1, 2)
     out = tmp_path / "w.safetensors"
     manifest = admin.export("latest", out)
-    _, chunks = admin.registry.read(manifest.version)
-    assert out.read_bytes() == b"".join(chunks)
+    assert out.read_bytes() == read_version(admin.registry, manifest.version)[1]
     assert_same(load_file(str(out)), weights(2))
     admin.export(manifest.version - 1, out)  # overwrite with an older version
     assert_same(load_file(str(out)), weights(1))
@@ -138,30 +138,52 @@ def test_rollback_commits_old_weights_as_a_new_version(real_store: RedisStore, a
     assert receiver.poll() == v2
     manifest = admin.rollback(v1)
     assert manifest.version > v2 and admin.registry.latest() == manifest.version
-    assert manifest.checksums == admin.registry.read_manifest(v1).checksums
+    assert manifest.ids == admin.registry.read_manifest(v1).ids and manifest.uploaded_bytes == 0
     assert manifest.producer.startswith(f"rollback of v{v1} by ")
     assert admin.store.client.get(admin.keyspace.rank_status(1)) == b"pending"
-    # The copied chunks are permanent (the commit persisted them) and the worker applies them.
-    assert all(admin.store.client.ttl(k) == -1 for k in admin.keyspace.chunks(manifest.version, manifest.num_chunks))
     assert receiver.poll() == manifest.version
     assert_same(policy, weights(1))
     with pytest.raises(VersionNotFoundError, match=f"committed: {v1}, {v2}, {manifest.version}"):
         admin.rollback(99)
 
 
+def _bytes_in(admin: Admin) -> int:
+    """Bytes written into Redis so far, less this call's own (INFO stats)."""
+    return int(admin.client.info("stats")["total_net_input_bytes"])
+
+
+def test_rollback_and_reimport_upload_no_chunk(real_store: RedisStore, admin: Admin, tmp_path: Path) -> None:
+    push(real_store, 1, 2)  # ~11 KB each
+    v1 = admin.registry.list_versions()[0]
+    path = tmp_path / "v1.safetensors"
+    admin.export(v1, path)
+    before = _bytes_in(admin)
+    rolled = admin.rollback(v1)
+    after_rollback = _bytes_in(admin)
+    imported = admin.import_file(path, chunk_size=4096)
+    after_import = _bytes_in(admin)
+    assert rolled.uploaded_bytes == 0 and imported.uploaded_bytes == 0
+    assert imported.ids == rolled.ids  # the same weights, the same chunks
+    assert after_rollback - before < 4096, "a rollback sent chunk bytes"
+    assert after_import - after_rollback < 4 * 4096, "an import of retained weights sent chunk bytes"
+
+
 def test_rollback_of_a_version_with_a_lost_chunk_fails_cleanly(real_store: RedisStore, admin: Admin) -> None:
     v1, v2 = push(real_store, 1, 2)
-    admin.store.client.delete(admin.keyspace.chunk(v1, 0))
-    with pytest.raises(VersionNotFoundError, match="chunk 0 is gone"):
+    admin.store.client.delete(admin.keyspace.chunk(admin.registry.read_manifest(v1).ids[-1]))
+    with pytest.raises(VersionNotFoundError, match="gone from Redis"):
         admin.rollback(v1)
     assert admin.registry.latest() == v2  # nothing committed
 
 
 def test_gc_and_delete(real_store: RedisStore, admin: Admin) -> None:
     v1, v2, v3, v4 = push(real_store, 1, 2, 3, 4)
+    gone = set(admin.registry.read_manifest(v1).ids) - admin.registry.read_manifest(v3).objects()
+    gone -= admin.registry.read_manifest(v4).objects()
+    assert gone
     assert admin.gc(2) == [v1, v2]
     assert admin.registry.list_versions() == [v3, v4]
-    assert admin.store.client.exists(admin.keyspace.chunk(v1, 0)) == 0
+    assert not any(admin.store.client.exists(admin.keyspace.chunk(i)) for i in gone)
     with pytest.raises(ConfigurationError):
         admin.gc(0)
     with pytest.raises(RefusedError, match="latest"):
@@ -180,7 +202,9 @@ def test_manifest_view_and_version_parsing(real_store: RedisStore, admin: Admin)
     by_name = {t["name"]: t for t in doc["tensors"]}
     assert by_name["head.weight"] == {**by_name["head.weight"], "dtype": "BF16", "shape": [4, 64], "bytes": 512}
     assert sum(c["bytes"] for c in doc["chunks"]) == doc["total_bytes"]
-    assert all(len(c["checksum"]) == 16 for c in doc["chunks"])
+    assert all(len(c["id"]) == 32 and c["base"] is None for c in doc["chunks"])
+    assert (doc["storage"], doc["chain_length"], doc["base"]) == ("full", 0, None)
+    assert doc["stored_bytes"] == doc["new_bytes"] == doc["total_bytes"]
     assert parse_version("latest") == "latest" and parse_version("v3") == 3 and parse_version(" 12 ") == 12
     for bad in ("0", "-1", "abc", "1.5"):
         with pytest.raises(ConfigurationError):
@@ -207,3 +231,31 @@ def test_watch_reports_pushes_and_acks(real_store: RedisStore, admin: Admin) -> 
 def test_redact_hides_passwords() -> None:
     assert redact("redis://user:secret@host:6380/0") == "redis://user:***@host:6380/0"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_delta_versions_export_bit_exact_and_show_their_chain(real_store: RedisStore, admin: Admin,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.Linear(256, 64))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    updater = RedisWeightUpdater(RedisStore(real_store.client, real_store.namespace, owns_client=False), model, 1,
+                                 sync=False, retention=10, chunk_size=16384, wire_dtype=torch.bfloat16, delta=True,
+                                 keyframe_interval=3)  # fmt: skip
+    expected = {}
+    for _ in range(4):
+        model(torch.randn(8, 128)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        updater.update_weights()
+        expected[updater.version] = {k: v.detach().bfloat16() for k, v in model.state_dict().items()}
+    rows = {r.version: r for r in admin.versions()}
+    v1, v2, v3, v4 = sorted(expected)
+    assert [rows[v].keyframe for v in (v1, v2, v3, v4)] == [True, False, False, True]
+    assert (rows[v3].depth, rows[v3].new_bytes < rows[v3].total_bytes / 5) == (2, True)
+    doc = manifest_dict(admin.manifest(v3))
+    assert (doc["storage"], doc["base"], doc["keyframe"], doc["chain_length"]) == ("patch", v2, v1, 2)
+    assert doc["stored_bytes"] > doc["total_bytes"] > doc["new_bytes"] > 0
+    for version, tensors in expected.items():
+        out = tmp_path / f"v{version}.safetensors"
+        admin.export(version, out)
+        assert_same(load_file(str(out)), tensors)
+    updater.close()

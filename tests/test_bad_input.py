@@ -25,7 +25,7 @@ from redis_weights import (
 )
 from redis_weights.codec import flatten_weights
 from redis_weights.server import free_port
-from tests.faults_support import perturb
+from tests.faults_support import chunk_key, perturb
 from tests.models import make_model, state_digest
 
 pytestmark = pytest.mark.server
@@ -55,19 +55,19 @@ def _set_manifest(updater: RedisWeightUpdater, doc: dict | bytes) -> None:
 
 
 def _flip_byte(updater, version, index=0, offset=-1):
-    key = updater.keyspace.chunk(version, index)
+    key = chunk_key(updater.store, version, index)
     data = bytearray(updater.store.client.get(key))
     data[offset] ^= 0xFF
     updater.store.client.set(key, bytes(data))
 
 
 def _truncate(updater, version, index=0):
-    key = updater.keyspace.chunk(version, index)
+    key = chunk_key(updater.store, version, index)
     updater.store.client.set(key, updater.store.client.get(key)[:-3])
 
 
 def _delete_chunk(updater, version, index=0):
-    updater.store.client.delete(updater.keyspace.chunk(version, index))
+    updater.store.client.delete(chunk_key(updater.store, version, index))
 
 
 def _lie_about(field: str, value):
@@ -81,6 +81,25 @@ def _lie_about(field: str, value):
         _set_manifest(updater, doc)
 
     return corrupt
+
+
+def _many_entries(count: int):
+    """A manifest listing ``count`` tiny chunk entries (each with a two-patch chain)."""
+
+    def corrupt(updater, version):
+        doc = _manifest_doc(updater)
+        doc["chunks"] = [{"id": "a" * 32, "base": "b" * 32, "steps": [["c" * 32, 5, "a" * 32]]}] * count
+        doc["total_bytes"] = doc["chunk_size"] * count
+        _set_manifest(updater, doc)
+
+    return corrupt
+
+
+def _lie_about_size(updater, version):
+    doc = _manifest_doc(updater)
+    doc["total_bytes"] = doc["chunk_size"] * 10**6
+    doc["chunks"] = []
+    _set_manifest(updater, doc)
 
 
 def _swap_same_shape_tensors(updater, version):
@@ -97,9 +116,18 @@ def _swap_same_shape_tensors(updater, version):
 
 
 CORRUPTIONS = {
-    "flipped byte": (_flip_byte, "fails its checksum"),
-    "truncated chunk": (_truncate, "bytes, expected"),
-    "missing chunk": (_delete_chunk, "chunk 0 is missing"),
+    "flipped byte": (_flip_byte, "of chunk 0 does not match its id"),
+    "truncated chunk": (_truncate, "of chunk 0 does not match its id"),
+    "missing chunk": (_delete_chunk, "of chunk 0 is missing from Redis"),
+    "manifest of another version": (
+        lambda u, v: _set_manifest(u, u.store.client.get(u.keyspace.manifest(v - 1))), f"says it is version"
+    ),
+    "manifest of the previous format": (
+        lambda u, v: _set_manifest(u, json.dumps({"format": "redis_weights/1", "version": v}).encode()),
+        "push again from the trainer",
+    ),
+    "manifest of 100k chunk entries": (_many_entries(100_000), "more than the limit"),
+    "manifest claiming a stream bigger than the policy": (_lie_about_size, "more than this policy can hold"),
     "manifest not JSON": (lambda u, v: _set_manifest(u, b"\x00{not json"), "manifest is not JSON"),
     "manifest with a 5000-digit integer": (
         lambda u, v: _set_manifest(u, b'{"format":"redis_weights/1","version":' + b"9" * 5000 + b"}"),
@@ -144,9 +172,12 @@ def test_the_sync_push_reports_a_corrupted_chunk_naming_the_rank(real_store, red
     updater = RedisWeightUpdater(real_store, trainer_model, num_workers=1, sync=True, timeout=30, chunk_size=CHUNK)
     real_commit = updater.registry.commit
 
-    def commit_after_corrupting(manifest, ranks=()):
-        _flip_byte(updater, manifest.version, index=manifest.num_chunks - 1)  # written, not yet committed
-        real_commit(manifest, ranks)
+    def commit_after_corrupting(manifest, ranks=(), **kwargs):
+        key = updater.keyspace.chunk(manifest.chunks[-1].id)  # written, not yet committed
+        data = bytearray(updater.store.client.get(key))
+        data[-1] ^= 0xFF
+        updater.store.client.set(key, bytes(data))
+        real_commit(manifest, ranks, **kwargs)
 
     worker = make_model("mlp")
     with RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, worker, poll_interval=0.2):
@@ -156,7 +187,7 @@ def test_the_sync_push_reports_a_corrupted_chunk_naming_the_rank(real_store, red
             updater.update_weights()
         assert time.monotonic() - started < 20, "the error must end the push, not the timeout"
         assert list(info.value.errors) == [1]
-        assert "fails its checksum" in info.value.errors[1] and "rank 1 reported" in str(info.value)
+        assert "does not match its id" in info.value.errors[1] and "rank 1 reported" in str(info.value)
         assert state_digest(worker) == state_digest(make_model("mlp")), "the worker's weights changed"
 
 
@@ -345,3 +376,116 @@ def test_an_evicting_maxmemory_policy_is_one_clear_error_at_start(server_factory
             build()
     # the check can be skipped on purpose (a cache you accept to lose)
     RedisWeightUpdater(store, {"w": torch.zeros(1)}, 1, check_server=False).close()
+
+
+# ---------------------------------------------------------------------------------------
+# Bad patches and chains (delta=True)
+# ---------------------------------------------------------------------------------------
+def _delta_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model(torch.randn(4, model[0].in_features)).pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.fixture
+def delta_pair(real_store, redis_url, namespace):
+    """A delta updater (bf16 on the wire) whose second version is patches only, and a receiver at the first."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    updater = RedisWeightUpdater(real_store, model, 1, sync=False, chunk_size=CHUNK, wire_dtype=torch.bfloat16,
+                                 delta=True)  # fmt: skip
+    receiver = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, _like(model))
+    updater.update_weights()
+    assert receiver.poll() == updater.version
+    _delta_step(model, optimizer)
+    updater.update_weights()
+    manifest = updater.registry.read_manifest(updater.version)
+    assert all(c.steps for c in manifest.chunks), "the fixture needs a version of patches only"
+    yield updater, receiver, model, optimizer, manifest
+    receiver.close()
+
+
+def _like(model: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 32))
+
+
+def _rewrite(updater, manifest, index: int, **changes) -> None:
+    doc = json.loads(updater.store.client.get(updater.keyspace.manifest(manifest.version)))
+    doc["chunks"][index].update(changes)
+    _set_manifest(updater, doc)
+
+
+def _corrupt_patch(updater, manifest):
+    step = manifest.chunks[0].steps[-1]
+    key = updater.keyspace.chunk(step.patch)
+    data = bytearray(updater.store.client.get(key))
+    data[len(data) // 2] ^= 0xFF
+    updater.store.client.set(key, bytes(data))
+
+
+def _malformed_patch_with_a_valid_id(updater, manifest):
+    """Bytes that are not a patch, stored under their own id and named by the manifest."""
+    from redis_weights.manifest import checksum
+
+    entry = manifest.chunks[0]
+    junk = b"RWPT" + bytes(range(60))
+    updater.registry.chunks.write([(checksum(junk), junk, False)])
+    _rewrite(updater, manifest, 0, steps=[[checksum(junk), len(junk), entry.id]])
+
+
+def _patch_of_another_chunk(updater, manifest):
+    """A real patch (its id right), but of chunk 1: applied to chunk 0 it cannot give chunk 0's bytes."""
+    other = manifest.chunks[1].steps[-1]
+    _rewrite(updater, manifest, 0, steps=[[other.patch, other.size, manifest.chunks[0].id]])
+
+
+def _missing_patch(updater, manifest):
+    updater.store.client.delete(updater.keyspace.chunk(manifest.chunks[0].steps[-1].patch))
+
+
+def _cycle(updater, manifest):
+    entry = manifest.chunks[0]
+    step = entry.steps[-1]
+    _rewrite(updater, manifest, 0, steps=[[step.patch, step.size, entry.base], [step.patch, step.size, entry.id]])
+
+
+DELTA_CORRUPTIONS = {
+    "corrupted patch": (_corrupt_patch, "of chunk 0 does not match its id"),
+    "malformed patch with a valid id": (_malformed_patch_with_a_valid_id, "of chunk 0 cannot be applied"),
+    "patch of another chunk": (_patch_of_another_chunk, "chunk 0 does not match its id after patching"),
+    "missing patch (a gap in the chain)": (_missing_patch, "of chunk 0 is missing from Redis"),
+    "chain with a cycle": (_cycle, "its chain has a cycle"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(DELTA_CORRUPTIONS))
+def test_a_bad_patch_or_chain_is_refused_whole_and_the_next_version_applies(delta_pair, corruption):
+    updater, receiver, model, optimizer, manifest = delta_pair
+    corrupt, reason = DELTA_CORRUPTIONS[corruption]
+    good_version, good_digest = receiver.version, state_digest(receiver.policy)
+    corrupt(updater, manifest)
+    assert receiver.poll() is None
+    assert receiver.version == good_version and state_digest(receiver.policy) == good_digest
+    status = updater.workers()[0].status
+    assert status == receiver.last_error and status.startswith(f"error: version {manifest.version}: "), status
+    assert reason in status, status
+    _delta_step(model, optimizer)
+    updater.update_weights()  # whatever the receive buffer holds now, the next version lands bit-exact
+    assert receiver.poll() == updater.version, receiver.last_error
+    expected = {k: v.detach().bfloat16().float() for k, v in model.state_dict().items()}
+    assert all(torch.equal(t, expected[n]) for n, t in receiver.policy.state_dict().items())
+
+
+def test_a_late_joiner_whose_chain_base_is_gone_refuses_and_keeps_its_weights(delta_pair, redis_url, namespace):
+    """A patch whose base the worker does not hold, and Redis lost the keyframe's chunk."""
+    updater, _, model, _, manifest = delta_pair
+    updater.store.client.delete(updater.keyspace.chunk(manifest.chunks[0].base))
+    late = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 2, _like(model))
+    before = state_digest(late.policy)
+    try:
+        assert late.poll() is None
+        assert f"error: version {manifest.version}: " in late.last_error
+        assert "base chunk" in late.last_error and "of chunk 0 is missing from Redis" in late.last_error
+        assert state_digest(late.policy) == before and late.version == 0
+    finally:
+        late.close()

@@ -126,7 +126,8 @@ def test_reports_as_tables_and_json(fleet, redis_url: str, namespace: str, capsy
     assert "\x1b[" not in versions.stdout and "┃" not in versions.stdout
     lines = versions.stdout.splitlines()
     assert lines[0] == f"namespace {namespace!r}"
-    assert lines[1].split() == ["version", "created", "(UTC)", "size", "tensors", "producer", "ranks"]
+    assert lines[1].split() == ["version", "created", "(UTC)", "size", "tensors", "stored", "new", "producer", "ranks"]
+    assert "keyframe" in lines[2].split()
     assert lines[2].startswith(f"{v3} (latest)") and lines[2].split()[-1] == "1"
     assert lines[3].startswith(str(v2)) and lines[3].split()[-1] == "2"
     assert lines[4].startswith(str(v1)) and lines[4].split()[-1] == "3"
@@ -154,7 +155,7 @@ def test_reports_as_tables_and_json(fleet, redis_url: str, namespace: str, capsy
     assert show.returncode == 0 and f"version {v3}" in show.stdout
     for name in ("net.0.weight", "net.0.bias", "net.2.weight"):
         assert name in show.stdout
-    assert "32x16" in show.stdout and "F16" in show.stdout and "checksum" in show.stdout
+    assert "32x16" in show.stdout and "F16" in show.stdout and "chunk ids" in show.stdout and "full (keyframe)" in show.stdout
     workers = run_main(capsys, "workers", "--url", redis_url, "-n", namespace)
     assert workers.returncode == 0
     assert "DEAD" in workers.stdout and workers.stdout.count("alive") == 2
@@ -302,9 +303,10 @@ def test_tables_on_a_terminal_are_boxed(fleet, redis_url: str, namespace: str, t
     with redirect_stdout(terminal):
         assert main(["--url", redis_url, "-n", namespace, "versions"]) == 0
     versions = _boxed_rows(terminal.getvalue(), f"namespace {namespace!r}")
-    assert versions[0] == ["version", "created (UTC)", "size", "tensors", "producer", "ranks"]
-    assert [(r[0], r[3], r[5]) for r in versions[1:]] == [(f"{v3} (latest)", "3", "1"), (str(v2), "3", "2"),
-                                                         (str(v1), "3", "3")]  # fmt: skip
+    assert versions[0] == ["version", "created (UTC)", "size", "tensors", "stored", "new", "producer", "ranks"]
+    assert [(r[0], r[3], r[4], r[7]) for r in versions[1:]] == [
+        (f"{v3} (latest)", "3", "keyframe", "1"), (str(v2), "3", "keyframe", "2"), (str(v1), "3", "keyframe", "3")
+    ]  # fmt: skip
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", r[1]) and r[2].endswith("KiB") for r in versions[1:])
     terminal.seek(0)
     terminal.truncate()

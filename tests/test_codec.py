@@ -10,9 +10,10 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from redis_weights.codec import Encoder, apply_chunks, chunk_pieces, decode_to_tensors, flatten_weights
-from redis_weights.errors import CodecError, IntegrityError, WeightMismatchError
-from redis_weights.manifest import Manifest, parse_header, parse_header_bytes
+from redis_weights.codec import Encoder, flatten_weights, plan_chunks, tensors_in_chunks
+from redis_weights.errors import CodecError, IntegrityError, LegacyFormatError, WeightMismatchError
+from redis_weights.manifest import Manifest, checksum, parse_header, parse_header_bytes
+from tests.codec_support import apply_chunks, built_chunks, decode_to_tensors
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.uint8, torch.bool]
 
@@ -28,10 +29,10 @@ def _weights() -> dict[str, torch.Tensor]:
     return out
 
 
-def _encode(weights, chunk_size=64 * 1024, **kw):
-    encoded = Encoder(chunk_size).encode(weights, **kw)
+def _encode(weights, chunk_size=64 * 1024, wire_dtype=None, **kw):
+    encoded = Encoder(chunk_size, wire_dtype).encode(weights, **kw)
     manifest = encoded.manifest(1, created=0.0, producer="test")
-    chunks = [bytes(c) for c in encoded.chunks]
+    chunks = built_chunks(encoded)
     return encoded, Manifest.from_json(manifest.to_json()), chunks
 
 
@@ -42,7 +43,7 @@ def test_concatenated_chunks_are_a_safetensors_file_equal_to_the_weights():
     assert loaded.keys() == weights.keys()
     for name, tensor in weights.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
-    assert len(chunks) > 3 and max(len(c) for c in chunks) <= 64 * 1024
+    assert len(chunks) > 3 and all(len(c) == 64 * 1024 for c in chunks[:-1])  # fixed size by stream offset
     assert manifest.total_bytes == len(b"".join(chunks))
     assert manifest.metadata == {"step": "12"}
     assert json.loads(b"".join(chunks)[8 : manifest.header_len])["__metadata__"] == {"step": "12"}
@@ -52,15 +53,16 @@ def test_big_tensors_are_sent_from_their_own_memory():
     weights = {"big": torch.zeros(1 << 20)}
     encoded = Encoder(1 << 20).encode(weights)
     weights["big"].fill_(1.0)  # visible through the chunks: they are views, not copies
-    data = b"".join(bytes(c) for c in encoded.chunks)[encoded.header_len :]
+    data = b"".join(built_chunks(encoded))[encoded.header_len :]
     assert data == torch.ones(1 << 20).numpy().tobytes()
+    assert len(encoded.plan[1]) == 1, "a chunk inside one tensor is a view of it"
 
 
 def test_snapshot_copies_so_later_changes_do_not_leak_into_the_push():
     weights = {"big": torch.zeros(1 << 18)}
     encoded = Encoder(1 << 20).encode(weights, snapshot=True)
     weights["big"].fill_(1.0)
-    assert set(b"".join(bytes(c) for c in encoded.chunks)[encoded.header_len :]) == {0}
+    assert set(b"".join(built_chunks(encoded))[encoded.header_len :]) == {0}
 
 
 def test_non_contiguous_and_shared_tensors_are_encoded():
@@ -71,11 +73,46 @@ def test_non_contiguous_and_shared_tensors_are_encoded():
     assert torch.equal(out["t"], base.t()) and torch.equal(out["alias"], base)
 
 
-def test_chunk_pieces_keeps_order_gathers_small_pieces_and_bounds_size():
+def test_plan_chunks_cuts_at_fixed_stream_offsets_whatever_the_pieces():
     pieces = [b"a" * 10, b"b" * 100, b"c" * 5, bytes(range(256)) * 4]
-    chunks = chunk_pieces(pieces, 64)
-    assert b"".join(bytes(c) for c in chunks) == b"".join(pieces)
-    assert all(0 < len(c) <= 64 for c in chunks)
+    chunks = [b"".join(bytes(p) for p in parts) for parts in plan_chunks(pieces, 64)]
+    assert b"".join(chunks) == b"".join(pieces)
+    assert [len(c) for c in chunks] == [64] * 17 + [len(b"".join(pieces)) - 64 * 17]
+    regrouped = [b"".join(pieces[:2]), b"".join(pieces[2:])]
+    assert [b"".join(bytes(p) for p in parts) for parts in plan_chunks(regrouped, 64)] == chunks
+
+
+def test_an_unchanged_region_keeps_its_chunk_id_from_version_to_version():
+    weights = {"frozen": torch.randn(50_000), "trained": torch.randn(50_000)}
+    before = Encoder(16384).encode(weights).ids
+    weights["trained"].add_(1.0)
+    after = Encoder(16384).encode(weights).ids
+    same = [a == b for a, b in zip(before, after, strict=True)]
+    assert any(same) and not all(same)
+    assert all(len(i) == 32 for i in after) and after[0] == checksum(built_chunks(Encoder(16384).encode(weights))[0])
+
+
+def test_wire_dtype_casts_floating_tensors_only_and_records_the_trainer_dtypes():
+    weights = {"w": torch.randn(64, 64), "h": torch.randn(8).half(), "step": torch.arange(5), "mask": torch.ones(3) > 0}
+    _, manifest, chunks = _encode(weights, wire_dtype=torch.bfloat16)
+    loaded = safetensors.torch.load(b"".join(chunks))
+    assert loaded["w"].dtype == torch.bfloat16 and torch.equal(loaded["w"], weights["w"].bfloat16())
+    assert loaded["h"].dtype == torch.bfloat16
+    assert torch.equal(loaded["step"], weights["step"]) and torch.equal(loaded["mask"], weights["mask"])
+    assert manifest.wire_dtype == "BF16" and manifest.cast == {"w": "F32", "h": "F16"}
+    targets = {name: torch.zeros_like(t) for name, t in weights.items()}  # the trainer's own dtypes
+    apply_chunks(chunks, manifest, targets)  # accepted without allow_cast: the trainer chose the cast
+    assert targets["w"].dtype == torch.float32 and torch.equal(targets["w"], weights["w"].bfloat16().float())
+    with pytest.raises(WeightMismatchError, match="key 'step': dtype"):
+        apply_chunks(chunks, manifest, dict(targets, step=torch.zeros(5, dtype=torch.int32)))
+
+
+def test_tensors_in_chunks_names_the_tensors_a_chunk_overlaps():
+    weights = {"a": torch.zeros(4096), "b": torch.zeros(4096), "c": torch.zeros(4096)}
+    _, manifest, _ = _encode(weights, chunk_size=4096)
+    assert tensors_in_chunks(manifest, []) == set()
+    assert tensors_in_chunks(manifest, [manifest.num_chunks - 1]) == {"c"}
+    assert tensors_in_chunks(manifest, [0]) == {"a"}
 
 
 def test_apply_is_in_place_and_keeps_identity_device_and_dtype():
@@ -191,8 +228,9 @@ def test_manifest_round_trip_and_validation():
     for field, value, match in [
         ("format", "other", "format"),
         ("checksum_algo", "md5", "checksum"),
-        ("chunk_sizes", [0], "chunk_sizes"),
-        ("checksums", [], "checksums"),
+        ("chunk_size", 1, "chunk_size"),
+        ("chunks", [], "chunk entries"),
+        ("chunks", [{"id": "xyz"}], "32-hex-digit id"),
         ("version", -1, "version"),
         ("header_len", 10**12, "header_len"),
         ("total_bytes", 1, "total_bytes"),
@@ -204,6 +242,32 @@ def test_manifest_round_trip_and_validation():
         Manifest.from_json(b"\x80not json")
     with pytest.raises(CodecError, match="lacks"):
         Manifest.from_json(json.dumps({"format": doc["format"]}))
+    with pytest.raises(CodecError, match="says it is version 1"):
+        Manifest.from_json(manifest.to_json(), version=2)
+
+
+def test_a_manifest_of_the_previous_format_is_refused_with_what_to_do():
+    with pytest.raises(LegacyFormatError, match="push again from the trainer"):
+        Manifest.from_json(json.dumps({"format": "redis_weights/1", "version": 3}), version=3)
+
+
+@pytest.mark.parametrize(
+    "chain, match",
+    [
+        ({"base": "b" * 32, "steps": []}, "1..64 steps"),
+        ({"base": "b" * 32, "steps": [["c" * 32, 10, "d" * 32]]}, "ends at"),
+        ({"base": "b" * 32, "steps": [["c" * 32, 10, "b" * 32], ["e" * 32, 10, "a" * 32]]}, "cycle"),
+        ({"base": "b" * 32, "steps": [["c" * 32, 10**9, "a" * 32]]}, "bad step"),
+        ({"base": "b" * 32, "steps": [["c" * 32, 10, "a" * 32]] * 65}, "1..64 steps"),
+        ({"base": 5, "steps": [["c" * 32, 10, "a" * 32]]}, "base id"),
+    ],
+)
+def test_a_chain_with_a_cycle_a_gap_or_no_end_is_refused(chain, match):
+    _, manifest, _ = _encode({"w": torch.ones(3)})
+    doc = json.loads(manifest.to_json())
+    doc["chunks"] = [{"id": "a" * 32, **chain}]
+    with pytest.raises(CodecError, match=match):
+        Manifest.from_json(json.dumps(doc))
 
 
 @pytest.mark.parametrize(

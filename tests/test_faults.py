@@ -19,7 +19,7 @@ import pytest
 import redis
 import torch
 
-import redis_weights.versions as versions_module
+import redis_weights.chunkstore as chunkstore_module
 from redis_weights import (
     BackgroundUploadError,
     PushError,
@@ -31,6 +31,7 @@ from redis_weights import (
     StaleVersionError,
     bulkread,
 )
+from redis_weights.admin import Admin
 from tests.faults_support import eventually, perturb
 from tests.models import make_model, state_digest
 
@@ -97,7 +98,7 @@ def aof_server(server_factory):
 
 
 def test_redis_killed_between_chunks_push_fails_clearly_then_everything_recovers(aof_server, namespace, monkeypatch):
-    monkeypatch.setattr(versions_module, "_PIPELINE_BYTES", CHUNK)  # one round trip per chunk
+    monkeypatch.setattr(chunkstore_module, "ROUND_BYTES", CHUNK)  # one round trip per chunk
     url = aof_server.url
     model = make_model("mb:1", seed=1)
     updater = RedisWeightUpdater(RedisStore.from_url(url, namespace), model, 1, sync=True, timeout=20, chunk_size=CHUNK)
@@ -120,8 +121,9 @@ def test_redis_killed_between_chunks_push_fails_clearly_then_everything_recovers
         k = updater.keyspace
         assert int(admin.get(k.latest)) == v1, "the interrupted version must not be the latest"
         orphan = v1 + 1
-        assert admin.exists(k.chunk(orphan, 0)) and not admin.exists(k.manifest(orphan))
-        assert 0 < admin.pttl(k.chunk(orphan, 0)) <= updater.pending_ttl * 1000, "orphans keep their expiry"
+        assert not admin.exists(k.manifest(orphan))
+        (record,) = admin.scan_iter(match=k.pending_pattern)  # the orphans' protection outlives no push long
+        assert 0 < admin.pttl(record) <= updater.pending_ttl * 1000, "a pending record must expire"
 
         perturb(model, 3)
         updater.update_weights()  # the next push works; the worker reconnected by itself
@@ -274,7 +276,7 @@ def test_notifications_dropped_for_good_worker_applies_within_its_poll_interval(
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("when", ["before the chunks", "between chunk rounds"])
 def test_gc_while_a_worker_reads_an_old_version(real_store, redis_url, namespace, monkeypatch, when):
-    monkeypatch.setattr(versions_module, "_PIPELINE_BYTES", CHUNK)
+    monkeypatch.setattr(chunkstore_module, "ROUND_BYTES", CHUNK)
     model = make_model("mb:1", seed=20)
     updater = RedisWeightUpdater(real_store, model, 1, sync=False, retention=1, chunk_size=CHUNK)
     updater.update_weights()
@@ -318,9 +320,9 @@ def test_two_trainers_versions_stay_monotonic_and_a_stale_commit_is_refused(real
     # Interleaved: a allocates, b allocates and commits a newer version, then a commits.
     real_commit = a.registry.commit
 
-    def b_overtakes(manifest, ranks=()):
+    def b_overtakes(manifest, ranks=(), **kwargs):
         b.update_weights()
-        real_commit(manifest, ranks)
+        real_commit(manifest, ranks, **kwargs)
 
     a.registry.commit = b_overtakes
     with pytest.raises(StaleVersionError, match="second trainer") as info:
@@ -464,14 +466,15 @@ def test_retried_commands_are_idempotent(real_store, redis_url, namespace):
         before = state()
         assert before[:3] == (b"2", b"updated", b"2")
 
-        registry.commit(registry.read_manifest(2), [1])  # the same commit again, as a retry would send it
+        registry.publish(registry.read_manifest(2), [1])  # the same commit again, as a retry would send it
         assert state() == before, "a retried commit must change nothing (nor re-mark the rank pending)"
         worker._report(2, "updated")  # the same ack again
         assert state() == before, "a retried ack must change nothing"
 
         older = Encoder().encode(make_model("mlp", seed=81)).manifest(1, created=0, producer="x")
+        epoch = registry.begin("retry", [])
         with pytest.raises(StaleVersionError, match="latest is already 2"):
-            registry.commit(older, [1])  # a commit below latest: refused, version 1 untouched
+            registry.commit(older, [1], epoch=epoch, token="retry")  # below latest: refused, version 1 untouched
         assert state() == before
 
         updater.update_weights()  # version 3: the rank is "pending"
@@ -485,7 +488,7 @@ def test_retried_commands_are_idempotent(real_store, redis_url, namespace):
 # 14. Redis refuses writes (maxmemory reached with noeviction)
 # ---------------------------------------------------------------------------------------
 def _chunk_keys(admin: redis.Redis, keyspace) -> list[bytes]:
-    return [key for key in admin.scan_iter(match=keyspace.pattern) if b":v:" in key and b":c:" in key]
+    return list(admin.scan_iter(match=keyspace.chunk_pattern))
 
 
 def test_a_push_refused_for_lack_of_memory_is_a_push_error_and_the_next_push_works(server_factory, namespace):
@@ -497,7 +500,7 @@ def test_a_push_refused_for_lack_of_memory_is_a_push_error_and_the_next_push_wor
     updater = RedisWeightUpdater(RedisStore.from_url(server.url, namespace), model, 1, sync=True, timeout=20)
     with receiver(server.url, namespace, 1, make_model("mb:4")) as worker:
         admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 1024 * 1024)  # 1 MiB of room
-        with pytest.raises(PushError, match=r"push of version 1 failed: .*OutOfMemoryError.*raise maxmemory") as info:
+        with pytest.raises(PushError, match=r"push of version 1 failed: .*OutOfMemoryError.*gc --keep 1") as info:
             updater.update_weights()
         assert isinstance(info.value, RuntimeError) and info.value.version == 1
         assert isinstance(info.value.__cause__, redis.exceptions.OutOfMemoryError)
@@ -532,6 +535,37 @@ def test_a_background_push_refused_for_lack_of_memory_raises_on_the_next_call(se
     updater.update_weights()
     updater.flush(10)
     assert updater.registry.latest() == updater.version == 2
+    updater.close()
+    admin.close()
+
+
+def test_retention_is_not_wedged_when_redis_is_over_maxmemory(server_factory, namespace):
+    """Issue 12: GC used to run inside MULTI/EXEC, which Redis refuses over maxmemory, so every push
+    and every operator's gc failed out of memory. Now deleting works while Redis is full, the OOM
+    error says what helps, and after `gc --keep 1` the next push goes through with no config change."""
+    server = server_factory("--maxmemory-policy", "noeviction")
+    admin = redis.Redis(port=server.port)
+    model = make_model("mb:4", seed=92)  # one 4 MiB layer: every version has its own 4 MiB of chunks
+    store = RedisStore.from_url(server.url, namespace)
+    updater = RedisWeightUpdater(store, model, 1, sync=False, retention=3)
+    for step in range(3):
+        perturb(model, 100 + step)
+        updater.update_weights()
+    assert len(updater.registry.list_versions()) == 3
+    admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) - 1024 * 1024)  # over the limit
+    perturb(model, 110)
+    with pytest.raises(PushError, match=r"OutOfMemoryError.*`redis-weights gc --keep 1` frees older versions"):
+        updater.update_weights()
+    with Admin(RedisStore.from_url(server.url, namespace)) as operator:
+        deleted = operator.gc(1)  # while Redis is still over maxmemory
+    assert len(deleted) == 2 and len(updater.registry.list_versions()) == 1
+    perturb(model, 111)
+    updater.update_weights()  # room again: the next push works, maxmemory unchanged
+    assert updater.registry.latest() == updater.version
+    assert len(updater.registry.list_versions()) == 2
+    held = {k.decode() for k in _chunk_keys(admin, updater.keyspace)}
+    referenced = set().union(*(updater.registry.read_manifest(v).objects() for v in updater.registry.list_versions()))
+    assert held == {updater.keyspace.chunk(i) for i in referenced}, "orphans or lost chunks after the cleanup"
     updater.close()
     admin.close()
 

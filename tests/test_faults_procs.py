@@ -66,8 +66,8 @@ TRAINER = textwrap.dedent(
     url, namespace, marker = sys.argv[1:4]
     updater = RedisWeightUpdater(RedisStore.from_url(url, namespace), make_model("mlp", seed=99), 1,
                                  sync=False, pending_ttl=2.0, chunk_size=4096)
-    def commit_never(manifest, ranks=()):
-        open(marker, "w").write(str(manifest.version))
+    def commit_never(manifest, ranks=(), **kwargs):
+        open(marker, "w").write(" ".join([str(manifest.version), *manifest.ids]))
         time.sleep(600)  # chunks written, commit not sent: SIGKILLed here
     updater.registry.commit = commit_never
     updater.update_weights()
@@ -75,7 +75,9 @@ TRAINER = textwrap.dedent(
 )
 
 
-def test_a_trainer_killed_before_its_commit_leaves_only_expiring_orphans(tmp_path, real_store, redis_url, namespace):
+def test_a_trainer_killed_before_its_commit_leaves_orphans_that_the_next_gc_sweeps(
+    tmp_path, real_store, redis_url, namespace
+):
     model = make_model("mlp", seed=4)
     updater = RedisWeightUpdater(real_store, model, num_workers=1, sync=True, timeout=20)
     k, client = real_store.keyspace, real_store.client
@@ -96,18 +98,21 @@ def test_a_trainer_killed_before_its_commit_leaves_only_expiring_orphans(tmp_pat
             if trainer.poll() is None:
                 trainer.kill()
                 trainer.wait(10)
-        orphan = int(marker.read_text())
-        chunks = list(client.scan_iter(match=f"{k.pattern[:-1]}v:{orphan}:c:*"))
-        assert len(chunks) > 1, "the trainer should have written several chunks"
-        assert all(0 < client.pttl(c) <= 2000 for c in chunks), "uncommitted chunks must carry an expiry"
+        orphan, *ids = marker.read_text().split()
+        orphan = int(orphan)
+        chunks = [k.chunk(i) for i in set(ids) - set(updater.registry.read_manifest(committed).ids)]
+        assert chunks and all(client.exists(c) for c in chunks), "the trainer should have written its chunks"
+        (record,) = client.scan_iter(match=k.pending_pattern)  # GC spares them while the push may commit
+        assert 0 < client.pttl(record) <= 2000, "a pending record must expire"
         assert not client.exists(k.manifest(orphan)) and updater.registry.latest() == committed
         assert updater.registry.list_versions() == [committed], "nothing may point at the orphans"
         time.sleep(0.5)
         assert worker.version == committed and state_digest(worker.policy) == digest
-        eventually(lambda: not any(client.exists(c) for c in chunks), timeout=10, what="orphans expired")
+        eventually(lambda: not client.exists(record), timeout=10, what="the pending record expired")
         perturb(model, 5)
-        updater.update_weights()  # the next push works and goes above the orphan's number
+        updater.update_weights()  # the next push works, goes above the orphan's number, and its GC sweeps
         assert updater.version > orphan and state_digest(worker.policy) == state_digest(model)
+        assert not any(client.exists(c) for c in chunks), "orphans left after the GC"
 
 
 def test_a_worker_restarted_with_another_model_refuses_and_the_push_reports_it(

@@ -14,9 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from redis_weights.codec import DTYPES, Encoder, apply_chunks
+from redis_weights.codec import DTYPES, Encoder
 from redis_weights.errors import CodecError, WeightMismatchError
-from redis_weights.manifest import Manifest, parse_header, parse_header_bytes
+from redis_weights.manifest import MAX_CHAIN, Manifest, parse_header, parse_header_bytes
+from tests.codec_support import apply_chunks, built_chunks
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -113,7 +114,8 @@ def test_manifest_with_one_field_replaced(field, value):
     except CodecError:
         return
     _assert_consistent(manifest.tensors, manifest.total_bytes - manifest.header_len)
-    assert len(manifest.checksums) == manifest.num_chunks
+    assert len(manifest.chunks) == manifest.num_chunks == len(manifest.chunk_sizes)
+    assert sum(manifest.chunk_sizes) == manifest.total_bytes
 
 
 @FUZZ
@@ -146,9 +148,32 @@ def test_flipped_bytes_in_a_manifest_never_write_a_mix(data):
     targets = {"w": torch.zeros(64), "b": torch.zeros(8)}
     try:
         manifest = Manifest.from_json(bytes(raw))
-        apply_chunks([bytes(c) for c in encoded.chunks], manifest, targets)
+        apply_chunks(built_chunks(encoded), manifest, targets)
     except (CodecError, WeightMismatchError):  # a flipped name is a mismatch with the policy
         assert all(bool((t == 0).all()) for t in targets.values()), "a refused version wrote into the weights"
         return
     # accepted: the layout still fits, the checksums still match, the bytes are the originals
     assert torch.equal(targets["w"], weights["w"]) and torch.equal(targets["b"], weights["b"])
+
+
+_ID = st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)
+_STEP = st.lists(st.one_of(_ID, st.integers(-5, 10**6), _json), min_size=0, max_size=4)
+
+
+@FUZZ
+@given(
+    entry=st.fixed_dictionaries(
+        {"id": _ID}, optional={"base": st.one_of(_ID, _json), "steps": st.lists(_STEP, max_size=70) | _json}
+    )
+)
+def test_chunk_entries_with_arbitrary_chains(entry):
+    """A chain either parses into something bounded, acyclic and ending at the chunk's id, or is refused."""
+    doc = dict(_BASE, chunks=[entry])
+    try:
+        manifest = Manifest.from_json(json.dumps(doc).encode())
+    except CodecError:
+        return
+    (parsed,) = manifest.chunks
+    assert parsed.chain[-1] == parsed.id and len(set(parsed.chain)) == len(parsed.chain)
+    assert len(parsed.steps) <= MAX_CHAIN
+    assert all(0 < s.size < manifest.total_bytes for s in parsed.steps)

@@ -110,26 +110,31 @@ def test_acl_user_without_channel_rights_is_unsafe(server_factory, namespace: st
     admin = redis.Redis.from_url(server.url)
     keys = Keys(namespace)
     pattern = f"rw:{{{namespace}}}:*"
+    both = [f"~{p}" for p in keys.acl_key_patterns]  # control keys and chunks
     try:
-        admin.execute_command("ACL", "SETUSER", "nochan", "on", ">pw", f"~{pattern}", "resetchannels", "+@all")
-        admin.execute_command("ACL", "SETUSER", "good", "on", ">pw", f"~{pattern}", f"&{pattern}", "+@all")
-        admin.execute_command("ACL", "SETUSER", "workeronly", "on", ">pw", f"~{pattern}", f"&{pattern}", "+@all",
-                              "-del", "-zrem", "-copy")  # fmt: skip
+        admin.execute_command("ACL", "SETUSER", "nochan", "on", ">pw", *both, "resetchannels", "+@all")
+        admin.execute_command("ACL", "SETUSER", "good", "on", ">pw", *both, f"&{pattern}", "+@all")
+        admin.execute_command("ACL", "SETUSER", "workeronly", "on", ">pw", *both, f"&{pattern}", "+@all",
+                              "-del", "-zrem", "-exists")  # fmt: skip
+        admin.execute_command("ACL", "SETUSER", "nochunks", "on", ">pw", f"~{pattern}", f"&{pattern}", "+@all")
         # A user that may not run ACL DRYRUN: the check probes with real commands instead.
         admin.execute_command(
-            "ACL", "SETUSER", "plain", "on", ">pw", f"~{pattern}", "resetchannels", "+@all", "-acl|dryrun"
+            "ACL", "SETUSER", "plain", "on", ">pw", *both, "resetchannels", "+@all", "-acl|dryrun"
         )
         url = f"redis://{{}}:pw@{server.host}:{server.port}/0"
-        for user, level in (("nochan", UNSAFE), ("good", OK), ("plain", UNSAFE), ("workeronly", WARN)):
+        for user, level in (("nochan", UNSAFE), ("good", OK), ("plain", UNSAFE), ("workeronly", WARN),
+                            ("nochunks", UNSAFE)):  # fmt: skip
             client = redis.Redis.from_url(url.format(user))
             try:
                 finding = check_acl(client, keys)
                 assert finding.level == level, (user, finding)
-                if level == UNSAFE:
+                if user == "nochunks":
+                    assert f"~rw:{namespace}:c:*" in finding.fix and "GET" in finding.what
+                elif level == UNSAFE:
                     assert "SUBSCRIBE" in finding.what or "PUBLISH" in finding.what
                     assert f"&rw:{{{namespace}}}:*" in finding.fix
                 if level == WARN:
-                    assert "not a trainer" in finding.what and "DEL" in finding.what and "COPY" in finding.what
+                    assert "not a trainer" in finding.what and "DEL" in finding.what and "EXISTS" in finding.what
             finally:
                 client.close()
         # The probe leaves nothing behind.

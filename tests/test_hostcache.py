@@ -18,6 +18,8 @@ from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.bulkread import read_values_into
 from redis_weights.errors import ConfigurationError
 from redis_weights.hostcache import DEFAULT_DIRECTORY, HostCache, private_directory
+from tests.codec_support import count_reads
+from tests.faults_support import chunk_key
 from tests.models import make_model, state_digest
 from tests.procs import workers
 
@@ -102,7 +104,7 @@ def test_a_file_being_read_is_never_recycled(real_store, redis_url, namespace, t
     with _receivers(redis_url, namespace, 1, tmp_path) as (receiver,):
         cache, registry = receiver.host_cache, updater.registry
         manifest = registry.read_manifest(updater.version)
-        with cache.chunks(manifest, registry.read_chunks_into) as held:  # a slow reader of version 1
+        with cache.chunks(manifest, registry.chunks) as held:  # a slow reader of version 1
             for step in (1, 2):
                 with torch.no_grad():
                     trainer[0].bias.fill_(float(step))
@@ -134,7 +136,7 @@ def test_a_missing_chunk_publishes_no_file_and_is_reported(real_store, redis_url
     trainer = _policy(seed=4)
     updater = RedisWeightUpdater(real_store, trainer, 1, sync=False, chunk_size=64 << 10)
     updater.push_weights()
-    real_store.client.delete(real_store.keyspace.chunk(updater.version, 1))
+    real_store.client.delete(chunk_key(real_store, updater.version, 1))
     with _receivers(redis_url, namespace, 1, tmp_path) as (receiver,):
         assert receiver.poll() is None
         assert "missing" in (receiver.last_error or "")
@@ -249,3 +251,132 @@ def test_worker_processes_sharing_a_cache_make_redis_send_the_version_once(serve
         assert len(list(cache.glob("*/*.safetensors"))) == 1
     finally:
         store.close()
+
+
+def test_with_deltas_the_host_fetches_each_version_once_and_only_its_patches(
+    real_store, redis_url, namespace, tmp_path, monkeypatch
+):
+    """The fetcher builds the new shared file from the recycled old one: unchanged chunks stay,
+    patched ones are patched in the file, so Redis sends the host the patches, not a model size."""
+    fetched = count_reads(monkeypatch)
+    trainer = _policy(seed=6)
+    updater = RedisWeightUpdater(real_store, trainer, 1, sync=False)
+    with _receivers(redis_url, namespace, 1, tmp_path) as (receiver,):
+        stale = Path(receiver.host_cache.directory) / "v9-0123456789abcdef.safetensors"
+        stale.write_bytes(b"x" * 100)  # version numbers restarted after a flush: 9 is from before
+        os.utime(stale, (1_000_000, 1_000_000))
+        updater.push_weights()
+        assert receiver.poll() == updater.version == 1
+        assert not stale.exists()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_the_cache_directory_is_created_private_per_user(real_store, tmp_path, monkeypatch):
+    assert DEFAULT_DIRECTORY == f"/dev/shm/redis_weights-{os.getuid()}"  # users never share the default
+    monkeypatch.setattr(receiver_module, "DEFAULT_DIRECTORY", str(tmp_path / "shm" / "redis_weights-x"))
+    receiver = RedisWeightReceiver(real_store, 1, _policy(), host_cache=True)
+    cache = Path(receiver.host_cache.directory)
+    assert cache.parent == tmp_path / "shm" / "redis_weights-x"
+    for level in (tmp_path / "shm", cache.parent, cache):  # every level it created, whatever the umask
+        assert _mode(level) == 0o700 and os.stat(level).st_uid == os.getuid()
+
+
+def test_a_directory_others_could_write_to_is_refused(real_store, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ConfigurationError, match=r"writable by group or others \(mode 777\).*chmod 700"):
+        RedisWeightReceiver(real_store, 1, _policy(), host_cache=shared)
+    assert list(shared.iterdir()) == []  # nothing created in it
+    shared.chmod(0o770)
+    with pytest.raises(ConfigurationError, match="mode 770"):
+        private_directory(shared)
+    shared.chmod(0o750)  # readable by the group is fine: only writers could plant files
+    assert private_directory(shared) == shared
+
+
+def test_a_directory_of_another_user_is_refused(tmp_path):
+    if os.getuid() == 0:
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 65534, 65534)
+    else:
+        foreign = Path("/")  # root's
+    with pytest.raises(ConfigurationError, match=rf"belongs to uid {os.stat(foreign).st_uid}, not to this user"):
+        private_directory(foreign)
+
+
+def test_a_directory_that_cannot_be_created_is_a_configuration_error(real_store, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigurationError, match="cannot create the host cache directory .*/file/cache: Not a dir"):
+        RedisWeightReceiver(real_store, 1, _policy(), host_cache=tmp_path / "file" / "cache")
+    with pytest.raises(ConfigurationError, match="is not a directory"):
+        private_directory(tmp_path / "file")
+
+
+def test_worker_processes_sharing_a_cache_make_redis_send_the_version_once(server_factory, namespace, tmp_path):
+    server = server_factory()  # private: its egress counter sees only this test
+    store = RedisStore.from_url(server.url, namespace)
+    cache = tmp_path / "cache"
+    try:
+        trainer = make_model("mb:8", seed=7)
+        model_bytes = sum(t.numel() * t.element_size() for t in trainer.state_dict().values())
+        updater = RedisWeightUpdater(store, trainer, 3, sync=False)
+        with workers(tmp_path, server.url, namespace, [1, 2, 3], "--model", "mb:8", "--host-cache", str(cache),
+                     "--poll-interval", "0.2") as procs:  # fmt: skip
+            before = _out_bytes(store)
+            updater.push_weights()
+            digests = {w.wait_version(updater.version, timeout=60) for w in procs.values()}
+            sent = _out_bytes(store) - before
+        assert digests == {state_digest(trainer)}
+        assert model_bytes <= sent < 1.5 * model_bytes, (sent, model_bytes)  # one model size, not three
+        assert len(list(cache.glob("*/*.safetensors"))) == 1
+    finally:
+        store.close()
+
+
+def test_with_deltas_the_host_fetches_each_version_once_and_only_its_patches(
+    real_store, redis_url, namespace, tmp_path, monkeypatch
+):
+    """The fetcher builds the new shared file from the recycled old one: unchanged chunks stay,
+    patched ones are patched in the file, so Redis sends the host the patches, not a model size."""
+    from redis_weights.chunkstore import ChunkStore
+
+    fetched: list[int] = []
+    real_read, real_read_into = ChunkStore.read, ChunkStore.read_into
+
+    def read(self, ids, sizes):
+        fetched.append(sum(sizes))
+        return real_read(self, ids, sizes)
+
+    def read_into(self, ids, sizes, target):
+        fetched.append(sum(sizes))
+        return real_read_into(self, ids, sizes, target)
+
+    monkeypatch.setattr(ChunkStore, "read", read)
+    monkeypatch.setattr(ChunkStore, "read_into", read_into)
+    trainer = _policy(seed=6)
+    optimizer = torch.optim.AdamW(trainer.parameters(), lr=1e-6)
+    updater = RedisWeightUpdater(real_store, trainer, 3, sync=False, chunk_size=16384, wire_dtype=torch.bfloat16,
+                                 delta=True)  # fmt: skip
+    with _receivers(redis_url, namespace, 3, tmp_path) as receivers:
+        sizes = []
+        for _ in range(3):
+            trainer(torch.randn(4, 256)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            updater.push_weights()
+            fetched.clear()
+            for receiver in receivers:
+                assert receiver.poll() == updater.version, receiver.last_error
+            sizes.append(sum(fetched))
+            expected = {k: v.detach().bfloat16().float() for k, v in trainer.state_dict().items()}
+            assert all(torch.equal(t, expected[n]) for r in receivers for n, t in r.policy.state_dict().items())
+        manifest = updater.registry.read_manifest(updater.version)
+        assert not manifest.is_keyframe
+        assert sum(r.host_cache.fetched for r in receivers) == 3  # once per version for the host
+        assert sizes[0] == manifest.total_bytes  # the keyframe: the whole model, once
+        assert 0 < sizes[2] < manifest.total_bytes / 5, sizes  # a delta version: its patches only

@@ -12,11 +12,12 @@ from redis_weights.keys import Keys, validate_namespace
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 # Members of Keys that do not name one key or channel (helpers, patterns, the prefix).
-NOT_NAMES = {"namespace", "prefix", "full", "relative", "pattern", "is_blob", "chunks", "rank_version_pattern",
-             "rank_of"}
+NOT_NAMES = {"namespace", "prefix", "full", "relative", "pattern", "is_blob", "rank_version_pattern", "rank_of",
+             "patterns", "acl_key_patterns", "chunk_pattern", "chunk_id_of", "pending_pattern", "legacy_chunks_pattern"}
 # Sample arguments for the members that take some, and the README table's placeholders for them.
-SAMPLES = {"version": 7, "index": 3, "rank": 1}
-PLACEHOLDERS = {"{ns}": "{policy}", "<N>": "7", "<i>": "3", "<r>": "1"}
+SAMPLES = {"version": 7, "rank": 1, "chunk_id": "0123456789abcdef" * 2, "token": "t0"}
+PLACEHOLDERS = {"{ns}": "{policy}", "<ns>": "policy", "<N>": "7", "<id>": "0123456789abcdef" * 2, "<token>": "t0",
+                "<r>": "1"}
 
 
 def readme_layout() -> dict[str, bool]:
@@ -62,8 +63,12 @@ def test_layout_matches_the_documented_table():
     assert k.counter == "rw:{policy}:next"
     assert k.versions == "rw:{policy}:versions"
     assert k.manifest(7) == "rw:{policy}:v:7:manifest"
-    assert k.chunk(7, 3) == "rw:{policy}:v:7:c:3"
-    assert k.chunks(2, 2) == ["rw:{policy}:v:2:c:0", "rw:{policy}:v:2:c:1"]
+    assert k.chunk("ab" * 16) == "rw:policy:c:{" + "ab" * 16 + "}"
+    assert k.chunk_id_of(k.chunk("ab" * 16).encode()) == "ab" * 16 and k.chunk_id_of(k.latest) is None
+    assert k.pending("t") == "rw:{policy}:pending:t"
+    assert k.gc_epoch == "rw:{policy}:gc:epoch" and k.gc_lease == "rw:{policy}:gc:lease"
+    with pytest.raises(ValueError, match="chunk id"):
+        k.chunk("../etc")
     assert k.rank_status(1) == "rw:{policy}:rank:1:status"
     assert k.rank_version(1) == "rw:{policy}:rank:1:version"
     assert k.rank_alive(1) == "rw:{policy}:rank:1:alive"
@@ -71,10 +76,21 @@ def test_layout_matches_the_documented_table():
     assert k.acks_channel == "rw:{policy}:acks"
 
 
-def test_every_key_carries_the_same_hash_tag():
+def test_control_keys_share_the_namespace_tag_and_chunks_carry_their_own():
     k = Keys("ns-1")
-    names = [k.latest, k.counter, k.versions, k.manifest(1), k.chunk(1, 0), k.rank_status(3), k.rank_alive(3)]
+    names = [k.latest, k.counter, k.versions, k.manifest(1), k.rank_status(3), k.rank_alive(3), k.pending("x"),
+             k.gc_epoch, k.gc_lease]  # fmt: skip
     assert {n[n.index("{") + 1 : n.index("}")] for n in names} == {"ns-1"}
+    chunk = k.chunk("cd" * 16)
+    assert chunk[chunk.index("{") + 1 : chunk.index("}")] == "cd" * 16 and chunk.startswith("rw:ns-1:c:")
+
+
+def test_the_chunk_pattern_matches_chunks_of_this_namespace_only(fake_redis):
+    k = Keys("p")
+    fake_redis.set(k.chunk("ab" * 16), b"x")
+    fake_redis.set(Keys("p2").chunk("ab" * 16), b"x")
+    fake_redis.set(k.latest, 1)
+    assert [n.decode() for n in fake_redis.scan_iter(match=k.chunk_pattern)] == [k.chunk("ab" * 16)]
 
 
 def test_relative_names_round_trip_and_blobs_are_recognised():

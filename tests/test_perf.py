@@ -20,6 +20,7 @@ from redis_weights.errors import BackgroundUploadError
 from redis_weights.manifest import checksum
 from redis_weights.uploader import BackgroundUploader
 from redis_weights.versions import VersionRegistry
+from tests.codec_support import built_chunks
 
 
 def _many_small(n: int = 300, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -32,20 +33,20 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 # -- lazy gathering ------------------------------------------------------------------------
-def test_stream_gathers_small_tensors_into_one_reused_buffer_with_the_same_bytes_and_checksums():
+def test_chunks_spanning_small_tensors_are_gathered_into_one_reused_buffer_and_ids_need_no_gather():
     weights = _many_small()
     encoded = Encoder(4096).encode(weights)
-    expected = [bytes(c) for c in encoded.chunks]
+    ids = encoded.ids  # hashed from the parts, before any chunk is gathered
+    assert encoded._gather is None
     streamed, reused_ids = [], set()
-    for chunk, reused in encoded.stream():
+    for index in range(len(encoded.plan)):
+        chunk, reused = encoded.chunk(index)
         streamed.append(bytes(chunk))  # copy now: a reused chunk is overwritten by the next one
         if reused:
             reused_ids.add(id(chunk.obj))  # type: ignore[union-attr]
-    assert streamed == expected and len(streamed) > 5
-    assert len(reused_ids) == 1  # every gathered chunk lived in the same buffer
-    assert encoded.checksums == [checksum(c) for c in expected]
-    manifest = encoded.manifest(1, created=0.0, producer="t")
-    assert manifest.checksums == encoded.checksums
+    assert len(streamed) > 5 and len(reused_ids) == 1  # every gathered chunk lived in the same buffer
+    assert ids == [checksum(c) for c in streamed]
+    assert encoded.manifest(1, created=0.0, producer="t").ids == ids
     loaded = safetensors.torch.load(b"".join(streamed))
     assert _equal(loaded, weights)
 
@@ -53,27 +54,25 @@ def test_stream_gathers_small_tensors_into_one_reused_buffer_with_the_same_bytes
 def test_big_pieces_stay_zero_copy_views_and_are_not_marked_reused():
     weights = {"big": torch.zeros(1 << 16), "small": torch.ones(3)}
     encoded = Encoder(64 << 10).encode(weights)
-    flags = [(len(c), reused) for c, reused in encoded.stream()]
+    flags = [(len(c), reused) for c, reused in map(encoded.chunk, range(len(encoded.plan)))]
     assert any(size == 64 << 10 and not reused for size, reused in flags)
     weights["big"].fill_(2.0)  # the plan reads the live memory: not a copy
-    assert bytes(encoded.chunks[1])[:4] == torch.tensor([2.0]).numpy().tobytes()
+    assert bytes(encoded.chunk(2)[0])[:4] == torch.tensor([2.0]).numpy().tobytes()
 
 
-def test_snapshot_sends_the_staging_buffer_as_one_run_of_full_chunks():
+def test_snapshot_sends_the_staging_buffer_as_zero_copy_chunks_after_the_header():
     weights = _many_small(n=300)
     encoded = Encoder(64 << 10).encode(weights, snapshot=True)
     sizes = encoded.chunk_sizes
-    data = encoded.total_bytes - encoded.header_len
-    assert sizes[0] == encoded.header_len  # the header, then the data in full chunks
-    assert all(s == 64 << 10 for s in sizes[1:-1]) and len(sizes) == 1 + -(-data // (64 << 10))
-    assert all(not reused for _, reused in encoded.stream() if len(_) > encoded.header_len)
+    assert all(s == 64 << 10 for s in sizes[:-1]) and len(sizes) == -(-encoded.total_bytes // (64 << 10))
+    assert all(not encoded.chunk(i)[1] for i in range(1, len(sizes))), "inside the staging run: views"
 
 
 def test_plan_chunks_bounds_sizes_and_keeps_order():
     pieces = [b"a" * 10, b"b" * 100, b"c" * 5, bytes(range(256)) * 4, b"d" * 31]
     plan = plan_chunks(pieces, 64)
     assert b"".join(b"".join(bytes(p) for p in parts) for parts in plan) == b"".join(pieces)
-    assert all(0 < sum(len(p) for p in parts) <= 64 for parts in plan)
+    assert [sum(len(p) for p in parts) for parts in plan][:-1] == [64] * (len(plan) - 1)
 
 
 @pytest.mark.server
@@ -153,11 +152,11 @@ def test_background_errors_surface_on_the_next_push_and_work_resumes(real_store,
     real_commit = registry.commit
     calls = []
 
-    def failing_commit(manifest, ranks=()):  # type: ignore[no-untyped-def]
+    def failing_commit(manifest, ranks=(), **kwargs):  # type: ignore[no-untyped-def]
         calls.append(manifest.version)
         if len(calls) == 1:
             raise redis.exceptions.ConnectionError("server went away")
-        return real_commit(manifest, ranks)
+        return real_commit(manifest, ranks, **kwargs)
 
     monkeypatch.setattr(registry, "commit", failing_commit)
     updater.push_weights()
@@ -185,5 +184,5 @@ def test_encode_snapshot_of_every_dtype_decodes_equal():
         "t": torch.arange(12.0).reshape(3, 4).t(),
     }
     encoded = Encoder(4096).encode(weights, snapshot=True)
-    loaded = safetensors.torch.load(b"".join(bytes(c) for c, _ in encoded.stream()))
+    loaded = safetensors.torch.load(b"".join(built_chunks(encoded)))
     assert _equal(loaded, {k: v.contiguous() for k, v in flatten_weights(weights).items()})

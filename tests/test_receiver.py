@@ -17,6 +17,7 @@ from redis_weights import (
     RedisWeightReceiver,
     RedisWeightUpdater,
 )
+from tests.faults_support import chunk_key
 
 
 def _pair(fake_store, worker_policy, trainer_policy=None, **kw):
@@ -63,11 +64,12 @@ def test_a_corrupted_chunk_is_refused_and_the_next_good_version_applies(fake_sto
     worker = nn.Linear(8, 4)
     updater, receiver, trainer = _pair(fake_store, worker)
     updater.update_weights()
-    key = fake_store.keyspace.chunk(1, 0)
+    key = chunk_key(fake_store, 1, 0)
     data = bytearray(fake_store.client.get(key))
     data[-1] ^= 0xFF
     fake_store.client.set(key, bytes(data))
-    assert receiver.poll() is None and "checksum" in receiver.last_error
+    assert receiver.poll() is None and "does not match its id" in receiver.last_error
+    assert not fake_store.client.exists(key), "the corrupted chunk stays, so the next push would not replace it"
     updater.update_weights()
     assert receiver.poll() == 2 and receiver.last_error is None
     assert torch.equal(worker.weight, trainer.weight)
@@ -184,7 +186,7 @@ def test_a_version_that_does_not_fit_is_refused_before_anything_is_fetched(
     receiver = RedisWeightReceiver(RedisStore(fake_store.client, fake_store.namespace), 1, worker, host_cache=cache)
     updater.update_weights()
     reads: list[object] = []
-    monkeypatch.setattr(receiver.registry, "read_chunks_into", lambda *args: reads.append(args))
+    monkeypatch.setattr(receiver.registry.chunks, "read_into", lambda *args: reads.append(args))
     assert receiver.poll() is None
     assert receiver.last_error == "error: version 1: key 'weight': shape [1024, 1024] pushed, the policy has [4, 8]"
     assert fake_store["rank:1:status"] == receiver.last_error

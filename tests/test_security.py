@@ -14,6 +14,7 @@ import redis
 import torch
 
 from redis_weights import ConfigurationError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from redis_weights.keys import Keys
 from redis_weights.server import free_port
 from tests.models import make_model, state_digest
 
@@ -111,7 +112,8 @@ RIGHTS = ["+@read", "+@write", "+@scripting", "+@pubsub", "+@connection", "+info
 
 
 def _acl_user(admin: redis.Redis, name: str, namespace: str, *, channels: bool = True) -> None:
-    rules = ["on", ">pw", "resetkeys", f"~rw:{{{namespace}}}:*", "resetchannels", "-@all", *RIGHTS]
+    keys = [f"~{pattern}" for pattern in Keys(namespace).acl_key_patterns]
+    rules = ["on", ">pw", "resetkeys", *keys, "resetchannels", "-@all", *RIGHTS]
     if channels:
         rules.append(f"&rw:{{{namespace}}}:*")
     admin.execute_command("ACL", "SETUSER", name, *rules)

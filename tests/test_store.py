@@ -45,7 +45,8 @@ def test_namespaces_are_isolated(fake_redis):
 
 def test_binary_chunks_and_sorted_sets_are_not_part_of_the_mapping(fake_store, fake_redis):
     k = fake_store.keyspace
-    fake_redis.set(k.chunk(1, 0), b"\xff\xfe binary")
+    fake_redis.set(k.full("v:1:c:0"), b"\xff\xfe binary")  # the old layout's chunk keys
+    fake_redis.set(k.chunk("ab" * 16), b"\xff\xfe binary")  # content-addressed: outside the prefix
     fake_redis.zadd(k.versions, {"1": 1})
     fake_store["latest"] = "1"
     assert list(fake_store) == ["latest"]

@@ -21,6 +21,7 @@ from redis_weights import (
     RedisWeightUpdater,
     WeightUpdaterBase,
 )
+from tests.codec_support import read_version
 
 
 @pytest.fixture
@@ -219,13 +220,13 @@ def test_a_redis_error_while_waiting_for_acks_is_a_push_error(fake_store, policy
 def test_flush_that_times_out_is_a_push_timeout(fake_store, policy, monkeypatch):
     updater = _updater(fake_store, policy, n=1, background=True)
     release = threading.Event()
-    real_write = updater.registry.write_stream
+    real_write = updater.registry.chunks.write
 
     def slow_write(*args, **kwargs):
         release.wait(10)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(updater.registry, "write_stream", slow_write)
+    monkeypatch.setattr(updater.registry.chunks, "write", slow_write)
     updater.update_weights()
     with pytest.raises(PushTimeoutError, match="push of version 1: background upload still running") as info:
         updater.flush(0.05)
@@ -250,7 +251,7 @@ def test_an_error_reply_after_the_commit_happened_says_so_and_keeps_the_chunks(f
     with pytest.raises(PushError, match="push of version 1 failed: .*after its writes; its commit failed part-way"):
         updater.update_weights()
     monkeypatch.undo()
-    assert updater.registry.latest() == 1 and updater.registry.read(1)[0].version == 1
+    assert updater.registry.latest() == 1 and read_version(updater.registry, 1)[0].version == 1
 
 
 def test_a_second_writer_is_reported_when_this_updater_pushes_next(fake_store, policy, caplog):

@@ -1,4 +1,4 @@
-"""Version registry: allocation, atomic commit, reading, retention."""
+"""Version registry: allocation, atomic commit over content-addressed chunks, retention, mark-and-sweep GC."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import torch
 
 from redis_weights import StaleVersionError, VersionNotFoundError, VersionRegistry
 from redis_weights.codec import Encoder
+from redis_weights.versions import GcRaceError
+from tests.codec_support import read_version
 
 
 @pytest.fixture
@@ -14,11 +16,23 @@ def registry(fake_store):
     return VersionRegistry(fake_store.client, fake_store.keyspace)
 
 
-def _stage(registry, floor=0, value=1.0, pending_ttl=60.0):
-    encoded = Encoder(4096).encode({"w": torch.full((3000,), value)})
-    version = registry.allocate(floor)
-    registry.write_chunks(version, encoded.chunks, pending_ttl)
-    return encoded.manifest(version, created=1.0, producer="test")
+def _encode(value=1.0, n=3000):
+    return Encoder(4096).encode({"w": torch.full((n,), value), "x": torch.arange(n, dtype=torch.float32)})
+
+
+def _push(registry, value=1.0, ranks=(), n=3000):
+    """Upload and commit one version of a small model; returns (manifest, bytes uploaded)."""
+    encoded = _encode(value, n)
+    manifest = encoded.manifest(registry.allocate(), created=1.0, producer="test")
+
+    def upload(missing):
+        return registry.chunks.write((i, *encoded.chunk(k)) for k, i in enumerate(encoded.ids) if i in missing)
+
+    return manifest, registry.publish(manifest, ranks, upload=upload)
+
+
+def _objects(registry):
+    return set(registry.chunks.scan())
 
 
 def test_allocate_never_goes_below_latest_or_the_floor(registry, fake_redis):
@@ -29,114 +43,204 @@ def test_allocate_never_goes_below_latest_or_the_floor(registry, fake_redis):
     assert registry.allocate() == 51
 
 
-def test_uncommitted_chunks_expire_and_nothing_points_at_them(registry, fake_redis):
-    manifest = _stage(registry)
-    chunk = registry.keyspace.chunk(manifest.version, 0)
-    assert 0 < fake_redis.pttl(chunk) <= 60_000
-    assert registry.latest() == 0 and registry.list_versions() == []
-    registry.commit(manifest, [1, 2])
-    assert fake_redis.pttl(chunk) == -1  # permanent once committed
+def test_a_commit_moves_latest_marks_ranks_and_drops_its_pending_record(registry, fake_redis):
+    manifest, uploaded = _push(registry, ranks=[1, 2])
+    assert uploaded == manifest.total_bytes == manifest.uploaded_bytes
     assert registry.latest() == manifest.version and registry.list_versions() == [manifest.version]
     assert fake_redis.get(registry.keyspace.rank_status(2)) == b"pending"
+    assert list(fake_redis.scan_iter(match=registry.keyspace.pending_pattern)) == []
+    assert all(fake_redis.ttl(registry.keyspace.chunk(i)) == -1 for i in manifest.ids), "chunks carry no TTL"
+
+
+def test_chunks_redis_holds_are_not_uploaded_again(registry):
+    first, _ = _push(registry, value=1.0)
+    second, uploaded = _push(registry, value=1.0)
+    assert second.ids == first.ids and uploaded == 0 and second.uploaded_bytes == 0
+    third, uploaded = _push(registry, value=2.0)  # "w" changed, "x" did not
+    changed = sum(size for a, b, size in zip(first.ids, third.ids, third.chunk_sizes, strict=True) if a != b)
+    assert 0 < uploaded == changed < third.total_bytes
 
 
 def test_commit_publishes_the_version_on_the_updates_channel(registry, fake_redis):
     pubsub = fake_redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(registry.keyspace.updates_channel)
-    manifest = _stage(registry)
-    registry.commit(manifest)
+    manifest, _ = _push(registry)
     message = None
     for _ in range(3):  # the first read may consume the subscribe confirmation
         message = message or pubsub.get_message(timeout=0.5)
     assert message and message["data"] == str(manifest.version).encode()
 
 
-def test_commit_with_a_missing_chunk_changes_nothing(registry, fake_redis):
-    manifest = _stage(registry)
-    fake_redis.delete(registry.keyspace.chunk(manifest.version, 1))
-    with pytest.raises(VersionNotFoundError, match="chunk 1 vanished"):
-        registry.commit(manifest, [1])
+def test_a_publish_that_may_not_upload_refuses_missing_chunks_and_changes_nothing(registry, fake_redis):
+    encoded = _encode()
+    manifest = encoded.manifest(registry.allocate(), created=1.0, producer="test")
+    with pytest.raises(VersionNotFoundError, match="gone from Redis"):
+        registry.publish(manifest, [1])
     assert registry.latest() == 0 and registry.list_versions() == []
-    assert fake_redis.get(registry.keyspace.manifest(manifest.version)) is None
-    assert fake_redis.pttl(registry.keyspace.chunk(manifest.version, 0)) > 0  # still expiring
     assert fake_redis.get(registry.keyspace.rank_status(1)) is None
+    assert list(fake_redis.scan_iter(match=registry.keyspace.pending_pattern)) == [], "the pending record stays"
 
 
 def test_a_stale_writer_is_refused_and_latest_never_goes_back(registry):
-    older, newer = _stage(registry), _stage(registry)
-    registry.commit(newer)
+    older = _encode().manifest(registry.allocate(), created=1.0, producer="test")
+    newer, _ = _push(registry)
     with pytest.raises(StaleVersionError, match=f"latest is already {newer.version}"):
-        registry.commit(older)
+        registry.publish(older)
     assert registry.latest() == newer.version
 
 
 def test_a_retried_commit_is_idempotent(registry):
-    manifest = _stage(registry)
-    registry.commit(manifest)
-    registry.commit(manifest)  # e.g. re-sent after a lost reply
+    manifest, _ = _push(registry)
+    registry.publish(manifest)  # e.g. re-sent after a lost reply
     assert registry.list_versions() == [manifest.version]
 
 
-def test_read_returns_verified_chunks_and_names_what_is_missing(registry, fake_redis):
-    manifest = _stage(registry, value=2.0)
-    registry.commit(manifest)
-    got, chunks = registry.read()
-    assert got.version == manifest.version and b"".join(chunks)
-    fake_redis.delete(registry.keyspace.chunk(manifest.version, 0))
-    with pytest.raises(VersionNotFoundError, match="chunk 0 is gone"):
-        registry.read(manifest.version)
-    with pytest.raises(VersionNotFoundError, match="version 99 not found"):
-        registry.read(99)
+def test_a_manifest_stored_under_another_versions_key_is_refused(registry, fake_redis):
+    manifest, _ = _push(registry)
+    fake_redis.set(registry.keyspace.manifest(manifest.version + 1), manifest.to_json())
+    with pytest.raises(Exception, match=f"says it is version {manifest.version}"):
+        registry.read_manifest(manifest.version + 1)
 
 
-def test_read_with_nothing_committed(registry):
-    with pytest.raises(VersionNotFoundError, match="no version"):
-        registry.read()
+def test_a_manifest_too_large_is_refused_without_downloading_it(registry, fake_redis, monkeypatch):
+    import redis_weights.versions as versions
+
+    monkeypatch.setattr(versions, "MAX_MANIFEST_BYTES", 100)
+    fake_redis.set(registry.keyspace.manifest(7), b"x" * 5000)
+    with pytest.raises(Exception, match="5000 bytes, more than the limit of 100"):
+        registry.read_manifest(7)
 
 
-def test_gc_keeps_the_newest_and_never_the_latest(registry, fake_redis):
-    versions = []
-    for _ in range(5):
-        m = _stage(registry)
-        registry.commit(m)
-        versions.append(m.version)
-    assert registry.gc(keep=2) == versions[:3]
-    assert registry.list_versions() == versions[3:]
-    leftover = list(fake_redis.scan_iter(match=f"{registry.keyspace.pattern[:-1]}v:{versions[0]}:*"))
-    assert leftover == []
+def test_gc_keeps_the_newest_and_sweeps_what_only_old_versions_used(registry, fake_redis):
+    manifests = [_push(registry, value=float(v))[0] for v in range(5)]
+    assert registry.gc(keep=2) == [m.version for m in manifests[:3]]
+    assert registry.list_versions() == [m.version for m in manifests[3:]]
+    assert _objects(registry) == manifests[3].objects() | manifests[4].objects()
+    assert not fake_redis.exists(registry.keyspace.manifest(manifests[0].version))
+    for m in manifests[3:]:
+        assert read_version(registry, m.version)[0].version == m.version
     with pytest.raises(ValueError):
         registry.gc(keep=0)
 
 
+def test_a_chunk_shared_with_a_retained_version_is_never_swept(registry):
+    first, _ = _push(registry, value=1.0)
+    for value in (2.0, 3.0):
+        _push(registry, value=value)
+    shared = set(first.ids) & set(registry.read_manifest(registry.latest()).ids)
+    assert shared, "the unchanged tensor 'x' shares its chunks"
+    registry.gc(keep=1)
+    assert shared <= _objects(registry)
+
+
 def test_gc_spares_latest_even_when_newer_versions_exist(registry, fake_redis):
-    """The library never commits below ``latest``, so ``latest`` is always the newest committed
-    version; an operator who points ``latest`` back by hand must not lose it to retention."""
-    versions = []
-    for _ in range(5):
-        m = _stage(registry)
-        registry.commit(m)
-        versions.append(m.version)
-    fake_redis.set(registry.keyspace.latest, versions[1])
-    assert registry.gc(keep=2) == [versions[0], versions[2]]
-    assert registry.list_versions() == [versions[1], *versions[3:]]
-    assert registry.read(versions[1])[0].version == versions[1]
+    """An operator who points ``latest`` back by hand must not lose it to retention."""
+    manifests = [_push(registry, value=float(v))[0] for v in range(5)]
+    fake_redis.set(registry.keyspace.latest, manifests[1].version)
+    assert registry.gc(keep=2) == [manifests[0].version, manifests[2].version]
+    assert read_version(registry, manifests[1].version)[0].version == manifests[1].version
 
 
-def test_discard_drops_the_chunks_of_an_uncommitted_version_only(registry, fake_redis):
-    staged = _stage(registry)
-    committed = _stage(registry)
-    registry.commit(committed)
-    k = registry.keyspace
-    assert registry.discard(staged.version, staged.num_chunks)
-    assert not fake_redis.exists(*k.chunks(staged.version, staged.num_chunks))
-    assert not registry.discard(committed.version, committed.num_chunks), "a committed version must stay whole"
-    assert fake_redis.exists(*k.chunks(committed.version, committed.num_chunks)) == committed.num_chunks
-    assert registry.read(committed.version)[0].version == committed.version
+def test_gc_sweeps_orphans_but_spares_the_objects_of_a_pending_push(registry):
+    registry.chunks.write([("a" * 32, b"orphan", False), ("b" * 32, b"pending", False)])
+    registry.begin("push1", ["b" * 32])
+    registry.gc(keep=1)
+    assert _objects(registry) == {"b" * 32}
+    registry.end("push1")
+    registry.gc(keep=1)
+    assert _objects(registry) == set()
 
 
-def test_delete_finds_chunks_even_when_the_manifest_is_unreadable(registry, fake_redis):
-    m = _stage(registry)
-    registry.commit(m)
-    fake_redis.set(registry.keyspace.manifest(m.version), b"garbage")
+def test_gc_frees_in_small_steps(registry, monkeypatch):
+    import redis_weights.chunkstore as chunkstore
+
+    registry.chunks.write((f"{i:032x}", b"x", False) for i in range(40))
+    calls = []
+    real = registry.chunks.delete
+    monkeypatch.setattr(registry.chunks, "delete", lambda ids: calls.append(len(ids)) or real(ids))
+    monkeypatch.setattr(chunkstore, "DELETE_BATCH", 16)
+    registry.gc(keep=1)
+    assert _objects(registry) == set() and sum(calls) == 40 and max(calls) <= 16
+
+
+def test_gc_does_not_sweep_when_a_retained_manifest_is_unreadable(registry, fake_redis):
+    manifest, _ = _push(registry)
+    fake_redis.set(registry.keyspace.manifest(manifest.version), b"garbage")
+    registry.chunks.write([("a" * 32, b"orphan", False)])
+    registry.gc(keep=1)
+    assert set(manifest.ids) | {"a" * 32} <= _objects(registry)
+
+
+def test_a_commit_after_a_concurrent_gc_is_refused_then_retried_with_the_missing_chunks(registry):
+    """The race: a push finds a chunk present, a GC (that did not see the push) deletes it, the push
+    commits a version whose chunk is gone. The GC epoch makes the commit refuse; the retry re-uploads."""
+    first, _ = _push(registry, value=1.0)
+    second, _ = _push(registry, value=2.0)
+    registry.gc(keep=1)  # the first version's "w" chunks are gone now, its "x" chunks shared
+    shared = set(first.ids) & set(second.ids)
+    encoded = _encode(1.0)
+    manifest = encoded.manifest(registry.allocate(), created=1.0, producer="test")
+    uploads = []
+
+    def upload(missing):
+        uploads.append(set(missing))
+        if len(uploads) == 1:  # after this push's EXISTS: an operator deletes the version that held
+            other = VersionRegistry(registry.client, registry.keyspace)  # the shared chunks, and a GC that
+            registry.client.delete(registry.keyspace.pending(token[0]))  # did not see this push sweeps them
+            other.delete(second.version)
+            other.gc(keep=1)
+            assert not shared & _objects(registry)
+        return registry.chunks.write((i, *encoded.chunk(k)) for k, i in enumerate(encoded.ids) if i in missing)
+
+    token = []
+    real_begin = registry.begin
+    registry.begin = lambda t, *a, **kw: token.append(t) or real_begin(t, *a, **kw)  # type: ignore[method-assign]
+    registry.publish(manifest, upload=upload)
+    assert len(uploads) == 2, "the first commit must be refused and the push checked again"
+    assert uploads[1] == shared
+    assert read_version(registry, manifest.version)[0].ids == first.ids
+
+
+def test_a_commit_refused_by_the_gc_epoch_names_the_race(registry, fake_redis):
+    encoded = _encode()
+    manifest = encoded.manifest(registry.allocate(), created=1.0, producer="test")
+    epoch = registry.begin("t", manifest.objects())
+    fake_redis.incr(registry.keyspace.gc_epoch)
+    with pytest.raises(GcRaceError, match="garbage collection ran"):
+        registry.commit(manifest, epoch=epoch, token="t")
+    fake_redis.set(registry.keyspace.gc_lease, "someone", px=10_000)
+    with pytest.raises(GcRaceError):
+        registry.commit(manifest, epoch=fake_redis.get(registry.keyspace.gc_epoch).decode(), token="t")
+
+
+def test_a_second_gc_skips_while_one_holds_the_lease(registry, fake_redis):
+    registry.chunks.write([("a" * 32, b"orphan", False)])
+    fake_redis.set(registry.keyspace.gc_lease, "other", px=10_000)
+    assert registry.gc(keep=1) == []
+    assert _objects(registry) == {"a" * 32}
+
+
+def test_rollback_uploads_nothing(registry, fake_redis):
+    first, _ = _push(registry, value=1.0)
+    _push(registry, value=2.0)
+    writes = []
+    registry.chunks.write = lambda objects: writes.append(list(objects)) or 0  # type: ignore[method-assign]
+    rolled = registry.rollback(first.version)
+    assert rolled.ids == first.ids and rolled.uploaded_bytes == 0 and registry.latest() == rolled.version
+    assert "rollback of v1" in rolled.producer and writes == []
+
+
+def test_rollback_of_a_version_whose_chunks_are_gone_changes_nothing(registry, fake_redis):
+    first, _ = _push(registry, value=1.0)
+    fake_redis.delete(registry.keyspace.chunk(first.ids[-1]))
+    with pytest.raises(VersionNotFoundError, match="gone from Redis"):
+        registry.rollback(first.version)
+    assert registry.latest() == first.version
+
+
+def test_delete_removes_the_manifest_and_the_sweep_its_chunks(registry, fake_redis):
+    m, _ = _push(registry)
     registry.delete(m.version)
-    assert list(fake_redis.scan_iter(match=f"{registry.keyspace.pattern[:-1]}v:*")) == []
+    assert registry.list_versions() == [] and not registry.exists(m.version)
+    registry.gc(keep=1)
+    assert _objects(registry) == set()

@@ -32,7 +32,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.apply_delay:
-        real_apply = receiver_module.apply_chunks
+        real_apply = receiver_module.copy_tensors
 
         def slow_apply(*a, **kw):  # type: ignore[no-untyped-def]
             with open(args.out, "a") as f:  # lets a fault test kill the worker mid-apply
@@ -40,7 +40,7 @@ def main() -> int:
             time.sleep(args.apply_delay)
             return real_apply(*a, **kw)
 
-        receiver_module.apply_chunks = slow_apply
+        receiver_module.copy_tensors = slow_apply
 
     model = make_model(args.model, seed=None)
     store = RedisStore.from_url(args.url, args.namespace)

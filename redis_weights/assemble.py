@@ -1,0 +1,167 @@
+"""Build the stream of one version in a buffer from what is held already and what Redis stores.
+
+One routine for every reader: the receiver (in place, in its receive buffer), the
+host cache's fetcher (from the previous shared file into a new one) and ``export``.
+Per chunk ``i`` of the manifest:
+
+* the bytes held at chunk ``i`` already have its id: nothing is downloaded;
+* the chunk is stored (``{"id": F}``): it is read from Redis;
+* it is a chain (``base`` + patches): the walk starts from the newest id of the
+  chain the reader holds, else from the stored base, and applies the remaining
+  patches in place.
+
+Nothing is assumed: every chunk read from Redis and every patched chunk is hashed
+and compared with its id, every patch with its own id, before it counts as held.
+An object whose bytes do not match its id is deleted (best effort): the trainer,
+which skips objects Redis holds, then uploads it again with its next push.
+Work is bounded by the manifest (chains are at most ``MAX_CHAIN`` long, patches
+smaller than their chunk), patches are fetched in rounds of bounded size, and any
+failure raises an ``IntegrityError`` (or ``CodecError``) naming the version and chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .chunkstore import ROUND_BYTES, ChunkStore
+from .errors import CodecError, IntegrityError
+from .manifest import Manifest, Step, checksum
+
+
+class MissingObjectError(IntegrityError):
+    """A chunk or patch the manifest needs is not in Redis (garbage-collected, evicted, deleted)."""
+
+
+@dataclass
+class _Todo:
+    """Chunk ``index`` still to build: read the stored ``fetch`` first if set, then apply ``steps``."""
+
+    index: int
+    fetch: str | None
+    steps: Sequence[Step]
+
+
+class _Layout:
+    """Offsets of a manifest's chunks in a buffer."""
+
+    def __init__(self, manifest: Manifest, target: memoryview) -> None:
+        self.offsets = [0]
+        for size in manifest.chunk_sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        self.target = target
+
+    def view(self, first: int, last: int | None = None) -> memoryview:
+        """Chunks ``first..last`` (inclusive) of the target."""
+        return self.target[self.offsets[first] : self.offsets[(first if last is None else last) + 1]]
+
+
+def assemble(
+    store: ChunkStore,
+    manifest: Manifest,
+    target: memoryview,
+    held: list[str | None],
+    source: memoryview | None = None,
+) -> list[int]:
+    """Make ``target[:total_bytes]`` hold the version's stream; returns the chunks that changed.
+
+    ``held[i]`` is the id of the bytes at chunk ``i`` of ``source`` (None: unknown),
+    with the manifest's chunk size. With ``source=None`` the work is done in place
+    in ``target`` and ``held`` is kept up to date as chunks change (None while a
+    chunk is being rebuilt), so after a failure it still tells what ``target`` holds.
+    With a ``source``, unchanged chunks are copied from it and ``held`` is not touched.
+    """
+    layout = _Layout(manifest, target)
+    in_place = source is None
+    ids: list[str | None] = held if in_place else list(held)
+    ids.extend([None] * (manifest.num_chunks - len(ids)))
+    del ids[manifest.num_chunks :]
+    todo: list[_Todo] = []
+    changed: list[int] = []
+    for i, entry in enumerate(manifest.chunks):
+        have, chain = ids[i], entry.chain
+        start = chain.index(have) if have in chain else -1
+        if start >= 0 and source is not None:
+            layout.view(i)[:] = source[layout.offsets[i] : layout.offsets[i + 1]]
+        if start == len(chain) - 1:  # held already
+            continue
+        changed.append(i)
+        if start < 0:
+            todo.append(_Todo(i, chain[0], entry.steps))
+        else:
+            todo.append(_Todo(i, None, entry.steps[start:]))
+    _fetch_stored(store, manifest, layout, [t for t in todo if t.fetch is not None], ids)
+    _apply_chains(store, manifest, layout, [t for t in todo if t.steps], ids)
+    return changed
+
+
+def _fetch_stored(store: ChunkStore, manifest: Manifest, layout: _Layout, todo: list[_Todo], ids: list[str | None]) -> None:
+    """Read the stored chunks (or chain bases) into place, one pipelined read per run of consecutive chunks."""
+    runs: list[list[_Todo]] = []
+    for t in todo:
+        if runs and runs[-1][-1].index + 1 == t.index:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    for run in runs:
+        for t in run:
+            ids[t.index] = None  # being overwritten
+        sizes = [len(layout.view(t.index)) for t in run]
+        got = store.read_into([t.fetch for t in run if t.fetch], sizes, layout.view(run[0].index, run[-1].index))
+        for t, data in zip(run, got, strict=True):
+            what = "chunk" if not t.steps else "base chunk"
+            if data is None:
+                raise MissingObjectError(
+                    f"version {manifest.version}: {what} {t.fetch} of chunk {t.index} is missing from Redis"
+                )
+            if len(data) != len(layout.view(t.index)) or checksum(data) != t.fetch:
+                store.discard_corrupt(t.fetch)
+                raise IntegrityError(
+                    f"version {manifest.version}: {what} {t.fetch} of chunk {t.index} does not match its id "
+                    "(corrupted in Redis; deleted, so the next push uploads it again)"
+                )
+            ids[t.index] = t.fetch
+
+
+def _apply_chains(store: ChunkStore, manifest: Manifest, layout: _Layout, todo: list[_Todo], ids: list[str | None]) -> None:
+    """Fetch the patches (rounds of ~64 MiB), check each against its id, apply them in place,
+    and check every patched chunk against its id."""
+    if not todo:
+        return
+    from .patch import apply_patch  # numpy-only; imported when a version has patches
+
+    start = 0
+    while start < len(todo):
+        end, queued = start, 0
+        while end < len(todo) and (end == start or queued + sum(s.size for s in todo[end].steps) <= ROUND_BYTES):
+            queued += sum(s.size for s in todo[end].steps)
+            end += 1
+        batch = todo[start:end]
+        steps = [s for t in batch for s in t.steps]
+        values: list[bytes | None] = []
+        for part in store.read([s.patch for s in steps], [s.size for s in steps]):
+            values.extend(part)
+        position = 0
+        for t in batch:
+            chunk = layout.view(t.index)
+            ids[t.index] = None  # being patched
+            for step in t.steps:
+                patch = values[position]
+                position += 1
+                where = f"version {manifest.version}: patch {step.patch} of chunk {t.index}"
+                if patch is None:
+                    raise MissingObjectError(f"{where} is missing from Redis")
+                if len(patch) != step.size or checksum(patch) != step.patch:
+                    store.discard_corrupt(step.patch)
+                    raise IntegrityError(f"{where} does not match its id (corrupted in Redis; deleted)")
+                try:
+                    apply_patch(chunk, patch, chunk)
+                except CodecError as exc:
+                    raise IntegrityError(f"{where} cannot be applied: {exc}") from exc
+            if checksum(chunk) != manifest.chunks[t.index].id:
+                raise IntegrityError(
+                    f"version {manifest.version}: chunk {t.index} does not match its id after patching "
+                    "(a wrong base or a corrupted patch)"
+                )
+            ids[t.index] = manifest.chunks[t.index].id
+        start = end

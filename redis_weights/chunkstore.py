@@ -1,0 +1,109 @@
+"""The content-addressed object store of one namespace: chunks and patches keyed by their id.
+
+An object is a plain Redis string ``rw:<ns>:c:{<id>}`` (``keys.py``), where the id is
+the xxh3-128 digest of its bytes. Objects carry no TTL: nothing points at an object
+but manifests and the pending records of pushes, and the mark-and-sweep GC
+(``versions.py``) deletes the ones nobody points at. Every call here is
+cluster-friendly (single-key commands, pipelined), and writing, reading and
+deleting go in bounded rounds so that no single call holds Redis for long.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+
+import redis
+
+from .bulkread import read_values_into
+from .keys import Keys
+from .manifest import Buffer
+
+log = logging.getLogger(__name__)
+
+ROUND_BYTES = 64 * 1024 * 1024  # bytes of values per pipeline round trip
+_EXISTS_ROUND = 1000  # keys per EXISTS round trip
+DELETE_BATCH = 16  # DELs per round trip: with 8 MiB chunks, ~128 MiB freed per step (~10 ms of Redis)
+
+
+class ChunkStore:
+    """Objects of one namespace (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, keyspace: Keys) -> None:
+        self.client = client
+        self.keyspace = keyspace
+
+    def missing(self, ids: Iterable[str]) -> set[str]:
+        """The ids among ``ids`` that Redis does not hold (pipelined EXISTS, one key per command)."""
+        unique = list(dict.fromkeys(ids))
+        absent: set[str] = set()
+        for start in range(0, len(unique), _EXISTS_ROUND):
+            batch = unique[start : start + _EXISTS_ROUND]
+            pipe = self.client.pipeline(transaction=False)
+            for chunk_id in batch:
+                pipe.exists(self.keyspace.chunk(chunk_id))
+            absent.update(i for i, found in zip(batch, pipe.execute(), strict=True) if not found)
+        return absent
+
+    def write(self, objects: Iterable[tuple[str, Buffer, bool]]) -> int:
+        """SET every ``(id, bytes, reused)``, pipelined in ~64 MiB rounds; returns the bytes sent.
+
+        Values are sent from the caller's memory when the pipeline executes, so a round
+        is sent right after a ``reused`` buffer, before its owner overwrites it.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        queued = sent = 0
+        for chunk_id, data, reused in objects:
+            pipe.set(self.keyspace.chunk(chunk_id), data)
+            queued += len(data)
+            sent += len(data)
+            if reused or queued >= ROUND_BYTES:
+                pipe.execute()
+                queued = 0
+        pipe.execute()
+        return sent
+
+    def read(self, ids: Sequence[str], sizes: Sequence[int]) -> Iterator[list[bytes | None]]:
+        """The values of ``ids`` (None: absent), in rounds of ~64 MiB of expected ``sizes``."""
+        start = 0
+        while start < len(ids):
+            end, queued = start, 0
+            while end < len(ids) and (end == start or queued + sizes[end] <= ROUND_BYTES):
+                queued += sizes[end]
+                end += 1
+            pipe = self.client.pipeline(transaction=False)
+            for chunk_id in ids[start:end]:
+                pipe.get(self.keyspace.chunk(chunk_id))
+            yield pipe.execute()
+            start = end
+
+    def read_into(self, ids: Sequence[str], sizes: Sequence[int], target: memoryview) -> list[Buffer | None]:
+        """Objects read straight into consecutive places of ``target`` (see ``bulkread``)."""
+        keys = [self.keyspace.chunk(i) for i in ids]
+        return read_values_into(self.client, keys, sizes, target, ROUND_BYTES)
+
+    def discard_corrupt(self, chunk_id: str) -> None:
+        """Best effort: delete an object whose bytes do not match its id, so that the next push,
+        which uploads only what Redis lacks, replaces it (a user without DEL rights just logs)."""
+        try:
+            self.client.delete(self.keyspace.chunk(chunk_id))
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not delete corrupted object %s: %s", chunk_id, exc)
+
+    def scan(self) -> Iterator[str]:
+        """The id of every object of the namespace (SCAN: other clients run between pages)."""
+        for name in self.client.scan_iter(match=self.keyspace.chunk_pattern, count=1000):
+            chunk_id = self.keyspace.chunk_id_of(name)
+            if chunk_id is not None:
+                yield chunk_id
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """DEL the objects, ``DELETE_BATCH`` keys per call, each call its own round trip
+        (plain DEL: no MULTI, no script, so it works while Redis is over maxmemory)."""
+        deleted = 0
+        for start in range(0, len(ids), DELETE_BATCH):
+            pipe = self.client.pipeline(transaction=False)  # one key per DEL: chunks lie in many slots
+            for chunk_id in ids[start : start + DELETE_BATCH]:
+                pipe.delete(self.keyspace.chunk(chunk_id))
+            deleted += sum(int(n) for n in pipe.execute())
+        return deleted

@@ -1,0 +1,449 @@
+"""Lossless patches between two versions of one chunk: the changed elements only.
+
+A small optimizer step leaves most bf16 weights bit-identical (measured here: 1-3% of
+the elements change at lr 1e-6, 8-16% at 1e-5), so a version can be stored as a patch
+against its parent: the positions of the changed elements plus their new bits, which
+is a few percent of the dense chunk. This module is pure numpy + zstandard (no torch,
+no Redis): ``encode_patch`` builds the patch of one chunk, ``apply_patch`` turns the
+base chunk into the new one (in place if asked), ``patch_info`` describes a patch for
+admin tools. Every malformed patch is refused with a :class:`~redis_weights.errors.PatchError`
+before anything is written, and the work and memory of parsing are bounded by the
+chunk length the caller already holds.
+
+Elements. A chunk of ``L`` bytes is compared as ``L // itemsize`` elements of
+``itemsize`` bytes (the wire dtype's element size: 2 for bf16) starting at the chunk's
+first byte; the ``L % itemsize`` bytes after the last whole element (the tail) are
+always carried in the patch. Chunk boundaries of a version's stream are multiples of
+the chunk size and the safetensors data section starts at a multiple of 8, so elements
+line up with the tensors' own elements; where they do not (a header change, a tensor
+at an odd offset) the patch is only larger, never wrong.
+
+What a patch stores, chosen per chunk to be smallest (numbers from 8 MiB chunks of
+bf16 with realistic AdamW steps, zstd level 1):
+
+- *positions*, either ``gaps``: for each changed element the number of unchanged
+  elements before it since the previous change, as fixed-width unsigned integers of 1,
+  2 or 4 bytes (the narrowest that holds the largest gap), stored as byte planes (all
+  low bytes, then the next bytes...); or ``bitmap``: one bit per element (bit ``i % 8``
+  of byte ``i // 8``), set for the changed ones. Gaps win below ~10-25% density, the
+  bitmap above (at 1.3%: gaps 56 KB, bitmap 90 KB; at 46%: gaps 643 KB, bitmap 524 KB).
+  Varint gaps compress to the same size as byte-plane gaps and cost a serial decode.
+- *values*: the changed elements' bits XOR the base's, as byte planes, then the tail's
+  bytes XOR the base's. XOR leaves the sign and exponent byte of a small step zero and
+  the mantissa byte small: it compresses 3-4x where the new bits themselves compress
+  1.2x (1.3% density: 23 KB against 85 KB of plain new values; XOR beats plain and
+  wrapping-subtraction values at every density measured).
+- each of the two sections is zstd-compressed (level 1: as small as levels 2-3 and
+  negative levels here, lz4 1.3-2x larger) when that makes it smaller.
+
+Measured sizes relative to the dense chunk: 0.8% at 1% density, 5% at 10%, 18% at 46%,
+25% at 70%, 31% at 86%. ``encode_patch`` returns None when the patch would not be
+smaller than ``max_ratio`` of the dense chunk (by default: not smaller than the chunk
+itself). Speed on one core of this machine (8 MiB bf16 chunks, machine otherwise idle):
+encode ~2 GB/s at 1% density, ~0.8 GB/s at 10%, ~0.3 GB/s at 70%; apply ~5 GB/s, ~2
+GB/s, ~0.3 GB/s. A 500 MB bf16 model at 1% density encodes in about 0.25 s.
+
+A patch does not name its base: whoever stores it (the manifest) records which chunk it
+patches, and the new chunk's checksum in the manifest proves the result bit for bit.
+
+Binary format (all integers little-endian), a fixed 52-byte header then the sections::
+
+    offset size field
+    0      4    magic b"RWPT"
+    4      1    format version (1)
+    5      1    positions encoding: 1 = gaps, 2 = bitmap
+    6      1    itemsize: 1, 2, 4 or 8
+    7      1    flags: bit 0 positions section zstd-compressed, bit 1 values section
+                zstd-compressed; other bits 0
+    8      1    gap width: 1, 2 or 4 for gaps, 0 for bitmap
+    9      3    reserved, 0
+    12     8    chunk length L in bytes (at most MAX_CHUNK_SIZE)
+    20     8    changed element count C (at most L // itemsize)
+    28     8    stored length of the positions section
+    36     8    stored length of the values section
+    44     8    xxh3-64 of bytes [0, 44) and of every byte after the header
+    52     ...  positions section, then values section (nothing after them)
+
+The uncompressed length of each section follows from the header alone (gaps: C *
+width; bitmap: ceil((L // itemsize) / 8); values: C * itemsize + L % itemsize), so a
+parser checks every length against L before it allocates or decompresses anything; a
+compressed section must be one zstd frame that declares exactly that content size and
+is smaller than it. The checksum catches a corrupted patch before the base is
+touched (a patch is applied in place); it is no defence against a forger, which is
+why every field is checked as well. Gaps cannot express a position twice or out of
+order; a gap past the last element, a bitmap bit past it or a bitmap whose population
+is not C is refused.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+import zstandard
+
+from .errors import PatchError
+from .manifest import MAX_CHUNK_SIZE, Buffer
+
+MAGIC = b"RWPT"
+FORMAT_VERSION = 1
+GAPS = 1
+BITMAP = 2
+ENCODINGS: dict[int, str] = {GAPS: "gaps", BITMAP: "bitmap"}
+ITEMSIZES = (1, 2, 4, 8)
+GAP_WIDTHS = (1, 2, 4)
+ZSTD_LEVEL = 1  # measured: as small as levels 2-3 on weight patches and faster; lz4 is 1.3-2x larger
+_POS_ZSTD = 0x01
+_VAL_ZSTD = 0x02
+
+_HEADER = struct.Struct("<4sBBBBB3xQQQQQ")
+HEADER_SIZE = _HEADER.size  # 52
+_SIGNED = HEADER_SIZE - 8  # the checksum covers the header up to itself, then the sections
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@dataclass(frozen=True)
+class PatchInfo:
+    """What a patch holds, read from its header alone (``show`` and admin tools)."""
+
+    encoding: str  # "gaps" or "bitmap"
+    itemsize: int
+    chunk_len: int
+    changed: int  # elements that differ from the base
+    elements: int  # whole elements in the chunk
+    size: int  # bytes of the whole patch
+    positions_bytes: int  # stored size of the positions section
+    values_bytes: int  # stored size of the values section
+    positions_compressed: bool
+    values_compressed: bool
+
+    @property
+    def density(self) -> float:
+        """Fraction of the chunk's elements that changed."""
+        return self.changed / self.elements if self.elements else 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Size of the patch relative to the dense chunk."""
+        return self.size / self.chunk_len if self.chunk_len else float("inf")
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------
+def encode_patch(base: Buffer, new: Buffer, itemsize: int, *, max_ratio: float = 1.0) -> bytes | None:
+    """The patch that turns chunk ``base`` into chunk ``new``, or None when it does not pay.
+
+    ``base`` and ``new`` have the same length; elements of ``itemsize`` bytes are
+    compared. None when the patch would not be smaller than ``max_ratio`` times the
+    dense chunk (0 < max_ratio <= 1): then the chunk is stored whole.
+    """
+    if not 0.0 < max_ratio <= 1.0:
+        raise PatchError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
+    return _build(base, new, itemsize, max_ratio=max_ratio)
+
+
+def _build(
+    base: Buffer,
+    new: Buffer,
+    itemsize: int,
+    *,
+    max_ratio: float | None = None,
+    encoding: int | None = None,
+    compress: bool = True,
+) -> bytes | None:
+    """The smallest patch, or None as soon as it is known not to be smaller than
+    ``max_ratio`` of the chunk (no limit when None).
+
+    ``encoding`` forces the positions encoding and ``compress=False`` stores both
+    sections raw: the tests reach every form of the format through them.
+    """
+    if encoding is not None and encoding not in ENCODINGS:
+        raise PatchError(f"unknown positions encoding {encoding!r}")
+    _check_itemsize(itemsize)
+    b, nw = _byte_view(base, "base"), _byte_view(new, "new")
+    if len(b) != len(nw):
+        raise PatchError(f"base and new differ in length ({len(b)} and {len(nw)} bytes)")
+    if len(b) > MAX_CHUNK_SIZE:
+        raise PatchError(f"chunk of {len(b)} bytes is larger than MAX_CHUNK_SIZE ({MAX_CHUNK_SIZE})")
+    limit = float("inf") if max_ratio is None else max_ratio * len(b)
+    if HEADER_SIZE >= limit:
+        return None
+    whole = len(b) // itemsize * itemsize
+    diff = b[:whole].view(_UINT[itemsize]) ^ nw[:whole].view(_UINT[itemsize])
+    mask = diff != 0
+    where = np.flatnonzero(mask)
+    changed = diff[where]  # a gather by index: 3x faster than diff[mask] at high density
+    val_section, val_z = _maybe_compress(_planes(changed) + (b[whole:] ^ nw[whole:]).tobytes(), compress)
+    room = limit - HEADER_SIZE - len(val_section)
+    if room <= 0:
+        return None
+    candidates = _positions(mask, where, encoding, compress)
+    pos_section, pos_z, kind, width = min(candidates, key=lambda c: len(c[0]))
+    if len(pos_section) >= room:
+        return None
+    flags = (_POS_ZSTD if pos_z else 0) | (_VAL_ZSTD if val_z else 0)
+    head = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, kind, itemsize, flags, width, len(b), len(changed), len(pos_section), len(val_section), 0
+    )[:_SIGNED]
+    digest = struct.pack("<Q", _digest(head, pos_section, val_section))
+    return b"".join((head, digest, pos_section, val_section))
+
+
+def _positions(
+    mask: np.ndarray, where: np.ndarray, encoding: int | None, compress: bool
+) -> list[tuple[bytes, bool, int, int]]:
+    """Candidate positions sections ``(stored, compressed, encoding, gap width)``.
+
+    ``mask`` flags the changed elements, ``where`` are their indices.
+
+    Unforced, gaps are tried while their raw size is at most twice the bitmap's, the
+    bitmap while it is at most twice the gaps' (the band where compression decides;
+    outside it the measured loser is not worth its zstd pass).
+    """
+    bitmap_raw = (len(mask) + 7) // 8
+    out: list[tuple[bytes, bool, int, int]] = []
+    count = gaps_raw = len(where)  # a lower bound until the width is known
+    if encoding == GAPS or (encoding is None and gaps_raw <= 2 * bitmap_raw):
+        gaps = np.diff(where, prepend=-1) - 1
+        width = _gap_width(int(gaps.max()) if count else 0)
+        gaps_raw = count * width
+        if encoding == GAPS or gaps_raw <= 2 * bitmap_raw:
+            out.append((*_maybe_compress(_planes(gaps.astype(_UINT[width])), compress), GAPS, width))
+    if encoding == BITMAP or (encoding is None and (not out or 2 * gaps_raw >= bitmap_raw)):
+        out.append((*_maybe_compress(np.packbits(mask, bitorder="little").tobytes(), compress), BITMAP, 0))
+    return out
+
+
+def _gap_width(largest: int) -> int:
+    """The narrowest of 1, 2, 4 bytes that holds ``largest``."""
+    return next(w for w in GAP_WIDTHS if largest < 1 << (8 * w))
+
+
+def _planes(values: np.ndarray) -> bytes:
+    """The bytes of ``values`` as byte planes: every element's byte 0, then byte 1, ..."""
+    if values.itemsize == 1:
+        return values.tobytes()
+    columns = values.view(np.uint8).reshape(-1, values.itemsize)
+    planes = np.empty((values.itemsize, len(values)), dtype=np.uint8)
+    for j in range(values.itemsize):  # column by column: 10x faster than a transposed copy
+        planes[j] = columns[:, j]
+    return planes.tobytes()
+
+
+def _unplanes(raw: Buffer, count: int, itemsize: int) -> np.ndarray:
+    """The inverse of ``_planes``: ``count`` unsigned elements of ``itemsize`` bytes."""
+    planes = np.frombuffer(raw, dtype=np.uint8, count=count * itemsize)
+    if itemsize == 1:
+        return planes
+    planes = planes.reshape(itemsize, count)
+    columns = np.empty((count, itemsize), dtype=np.uint8)
+    for j in range(itemsize):
+        columns[:, j] = planes[j]
+    return columns.view(_UINT[itemsize]).reshape(count)
+
+
+def _maybe_compress(raw: bytes, compress: bool) -> tuple[bytes, bool]:
+    """``raw`` zstd-compressed when that is smaller, and whether it is."""
+    if compress and raw:
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(raw)
+        if len(packed) < len(raw):
+            return packed, True
+    return raw, False
+
+
+def _digest(head: bytes | memoryview, *sections: bytes | memoryview) -> int:
+    h = xxhash.xxh3_64(head)
+    for s in sections:
+        h.update(s)
+    return h.intdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Header:
+    kind: int
+    itemsize: int
+    flags: int
+    width: int
+    chunk_len: int
+    count: int
+    pos_len: int
+    val_len: int
+    digest: int
+
+    @property
+    def elements(self) -> int:
+        return self.chunk_len // self.itemsize
+
+    @property
+    def pos_raw(self) -> int:
+        return self.count * self.width if self.kind == GAPS else (self.elements + 7) // 8
+
+    @property
+    def val_raw(self) -> int:
+        return self.count * self.itemsize + self.chunk_len % self.itemsize
+
+
+def _parse_header(patch: memoryview) -> _Header:
+    """The header of ``patch``, every field checked against the others and the patch length."""
+    if len(patch) < HEADER_SIZE:
+        raise PatchError(f"patch of {len(patch)} bytes is shorter than its {HEADER_SIZE}-byte header")
+    magic, version, kind, itemsize, flags, width, chunk_len, count, pos_len, val_len, digest = _HEADER.unpack_from(
+        patch
+    )
+    if magic != MAGIC:
+        raise PatchError(f"not a patch: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise PatchError(f"patch format version {version} is not supported (this library reads {FORMAT_VERSION})")
+    if kind not in ENCODINGS:
+        raise PatchError(f"unknown positions encoding {kind}")
+    if itemsize not in ITEMSIZES:
+        raise PatchError(f"patch itemsize {itemsize} is not one of {ITEMSIZES}")
+    if flags & ~(_POS_ZSTD | _VAL_ZSTD):
+        raise PatchError(f"patch has unknown flags 0x{flags:02x}")
+    if bytes(patch[9:12]) != b"\0\0\0":
+        raise PatchError("patch header's reserved bytes are not zero")
+    if (kind == GAPS) != (width in GAP_WIDTHS) or (kind == BITMAP and width != 0):
+        raise PatchError(f"gap width {width} does not fit the {ENCODINGS[kind]} encoding")
+    if chunk_len > MAX_CHUNK_SIZE:
+        raise PatchError(f"patch for a chunk of {chunk_len} bytes: larger than MAX_CHUNK_SIZE ({MAX_CHUNK_SIZE})")
+    head = _Header(kind, itemsize, flags, width, chunk_len, count, pos_len, val_len, digest)
+    if count > head.elements:
+        raise PatchError(f"patch changes {count} elements of a chunk that has {head.elements}")
+    for name, stored, raw, bit in (
+        ("positions", pos_len, head.pos_raw, _POS_ZSTD),
+        ("values", val_len, head.val_raw, _VAL_ZSTD),
+    ):
+        if flags & bit and not 0 < stored < raw:
+            raise PatchError(f"compressed {name} section of {stored} bytes for {raw} bytes of content")
+        if not flags & bit and stored != raw:
+            raise PatchError(f"{name} section of {stored} bytes, expected {raw}")
+    if HEADER_SIZE + pos_len + val_len != len(patch):
+        raise PatchError(
+            f"patch of {len(patch)} bytes, its header announces {HEADER_SIZE + pos_len + val_len} (truncated or padded)"
+        )
+    return head
+
+
+def patch_info(patch: Buffer) -> PatchInfo:
+    """What ``patch`` holds, from its header (checked, not decompressed)."""
+    view = _flat(patch, "patch")
+    head = _parse_header(view)
+    return PatchInfo(
+        encoding=ENCODINGS[head.kind],
+        itemsize=head.itemsize,
+        chunk_len=head.chunk_len,
+        changed=head.count,
+        elements=head.elements,
+        size=len(view),
+        positions_bytes=head.pos_len,
+        values_bytes=head.val_len,
+        positions_compressed=bool(head.flags & _POS_ZSTD),
+        values_compressed=bool(head.flags & _VAL_ZSTD),
+    )
+
+
+def apply_patch(base: Buffer, patch: Buffer, out: Any) -> None:
+    """Write into ``out`` the chunk that ``patch`` makes of ``base``.
+
+    ``out`` is a writable buffer of the chunk's length; it may be ``base`` itself (in
+    place). The whole patch is checked before the first byte of ``out`` is written: on
+    a PatchError ``out`` (and so an in-place ``base``) is untouched.
+    """
+    view = _flat(patch, "patch")
+    head = _parse_header(view)
+    b = _byte_view(base, "base")
+    o = _byte_view(out, "out", writable=True)
+    if len(b) != head.chunk_len or len(o) != head.chunk_len:
+        raise PatchError(
+            f"patch is for a chunk of {head.chunk_len} bytes, got base of {len(b)} and out of {len(o)} bytes"
+        )
+    pos_stored = view[HEADER_SIZE : HEADER_SIZE + head.pos_len]
+    val_stored = view[HEADER_SIZE + head.pos_len :]
+    if _digest(view[:_SIGNED], pos_stored, val_stored) != head.digest:
+        raise PatchError("patch checksum mismatch: the patch is corrupted")
+    pos_raw = _section(pos_stored, head.pos_raw, bool(head.flags & _POS_ZSTD), "positions")
+    val_raw = _section(val_stored, head.val_raw, bool(head.flags & _VAL_ZSTD), "values")
+    n, itemsize = head.elements, head.itemsize
+    if head.kind == GAPS:
+        gaps = _unplanes(pos_raw, head.count, head.width)
+        where: np.ndarray = np.cumsum(gaps, dtype=np.int64) + np.arange(1, head.count + 1, dtype=np.int64) - 1
+        if head.count and where[-1] >= n:
+            raise PatchError(f"patch position {int(where[-1])} is beyond the chunk's {n} elements")
+    else:
+        bits = np.unpackbits(np.frombuffer(pos_raw, dtype=np.uint8), bitorder="little")
+        if bits[n:].any():
+            raise PatchError(f"patch bitmap marks positions beyond the chunk's {n} elements")
+        where = np.flatnonzero(bits[:n].view(np.bool_))  # a bool view: nonzero on uint8 is 5x slower
+        if len(where) != head.count:
+            raise PatchError(f"patch bitmap marks {len(where)} elements, its header says {head.count}")
+    values = _unplanes(val_raw, head.count, itemsize)
+    whole = n * itemsize
+    tail = np.frombuffer(val_raw, dtype=np.uint8)[head.count * itemsize :]
+    # Everything is checked: from here on, only writes.
+    if not _same_memory(b, o):
+        np.copyto(o, b)
+    elems = o[:whole].view(_UINT[itemsize])
+    elems[where] ^= values
+    o[whole:] ^= tail
+
+
+def _section(stored: memoryview, raw_len: int, compressed: bool, name: str) -> Buffer:
+    """The content of one section: ``stored`` itself, or its one zstd frame of ``raw_len`` bytes."""
+    if not compressed:
+        return stored
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as exc:
+        raise PatchError(f"patch {name} section is not a zstd frame: {exc}") from None
+    if declared != raw_len:
+        raise PatchError(f"patch {name} section declares {declared} bytes of content, expected {raw_len}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_len, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise PatchError(f"patch {name} section does not decompress: {exc}") from None
+    if len(raw) != raw_len:
+        raise PatchError(f"patch {name} section decompressed to {len(raw)} bytes, expected {raw_len}")
+    return raw
+
+
+# ---------------------------------------------------------------------------------------
+# Buffers
+# ---------------------------------------------------------------------------------------
+def _flat(buf: Any, name: str) -> memoryview:
+    """A flat memoryview of the bytes of a buffer (no copy)."""
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise PatchError(f"{name} must be a bytes-like buffer, got {type(buf).__name__}") from None
+    if not mv.c_contiguous:
+        raise PatchError(f"{name} must be a contiguous buffer")
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+def _byte_view(buf: Any, name: str, *, writable: bool = False) -> np.ndarray:
+    """A flat uint8 numpy view of a buffer (no copy)."""
+    mv = _flat(buf, name)
+    if writable and mv.readonly:
+        raise PatchError(f"{name} must be a writable buffer (bytearray, memoryview of one, numpy array)")
+    return np.frombuffer(mv, dtype=np.uint8)
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when ``a`` and ``b`` are the same bytes; a partial overlap is refused."""
+    if a.ctypes.data == b.ctypes.data and a.nbytes == b.nbytes:
+        return True
+    if np.may_share_memory(a, b):
+        raise PatchError("out overlaps base without being base: apply in place (out=base) or into separate memory")
+    return False
+
+
+def _check_itemsize(itemsize: int) -> None:
+    if itemsize not in ITEMSIZES:
+        raise PatchError(f"itemsize must be one of {ITEMSIZES}, got {itemsize!r}")

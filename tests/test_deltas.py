@@ -1,0 +1,158 @@
+"""Wire dtype and deltas end to end (fakeredis): what is uploaded, what is fetched, that every worker ends bit-exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from redis_weights import ConfigurationError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from tests.codec_support import count_reads
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(128, 256), nn.Linear(256, 64))
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model(torch.randn(8, 128)).pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _wire(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a fp32 worker holds after a bf16 push: the trainer's weights rounded to bf16."""
+    return {k: v.detach().bfloat16().float() for k, v in model.state_dict().items()}
+
+
+def _exact(worker: nn.Module, expected: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(t, expected[n]) for n, t in worker.state_dict().items())
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Bytes every ChunkStore read asked for, per call."""
+    return count_reads(monkeypatch)
+
+
+def _updater(fake_store, model, **kw):
+    return RedisWeightUpdater(fake_store, model, 3, sync=False, chunk_size=16384, wire_dtype=torch.bfloat16,
+                              delta=True, **kw)  # fmt: skip
+
+
+def _receiver(fake_store, rank, model=None):
+    return RedisWeightReceiver(RedisStore(fake_store.client, fake_store.namespace), rank, model or _model(9))
+
+
+def test_a_worker_at_the_parent_applies_patches_and_ends_bit_exact(fake_store, reads):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    updater = _updater(fake_store, model)
+    worker = _receiver(fake_store, 1)
+    updater.update_weights()
+    assert worker.poll() == 1 and _exact(worker.policy, _wire(model))
+    for _ in range(3):
+        _step(model, optimizer)
+        updater.update_weights()
+        manifest = updater.registry.read_manifest(updater.version)
+        reads.clear()
+        assert worker.poll() == updater.version, worker.last_error
+        assert _exact(worker.policy, _wire(model))
+        assert not manifest.is_keyframe and manifest.uploaded_bytes < manifest.total_bytes / 10
+        assert 0 < sum(reads) == sum(s.size for c in manifest.chunks for s in c.steps[-1:]), "only the new patches"
+
+
+def test_a_late_joiner_and_a_laggard_reach_the_version_through_the_keyframe_and_chain(fake_store):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    updater = _updater(fake_store, model)
+    laggard = _receiver(fake_store, 1)
+    updater.update_weights()
+    _step(model, optimizer)
+    updater.update_weights()
+    assert laggard.poll() == 2
+    for _ in range(3):
+        _step(model, optimizer)
+        updater.update_weights()
+    manifest = updater.registry.read_manifest(updater.version)
+    assert manifest.depth == 4 and max(len(c.steps) for c in manifest.chunks) == 4
+    late = _receiver(fake_store, 2)
+    assert late.poll() == updater.version and laggard.poll() == updater.version
+    assert _exact(late.policy, _wire(model)) and _exact(laggard.policy, _wire(model))
+
+
+def test_keyframes_come_every_interval_or_when_the_chain_costs_too_much(fake_store):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    updater = _updater(fake_store, model, keyframe_interval=3)
+    kinds = []
+    for _ in range(7):
+        _step(model, optimizer)
+        updater.update_weights()
+        kinds.append(updater.registry.read_manifest(updater.version).is_keyframe)
+    assert kinds == [True, False, False, True, False, False, True]
+    big_steps = torch.optim.AdamW(model.parameters(), lr=1e-1)  # most bf16 values move
+    eager = RedisWeightUpdater(RedisStore(fake_store.client, "other"), model, 1, sync=False, chunk_size=16384,
+                               wire_dtype=torch.bfloat16, delta=True, keyframe_fraction=0.05)  # fmt: skip
+    eager.update_weights()
+    _step(model, big_steps)
+    eager.update_weights()
+    assert eager.registry.read_manifest(eager.version).is_keyframe, "a chain above 5% of the model is a keyframe"
+
+
+def test_a_refused_worker_and_redis_losing_its_data_still_end_bit_exact(fake_store, fake_redis):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    updater = _updater(fake_store, model)
+    worker = _receiver(fake_store, 1)
+    updater.update_weights()
+    worker.poll()
+    _step(model, optimizer)
+    updater.update_weights()
+    fake_redis.flushall()  # Redis lost every chunk and manifest; the trainer's chain is broken
+    _step(model, optimizer)
+    updater.update_weights()
+    manifest = updater.registry.read_manifest(updater.version)
+    assert all(c.base is None for c in manifest.chunks), "nothing may point at objects Redis lost"
+    assert worker.poll() == updater.version and _exact(worker.policy, _wire(model))
+
+
+def test_unchanged_chunks_are_neither_uploaded_nor_downloaded_without_deltas(fake_store, reads):
+    frozen, head = nn.Linear(256, 256), nn.Linear(256, 8)
+    model = nn.Sequential(frozen, head)
+    updater = RedisWeightUpdater(fake_store, model, 1, sync=False, chunk_size=16384)
+    worker = _receiver(fake_store, 1, nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 8)))
+    updater.update_weights()
+    worker.poll()
+    with torch.no_grad():
+        head.bias.add_(1.0)  # a fine-tuned head, frozen body
+    updater.update_weights()
+    manifest = updater.registry.read_manifest(updater.version)
+    reads.clear()
+    copied = []
+    real_copy = worker._changed_tensors
+    worker._changed_tensors = lambda m: copied.append(real_copy(m)) or copied[-1]  # type: ignore[method-assign]
+    assert worker.poll() == updater.version
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), worker.policy.state_dict().values()))
+    assert manifest.uploaded_bytes == sum(reads) <= 2 * 16384, "only the chunk(s) holding the head's bias"
+    assert copied[0] is not None and "0.bias" not in copied[0] and "1.bias" in copied[0]  # tensors of changed chunks
+
+
+def test_the_trainer_keeps_one_wire_copy_with_deltas_and_none_without(fake_store):
+    model = _model()
+    with_delta = _updater(fake_store, model)
+    with_delta.update_weights()
+    manifest = with_delta.registry.read_manifest(with_delta.version)
+    assert with_delta._delta is not None and with_delta._delta._buffer.nbytes == manifest.total_bytes
+    assert manifest.total_bytes < sum(p.numel() for p in model.parameters()) * 2 + 4096  # bf16, not fp32
+    plain = RedisWeightUpdater(RedisStore(fake_store.client, "plain"), model, 1, sync=False)
+    plain.update_weights()
+    assert plain._delta is None
+
+
+@pytest.mark.parametrize("bad", [dict(wire_dtype=torch.int8), dict(keyframe_interval=0),
+                                 dict(keyframe_interval=65), dict(keyframe_fraction=0.0)])  # fmt: skip
+def test_bad_delta_options_are_refused(fake_store, bad):
+    with pytest.raises(ConfigurationError):
+        RedisWeightUpdater(fake_store, _model(), 1, sync=False, **bad)
