@@ -31,9 +31,9 @@ if TYPE_CHECKING:
         VersionNotFoundError,
         WeightMismatchError,
     )
-    from .fleet import RankState
     from .keys import Keys
     from .manifest import Manifest
+    from .ranks import RankState
     from .receiver import RedisWeightReceiver
     from .store import RedisStore
     from .updater import RedisWeightUpdater
@@ -55,7 +55,7 @@ _EXPORTS = {
     "WeightMismatchError": "errors",
     "Keys": "keys",
     "Manifest": "manifest",
-    "RankState": "fleet",
+    "RankState": "ranks",
     "RedisStore": "store",
     "RedisWeightReceiver": "receiver",
     "RedisWeightUpdater": "updater",

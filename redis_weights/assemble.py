@@ -62,8 +62,8 @@ def assemble(
     target: memoryview,
     held: list[str | None],
     source: memoryview | None = None,
-) -> list[int]:
-    """Make ``target[:total_bytes]`` hold the version's stream; returns the chunks that changed.
+) -> int:
+    """Make ``target[:total_bytes]`` hold the version's stream; returns the bytes read from Redis.
 
     ``held[i]`` is the id of the bytes at chunk ``i`` of ``source`` (None: unknown),
     with the manifest's chunk size. With ``source=None`` the work is done in place
@@ -77,7 +77,6 @@ def assemble(
     ids.extend([None] * (manifest.num_chunks - len(ids)))
     del ids[manifest.num_chunks :]
     todo: list[_Todo] = []
-    changed: list[int] = []
     for i, entry in enumerate(manifest.chunks):
         have, chain = ids[i], entry.chain
         start = chain.index(have) if have in chain else -1
@@ -85,14 +84,14 @@ def assemble(
             layout.view(i)[:] = source[layout.offsets[i] : layout.offsets[i + 1]]
         if start == len(chain) - 1:  # held already
             continue
-        changed.append(i)
         if start < 0:
             todo.append(_Todo(i, chain[0], entry.steps))
         else:
             todo.append(_Todo(i, None, entry.steps[start:]))
-    _fetch_stored(store, manifest, layout, [t for t in todo if t.fetch is not None], ids)
+    stored = [t for t in todo if t.fetch is not None]
+    _fetch_stored(store, manifest, layout, stored, ids)
     _apply_chains(store, manifest, layout, [t for t in todo if t.steps], ids)
-    return changed
+    return sum(len(layout.view(t.index)) for t in stored) + sum(s.size for t in todo for s in t.steps)
 
 
 def _fetch_stored(store: ChunkStore, manifest: Manifest, layout: _Layout, todo: list[_Todo], ids: list[str | None]) -> None:

@@ -124,8 +124,9 @@ class WeightUpdaterBase(metaclass=abc.ABCMeta):
         return False
 
     @abc.abstractmethod
-    def _sync_weights_with_worker(self, *, worker_id: int | list[int] | None = None, server_weights: Any) -> None:
-        """Send ``server_weights`` to one rank or a list of ranks."""
+    def _sync_weights_with_worker(self, *, worker_id: list[int], server_weights: Any) -> None:
+        """Send ``server_weights`` to the ranks ``worker_id``: validated and without repeats
+        (``push_weights`` normalises them once), possibly empty."""
 
     def _get_server_weights(self) -> Any:
         """The weights to push when none are given; None by default."""

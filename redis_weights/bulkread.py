@@ -8,19 +8,20 @@ memory that stays mapped from version to version.
 
 Only the replies GET can give are parsed: ``$<n>`` + payload, ``$-1`` or RESP3's
 ``_`` (no such key), ``-ERR ...``. On anything unexpected, or any socket error, the
-connection is dropped (never returned half-read to the pool). Clients without a
-plain socket (fakeredis, cluster clients) take the ordinary path and the values
-are copied into ``target``.
+connection is dropped (never returned half-read to the pool). The connection and
+its socket come from the ``Deployment`` (the one module that touches redis-py's
+connections); a client without a plain socket (fakeredis) takes the ordinary path
+and the values are copied into ``target``.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from typing import Any
 
 import redis
 
+from .deployment import Deployment, RawConnection
 from .manifest import Buffer
 
 _ROUND_BYTES = 64 * 1024 * 1024  # default bytes of replies per round trip (bounds Redis's output buffer)
@@ -81,13 +82,8 @@ class _Reader:
         del self.buf[:2]
 
 
-def _plain_socket(connection: Any) -> socket.socket | None:
-    sock = getattr(connection, "_sock", None)
-    return sock if isinstance(sock, socket.socket) else None
-
-
 def read_values_into(
-    client: redis.Redis,
+    deployment: Deployment,
     keys: Sequence[str],
     sizes: Sequence[int],
     target: memoryview,
@@ -103,55 +99,36 @@ def read_values_into(
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + size)
-    pool = getattr(client, "connection_pool", None)
-    if pool is None or not hasattr(pool, "get_connection"):
-        return _read_copying(client, keys, offsets, target)
-    try:
-        connection = pool.get_connection()
-    except TypeError:  # redis-py 5 requires a command name
-        connection = pool.get_connection("GET")
-    try:
-        connection.connect()
-        sock = _plain_socket(connection)
-        if sock is None:
-            pool.release(connection)
-            connection = None
-            return _read_copying(client, keys, offsets, target)
+    with deployment.bulk_connection(keys[0] if keys else None) as raw:
+        if raw is None:
+            return _read_copying(deployment.client, keys, offsets, target)
         try:
-            return _read_direct(client, connection, sock, keys, offsets, target, round_bytes)
+            return _read_direct(deployment.client, raw, keys, offsets, target, round_bytes)
         except OSError as exc:  # socket timeout or reset: what redis-py would raise
             raise redis.exceptions.ConnectionError(f"reading chunks failed: {exc}") from exc
-    except BaseException:
-        if connection is not None:
-            connection.disconnect()  # never hand a half-read connection back
-        raise
-    finally:
-        if connection is not None:
-            pool.release(connection)
 
 
-def _send_round(client: redis.Redis, connection: Any, keys: Sequence[str]) -> None:
+def _send_round(client: redis.Redis, raw: RawConnection, keys: Sequence[str]) -> None:
     """Send the GETs of one round (fault tests hook here to act between rounds)."""
-    connection.send_packed_command(connection.pack_commands([("GET", k) for k in keys]))
+    raw.send([("GET", k) for k in keys])
 
 
 def _read_direct(
     client: redis.Redis,
-    connection: Any,
-    sock: socket.socket,
+    raw: RawConnection,
     keys: Sequence[str],
     offsets: list[int],
     target: memoryview,
     round_bytes: int,
 ) -> list[Buffer | None]:
-    reader = _Reader(sock)
+    reader = _Reader(raw.sock)
     out: list[Buffer | None] = []
     start = 0
     while start < len(keys):
         end = start + 1
         while end < len(keys) and offsets[end + 1] - offsets[start] <= round_bytes:
             end += 1
-        _send_round(client, connection, keys[start:end])
+        _send_round(client, raw, keys[start:end])
         for i in range(start, end):
             header = reader.line()
             if header.startswith(b"-"):

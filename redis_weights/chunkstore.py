@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import redis
 
 from .bulkread import read_values_into
+from .deployment import Deployment
 from .keys import Keys
 from .manifest import Buffer
 
@@ -29,9 +30,10 @@ DELETE_BATCH = 16  # DELs per round trip: with 8 MiB chunks, ~128 MiB freed per 
 class ChunkStore:
     """Objects of one namespace (see the module docstring)."""
 
-    def __init__(self, client: redis.Redis, keyspace: Keys) -> None:
+    def __init__(self, client: redis.Redis, keyspace: Keys, deployment: Deployment) -> None:
         self.client = client
         self.keyspace = keyspace
+        self.deployment = deployment  # per-node connections for bulk reads
 
     def missing(self, ids: Iterable[str]) -> set[str]:
         """The ids among ``ids`` that Redis does not hold (pipelined EXISTS, one key per command)."""
@@ -80,7 +82,7 @@ class ChunkStore:
     def read_into(self, ids: Sequence[str], sizes: Sequence[int], target: memoryview) -> list[Buffer | None]:
         """Objects read straight into consecutive places of ``target`` (see ``bulkread``)."""
         keys = [self.keyspace.chunk(i) for i in ids]
-        return read_values_into(self.client, keys, sizes, target, ROUND_BYTES)
+        return read_values_into(self.deployment, keys, sizes, target, ROUND_BYTES)
 
     def discard_corrupt(self, chunk_id: str) -> None:
         """Best effort: delete an object whose bytes do not match its id, so that the next push,

@@ -127,6 +127,7 @@ def layout_for(tensors: Mapping[str, torch.Tensor], wire: torch.dtype | None = N
 # Encoding
 # ---------------------------------------------------------------------------------------
 Chunk = list[memoryview]  # the parts of one chunk, in order; one part: a zero-copy view
+GATHER_BYTES = 64 * 1024 * 1024  # chunks gathered before an upload must send what it queued
 
 
 @dataclass
@@ -134,9 +135,9 @@ class Encoded:
     """One version, ready to upload: its layout and its fixed-size chunks, planned but not built.
 
     A chunk of one part is a view of the weights' (or the staging buffer's) memory;
-    a chunk of several parts is gathered only when ``chunk()`` is asked for it, into
-    one buffer reused from chunk to chunk, so encoding never holds more than one
-    chunk of copied bytes. ``ids`` (content hashes) are computed from the parts,
+    a chunk of several parts is gathered only when ``chunk()`` is asked for it, into a
+    ring of reused buffers, so encoding never holds more than ``GATHER_BYTES`` of copied
+    bytes and an upload still sends ~64 MiB per round trip. ``ids`` (content hashes) are computed from the parts,
     without gathering.
     """
 
@@ -148,7 +149,8 @@ class Encoded:
     wire_dtype: str | None = None
     cast: dict[str, str] = field(default_factory=dict)
     _ids: list[str] | None = None
-    _gather: bytearray | None = None
+    _gather: list[bytearray] = field(default_factory=list)
+    _slot: int = 0
 
     @property
     def chunk_sizes(self) -> list[int]:
@@ -166,19 +168,24 @@ class Encoded:
         return self._ids
 
     def chunk(self, index: int) -> tuple[Buffer, bool]:
-        """``(bytes of chunk index, reused)``: a ``reused`` chunk lives in the gather buffer
-        and is overwritten by the next ``chunk()`` call."""
+        """``(bytes of chunk index, reused)``. A chunk of several parts is gathered into the next
+        slot of a small ring of buffers (up to ``GATHER_BYTES``, allocated as needed); ``reused``
+        marks the last slot of the ring: the next gathered chunk overwrites the ring's first, so
+        a writer must send what it queued before asking for more (``ChunkStore.write`` does)."""
         parts = self.plan[index]
         if len(parts) == 1:
             return parts[0], False
-        if self._gather is None:
-            self._gather = bytearray(self.chunk_size)
-        view = memoryview(self._gather)
+        slots = max(1, GATHER_BYTES // self.chunk_size)
+        if len(self._gather) < slots and len(self._gather) <= self._slot:
+            self._gather.append(bytearray(self.chunk_size))
+        slot = self._slot % slots
+        self._slot = slot + 1
+        view = memoryview(self._gather[slot])
         offset = 0
         for p in parts:
             view[offset : offset + len(p)] = p
             offset += len(p)
-        return view[:offset], True
+        return view[:offset], slot == slots - 1
 
     def manifest(self, version: int, chunks: Sequence[ChunkEntry] | None = None, **fields: Any) -> Manifest:
         """The manifest of this stream as ``version``; ``chunks`` default to every chunk stored whole."""
@@ -219,6 +226,7 @@ class Encoder:
         self.chunk_size = chunk_size
         self.wire_dtype = wire_dtype
         self._staging: torch.Tensor | None = None
+        self._gather: list[bytearray] = []  # the gather ring, kept from push to push (fresh pages are slow)
 
     def _staging_buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
         if self._staging is None or self._staging.numel() < nbytes or (pin and not self._staging.is_pinned()):
@@ -275,7 +283,7 @@ class Encoder:
         views = [_byte_view(staging[p[0] : p[1]]) if isinstance(p, tuple) else p for p in pieces]  # type: ignore[index]
         wire = DTYPE_CODES[self.wire_dtype] if self.wire_dtype is not None else None
         return Encoded(len(head), entries, self.chunk_size, plan_chunks(views, self.chunk_size), dict(metadata or {}),
-                       wire, cast)  # fmt: skip
+                       wire, cast, _gather=self._gather)  # fmt: skip
 
 
 def plan_chunks(pieces: Sequence[Buffer], chunk_size: int) -> list[Chunk]:

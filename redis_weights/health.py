@@ -2,8 +2,9 @@
 
 Each check returns a ``Finding``: a level (``ok``, ``warn`` or ``unsafe``), what
 was seen and how to fix it. ``redis-weights doctor`` prints them; the updater and
-receiver may call ``ensure_no_eviction`` at start-up to refuse a server that can
-silently evict the chunks of a live version.
+receiver call ``ensure_server`` at start-up: one ``ConfigurationError`` for a server
+that cannot be reached, refuses the credentials, can silently evict the chunks of a
+live version, or denies the namespace's rights.
 
 Only read-only commands are sent (INFO, CONFIG GET, ACL WHOAMI/DRYRUN, a
 SUBSCRIBE that is undone at once), plus a SET/GET/DEL of one short-lived probe
@@ -15,7 +16,7 @@ API::
 
     findings = check_server(client, Keys("policy"))
     if any(f.unsafe for f in findings): ...
-    ensure_no_eviction(client)   # raises UnsafeServerError on allkeys-* eviction
+    ensure_server(store.deployment, store.keyspace)   # raises ConfigurationError
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from typing import Any
 
 import redis
 
+from .deployment import Deployment
 from .errors import ConfigurationError
 from .keys import Keys
 from .manifest import DEFAULT_CHUNK_SIZE
+from .subscriptions import Subscription
 from .units import human_bytes
+from .values import parse_int, text
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +73,9 @@ class Finding:
 # ---------------------------------------------------------------------------------------
 # Reading the server's state (tolerant of ACLs and servers without CONFIG)
 # ---------------------------------------------------------------------------------------
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def _info(client: redis.Redis, section: str) -> dict[str, Any] | None:
     try:
-        return {_text(k): v for k, v in client.info(section).items()}
+        return {text(k): v for k, v in client.info(section).items()}
     except redis.exceptions.ResponseError as exc:
         log.debug("INFO %s refused: %s", section, exc)
         return None
@@ -88,8 +88,8 @@ def _config(client: redis.Redis, name: str) -> str | None:
         log.debug("CONFIG GET %s refused: %s", name, exc)
         return None
     for key, value in values.items():
-        if _text(key) == name:
-            return _text(value)
+        if text(key) == name:
+            return text(value)
     return None
 
 
@@ -129,14 +129,14 @@ def check_eviction(client: redis.Redis) -> Finding:
     """``maxmemory`` and its policy: an ``allkeys-*`` policy can evict chunks of a live version."""
     info = _info(client, "memory")
     if info and "maxmemory_policy" in info:
-        policy: str | None = _text(info["maxmemory_policy"])
+        policy: str | None = text(info["maxmemory_policy"])
     else:
         policy = _config(client, "maxmemory-policy")
     raw_max = info.get("maxmemory") if info else _config(client, "maxmemory")
     if policy is None:
         return Finding("maxmemory-policy", WARN, "cannot read the eviction policy (INFO and CONFIG refused)",
                        "make sure maxmemory-policy is noeviction (or volatile-*) on this server")
-    maxmemory = int(raw_max) if raw_max is not None and str(raw_max).isdigit() else 0
+    maxmemory = parse_int(raw_max, minimum=0) or 0
     limit = f"maxmemory {human_bytes(maxmemory)}" if maxmemory else "no maxmemory limit"
     if policy.startswith("allkeys-"):
         if maxmemory == 0:
@@ -232,13 +232,13 @@ def check_acl(client: redis.Redis, keyspace: Keys) -> Finding:
     and admin tools need (a worker-only user) is a ``warn``.
     """
     try:
-        user = _text(client.execute_command("ACL", "WHOAMI"))
+        user = text(client.execute_command("ACL", "WHOAMI"))
     except redis.exceptions.ResponseError:
         user = "default"
     denied: dict[str, list[str]] = {_WORKER: [], _TRAINER: []}
     try:
         for name, args, role in _needed_commands(keyspace):
-            reply = _text(client.execute_command("ACL", "DRYRUN", user, name, *args))
+            reply = text(client.execute_command("ACL", "DRYRUN", user, name, *args))
             if reply != "OK":
                 denied[role].append(f"{name}: {reply}")
     except redis.exceptions.ResponseError as exc:  # no right to ACL DRYRUN (or Redis < 7): probe
@@ -246,7 +246,8 @@ def check_acl(client: redis.Redis, keyspace: Keys) -> Finding:
         denied = {_WORKER: _probe_rights(client, keyspace), _TRAINER: []}
     ns = keyspace.namespace
     patterns = " ".join(f"~{p}" for p in keyspace.acl_key_patterns)
-    fix = f"ACL SETUSER {user} {patterns} &rw:{{{ns}}}:* +@read +@write +@scripting +@pubsub +@connection +info"
+    rights = "+@read +@write +@scripting +@pubsub +@connection +info"
+    fix = f"ACL SETUSER {user} {patterns} &{keyspace.acl_pattern} {rights}"
     if denied[_WORKER]:
         return Finding("acl", UNSAFE, f"user {user!r} lacks rights: " + "; ".join(denied[_WORKER] + denied[_TRAINER]),
                        fix)  # fmt: skip
@@ -271,17 +272,14 @@ def _probe_rights(client: redis.Redis, keyspace: Keys) -> list[str]:
             step()
         except redis.exceptions.ResponseError as exc:
             denied.append(f"{name}: {exc}")
-    pubsub = client.pubsub()
+    subscription = Subscription(client, [keyspace.updates_channel, keyspace.acks_channel],
+                                what="rights probe", poll_every=1.0)  # fmt: skip
     try:
-        pubsub.subscribe(keyspace.updates_channel, keyspace.acks_channel)
-        for _ in range(2):
-            message = pubsub.get_message(timeout=1.0)
-            if message is None:
-                break
-    except redis.exceptions.ResponseError as exc:
-        denied.append(f"SUBSCRIBE: {exc}")
+        refusal = subscription.confirm(timeout=1.0)
     finally:
-        pubsub.close()
+        subscription.close()
+    if refusal is not None:
+        denied.append(f"SUBSCRIBE: {refusal}")
     return denied
 
 
@@ -319,3 +317,32 @@ def ensure_no_eviction(client: redis.Redis) -> None:
         raise UnsafeServerError(f"unsafe Redis server: {finding.what}; fix: {finding.fix}")
     if finding.level == WARN:
         log.debug("eviction check: %s", finding.what)
+
+
+def ensure_reachable(deployment: Deployment, probe_key: str) -> None:
+    """Fail at start, with one clear ``ConfigurationError``, when Redis cannot be used.
+
+    Reads ``probe_key`` (a key the caller needs anyway): that proves the server
+    answers, the credentials are accepted and the user may read the namespace.
+    Bounded by the client's connect timeout and retries, never a hang.
+    """
+    where = deployment.describe()
+    try:
+        deployment.client.get(probe_key)
+    except redis.exceptions.AuthenticationError as exc:
+        raise ConfigurationError(f"Redis at {where} refused the credentials: {exc}") from exc
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise ConfigurationError(f"cannot reach Redis at {where}: {exc}") from exc
+    except redis.exceptions.ResponseError as exc:  # NOAUTH, NOPERM, WRONGTYPE
+        raise ConfigurationError(f"Redis at {where} refused to read {probe_key!r}: {exc}") from exc
+
+
+def ensure_server(deployment: Deployment, keyspace: Keys) -> None:
+    """Everything a trainer or worker checks at start: reachable, credentials accepted,
+    no eviction policy that could drop committed chunks, and the ACL rights the
+    namespace needs (keys, scripts, channels). One ``ConfigurationError`` otherwise."""
+    ensure_reachable(deployment, keyspace.latest)
+    ensure_no_eviction(deployment.client)
+    acl = check_acl(deployment.client, keyspace)
+    if acl.unsafe:
+        raise UnsafeServerError(f"Redis at {deployment.describe()}: {acl.what}; fix: {acl.fix}")

@@ -57,9 +57,11 @@ _FILE_RE = re.compile(r"^v(\d+)-[0-9a-f]{16}\.(safetensors|lock|tmp\.(\d+))$")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # prefault the mapping in one go (Linux)
 
 
-def scope_name(server: str, namespace: str) -> str:
-    """A directory name for one (Redis server, namespace): files of others never mix in."""
-    digest = xxhash.xxh3_64_hexdigest(f"{server}|{namespace}".encode())
+def scope_name(scope: str, namespace: str) -> str:
+    """A directory name for one (deployment, namespace): files of others never mix in.
+
+    ``scope`` is the deployment's identity (``Deployment.scope()``)."""
+    digest = xxhash.xxh3_64_hexdigest(f"{scope}|{namespace}".encode())
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', namespace)[:64]}-{digest}"
 
 
@@ -149,11 +151,12 @@ class HostCache:
         self.fetched = 0  # versions this process fetched from Redis for the host
         self.shared = 0  # versions it mapped from a file another worker fetched
         self.recycled = 0  # files of old versions it reused for a new one
+        self.fetched_bytes = 0  # bytes it read from Redis to build them
 
     @classmethod
-    def scoped(cls, base: str | os.PathLike[str], server: str, namespace: str) -> HostCache:
-        """The cache of one (server, namespace) in its own subdirectory of ``base`` (both private)."""
-        return cls(private_directory(base) / scope_name(server, namespace))
+    def scoped(cls, base: str | os.PathLike[str], scope: str, namespace: str) -> HostCache:
+        """The cache of one (deployment scope, namespace) in its own subdirectory of ``base`` (both private)."""
+        return cls(private_directory(base) / scope_name(scope, namespace))
 
     def _stem(self, manifest: Manifest) -> str:
         digest = xxhash.xxh3_64_hexdigest("|".join(manifest.ids).encode())
@@ -231,7 +234,8 @@ class HostCache:
             region = mmap.mmap(fd, manifest.total_bytes, flags=mmap.MAP_SHARED | _POPULATE)
             view = memoryview(region)
             try:
-                assemble(store, manifest, view, _held_ids(view, manifest, min(old_size, manifest.total_bytes)))
+                held = _held_ids(view, manifest, min(old_size, manifest.total_bytes))
+                self.fetched_bytes += assemble(store, manifest, view, held)
             finally:
                 view.release()
             region.close()
@@ -252,7 +256,7 @@ class HostCache:
         if mapping is None:  # recycled already by a fetcher of a newer version: build it privately
             log.info("host cache: %s vanished right after publishing; reading it privately", path.name)
             private = receive_buffer(manifest.total_bytes)
-            assemble(store, manifest, private, [])
+            self.fetched_bytes += assemble(store, manifest, private, [])
             mapping = _Mapping(_views(private, manifest))
         return mapping
 

@@ -60,7 +60,16 @@ class Keys:
     @property
     def pattern(self) -> str:
         """SCAN pattern matching every key of the namespace (braces escaped for glob)."""
-        return f"rw:\\{{{self.namespace}\\}}:*"
+        return self._glob("*")
+
+    def _glob(self, relative: str) -> str:
+        """SCAN pattern of the namespace's names matching ``relative`` (a glob)."""
+        return f"rw:\\{{{self.namespace}\\}}:{relative}"
+
+    @property
+    def acl_pattern(self) -> str:
+        """ACL key (``~``) and channel (``&``) pattern that covers every name of the namespace."""
+        return f"{self.prefix}*"
 
     @staticmethod
     def is_blob(relative: str) -> bool:
@@ -75,7 +84,7 @@ class Keys:
     @property
     def acl_key_patterns(self) -> list[str]:
         """The ACL key patterns (``~...``) a user of this namespace needs."""
-        return [f"rw:{{{self.namespace}}}:*", f"rw:{self.namespace}:c:*"]
+        return [self.acl_pattern, f"rw:{self.namespace}:c:*"]
 
     # -- versions ---------------------------------------------------------------------
     @property
@@ -98,7 +107,7 @@ class Keys:
 
     def legacy_chunks_pattern(self, version: int) -> str:
         """SCAN pattern of the chunks of ``version`` in the old per-version layout (deleted with it)."""
-        return f"{self.pattern[:-1]}v:{version}:c:*"
+        return self._glob(f"v:{version}:c:*")
 
     # -- content-addressed chunks and patches -------------------------------------------
     def chunk(self, chunk_id: str) -> str:
@@ -127,7 +136,7 @@ class Keys:
 
     @property
     def pending_pattern(self) -> str:
-        return f"{self.pattern[:-1]}pending:*"
+        return self._glob("pending:*")
 
     @property
     def gc_epoch(self) -> str:
@@ -152,10 +161,14 @@ class Keys:
         """Heartbeat of the rank: a string with a TTL."""
         return self.full(f"rank:{rank}:alive")
 
+    def rank_acked(self, rank: int) -> str:
+        """Wall time (seconds) of the rank's last ``"updated"`` ack; with the version's ``created``, its ack latency."""
+        return self.full(f"rank:{rank}:acked")
+
     @property
     def rank_version_pattern(self) -> str:
         """SCAN pattern matching every rank's version key (finds the ranks that ever joined)."""
-        return f"{self.pattern[:-1]}rank:*:version"
+        return self._glob("rank:*:version")
 
     def rank_of(self, full: str | bytes) -> int | None:
         """The rank of a ``rank:<r>:version`` key name, None for any other key."""

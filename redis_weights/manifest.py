@@ -328,14 +328,11 @@ class Manifest:
         ).encode()
 
     @classmethod
-    def from_json(cls, raw: Buffer | str, version: int | None = None, *, max_total_bytes: int | None = None) -> Manifest:
+    def from_json(cls, raw: Buffer | str, version: int | None = None) -> Manifest:
         """Parse and validate; any inconsistency raises ``CodecError`` (never a crash).
 
         ``version``: the key it was stored under; a manifest of another version is
         refused (else a worker would apply one version's weights and ack another).
-        ``max_total_bytes``: the largest stream the caller could hold (a worker: its
-        policy's size); a manifest describing more is refused before its chunk entries
-        are walked.
         Work and memory are bounded by ``MAX_MANIFEST_BYTES``: sizes and counts are
         checked before the per-chunk entries are walked.
         """
@@ -371,8 +368,6 @@ class Manifest:
             raise CodecError(f"{where}: chunk_size {size!r} outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
         if not _is_int(total) or not 8 <= total <= MAX_TENSOR_BYTES:
             raise CodecError(f"{where}: total_bytes {total!r} out of range")
-        if max_total_bytes is not None and total > max_total_bytes:
-            raise CodecError(f"{where}: {total} bytes of weights, more than this policy can hold ({max_total_bytes})")
         if not isinstance(raw_chunks, list) or len(raw_chunks) != -(-total // size):
             raise CodecError(f"{where}: {total} bytes in chunks of {size} need {-(-total // size)} chunk entries")
         if not _is_int(header_len) or not 8 <= header_len <= min(total, 8 + MAX_HEADER_BYTES):
@@ -420,13 +415,12 @@ class Manifest:
             raise IntegrityError(f"version {self.version}: chunk {index} does not match its id (corrupted?)")
 
 
-def manifest_bounds(data_bytes: int, tensors: int) -> tuple[int, int]:
-    """``(largest stream, largest manifest in bytes)`` a policy of ``tensors`` tensors holding
-    ``data_bytes`` bytes (at 8 bytes per element) can be sent as: what a worker reads at most."""
+def manifest_limit(data_bytes: int, tensors: int) -> int:
+    """The largest manifest (bytes) of a policy of ``tensors`` tensors holding ``data_bytes``
+    bytes (at 8 bytes per element): a worker refuses a bigger one before downloading it."""
     header = 4096 + tensors * 512  # names, dtypes, shapes, offsets, metadata
-    stream = data_bytes + header
-    entries = -(-stream // MIN_CHUNK_SIZE) * (MAX_CHAIN * 96 + 64)
-    return stream, min(MAX_MANIFEST_BYTES, 65536 + 2 * header + entries)
+    entries = -(-(data_bytes + header) // MIN_CHUNK_SIZE) * (MAX_CHAIN * 96 + 64)
+    return min(MAX_MANIFEST_BYTES, 65536 + 2 * header + entries)
 
 
 def chunk_sizes(total: int, chunk_size: int) -> list[int]:

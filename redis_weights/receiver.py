@@ -12,6 +12,10 @@ patched chunks are rebuilt in place from the previous ones (``assemble.py``). Th
 the tensors whose chunks changed are copied into the live tensors (same objects,
 same ``data_ptr``). Any failure leaves the old weights whole and sets the rank's
 status to ``"error: <reason>"``.
+
+Each apply is timed (fetch, apply: ``reports.ApplyReport`` in ``last_apply``, to the
+post-hooks that declare ``report``, and to the Prometheus metrics); ``lag`` is how
+many versions this rank is behind ``latest`` as of its last check.
 """
 
 from __future__ import annotations
@@ -26,15 +30,18 @@ from typing import Any
 
 import redis
 
+from . import ranks
 from .assemble import MissingObjectError, assemble
 from .bulkread import receive_buffer
 from .codec import check_compatible, check_header, copy_tensors, flatten_weights, tensors_in_chunks
-from .connection import close_subscription, describe, ensure_server, subscribe
 from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
-from .fleet import STATUS_UPDATED
+from .health import ensure_server
 from .hostcache import DEFAULT_DIRECTORY, HostCache
-from .manifest import Buffer, Manifest, TensorEntry, manifest_bounds
+from .manifest import Buffer, Manifest, TensorEntry, manifest_limit
+from .metrics import WorkerMetrics
+from .reports import ApplyReport, PhaseClock, call_hook
 from .store import RedisStore, as_store
+from .subscriptions import Subscription
 from .versions import VersionRegistry
 
 log = logging.getLogger(__name__)
@@ -43,25 +50,6 @@ DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TTL = 10.0
 _WAKE_SLICE = 0.2  # the background loop checks for stop() this often
 _FETCH_ATTEMPTS = 3  # a version garbage-collected mid-read: retry from latest
-
-# KEYS: status, version, latest. ARGV: version, status text, acks channel, rank.
-# The applied version is always recorded; the status only when no newer version
-# has been committed meanwhile (else it stays "pending" for the trainer's sake).
-# The PUBLISH is only a wake-up hint: refused (the user lost its channel rights), it
-# must not fail the ack, whose SETs a script cannot take back anyway.
-_ACK = """
-local v = tonumber(ARGV[1])
-local latest = tonumber(redis.call('GET', KEYS[3]) or '0')
-if ARGV[2] == 'updated' then
-  redis.call('SET', KEYS[2], v)
-end
-if v >= latest then
-  redis.call('SET', KEYS[1], ARGV[2])
-end
-redis.pcall('PUBLISH', ARGV[3], ARGV[4] .. ':' .. v)
-return latest
-"""
-
 
 class RedisWeightReceiver:
     """Keep ``policy`` (an ``nn.Module``, TensorDict or dict of tensors) at the latest version.
@@ -108,8 +96,8 @@ class RedisWeightReceiver:
         if poll_interval <= 0 or heartbeat_ttl <= 0:
             raise ConfigurationError("poll_interval and heartbeat_ttl must be positive")
         flat = flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill
-        # what a manifest for this policy can be at most: a bigger one is refused before it is parsed
-        self._max_stream, self._max_manifest = manifest_bounds(8 * sum(t.numel() for t in flat.values()), len(flat))
+        # what a manifest for this policy can be at most: a bigger one is refused before it is downloaded
+        self._max_manifest = manifest_limit(8 * sum(t.numel() for t in flat.values()), len(flat))
         self.store = as_store(store)
         self.rank = rank
         self.policy = policy
@@ -122,34 +110,33 @@ class RedisWeightReceiver:
         self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
         self._held: list[str | None] = []  # id of each chunk in the receive buffer (None: unknown)
         self._held_chunk_size = 0
+        self._fetched_bytes = 0  # bytes this receiver read from Redis, all versions together
         self._live: tuple[tuple[int, int, tuple[TensorEntry, ...]], list[str]] | None = None  # what the tensors hold
         self.version = 0
+        self.latest_seen = 0  # ``latest`` as of the last check of Redis
+        self.last_apply: ApplyReport | None = None
+        self._metrics = WorkerMetrics(self.keyspace.namespace)
         self.last_error: str | None = None
         self.lock = threading.RLock()
-        self.post_hooks: list[Callable[[int], Any]] = []
-        self._ack = self.store.client.register_script(_ACK)
+        self.post_hooks: list[Callable[..., Any]] = []
         self._poll_lock = threading.Lock()
         self._applied = threading.Condition()
         self._failed_version = 0
         self._unsent: tuple[int, str] | None = None  # a report Redis did not confirm; poll() resends it
         self._lost_reported = False
         self._history_lost = False  # Redis lost this rank's keys: version numbers may repeat
-        self._updates: redis.client.PubSub | None = None
-        self._updates_refused = False
+        self._updates = Subscription(self.store.client, [self.keyspace.updates_channel],
+                                     what=f"rank {rank}: updates subscription", poll_every=poll_interval)  # fmt: skip
         self._thread: threading.Thread | None = None
         self._beater: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_beat = 0.0
         if check_server:
-            ensure_server(self.store.client, self.keyspace)
-        self._register()
+            ensure_server(self.store.deployment, self.keyspace)
+        ranks.register(self.store.client, self.keyspace, rank, heartbeat_ttl)
+        self._last_beat = time.monotonic()
 
     # -- liveness -----------------------------------------------------------------------
-    def _register(self) -> None:
-        """Announce this rank: applied version 0 (it holds no pushed version yet) and a heartbeat."""
-        self.store.client.set(self.keyspace.rank_version(self.rank), 0)
-        self.heartbeat()
-
     def heartbeat(self) -> None:
         """Refresh this rank's liveness key (value: wall time of the beat; expires after the TTL).
 
@@ -158,10 +145,7 @@ class RedisWeightReceiver:
         this worker knows version numbers may now repeat (a restarted trainer counts
         from 1 again), so its next poll applies ``latest`` even if the number matches.
         """
-        pipe = self.store.client.pipeline(transaction=False)
-        pipe.set(self.keyspace.rank_alive(self.rank), repr(time.time()), px=int(self.heartbeat_ttl * 1000))
-        pipe.set(self.keyspace.rank_version(self.rank), self.version, nx=True)
-        _, recreated = pipe.execute()
+        recreated = ranks.heartbeat(self.store.client, self.keyspace, self.rank, self.version, self.heartbeat_ttl)
         if recreated and self.version > 0 and not self._history_lost:
             log.warning("rank %d: Redis lost this rank's keys; the next version is applied whatever its number",
                         self.rank)  # fmt: skip
@@ -169,19 +153,22 @@ class RedisWeightReceiver:
         self._last_beat = time.monotonic()
 
     def _report(self, version: int, status: str) -> None:
-        """Record ``status`` for ``version`` (the ack script). Kept until Redis confirms it:
+        """Record ``status`` for ``version`` (``ranks.ack``). Kept until Redis confirms it:
         a report lost to a Redis blip is sent again by the next ``poll()``, else the
         rank would stay ``"pending"`` and the trainer's sync push would time out."""
         self._unsent = (version, status)
-        self._ack(
-            keys=[self.keyspace.rank_status(self.rank), self.keyspace.rank_version(self.rank), self.keyspace.latest],
-            args=[version, status, self.keyspace.acks_channel, self.rank],
-        )
+        ranks.ack(self.store.client, self.keyspace, self.rank, version, status)
         self._unsent = None
 
-    def register_post_hook(self, hook: Callable[[int], Any]) -> None:
-        """Call ``hook(version)`` after each version is applied and before it is acked."""
+    def register_post_hook(self, hook: Callable[..., Any]) -> None:
+        """Call ``hook(version)`` after each version is applied and before it is acked;
+        ``hook(version, report=ApplyReport)`` for a hook that declares ``report``."""
         self.post_hooks.append(hook)
+
+    @property
+    def lag(self) -> int:
+        """Versions this rank is behind ``latest`` as of its last check (numbers may skip: an upper bound)."""
+        return max(0, self.latest_seen - self.version)
 
     # -- applying -----------------------------------------------------------------------
     def poll(self) -> int | None:
@@ -196,6 +183,7 @@ class RedisWeightReceiver:
             self.heartbeat()
             for _ in range(_FETCH_ATTEMPTS):
                 latest = self.registry.latest()
+                self._saw_latest(latest)
                 if latest == 0:
                     self._report_lost()
                 elif latest not in (self.version, self._failed_version) or self._history_lost:
@@ -209,12 +197,15 @@ class RedisWeightReceiver:
                 return None
             return None
 
+    def _saw_latest(self, latest: int) -> None:
+        self.latest_seen = latest
+        self._metrics.lag(self.lag)
+
     def _apply(self, version: int) -> int | None:
         started = time.perf_counter()
+        clock = PhaseClock(self._metrics.phase)
         try:
-            manifest = self.registry.read_manifest(
-                version, max_bytes=self._max_manifest, max_total_bytes=self._max_stream
-            )
+            manifest = self.registry.read_manifest(version, max_bytes=self._max_manifest)
         except CodecError as exc:  # not JSON, lies about the layout, too big, or another version's manifest
             self._fail(version, str(exc))
             return None
@@ -224,11 +215,14 @@ class RedisWeightReceiver:
         except WeightMismatchError as exc:
             self._fail(version, str(exc))
             return None
+        fetched = self.host_cache.fetched_bytes if self.host_cache is not None else self._fetched_bytes
+        fetch_started = time.perf_counter()
         try:
-            with self._fetch(manifest) as chunks:
+            with self._fetch(manifest) as chunks:  # the chunks are read, patched (or mapped) on entry
+                clock.add("fetch", time.perf_counter() - fetch_started)
                 check_header(chunks, manifest)
                 names = self._changed_tensors(manifest)
-                with self.lock:  # holders of the lock see weights and version agree
+                with self.lock, clock.phase("apply"):  # holders of the lock see weights and version agree
                     self._live = None  # until the copy is complete
                     copy_tensors(chunks, manifest, targets, names)
                     self._live = (self._layout(manifest), manifest.ids)
@@ -244,12 +238,18 @@ class RedisWeightReceiver:
             return None
         self.last_error = None
         self._lost_reported = self._history_lost = False
+        fetched = (self.host_cache.fetched_bytes if self.host_cache is not None else self._fetched_bytes) - fetched
+        report = ApplyReport(version, previous, manifest.total_bytes, fetched, dict(clock.seconds),
+                             max(0, self.latest_seen - version))  # fmt: skip
+        self.last_apply = report
+        self._metrics.applied(version, report.fetched_bytes)
+        self._metrics.lag(self.lag)
         for hook in self.post_hooks:  # before the ack: an ack means the hooks have run too
             try:
-                hook(version)
+                call_hook(hook, version, report=report)
             except Exception:
                 log.exception("rank %d: post hook %r failed after version %d", self.rank, hook, version)
-        self._report(version, STATUS_UPDATED)
+        self._report(version, ranks.STATUS_UPDATED)
         log.debug(
             "rank %d: applied version %d (was %d), %d bytes in %.1f ms",
             self.rank, version, previous, manifest.total_bytes, (time.perf_counter() - started) * 1000,
@@ -273,7 +273,7 @@ class RedisWeightReceiver:
         if option is False or option is None:
             return None
         base = DEFAULT_DIRECTORY if option is True else option
-        return HostCache.scoped(base, describe(self.store.client), self.keyspace.namespace)
+        return HostCache.scoped(base, self.store.deployment.scope(), self.keyspace.namespace)
 
     @contextlib.contextmanager
     def _fetch(self, manifest: Manifest) -> Iterator[list[Buffer]]:
@@ -289,7 +289,7 @@ class RedisWeightReceiver:
             self._receive_buffer = receive_buffer(manifest.total_bytes)
         if self._held_chunk_size != manifest.chunk_size:
             self._held, self._held_chunk_size = [], manifest.chunk_size
-        assemble(self.registry.chunks, manifest, self._receive_buffer, self._held)
+        self._fetched_bytes += assemble(self.registry.chunks, manifest, self._receive_buffer, self._held)
         offset, views = 0, []
         for size in manifest.chunk_sizes:
             views.append(self._receive_buffer[offset : offset + size])
@@ -297,17 +297,18 @@ class RedisWeightReceiver:
         yield views
 
     def _fail(self, version: int, reason: str) -> None:
+        self._metrics.refused()
         self._failed_version = version
         self._history_lost = False  # refused once, like any version: not re-fetched at every poll
-        self.last_error = f"error: version {version}: {reason}"
+        self.last_error = ranks.error_status(f"version {version}: {reason}")
         log.error("rank %d: refusing version %d, keeping version %d: %s", self.rank, version, self.version, reason)
         self._report(version, self.last_error)
 
     def _report_lost(self) -> None:
         if self.version > 0 and not self._lost_reported:
             self._lost_reported = True
-            self.last_error = (
-                f"error: Redis holds no committed version (data lost or flushed?); keeping version {self.version}"
+            self.last_error = ranks.error_status(
+                f"Redis holds no committed version (data lost or flushed?); keeping version {self.version}"
             )
             log.warning("rank %d: %s", self.rank, self.last_error)
             self._report(0, self.last_error)  # sets the status only while latest is still 0
@@ -342,33 +343,9 @@ class RedisWeightReceiver:
     def _slice(deadline: float | None, cap: float) -> float:
         return cap if deadline is None else max(0.0, min(cap, deadline - time.monotonic()))
 
-    def _subscribe_updates(self) -> redis.client.PubSub:
-        if self._updates is None:
-            self._updates = subscribe(self.store.client, self.keyspace.updates_channel)
-        return self._updates
-
     def _next_update(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for an ``updates`` message; True if one came."""
-        try:
-            pubsub = self._subscribe_updates()
-            got = pubsub.get_message(timeout=timeout) is not None
-            while pubsub.get_message(timeout=0) is not None:
-                got = True
-            self._updates_refused = False
-            return got
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            log.debug("rank %d: updates subscription lost (%s); will resubscribe", self.rank, exc)
-            self._close_updates()
-            time.sleep(min(timeout, 0.1))
-            return False
-        except redis.exceptions.RedisError as exc:  # e.g. NOPERM: the ACL lost its channel rights
-            if not self._updates_refused:
-                log.warning("rank %d: updates subscription refused (%s); polling every %gs",
-                            self.rank, exc, self.poll_interval)  # fmt: skip
-            self._updates_refused = True
-            self._close_updates()
-            time.sleep(timeout)
-            return False
+        return bool(self._updates.messages(timeout))
 
     # -- background thread ----------------------------------------------------------------
     def start(self) -> RedisWeightReceiver:
@@ -376,7 +353,7 @@ class RedisWeightReceiver:
         if self._thread is not None:
             return self
         self._stop.clear()
-        self._subscribe_updates()
+        self._updates.open()
         self._thread = threading.Thread(target=self._run, name=f"redis-weights-rank-{self.rank}", daemon=True)
         self._thread.start()
         self._beater = threading.Thread(target=self._beat, name=f"redis-weights-beat-{self.rank}", daemon=True)
@@ -422,14 +399,10 @@ class RedisWeightReceiver:
         if beater is not None:
             beater.join(timeout)
 
-    def _close_updates(self) -> None:
-        updates, self._updates = self._updates, None
-        close_subscription(updates)
-
     def close(self) -> None:
         """Stop, drop the subscription and close the store's connections."""
         self.stop()
-        self._close_updates()
+        self._updates.close()
         self.store.close()
 
     def __enter__(self) -> RedisWeightReceiver:

@@ -2,8 +2,8 @@
 
 A real ``MutableMapping[str, str]``: ``store["rank:1:status"]`` reads
 ``rw:{policy}:rank:1:status``. It also offers the TCPStore-like calls the seed's
-store has (``set``, ``get``, ``delete_key``, ``wait``) and owns the redis-py client
-that the updater and receiver share.
+store has (``set``, ``get``, ``delete_key``, ``wait``) and holds the ``Deployment``
+(the redis-py client and what it reaches) that the updater and receiver share.
 
 The mapping covers the namespace's text keys (status, versions, manifests). Weight
 chunks are binary and the version list is a sorted set: neither is listed by
@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 
-from .connection import client_from_url, describe
-from .errors import ConfigurationError, RedisWeightsError
+from .deployment import Deployment, client_from_url
+from .errors import RedisWeightsError
 from .keys import DEFAULT_NAMESPACE, Keys
 
 
@@ -31,9 +31,13 @@ class RedisStore(MutableMapping[str, str]):
     """A ``MutableMapping[str, str]`` over the keys of one namespace.
 
     Args:
-        client: a ``redis.Redis`` (or compatible) client; the store owns it and
-            closes it on ``close()`` unless ``owns_client=False``.
+        client: a ``redis.Redis`` client.
         namespace: the namespace; all keys live under ``rw:{namespace}:``.
+        owns_client: whether ``close()`` closes ``client``. False by default: a client
+            the caller made is the caller's to close (redis-py's convention). A store
+            made by ``from_url`` owns the client it built.
+        url: the URL the client was built from, if any (kept for processes that
+            rebuild the store elsewhere, e.g. the TorchRL scheme).
     """
 
     def __init__(
@@ -41,18 +45,22 @@ class RedisStore(MutableMapping[str, str]):
         client: redis.Redis,
         namespace: str = DEFAULT_NAMESPACE,
         *,
-        owns_client: bool = True,
+        owns_client: bool = False,
         url: str | None = None,
     ) -> None:
-        self.client = client
+        self.deployment = Deployment(client, owns_client=owns_client)
         self.keyspace = Keys(namespace)
         self.url = url
-        self._owns_client = owns_client
 
     @classmethod
     def from_url(cls, url: str, namespace: str = DEFAULT_NAMESPACE, **client_options: Any) -> RedisStore:
         """Connect to ``redis://``, ``rediss://`` or ``unix://`` (user and password in the URL)."""
-        return cls(client_from_url(url, **client_options), namespace, url=url)
+        return cls(client_from_url(url, **client_options), namespace, owns_client=True, url=url)
+
+    @property
+    def client(self) -> redis.Redis:
+        """The redis-py client (the deployment's)."""
+        return self.deployment.client
 
     @property
     def namespace(self) -> str:
@@ -120,8 +128,8 @@ class RedisStore(MutableMapping[str, str]):
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
-        if self._owns_client:
-            self.client.close()
+        """Close the client if this store owns it (made by ``from_url``, or ``owns_client=True``)."""
+        self.deployment.close()
 
     def __enter__(self) -> RedisStore:
         return self
@@ -130,17 +138,14 @@ class RedisStore(MutableMapping[str, str]):
         self.close()
 
     def __repr__(self) -> str:
-        return f"RedisStore(namespace={self.namespace!r}, server={describe(self.client)!r})"
+        return f"RedisStore(namespace={self.namespace!r}, server={self.deployment.describe()!r})"
 
 
 def as_store(store: RedisStore | str | redis.Redis, namespace: str | None = None) -> RedisStore:
-    """Accept a ``RedisStore``, a Redis URL or a redis-py client."""
+    """Accept a ``RedisStore``, a Redis URL (the store owns the client it builds) or a
+    redis-py client (left open by ``close()``: it is the caller's)."""
     if isinstance(store, RedisStore):
         return store
     if isinstance(store, str):
         return RedisStore.from_url(store, namespace or DEFAULT_NAMESPACE)
-    if isinstance(store, redis.Redis):
-        return RedisStore(store, namespace or DEFAULT_NAMESPACE, owns_client=False)
-    raise ConfigurationError(
-        f"store must be a RedisStore, a Redis URL or a redis.Redis, got {type(store).__name__}"
-    )
+    return RedisStore(store, namespace or DEFAULT_NAMESPACE)  # the deployment refuses what is no client

@@ -26,6 +26,13 @@ def human_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def human_seconds(seconds: float | None) -> str:
+    """``0.0123`` -> ``"12.3 ms"``, ``2.5`` -> ``"2.50 s"``; ``"-"`` when unknown."""
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def utc_time(timestamp: float) -> str:
     """A wall-clock timestamp as ``YYYY-MM-DD HH:MM:SS`` UTC (``"-"`` for 0)."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp)) if timestamp else "-"

@@ -11,28 +11,38 @@ status, version and heartbeat. A rank counts as done only when its status reads
 ``"updated"`` *and* its version is at least the pushed one, so a slow worker's
 late ack of an older version cannot end the wait early. A rank whose heartbeat
 expired, or that reported an error, fails the push at once.
+
+``max_lag=K`` (with ``sync=False``) bounds the policy lag instead: the push returns
+at once while every targeted rank runs a version at most K behind the one just
+committed, and otherwise waits, like a sync push, until the laggards catch up
+(``sync=True`` is ``max_lag=0``). Each push is timed by phase (``reports.py``): the
+report goes to ``last_push``, to the post-hooks that ask for it and to the
+Prometheus metrics (``metrics.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-
-from .base import WeightUpdaterBase, WorkerIds
 import torch
 
+from .base import WeightUpdaterBase, WorkerIds
 from .codec import WIRE_DTYPES, Encoded, Encoder
-from .connection import close_subscription, describe, ensure_server, subscribe
 from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError, VersionNotFoundError
-from .fleet import RankState, read_rank_states
+from .health import ensure_server
 from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
+from .metrics import TrainerMetrics
+from .ranks import RankState, read_rank_states
+from .reports import PhaseClock, PushReport, call_hook
 from .store import RedisStore, as_store
+from .subscriptions import Subscription
 from .uploader import SLOTS, BackgroundUploader
 from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, producer_id
 
@@ -50,16 +60,16 @@ _HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
 )
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
 _POLL_WITHOUT_ACKS = 0.05  # seconds between MGETs while the acks subscription is lost or refused
-_RESUBSCRIBE_AFTER = 5.0  # seconds before a refused acks subscription is tried again
 
 
 @dataclass(frozen=True)
 class _Upload:
-    """One version to upload: its number, its encoded chunks, the ranks it marks pending."""
+    """One version to upload: its number, its encoded chunks, the ranks it marks pending, its clock."""
 
     version: int
     encoded: Encoded
     ranks: list[int]
+    clock: PhaseClock = field(default_factory=PhaseClock)
 
 
 class RedisWeightUpdater(WeightUpdaterBase):
@@ -70,13 +80,16 @@ class RedisWeightUpdater(WeightUpdaterBase):
         policy_weights: what ``update_weights()`` pushes: an ``nn.Module``, a
             TensorDict or a dict of tensors (read live at each push).
         num_workers: ranks are ``1..num_workers``.
-        sync: wait for every targeted rank's ack (True) or return after the commit.
+        sync: wait for every targeted rank's ack (True) or return after the commit
+            (False, see ``max_lag``).
 
     Keyword Args:
         timeout: seconds a sync push (or ``wait()``) waits for acks.
         chunk_size: bytes per Redis value (default 8 MiB).
-        retention: committed versions kept; older ones are deleted after each push.
-        pending_ttl: seconds uncommitted chunks survive (orphans of a crashed push).
+        retention: committed versions kept; older ones are deleted after each push, then
+            every chunk no retained version references is swept (mark and sweep).
+        pending_ttl: seconds a push in flight protects its chunks from GC (after a crash,
+            its chunks are swept once this passes).
         metadata: strings recorded in every version's safetensors ``__metadata__``.
         check_server: fail at once with a ``ConfigurationError`` when Redis is
             unreachable, refuses the credentials or is unsafe (False: skip the check).
@@ -97,6 +110,11 @@ class RedisWeightUpdater(WeightUpdaterBase):
             ``version`` is then the version the last push *will* commit; ``flush()``
             waits for the commit, ``wait()`` for the commit and the acks; an upload
             error is raised by the next push, ``flush()`` or ``wait()``.
+        max_lag: (with ``sync=False``) bound the policy lag: a push returns at once
+            while every targeted rank runs a version at most ``max_lag`` behind the
+            one it committed, else waits (up to ``timeout``, failing like a sync push
+            and naming the laggards) until they catch up. None: no bound.
+            ``sync=True`` behaves as ``max_lag=0``.
     """
 
     def __init__(
@@ -113,6 +131,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         metadata: Mapping[str, str] | None = None,
         check_server: bool = True,
         background: bool = False,
+        max_lag: int | None = None,
         wire_dtype: torch.dtype | None = None,
         delta: bool = False,
         keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
@@ -132,10 +151,18 @@ class RedisWeightUpdater(WeightUpdaterBase):
             raise ConfigurationError(f"keyframe_interval must be within 1..{MAX_CHAIN}")
         if not 0 < keyframe_fraction <= 1:
             raise ConfigurationError("keyframe_fraction must be within (0, 1]")
+        if max_lag is not None:
+            if not isinstance(max_lag, int) or isinstance(max_lag, bool) or max_lag < 0:
+                raise ConfigurationError(f"max_lag must be a non-negative integer or None, got {max_lag!r}")
+            if sync and max_lag:
+                raise ConfigurationError(f"max_lag={max_lag} needs sync=False (sync=True is max_lag=0)")
+            if background:
+                raise ConfigurationError("max_lag needs background=False (a background push returns before its commit)")
         self.store = as_store(store)
         self.policy_weights = policy_weights
         self.num_workers = num_workers
         self.sync = sync
+        self.max_lag = max_lag
         self.timeout = timeout
         self.retention = retention
         self.pending_ttl = pending_ttl
@@ -148,13 +175,15 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._uploader: BackgroundUploader[_Upload] | None = None
         self._slots = [self._encoder] + [Encoder(chunk_size, wire_dtype) for _ in range(SLOTS - 1)]
         self._delta = DeltaPlanner(self.registry.chunks, keyframe_interval, keyframe_fraction) if delta else None
-        self._acks: redis.client.PubSub | None = None
-        self._acks_refused_until = 0.0  # while the ACL refuses the acks channel: poll, retry later
+        self._acks = Subscription(self.store.client, [self.keyspace.acks_channel], what="acks subscription",
+                                  poll_every=_POLL_WITHOUT_ACKS)  # fmt: skip
         self._last_ranks: list[int] = []
         self.version = 0
+        self.last_push: PushReport | None = None  # the report of the last push (``reports.PushReport``)
+        self._metrics = TrainerMetrics(self.keyspace.namespace)
         self._producer = producer_id()
         if check_server:
-            ensure_server(self.store.client, self.keyspace)
+            ensure_server(self.store.deployment, self.keyspace)
 
     # -- WeightUpdaterBase --------------------------------------------------------------
     @classmethod
@@ -165,23 +194,53 @@ class RedisWeightUpdater(WeightUpdaterBase):
     def _get_server_weights(self) -> Any:
         return self.policy_weights
 
-    def _sync_weights_with_worker(self, *, worker_id: int | list[int] | None = None, server_weights: Any) -> None:
-        ranks = self._normalize_worker_ids(worker_id)
+    def _sync_weights_with_worker(self, *, worker_id: list[int], server_weights: Any) -> None:
+        ranks = worker_id  # validated once, by ``push_weights``
+        clock = PhaseClock(self._metrics.phase)
         try:
-            if self.background:
-                self._submit(server_weights, ranks)
-                return
-            self._publish(server_weights, ranks)
-        except redis.exceptions.RedisError as exc:  # subscribe or allocate; ``_upload`` raises its own PushError
-            raise self._redis_failure(exc, None, "the new version was not committed") from exc
-        if self.sync and ranks:
-            self._collect_acks(self.version, ranks, self.timeout)
+            with self._counting_failures():
+                try:
+                    if self.background:
+                        self._submit(server_weights, ranks, clock)
+                    else:
+                        self._publish(server_weights, ranks, clock)
+                except redis.exceptions.RedisError as exc:  # subscribe or allocate; ``_upload`` raises a PushError
+                    raise self._redis_failure(exc, None, "the new version was not committed") from exc
+                bound = self.lag_bound
+                if bound is not None and ranks:
+                    with clock.phase("acks"):
+                        self._collect_acks(self.version, ranks, self.timeout, max_lag=bound)
+        finally:  # a failed push blocked its caller too
+            self._metrics.pushed(sum(clock.seconds.values()))
+        written = 0 if self.background else clock.bytes  # a background upload is still running
+        self.last_push = PushReport(self.version, tuple(ranks), clock.total_bytes, written, dict(clock.seconds),
+                                    self.sync, self.lag_bound, self.background)  # fmt: skip
+
+    @property
+    def lag_bound(self) -> int | None:
+        """How far behind a push lets the ranks run: 0 when ``sync``, else ``max_lag`` (None: no bound)."""
+        return 0 if self.sync else self.max_lag
+
+    def _call_post_hooks(self) -> None:
+        """Run the post-hooks: ``hook()``, or ``hook(report=last_push)`` for a hook that declares ``report``."""
+        for hook in self.post_hooks:
+            call_hook(hook, report=self.last_push)
+
+    @contextlib.contextmanager
+    def _counting_failures(self) -> Iterator[None]:
+        """Count a failed push in the metrics by kind (a background upload's failure was counted on its thread)."""
+        try:
+            yield
+        except (PushError, BackgroundUploadError) as exc:
+            if not isinstance(exc, BackgroundUploadError):
+                self._metrics.failed(exc)
+            raise
 
     def _redis_failure(self, exc: redis.exceptions.RedisError, version: int | None, what: str) -> PushError:
         """The one error a push raises for a Redis error: Redis stopped answering (refused, reset,
         timed out), or answered with an error (out of memory, no permission, read-only replica...)."""
         push = "push" if version is None else f"push of version {version}"
-        where = describe(self.store.client)
+        where = self.store.deployment.describe()
         if isinstance(exc, _LOST):
             message = f"{push} failed: Redis at {where} is unreachable ({exc}); {what}"
         else:
@@ -191,15 +250,18 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return PushError(message, version=self.version if version is None else version)
 
     # -- the push -----------------------------------------------------------------------
-    def _publish(self, weights: Any, ranks: list[int]) -> int:
+    def _publish(self, weights: Any, ranks: list[int], clock: PhaseClock) -> int:
         """Encode, upload and commit one version for ``ranks``; returns it."""
-        encoded = self._encoder.encode(weights, metadata=self.metadata)
-        if self.sync:
-            self._subscribe_acks()  # before the commit: no ack can slip past
+        with clock.phase("encode"):
+            encoded = self._encoder.encode(weights, metadata=self.metadata)
+        clock.total_bytes = encoded.total_bytes
+        if self.lag_bound is not None:
+            self._acks.open()  # before the commit: no ack can slip past
         version = self._allocate()
-        self._upload(_Upload(version, encoded, ranks))
-        self.version = version
+        self._upload(_Upload(version, encoded, ranks, clock))
+        self.version = version  # before the GC: workers may apply (and ack) it already
         self._last_ranks = ranks
+        self._collect_garbage(version)
         return version
 
     def _allocate(self) -> int:
@@ -214,7 +276,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return version
 
     def _upload(self, job: _Upload) -> None:
-        """Upload what Redis lacks, commit, then apply retention (on the background thread if any).
+        """Upload what Redis lacks and commit (on the background thread if any); retention follows.
 
         A Redis error becomes a ``PushError`` naming the version. When the commit surely
         did not happen, a GC runs at once: the chunks this push wrote are garbage now,
@@ -223,14 +285,15 @@ class RedisWeightUpdater(WeightUpdaterBase):
         started = time.perf_counter()
         encoded = job.encoded
         fields = {"created": time.time(), "producer": self._producer}
-        committing: list[bool] = []
+        committing: list[float] = []  # when the commit script was sent
         try:
             if self._delta is not None:
                 manifest, patches = self._delta.plan(encoded, job.version, **fields)
             else:
                 manifest, patches = encoded.manifest(job.version, keyframe=job.version, **fields), {}
             self.registry.publish(manifest, job.ranks, upload=lambda missing: self._write(encoded, patches, missing),
-                                  pending_ttl=self.pending_ttl, committing=lambda: committing.append(True))  # fmt: skip
+                                  pending_ttl=self.pending_ttl,
+                                  committing=lambda: committing.append(time.perf_counter()))  # fmt: skip
         except _LOST as exc:  # Redis is gone; the commit script may or may not have run
             self._forget_delta()
             what = "its commit could not be confirmed" if committing else "the new version was not committed"
@@ -244,6 +307,11 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 raise self._redis_failure(exc, job.version, "its commit failed part-way") from exc
             self._collect_garbage(job.version)
             raise self._redis_failure(exc, job.version, "the new version was not committed") from exc
+        finally:
+            sent = committing[-1] if committing else time.perf_counter()
+            job.clock.add("upload", sent - started)  # planning, the existence check, the upload
+            if committing:
+                job.clock.add("commit", time.perf_counter() - sent)
         if self._delta is not None:
             self._delta.committed(encoded, manifest)
         log.debug(
@@ -251,7 +319,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks, manifest.uploaded_bytes,
             (time.perf_counter() - started) * 1000,
         )  # fmt: skip
-        self._collect_garbage(job.version)
+        job.clock.bytes = manifest.uploaded_bytes  # only what Redis lacked was written
+        self._metrics.committed(job.version, manifest.uploaded_bytes)
 
     def _write(self, encoded: Encoded, patches: Mapping[str, bytes], missing: set[str]) -> int:
         """Upload the chunks and patches among ``missing`` (each once); the bytes sent."""
@@ -291,20 +360,35 @@ class RedisWeightUpdater(WeightUpdaterBase):
         except redis.exceptions.RedisError as exc:  # retention is housekeeping: never fail a push
             log.warning("garbage collection after version %d failed: %s", version, exc)
 
-    def _submit(self, weights: Any, ranks: list[int]) -> None:
+    def _submit(self, weights: Any, ranks: list[int], clock: PhaseClock) -> None:
         """Background push: snapshot into a free staging buffer, queue the upload, return."""
         if self._uploader is None:
-            self._uploader = BackgroundUploader(self._upload, name=f"redis-weights-upload-{self.keyspace.namespace}")
+            self._uploader = BackgroundUploader(self._background_upload,
+                                                name=f"redis-weights-upload-{self.keyspace.namespace}")  # fmt: skip
         self._uploader.raise_error()
-        self._subscribe_acks()  # before any commit: wait() cannot miss an ack
+        self._acks.open()  # before any commit: wait() cannot miss an ack
         version = self._allocate()
 
         def prepare(slot: int) -> _Upload:
-            return _Upload(version, self._slots[slot].encode(weights, snapshot=True, metadata=self.metadata), ranks)
+            with clock.phase("encode"):
+                encoded = self._slots[slot].encode(weights, snapshot=True, metadata=self.metadata)
+            clock.total_bytes = encoded.total_bytes
+            return _Upload(version, encoded, ranks, clock)
 
+        superseded = self._uploader.superseded
         self._uploader.submit(prepare)
+        self._metrics.superseded(self._uploader.superseded - superseded)
         self.version = version
         self._last_ranks = ranks
+
+    def _background_upload(self, job: _Upload) -> None:
+        """``_upload`` then retention, on the upload thread; a failure is counted there, where it happens."""
+        try:
+            self._upload(job)
+        except Exception as exc:
+            self._metrics.failed(exc)
+            raise
+        self._collect_garbage(job.version)
 
     def flush(self, timeout: float | None = None) -> None:
         """Background mode: wait until the last push is committed; raise an upload error
@@ -323,69 +407,42 @@ class RedisWeightUpdater(WeightUpdaterBase):
         deadline = time.monotonic() + timeout
         self.flush(timeout)
         if self.version and self._last_ranks:
-            self._collect_acks(self.version, self._last_ranks, max(0.0, deadline - time.monotonic()))
+            with self._counting_failures():
+                self._collect_acks(self.version, self._last_ranks, max(0.0, deadline - time.monotonic()))
 
     def workers(self, ranks: WorkerIds = None) -> list[RankState]:
         """Status, applied version and heartbeat of every (or the given) rank."""
         return read_rank_states(self.store.client, self.keyspace, self._normalize_worker_ids(ranks))
 
     # -- acks ---------------------------------------------------------------------------
-    def _subscribe_acks(self) -> redis.client.PubSub | None:
-        """The acks subscription, opened if needed; None while the server refuses it."""
-        if self._acks is None and time.monotonic() >= self._acks_refused_until:
-            self._acks = subscribe(self.store.client, self.keyspace.acks_channel)
-        return self._acks
-
-    def _next_ack(self, timeout: float) -> None:
-        """Block until an ack is published (or ``timeout``), then drain what else is queued.
-
-        Pub/sub is only a hint: without a subscription (lost, or refused by the ACL)
-        this sleeps briefly and the caller's MGET loop decides all the same.
-        """
-        try:
-            pubsub = self._subscribe_acks()
-            if pubsub is None:
-                time.sleep(min(timeout, _POLL_WITHOUT_ACKS))
-                return
-            message = pubsub.get_message(timeout=timeout)
-            while message is not None:
-                message = pubsub.get_message(timeout=0)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            log.debug("acks subscription lost (%s); resubscribing", exc)
-            self._close_acks()
-            time.sleep(min(timeout, _POLL_WITHOUT_ACKS))
-            return
-        except redis.exceptions.RedisError as exc:  # e.g. NOPERM: the user lost its channel rights
-            if not self._acks_refused_until:
-                log.warning("acks subscription refused (%s); deciding by polling every %gs until it is allowed again",
-                            exc, _POLL_WITHOUT_ACKS)  # fmt: skip
-            self._acks_refused_until = time.monotonic() + _RESUBSCRIBE_AFTER
-            self._close_acks()
-            time.sleep(min(timeout, _POLL_WITHOUT_ACKS))
-            return
-        self._acks_refused_until = 0.0
-
-    def _collect_acks(self, version: int, ranks: list[int], timeout: float) -> None:
+    def _collect_acks(self, version: int, ranks: list[int], timeout: float, *, max_lag: int = 0) -> None:
         """``_wait_for_acks``, with a Redis error raised as a ``PushError``."""
         try:
-            self._wait_for_acks(version, ranks, timeout)
+            self._wait_for_acks(version, ranks, timeout, max_lag)
         except redis.exceptions.RedisError as exc:
             raise self._redis_failure(exc, version, "while waiting for the acks") from exc
 
-    def _wait_for_acks(self, version: int, ranks: list[int], timeout: float) -> None:
+    def _wait_for_acks(self, version: int, ranks: list[int], timeout: float, max_lag: int = 0) -> None:
+        """Until every rank acked ``version`` (``max_lag=0``) or runs at least ``version - max_lag``."""
+        if version - max_lag <= 0:
+            return  # nothing committed is that far behind
         deadline = time.monotonic() + timeout
-        self._subscribe_acks()  # before the first MGET, so an ack in between still wakes us
+        self._acks.open()  # before the first MGET, so an ack in between still wakes us
         while True:
             states = read_rank_states(self.store.client, self.keyspace, ranks)
-            waiting = [s for s in states if not s.has_applied(version)]
+            if max_lag:
+                waiting = [s for s in states if s.version < version - max_lag]
+            else:
+                waiting = [s for s in states if not s.has_applied(version)]
             if not waiting:
                 return
             errors = {s.rank: s.status for s in waiting if s.error}
             dead = [s.rank for s in waiting if s.dead]
             remaining = deadline - time.monotonic()
             if errors or dead or remaining <= 0:
-                raise self._push_failure(version, waiting, errors, dead, timed_out=remaining <= 0, timeout=timeout)
-            self._next_ack(min(remaining, _LIVENESS_CHECK))
+                raise self._push_failure(version, waiting, errors, dead, timed_out=remaining <= 0, timeout=timeout,
+                                         max_lag=max_lag)  # fmt: skip
+            self._acks.messages(min(remaining, _LIVENESS_CHECK))  # a hint: the next MGET decides
 
     @staticmethod
     def _push_failure(
@@ -396,6 +453,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         *,
         timed_out: bool,
         timeout: float,
+        max_lag: int = 0,
     ) -> PushError:
         parts = []
         for s in waiting:
@@ -409,16 +467,14 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 parts.append(f"rank {s.rank} lags (status {s.status!r}, applied version {s.version})")
         lagging = [s.rank for s in waiting if s.rank not in errors and s.rank not in dead]
         reason = f"no ack within {timeout:g}s" if timed_out and not (errors or dead) else "failed"
+        if max_lag:
+            reason += f" (ranks must run version {version - max_lag} or newer: max_lag={max_lag})"
         message = f"push of version {version} {reason}: " + "; ".join(parts)
         cls = PushTimeoutError if timed_out and not (errors or dead) else PushError
         clean_errors = {r: e for r, e in errors.items() if e}
         return cls(message, version=version, lagging=lagging, dead=dead, errors=clean_errors)
 
     # -- lifecycle ----------------------------------------------------------------------
-    def _close_acks(self) -> None:
-        acks, self._acks = self._acks, None
-        close_subscription(acks)
-
     def close(self) -> None:
         """Finish a background upload, drop the acks subscription and close the store's connections."""
         if self._uploader is not None:
@@ -427,7 +483,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 self._uploader.raise_error()
             except BackgroundUploadError as exc:
                 log.error("%s", exc)
-        self._close_acks()
+        self._acks.close()
         self.store.close()
 
     def __enter__(self) -> RedisWeightUpdater:

@@ -41,7 +41,9 @@ from typing import Any
 
 import redis
 
+from . import ranks
 from .chunkstore import DELETE_BATCH, ChunkStore
+from .deployment import Deployment
 from .errors import CodecError, LegacyFormatError, RedisWeightsError, StaleVersionError, VersionNotFoundError
 from .keys import Keys
 from .manifest import MAX_MANIFEST_BYTES, Manifest
@@ -69,7 +71,7 @@ return {n, latest}
 """
 
 # KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, status_1..status_m
-# ARGV: version, manifest json, epoch seen by the push, m, updates channel
+# ARGV: version, manifest json, epoch seen by the push, m, updates channel, pending status
 # Idempotent: a retried commit of the version that is already latest returns 0.
 # The PUBLISH is only a hint (workers poll latest): refused, it must not fail a
 # commit that has already happened.
@@ -92,7 +94,7 @@ redis.call('ZADD', KEYS[2], v, v)
 redis.call('SET', KEYS[1], v)
 redis.call('DEL', KEYS[6])
 for j = 1, m do
-  redis.call('SET', KEYS[6 + j], 'pending')
+  redis.call('SET', KEYS[6 + j], ARGV[6])
 end
 redis.pcall('PUBLISH', ARGV[5], v)
 return 1
@@ -138,12 +140,11 @@ class VersionRegistry:
     def __init__(self, client: redis.Redis, keyspace: Keys) -> None:
         self.client = client
         self.keyspace = keyspace
-        self.chunks = ChunkStore(client, keyspace)
+        self.chunks = ChunkStore(client, keyspace, Deployment(client))  # the caller's client: never closed here
         self._allocate = client.register_script(_ALLOCATE)
         self._commit = client.register_script(_COMMIT)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
-        self.gc_hook: Callable[[str], None] | None = None  # tests: called at each GC phase
 
     # -- writing ------------------------------------------------------------------------
     def allocate(self, floor: int = 0) -> int:
@@ -180,11 +181,14 @@ class VersionRegistry:
     def commit(self, manifest: Manifest, pending_ranks: Iterable[int] = (), *, epoch: str, token: str) -> None:
         """Make ``manifest.version`` the latest, in one atomic step (see ``_COMMIT``)."""
         k, v = self.keyspace, manifest.version
-        ranks = list(pending_ranks)
+        targets = list(pending_ranks)
         keys = [k.latest, k.versions, k.manifest(v), k.gc_epoch, k.gc_lease, k.pending(token)]
-        keys += [k.rank_status(r) for r in ranks]
+        keys += ranks.status_keys(k, targets)
         try:
-            self._commit(keys=keys, args=[v, manifest.to_json(), epoch, len(ranks), k.updates_channel])
+            self._commit(
+                keys=keys,
+                args=[v, manifest.to_json(), epoch, len(targets), k.updates_channel, ranks.STATUS_PENDING],
+            )
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
             if text.startswith("STALE"):
@@ -272,9 +276,7 @@ class VersionRegistry:
         """Whether the manifest of ``version`` is in Redis (committed and not deleted)."""
         return bool(self.client.exists(self.keyspace.manifest(version)))
 
-    def read_manifest(
-        self, version: int, *, max_bytes: int | None = None, max_total_bytes: int | None = None
-    ) -> Manifest:
+    def read_manifest(self, version: int, *, max_bytes: int | None = None) -> Manifest:
         """The validated manifest stored under ``version``; one stored larger than ``max_bytes``
         (default ``MAX_MANIFEST_BYTES``) is refused without downloading it (``STRLEN`` first)."""
         limit = MAX_MANIFEST_BYTES if max_bytes is None else min(max_bytes, MAX_MANIFEST_BYTES)
@@ -287,7 +289,7 @@ class VersionRegistry:
             raise VersionNotFoundError(f"version {version} not found")
         if length > limit:
             raise CodecError(f"manifest of {length} bytes, more than the limit of {limit} (hostile or corrupted?)")
-        return Manifest.from_json(raw, version, max_total_bytes=max_total_bytes)
+        return Manifest.from_json(raw, version)
 
     def list_versions(self) -> list[int]:
         """Committed versions, oldest first."""
@@ -321,17 +323,12 @@ class VersionRegistry:
             old = [v for v in self.list_versions()[:-keep] if v != latest]
             for version in old:
                 self.delete(version)
-            self._phase("retired")
             held = self._sweep(token, held)
         finally:
             self._give_back(token, held)
         if old:
             log.debug("gc removed versions %s", old)
         return old
-
-    def _phase(self, name: str) -> None:
-        if self.gc_hook is not None:
-            self.gc_hook(name)
 
     def _take_lease(self, token: str) -> bool | None:
         """True: this GC holds the lease (and bumped the epoch); False: Redis is too full to take it
@@ -389,17 +386,14 @@ class VersionRegistry:
         """Delete unreferenced objects in small steps (see the module docstring); whether
         this GC holds the lease at the end."""
         marked = self._marked()
-        self._phase("marked")
         if marked is None:
             return held
         garbage = [i for i in self.chunks.scan() if i not in marked]
-        self._phase("scanned")
         position = 0
         while position < len(garbage):
             batch = garbage[position : position + DELETE_BATCH]
             position += len(batch)
             self.chunks.delete(batch)
-            self._phase("deleted")
             if not held:  # memory was freed: take the lease now, and mark again under it
                 taken = self._take_lease(token)
                 if taken is None:  # another GC took it: it sweeps from here

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 import redis  # noqa: E402
 
-from redis_weights.server import LocalRedisServer, free_port  # noqa: E402
+from redis_weights.tools.server import LocalRedisServer, free_port  # noqa: E402
 from scripts.bench_procs import CHUNK, RW_SYSTEMS, SYSTEMS  # noqa: E402
 from scripts.bench_train import (  # noqa: E402
     MODEL_FLAGS,

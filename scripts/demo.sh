@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${VENV:-.venv}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import redis_weights, rich, torch" 2>/dev/null; then
+stamp="$venv/.redis_weights-pyproject.sha256"  # written by setup_env.sh: re-run it when pyproject.toml changes
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import redis_weights, rich, torch" 2>/dev/null \
+   || ! sha256sum --status -c "$stamp" 2>/dev/null; then
   scripts/setup_env.sh
 fi
 exec "$venv/bin/python" -m redis_weights demo "$@"

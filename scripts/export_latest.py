@@ -17,8 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from redis_weights.admin import Admin  # noqa: E402
-from redis_weights.cli import connection_options, non_negative_int, run_script  # noqa: E402
+from redis_weights.tools.admin import Admin  # noqa: E402
+from redis_weights.tools.cli.args import connection_options, non_negative_int  # noqa: E402
+from redis_weights.tools.cli.guard import run_script  # noqa: E402
 from redis_weights.units import human_bytes  # noqa: E402
 
 

@@ -52,3 +52,4 @@ echo "$torch_spec" > "$constraints"
 echo "==> installing redis_weights[$extras] (torch pinned: $torch_spec)"
 "${pip[@]}" -c "$constraints" -e ".[$extras]" 2>&1 | quiet
 "$py" -c "import torch, redis_weights; print('torch', torch.__version__, '| redis_weights', redis_weights.__version__)"
+sha256sum pyproject.toml > "$venv/.redis_weights-pyproject.sha256"  # scripts/test.sh re-runs this when it changes

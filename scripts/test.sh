@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${VENV:-.venv}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import redis_weights, fakeredis, torch, matplotlib" 2>/dev/null; then
+# Set up when the venv is missing, broken, or older than pyproject.toml (a new dependency).
+stamp="$venv/.redis_weights-pyproject.sha256"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import redis_weights, fakeredis, torch, matplotlib" 2>/dev/null \
+   || ! sha256sum --status -c "$stamp" 2>/dev/null; then
   scripts/setup_env.sh
 fi
 exec "$venv/bin/python" -m pytest -q "$@"

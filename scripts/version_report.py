@@ -19,15 +19,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from redis_weights.admin import Admin, VersionRow, WorkerRow  # noqa: E402
-from redis_weights.cli import cmd_versions, cmd_workers, connection_options, non_negative_int, run_script  # noqa: E402
+from redis_weights.tools.admin import Admin, VersionRow, WorkerRow  # noqa: E402
+from redis_weights.tools.cli.args import connection_options, non_negative_int  # noqa: E402
+from redis_weights.tools.cli.commands import cmd_versions, cmd_workers  # noqa: E402
+from redis_weights.tools.cli.guard import run_script  # noqa: E402
+from redis_weights.ranks import is_error  # noqa: E402
 
 
 def problems(rows: list[WorkerRow], max_lag: int | None, fail_on_dead: bool) -> list[str]:
     """What is wrong with the fleet, one line each."""
     found = []
     for w in rows:
-        if w.status and w.status.startswith("error:"):
+        if is_error(w.status):
             found.append(f"rank {w.rank} reports {w.status!r}")
         if not w.alive:
             if fail_on_dead:

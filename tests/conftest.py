@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from redis_weights import RedisStore
-from redis_weights.server import LocalRedisServer, find_server_binary
+from redis_weights.tools.admin import drop_namespace
+from redis_weights.tools.server import LocalRedisServer, find_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_SERVER = os.environ.get("REDIS_WEIGHTS_REQUIRE_SERVER") == "1"
@@ -73,10 +74,7 @@ def redis_url(redis_server: LocalRedisServer) -> str:
 def real_store(redis_url: str, namespace: str) -> Iterator[RedisStore]:
     store = RedisStore.from_url(redis_url, namespace)
     yield store
-    # Leave the shared server clean: drop this test's namespace.
-    keys = list(store.client.scan_iter(match=store.keyspace.pattern, count=1000))
-    if keys:
-        store.client.delete(*keys)
+    drop_namespace(store.client, store.keyspace)  # leave the shared server clean
     store.close()
 
 

@@ -1,4 +1,4 @@
-"""The operators' library functions (``redis_weights.admin``) against a real server."""
+"""The operators' library functions (``redis_weights.tools.admin``), against a real server (fakeredis for one)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, VersionNotFoundError
-from redis_weights.admin import Admin, RefusedError, manifest_dict, parse_version, redact
 from redis_weights.errors import CodecError, ConfigurationError
+from redis_weights.keys import Keys
+from redis_weights.tools.admin import Admin, RefusedError, drop_namespace, manifest_dict, parse_version
 from tests.codec_support import read_version
 
 
@@ -226,11 +227,23 @@ def test_watch_reports_pushes_and_acks(real_store: RedisStore, admin: Admin) -> 
     kinds = [(e.kind, e.version, e.rank) for e in events]
     assert kinds == [("push", v1, None), ("ack", v1, 2)]
     assert events[0].tensors == 4 and events[0].total_bytes and events[1].status == "updated"
+    assert events[1].lag == 0 and events[1].ack_latency is not None and events[1].ack_latency >= 0
 
 
-def test_redact_hides_passwords() -> None:
-    assert redact("redis://user:secret@host:6380/0") == "redis://user:***@host:6380/0"
-    assert redact("redis://host:6379/0") == "redis://host:6379/0"
+def test_drop_namespace_deletes_that_namespace_and_nothing_else(fake_redis) -> None:
+    for namespace in ("demo", "demo-1", "other"):
+        updater = RedisWeightUpdater(RedisStore(fake_redis, namespace, owns_client=False), weights(1), 2, sync=False)
+        updater.update_weights()
+    fake_redis.set("unrelated", b"1")
+    before = fake_redis.dbsize()
+    keyspace = Keys("demo")
+    dropped = drop_namespace(fake_redis, keyspace)
+    assert dropped > 0 and fake_redis.dbsize() == before - dropped
+    assert list(fake_redis.scan_iter(match=keyspace.pattern)) == []
+    assert list(fake_redis.scan_iter(match=keyspace.chunk_pattern)) == [], "its chunks stay behind"
+    assert list(fake_redis.scan_iter(match=Keys("other").chunk_pattern)), "another namespace lost its chunks"
+    assert fake_redis.exists("unrelated", Keys("demo-1").latest, Keys("other").latest) == 3
+    assert drop_namespace(fake_redis, keyspace) == 0
 
 
 def test_delta_versions_export_bit_exact_and_show_their_chain(real_store: RedisStore, admin: Admin,

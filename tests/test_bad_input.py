@@ -24,7 +24,7 @@ from redis_weights import (
     RedisWeightUpdater,
 )
 from redis_weights.codec import flatten_weights
-from redis_weights.server import free_port
+from redis_weights.tools.server import free_port
 from tests.faults_support import chunk_key, perturb
 from tests.models import make_model, state_digest
 
@@ -127,7 +127,7 @@ CORRUPTIONS = {
         "push again from the trainer",
     ),
     "manifest of 100k chunk entries": (_many_entries(100_000), "more than the limit"),
-    "manifest claiming a stream bigger than the policy": (_lie_about_size, "more than this policy can hold"),
+    "manifest claiming a million chunks it does not list": (_lie_about_size, "chunk entries"),
     "manifest not JSON": (lambda u, v: _set_manifest(u, b"\x00{not json"), "manifest is not JSON"),
     "manifest with a 5000-digit integer": (
         lambda u, v: _set_manifest(u, b'{"format":"redis_weights/1","version":' + b"9" * 5000 + b"}"),

@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.cli import main
-from redis_weights.server import free_port
+from redis_weights.tools.cli import main
+from redis_weights.tools.server import free_port
 from tests.conftest import REPO_ROOT
 
 
@@ -71,7 +71,7 @@ def cli(*args: str, url: str | None = None, namespace: str | None = None) -> sub
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
-    """``redis_weights.cli.main(args)`` in this process, with its exit code and output."""
+    """``redis_weights.tools.cli.main(args)`` in this process, with its exit code and output."""
     capsys.readouterr()
     try:
         code = main(list(args))
@@ -150,6 +150,7 @@ def test_reports_as_tables_and_json(fleet, redis_url: str, namespace: str, capsy
     assert (ranks[1]["version"], ranks[1]["lag"], ranks[1]["alive"]) == (v3, 0, True)
     assert (ranks[2]["version"], ranks[2]["lag"], ranks[2]["alive"]) == (v2, v3 - v2, True)
     assert (ranks[3]["version"], ranks[3]["alive"], ranks[3]["heartbeat_age"]) == (v1, False, None)
+    assert all(isinstance(r["ack_latency"], float) and r["ack_latency"] >= 0 for r in ranks.values())
 
     show = run_main(capsys, "--url", redis_url, "-n", namespace, "show", "latest")
     assert show.returncode == 0 and f"version {v3}" in show.stdout
@@ -264,6 +265,7 @@ def test_watch_prints_pushes_and_acks(real_store: RedisStore, redis_url: str, na
     events = [json.loads(line) for line in out.splitlines()]
     assert [(e["kind"], e["version"]) for e in events] == [("push", 1), ("ack", 1)]
     assert events[0]["tensors"] == 3 and events[1]["rank"] == 1 and events[1]["status"] == "updated"
+    assert events[1]["lag"] == 0 and events[1]["ack_latency"] >= 0
 
 
 class _Terminal(io.StringIO):
@@ -313,12 +315,13 @@ def test_tables_on_a_terminal_are_boxed(fleet, redis_url: str, namespace: str, t
     with redirect_stdout(terminal):
         assert main(["--url", redis_url, "-n", namespace, "workers"]) == 0
     workers = _boxed_rows(terminal.getvalue(), f"namespace {namespace!r}, latest version {v3}")
-    assert workers[0] == ["rank", "status", "applied", "lag", "heartbeat", "state"]
-    assert [(r[0], r[1], r[2], r[3], r[5]) for r in workers[1:]] == [
+    assert workers[0] == ["rank", "status", "applied", "lag", "ack latency", "heartbeat", "state"]
+    assert [(r[0], r[1], r[2], r[3], r[6]) for r in workers[1:]] == [
         ("1", "updated", str(v3), "0", "alive"), ("2", "pending", str(v2), str(v3 - v2), "alive"),
         ("3", "pending", str(v1), str(v3 - v1), "DEAD"),
     ]  # fmt: skip
-    assert re.fullmatch(r"[\d.]+s ago", workers[1][4]) and workers[3][4] == "-"
+    assert re.fullmatch(r"[\d.]+s ago", workers[1][5]) and workers[3][5] == "-"
+    assert all(re.fullmatch(r"[\d.]+ m?s", r[4]) for r in workers[1:])  # every rank acked the version it runs
 
 
 def _push_once_watched(real_store: RedisStore, namespace: str, watcher: threading.Thread) -> None:
@@ -349,7 +352,7 @@ def test_watch_text_lines(real_store: RedisStore, redis_url: str, namespace: str
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
     assert lines[0] == f"watching namespace {namespace!r} (Ctrl-C to stop)"
     assert re.fullmatch(rf"{stamp}  push  v1  [\d.]+ KiB, 3 tensors  by \S+", lines[1]), lines
-    assert re.fullmatch(rf"{stamp}  ack   v1  rank 1: updated", lines[2]), lines
+    assert re.fullmatch(rf"{stamp}  ack   v1  rank 1: updated  lag 0  ack latency [\d.]+ m?s", lines[2]), lines
     assert len(lines) == 3
 
 

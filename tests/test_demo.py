@@ -14,10 +14,15 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
-from redis_weights.demo import DemoOptions, Progress, _summary, claim_rank, demo_weights, digest
-from redis_weights.demo import run_demo as run_demo_in_process
+from redis_weights import PushError, RedisWeightUpdater
 from redis_weights.errors import ConfigurationError
+from redis_weights.tools.demo import DemoOptions
+from redis_weights.tools.demo import run_demo as run_demo_in_process
+from redis_weights.tools.demo.live import Progress, summary
+from redis_weights.tools.demo.model import demo_weights, digest, train_and_push
+from redis_weights.tools.demo.roles import claim_rank
 from tests.conftest import REPO_ROOT
 
 DEMO = ["--workers", "2", "--size-mb", "2", "--versions", "3", "--interval", "0"]
@@ -79,13 +84,30 @@ def test_summary_fails_when_a_worker_holds_other_weights() -> None:
     progress = Progress(total=1, size=100, pushed=1, version=1, latencies=[0.01])
     out = io.StringIO()
     workers = [_Worker(1, 1, expected), _Worker(2, 1, "0000"), _Worker(3, 0, None)]
-    assert _summary(out, progress, workers, 1, expected) == 1  # type: ignore[arg-type]
+    assert summary(out, progress, workers, 1, expected) == 1  # type: ignore[arg-type]
     text = out.getvalue()
     assert "worker 1: version 1, holds the trainer's weights" in text
     assert "worker 2: version 1, MISMATCH" in text and "worker 3: version 0, MISMATCH (digest None" in text
     assert "FAILED: 2 worker(s)" in text
     out = io.StringIO()
-    assert _summary(out, progress, workers[:1], 1, expected) == 0  # type: ignore[arg-type]
+    assert summary(out, progress, workers[:1], 1, expected) == 0  # type: ignore[arg-type]
+
+
+def test_the_training_loop_pushes_every_step_and_goes_on_after_a_failed_push(fake_store) -> None:
+    """``train_and_push``: the one loop of the in-process demo and of ``--role trainer``."""
+    weights = demo_weights(0.1, seed=1)
+    bias = weights["layer000.bias"].clone()
+    with RedisWeightUpdater(fake_store, weights, num_workers=1, sync=False) as updater:
+        pushes = list(train_and_push(updater, weights, versions=2, interval=0))
+        assert [(p.step, p.version, p.error) for p in pushes] == [(1, 1, None), (2, 2, None)]
+        assert pushes[1].size == updater.registry.read_manifest(2).total_bytes > 0
+    assert re.fullmatch(r"v2: pushed [\d.]+ KiB to 3 workers in [\d.]+ ms \(\d+ MB/s\)", pushes[1].describe(3))
+    torch.testing.assert_close(weights["layer000.bias"], bias.mul(0.999).add(0.01).mul(0.999).add(0.02))
+    # Rank 1 never joins: each sync push fails, is yielded with its error, and the next one still runs.
+    with RedisWeightUpdater(fake_store, weights, num_workers=1, sync=True, timeout=0.1) as updater:
+        failed = list(train_and_push(updater, weights, versions=2, interval=0))
+    assert [p.step for p in failed] == [1, 2] and [p.size for p in failed] == [0, 0]
+    assert all(isinstance(p.error, PushError) and "rank 1 never joined" in str(p.error) for p in failed)
 
 
 def test_replicas_claim_distinct_ranks(real_store) -> None:
@@ -188,20 +210,22 @@ def test_a_restarted_worker_takes_over_its_dead_rank(real_store, redis_url: str,
     assert sorted(by_rank) == [1, 2]
     by_rank[1].stop(signal.SIGKILL)  # a crash: rank 1's heartbeat lives on until its TTL runs out
     alive = real_store.keyspace.rank_alive(1)
-    assert real_store.client.pexpire(alive, 8000)  # ...long enough to outlast the new process's start
+    assert real_store.client.persist(alive)  # ...held until the new process has found every rank taken
     restarted = spawn(*worker)
+    restarted.wait_for(r"ranks 1\.\.2 are all held; waiting up to")
+    real_store.client.delete(alive)  # the crashed worker's heartbeat expires
     assert restarted.rank() == 1  # not 3, which the trainer of 2 workers would never wait for
-    assert "ranks 1..2 are all held; waiting up to" in restarted.text()
     assert real_store.client.exists(real_store.keyspace.rank_alive(3)) == 0
 
 
 def test_workers_default_from_the_environment(monkeypatch, capsys) -> None:
-    from redis_weights.cli import _workers_from_environment, main
+    from redis_weights.tools.cli import main
+    from redis_weights.tools.cli.args import workers_from_environment
 
     monkeypatch.delenv("WORKERS", raising=False)
-    assert _workers_from_environment() == 4
+    assert workers_from_environment() == 4
     monkeypatch.setenv("WORKERS", "8")
-    assert _workers_from_environment() == 8
+    assert workers_from_environment() == 8
     monkeypatch.setenv("WORKERS", "-1")
     assert main(["demo", "--role", "worker"]) == 1  # refused before connecting anywhere
     err = capsys.readouterr().err

@@ -30,8 +30,9 @@ from redis_weights import (
     RedisWeightUpdater,
     StaleVersionError,
     bulkread,
+    ranks,
 )
-from redis_weights.admin import Admin
+from redis_weights.tools.admin import Admin, drop_namespace
 from tests.faults_support import eventually, perturb
 from tests.models import make_model, state_digest
 
@@ -435,7 +436,7 @@ def test_a_loss_report_never_hides_a_newer_pending_version(real_store, redis_url
     worker = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, make_model("mlp"), **FAST)
     try:
         assert worker.poll() == updater.version == 3
-        real_store.client.delete(*real_store.client.scan_iter(match=real_store.keyspace.pattern))  # data lost
+        drop_namespace(real_store.client, real_store.keyspace)  # data lost
         updater = RedisWeightUpdater(real_store, model, 1, sync=False)  # a restarted trainer
         updater.update_weights()  # version 1, status "pending"
         assert updater.version == 1
@@ -574,20 +575,20 @@ def test_retention_is_not_wedged_when_redis_is_over_maxmemory(server_factory, na
 # ---------------------------------------------------------------------------------------
 # 15. A worker's ack lost (Redis blip after the apply)
 # ---------------------------------------------------------------------------------------
-def test_a_lost_ack_is_sent_again_and_the_sync_push_completes(real_store, redis_url, namespace):
+def test_a_lost_ack_is_sent_again_and_the_sync_push_completes(real_store, redis_url, namespace, monkeypatch):
     """The ack script fails once after the weights were applied: the next poll sends it again."""
     model = make_model("mlp", seed=95)
     updater = RedisWeightUpdater(real_store, model, 1, sync=True, timeout=10)
     with receiver(redis_url, namespace, 1, make_model("mlp")) as worker:
-        real_ack, sent = worker._ack, []
+        real_ack, sent = ranks.ack, []
 
-        def ack_lost_once(*args, **kwargs):
-            sent.append(kwargs["args"][:2])
+        def ack_lost_once(client, keyspace, rank, version, status):
+            sent.append([version, status])
             if len(sent) == 1:
                 raise redis.exceptions.ConnectionError("connection reset while acking")
-            return real_ack(*args, **kwargs)
+            return real_ack(client, keyspace, rank, version, status)
 
-        worker._ack = ack_lost_once
+        monkeypatch.setattr(ranks, "ack", ack_lost_once)
         updater.update_weights()  # before the fix: PushTimeoutError, the rank stays "pending"
         assert sent[:2] == [[1, "updated"], [1, "updated"]]
         state = updater.workers()[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from redis_weights.connection import client_from_url
+from redis_weights.deployment import client_from_url
 from redis_weights.health import (
     OK,
     UNSAFE,

@@ -16,6 +16,7 @@ from torch import nn
 import redis_weights.receiver as receiver_module
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.bulkread import read_values_into
+from redis_weights.deployment import Deployment
 from redis_weights.errors import ConfigurationError
 from redis_weights.hostcache import DEFAULT_DIRECTORY, HostCache, private_directory
 from tests.codec_support import count_reads
@@ -151,7 +152,7 @@ def test_read_values_into_places_values_and_flags_missing_and_wrong_sizes(real_s
     client.set(keys[2], b"c" * 7)
     client.set(keys[3], b"d" * 3)  # expected 5: the wrong size comes back as bytes
     target = memoryview(bytearray(100_000 + 10 + 7 + 5))
-    out = read_values_into(client, keys, [100_000, 10, 7, 5], target)
+    out = read_values_into(Deployment(client), keys, [100_000, 10, 7, 5], target)
     assert bytes(out[0]) == b"a" * 100_000 and out[0].obj is target.obj  # type: ignore[union-attr]
     assert out[1] is None and bytes(out[2]) == b"c" * 7 and out[3] == b"d" * 3
     assert client.ping()  # the connection went back to the pool in a clean state
@@ -161,7 +162,7 @@ def test_fakeredis_takes_the_copying_path(fake_store):
     keys = [fake_store.keyspace.full("y")]
     fake_store.client.set(keys[0], b"xyz")
     target = memoryview(bytearray(3))
-    out = read_values_into(fake_store.client, keys, [3], target)
+    out = read_values_into(fake_store.deployment, keys, [3], target)
     assert bytes(target) == b"xyz" and bytes(out[0]) == b"xyz"  # type: ignore[arg-type]
 
 
@@ -259,105 +260,6 @@ def test_with_deltas_the_host_fetches_each_version_once_and_only_its_patches(
     """The fetcher builds the new shared file from the recycled old one: unchanged chunks stay,
     patched ones are patched in the file, so Redis sends the host the patches, not a model size."""
     fetched = count_reads(monkeypatch)
-    trainer = _policy(seed=6)
-    updater = RedisWeightUpdater(real_store, trainer, 1, sync=False)
-    with _receivers(redis_url, namespace, 1, tmp_path) as (receiver,):
-        stale = Path(receiver.host_cache.directory) / "v9-0123456789abcdef.safetensors"
-        stale.write_bytes(b"x" * 100)  # version numbers restarted after a flush: 9 is from before
-        os.utime(stale, (1_000_000, 1_000_000))
-        updater.push_weights()
-        assert receiver.poll() == updater.version == 1
-        assert not stale.exists()
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
-def test_the_cache_directory_is_created_private_per_user(real_store, tmp_path, monkeypatch):
-    assert DEFAULT_DIRECTORY == f"/dev/shm/redis_weights-{os.getuid()}"  # users never share the default
-    monkeypatch.setattr(receiver_module, "DEFAULT_DIRECTORY", str(tmp_path / "shm" / "redis_weights-x"))
-    receiver = RedisWeightReceiver(real_store, 1, _policy(), host_cache=True)
-    cache = Path(receiver.host_cache.directory)
-    assert cache.parent == tmp_path / "shm" / "redis_weights-x"
-    for level in (tmp_path / "shm", cache.parent, cache):  # every level it created, whatever the umask
-        assert _mode(level) == 0o700 and os.stat(level).st_uid == os.getuid()
-
-
-def test_a_directory_others_could_write_to_is_refused(real_store, tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
-    with pytest.raises(ConfigurationError, match=r"writable by group or others \(mode 777\).*chmod 700"):
-        RedisWeightReceiver(real_store, 1, _policy(), host_cache=shared)
-    assert list(shared.iterdir()) == []  # nothing created in it
-    shared.chmod(0o770)
-    with pytest.raises(ConfigurationError, match="mode 770"):
-        private_directory(shared)
-    shared.chmod(0o750)  # readable by the group is fine: only writers could plant files
-    assert private_directory(shared) == shared
-
-
-def test_a_directory_of_another_user_is_refused(tmp_path):
-    if os.getuid() == 0:
-        foreign = tmp_path / "foreign"
-        foreign.mkdir(mode=0o700)
-        os.chown(foreign, 65534, 65534)
-    else:
-        foreign = Path("/")  # root's
-    with pytest.raises(ConfigurationError, match=rf"belongs to uid {os.stat(foreign).st_uid}, not to this user"):
-        private_directory(foreign)
-
-
-def test_a_directory_that_cannot_be_created_is_a_configuration_error(real_store, tmp_path):
-    (tmp_path / "file").write_text("")
-    with pytest.raises(ConfigurationError, match="cannot create the host cache directory .*/file/cache: Not a dir"):
-        RedisWeightReceiver(real_store, 1, _policy(), host_cache=tmp_path / "file" / "cache")
-    with pytest.raises(ConfigurationError, match="is not a directory"):
-        private_directory(tmp_path / "file")
-
-
-def test_worker_processes_sharing_a_cache_make_redis_send_the_version_once(server_factory, namespace, tmp_path):
-    server = server_factory()  # private: its egress counter sees only this test
-    store = RedisStore.from_url(server.url, namespace)
-    cache = tmp_path / "cache"
-    try:
-        trainer = make_model("mb:8", seed=7)
-        model_bytes = sum(t.numel() * t.element_size() for t in trainer.state_dict().values())
-        updater = RedisWeightUpdater(store, trainer, 3, sync=False)
-        with workers(tmp_path, server.url, namespace, [1, 2, 3], "--model", "mb:8", "--host-cache", str(cache),
-                     "--poll-interval", "0.2") as procs:  # fmt: skip
-            before = _out_bytes(store)
-            updater.push_weights()
-            digests = {w.wait_version(updater.version, timeout=60) for w in procs.values()}
-            sent = _out_bytes(store) - before
-        assert digests == {state_digest(trainer)}
-        assert model_bytes <= sent < 1.5 * model_bytes, (sent, model_bytes)  # one model size, not three
-        assert len(list(cache.glob("*/*.safetensors"))) == 1
-    finally:
-        store.close()
-
-
-def test_with_deltas_the_host_fetches_each_version_once_and_only_its_patches(
-    real_store, redis_url, namespace, tmp_path, monkeypatch
-):
-    """The fetcher builds the new shared file from the recycled old one: unchanged chunks stay,
-    patched ones are patched in the file, so Redis sends the host the patches, not a model size."""
-    from redis_weights.chunkstore import ChunkStore
-
-    fetched: list[int] = []
-    real_read, real_read_into = ChunkStore.read, ChunkStore.read_into
-
-    def read(self, ids, sizes):
-        fetched.append(sum(sizes))
-        return real_read(self, ids, sizes)
-
-    def read_into(self, ids, sizes, target):
-        fetched.append(sum(sizes))
-        return real_read_into(self, ids, sizes, target)
-
-    monkeypatch.setattr(ChunkStore, "read", read)
-    monkeypatch.setattr(ChunkStore, "read_into", read_into)
     trainer = _policy(seed=6)
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=1e-6)
     updater = RedisWeightUpdater(real_store, trainer, 3, sync=False, chunk_size=16384, wire_dtype=torch.bfloat16,

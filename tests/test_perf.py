@@ -33,18 +33,22 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 # -- lazy gathering ------------------------------------------------------------------------
-def test_chunks_spanning_small_tensors_are_gathered_into_one_reused_buffer_and_ids_need_no_gather():
+def test_chunks_spanning_small_tensors_are_gathered_into_a_ring_of_buffers_and_ids_need_no_gather(monkeypatch):
+    import redis_weights.codec as codec
+
+    monkeypatch.setattr(codec, "GATHER_BYTES", 4 * 4096)  # a ring of 4 chunk buffers
     weights = _many_small()
     encoded = Encoder(4096).encode(weights)
     ids = encoded.ids  # hashed from the parts, before any chunk is gathered
-    assert encoded._gather is None
+    assert encoded._gather == []
     streamed, reused_ids = [], set()
     for index in range(len(encoded.plan)):
         chunk, reused = encoded.chunk(index)
         streamed.append(bytes(chunk))  # copy now: a reused chunk is overwritten by the next one
         if reused:
             reused_ids.add(id(chunk.obj))  # type: ignore[union-attr]
-    assert len(streamed) > 5 and len(reused_ids) == 1  # every gathered chunk lived in the same buffer
+    assert len(streamed) > 5 and len(reused_ids) == 1  # flagged: the ring's last buffer, always the same
+    assert len(encoded._gather) == 4
     assert ids == [checksum(c) for c in streamed]
     assert encoded.manifest(1, created=0.0, producer="t").ids == ids
     loaded = safetensors.torch.load(b"".join(streamed))

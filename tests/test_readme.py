@@ -1,4 +1,4 @@
-"""The README says what the code does: the ACL rights health.py asks for, and every error class."""
+"""The README says what the code does: the ACL rights health.py asks for, every error class, every module."""
 
 from __future__ import annotations
 
@@ -56,17 +56,38 @@ def error_classes() -> set[type]:
     return found
 
 
-def test_the_errors_table_lists_every_error_class_under_its_import_path():
-    section = README[README.index("### Errors"):]
+def first_column(heading: str, pattern: str) -> dict[str, str]:
+    """In the README's section ``heading``: each name ``pattern`` finds in a table's first column -> its row."""
+    section = README[README.index(heading):]
     section = section[: section.index("\n#", 1)]
+    return {name: line for line in section.splitlines() if line.startswith("| `")
+            for name in re.findall(pattern, line.split(" | ")[0])}  # fmt: skip
+
+
+def test_the_errors_table_lists_every_error_class_under_its_import_path():
     listed = {}
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            for name in re.findall(r"`([\w.]+Error)`", line.split(" | ")[0]):
-                module, _, cls = name.rpartition(".")
-                listed[name] = getattr(importlib.import_module(module) if module else redis_weights, cls)
+    for name in first_column("### Errors", r"`([\w.]+Error)`"):
+        module, _, cls = name.rpartition(".")
+        listed[name] = getattr(importlib.import_module(module) if module else redis_weights, cls)
     assert set(listed.values()) == error_classes() - {RedisWeightsError}
     for name, cls in listed.items():
         assert issubclass(cls, RedisWeightsError) and issubclass(cls, RuntimeError), name
         exported = "." not in name
         assert exported == (cls.__name__ in redis_weights.__all__), f"{name}: README and __all__ disagree"
+
+
+def test_the_module_map_lists_every_module_of_the_package_and_nothing_else():
+    rows = first_column("### Layout", r"`([\w/]+)`")  # a package's row (`tools/cli/`) names its modules
+    packages, modules = set(), set()
+    for info in pkgutil.walk_packages(redis_weights.__path__, "redis_weights."):
+        path = info.name.removeprefix("redis_weights.").replace(".", "/")
+        (packages if info.ispkg else modules).add(path)
+    missing = []
+    for path in sorted(modules - {"__main__"}):
+        package, _, name = path.rpartition("/")
+        row = rows.get(f"{package}/") if package else None
+        if path not in rows and not (row and f"`{name}`" in row):
+            missing.append(path)
+    assert missing == [], f"modules the README's module map does not list: {missing}"
+    unknown = [name for name in rows if name.rstrip("/") not in (packages if name.endswith("/") else modules)]
+    assert unknown == [], f"the README's module map lists modules that do not exist: {unknown}"

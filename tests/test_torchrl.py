@@ -360,3 +360,21 @@ def test_multiasync_collector_async_scheme(redis_url: str, namespace: str) -> No
         scheme.shutdown()
     for batch in seen:  # each batch made by one set of weights, labelled with its version
         assert len(_versions(batch)) == 1 and action_values(batch) == [value_of[_versions(batch)[0]]]
+
+
+def test_the_scheme_and_the_legacy_updater_take_max_lag(redis_url: str, namespace: str,
+                                                        real_store: RedisStore) -> None:  # fmt: skip
+    """``max_lag`` reaches the core updater (``test_lag.py`` tests it with slow workers), and survives pickling."""
+    legacy = RedisCollectorWeightUpdater(real_store, make_policy(1.0), 2, sync=False, max_lag=1)
+    assert legacy.lag_bound == 1
+    legacy.close()
+    sender = RedisWeightSyncScheme(redis_url, namespace=namespace, num_workers=1, sync=False, max_lag=3)
+    trainer = _local_collector(make_policy(1.0), weight_sync_schemes={"policy": sender})
+    try:
+        assert sender.updater.max_lag == 3 and sender.updater.lag_bound == 3
+        assert pickle.loads(pickle.dumps(sender)).max_lag == 3
+        trainer.update_policy_weights_()  # nothing within reach of a bound of 3 yet: returns at once
+        assert sender.updater.last_push.max_lag == 3
+    finally:
+        trainer.shutdown()
+        sender.shutdown()

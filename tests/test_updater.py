@@ -217,8 +217,8 @@ def test_a_redis_error_while_waiting_for_acks_is_a_push_error(fake_store, policy
         assert info.value.version == updater.version == updater.registry.latest()
 
 
-def test_flush_that_times_out_is_a_push_timeout(fake_store, policy, monkeypatch):
-    updater = _updater(fake_store, policy, n=1, background=True)
+def hold_uploads(updater: RedisWeightUpdater, monkeypatch) -> threading.Event:
+    """Make every chunk upload of ``updater`` wait (up to 10 s) until the returned event is set."""
     release = threading.Event()
     real_write = updater.registry.chunks.write
 
@@ -227,6 +227,12 @@ def test_flush_that_times_out_is_a_push_timeout(fake_store, policy, monkeypatch)
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(updater.registry.chunks, "write", slow_write)
+    return release
+
+
+def test_flush_that_times_out_is_a_push_timeout(fake_store, policy, monkeypatch):
+    updater = _updater(fake_store, policy, n=1, background=True)
+    release = hold_uploads(updater, monkeypatch)
     updater.update_weights()
     with pytest.raises(PushTimeoutError, match="push of version 1: background upload still running") as info:
         updater.flush(0.05)

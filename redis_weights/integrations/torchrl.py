@@ -265,6 +265,9 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         rank_offset: added to ``worker_idx + 1`` (several multi-process collectors
             sharing one namespace).
         sync: ``send()`` waits for every targeted rank's ack.
+        max_lag: with ``sync=False``, ``send()`` returns while every targeted rank runs
+            a version at most this many behind, else waits for the laggards (as
+            ``RedisWeightUpdater``'s ``max_lag``); None: no bound.
         timeout: seconds a sync send waits for acks, and a receiver waits for its
             first version at connect time.
         background, poll_interval, heartbeat_ttl, allow_cast: receiver options, as
@@ -283,6 +286,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         rank: int | None = None,
         rank_offset: int = 0,
         sync: bool = True,
+        max_lag: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         background: bool = True,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
@@ -308,6 +312,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         self.rank = rank
         self.rank_offset = rank_offset
         self.sync = sync
+        self.max_lag = max_lag
         self.timeout = timeout
         self.background = background
         self.poll_interval = poll_interval
@@ -387,7 +392,8 @@ class RedisWeightSyncScheme(WeightSyncScheme):
             )
         self.num_workers = count
         self._updater = RedisWeightUpdater(
-            self._redis_store(), None, num_workers=count, sync=self.sync, timeout=self.timeout, **self.updater_options
+            self._redis_store(), None, num_workers=count, sync=self.sync, max_lag=self.max_lag, timeout=self.timeout,
+            **self.updater_options
         )
         # Publish the initial weights now, before a multi-process collector pickles the scheme
         # into its workers: they then wait for this version, never starting on an older one.

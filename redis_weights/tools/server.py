@@ -22,7 +22,7 @@ from types import TracebackType
 
 import redis
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Operators' view of one namespace: versions, manifests, workers, export, import, rollback, GC.
+"""Operators' view of one namespace: versions, manifests, workers, export, import, rollback, GC, drop.
 
 The ``redis-weights`` command and the scripts in ``scripts/`` both call these, so
 a cron job and a person at a shell see the same numbers. Everything goes through
@@ -27,17 +27,20 @@ from typing import Any
 
 import redis
 
-from .assemble import assemble
-from .errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
-from .fleet import RankState, read_rank_states
-from .keys import DEFAULT_NAMESPACE, Keys
-from .manifest import DEFAULT_CHUNK_SIZE, Manifest
-from .store import RedisStore
-from .versions import VersionRegistry
+from ..assemble import assemble
+from ..deployment import redacted
+from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
+from ..keys import DEFAULT_NAMESPACE, Keys
+from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
+from ..ranks import RankState, known_ranks, read_rank_states
+from ..store import RedisStore
+from ..subscriptions import Subscription
+from ..versions import VersionRegistry
 
 log = logging.getLogger(__name__)
 
 _NO_RETENTION = 2**31  # an import must not garbage-collect the versions an operator keeps
+_DROP_BATCH = 1000  # keys per DEL when a namespace is dropped
 
 
 class RefusedError(RedisWeightsError):
@@ -68,7 +71,11 @@ class VersionRow:
 
 @dataclass(frozen=True)
 class WorkerRow:
-    """One rank as the ``workers`` report shows it."""
+    """One rank as the ``workers`` report shows it.
+
+    ``ack_latency``: seconds from the creation of the version the rank runs to the
+    rank's ack of it (the trainer's and the worker's wall clocks; None when unknown).
+    """
 
     rank: int
     status: str | None
@@ -76,10 +83,12 @@ class WorkerRow:
     lag: int
     heartbeat_age: float | None
     alive: bool
+    ack_latency: float | None = None
 
     @classmethod
-    def from_state(cls, state: RankState, latest: int) -> WorkerRow:
-        return cls(state.rank, state.status, state.version, state.lag(latest), state.heartbeat_age, state.alive)
+    def from_state(cls, state: RankState, latest: int, created: float | None = None) -> WorkerRow:
+        return cls(state.rank, state.status, state.version, state.lag(latest), state.heartbeat_age, state.alive,
+                   ack_latency(state, created))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,9 +106,18 @@ class Event:
     total_bytes: int | None = None
     tensors: int | None = None
     producer: str | None = None
+    lag: int | None = None  # an ack: versions the rank is behind latest
+    ack_latency: float | None = None  # an ack: seconds since the version was created
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def ack_latency(state: RankState, created: float | None) -> float | None:
+    """Seconds from ``created`` (the version the rank runs) to the rank's last ack; None when unknown."""
+    if state.acked_at is None or not created or not state.version:
+        return None
+    return max(0.0, state.acked_at - created)
 
 
 def manifest_dict(manifest: Manifest) -> dict[str, Any]:
@@ -198,20 +216,30 @@ class Admin:
     # -- reports --------------------------------------------------------------------------
     def known_ranks(self) -> list[int]:
         """Every rank that ever joined this namespace (its version key exists), sorted."""
-        ranks = set()
-        for name in self.client.scan_iter(match=self.keyspace.rank_version_pattern, count=1000):
-            rank = self.keyspace.rank_of(name)
-            if rank is not None:
-                ranks.add(rank)
-        return sorted(ranks)
+        return known_ranks(self.client, self.keyspace)
 
     def rank_states(self, ranks: list[int] | None = None) -> list[RankState]:
         return read_rank_states(self.client, self.keyspace, self.known_ranks() if ranks is None else ranks)
 
     def workers(self, ranks: list[int] | None = None) -> tuple[int, list[WorkerRow]]:
-        """``(latest, one row per rank)``: status, applied version, lag, heartbeat age, alive."""
+        """``(latest, one row per rank)``: status, applied version, lag, heartbeat age, alive, ack latency."""
         latest = self.registry.latest()
-        return latest, [WorkerRow.from_state(s, latest) for s in self.rank_states(ranks)]
+        states = self.rank_states(ranks)
+        created = self.created_times({s.version for s in states if s.version})
+        return latest, [WorkerRow.from_state(s, latest, created.get(s.version)) for s in states]
+
+    def created_times(self, versions: set[int] | list[int]) -> dict[int, float]:
+        """The ``created`` time of each of ``versions`` still in Redis (one MGET of their manifests)."""
+        wanted = sorted(versions)
+        raws = self.client.mget([self.keyspace.manifest(v) for v in wanted]) if wanted else []
+        created = {}
+        for version, raw in zip(wanted, raws, strict=True):
+            try:
+                if raw is not None:
+                    created[version] = Manifest.from_json(raw).created
+            except CodecError:
+                continue
+        return created
 
     def versions(self) -> list[VersionRow]:
         """One row per committed version, oldest first, with the ranks that run it."""
@@ -241,25 +269,27 @@ class Admin:
         """Pushes and acks as they are published, until ``timeout`` seconds pass (None: forever).
 
         Pub/sub is at-most-once: a watcher that falls behind may miss events; the
-        ``versions`` and ``workers`` reports are the truth.
+        ``versions`` and ``workers`` reports are the truth. A lost connection is
+        subscribed again; a subscription the server refuses (``NOPERM``) raises.
         """
         k = self.keyspace
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(k.updates_channel, k.acks_channel)
+        subscription = Subscription(self.client, [k.updates_channel, k.acks_channel], what="watch subscription",
+                                    poll_every=1.0)  # fmt: skip
+        subscription.open()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
                 wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if wait <= 0:
                     return
-                message = pubsub.get_message(timeout=wait)
-                if message is None:
-                    continue
-                event = self._event(_text(message["channel"]), _text(message["data"]))
-                if event is not None:
-                    yield event
+                for channel, data in subscription.messages(wait):
+                    event = self._event(channel, data)
+                    if event is not None:
+                        yield event
+                if subscription.refused and subscription.error is not None:  # nothing to watch without it
+                    raise subscription.error
         finally:
-            pubsub.close()
+            subscription.close()
 
     def _event(self, channel: str, data: str) -> Event | None:
         now = time.time()
@@ -277,8 +307,10 @@ class Admin:
         except ValueError:
             log.debug("ignoring message %r on %s", data, channel)
             return None
-        states = read_rank_states(self.client, self.keyspace, [rank])
-        return Event("ack", version, now, rank=rank, status=states[0].status)
+        state = read_rank_states(self.client, self.keyspace, [rank])[0]
+        latency = ack_latency(state, self.created_times([state.version]).get(state.version))
+        return Event("ack", version, now, rank=rank, status=state.status, lag=state.lag(self.registry.latest()),
+                     ack_latency=latency)  # fmt: skip
 
     # -- files ----------------------------------------------------------------------------
     def export(self, spec: str | int, path: str | os.PathLike[str]) -> Manifest:
@@ -334,7 +366,7 @@ class Admin:
         Redis already holds (the file was exported from a retained version) are not
         uploaded again.
         """
-        from .updater import RedisWeightUpdater  # imports torch: only this command needs it
+        from ..updater import RedisWeightUpdater  # imports torch: only this command needs it
 
         tensors, file_metadata = read_safetensors(path)
         ranks = self.known_ranks()
@@ -370,11 +402,24 @@ class Admin:
                 "version first, or pass --force"
             )
         self.registry.delete(manifest_version)
+        self.registry.gc(keep=_NO_RETENTION)  # no other version goes: only the chunks nothing references now
         return manifest_version
 
 
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+def drop_namespace(client: redis.Redis, keyspace: Keys) -> int:
+    """Delete every key of ``keyspace``'s namespace; how many were deleted.
+
+    For throw-away namespaces (the demo's ``demo-<hex>``, the tests'): it takes no
+    lease and no lock, so never run it on a namespace a fleet still uses.
+    """
+    names = [n for pattern in keyspace.patterns for n in client.scan_iter(match=pattern, count=1000)]
+    deleted = 0
+    for start in range(0, len(names), _DROP_BATCH):
+        pipe = client.pipeline(transaction=False)  # one key per DEL: chunks lie in many slots
+        for name in names[start : start + _DROP_BATCH]:
+            pipe.delete(name)
+        deleted += sum(int(n) for n in pipe.execute())
+    return deleted
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -398,7 +443,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict
 
 def connection_error_message(exc: redis.exceptions.RedisError, url: str) -> str:
     """One line for a connection or authentication failure, without the password."""
-    where = redact(url)
+    where = redacted(url)
     text = str(exc)
     if isinstance(exc, redis.exceptions.AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
         if "HELLO must be called" in text or "NOAUTH" in text or "Authentication required" in text:
@@ -410,17 +455,3 @@ def connection_error_message(exc: redis.exceptions.RedisError, url: str) -> str:
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
         return f"cannot reach Redis at {where}: {exc}"
     return f"Redis error at {where}: {exc}"
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    except ValueError:
-        return "<invalid URL>"
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,236 @@
+"""The Redis deployment a store talks to: building its client, naming it, reaching its nodes.
+
+One owner for everything that depends on *what* Redis is on the other end: the
+client built from a URL (timeouts, idempotent retries, TLS and ACL from the URL),
+the description of the server in messages (never with credentials), the identity
+that scopes the host cache, and the per-node connections that bulk reads use.
+Only a standalone server is supported today; Cluster and Sentinel belong here.
+
+``redis.Redis.from_url`` retries nothing by default and waits forever on a dead
+socket; every client built here gets finite timeouts and a short retry with
+backoff on connection errors. Every command this library sends is idempotent
+(SET, GET, MGET, the commit and ack scripts) or harmless to repeat (PUBLISH of a
+hint, INCR that skips a number), so a retry never corrupts state.
+
+Large values go through redis-py's pure-Python command packer: it hands
+memoryviews to ``sendall`` without copying them, where the hiredis packer copies
+each value twice (measured with redis-py 8.1 and hiredis 3).
+
+A client the caller hands in is the caller's: ``close()`` closes only a client
+this module built, as redis-py does with a connection pool it was given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.connection import PythonRespSerializer
+from redis.retry import Retry
+
+from .errors import ConfigurationError
+
+DEFAULT_SOCKET_TIMEOUT = 30.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_RETRIES = 3
+_PACKER_BUFFER_CUTOFF = 6000  # redis-py's own cutoff: smaller args are joined, larger sent as-is
+_SCHEMES = ("redis://", "rediss://", "unix://")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_SPECIAL = re.compile(r"[#?/@:]")
+
+
+# ---------------------------------------------------------------------------------------
+# URLs
+# ---------------------------------------------------------------------------------------
+def _credentials(text: str) -> tuple[int, int]:
+    """``(start, end)`` of the credentials in a URL: between ``://`` and the last ``@``
+    (a password may hold an unencoded ``#``, ``?``, ``/`` or ``@``); ``(0, -1)`` if none."""
+    scheme_end = text.find("://")
+    start = 0 if scheme_end < 0 else scheme_end + 3
+    end = text.rfind("@")
+    return (start, end) if end >= start else (0, -1)
+
+
+def _secret(text: str) -> str:
+    """The password part of a URL's credentials ("" when there is none)."""
+    start, end = _credentials(text)
+    return text[start:end].partition(":")[2] if end >= 0 else ""
+
+
+def redacted(url: object) -> str:
+    """``url`` for messages and logs: its password (also ``?password=``) replaced by ``***``.
+
+    The user name stays. Everything between ``://`` and the last ``@`` counts as
+    credentials, so an unencoded ``#``, ``?``, ``/`` or ``@`` in a password never
+    shows, and neither do bracketed IPv6 hosts get lost. Any object is accepted
+    (``str()`` of it); nothing here raises.
+    """
+    text = str(url)
+    start, end = _credentials(text)
+    if end >= 0:
+        user, colon, _ = text[start:end].partition(":")
+        if colon:
+            text = f"{text[:start]}{user}:***{text[end:]}"
+    return _QUERY_PASSWORD.sub(r"\1***", text)
+
+
+def _detail(exc: Exception, url: str) -> str:
+    """redis-py's reason for refusing ``url``, unless it quotes any piece of the password."""
+    message = str(exc)
+    pieces = [p for p in _SPECIAL.split(_secret(url)) if p]
+    if any(piece in message for piece in pieces):
+        return "it does not parse (percent-encode '#', '?' and '/' in a user or password: %23, %3F, %2F)"
+    return message
+
+
+# ---------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------
+def _pure_python_packer() -> PythonRespSerializer:
+    encoder = redis.connection.Encoder(encoding="utf-8", encoding_errors="strict", decode_responses=False)
+    return PythonRespSerializer(_PACKER_BUFFER_CUTOFF, encoder.encode)
+
+
+def default_client_options() -> dict[str, Any]:
+    """Keyword arguments applied to every client built from a URL (callers may override any)."""
+    return {
+        "socket_timeout": DEFAULT_SOCKET_TIMEOUT,
+        "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.02), DEFAULT_RETRIES),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        "command_packer": _pure_python_packer(),
+    }
+
+
+def client_from_url(url: str, **overrides: Any) -> redis.Redis:
+    """A ``redis.Redis`` for ``redis://``, ``rediss://`` (TLS) or ``unix://`` URLs.
+
+    User and password come from the URL (``redis://user:pass@host:6379/0``); TLS
+    options (``ssl_ca_certs=...``) may be given as keyword arguments or query
+    parameters. Responses stay bytes: weights are binary. A refused URL is a
+    ``ConfigurationError`` that never shows the password.
+    """
+    if not isinstance(url, str) or not url.startswith(_SCHEMES):
+        raise ConfigurationError(
+            f"unsupported Redis URL {redacted(url)!r}: expected redis://, rediss:// or unix://"
+        )
+    try:
+        database = urlsplit(redacted(url)).path.strip("/")  # the credentials, redacted, cannot hold a '/'
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise ConfigurationError(f"invalid Redis URL {redacted(url)!r}: {exc}") from None
+    if not url.startswith("unix://") and database and not database.isdigit():
+        # redis-py would silently use database 0
+        raise ConfigurationError(f"invalid Redis URL {redacted(url)!r}: database {database!r} is not a number")
+    options = default_client_options()
+    if url.startswith("unix://"):
+        del options["socket_keepalive"]  # a TCP option: redis-py's UnixDomainSocketConnection refuses it
+    options.update(overrides)
+    options["decode_responses"] = False
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid Redis URL {redacted(url)!r}: {_detail(exc, url)}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The deployment
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RawConnection:
+    """A pooled redis-py connection and its plain socket, for reading replies by hand."""
+
+    connection: Any
+    sock: socket.socket
+
+    def send(self, commands: list[tuple[Any, ...]]) -> None:
+        """Send ``commands`` pipelined, without reading any reply."""
+        self.connection.send_packed_command(self.connection.pack_commands(commands))
+
+
+def _checkout(pool: Any) -> Any:
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py 5 requires a command name
+        return pool.get_connection("GET")
+
+
+class Deployment:
+    """The Redis behind one client: describe it, scope caches by it, reach its nodes.
+
+    Args:
+        client: a ``redis.Redis`` (a standalone server; fakeredis works too).
+        owns_client: whether ``close()`` closes the client. False for a client the
+            caller handed in (redis-py's convention: the caller closes what it made);
+            True for one built from a URL (``client_from_url``).
+    """
+
+    def __init__(self, client: redis.Redis, *, owns_client: bool = False) -> None:
+        if not isinstance(client, redis.Redis):
+            raise ConfigurationError(
+                f"unsupported Redis client {type(client).__name__}: expected a redis.Redis (standalone server)"
+            )
+        self.client = client
+        self.owns_client = owns_client
+
+    def _connection_kwargs(self) -> dict[str, Any]:
+        return dict(self.client.connection_pool.connection_kwargs)
+
+    def describe(self) -> str:
+        """``host:port/db`` (or ``unix:<path>``) of the server, without credentials, for messages."""
+        kwargs = self._connection_kwargs()
+        if "path" in kwargs:
+            return f"unix:{kwargs['path']}"
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+    def scope(self) -> str:
+        """A stable identity of the data this client reaches (server and database), for scoping
+        caches: two deployments with the same scope hold the same keys."""
+        return self.describe()
+
+    @contextlib.contextmanager
+    def bulk_connection(self, key: str | None = None) -> Iterator[RawConnection | None]:
+        """A pooled connection, with its plain socket, to the node that holds ``key``
+        (a standalone server holds every key; a cluster will pick the key's master).
+
+        Yields None when the client has no plain socket (fakeredis): the caller then
+        takes redis-py's ordinary path. After the block the connection goes back to
+        the pool; if the block raised it is disconnected first, so a connection with
+        unread replies is never reused.
+        """
+        pool = self.client.connection_pool
+        connection = _checkout(pool)
+        try:
+            connection.connect()
+        except BaseException:
+            connection.disconnect()
+            pool.release(connection)
+            raise
+        sock = getattr(connection, "_sock", None)  # redis-py's socket: touched only here
+        if not isinstance(sock, socket.socket):
+            pool.release(connection)
+            yield None
+            return
+        try:
+            yield RawConnection(connection, sock)
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+
+    def close(self) -> None:
+        """Close the client's connections, if this deployment owns the client."""
+        if self.owns_client:
+            self.client.close()
+
+    def __repr__(self) -> str:
+        return f"Deployment({self.describe()!r}, owns_client={self.owns_client})"

@@ -1,0 +1,132 @@
+"""``redis-weights exporter``: the fleet as Prometheus metrics, read from Redis at every scrape.
+
+Like rq-exporter for rq, it needs nothing from the trainer or the workers: each scrape
+reads the namespace through ``Admin`` (the ``versions`` and ``workers`` reports) and
+answers with the latest version, the versions retained and their bytes, and per rank
+the applied version, lag, heartbeat age, liveness, status and ack latency (the rank
+is a label here: the fleet has a bounded, known set of ranks). When Redis does not
+answer, the scrape still succeeds with ``redis_weights_fleet_up 0`` and nothing else.
+
+``FLEET_METRICS`` is the catalogue the README documents and the dashboard's test
+checks against; the in-process metrics of the trainer and workers are in
+``redis_weights.metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from .. import metrics
+from ..metrics import MetricSpec, require
+from ..ranks import ERROR_PREFIX, STATUS_PENDING, STATUS_UPDATED
+from .admin import Admin
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9108
+STATUSES = (STATUS_PENDING, STATUS_UPDATED, ERROR_PREFIX.rstrip(":"), "none")  # the ``status`` label's values
+_RANK = ("namespace", "rank")
+
+FLEET_METRICS = (
+    MetricSpec("redis_weights_fleet_up", "gauge", ("namespace",), "1 when the last scrape could read Redis, else 0"),
+    MetricSpec("redis_weights_fleet_scrape_duration_seconds", "gauge", ("namespace",),
+               "Seconds the last scrape spent reading Redis"),
+    MetricSpec("redis_weights_fleet_latest_version", "gauge", ("namespace",),
+               "The newest committed version (0: none)"),
+    MetricSpec("redis_weights_fleet_versions_retained", "gauge", ("namespace",), "Committed versions kept in Redis"),
+    MetricSpec("redis_weights_fleet_stored_bytes", "gauge", ("namespace",),
+               "Bytes of the retained versions (the sum of their sizes)"),
+    MetricSpec("redis_weights_fleet_ranks", "gauge", ("namespace",), "Ranks that ever joined the namespace"),
+    MetricSpec("redis_weights_fleet_rank_applied_version", "gauge", _RANK, "The version the rank runs (0: none)"),
+    MetricSpec("redis_weights_fleet_rank_lag_versions", "gauge", _RANK, "Versions the rank is behind latest"),
+    MetricSpec("redis_weights_fleet_rank_heartbeat_age_seconds", "gauge", _RANK,
+               "Seconds since the rank's last heartbeat (absent when it has none)"),
+    MetricSpec("redis_weights_fleet_rank_alive", "gauge", _RANK, "1 while the rank's heartbeat has not expired"),
+    MetricSpec("redis_weights_fleet_rank_status", "gauge", (*_RANK, "status"),
+               "1 for the rank's status (" + ", ".join(STATUSES) + "), 0 for the others"),
+    MetricSpec("redis_weights_fleet_rank_ack_latency_seconds", "gauge", _RANK,
+               "Seconds from the creation of the version the rank runs to its ack of it"),
+)  # fmt: skip
+_SPECS = {spec.name: spec for spec in FLEET_METRICS}
+
+
+def status_label(status: str | None) -> str:
+    """The ``status`` label of a rank's status text (an ``"error: ..."`` becomes ``error``)."""
+    if status is None:
+        return "none"
+    if status.startswith(ERROR_PREFIX):
+        return "error"
+    return status if status in (STATUS_PENDING, STATUS_UPDATED) else "none"
+
+
+class FleetCollector:
+    """A prometheus-client collector that reads one namespace at every scrape."""
+
+    def __init__(self, admin: Admin) -> None:
+        require()
+        self.admin = admin
+        self.namespace = admin.keyspace.namespace
+
+    def describe(self) -> list[Any]:
+        return []  # families depend on what Redis holds; nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        families = {name: GaugeMetricFamily(name, spec.help, labels=spec.labels) for name, spec in _SPECS.items()}
+        started = time.perf_counter()
+        try:
+            self._fill(families)
+            up = 1.0
+        except redis.exceptions.RedisError as exc:
+            log.warning("scrape of namespace %r failed: %s", self.namespace, exc)
+            kept = ("redis_weights_fleet_up", "redis_weights_fleet_scrape_duration_seconds")
+            families = {name: GaugeMetricFamily(name, _SPECS[name].help, labels=_SPECS[name].labels)
+                        for name in kept}  # fmt: skip
+            up = 0.0
+        families["redis_weights_fleet_up"].add_metric([self.namespace], up)
+        elapsed = time.perf_counter() - started
+        families["redis_weights_fleet_scrape_duration_seconds"].add_metric([self.namespace], elapsed)
+        yield from families.values()
+
+    def _fill(self, families: dict[str, Any]) -> None:
+        ns = self.namespace
+        versions = self.admin.versions()
+        latest, workers = self.admin.workers()
+        families["redis_weights_fleet_latest_version"].add_metric([ns], latest)
+        families["redis_weights_fleet_versions_retained"].add_metric([ns], len(versions))
+        families["redis_weights_fleet_stored_bytes"].add_metric([ns], sum(v.total_bytes for v in versions))
+        families["redis_weights_fleet_ranks"].add_metric([ns], len(workers))
+        for row in workers:
+            labels = [ns, str(row.rank)]
+            families["redis_weights_fleet_rank_applied_version"].add_metric(labels, row.version)
+            families["redis_weights_fleet_rank_lag_versions"].add_metric(labels, row.lag)
+            families["redis_weights_fleet_rank_alive"].add_metric(labels, 1.0 if row.alive else 0.0)
+            if row.heartbeat_age is not None:
+                families["redis_weights_fleet_rank_heartbeat_age_seconds"].add_metric(labels, row.heartbeat_age)
+            if row.ack_latency is not None:
+                families["redis_weights_fleet_rank_ack_latency_seconds"].add_metric(labels, row.ack_latency)
+            current = status_label(row.status)
+            for status in STATUSES:
+                value = 1.0 if status == current else 0.0
+                families["redis_weights_fleet_rank_status"].add_metric([*labels, status], value)
+
+
+def serve(admin: Admin, port: int = DEFAULT_PORT, address: str = "0.0.0.0") -> Any:
+    """Serve the fleet metrics of ``admin``'s namespace on ``address:port`` from a daemon thread; the server.
+
+    A private registry holds only the fleet collector (no process metrics of the
+    exporter itself). ``server.server_port`` is the port (useful with ``port=0``);
+    ``server.shutdown()`` stops it.
+    """
+    require()
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(admin))
+    return metrics.serve(port, address, registry)
