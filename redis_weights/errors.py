@@ -1,12 +1,35 @@
-"""Exception types. Every failure of a push is a ``RuntimeError`` subclass."""
+"""Exception types. Every failure of a push is a ``RuntimeError`` subclass.
+
+Every one of them pickles with its message and attributes (a trainer in a
+subprocess sends its error through a queue): unpickling restores the instance
+without calling ``__init__`` again, whose keyword-only arguments ``pickle`` would
+not pass.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _restore(cls: type[BaseException], args: tuple[Any, ...]) -> BaseException:
+    """Unpickle an error: its ``args`` now, its attributes from the pickled state next."""
+    for base in cls.__mro__:  # the builtin base that allocates it (OSError for a TimeoutError mix-in)
+        if base.__module__ == "builtins":
+            try:
+                error = base.__new__(cls, *args)
+            except TypeError:  # "X.__new__(cls) is not safe": not the layout-defining base
+                continue
+            error.args = args
+            return error
+    raise TypeError(f"cannot unpickle {cls.__name__}")
 
 
 class RedisWeightsError(RuntimeError):
     """Base class of every error this library raises on purpose."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restore, (type(self), self.args), dict(self.__dict__)
 
 
 class ConfigurationError(RedisWeightsError):

@@ -26,7 +26,7 @@ from torchrl.collectors import Collector, MultiAsyncCollector, MultiSyncCollecto
 from torchrl.collectors import WeightUpdaterBase as TorchRLWeightUpdaterBase  # noqa: E402
 from torchrl.weight_update import WeightSyncScheme  # noqa: E402
 
-import redis_weights.integrations.torchrl as integration  # noqa: E402
+import redis_weights.integrations.torchrl.updater as legacy_module  # noqa: E402
 from redis_weights import ConfigurationError, ReceiveTimeoutError, RedisStore  # noqa: E402
 from redis_weights.integrations.torchrl import (  # noqa: E402
     CollectorWeightReceiver,
@@ -53,7 +53,7 @@ def _local_collector(policy, **kwargs) -> Collector:
 # -- the legacy updater ----------------------------------------------------------------
 def test_import_does_not_warn_and_updater_is_a_torchrl_weight_updater() -> None:
     # Execute the module afresh (not from the import cache) and record every warning.
-    spec = importlib.util.spec_from_file_location("redis_weights.integrations._torchrl_probe", integration.__file__)
+    spec = importlib.util.spec_from_file_location("redis_weights.integrations.torchrl._probe", legacy_module.__file__)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     with warnings.catch_warnings(record=True) as caught:
@@ -127,7 +127,9 @@ def test_receiver_sync_waits_past_an_older_version(real_store: RedisStore) -> No
     pusher = threading.Timer(0.3, trainer.push, args=(1.0,))
     pusher.start()
     try:
-        assert receiver.sync(10, min_version=stale + 1) == trainer.updater.version > stale
+        applied = receiver.sync(10, min_version=stale + 1)
+        pusher.join()  # the pusher sets updater.version after its commit, which the receiver may beat
+        assert applied == trainer.updater.version > stale
         assert action_values(worker.next()) == [1.0]
     finally:
         pusher.cancel()
@@ -149,7 +151,13 @@ class RedisWeightUpdaterForTest:
 
 
 def test_multisync_collector_with_the_legacy_updater(real_store: RedisStore) -> None:
-    """``MultiSyncCollector(weight_updater=...)``: its own workers and a rank elsewhere get the push."""
+    """``MultiSyncCollector(weight_updater=...)``: a rank elsewhere gets the push through Redis.
+
+    The collector's own CPU workers run the new weights too, but not through the
+    updater: on CPU they share the policy's memory with the trainer (TorchRL's
+    behaviour), so they see the change as soon as it is made. Workers of their own
+    need ``weight_sync_schemes={"policy": RedisWeightSyncScheme(...)}``.
+    """
     policy = make_policy(1.0)
     updater = RedisCollectorWeightUpdater(real_store, policy, num_workers=1, sync=True, timeout=20)
     remote = _local_collector(make_policy(0.0))
@@ -254,7 +262,7 @@ def test_collectors_in_other_processes_use_new_weights_from_the_next_batch(
 def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, namespace: str) -> None:
     trainer_policy = make_policy(1.0)
     sender = RedisWeightSyncScheme(
-        redis_url, namespace=namespace, num_workers=1, timeout=20, updater_options={"retention": 2}
+        redis_url, namespace=namespace, num_workers=1, timeout=20, retention=2
     )
     trainer = _local_collector(trainer_policy, weight_sync_schemes={"policy": sender})
     # A collector elsewhere: it waits for the trainer's initial weights when it connects.
@@ -274,7 +282,7 @@ def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, names
         assert sender.updater.retention == 2
         # Worker processes get the scheme pickled: config and the first version to wait for.
         clone = pickle.loads(pickle.dumps(sender))
-        assert (clone.url, clone.namespace, clone.updater, clone._initial_version) == (redis_url, namespace, None, 1)
+        assert (clone.url, clone.namespace, clone.updater, clone._start_version) == (redis_url, namespace, None, 1)
     finally:
         worker.shutdown()
         trainer.shutdown()
@@ -303,7 +311,7 @@ def test_receiving_scheme_refuses_a_policy_that_does_not_fit(redis_url: str, nam
 def test_configuration_errors_are_clear(real_store: RedisStore) -> None:
     with pytest.raises(ConfigurationError, match="num_workers"):
         _local_collector(make_policy(), weight_sync_schemes={"policy": RedisWeightSyncScheme(real_store.url)})
-    with pytest.raises(ConfigurationError, match="weight_sync_schemes"):
+    with pytest.raises(ConfigurationError, match="not a TorchRL collector"):
         CollectorWeightReceiver(real_store, 1, object(), policy=make_policy())
     no_url = RedisWeightSyncScheme(RedisStore(real_store.client, real_store.namespace, owns_client=False))
     with pytest.raises(ConfigurationError, match="URL"):
@@ -318,25 +326,6 @@ def _two_worker_collector(cls: type, policy, scheme: RedisWeightSyncScheme):
         [make_env] * 2, policy, frames_per_batch=10, total_frames=-1,
         weight_sync_schemes={"policy": scheme}, track_policy_version=True,
     )  # fmt: skip
-
-
-def test_multisync_collector_workers_receive_through_redis(redis_url: str, namespace: str) -> None:
-    policy = make_policy(1.0)
-    scheme = RedisWeightSyncScheme(redis_url, namespace=namespace, sync=True, timeout=30)
-    collector = _two_worker_collector(MultiSyncCollector, policy, scheme)
-    try:
-        batches = iter(collector)
-        first = next(batches)
-        assert action_values(first) == [1.0] and _versions(first) == [scheme.version]
-        for value in (2.0, 3.0):
-            set_value(policy, value)
-            collector.update_policy_weights_()  # returns when ranks 1 and 2 acked
-            batch = next(batches)
-            assert action_values(batch) == [value] and _versions(batch) == [scheme.version]
-        assert [s.version for s in scheme.updater.workers()] == [scheme.version] * 2
-    finally:
-        collector.shutdown()
-        scheme.shutdown()
 
 
 def test_multiasync_collector_async_scheme(redis_url: str, namespace: str) -> None:
@@ -362,6 +351,93 @@ def test_multiasync_collector_async_scheme(redis_url: str, namespace: str) -> No
         assert len(_versions(batch)) == 1 and action_values(batch) == [value_of[_versions(batch)[0]]]
 
 
+# -- configuration: one options object, namespaces, ranks ---------------------------------------
+def test_options_take_their_defaults_from_the_core_constructors() -> None:
+    import inspect
+
+    from redis_weights import RedisWeightReceiver, RedisWeightUpdater
+    from redis_weights.integrations.torchrl import RedisSyncOptions
+
+    options = RedisSyncOptions()
+    for cls, kwargs in ((RedisWeightUpdater, options.updater_kwargs()), (RedisWeightReceiver, options.receiver_kwargs())):
+        params = inspect.signature(cls.__init__).parameters
+        for name, value in kwargs.items():
+            assert name in params, f"{cls.__name__} has no option {name!r}"
+            default = params[name].default
+            assert value == (dict(default or {}) if name == "metadata" else default), name
+    assert options.first_version_timeout == options.timeout
+    assert RedisSyncOptions.of(connect_timeout=2.0).first_version_timeout == 2.0
+    with pytest.raises(ConfigurationError, match="unknown option.*'timout'"):
+        RedisSyncOptions.of(timout=3)
+    with pytest.raises(ConfigurationError, match="unknown option"):
+        RedisWeightSyncScheme("redis://127.0.0.1:1/0", updater_options={"retention": 2})
+    scheme = RedisWeightSyncScheme("redis://127.0.0.1:1/0", options=RedisSyncOptions(retention=5), sync=False)
+    assert (scheme.options.retention, scheme.sync) == (5, False)
+
+
+def test_scheme_refuses_a_namespace_that_contradicts_its_store(real_store: RedisStore) -> None:
+    with pytest.raises(ConfigurationError, match="contradicts the store's namespace"):
+        RedisWeightSyncScheme(real_store, namespace="other")
+    same = RedisWeightSyncScheme(real_store, namespace=real_store.namespace)
+    assert RedisWeightSyncScheme(real_store).namespace == same.namespace == real_store.namespace
+    clone = pickle.loads(pickle.dumps(same))  # receivers rebuild the store from URL and namespace
+    assert (clone.url, clone.namespace) == (real_store.url, real_store.namespace)
+
+
+def test_default_namespace_comes_from_the_model_id(real_store: RedisStore) -> None:
+    from redis_weights.integrations.torchrl.scheme import namespace_for
+
+    assert namespace_for("policy") == "policy" and namespace_for("env.transform[0]") == "env.transform_0_"
+    value = RedisWeightSyncScheme(real_store.url, num_workers=1, sync=False)
+    assert value.namespace is None
+    value.init_on_sender(model_id=f"value{real_store.namespace}", weights={"w": __import__("torch").ones(1)})
+    try:
+        assert value.namespace == f"value{real_store.namespace}" and value.version == 1
+        assert pickle.loads(pickle.dumps(value)).namespace == value.namespace
+    finally:
+        value.updater.registry.client.delete(*value.updater.registry.client.keys(f"rw:{{{value.namespace}}}:*"))
+        value.shutdown()
+
+
+def test_ranks_from_torchrl_worker_indices(real_store: RedisStore) -> None:
+    """Multi-process workers pass a 0-based index; DistributedCollector nodes their 1-based torch rank."""
+    import torch
+    from torchrl.collectors.distributed import DistributedCollector
+
+    weights = {"w": torch.ones(1)}
+    for context, worker_idx in ((None, 0), (object.__new__(DistributedCollector), 1)):
+        sender = RedisWeightSyncScheme(real_store.url, namespace=real_store.namespace, num_workers=2, sync=False)
+        sender.init_on_sender(model_id="policy", context=context, weights=weights)
+        try:
+            receiver = pickle.loads(pickle.dumps(sender))
+            receiver.init_on_receiver(model_id="policy", worker_idx=worker_idx, model=torch.nn.Linear(1, 1))
+            assert receiver.rank == 1, (type(context).__name__, receiver.rank)
+            offset = pickle.loads(pickle.dumps(sender))
+            offset.rank_offset = 2
+            offset.init_on_receiver(model_id="policy", worker_idx=worker_idx, model=torch.nn.Linear(1, 1))
+            assert offset.rank == 3
+        finally:
+            sender.shutdown()
+
+
+def test_worker_count_from_devices_or_params_map(real_store: RedisStore) -> None:
+    """TorchRL's ``init_on_sender(model=..., devices=[d] * n)`` and ``params_map=`` overloads."""
+    from tensordict import TensorDict
+
+    for kwargs in ({"model": make_policy(1.0), "devices": ["cpu"] * 2},
+                   {"params_map": dict.fromkeys(range(3), TensorDict.from_module(make_policy(1.0)))}):  # fmt: skip
+        scheme = RedisWeightSyncScheme(real_store.url, namespace=real_store.namespace, sync=False)
+        scheme.init_on_sender(model_id="policy", **kwargs)
+        try:
+            assert scheme.num_workers == len(kwargs.get("devices") or kwargs["params_map"])
+            assert scheme.updater.all_worker_ids() == list(range(1, scheme.num_workers + 1))
+        finally:
+            scheme.shutdown()
+    distinct = {i: TensorDict.from_module(make_policy(float(i))) for i in range(2)}
+    with pytest.raises(ConfigurationError, match="different weights per worker"):
+        RedisWeightSyncScheme(real_store.url, namespace=real_store.namespace).init_on_sender(params_map=distinct)
+
+
 def test_the_scheme_and_the_legacy_updater_take_max_lag(redis_url: str, namespace: str,
                                                         real_store: RedisStore) -> None:  # fmt: skip
     """``max_lag`` reaches the core updater (``test_lag.py`` tests it with slow workers), and survives pickling."""
@@ -372,7 +448,7 @@ def test_the_scheme_and_the_legacy_updater_take_max_lag(redis_url: str, namespac
     trainer = _local_collector(make_policy(1.0), weight_sync_schemes={"policy": sender})
     try:
         assert sender.updater.max_lag == 3 and sender.updater.lag_bound == 3
-        assert pickle.loads(pickle.dumps(sender)).max_lag == 3
+        assert pickle.loads(pickle.dumps(sender)).options.max_lag == 3
         trainer.update_policy_weights_()  # nothing within reach of a bound of 3 yet: returns at once
         assert sender.updater.last_push.max_lag == 3
     finally:
