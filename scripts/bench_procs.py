@@ -78,8 +78,22 @@ def first_weight(model: nn.Module) -> torch.Tensor:
     return next(iter(model.state_dict().values())).view(-1)
 
 
+STRIDE = 1024  # elements: one stamped element per 4 KiB of float32
+
+
 def set_marker(model: nn.Module, marker: int) -> None:
+    """Write the push index into the first element of the first weight, and into one element
+    of every 4 KiB a value unique to (push, position): no chunk of a push then equals a chunk
+    of an earlier push or another chunk of the same push, so content-addressed chunks cannot
+    dedup the zero-filled model and the sweep measures dense pushes (exact in float32 while
+    pushes x model bytes / 4 KiB < 2**24)."""
     with torch.no_grad():
+        stamped = [t.view(-1)[::STRIDE] for t in model.state_dict().values()]
+        total = sum(s.numel() for s in stamped)
+        offset = marker * total
+        for s in stamped:
+            s.copy_(torch.arange(offset, offset + s.numel(), dtype=torch.float64))
+            offset += s.numel()
         first_weight(model)[0] = float(marker)
 
 

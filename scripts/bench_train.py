@@ -13,8 +13,7 @@ Workloads (``WORKLOADS``):
   classic   an fp32 MLP policy trained with Adam at lr 3e-4, fp32 wire (almost every element changes)
 
 Systems (``TRAIN_SYSTEMS``):
-  rw-dense  this project, ``wire_dtype`` and ``delta=False`` (before the library had
-            ``wire_dtype``: the trainer's own wire-dtype copy, pushed as is)
+  rw-dense  this project, ``wire_dtype`` and ``delta=False`` (content addressing alone)
   rw-delta  this project, ``wire_dtype`` and ``delta=True``
   torchrl   TorchRL's ``DistributedWeightUpdater`` pushing the trainer's wire-dtype copy
 
@@ -25,7 +24,6 @@ the table and the targets in ``scripts/bench.py``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -244,20 +242,6 @@ def wire_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def library_options() -> set[str]:
-    """The keyword options this checkout's ``RedisWeightUpdater`` accepts."""
-    from redis_weights import RedisWeightUpdater
-
-    return set(inspect.signature(RedisWeightUpdater).parameters)
-
-
-def skip_reason(system: str) -> str | None:
-    """Why ``system`` cannot run with this checkout of the library (None: it can)."""
-    if system == "rw-delta" and not {"wire_dtype", "delta"} <= library_options():
-        return "needs wire_dtype/delta (this RedisWeightUpdater has neither option)"
-    return None
-
-
 # ---------------------------------------------------------------------------------------
 # The push, per system
 # ---------------------------------------------------------------------------------------
@@ -270,19 +254,14 @@ class Pusher:
     close: Callable[[], None]
 
 
-def rw_pusher(args: argparse.Namespace, system: str, trainer: Trainer, wire: WireCopy, ranks: list[int]) -> Pusher:
+def rw_pusher(args: argparse.Namespace, system: str, trainer: Trainer, ranks: list[int]) -> Pusher:
+    """This project: the fp32 master weights, cast by the updater to the workload's wire dtype."""
     from redis_weights import RedisStore, RedisWeightUpdater
 
     store = RedisStore.from_url(args.url, args.namespace)
-    options: dict[str, Any] = {}
-    weights: nn.Module = trainer.model
-    if {"wire_dtype", "delta"} <= library_options():
-        options["delta"] = system == "rw-delta"
-        if trainer.workload.wire != torch.float32:
-            options["wire_dtype"] = trainer.workload.wire
-    elif trainer.workload.wire != torch.float32:
-        weights = wire.model  # no wire_dtype in the library yet: push the trainer's own cast
-    updater = RedisWeightUpdater(store, weights, len(ranks), sync=True, retention=1, timeout=600, **options)
+    wire_dtype = None if trainer.workload.wire == torch.float32 else trainer.workload.wire
+    updater = RedisWeightUpdater(store, trainer.model, len(ranks), sync=True, retention=1, timeout=600,
+                                 wire_dtype=wire_dtype, delta=system == "rw-delta")  # fmt: skip
     encode = PhaseTimer(updater)
     return Pusher(updater.update_weights, encode.take, updater.close)
 
@@ -372,7 +351,7 @@ def run_trainer(args: argparse.Namespace) -> None:
     wire = WireCopy(args, workload, trainer.model)
     ranks = list(range(1, args.workers + 1))
     pusher = torchrl_pusher(args, wire, ranks) if args.system == "torchrl" else rw_pusher(
-        args, args.system, trainer, wire, ranks)
+        args, args.system, trainer, ranks)
     info = None if args.system == "torchrl" else redis.Redis.from_url(args.url)
     pushes: list[dict[str, Any]] = []
     wait_for_file(args.go)

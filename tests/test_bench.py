@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts import bench, bench_train
+from scripts import bench, bench_procs, bench_train
 from scripts.bench_procs import RW_SYSTEMS, SYSTEMS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,7 +207,7 @@ def test_workload_targets_of_synthetic_rows():
         {**base, "workload": "classic", "lr": 3e-4, "system": "rw-delta", "workers": 4, "push_s": 1.02},
         {**base, "workload": "classic", "lr": 3e-4, "system": "rw-dense", "workers": 4, "push_s": 1.0,
          "verified": False},
-        {"workload": "classic", "lr": 3e-4, "system": "torchrl", "workers": 4, "skipped": "why"},
+        {"workload": "classic", "lr": 3e-4, "system": "torchrl", "workers": 4, "error": "ConnectionError: x; logs"},
     ]
     found = {t["target"].split(":")[0]: t for t in bench.workload_targets(rows)}
     assert (found["finetune lr 1e-06 rw-delta x4"]["ratio"], found["finetune lr 1e-06 rw-delta x4"]["met"]) == (
@@ -221,7 +221,7 @@ def test_workload_targets_of_synthetic_rows():
     unverified = next(t for t in found.values() if t["target"].startswith("rows where"))
     assert (unverified["ratio"], unverified["met"]) == (1, False)
     table = bench.workload_table(rows)
-    assert "| classic | 0.0003 | 4 | torchrl | skipped: why |" in table and "| NO |" in table
+    assert "| classic | 0.0003 | 4 | torchrl | failed: ConnectionError: x |" in table and "| NO |" in table
 
 
 @pytest.mark.server
@@ -230,41 +230,56 @@ def test_workloads_train_between_pushes_and_every_worker_proves_the_bytes(tmp_pa
     server = server_factory()
     out = tmp_path / "w.json"
     code = bench.main(["--workloads", "finetune,frozen,classic", "--lrs", "1e-6", "--workers", "1",
-                       "--systems", "rw-dense,rw-delta", "--repeats-train", "2", "--url", server.url,
+                       "--systems", "rw-delta", "--repeats-train", "2", "--url", server.url,
                        "--out", str(out), "--timeout", "120", *TINY_MODEL])
     assert code == 0
     doc = json.loads(out.read_text())
-    rows = {(r["workload"], r["system"]): r for r in doc["workload_rows"]}
-    assert set(rows) == {(w, s) for w in ("finetune", "frozen", "classic") for s in ("rw-dense", "rw-delta")}
+    rows = {r["workload"]: r for r in doc["workload_rows"]}
+    assert set(rows) == {"finetune", "frozen", "classic"} and {r["system"] for r in rows.values()} == {"rw-delta"}
     assert doc["rows"] == []  # workloads only: no size sweep
-    for key, r in rows.items():
-        if r.get("skipped"):  # a checkout whose updater has no delta option yet
-            assert key[1] == "rw-delta" and bench_train.skip_reason("rw-delta") == r["skipped"], key
-            continue
-        assert r["error"] is None and r["verified"], (key, r)
-        assert r["repeats"] == 2 and len(r["push_s_all"]) == 2, key
-        for name in ("push_s", "apply_s", "train_s", "bytes_in", "bytes_out", "changed", "wire_bytes"):
-            assert positive(r[name]), (key, name, r[name])
-        assert r["changed"] <= 1 and r["bytes_in"] <= 2 * r["first_bytes_in"], key
-    assert rows["classic", "rw-dense"]["changed"] > 0.9  # fp32 Adam at lr 3e-4: almost every element
-    assert rows["finetune", "rw-dense"]["changed"] < 0.5
-    frozen = rows["frozen", "rw-dense"]
-    assert frozen["trainable"] < frozen["params"] and frozen["changed"] < rows["finetune", "rw-dense"]["changed"]
+    for name, r in rows.items():
+        assert r["error"] is None and r["verified"], (name, r)
+        assert r["repeats"] == 2 and len(r["push_s_all"]) == 2, name
+        for key in ("push_s", "apply_s", "train_s", "encode_s", "bytes_in", "bytes_out", "changed", "wire_bytes"):
+            assert positive(r[key]), (name, key, r[key])
+        assert r["changed"] <= 1 and r["bytes_in"] <= 2 * r["first_bytes_in"], name
+    assert rows["classic"]["changed"] > 0.9  # fp32 Adam at lr 3e-4: almost every element
+    assert rows["finetune"]["changed"] < 0.5
+    assert rows["finetune"]["wire_bytes"] * 2 == 4 * rows["finetune"]["params"]  # bf16 on the wire, fp32 master
+    frozen = rows["frozen"]
+    assert frozen["trainable"] < frozen["params"] and frozen["changed"] < rows["finetune"]["changed"]
     printed = capsys.readouterr().out
     assert bench.workload_table(doc["workload_rows"]) in printed
-    assert "rows where a worker did not hold the trainer's wire bytes after a push" in printed
+    assert "rows where a worker did not hold the trainer's wire bytes after a push (3 rows ran): 0" in printed
 
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_the_torchrl_peer_of_a_workload_pushes_the_wire_copy(tmp_path, server_factory):
+def test_the_dense_and_torchrl_peers_push_the_same_trajectory(tmp_path, server_factory):
     pytest.importorskip("torchrl")
     server = server_factory()
     out = tmp_path / "w.json"
-    code = bench.main(["--workloads", "finetune", "--lrs", "1e-6", "--workers", "2", "--systems", "torchrl",
+    code = bench.main(["--workloads", "finetune", "--lrs", "1e-6", "--workers", "2", "--systems", "rw-dense,torchrl",
                        "--repeats-train", "2", "--url", server.url, "--out", str(out), "--timeout", "120",
                        *TINY_MODEL])
     assert code == 0
-    (row,) = json.loads(out.read_text())["workload_rows"]
-    assert row["verified"] and row["bytes_in"] is None and positive(row["push_s"]) and positive(row["apply_s"])
-    assert positive(row["encode_s"])  # the cast to the wire dtype
+    dense, peer = json.loads(out.read_text())["workload_rows"]
+    assert (dense["system"], peer["system"]) == ("rw-dense", "torchrl")
+    assert dense["verified"] and peer["verified"]
+    assert dense["changed"] == peer["changed"]  # the same seed: the same weights pushed, push by push
+    assert peer["bytes_in"] is None and positive(peer["push_s"]) and positive(peer["apply_s"])
+    assert positive(peer["encode_s"])  # the cast to the wire dtype
+    assert dense["bytes_out"] >= 2 * dense["bytes_in"] * 0.9  # both workers read what was written
+
+
+def test_the_sweep_stamps_every_4_kib_so_no_chunk_repeats():
+    """Content-addressed chunks must not dedup the sweep's zero-filled model: it measures dense pushes."""
+    model = bench_procs.bench_model(1 << 20)
+    seen: set[bytes] = set()
+    for marker in (1, 2):
+        bench_procs.set_marker(model, marker)
+        assert bench_procs.get_marker(model) == marker
+        blob = b"".join(t.numpy().tobytes() for t in model.state_dict().values())
+        pieces = [blob[i:i + 8192] for i in range(0, len(blob) - 8191, 8192)]
+        assert len(set(pieces)) == len(pieces) and not seen & set(pieces)
+        seen |= set(pieces)
