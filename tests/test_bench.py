@@ -131,6 +131,23 @@ def test_readme_shows_the_committed_results():
     assert bench.table(doc["rows"]) in section
 
 
+def test_readme_and_docs_show_the_committed_workload_run():
+    """The issue-11 table and targets in the README and docs/benchmarks.md are ``--report`` output of
+    ``docs/bench/workloads.json``, a run at full size where every row is bit-exact."""
+    doc = json.loads(WORKLOAD_RESULTS.read_text())
+    rows = doc["workload_rows"]
+    assert rows and all(r["verified"] for r in rows)
+    assert {r["params"] for r in rows if r["workload"] != "classic"} == {260347904}  # >= 250M, bf16 >= 500 MB
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n### Training workloads"):]
+    section = section[: section.index("\n## ", 1)]
+    docs = (REPO / "docs" / "benchmarks.md").read_text()
+    for text in (section, docs):
+        assert bench.workload_table(rows) in text
+        for target in bench.workload_targets(rows):
+            assert bench.target_line(target) in text
+
+
 # ---------------------------------------------------------------------------------------
 # Training workloads (issue 11)
 # ---------------------------------------------------------------------------------------
