@@ -372,6 +372,35 @@ def run_trainer(args: argparse.Namespace) -> None:
     )
 
 
+def torchrl_trainer(
+    args: argparse.Namespace, model: nn.Module, ranks: list[int]
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """TorchRL's trainer side: a ``DistributedWeightUpdater`` (sync) over gloo sending
+    ``model``'s weights to ``ranks``; (push, shutdown the workers and the process group)."""
+    import warnings
+
+    from tensordict import TensorDict
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from torchrl.collectors.distributed.generic import DistributedWeightUpdater
+
+    store = torchrl_init(args, 0, len(ranks) + 1)
+    weights = TensorDict.from_module(model)
+    updater = DistributedWeightUpdater(store, weights, num_workers=len(ranks), sync=True)
+
+    def push() -> None:
+        updater.push_weights(weights)
+
+    def shutdown() -> None:
+        for rank in ranks:
+            store.set(f"NODE_{rank}_in", b"shutdown")
+        for rank in ranks:
+            store.get(f"NODE_{rank}_out")
+        torch.distributed.destroy_process_group()
+
+    return push, shutdown
+
+
 def make_pusher(args: argparse.Namespace, model: nn.Module, ranks: list[int]) -> tuple[Any, Callable[[], None]]:
     """(push, finish): ``push()`` is what the trainer blocks on, ``finish()`` waits for every ack."""
     nothing: Callable[[], None] = lambda: None  # noqa: E731
@@ -431,27 +460,7 @@ def make_pusher(args: argparse.Namespace, model: nn.Module, ranks: list[int]) ->
 
         return push_naive, nothing
     if args.system == "torchrl":
-        import warnings
-
-        from tensordict import TensorDict
-
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        from torchrl.collectors.distributed.generic import DistributedWeightUpdater
-
-        store = torchrl_init(args, 0, len(ranks) + 1)
-        weights = TensorDict.from_module(model)
-        updater = DistributedWeightUpdater(store, weights, num_workers=len(ranks), sync=True)
-
-        def push_torchrl() -> None:
-            updater.push_weights(weights)
-
-        def shutdown() -> None:
-            for rank in ranks:
-                store.set(f"NODE_{rank}_in", b"shutdown")
-            for rank in ranks:
-                store.get(f"NODE_{rank}_out")
-            torch.distributed.destroy_process_group()
-
+        push_torchrl, shutdown = torchrl_trainer(args, model, ranks)
         push_torchrl.close = shutdown  # type: ignore[attr-defined]
         return push_torchrl, nothing
     raise SystemExit(f"unknown system {args.system}")

@@ -299,27 +299,11 @@ class PhaseTimer:
 
 
 def torchrl_pusher(args: argparse.Namespace, wire: WireCopy, ranks: list[int]) -> Pusher:
-    import warnings
+    """TorchRL's updater sending the trainer's wire-dtype copy (its encode: the cast, timed by the caller)."""
+    from scripts.bench_procs import torchrl_trainer
 
-    from tensordict import TensorDict
-
-    from scripts.bench_procs import torchrl_init
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from torchrl.collectors.distributed.generic import DistributedWeightUpdater
-
-    store = torchrl_init(args, 0, len(ranks) + 1)
-    weights = TensorDict.from_module(wire.model)
-    updater = DistributedWeightUpdater(store, weights, num_workers=len(ranks), sync=True)
-
-    def shutdown() -> None:
-        for rank in ranks:
-            store.set(f"NODE_{rank}_in", b"shutdown")
-        for rank in ranks:
-            store.get(f"NODE_{rank}_out")
-        torch.distributed.destroy_process_group()
-
-    return Pusher(lambda: updater.push_weights(weights), lambda: None, shutdown)
+    push, shutdown = torchrl_trainer(args, wire.model, ranks)
+    return Pusher(push, lambda: None, shutdown)
 
 
 # ---------------------------------------------------------------------------------------
