@@ -16,6 +16,7 @@ and the values are copied into ``target``.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ import redis
 from .deployment import Deployment, RawConnection
 from .manifest import Buffer
 
-_ROUND_BYTES = 64 * 1024 * 1024  # default bytes of replies per round trip (bounds Redis's output buffer)
+ROUND_BYTES = 64 * 1024 * 1024  # default bytes of replies per round trip (bounds Redis's output buffer)
 _READ_SIZE = 1 << 16
 
 
@@ -87,7 +88,7 @@ def read_values_into(
     keys: Sequence[str],
     sizes: Sequence[int],
     target: memoryview,
-    round_bytes: int = _ROUND_BYTES,
+    round_bytes: int = ROUND_BYTES,
 ) -> list[Buffer | None]:
     """GET ``keys``; value i, if it has ``sizes[i]`` bytes, lands at its offset in ``target``.
 
@@ -104,8 +105,11 @@ def read_values_into(
             return _read_copying(deployment.client, keys, offsets, target)
         try:
             return _read_direct(deployment.client, raw, keys, offsets, target, round_bytes)
-        except OSError as exc:  # socket timeout or reset: what redis-py would raise
-            raise redis.exceptions.ConnectionError(f"reading chunks failed: {exc}") from exc
+        except OSError as exc:
+            if exc.errno == errno.EFAULT:  # the kernel could not write into ``target``: not the network's fault
+                raise OSError(exc.errno, f"the chunks cannot be written into the receive buffer ({exc.strerror}; "
+                                         "a memory-mapped file on a full filesystem?)") from exc  # fmt: skip
+            raise redis.exceptions.ConnectionError(f"reading chunks failed: {exc}") from exc  # timeout, reset
 
 
 def _send_round(client: redis.Redis, raw: RawConnection, keys: Sequence[str]) -> None:

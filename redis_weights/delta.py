@@ -6,8 +6,11 @@ manifest entries that reach each of its chunks. For a new push, per chunk:
 
 * unchanged id: the previous entry again (stored chunk, or the same chain);
 * a changed chunk whose bytes Redis already stores (frozen layers, a revert): stored;
-* otherwise ``patch.encode_patch(previous, new)``: when the patch is smaller than the
-  chunk, the previous entry's chain plus one step; else the chunk is stored whole.
+* otherwise ``patch.encode_patch(previous, new)``: when the patch is at most
+  ``keyframe_fraction`` of the chunk, the previous entry's chain plus one step; else the
+  chunk is stored whole (a patch that large would make the version a keyframe soon
+  anyway, and ``encode_patch`` gives up on such a chunk after a 128 KiB sample: a dense
+  fp32 step costs next to nothing to detect).
 
 A version is a keyframe (every chunk stored whole) when there is no previous
 version of the same layout, every ``keyframe_interval`` versions, or sooner when the
@@ -80,7 +83,11 @@ class DeltaPlanner:
         patches: dict[str, bytes] = {}
         assert self._buffer is not None
         offset = 0
+        budget = self.keyframe_fraction * encoded.total_bytes  # chain bytes beyond it: a keyframe
+        chain_bytes = 0
         for index, (new_id, old) in enumerate(zip(ids, prev.chunks, strict=True)):
+            if chain_bytes > budget:  # decided already: stop diffing the rest
+                return encoded.manifest(version, keyframe=version, **fields), {}
             size = min(encoded.chunk_size, encoded.total_bytes - offset)
             base = self._buffer[offset : offset + size]
             offset += size
@@ -94,8 +101,8 @@ class DeltaPlanner:
             elif len(old.steps) >= MAX_CHAIN:
                 entries.append(ChunkEntry(new_id))
             else:
-                entries.append(self._patched(encoded, index, base, old, itemsize, patches))
-        chain_bytes = sum(s.size for e in entries for s in e.steps)
+                entries.append(self._patched(encoded, index, base, old, itemsize, patches, self.keyframe_fraction))
+            chain_bytes += sum(s.size for s in entries[-1].steps)
         if all(e.base is None for e in entries) or chain_bytes > self.keyframe_fraction * encoded.total_bytes:
             return encoded.manifest(version, keyframe=version, **fields), {}
         manifest = encoded.manifest(
@@ -105,13 +112,19 @@ class DeltaPlanner:
 
     @staticmethod
     def _patched(
-        encoded: Encoded, index: int, base: np.ndarray, old: ChunkEntry, itemsize: int, patches: dict[str, bytes]
+        encoded: Encoded,
+        index: int,
+        base: np.ndarray,
+        old: ChunkEntry,
+        itemsize: int,
+        patches: dict[str, bytes],
+        max_ratio: float,
     ) -> ChunkEntry:
         from .patch import encode_patch  # numpy-only; needed by delta pushes alone
 
         new_id = encoded.ids[index]
         data, _ = encoded.chunk(index)
-        patch = encode_patch(memoryview(base), data, itemsize)
+        patch = encode_patch(memoryview(base), data, itemsize, max_ratio=max_ratio)
         if patch is None or len(patch) >= len(data):  # a patch that is not smaller is not used
             return ChunkEntry(new_id)
         patch_id = checksum(patch)

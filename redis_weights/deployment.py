@@ -44,6 +44,7 @@ _PACKER_BUFFER_CUTOFF = 6000  # redis-py's own cutoff: smaller args are joined, 
 _SCHEMES = ("redis://", "rediss://", "unix://")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 _SPECIAL = re.compile(r"[#?/@:]")
+_UNENCODED = re.compile(r"[#?/]")  # characters that end a URL's host part: never inside its credentials
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,6 +123,14 @@ def client_from_url(url: str, **overrides: Any) -> redis.Redis:
     if not isinstance(url, str) or not url.startswith(_SCHEMES):
         raise ConfigurationError(
             f"unsupported Redis URL {redacted(url)!r}: expected redis://, rediss:// or unix://"
+        )
+    start, end = _credentials(url)
+    if end >= 0 and _UNENCODED.search(url, start, end):
+        # The URL ends its host part at the first of them, so a piece of the password would be
+        # taken for the host or the port, and show in every later message ("cannot reach user:1234").
+        raise ConfigurationError(
+            f"invalid Redis URL {redacted(url)!r}: percent-encode '#', '?' and '/' in a user or password "
+            "(%23, %3F, %2F), and '@' anywhere after the host (%40)"
         )
     try:
         database = urlsplit(redacted(url)).path.strip("/")  # the credentials, redacted, cannot hold a '/'

@@ -4,7 +4,11 @@ Each check returns a ``Finding``: a level (``ok``, ``warn`` or ``unsafe``), what
 was seen and how to fix it. ``redis-weights doctor`` prints them; the updater and
 receiver call ``ensure_server`` at start-up: one ``ConfigurationError`` for a server
 that cannot be reached, refuses the credentials, can silently evict the chunks of a
-live version, or denies the namespace's rights.
+live version, denies the namespace's rights, or has a limit that cuts every chunk
+transfer (``proto-max-bulk-len``, ``client-query-buffer-limit`` for a trainer's
+chunk size; ``client-output-buffer-limit`` for a worker's fetches). When a
+connection is cut in the middle of a transfer, ``explain_lost_connection`` says
+which of those limits is the likely cause, so errors name it.
 
 Only read-only commands are sent (INFO, CONFIG GET, ACL WHOAMI/DRYRUN, a
 SUBSCRIBE that is undone at once), plus a SET/GET/DEL of one short-lived probe
@@ -28,6 +32,7 @@ from typing import Any
 
 import redis
 
+from .bulkread import ROUND_BYTES
 from .deployment import Deployment
 from .errors import ConfigurationError
 from .keys import Keys
@@ -43,6 +48,7 @@ LEVELS = (OK, WARN, UNSAFE)
 MIN_VERSION = (6, 2, 0)  # COPY (rollback), GETDEL, ACL channel rules
 RECOMMENDED_VERSION = (7, 0, 0)  # ACL DRYRUN, &channel permissions, multi-part AOF
 MEMORY_HEADROOM = 0.9  # warn above 90 % of maxmemory
+_CANNOT_READ = "cannot read"  # how a finding that could not see the setting begins
 
 
 class UnsafeServerError(ConfigurationError):
@@ -148,8 +154,8 @@ def check_eviction(client: redis.Redis) -> Finding:
                        f"policy {policy} with {limit}: Redis may silently evict chunks of a live version",
                        "CONFIG SET maxmemory-policy noeviction (and in redis.conf), or keep weights "
                        "on an instance of their own")
-    if maxmemory and info and "used_memory" in info:
-        used = int(info["used_memory"])
+    used = parse_int(info.get("used_memory"), minimum=0) if info else None
+    if maxmemory and used is not None:
         if used > MEMORY_HEADROOM * maxmemory:
             return Finding("maxmemory-policy", WARN,
                            f"policy {policy}, {human_bytes(used)} used of {limit}: the next push may be refused (OOM)",
@@ -158,12 +164,11 @@ def check_eviction(client: redis.Redis) -> Finding:
 
 
 def check_bulk_len(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Finding:
-    """``proto-max-bulk-len`` must admit one chunk."""
-    raw = _config(client, "proto-max-bulk-len")
-    if raw is None or not raw.isdigit():
-        return Finding("proto-max-bulk-len", WARN, "cannot read proto-max-bulk-len (CONFIG GET refused)",
+    """``proto-max-bulk-len`` must admit one chunk (Redis cuts the connection of a longer SET)."""
+    limit = parse_int(_config(client, "proto-max-bulk-len"), minimum=0)
+    if limit is None:
+        return Finding("proto-max-bulk-len", WARN, f"{_CANNOT_READ} proto-max-bulk-len (CONFIG GET refused)",
                        f"make sure proto-max-bulk-len is at least the chunk size ({human_bytes(chunk_size)})")
-    limit = int(raw)
     if limit < chunk_size:
         return Finding("proto-max-bulk-len", UNSAFE,
                        f"proto-max-bulk-len {human_bytes(limit)} is below the chunk size {human_bytes(chunk_size)}: "
@@ -172,21 +177,73 @@ def check_bulk_len(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
     return Finding("proto-max-bulk-len", OK, f"{human_bytes(limit)} (chunks of {human_bytes(chunk_size)} fit)")
 
 
+def check_query_buffer(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Finding:
+    """``client-query-buffer-limit`` must admit one chunk's SET (Redis cuts the connection of a longer one)."""
+    limit = parse_int(_config(client, "client-query-buffer-limit"), minimum=0)
+    if limit is None:
+        return Finding("client-query-buffer-limit", WARN, f"{_CANNOT_READ} client-query-buffer-limit (CONFIG GET refused)",
+                       f"make sure client-query-buffer-limit is above the chunk size ({human_bytes(chunk_size)})")
+    if limit <= chunk_size:
+        return Finding("client-query-buffer-limit", UNSAFE,
+                       f"client-query-buffer-limit {human_bytes(limit)} does not exceed the chunk size "
+                       f"{human_bytes(chunk_size)}: Redis cuts the connection of every push",
+                       f"CONFIG SET client-query-buffer-limit 1gb, or use chunk_size < {limit}")
+    return Finding("client-query-buffer-limit", OK, f"{human_bytes(limit)} (chunks of {human_bytes(chunk_size)} fit)")
+
+
+def output_buffer_limits(client: redis.Redis) -> tuple[int, int] | None:
+    """``(hard, soft)`` bytes of ``client-output-buffer-limit`` for normal clients (0: no limit);
+    None when it cannot be read or does not parse."""
+    raw = _config(client, "client-output-buffer-limit")
+    words = (raw or "").split()
+    for i in range(0, len(words) - 3, 4):
+        if words[i] == "normal":
+            hard, soft = (parse_int(w, minimum=0) for w in words[i + 1 : i + 3])
+            return (hard, soft) if hard is not None and soft is not None else None
+    return None
+
+
+def check_output_buffer(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Finding:
+    """``client-output-buffer-limit`` for normal clients must let a worker's fetch through.
+
+    Redis disconnects a client whose pending replies exceed the hard limit (or stay
+    above the soft one): below one chunk every fetch is cut; below a fetch round
+    (``bulkread.ROUND_BYTES`` of pipelined replies) fetches of big models may be.
+    """
+    check, fix = "client-output-buffer-limit", "CONFIG SET client-output-buffer-limit 'normal 0 0 0' (Redis's default)"
+    limits = output_buffer_limits(client)
+    if limits is None:
+        return Finding(check, WARN, f"{_CANNOT_READ} client-output-buffer-limit (CONFIG GET refused)",
+                       "make sure the normal class has no limit ('normal 0 0 0', the default)")
+    hard, soft = limits
+    lowest = min((x for x in limits if x), default=0)
+    if not lowest:
+        return Finding(check, OK, "no limit for normal clients")
+    what = f"client-output-buffer-limit for normal clients is {human_bytes(hard)} (hard), {human_bytes(soft)} (soft)"
+    if lowest < chunk_size:
+        return Finding(check, UNSAFE, f"{what}, below the chunk size {human_bytes(chunk_size)}: Redis cuts every "
+                                      "worker's fetch", fix)  # fmt: skip
+    if lowest < ROUND_BYTES:
+        return Finding(check, WARN, f"{what}, below the {human_bytes(ROUND_BYTES)} of replies a worker's fetch "
+                                    "may have in flight: fetches of big models may be cut", fix)  # fmt: skip
+    return Finding(check, OK, what)
+
+
 def check_persistence(client: redis.Redis) -> Finding:
     """RDB/AOF: without persistence a restart loses every version; a failing save stops writes."""
     info = _info(client, "persistence")
     if info is None:
         return Finding("persistence", WARN, "INFO persistence is not allowed for this user",
                        "check by hand that the last RDB/AOF write succeeded")
-    if str(info.get("rdb_last_bgsave_status", "ok")) != "ok":
+    if text(info.get("rdb_last_bgsave_status", "ok")) != "ok":
         stop = _config(client, "stop-writes-on-bgsave-error")
         level = UNSAFE if stop in (None, "yes") else WARN
         return Finding("persistence", level, "the last RDB save failed: Redis refuses writes until one succeeds",
                        "fix the disk (space, permissions of 'dir'), then BGSAVE")
-    if int(info.get("aof_enabled", 0)) and str(info.get("aof_last_write_status", "ok")) != "ok":
+    aof = bool(parse_int(info.get("aof_enabled", 0)))
+    if aof and text(info.get("aof_last_write_status", "ok")) != "ok":
         return Finding("persistence", UNSAFE, "the last AOF write failed: Redis refuses writes",
                        "fix the disk (space, permissions of 'dir')")
-    aof = bool(int(info.get("aof_enabled", 0)))
     save = _config(client, "save")
     rdb = bool(save and save.strip())
     if not aof and not rdb and save is not None:
@@ -200,78 +257,94 @@ def check_persistence(client: redis.Redis) -> Finding:
 
 # Commands whose rights the library needs, key/channel arguments in place. ``worker``: every
 # process needs them (fetch, ack, heartbeat, wake-ups); the rest only trainers and admin tools
-# (allocate, commit, retention, rollback).
-_WORKER, _TRAINER = "worker", "trainer"
+# (allocate, commit, retention, rollback, the sync wait's reads).
+WORKER, TRAINER = "worker", "trainer"
 
 
 def _needed_commands(keyspace: Keys) -> list[tuple[str, list[str], str]]:
     chunk = keyspace.chunk("0" * 32)
     return [
-        ("GET", [keyspace.latest], _WORKER),
-        ("GET", [chunk], _WORKER),
-        ("MGET", [keyspace.rank_status(1), keyspace.rank_version(1)], _WORKER),
-        ("SET", [keyspace.rank_alive(1), "x"], _WORKER),
-        ("EVALSHA", ["0" * 40, "1", keyspace.latest], _WORKER),
-        ("SCRIPT", ["LOAD", "return 1"], _WORKER),
-        ("SUBSCRIBE", [keyspace.updates_channel, keyspace.acks_channel], _WORKER),
-        ("PUBLISH", [keyspace.acks_channel, "0"], _WORKER),
-        ("SET", [chunk, "x"], _TRAINER),
-        ("PUBLISH", [keyspace.updates_channel, "0"], _TRAINER),
-        ("ZRANGE", [keyspace.versions, "0", "-1"], _TRAINER),
-        ("ZREM", [keyspace.versions, "1"], _TRAINER),
-        ("EXISTS", [chunk], _TRAINER),
-        ("DEL", [chunk], _TRAINER),
-        ("SCAN", ["0", "MATCH", keyspace.chunk_pattern], _TRAINER),
+        ("GET", [keyspace.latest], WORKER),
+        ("GET", [chunk], WORKER),
+        ("MGET", [keyspace.rank_status(1), keyspace.rank_version(1)], WORKER),
+        ("SET", [keyspace.rank_alive(1), "x"], WORKER),
+        ("PEXPIRE", [keyspace.rank_alive(1), "1000"], WORKER),
+        ("EXISTS", [keyspace.rank_version(1)], WORKER),
+        ("EVALSHA", ["0" * 40, "1", keyspace.latest], WORKER),
+        ("SCRIPT", ["LOAD", "return 1"], WORKER),
+        ("SUBSCRIBE", [keyspace.updates_channel, keyspace.acks_channel], WORKER),
+        ("PUBLISH", [keyspace.acks_channel, "0"], WORKER),
+        ("SET", [chunk, "x"], TRAINER),
+        ("PUBLISH", [keyspace.updates_channel, "0"], TRAINER),
+        ("ZRANGE", [keyspace.versions, "0", "-1"], TRAINER),
+        ("ZREM", [keyspace.versions, "1"], TRAINER),
+        ("EXISTS", [chunk], TRAINER),
+        ("DEL", [chunk], TRAINER),
+        ("SCAN", ["0", "MATCH", keyspace.chunk_pattern], TRAINER),
+        ("PTTL", [keyspace.rank_alive(1)], TRAINER),
+        ("PEXPIRE", [keyspace.stall_probe, "1"], TRAINER),
     ]
 
 
-def check_acl(client: redis.Redis, keyspace: Keys) -> Finding:
+def _user(client: redis.Redis) -> str:
+    """The user this client is logged in as: ``ACL WHOAMI``, else the user name it was given
+    (a user may lack the right to WHOAMI), else ``default`` (AUTH with a password alone)."""
+    try:
+        return text(client.execute_command("ACL", "WHOAMI"))
+    except redis.exceptions.ResponseError:
+        name = client.connection_pool.connection_kwargs.get("username")
+        return text(name) if name else "default"
+
+
+def check_acl(client: redis.Redis, keyspace: Keys, role: str = WORKER) -> Finding:
     """Rights of the connected user on the namespace's keys, scripts and channels.
 
     Missing a right every process needs is ``unsafe``; missing only what trainers
-    and admin tools need (a worker-only user) is a ``warn``.
+    and admin tools need is ``unsafe`` for ``role="trainer"`` (its retention and
+    commits would fail) and a ``warn`` otherwise (a worker-only user is fine).
     """
+    user = _user(client)
+    denied: dict[str, list[str]] = {WORKER: [], TRAINER: []}
     try:
-        user = text(client.execute_command("ACL", "WHOAMI"))
-    except redis.exceptions.ResponseError:
-        user = "default"
-    denied: dict[str, list[str]] = {_WORKER: [], _TRAINER: []}
-    try:
-        for name, args, role in _needed_commands(keyspace):
+        for name, args, needed_by in _needed_commands(keyspace):
             reply = text(client.execute_command("ACL", "DRYRUN", user, name, *args))
             if reply != "OK":
-                denied[role].append(f"{name}: {reply}")
+                denied[needed_by].append(f"{name}: {reply}")
     except redis.exceptions.ResponseError as exc:  # no right to ACL DRYRUN (or Redis < 7): probe
         log.debug("ACL DRYRUN refused (%s); probing instead", exc)
-        denied = {_WORKER: _probe_rights(client, keyspace), _TRAINER: []}
+        denied = _probe_rights(client, keyspace)
     ns = keyspace.namespace
     patterns = " ".join(f"~{p}" for p in keyspace.acl_key_patterns)
     rights = "+@read +@write +@scripting +@pubsub +@connection +info"
     fix = f"ACL SETUSER {user} {patterns} &{keyspace.acl_pattern} {rights}"
-    if denied[_WORKER]:
-        return Finding("acl", UNSAFE, f"user {user!r} lacks rights: " + "; ".join(denied[_WORKER] + denied[_TRAINER]),
+    if denied[WORKER] or (role == TRAINER and denied[TRAINER]):
+        return Finding("acl", UNSAFE, f"user {user!r} lacks rights: " + "; ".join(denied[WORKER] + denied[TRAINER]),
                        fix)  # fmt: skip
-    if denied[_TRAINER]:
+    if denied[TRAINER]:
         return Finding("acl", WARN, f"user {user!r} can run a worker but not a trainer or admin tool: "
-                                    + "; ".join(denied[_TRAINER]), fix)  # fmt: skip
+                                    + "; ".join(denied[TRAINER]), fix)  # fmt: skip
     return Finding("acl", OK, f"user {user!r} may read, write, run scripts and use the channels of namespace {ns!r}")
 
 
-def _probe_rights(client: redis.Redis, keyspace: Keys) -> list[str]:
-    """Try the commands for real on a probe key that expires by itself, and SUBSCRIBE for a moment."""
+def _probe_rights(client: redis.Redis, keyspace: Keys) -> dict[str, list[str]]:
+    """Try the commands for real, on keys where they change nothing (a probe key that expires
+    by itself, a member the version set never holds), and SUBSCRIBE for a moment."""
     probe = keyspace.probe
-    denied: list[str] = []
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("SET", lambda: client.set(probe, b"1", px=10_000)),
-        ("GET", lambda: client.get(probe)),
-        ("EVAL", lambda: client.eval("return redis.call('GET', KEYS[1])", 1, probe)),
-        ("DEL", lambda: client.delete(probe)),
+    denied: dict[str, list[str]] = {WORKER: [], TRAINER: []}
+    steps: list[tuple[str, str, Callable[[], Any]]] = [
+        ("SET", WORKER, lambda: client.set(probe, b"1", px=10_000)),
+        ("GET", WORKER, lambda: client.get(probe)),
+        ("PEXPIRE", WORKER, lambda: client.pexpire(probe, 10_000)),
+        ("EVAL", WORKER, lambda: client.eval("return redis.call('GET', KEYS[1])", 1, probe)),
+        ("PTTL", TRAINER, lambda: client.pttl(probe)),
+        ("ZREM", TRAINER, lambda: client.zrem(keyspace.versions, "doctor-probe")),
+        ("DEL", TRAINER, lambda: client.delete(probe)),
     ]
-    for name, step in steps:
+    for name, needed_by, step in steps:
         try:
             step()
         except redis.exceptions.ResponseError as exc:
-            denied.append(f"{name}: {exc}")
+            denied[needed_by].append(f"{name}: {exc}")
     subscription = Subscription(client, [keyspace.updates_channel, keyspace.acks_channel],
                                 what="rights probe", poll_every=1.0)  # fmt: skip
     try:
@@ -279,14 +352,14 @@ def _probe_rights(client: redis.Redis, keyspace: Keys) -> list[str]:
     finally:
         subscription.close()
     if refusal is not None:
-        denied.append(f"SUBSCRIBE: {refusal}")
+        denied[WORKER].append(f"SUBSCRIBE: {refusal}")
     return denied
 
 
 def check_server(
     client: redis.Redis, keyspace: Keys | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> list[Finding]:
-    """Every check, in order: version, eviction, bulk length, persistence, ACL rights.
+    """Every check, in order: version, eviction, the transfer limits, persistence, ACL rights.
 
     Connection and authentication errors propagate (there is no server to judge).
     """
@@ -295,6 +368,8 @@ def check_server(
         check_version(client),
         check_eviction(client),
         check_bulk_len(client, chunk_size),
+        check_query_buffer(client, chunk_size),
+        check_output_buffer(client, chunk_size),
         check_persistence(client),
         check_acl(client, keyspace),
     ]
@@ -337,12 +412,37 @@ def ensure_reachable(deployment: Deployment, probe_key: str) -> None:
         raise ConfigurationError(f"Redis at {where} refused to read {probe_key!r}: {exc}") from exc
 
 
-def ensure_server(deployment: Deployment, keyspace: Keys) -> None:
+def ensure_server(deployment: Deployment, keyspace: Keys, *, chunk_size: int | None = None) -> None:
     """Everything a trainer or worker checks at start: reachable, credentials accepted,
-    no eviction policy that could drop committed chunks, and the ACL rights the
-    namespace needs (keys, scripts, channels). One ``ConfigurationError`` otherwise."""
+    no eviction policy that could drop committed chunks, no transfer limit that cuts
+    every chunk, and the ACL rights the namespace needs (keys, scripts, channels).
+
+    ``chunk_size``: a trainer's (it is checked against the limits on what a client
+    sends, and the trainer's rights are required too); None for a worker (the limit
+    on what Redis sends is checked against the default chunk size). One
+    ``ConfigurationError`` otherwise; a setting that cannot be read passes.
+    """
     ensure_reachable(deployment, keyspace.latest)
-    ensure_no_eviction(deployment.client)
-    acl = check_acl(deployment.client, keyspace)
-    if acl.unsafe:
-        raise UnsafeServerError(f"Redis at {deployment.describe()}: {acl.what}; fix: {acl.fix}")
+    client = deployment.client
+    ensure_no_eviction(client)
+    role = WORKER if chunk_size is None else TRAINER
+    if role == TRAINER:
+        limits = [check_bulk_len(client, chunk_size), check_query_buffer(client, chunk_size)]
+    else:
+        limits = [check_output_buffer(client, DEFAULT_CHUNK_SIZE)]
+    for finding in [*limits, check_acl(client, keyspace, role)]:
+        if finding.unsafe:
+            raise UnsafeServerError(f"Redis at {deployment.describe()}: {finding.what}; fix: {finding.fix}")
+
+
+def explain_lost_connection(client: redis.Redis, *, reading: bool, chunk_size: int = DEFAULT_CHUNK_SIZE) -> str | None:
+    """Why Redis may have cut a connection in the middle of a chunk transfer: the server
+    limit that is too small for it (``what; fix: ...``), or None when none is (or none
+    can be read: Redis may be gone). ``reading``: a worker's fetch, else a trainer's upload."""
+    checks = [check_output_buffer] if reading else [check_bulk_len, check_query_buffer]
+    try:
+        findings = [check(client, chunk_size) for check in checks]
+    except redis.exceptions.RedisError:
+        return None
+    causes = [f"{f.what}; fix: {f.fix}" for f in findings if f.level != OK and not f.what.startswith(_CANNOT_READ)]
+    return "; ".join(causes) or None

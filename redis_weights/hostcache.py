@@ -22,6 +22,12 @@ fetcher recycles only a file it can lock exclusively (so nobody is reading it),
 renaming it away before writing: a reader that opened it just before checks, once
 it holds its lock, that the name still points at the file it opened.
 
+The fetcher reserves the file's space before writing a byte (``posix_fallocate``):
+on a filesystem too small for the version (Docker's and Kubernetes' default 64 MB
+``/dev/shm``) a mapped file would otherwise turn "disk full" into ``EFAULT`` in the
+middle of a socket read, at every try. When the space cannot be had, the version
+is read into the worker's private buffer instead, with one warning per cause.
+
 Every worker trusts the files of the directory (the chunk ids are xxh3, not
 cryptographic), so it must be private: the default is one directory per user
 (``/dev/shm/redis_weights-<uid>``), created mode 0700, and a directory owned by
@@ -31,13 +37,14 @@ another user or writable by group or others is refused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import mmap
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +60,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DIRECTORY = f"/dev/shm/redis_weights-{os.getuid()}"  # one per user: nobody else may write there
 SPARE_FILES = 1  # files of older versions kept to be recycled
-_FILE_RE = re.compile(r"^v(\d+)-[0-9a-f]{16}\.(safetensors|lock|tmp\.(\d+))$")
+_FILE_RE = re.compile(r"v([0-9]+)-[0-9a-f]{16}\.(safetensors|lock|tmp\.([0-9]+))")  # fullmatch: no "\n" after it
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # prefault the mapping in one go (Linux)
+
+Allocate = Callable[[int], memoryview]  # a private buffer of at least n bytes (the receiver's, reused)
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM)  # the filesystem cannot hold the version
 
 
 def scope_name(scope: str, namespace: str) -> str:
@@ -152,6 +162,8 @@ class HostCache:
         self.shared = 0  # versions it mapped from a file another worker fetched
         self.recycled = 0  # files of old versions it reused for a new one
         self.fetched_bytes = 0  # bytes it read from Redis to build them
+        self.private = 0  # versions it read into a private buffer: the directory had no room for them
+        self._no_room: str | None = None  # the last "no room" cause warned about
 
     @classmethod
     def scoped(cls, base: str | os.PathLike[str], scope: str, namespace: str) -> HostCache:
@@ -163,11 +175,15 @@ class HostCache:
         return f"v{manifest.version}-{digest}"
 
     @contextlib.contextmanager
-    def chunks(self, manifest: Manifest, store: ChunkStore) -> Iterator[list[Buffer]]:
+    def chunks(
+        self, manifest: Manifest, store: ChunkStore, allocate: Allocate = receive_buffer
+    ) -> Iterator[list[Buffer]]:
         """The verified chunks of ``manifest``'s version, as views of a shared file (valid inside the block).
 
         What the file lacks is read from ``store`` (and patched). If some object is
-        missing or wrong, the error propagates and no file is published.
+        missing or wrong, the error propagates and no file is published. When the
+        directory has no room for the version, it is built in ``allocate(total_bytes)``
+        instead (a private buffer).
         """
         stem = self._stem(manifest)
         path = self.directory / f"{stem}.safetensors"
@@ -181,7 +197,7 @@ class HostCache:
                     self.shared += 1
                 else:
                     self.fetched += 1
-                    mapping = self._fetch_into_file(path, manifest, store)
+                    mapping = self._fetch_into_file(path, manifest, store, allocate)
         try:
             yield mapping.chunks
         finally:
@@ -224,13 +240,17 @@ class HostCache:
             return None
         return mapping
 
-    def _fetch_into_file(self, path: Path, manifest: Manifest, store: ChunkStore) -> _Mapping:
-        """Build the version in a (recycled) file and publish it; then map it like any reader does."""
+    def _fetch_into_file(self, path: Path, manifest: Manifest, store: ChunkStore, allocate: Allocate) -> _Mapping:
+        """Build the version in a (recycled) file and publish it; then map it like any reader does.
+        Without room for the file, build it in a private buffer."""
         fd, tmp = self._writable_file(manifest.version, path)
         region = None
         try:
             old_size = os.fstat(fd).st_size
-            os.ftruncate(fd, manifest.total_bytes)
+            no_room = _reserve(fd, manifest.total_bytes)
+            if no_room is not None:
+                tmp.unlink()
+                return self._private(manifest, store, allocate, no_room)
             region = mmap.mmap(fd, manifest.total_bytes, flags=mmap.MAP_SHARED | _POPULATE)
             view = memoryview(region)
             try:
@@ -255,10 +275,27 @@ class HostCache:
         mapping = self._open_shared(path, manifest)
         if mapping is None:  # recycled already by a fetcher of a newer version: build it privately
             log.info("host cache: %s vanished right after publishing; reading it privately", path.name)
-            private = receive_buffer(manifest.total_bytes)
-            self.fetched_bytes += assemble(store, manifest, private, [])
-            mapping = _Mapping(_views(private, manifest))
+            mapping = self._build_private(manifest, store, allocate)
         return mapping
+
+    def _build_private(self, manifest: Manifest, store: ChunkStore, allocate: Allocate) -> _Mapping:
+        """The version built in a private buffer (nothing held: every object read from Redis)."""
+        private = allocate(manifest.total_bytes)
+        self.fetched_bytes += assemble(store, manifest, private, [None] * manifest.num_chunks)
+        return _Mapping(_views(private, manifest))
+
+    def _private(self, manifest: Manifest, store: ChunkStore, allocate: Allocate, no_room: OSError) -> _Mapping:
+        """Fetch a version the directory has no room for into a private buffer (one warning per cause)."""
+        self.private += 1
+        cause = no_room.strerror or str(no_room)
+        if cause != self._no_room:
+            self._no_room = cause
+            log.warning(
+                "host cache: no room for version %d (%d bytes) in %s (%s); reading versions into a private buffer "
+                "until there is (give the directory a bigger filesystem, e.g. docker run --shm-size)",
+                manifest.version, manifest.total_bytes, self.directory, cause,
+            )  # fmt: skip
+        return self._build_private(manifest, store, allocate)
 
     def _writable_file(self, version: int, path: Path) -> tuple[int, Path]:
         """An exclusively locked file to write ``version`` into: an old version's if none reads it."""
@@ -285,7 +322,7 @@ class HostCache:
         """Data files of versions below ``below``, oldest first."""
         found = []
         for entry in os.scandir(self.directory):
-            match = _FILE_RE.match(entry.name)
+            match = _FILE_RE.fullmatch(entry.name)
             if match and match.group(2) == "safetensors" and int(match.group(1)) < below:
                 found.append((int(match.group(1)), Path(entry.path)))
         return [p for _, p in sorted(found)]
@@ -295,7 +332,7 @@ class HostCache:
         of an earlier life of the Redis data (flushed or lost, so version numbers restarted).
         A real newer version is committed, hence written, after this one was committed."""
         for entry in os.scandir(self.directory):
-            match = _FILE_RE.match(entry.name)
+            match = _FILE_RE.fullmatch(entry.name)
             if match and match.group(2) == "safetensors" and int(match.group(1)) > manifest.version:
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat().st_mtime < manifest.created:
@@ -308,7 +345,7 @@ class HostCache:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
         for entry in os.scandir(self.directory):
-            match = _FILE_RE.match(entry.name)
+            match = _FILE_RE.fullmatch(entry.name)
             if not match or int(match.group(1)) >= version:
                 continue
             if match.group(2) == "lock" or (match.group(3) and not _alive(int(match.group(3)))):
@@ -325,6 +362,22 @@ def _held_ids(region: memoryview, manifest: Manifest, valid: int) -> list[str | 
         held.append(checksum(region[offset : offset + size]) if offset + size <= valid else None)
         offset += size
     return held
+
+
+def _reserve(fd: int, size: int) -> OSError | None:
+    """Size the file to ``size`` bytes and reserve its storage now; the error when the filesystem
+    has no room for it (None: reserved, or a filesystem that cannot reserve, left sparse)."""
+    os.ftruncate(fd, size)
+    if size == 0:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in _NO_ROOM:
+            return exc
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    return None
 
 
 def _alive(pid: int) -> bool:

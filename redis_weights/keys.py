@@ -19,15 +19,16 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "policy"
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-_LEGACY_CHUNK_RE = re.compile(r"^v:\d+:c:\d+$")
-_CHUNK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-_RANK_VERSION_RE = re.compile(r"^rank:(\d+):version$")
+# Matched with ``fullmatch``: ``$`` also matches before a trailing newline.
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+_LEGACY_CHUNK_RE = re.compile(r"v:[0-9]+:c:[0-9]+")
+_CHUNK_ID_RE = re.compile(r"[0-9a-f]{32}")
+_RANK_VERSION_RE = re.compile(r"rank:([0-9]{1,18}):version")
 
 
 def validate_namespace(namespace: str) -> str:
     """Refuse names that would break the hash tag or key parsing (braces, colons, spaces)."""
-    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
         raise ValueError(
             f"invalid namespace {namespace!r}: use 1-128 characters from [A-Za-z0-9_.-]"
         )
@@ -74,7 +75,7 @@ class Keys:
     @staticmethod
     def is_blob(relative: str) -> bool:
         """Whether a relative name is a weight chunk of the old per-version layout (binary, not text)."""
-        return bool(_LEGACY_CHUNK_RE.match(relative))
+        return bool(_LEGACY_CHUNK_RE.fullmatch(relative))
 
     @property
     def patterns(self) -> list[str]:
@@ -112,7 +113,7 @@ class Keys:
     # -- content-addressed chunks and patches -------------------------------------------
     def chunk(self, chunk_id: str) -> str:
         """String (bytes): the chunk or patch whose xxh3-128 digest is ``chunk_id``; no TTL."""
-        if not _CHUNK_ID_RE.match(chunk_id):
+        if not _CHUNK_ID_RE.fullmatch(chunk_id):
             raise ValueError(f"invalid chunk id {chunk_id!r}: 32 hex digits expected")
         return f"rw:{self.namespace}:c:{{{chunk_id}}}"
 
@@ -125,7 +126,7 @@ class Keys:
         """The id in a chunk key name, None for any other name."""
         name = full.decode() if isinstance(full, bytes) else full
         head = f"rw:{self.namespace}:c:{{"
-        if name.startswith(head) and name.endswith("}") and _CHUNK_ID_RE.match(name[len(head) : -1]):
+        if name.startswith(head) and name.endswith("}") and _CHUNK_ID_RE.fullmatch(name[len(head) : -1]):
             return name[len(head) : -1]
         return None
 
@@ -172,14 +173,19 @@ class Keys:
 
     def rank_of(self, full: str | bytes) -> int | None:
         """The rank of a ``rank:<r>:version`` key name, None for any other key."""
-        match = _RANK_VERSION_RE.match(self.relative(full))
-        return int(match.group(1)) if match else None
+        match = _RANK_VERSION_RE.fullmatch(self.relative(full))
+        return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
 
     # -- admin ------------------------------------------------------------------------
     @property
     def probe(self) -> str:
         """Short-lived key that ``health`` writes to test the user's rights (expires by itself)."""
         return self.full("doctor:probe")
+
+    @property
+    def stall_probe(self) -> str:
+        """A key that never exists: the trainer's write probe PEXPIREs it to time a server stall (``ranks``)."""
+        return self.full("stall-probe")
 
     # -- pub/sub ----------------------------------------------------------------------
     @property

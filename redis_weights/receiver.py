@@ -11,7 +11,12 @@ verified against its id: chunks the buffer already holds are not downloaded agai
 patched chunks are rebuilt in place from the previous ones (``assemble.py``). Then
 the tensors whose chunks changed are copied into the live tensors (same objects,
 same ``data_ptr``). Any failure leaves the old weights whole and sets the rank's
-status to ``"error: <reason>"``.
+status to ``"error: <reason>"``; so does a fetch that keeps failing (``failures.py``),
+whose attempts are spaced out meanwhile.
+
+The heartbeat has a thread of its own from construction to ``close()``, whether the
+versions are applied by ``start()``'s thread or by the caller's ``poll()``/``wait()``:
+a rank is alive as long as its process is, however long a fetch or an apply takes.
 
 Each apply is timed (fetch, apply: ``reports.ApplyReport`` in ``last_apply``, to the
 post-hooks that declare ``report``, and to the Prometheus metrics); ``lag`` is how
@@ -25,6 +30,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,8 +40,16 @@ from . import ranks
 from .assemble import MissingObjectError, assemble
 from .bulkread import receive_buffer
 from .codec import check_compatible, check_header, copy_tensors, flatten_weights, tensors_in_chunks
-from .errors import CodecError, ConfigurationError, ReceiveTimeoutError, VersionNotFoundError, WeightMismatchError
-from .health import ensure_server
+from .errors import (
+    CodecError,
+    ConfigurationError,
+    ReceiveTimeoutError,
+    RedisWeightsError,
+    VersionNotFoundError,
+    WeightMismatchError,
+)
+from .failures import Repeats
+from .health import ensure_server, explain_lost_connection
 from .hostcache import DEFAULT_DIRECTORY, HostCache
 from .manifest import Buffer, Manifest, TensorEntry, manifest_limit
 from .metrics import WorkerMetrics
@@ -47,7 +61,7 @@ from .versions import VersionRegistry
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL = 1.0
-DEFAULT_HEARTBEAT_TTL = 10.0
+DEFAULT_HEARTBEAT_TTL = ranks.DEFAULT_HEARTBEAT_TTL
 _WAKE_SLICE = 0.2  # the background loop checks for stop() this often
 _FETCH_ATTEMPTS = 3  # a version garbage-collected mid-read: retry from latest
 
@@ -127,14 +141,18 @@ class RedisWeightReceiver:
         self._history_lost = False  # Redis lost this rank's keys: version numbers may repeat
         self._updates = Subscription(self.store.client, [self.keyspace.updates_channel],
                                      what=f"rank {rank}: updates subscription", poll_every=poll_interval)  # fmt: skip
+        self._repeats = Repeats()  # a version whose fetch keeps failing: backoff, then an error status
         self._thread: threading.Thread | None = None
-        self._beater: threading.Thread | None = None
         self._stop = threading.Event()
-        self._last_beat = 0.0
+        self._beating = threading.Event()  # set: the heartbeat thread stops
         if check_server:
             ensure_server(self.store.deployment, self.keyspace)
         ranks.register(self.store.client, self.keyspace, rank, heartbeat_ttl)
-        self._last_beat = time.monotonic()
+        self._beater = threading.Thread(
+            target=_beat_until_closed, args=(weakref.ref(self), self._beating, ranks.beat_interval(heartbeat_ttl)),
+            name=f"redis-weights-beat-{rank}", daemon=True,
+        )  # fmt: skip
+        self._beater.start()
 
     # -- liveness -----------------------------------------------------------------------
     def heartbeat(self) -> None:
@@ -150,7 +168,6 @@ class RedisWeightReceiver:
             log.warning("rank %d: Redis lost this rank's keys; the next version is applied whatever its number",
                         self.rank)  # fmt: skip
             self._history_lost = True
-        self._last_beat = time.monotonic()
 
     def _report(self, version: int, status: str) -> None:
         """Record ``status`` for ``version`` (``ranks.ack``). Kept until Redis confirms it:
@@ -176,26 +193,69 @@ class RedisWeightReceiver:
 
         Does not block on notifications. Redis errors propagate; bad versions do
         not (they become this rank's ``"error: ..."`` status and ``last_error``).
-        With nothing new to apply, a status report that Redis did not confirm (a lost
-        ack) is sent again.
+        A version whose fetch fails again and again is tried with a growing pause in
+        between (None meanwhile), and from the third failure in a row its cause is
+        the rank's ``"error: ..."`` status. With nothing new to apply, a status report
+        that Redis did not confirm (a lost ack) is sent again.
         """
         with self._poll_lock:
             self.heartbeat()
+            gone: VersionNotFoundError | None = None
             for _ in range(_FETCH_ATTEMPTS):
                 latest = self.registry.latest()
                 self._saw_latest(latest)
                 if latest == 0:
                     self._report_lost()
                 elif latest not in (self.version, self._failed_version) or self._history_lost:
+                    if not self._repeats.due(latest):
+                        return None  # it failed lately: the backoff decides when to try again
                     try:
-                        return self._apply(latest)
+                        applied = self._apply(latest)
                     except VersionNotFoundError as exc:
                         log.info("rank %d: version %d vanished while reading (%s); retrying", self.rank, latest, exc)
+                        gone = exc
                         continue
+                    except Exception as exc:
+                        self._fetch_failed(latest, exc)
+                        raise
+                    self._repeats.clear()
+                    return applied
                 if self._unsent is not None:  # nothing newer to apply, whose report would supersede it
                     self._report(*self._unsent)
                 return None
+            if gone is not None:  # latest kept pointing at a version that is not there
+                self._fetch_failed(latest, VersionNotFoundError(
+                    f"latest points at version {latest}, which is not in Redis ({gone}; deleted by hand, e.g. "
+                    "`redis-weights delete --force`?)"))  # fmt: skip
             return None
+
+    def _fetch_failed(self, version: int, exc: BaseException) -> None:
+        """Count a failed attempt at ``version``; from ``failures.REPORT_AFTER`` in a row, its cause
+        becomes the rank's ``"error: ..."`` status (best effort: Redis may be what fails)."""
+        count = self._repeats.failed(version)
+        cause = self._cause(exc)
+        log.warning("rank %d: version %d failed (%d in a row, next try in %.1fs): %s",
+                    self.rank, version, count, self._repeats.delay, cause)  # fmt: skip
+        if not self._repeats.to_report(cause):
+            return
+        self.last_error = ranks.error_status(
+            f"version {version}: {cause} (failed {count} times in a row; retrying with a backoff)"
+        )
+        try:
+            self._report(version, self.last_error)
+        except redis.exceptions.RedisError as report_exc:  # kept in _unsent: the next poll sends it
+            log.debug("rank %d: could not report the failure (%s)", self.rank, report_exc)
+
+    def _cause(self, exc: BaseException) -> str:
+        """What to tell the trainer about ``exc``: its text, and what the server's settings say
+        about a connection Redis cut in the middle of a fetch."""
+        text = str(exc) if isinstance(exc, (redis.exceptions.RedisError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
+        text = text.removeprefix(f"version {self._repeats.subject}: ")
+        if isinstance(exc, redis.exceptions.ConnectionError):  # cut, not timed out: maybe a server limit
+            hint = explain_lost_connection(self.store.client, reading=True)
+            if hint:
+                text += f"; {hint}"
+        return text
 
     def _saw_latest(self, latest: int) -> None:
         self.latest_seen = latest
@@ -280,26 +340,35 @@ class RedisWeightReceiver:
         """The verified chunks of a version: from the host's shared file, or built in the reused
         receive buffer from the chunks it holds already plus what Redis has (``assemble``)."""
         if self.host_cache is not None:
-            with self.host_cache.chunks(manifest, self.registry.chunks) as chunks:
+            self._held = []  # the private fallback may write into the receive buffer
+            with self.host_cache.chunks(manifest, self.registry.chunks, self._buffer) as chunks:
                 yield chunks
             return
         if len(self._receive_buffer) < manifest.total_bytes:
             self._held = []
-            self._receive_buffer = memoryview(b"")  # drop the old one before allocating the bigger one
-            self._receive_buffer = receive_buffer(manifest.total_bytes)
+        buffer = self._buffer(manifest.total_bytes)
         if self._held_chunk_size != manifest.chunk_size:
             self._held, self._held_chunk_size = [], manifest.chunk_size
-        self._fetched_bytes += assemble(self.registry.chunks, manifest, self._receive_buffer, self._held)
+        self._fetched_bytes += assemble(self.registry.chunks, manifest, buffer, self._held)
         offset, views = 0, []
         for size in manifest.chunk_sizes:
-            views.append(self._receive_buffer[offset : offset + size])
+            views.append(buffer[offset : offset + size])
             offset += size
         yield views
+
+    def _buffer(self, size: int) -> memoryview:
+        """The reused receive buffer, grown to ``size`` bytes if it is smaller."""
+        if len(self._receive_buffer) < size:
+            self._receive_buffer = memoryview(b"")  # drop the old one before allocating the bigger one
+            self._receive_buffer = receive_buffer(size)
+        return self._receive_buffer
 
     def _fail(self, version: int, reason: str) -> None:
         self._metrics.refused()
         self._failed_version = version
         self._history_lost = False  # refused once, like any version: not re-fetched at every poll
+        # some causes name the version already: name it once
+        reason = reason.removeprefix(f"version {version}: ").replace(f"manifest of version {version}: ", "manifest: ", 1)
         self.last_error = ranks.error_status(f"version {version}: {reason}")
         log.error("rank %d: refusing version %d, keeping version %d: %s", self.rank, version, self.version, reason)
         self._report(version, self.last_error)
@@ -330,7 +399,7 @@ class RedisWeightReceiver:
                 with self._applied:
                     self._applied.wait_for(done, self._slice(deadline, self.poll_interval))
             elif self.poll() is None and not done():
-                self._next_update(self._slice(deadline, min(self.poll_interval, self.heartbeat_ttl / 3)))
+                self._next_update(self._slice(deadline, self.poll_interval))
             if not done() and deadline is not None and time.monotonic() >= deadline:
                 raise ReceiveTimeoutError(
                     f"rank {self.rank}: no new version within {timeout:g}s "
@@ -356,17 +425,7 @@ class RedisWeightReceiver:
         self._updates.open()
         self._thread = threading.Thread(target=self._run, name=f"redis-weights-rank-{self.rank}", daemon=True)
         self._thread.start()
-        self._beater = threading.Thread(target=self._beat, name=f"redis-weights-beat-{self.rank}", daemon=True)
-        self._beater.start()
         return self
-
-    def _beat(self) -> None:
-        """Heartbeats on their own thread: a fetch or apply longer than the TTL is not a death."""
-        while not self._stop.wait(self.heartbeat_ttl / 3):
-            try:
-                self.heartbeat()
-            except redis.exceptions.RedisError as exc:  # the main loop reports Redis trouble
-                log.debug("rank %d: heartbeat failed (%s)", self.rank, exc)
 
     def _run(self) -> None:
         last_poll = 0.0
@@ -377,11 +436,9 @@ class RedisWeightReceiver:
                 if wake or time.monotonic() - last_poll >= self.poll_interval:
                     last_poll = time.monotonic()
                     self.poll()
-                elif time.monotonic() - self._last_beat >= self.heartbeat_ttl / 3:
-                    self.heartbeat()
                 backoff = 0.1
-            except redis.exceptions.RedisError as exc:
-                log.warning("rank %d: Redis error (%s); retrying in %.1fs", self.rank, exc, backoff)
+            except (redis.exceptions.RedisError, RedisWeightsError) as exc:  # e.g. a corrupt latest
+                log.warning("rank %d: %s (%s); retrying in %.1fs", self.rank, type(exc).__name__, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.poll_interval)
             except Exception:  # never let the thread die silently
@@ -390,18 +447,18 @@ class RedisWeightReceiver:
             wake = self._next_update(_WAKE_SLICE)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the background thread (if any) and wait for it."""
+        """Stop the background thread (if any) and wait for it. The heartbeat goes on until ``close()``."""
         thread, self._thread = self._thread, None
-        beater, self._beater = self._beater, None
         if thread is not None:
             self._stop.set()
             thread.join(timeout)
-        if beater is not None:
-            beater.join(timeout)
 
     def close(self) -> None:
-        """Stop, drop the subscription and close the store's connections."""
+        """Stop, end the heartbeat, drop the subscription and close the store's connections."""
         self.stop()
+        self._beating.set()
+        if self._beater.is_alive() and self._beater is not threading.current_thread():
+            self._beater.join(5.0)
         self._updates.close()
         self.store.close()
 
@@ -413,3 +470,27 @@ class RedisWeightReceiver:
 
     def __repr__(self) -> str:
         return f"RedisWeightReceiver(namespace={self.keyspace.namespace!r}, rank={self.rank}, version={self.version})"
+
+
+def _beat_until_closed(ref: weakref.ref[RedisWeightReceiver], stop: threading.Event, interval: float) -> None:
+    """The heartbeat thread: beat every ``interval`` seconds until ``stop`` is set or the receiver is gone.
+
+    It holds the receiver only weakly, so a receiver dropped without ``close()`` stops
+    beating once it is garbage-collected. A beat that fails is retried at the next
+    interval; a failure is logged as a warning once per distinct cause (a rank whose
+    beats are refused looks dead to the trainer), not at every beat.
+    """
+    reported = None
+    while not stop.wait(interval):
+        receiver = ref()
+        if receiver is None:
+            return
+        try:
+            receiver.heartbeat()
+            reported = None
+        except Exception as exc:  # never let the thread die: the next beat may work
+            cause = f"{type(exc).__name__}: {exc}"
+            if cause != reported:
+                log.warning("rank %d: heartbeat failed (%s); retrying every %.2gs", receiver.rank, cause, interval)
+                reported = cause
+        del receiver

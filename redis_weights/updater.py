@@ -9,8 +9,13 @@ channel for its lifetime (subscribed before the first commit, so no ack can be
 missed), wakes on each ack and decides with one MGET of every targeted rank's
 status, version and heartbeat. A rank counts as done only when its status reads
 ``"updated"`` *and* its version is at least the pushed one, so a slow worker's
-late ack of an older version cannot end the wait early. A rank whose heartbeat
-expired, or that reported an error, fails the push at once.
+late ack of an older version cannot end the wait early. A rank that reported an
+error fails the push at once; so does a dead rank, as ``ranks.DeathWatch`` judges
+it: its heartbeat missing for longer than it needs to beat again *while the server
+answered promptly*, so a server that stalled (a failover's ``CLIENT PAUSE WRITE``, a
+long ``DEBUG SLEEP``) or that the trainer itself could not reach for a while never
+gets healthy ranks named dead. The wait rides out a lost connection until its
+timeout.
 
 ``max_lag=K`` (with ``sync=False``) bounds the policy lag instead: the push returns
 at once while every targeted rank runs a version at most K behind the one just
@@ -36,10 +41,10 @@ from .base import WeightUpdaterBase, WorkerIds
 from .codec import WIRE_DTYPES, Encoded, Encoder
 from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError, VersionNotFoundError
-from .health import ensure_server
+from .health import ensure_server, explain_lost_connection
 from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
 from .metrics import TrainerMetrics
-from .ranks import RankState, read_rank_states
+from .ranks import DeathWatch, RankState, observe_rank_states, read_rank_states
 from .reports import PhaseClock, PushReport, call_hook
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
@@ -58,6 +63,14 @@ _HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
     (redis.exceptions.NoPermissionError, "the Redis user lacks a right this push needs (ACL SETUSER)"),
     (redis.exceptions.ReadOnlyError, "this Redis is a read-only replica: connect to the primary"),
 )
+# Error replies redis-py has no class for, by the code that starts them.
+_CODE_HINTS = (
+    ("MISCONF", "Redis refuses writes because its last RDB save failed: fix its disk (space, permissions of "
+                "'dir'), or CONFIG SET stop-writes-on-bgsave-error no"),
+    ("CORRUPT", "a key of the namespace holds something else than what redis_weights wrote there: "
+                "see `redis-weights versions` and `redis-weights workers`"),
+)  # fmt: skip
+_RECONNECT_PAUSE = 0.2  # seconds between tries while the sync wait cannot reach Redis
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
 _POLL_WITHOUT_ACKS = 0.05  # seconds between MGETs while the acks subscription is lost or refused
 
@@ -171,6 +184,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.registry = VersionRegistry(self.store.client, self.keyspace)
         self.wire_dtype = wire_dtype
         self._encoder = Encoder(chunk_size, wire_dtype)
+        self.chunk_size = chunk_size
         self.background = background
         self._uploader: BackgroundUploader[_Upload] | None = None
         self._slots = [self._encoder] + [Encoder(chunk_size, wire_dtype) for _ in range(SLOTS - 1)]
@@ -178,12 +192,13 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._acks = Subscription(self.store.client, [self.keyspace.acks_channel], what="acks subscription",
                                   poll_every=_POLL_WITHOUT_ACKS)  # fmt: skip
         self._last_ranks: list[int] = []
+        self._deaths = DeathWatch()
         self.version = 0
         self.last_push: PushReport | None = None  # the report of the last push (``reports.PushReport``)
         self._metrics = TrainerMetrics(self.keyspace.namespace)
         self._producer = producer_id()
         if check_server:
-            ensure_server(self.store.deployment, self.keyspace)
+            ensure_server(self.store.deployment, self.keyspace, chunk_size=chunk_size)
 
     # -- WeightUpdaterBase --------------------------------------------------------------
     @classmethod
@@ -236,15 +251,27 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 self._metrics.failed(exc)
             raise
 
-    def _redis_failure(self, exc: redis.exceptions.RedisError, version: int | None, what: str) -> PushError:
+    def _redis_failure(
+        self, exc: redis.exceptions.RedisError, version: int | None, what: str, *, uploading: bool = False
+    ) -> PushError:
         """The one error a push raises for a Redis error: Redis stopped answering (refused, reset,
-        timed out), or answered with an error (out of memory, no permission, read-only replica...)."""
+        timed out), or answered with an error (out of memory, no permission, read-only replica...).
+
+        A connection cut while the chunks were being sent is most often a server limit
+        below the chunk size (``proto-max-bulk-len``, ``client-query-buffer-limit``): when
+        Redis still answers, the message names the limit instead of "unreachable"."""
         push = "push" if version is None else f"push of version {version}"
         where = self.store.deployment.describe()
-        if isinstance(exc, _LOST):
+        cut = uploading and isinstance(exc, redis.exceptions.ConnectionError)  # a timeout is a hung server: no limit
+        cause = explain_lost_connection(self.store.client, reading=False, chunk_size=self.chunk_size) if cut else None
+        if cause is not None:
+            message = f"{push} failed: Redis at {where} cut the connection while the chunks were sent ({exc}): " \
+                      f"{cause}; {what}"
+        elif isinstance(exc, _LOST):
             message = f"{push} failed: Redis at {where} is unreachable ({exc}); {what}"
         else:
             hint = next((f"; {text}" for cls, text in _HINTS if isinstance(exc, cls)), "")
+            hint = hint or next((f"; {text}" for code, text in _CODE_HINTS if str(exc).startswith(code)), "")
             error = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
             message = f"{push} failed: Redis at {where} answered {error}; {what}{hint}"
         return PushError(message, version=self.version if version is None else version)
@@ -297,7 +324,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         except _LOST as exc:  # Redis is gone; the commit script may or may not have run
             self._forget_delta()
             what = "its commit could not be confirmed" if committing else "the new version was not committed"
-            raise self._redis_failure(exc, job.version, what) from exc
+            raise self._redis_failure(exc, job.version, what, uploading=not committing) from exc
         except VersionNotFoundError as exc:  # an object the delta chain relies on is gone
             self._forget_delta()
             raise PushError(f"push of version {job.version} failed: {exc}", version=job.version) from exc
@@ -428,8 +455,23 @@ class RedisWeightUpdater(WeightUpdaterBase):
             return  # nothing committed is that far behind
         deadline = time.monotonic() + timeout
         self._acks.open()  # before the first MGET, so an ack in between still wakes us
+        self._deaths.start()
+        unreachable = False
         while True:
-            states = read_rank_states(self.store.client, self.keyspace, ranks)
+            remaining = deadline - time.monotonic()
+            try:
+                states, seconds = observe_rank_states(self.store.client, self.keyspace, ranks)
+            except _LOST as exc:  # the trainer cannot reach Redis: a stall for every rank, not their death
+                if remaining <= 0:
+                    raise
+                if not unreachable:
+                    log.warning("push of version %d: Redis is unreachable while waiting for the acks (%s); "
+                                "retrying for up to %.0fs", version, exc, remaining)  # fmt: skip
+                unreachable = True
+                self._deaths.stalled()
+                time.sleep(min(remaining, _RECONNECT_PAUSE))
+                continue
+            remaining = deadline - time.monotonic()
             if max_lag:
                 waiting = [s for s in states if s.version < version - max_lag]
             else:
@@ -437,8 +479,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             if not waiting:
                 return
             errors = {s.rank: s.status for s in waiting if s.error}
-            dead = [s.rank for s in waiting if s.dead]
-            remaining = deadline - time.monotonic()
+            behind = {s.rank for s in waiting}
+            dead = [r for r in self._deaths.dead(states, seconds) if r in behind]  # every state teaches a TTL
             if errors or dead or remaining <= 0:
                 raise self._push_failure(version, waiting, errors, dead, timed_out=remaining <= 0, timeout=timeout,
                                          max_lag=max_lag)  # fmt: skip
@@ -461,6 +503,9 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 parts.append(f"rank {s.rank} reported: {s.status}")
             elif s.rank in dead:
                 parts.append(f"rank {s.rank} is dead (heartbeat expired; last applied version {s.version})")
+            elif s.dead:
+                parts.append(f"rank {s.rank} lags (heartbeat missing since the server stalled, not yet long enough "
+                             f"to call it dead; applied version {s.version})")
             elif not s.joined:
                 parts.append(f"rank {s.rank} never joined")
             else:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import re
 
-_INTEGER = re.compile(r"[+-]?[0-9]{1,30}")  # ASCII digits only, as Redis writes them (no "1_000", no "١")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,30}")
+MAX_VERSION = 2**53  # the scripts' Lua numbers are doubles: above this, version numbers lose precision  # ASCII digits only, as Redis writes them (no "1_000", no "١")
 
 
 def text(value: object) -> str:

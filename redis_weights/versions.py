@@ -47,6 +47,7 @@ from .deployment import Deployment
 from .errors import CodecError, LegacyFormatError, RedisWeightsError, StaleVersionError, VersionNotFoundError
 from .keys import Keys
 from .manifest import MAX_MANIFEST_BYTES, Manifest
+from .values import MAX_VERSION, parse_int, text
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,25 @@ GC_LEASE_TTL = 30.0  # seconds a GC's lease lives without renewal (a dead GC sto
 _LEASE_WAIT = 0.02  # seconds between checks while a push waits for a GC to finish
 _MANIFEST_ROUND = 100  # manifests per MGET while marking
 
-# KEYS: counter, latest. ARGV: floor (the caller's last version). Returns {version, latest}.
-# INCR, but never at or below max(floor, latest): a Redis that lost its data, or a
-# second trainer, cannot make version numbers go backwards.
+# KEYS: counter, latest. ARGV: floor (the caller's last version), the largest version.
+# Returns {version, latest}. INCR, but never at or below max(floor, latest): a Redis
+# that lost its data, or a second trainer, cannot make version numbers go backwards.
+# A counter or latest that is no version number is refused (CORRUPT), not worked around.
 _ALLOCATE = """
+local function version(key)
+  local value = redis.call('GET', key)
+  local n = tonumber(value or '0')
+  if n == nil or n < 0 or n ~= math.floor(n) or n >= tonumber(ARGV[2]) then
+    return nil, redis.error_reply('CORRUPT ' .. key .. ' holds ' .. string.sub(tostring(value), 1, 40) ..
+                                  ', not a version number')
+  end
+  return n
+end
+local counter, err = version(KEYS[1])
+if err then return err end
+local latest, err2 = version(KEYS[2])
+if err2 then return err2 end
 local n = redis.call('INCR', KEYS[1])
-local latest = tonumber(redis.call('GET', KEYS[2]) or '0')
 local floor = math.max(tonumber(ARGV[1]), latest)
 if n <= floor then
   n = floor + 1
@@ -79,6 +93,9 @@ _COMMIT = """
 local v = tonumber(ARGV[1])
 local m = tonumber(ARGV[4])
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
+if latest == nil then
+  return redis.error_reply('CORRUPT ' .. KEYS[1] .. ' is not a version number')
+end
 if latest == v and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('DEL', KEYS[6])
   return 0
@@ -126,8 +143,15 @@ def producer_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _int(value: Any) -> int:
-    return int(value) if value is not None else 0
+def _version(value: Any, key: str) -> int:
+    """A version number read from ``key`` (0 when the key is missing); ``CodecError`` for anything else."""
+    if value is None:
+        return 0
+    number = parse_int(value, minimum=0, maximum=MAX_VERSION)
+    if number is None:
+        raise CodecError(f"{key} holds {text(value)[:40]!r}, not a version number (written by hand?): "
+                         "set it to the newest committed version, see `redis-weights versions`")  # fmt: skip
+    return number
 
 
 def _oom(exc: redis.exceptions.RedisError) -> bool:
@@ -154,7 +178,7 @@ class VersionRegistry:
     def allocate_after(self, floor: int = 0) -> tuple[int, int]:
         """``(a fresh version above floor and latest, latest as it was)``, in one round trip."""
         k = self.keyspace
-        version, latest = self._allocate(keys=[k.counter, k.latest], args=[floor])
+        version, latest = self._allocate(keys=[k.counter, k.latest], args=[floor, MAX_VERSION])
         return int(version), int(latest)
 
     def begin(self, token: str, objects: Iterable[str], pending_ttl: float = DEFAULT_PENDING_TTL) -> str:
@@ -270,7 +294,7 @@ class VersionRegistry:
     # -- reading ------------------------------------------------------------------------
     def latest(self) -> int:
         """The newest committed version, 0 when there is none."""
-        return _int(self.client.get(self.keyspace.latest))
+        return _version(self.client.get(self.keyspace.latest), self.keyspace.latest)
 
     def exists(self, version: int) -> bool:
         """Whether the manifest of ``version`` is in Redis (committed and not deleted)."""
@@ -294,7 +318,11 @@ class VersionRegistry:
     def list_versions(self) -> list[int]:
         """Committed versions, oldest first."""
         members: list[bytes] = self.client.zrange(self.keyspace.versions, 0, -1)  # type: ignore[assignment]
-        return [int(v) for v in members]
+        versions = [parse_int(v, minimum=1, maximum=MAX_VERSION) for v in members]
+        if None in versions:  # never deleted by GC either: it is not a version this library wrote
+            log.warning("%s holds members that are no version numbers (ignored): %s", self.keyspace.versions,
+                        [text(m)[:40] for m, v in zip(members, versions, strict=True) if v is None][:5])  # fmt: skip
+        return [v for v in versions if v is not None]
 
     # -- deleting -----------------------------------------------------------------------
     def delete(self, version: int) -> None:

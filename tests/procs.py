@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,10 @@ class Worker:
 
     module = "tests.worker_main"  # the script ``python -m`` runs; subclasses run others
 
-    def __init__(self, out: Path, args: list[str]) -> None:
+    def __init__(self, out: Path, args: list[str], prefix: Sequence[str] = ()) -> None:
         self.out = out
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "--out", str(out), *args],
+            [*prefix, sys.executable, "-m", self.module, "--out", str(out), *args],
             cwd=REPO_ROOT,
             stdout=subprocess.DEVNULL,
             stderr=open(out.with_suffix(".log"), "wb"),
@@ -75,15 +75,17 @@ class Worker:
 
 @contextmanager
 def workers(
-    tmp_path: Path, url: str, namespace: str, ranks: list[int], *extra: str, ready: bool = True
+    tmp_path: Path, url: str, namespace: str, ranks: list[int], *extra: str, ready: bool = True,
+    prefix: Sequence[str] = (),
 ) -> Iterator[dict[int, Worker]]:
-    """Start one worker process per rank; stop them all on exit, even when the test fails."""
+    """Start one worker process per rank (``prefix``: a command that runs it, e.g. ``unshare``);
+    stop them all on exit, even when the test fails."""
     started: dict[int, Worker] = {}
     try:
         for rank in ranks:
             started[rank] = Worker(
                 tmp_path / f"rank{rank}-{len(started)}-{time.monotonic_ns()}.jsonl",
-                ["--url", url, "--namespace", namespace, "--rank", str(rank), *extra],
+                ["--url", url, "--namespace", namespace, "--rank", str(rank), *extra], prefix,
             )
         if ready:
             for w in started.values():

@@ -78,6 +78,7 @@ def test_workers_report_lag_and_dead_ranks(real_store: RedisStore, admin: Admin)
     (v2,) = push(real_store, 2)
     assert live.poll() == v2
     assert admin.known_ranks() == [1, 2]
+    short.close()  # its process is gone: no more beats
     time.sleep(0.3)  # rank 2's heartbeat expires: it is dead
     live.heartbeat()
     latest, rows = admin.workers()
@@ -219,6 +220,11 @@ def test_watch_reports_pushes_and_acks(real_store: RedisStore, admin: Admin) -> 
     watching = threading.Thread(target=lambda: events.extend(admin.watch(timeout=3.0)))
     watching.start()
     time.sleep(0.3)  # let the watcher subscribe
+    k = real_store.keyspace
+    for channel, hostile in ((k.updates_channel, "-1"), (k.updates_channel, "99999999999999999999"),
+                             (k.updates_channel, "\u0661"), (k.acks_channel, "0:5"), (k.acks_channel, "3:-2"),
+                             (k.acks_channel, "x")):  # fmt: skip
+        real_store.client.publish(channel, hostile)  # checked, never trusted: no event, no error
     (v1,) = push(real_store, 1)
     receiver = RedisWeightReceiver(RedisStore(real_store.client, real_store.namespace, owns_client=False),
                                    2, zeros_like(weights(0)))  # fmt: skip

@@ -46,6 +46,7 @@ def fleet(real_store: RedisStore) -> dict[str, object]:
             if seed == 1 or rank == 1:
                 receiver.poll()
     receivers[2].heartbeat()
+    receivers[3].close()  # rank 3's process is gone: no more beats
     time.sleep(0.4)
     return {"receivers": receivers}
 

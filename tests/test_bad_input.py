@@ -120,7 +120,7 @@ CORRUPTIONS = {
     "truncated chunk": (_truncate, "of chunk 0 does not match its id"),
     "missing chunk": (_delete_chunk, "of chunk 0 is missing from Redis"),
     "manifest of another version": (
-        lambda u, v: _set_manifest(u, u.store.client.get(u.keyspace.manifest(v - 1))), f"says it is version"
+        lambda u, v: _set_manifest(u, u.store.client.get(u.keyspace.manifest(v - 1))), "says it is version"
     ),
     "manifest of the previous format": (
         lambda u, v: _set_manifest(u, json.dumps({"format": "redis_weights/1", "version": v}).encode()),
@@ -158,6 +158,7 @@ def test_a_corrupted_version_is_refused_whole_and_the_next_one_applies(pair, cor
     status = updater.workers()[0].status
     assert status == receiver.last_error
     assert status.startswith(f"error: version {bad}: ") and reason in status, status
+    assert status.count(f"version {bad}:") == 1, f"the version is named once: {status}"
     assert receiver.poll() is None  # refused once, not re-fetched on every poll
 
     perturb(trainer_model, 12)

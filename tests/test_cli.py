@@ -110,6 +110,7 @@ def fleet(real_store: RedisStore) -> Iterator[dict[str, object]]:
         for rank, receiver in receivers.items():
             if seed == 1 or rank == 1 or (rank == 2 and seed == 2):
                 receiver.poll()
+    receivers[3].close()  # rank 3's process is gone: no more beats
     time.sleep(0.4)  # rank 3's heartbeat expires
     yield {"versions": versions, "receivers": receivers}
 

@@ -114,3 +114,13 @@ def test_scan_pattern_escapes_the_braces(fake_redis):
     fake_redis.set(k.latest, 1)
     fake_redis.set("rw:{other}:latest", 1)
     assert [n.decode() for n in fake_redis.scan_iter(match=k.pattern)] == [k.latest]
+
+
+def test_the_namespace_check_refuses_a_trailing_newline():
+    for bad in ("policy\n", "policy\r\n", "poli\ncy", "\npolicy"):
+        with pytest.raises(ValueError, match="invalid namespace"):
+            Keys(bad)
+    assert Keys("policy-1.a_b").namespace == "policy-1.a_b"
+    k = Keys("policy")
+    assert k.rank_of(k.rank_version(3)) == 3 and k.rank_of(k.rank_version(3) + "\n") is None
+    assert k.is_blob("v:1:c:0") and not k.is_blob("v:1:c:0\n")

@@ -63,9 +63,14 @@ def test_a_push_and_an_apply_are_counted_and_timed_by_phase(store: RedisStore, n
     assert sample("redis_weights_applied_version", namespace) == 1
     assert sample("redis_weights_fetch_duration_seconds_count", namespace) == 1
     assert sample("redis_weights_apply_duration_seconds_count", namespace) == 1
-    updater.update_weights()
+    updater.update_weights()  # the same weights: Redis holds every chunk already, nothing is written
     assert sample("redis_weights_versions_committed_total", namespace) == 2
-    assert sample("redis_weights_push_written_bytes_total", namespace) == 2 * size
+    assert sample("redis_weights_push_written_bytes_total", namespace) == size
+    with torch.no_grad():
+        policy.bias.add_(1.0)
+    updater.update_weights()
+    assert sample("redis_weights_versions_committed_total", namespace) == 3
+    assert size < sample("redis_weights_push_written_bytes_total", namespace) <= 2 * size
 
 
 def test_every_catalogued_metric_is_exposed_with_no_rank_or_version_label(store: RedisStore, namespace: str) -> None:

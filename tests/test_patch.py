@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from redis_weights.errors import CodecError, PatchError
 from redis_weights.manifest import MAX_CHUNK_SIZE
+from redis_weights.patch import _sample_says_dense  # noqa: PLC2701 (the early exit itself)
 from redis_weights.patch import (
     BITMAP,
     GAPS,
@@ -481,3 +482,38 @@ def test_fuzzed_patches_apply_or_raise_patch_error(patches, name, edits, cut):
         apply_patch(target, bad, target)
     except PatchError:
         assert target == BASE
+
+
+# -- large chunks: the sample decides "dense" early, never "patch" ------------------------------
+def test_a_large_chunk_whose_every_element_moves_randomly_is_stored_dense() -> None:
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 2**32, size=(4 << 20) // 4, dtype=np.uint32)
+    new = rng.integers(0, 2**32, size=base.size, dtype=np.uint32)  # incompressible XOR values
+    assert _sample_says_dense(base.tobytes(), new.tobytes(), 4, 1.0)  # decided on 128 KiB, not 4 MiB
+    assert encode_patch(base.tobytes(), new.tobytes(), 4) is None
+
+
+def test_a_large_sparse_chunk_is_still_patched_exactly() -> None:
+    rng = np.random.default_rng(8)
+    base = rng.integers(0, 2**16, size=(4 << 20) // 2, dtype=np.uint16)
+    new = base.copy()
+    moved = rng.choice(base.size, size=base.size // 100, replace=False)
+    new[moved] ^= rng.integers(1, 8, size=moved.size, dtype=np.uint16)
+    assert not _sample_says_dense(base.tobytes(), new.tobytes(), 2, 1.0)
+    patch = encode_patch(base.tobytes(), new.tobytes(), 2)
+    assert patch is not None and len(patch) < 0.05 * base.nbytes
+    out = bytearray(base.tobytes())
+    apply_patch(out, patch, out)
+    assert bytes(out) == new.tobytes()
+
+
+def test_changes_outside_the_sample_are_decided_by_the_whole_chunk() -> None:
+    rng = np.random.default_rng(9)
+    base = rng.integers(0, 2**16, size=(4 << 20) // 2, dtype=np.uint16)
+    new = base.copy()
+    new[:1000] ^= 1  # the middle (the sample) is unchanged; the start moved
+    patch = encode_patch(base.tobytes(), new.tobytes(), 2)
+    assert patch is not None
+    out = bytearray(base.tobytes())
+    apply_patch(out, patch, out)
+    assert bytes(out) == new.tobytes()

@@ -49,3 +49,64 @@ def test_error_vocabulary():
     assert error_status("x") == "error: x" and is_error("error: x")
     assert not is_error(None) and not is_error(STATUS_UPDATED) and not is_error("")
 
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _state(rank: int, *, alive: bool, ttl: float | None = 1.5) -> ranks.RankState:
+    return ranks.RankState(rank, STATUS_PENDING, 1, True, alive, 0.1 if alive else None,
+                           heartbeat_ttl=ttl if alive else None)
+
+
+def test_death_watch_confirms_a_missing_heartbeat_only_after_a_beat_interval_of_prompt_reads():
+    clock = _Clock()
+    watch = ranks.DeathWatch(clock)
+    window = ranks.beat_interval(1.5) + ranks.CONFIRM_SLACK
+    assert watch.dead([_state(1, alive=True), _state(2, alive=True)], 0.01) == []  # TTLs learnt
+    assert watch.dead([_state(1, alive=False), _state(2, alive=True)], 0.01) == []  # missing: suspected only
+    assert watch.suspected() == [1]
+    clock.now += window - 0.01
+    assert watch.dead([_state(1, alive=False)], 0.01) == []
+    clock.now += 0.02
+    assert watch.dead([_state(1, alive=False)], 0.01) == [1]  # missing for the whole window: dead
+
+
+def test_death_watch_starts_over_after_a_stall_or_a_lost_connection():
+    clock = _Clock()
+    watch = ranks.DeathWatch(clock)
+    watch.dead([_state(1, alive=True)], 0.01)
+    watch.dead([_state(1, alive=False)], 0.01)
+    clock.now += 10
+    assert watch.dead([_state(1, alive=False)], 3.0) == [], "a read that took 3 s: the server stalled"
+    clock.now += ranks.beat_interval(1.5) + ranks.CONFIRM_SLACK - 0.1
+    assert watch.dead([_state(1, alive=False)], 0.01) == []
+    watch.stalled()  # the caller could not reach Redis
+    clock.now += 1.0
+    assert watch.dead([_state(1, alive=False)], 0.01) == []
+    assert watch.dead([_state(1, alive=True)], 0.01) == [] and watch.suspected() == []  # it beat again
+    watch.start()
+    unknown = ranks.DeathWatch(clock)  # a rank never seen alive gets the default TTL's window
+    unknown.dead([_state(7, alive=False)], 0.01)
+    clock.now += ranks.beat_interval(ranks.DEFAULT_HEARTBEAT_TTL) + ranks.CONFIRM_SLACK + 0.01
+    assert unknown.dead([_state(7, alive=False)], 0.01) == [7]
+
+
+def test_a_heartbeat_carries_its_ttl_and_its_age_comes_from_the_server(fake_redis):
+    ranks.register(fake_redis, K, 4, ttl=2.0)
+    (state,) = read_rank_states(fake_redis, K, [4])
+    assert state.heartbeat_ttl == 2.0 and 0 <= state.heartbeat_age < 0.5
+    fake_redis.pexpire(K.rank_alive(4), 500)  # 1.5 s of the TTL have gone by, as the server counts them
+    (state,) = read_rank_states(fake_redis, K, [4])
+    assert 1.4 <= state.heartbeat_age <= 1.6
+    ranks.heartbeat(fake_redis, K, 4, version=0, ttl=2.0)
+    assert read_rank_states(fake_redis, K, [4])[0].heartbeat_age < 0.5
+    ranks.heartbeat(fake_redis, K, 4, version=0, ttl=5.0)  # another TTL: the value follows
+    assert read_rank_states(fake_redis, K, [4])[0].heartbeat_ttl == 5.0
+    states, seconds = ranks.observe_rank_states(fake_redis, K, [4])
+    assert states[0].alive and seconds >= 0 and not fake_redis.exists(K.stall_probe), "the probe creates nothing"

@@ -207,7 +207,7 @@ def test_a_redis_error_while_waiting_for_acks_is_a_push_error(fake_store, policy
     def refused(*args, **kwargs):
         raise redis.exceptions.NoPermissionError("this user has no permissions to access one of the keys")
 
-    monkeypatch.setattr(updater_module, "read_rank_states", refused)
+    monkeypatch.setattr(updater_module, "observe_rank_states", refused)
     for sync in (True, False):
         updater = _updater(fake_store, policy, n=1, sync=sync, timeout=5)
         with pytest.raises(PushError, match=r"version \d+ failed: .*NoPermissionError.*acks.*lacks a right") as info:

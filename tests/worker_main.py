@@ -13,8 +13,11 @@ import sys
 import threading
 import time
 
+import redis
+
+import redis_weights.bulkread as bulkread_module
 import redis_weights.receiver as receiver_module
-from redis_weights import RedisStore, RedisWeightReceiver
+from redis_weights import ReceiveTimeoutError, RedisStore, RedisWeightReceiver
 from tests.models import make_model, state_digest
 
 
@@ -28,8 +31,22 @@ def main() -> int:
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--heartbeat-ttl", type=float, default=10.0)
     parser.add_argument("--apply-delay", type=float, default=0.0, help="sleep inside each apply (fault tests)")
+    parser.add_argument("--fetch-delay", type=float, default=0.0,
+                        help="sleep before each round of chunk reads (a slow network, without a big model)")
+    parser.add_argument("--foreground", action="store_true", help="apply from this thread with wait(), no start()")
     parser.add_argument("--host-cache", default=None, help="share versions through this directory (host_cache=DIR)")
     args = parser.parse_args()
+
+    if args.fetch_delay:
+        real_send_round = bulkread_module._send_round
+
+        def slow_send_round(*a, **kw):  # type: ignore[no-untyped-def]
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"fetching": True}) + "\n")
+            time.sleep(args.fetch_delay)
+            return real_send_round(*a, **kw)
+
+        bulkread_module._send_round = slow_send_round
 
     if args.apply_delay:
         real_apply = receiver_module.copy_tensors
@@ -56,10 +73,18 @@ def main() -> int:
     receiver.register_post_hook(record)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    receiver.start()
+    if not args.foreground:
+        receiver.start()
     with open(args.out, "a") as f:
         f.write(json.dumps({"ready": True}) + "\n")
-    stop.wait()
+    while not stop.is_set():
+        if not args.foreground:
+            stop.wait()
+            continue
+        try:
+            receiver.wait(timeout=0.5)
+        except (ReceiveTimeoutError, redis.exceptions.RedisError):
+            pass  # nothing new (or Redis trouble): wait again, as a user's own loop would
     receiver.close()
     return 0
 

@@ -35,6 +35,7 @@ from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
 from ..ranks import RankState, known_ranks, read_rank_states
 from ..store import RedisStore
 from ..subscriptions import Subscription
+from ..values import MAX_VERSION, parse_int
 from ..versions import VersionRegistry
 
 log = logging.getLogger(__name__)
@@ -292,24 +293,28 @@ class Admin:
             subscription.close()
 
     def _event(self, channel: str, data: str) -> Event | None:
+        """The event a message announces; None for a message that is not one (checked, never trusted)."""
         now = time.time()
-        try:
-            if channel == self.keyspace.updates_channel:
-                version = int(data)
-                try:
-                    m = self.registry.read_manifest(version)
-                except (VersionNotFoundError, CodecError):
-                    return Event("push", version, now)
-                return Event("push", version, now, total_bytes=m.total_bytes, tensors=len(m.tensors),
-                             producer=m.producer)  # fmt: skip
-            rank_text, _, version_text = data.partition(":")
-            rank, version = int(rank_text), int(version_text)
-        except ValueError:
+        if channel == self.keyspace.updates_channel:
+            version = parse_int(data, minimum=1, maximum=MAX_VERSION)
+            if version is None:
+                log.debug("ignoring message %r on %s", data, channel)
+                return None
+            try:
+                m = self.registry.read_manifest(version)
+            except (VersionNotFoundError, CodecError):
+                return Event("push", version, now)
+            return Event("push", version, now, total_bytes=m.total_bytes, tensors=len(m.tensors),
+                         producer=m.producer)  # fmt: skip
+        rank_text, _, version_text = data.partition(":")
+        rank = parse_int(rank_text, minimum=1, maximum=MAX_VERSION)
+        acked = parse_int(version_text, minimum=0, maximum=MAX_VERSION)
+        if rank is None or acked is None:
             log.debug("ignoring message %r on %s", data, channel)
             return None
         state = read_rank_states(self.client, self.keyspace, [rank])[0]
         latency = ack_latency(state, self.created_times([state.version]).get(state.version))
-        return Event("ack", version, now, rank=rank, status=state.status, lag=state.lag(self.registry.latest()),
+        return Event("ack", acked, now, rank=rank, status=state.status, lag=state.lag(self.registry.latest()),
                      ack_latency=latency)  # fmt: skip
 
     # -- files ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ...deployment import redacted
 from ...errors import ConfigurationError
 from ...ranks import read_rank_states
 from ...store import RedisStore
@@ -73,7 +74,7 @@ def run_demo(options: DemoOptions, out: IO[str] | None = None) -> int:
     namespace = options.namespace or f"demo-{uuid.uuid4().hex[:8]}"
     with ExitStack() as stack:
         url = stack.enter_context(_server(options.url))
-        where = "a private server" if options.url is None else url
+        where = "a private server" if options.url is None else redacted(url)
         out.write(f"demo: {options.workers} workers, {options.size_mb:g} MB model, {options.versions} versions, "
                   f"namespace {namespace!r} on {where}\n")  # fmt: skip
         out.flush()

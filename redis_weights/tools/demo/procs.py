@@ -3,11 +3,16 @@
 Each child is ``python -m redis_weights demo --role worker --json-lines`` (see
 ``roles.run_worker``): one JSON line on stdout when ready, then one per applied version
 (version and digest). Closing its stdin tells it to go.
+
+The Redis URL reaches a child through its environment (``REDIS_URL``), never its
+command line: any local user can read another's argv (``ps``), and the URL may hold
+a password.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from ...errors import ConfigurationError
+from ..cli.args import ENV_URL
 
 _READY_TIMEOUT = 120.0  # seconds every child has to report ready (its imports take a few)
 
@@ -28,8 +34,7 @@ class WorkerProcess:
         self.log_path = log_dir / f"worker{rank}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "redis_weights", "--url", url, "--namespace", namespace, "demo", "--role", "worker",
-             "--rank", str(rank), "--size-mb", str(size_mb), "--json-lines"],
+            worker_command(rank, namespace, size_mb), env=worker_environment(url),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
         )  # fmt: skip
         self.ready = threading.Event()
@@ -77,6 +82,17 @@ class WorkerProcess:
                     self.proc.kill()
                     self.proc.wait()
         self._log.close()
+
+
+def worker_command(rank: int, namespace: str, size_mb: float) -> list[str]:
+    """The command line of a demo worker child: everything but the URL (see ``worker_environment``)."""
+    return [sys.executable, "-m", "redis_weights", "--namespace", namespace, "demo", "--role", "worker",
+            "--rank", str(rank), "--size-mb", str(size_mb), "--json-lines"]  # fmt: skip
+
+
+def worker_environment(url: str) -> dict[str, str]:
+    """This process's environment with ``REDIS_URL`` set to ``url``: how a child learns it, unseen by ``ps``."""
+    return {**os.environ, ENV_URL: url}
 
 
 def wait_ready(workers: list[WorkerProcess], timeout: float = _READY_TIMEOUT) -> None:
