@@ -16,6 +16,18 @@ an apply after which the first element of its first weight held that push's inde
 of every byte. Results go to a JSON file and a PNG plot; the table is printed as
 Markdown. All Redis systems share one private ``redis-server`` (flushed between
 configurations); nothing touches a Redis you run. See docs/benchmarks.md.
+
+    python scripts/bench.py --workloads finetune,frozen,classic    # issue 11 (~25 min here)
+    python scripts/bench.py --workloads finetune --lrs 1e-6 --workers 4 --systems rw-delta,torchrl
+
+The training workloads (``scripts/bench_train.py``) take real optimizer steps between
+pushes: a >= 250M-parameter decoder-only transformer with fp32 master weights and
+AdamW (``finetune``; ``frozen``: half its blocks frozen), and an fp32 MLP policy with
+Adam at lr 3e-4 (``classic``). Per push: the fraction of changed wire-dtype elements,
+the bytes written to Redis and its egress (``INFO stats``), the trainer's encode
+seconds, the push seconds, the slowest worker's apply seconds; a row is *bit-exact*
+when every worker's xxh3-128 digest of all its weight bytes equalled the trainer's
+digest of its wire-dtype weights after every push. Results: docs/bench/workloads.json.
 """
 
 from __future__ import annotations
@@ -41,6 +53,14 @@ import redis  # noqa: E402
 
 from redis_weights.tools.server import LocalRedisServer, free_port  # noqa: E402
 from scripts.bench_procs import CHUNK, RW_SYSTEMS, SYSTEMS  # noqa: E402
+from scripts.bench_train import (  # noqa: E402
+    MODEL_FLAGS,
+    TRAIN_SYSTEMS,
+    WORKLOADS,
+    Workload,
+    add_arguments,
+    model_flags,
+)
 
 DEFAULT_SYSTEMS = ("rw-sync", "rw-async", "rw-shm", "raw", "naive", "torchrl")
 PROCS = str(REPO / "scripts" / "bench_procs.py")
@@ -121,8 +141,11 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
             proc.wait()
 
 
-def run_config(url: str, system: str, size: int, workers: int, repeats: int, timeout: float) -> dict[str, Any]:
-    """One trainer and ``workers`` worker processes; the measured row."""
+def run_processes(
+    url: str, common: list[str], workers: int, repeats: int, timeout: float
+) -> tuple[dict[str, Any], list[dict[str, Any]]] | str:
+    """One trainer and ``workers`` worker processes on a flushed Redis: their JSON documents,
+    or the error (with the tails of their logs) as a string."""
     client = redis.Redis.from_url(url)
     client.flushall()
     client.close()
@@ -131,8 +154,8 @@ def run_config(url: str, system: str, size: int, workers: int, repeats: int, tim
     with tempfile.TemporaryDirectory(prefix="rw-bench-") as tmp, \
             tempfile.TemporaryDirectory(prefix="rw-bench-cache-", dir=shm) as cache:
         d = Path(tmp)
-        common = ["--system", system, "--size", str(size), "--url", url, "--workers", str(workers)]
-        common += ["--tcp-port", str(port), "--namespace", "bench", "--cache-dir", cache]
+        common = [*common, "--url", url, "--workers", str(workers), "--tcp-port", str(port),
+                  "--namespace", "bench", "--cache-dir", cache, "--signals", tmp]
         procs = []
         try:
             for rank in range(1, workers + 1):
@@ -148,16 +171,23 @@ def run_config(url: str, system: str, size: int, workers: int, repeats: int, tim
             trainer.wait(timeout)
         except Exception as exc:
             logs = "".join(p.read_text(errors="replace")[-800:] for p in d.glob("*.log"))
-            return {"system": system, "size": size, "workers": workers, "error": f"{exc}; logs: {logs[-1500:]}"}
+            return f"{exc}; logs: {logs[-1500:]}"
         finally:
             for proc in procs:
                 stop(proc)
         if not (d / "t.json").exists():
-            return {"system": system, "size": size, "workers": workers,
-                    "error": "trainer wrote nothing: " + (d / "t.log").read_text(errors="replace")[-1500:]}
+            return "trainer wrote nothing: " + (d / "t.log").read_text(errors="replace")[-1500:]
         trainer_doc = json.loads((d / "t.json").read_text())
         worker_docs = [json.loads(p.read_text()) for p in sorted(d.glob("w*.json"))]
-    return summarize(system, size, workers, trainer_doc, worker_docs)
+    return trainer_doc, worker_docs
+
+
+def run_config(url: str, system: str, size: int, workers: int, repeats: int, timeout: float) -> dict[str, Any]:
+    """One row of the size sweep: one trainer and ``workers`` worker processes."""
+    docs = run_processes(url, ["--system", system, "--size", str(size)], workers, repeats, timeout)
+    if isinstance(docs, str):
+        return {"system": system, "size": size, "workers": workers, "error": docs}
+    return summarize(system, size, workers, *docs)
 
 
 def median(values: list[float]) -> float | None:
@@ -301,19 +331,163 @@ def report(doc: dict[str, Any]) -> str:
         f"torch {m['torch']}, redis-py {m['redis_py']}, Redis {m.get('redis_server')}; "
         f"chunk {doc['args']['chunk_size'] >> 20} MiB; run took {doc['seconds']:.0f} s.",
         "",
-        "Median seconds per push (until every worker runs the new weights; rw-async: trainer stall / until applied):",
-        "",
-        pivot(doc["rows"]),
-        "",
-        table(doc["rows"]),
-        "",
     ]
-    for t in targets(doc["rows"]):
-        verdict = "measured (no target)" if t["limit"] == float("inf") else (
-            f"limit {t['limit']}: {'met' if t['met'] else 'NOT met'}")
-        note = f"; {t['note']}" if t.get("note") and not t["met"] else ""
-        lines.append(f"- {t['target']}: {t['ratio']} ({verdict}{note})")
+    if doc["rows"]:
+        lines += [
+            "Median seconds per push (until every worker runs the new weights; "
+            "rw-async: trainer stall / until applied):",
+            "",
+            pivot(doc["rows"]),
+            "",
+            table(doc["rows"]),
+            "",
+        ]
+    workload_rows = doc.get("workload_rows") or []
+    if workload_rows:
+        lines += [workload_table(workload_rows), ""]
+    for t in targets(doc["rows"]) + workload_targets(workload_rows):
+        lines.append(target_line(t))
     return "\n".join(lines)
+
+
+def target_line(t: dict[str, Any]) -> str:
+    verdict = "measured (no target)" if t["limit"] == float("inf") else (
+        f"limit {t['limit']}: {'met' if t['met'] else 'NOT met'}")
+    note = f"; {t['note']}" if t.get("note") and not t["met"] else ""
+    return f"- {t['target']}: {t['ratio']} ({verdict}{note})"
+
+
+# ---------------------------------------------------------------------------------------
+# Training workloads (issue 11): see scripts/bench_train.py
+# ---------------------------------------------------------------------------------------
+def run_workload(
+    url: str, workload: str, lr: float, system: str, workers: int, repeats: int, timeout: float, flags: list[str]
+) -> dict[str, Any]:
+    """One row: a trainer training ``workload`` at ``lr`` and pushing to ``workers`` workers."""
+    ident = {"workload": workload, "lr": lr, "system": system, "workers": workers}
+    common = ["--system", system, "--workload", workload, "--lr", repr(lr), *flags]
+    docs = run_processes(url, common, workers, repeats, timeout)
+    if isinstance(docs, str):
+        return {**ident, "error": docs}
+    return summarize_workload(ident, *docs)
+
+
+def workload_runs(workload: Workload, lrs: str | None) -> list[tuple[float, tuple[int, ...]]]:
+    """(learning rate, default worker counts) to run: the workload's own, or ``--lrs`` (finetune)."""
+    if not lrs or workload.name != "finetune":
+        return list(workload.runs)
+    own = dict(workload.runs)
+    return [(float(x), own.get(float(x), (1, 2, 4))) for x in lrs.split(",")]
+
+
+def summarize_workload(
+    ident: dict[str, Any], trainer: dict[str, Any], worker_docs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Medians over the timed pushes (the first push, a warm-up and a keyframe, is left out).
+
+    Verified: every worker's digest after every push, the warm-up included, equals the
+    trainer's digest of its wire-dtype weights for that push."""
+    pushes = trainer["pushes"]
+    timed = pushes[1:]
+    proofs = [{p["index"]: p for p in w["proofs"]} for w in worker_docs]
+    verified = len(worker_docs) == ident["workers"] and bool(timed) and all(
+        w.get(p["index"], {}).get("digest") == p["digest"] for p in pushes for w in proofs)
+    slowest_apply = []
+    for p in timed:
+        seconds = [w[p["index"]].get("apply_s") for w in proofs if p["index"] in w]
+        if seconds and None not in seconds:
+            slowest_apply.append(max(seconds))
+
+    def med(key: str) -> float | None:
+        return median([p[key] for p in timed if p.get(key) is not None])
+
+    worker_growth = [w["rss_peak"] - w["rss_baseline"] for w in worker_docs]
+    return {
+        **ident,
+        "params": trainer["params"],
+        "trainable": trainer["trainable"],
+        "wire_bytes": trainer["wire_bytes"],
+        "repeats": len(timed),
+        "changed": med("changed"),
+        "bytes_in": med("bytes_in"),
+        "bytes_out": med("bytes_out"),
+        "first_bytes_in": pushes[0]["bytes_in"] if pushes else None,
+        "encode_s": med("encode_s"),
+        "push_s": med("push_s"),
+        "push_s_all": [p["push_s"] for p in timed],
+        "apply_s": median(slowest_apply),
+        "train_s": med("train_s"),
+        "trainer_rss_growth": trainer["rss_peak"] - trainer["rss_baseline"],
+        "worker_rss_growth": max(worker_growth) if worker_growth else None,
+        "verified": verified,
+        "error": trainer.get("error"),
+    }
+
+
+def workload_label(r: dict[str, Any]) -> str:
+    return f"{r['workload']} | {r['lr']:g}"
+
+
+def workload_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (workload, lr, workers, system): medians per push after the first."""
+    head = (
+        "| workload | lr | workers | system | changed elements % | written MB/push | written / dense wire "
+        "| Redis out MB/push | encode s | push s | worker apply s | worker RSS +MB | bit-exact |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    mb = 1 / 1e6
+    for r in rows:
+        where = f"| {workload_label(r)} | {r['workers']} | {r['system']} |"
+        if r.get("push_s") is None:
+            reason = (r.get("error") or "no push measured").split(";")[0][:90]
+            lines.append(f"{where} failed: {reason} |||||||||")
+            continue
+        ratio = r["bytes_in"] / r["wire_bytes"] if r.get("bytes_in") is not None else None
+        lines.append(
+            f"{where} {fmt(r.get('changed'), 100, 3)} | {fmt(r.get('bytes_in'), mb, 4)} | {fmt(ratio, 1, 3)} "
+            f"| {fmt(r.get('bytes_out'), mb, 4)} | {fmt(r.get('encode_s'))} | {fmt(r['push_s'])} "
+            f"| {fmt(r.get('apply_s'))} | {fmt(r.get('worker_rss_growth'), mb, 4)} "
+            f"| {'yes' if r['verified'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def find_workload(rows: list[dict[str, Any]], workload: str, lr: float, system: str, workers: int) -> dict | None:
+    for r in rows:
+        if (r["workload"], r["lr"], r["system"], r["workers"]) == (workload, lr, system, workers) \
+                and r.get("push_s") is not None:
+            return r
+    return None
+
+
+def workload_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 11's targets, as ratios of medians measured in this run (skipped if not measured)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, limit: float) -> None:
+        out.append({"target": name, "ratio": round(value, 4), "limit": limit, "met": value <= limit})
+
+    counts = sorted({r["workers"] for r in rows})
+    for workload, lr, system, limit in (("finetune", 1e-6, "rw-delta", 0.05), ("finetune", 1e-5, "rw-delta", 0.25),
+                                        ("frozen", 1e-6, "rw-dense", 0.55)):
+        for n in counts:
+            r = find_workload(rows, workload, lr, system, n)
+            if r is not None and r.get("bytes_in") is not None:
+                add(f"{workload} lr {lr:g} {system} x{n}: bytes written per version / dense wire size",
+                    r["bytes_in"] / r["wire_bytes"], limit)
+    delta, peer = find_workload(rows, "finetune", 1e-6, "rw-delta", 4), find_workload(rows, "finetune", 1e-6,
+                                                                                       "torchrl", 4)
+    if delta is not None and peer is not None:
+        add("finetune lr 1e-06, 4 workers, sync: rw-delta push / torchrl push", delta["push_s"] / peer["push_s"], 0.2)
+    for n in counts:
+        delta, dense = (find_workload(rows, "classic", 3e-4, s, n) for s in ("rw-delta", "rw-dense"))
+        if delta is not None and dense is not None:
+            add(f"classic x{n}: rw-delta push / rw-dense push", delta["push_s"] / dense["push_s"], 1.05)
+    ran = [r for r in rows if r.get("push_s") is not None]
+    if ran:
+        add(f"rows where a worker did not hold the trainer's wire bytes after a push ({len(ran)} rows ran)",
+            sum(not r["verified"] for r in ran), 0)
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -348,31 +522,43 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1MB,100MB,1GB", help="comma-separated model sizes")
-    parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
-    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"from {', '.join(SYSTEMS)}")
+    parser.add_argument("--sizes", help="comma-separated model sizes (default 1MB,100MB,1GB; none with --workloads)")
+    parser.add_argument("--workloads", default="", help=f"training workloads, from {', '.join(WORKLOADS)}")
+    parser.add_argument("--lrs", help="finetune: comma-separated learning rates (default 1e-6,1e-5)")
+    parser.add_argument("--workers", help="comma-separated worker counts (default 1,2,4; workloads: their own)")
+    parser.add_argument("--systems", help=f"from {', '.join(SYSTEMS)} (the sweep) and {', '.join(TRAIN_SYSTEMS)} "
+                        "(workloads); default: every sweep system and each workload's own peers")
     parser.add_argument("--repeats", type=int, default=5, help="timed pushes per configuration")
     parser.add_argument("--repeats-large", type=int, default=3, help="timed pushes for sizes of 512 MB and more")
+    parser.add_argument("--repeats-train", type=int, default=3, help="timed pushes per workload configuration")
     parser.add_argument("--url", help="an existing Redis to use (it is FLUSHED); default: a private server")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one configuration may take")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "results.json")
+    parser.add_argument("--out", type=Path, help="results JSON (default docs/bench/results.json; "
+                        "docs/bench/workloads.json for a run of workloads only)")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "bench" / "push_seconds.png")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--report", type=Path, help="only re-render the tables and plot of an earlier JSON file")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     if args.report:
         doc = json.loads(args.report.read_text())
-        if not args.no_plot:
+        if not args.no_plot and doc["rows"]:
             plot(doc["rows"], args.plot)
         print(report(doc))
         return 0
 
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
-    counts = [int(n) for n in args.workers.split(",")]
-    systems = [s.strip() for s in args.systems.split(",")]
-    unknown = set(systems) - set(SYSTEMS)
-    if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if set(workloads) - set(WORKLOADS):
+        parser.error(f"unknown workloads {sorted(set(workloads) - set(WORKLOADS))}; choose from {list(WORKLOADS)}")
+    sizes = [parse_size(s) for s in (args.sizes if args.sizes is not None else
+                                     "" if workloads else "1MB,100MB,1GB").split(",") if s.strip()]
+    counts = [int(n) for n in (args.workers or "1,2,4").split(",")]
+    chosen = None if args.systems is None else [s.strip() for s in args.systems.split(",")]
+    if chosen is not None and set(chosen) - set(SYSTEMS) - set(TRAIN_SYSTEMS):
+        parser.error(f"unknown systems {sorted(set(chosen) - set(SYSTEMS) - set(TRAIN_SYSTEMS))}; "
+                     f"choose from {SYSTEMS + TRAIN_SYSTEMS}")
+    systems = list(DEFAULT_SYSTEMS) if chosen is None else [s for s in chosen if s in SYSTEMS]
+    out = args.out or REPO / "docs" / "bench" / ("results.json" if sizes or not workloads else "workloads.json")
 
     server = None
     url = args.url
@@ -380,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         server = LocalRedisServer().start()
         url = server.url
     rows: list[dict[str, Any]] = []
+    workload_rows: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
         for size in sizes:
@@ -392,6 +579,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{size_label(size):>7} x{n} {system:<9} "
                           f"{fmt(row.get('push_s'))} s/push  ({time.monotonic() - t:.0f}s)"
                           + (f"  ERROR {row['error'][:200]}" if row.get("error") else ""), file=sys.stderr, flush=True)
+        flags = model_flags(args)
+        for name in workloads:
+            for lr, default_counts in workload_runs(WORKLOADS[name], args.lrs):
+                peers = [s for s in (chosen or WORKLOADS[name].systems) if s in TRAIN_SYSTEMS]
+                for n in counts if args.workers else default_counts:
+                    for system in peers:
+                        t = time.monotonic()
+                        row = run_workload(url, name, lr, system, n, args.repeats_train, args.timeout, flags)
+                        workload_rows.append(row)
+                        status = row.get("error") or ""
+                        print(f"{name} lr {lr:g} x{n} {system:<8} {fmt(row.get('push_s'))} s/push  "
+                              f"({time.monotonic() - t:.0f}s) {status[:200]}", file=sys.stderr, flush=True)
         server_version = redis.Redis.from_url(url).info("server").get("redis_version")
     finally:
         if server is not None:
@@ -399,18 +598,21 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "machine": {**machine(), "redis_server": server_version},
         "args": {"sizes": sizes, "workers": counts, "systems": systems, "repeats": args.repeats,
-                 "repeats_large": args.repeats_large, "chunk_size": CHUNK},
+                 "repeats_large": args.repeats_large, "chunk_size": CHUNK, "workloads": workloads,
+                 "repeats_train": args.repeats_train, "model": {name: getattr(args, name) for name in MODEL_FLAGS}},
         "seconds": round(time.monotonic() - started, 1),
         "rows": rows,
-        "targets": targets(rows),
+        "workload_rows": workload_rows,
+        "targets": targets(rows) + workload_targets(workload_rows),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
-    if not args.no_plot:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    if not args.no_plot and rows:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, args.plot)
     print(report(doc))
-    return 0 if all(r.get("verified") for r in rows if not r.get("error")) else 1
+    ran = [r for r in rows + workload_rows if not r.get("error")]
+    return 0 if all(r.get("verified") for r in ran) else 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Systems (see docs/benchmarks.md):
                               checksum, no manifest; pipelined chunks; acks via MGET
   naive                       torch.save -> one SET + PUBLISH; GET + torch.load + load_state_dict
   torchrl                     TorchRL's DistributedWeightUpdater over gloo + TCPStore
+
+With ``--workload`` (issue 11) the processes train and push instead: see
+``scripts/bench_train.py`` (systems rw-dense, rw-delta, torchrl).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis_weights.deployment import client_from_url  # noqa: E402
+from scripts import bench_train  # noqa: E402
+from scripts.bench_train import TRAIN_SYSTEMS, WORKLOADS, add_arguments  # noqa: E402
 
 CHUNK = 8 << 20
 PIPELINE_BYTES = 64 << 20
@@ -73,8 +78,22 @@ def first_weight(model: nn.Module) -> torch.Tensor:
     return next(iter(model.state_dict().values())).view(-1)
 
 
+STRIDE = 1024  # elements: one stamped element per 4 KiB of float32
+
+
 def set_marker(model: nn.Module, marker: int) -> None:
+    """Write the push index into the first element of the first weight, and into one element
+    of every 4 KiB a value unique to (push, position): no chunk of a push then equals a chunk
+    of an earlier push or another chunk of the same push, so content-addressed chunks cannot
+    dedup the zero-filled model and the sweep measures dense pushes (exact in float32 while
+    pushes x model bytes / 4 KiB < 2**24)."""
     with torch.no_grad():
+        stamped = [t.view(-1)[::STRIDE] for t in model.state_dict().values()]
+        total = sum(s.numel() for s in stamped)
+        offset = marker * total
+        for s in stamped:
+            s.copy_(torch.arange(offset, offset + s.numel(), dtype=torch.float64))
+            offset += s.numel()
         first_weight(model)[0] = float(marker)
 
 
@@ -274,8 +293,13 @@ def torchrl_init(args: argparse.Namespace, rank: int, world: int) -> Any:
     return store
 
 
-def torchrl_worker(args: argparse.Namespace, model: nn.Module, record: Callable[[], None]) -> None:
-    """TorchRL's worker loop (torchrl.collectors.distributed.generic._run_collector), minus the env."""
+def torchrl_worker(
+    args: argparse.Namespace, model: nn.Module, record: Callable[[float], None],
+    after_ack: Callable[[], None] | None = None,
+) -> None:
+    """TorchRL's worker loop (torchrl.collectors.distributed.generic._run_collector), minus the env.
+
+    ``record(seconds the recv took)`` runs before the ack, ``after_ack()`` (if given) after it."""
     from tensordict import TensorDict
 
     ready(args.out)
@@ -286,9 +310,12 @@ def torchrl_worker(args: argparse.Namespace, model: nn.Module, record: Callable[
         instruction = store.get(f"NODE_{rank}_in")
         store.delete_key(f"NODE_{rank}_in")
         if instruction == b"update_weights":
+            started = time.perf_counter()
             policy_weights.recv(0)
-            record()
+            record(time.perf_counter() - started)
             store.set(f"NODE_{rank}_out", b"updated")
+            if after_ack is not None:
+                after_ack()
         elif instruction == b"shutdown":
             store.set(f"NODE_{rank}_out", b"down")
             break
@@ -343,6 +370,35 @@ def run_trainer(args: argparse.Namespace) -> None:
             "error": error,
         },
     )
+
+
+def torchrl_trainer(
+    args: argparse.Namespace, model: nn.Module, ranks: list[int]
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """TorchRL's trainer side: a ``DistributedWeightUpdater`` (sync) over gloo sending
+    ``model``'s weights to ``ranks``; (push, shutdown the workers and the process group)."""
+    import warnings
+
+    from tensordict import TensorDict
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from torchrl.collectors.distributed.generic import DistributedWeightUpdater
+
+    store = torchrl_init(args, 0, len(ranks) + 1)
+    weights = TensorDict.from_module(model)
+    updater = DistributedWeightUpdater(store, weights, num_workers=len(ranks), sync=True)
+
+    def push() -> None:
+        updater.push_weights(weights)
+
+    def shutdown() -> None:
+        for rank in ranks:
+            store.set(f"NODE_{rank}_in", b"shutdown")
+        for rank in ranks:
+            store.get(f"NODE_{rank}_out")
+        torch.distributed.destroy_process_group()
+
+    return push, shutdown
 
 
 def make_pusher(args: argparse.Namespace, model: nn.Module, ranks: list[int]) -> tuple[Any, Callable[[], None]]:
@@ -404,27 +460,7 @@ def make_pusher(args: argparse.Namespace, model: nn.Module, ranks: list[int]) ->
 
         return push_naive, nothing
     if args.system == "torchrl":
-        import warnings
-
-        from tensordict import TensorDict
-
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        from torchrl.collectors.distributed.generic import DistributedWeightUpdater
-
-        store = torchrl_init(args, 0, len(ranks) + 1)
-        weights = TensorDict.from_module(model)
-        updater = DistributedWeightUpdater(store, weights, num_workers=len(ranks), sync=True)
-
-        def push_torchrl() -> None:
-            updater.push_weights(weights)
-
-        def shutdown() -> None:
-            for rank in ranks:
-                store.set(f"NODE_{rank}_in", b"shutdown")
-            for rank in ranks:
-                store.get(f"NODE_{rank}_out")
-            torch.distributed.destroy_process_group()
-
+        push_torchrl, shutdown = torchrl_trainer(args, model, ranks)
         push_torchrl.close = shutdown  # type: ignore[attr-defined]
         return push_torchrl, nothing
     raise SystemExit(f"unknown system {args.system}")
@@ -433,8 +469,11 @@ def make_pusher(args: argparse.Namespace, model: nn.Module, ranks: list[int]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("role", choices=["worker", "trainer"])
-    parser.add_argument("--system", choices=SYSTEMS, required=True)
-    parser.add_argument("--size", type=int, required=True, help="model bytes")
+    parser.add_argument("--system", choices=SYSTEMS + TRAIN_SYSTEMS, required=True)
+    parser.add_argument("--size", type=int, default=0, help="model bytes (the size sweep)")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), help="a training workload instead of --size")
+    parser.add_argument("--lr", type=float, default=1e-6, help="the workload's learning rate")
+    parser.add_argument("--signals", help="workloads: the folder of the per-push hand-over files")
     parser.add_argument("--url", default="")
     parser.add_argument("--namespace", default="bench")
     parser.add_argument("--rank", type=int, default=0)
@@ -444,10 +483,18 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="/dev/shm/redis_weights", help="rw-shm: the host cache directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--go", help="trainer: push only once this file exists (every worker is ready)")
+    add_arguments(parser)
     args = parser.parse_args()
     if args.role == "trainer" and not args.go:
         parser.error("the trainer needs --go")
-    (run_worker if args.role == "worker" else run_trainer)(args)
+    if args.workload:
+        if not args.signals:
+            parser.error("a workload needs --signals")
+        (bench_train.run_worker if args.role == "worker" else bench_train.run_trainer)(args)
+    elif args.size <= 0:
+        parser.error("give --size or --workload")
+    else:
+        (run_worker if args.role == "worker" else run_trainer)(args)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
 """``scripts/bench.py``: every system runs at a tiny size with sane, verified rows; the plot is
-drawn; ``--report`` re-renders a results file; the committed results and the README agree."""
+drawn; ``--report`` re-renders a results file; the committed results and the README agree.
+The training workloads (issue 11) run with tiny models: real steps, bit-exact proofs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from scripts import bench
+from scripts import bench, bench_procs, bench_train
 from scripts.bench_procs import RW_SYSTEMS, SYSTEMS
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "bench" / "results.json"
+WORKLOAD_RESULTS = REPO / "docs" / "bench" / "workloads.json"
 TINY = 64 << 10
 # torchrl is an optional extra: its peer runs in a test of its own, skipped without it.
 CORE_SYSTEMS = tuple(s for s in SYSTEMS if s != "torchrl")
@@ -125,3 +129,174 @@ def test_readme_shows_the_committed_results():
     section = section[: section.index("\n## ", 1)]
     assert bench.pivot(doc["rows"]) in section
     assert bench.table(doc["rows"]) in section
+
+
+def test_readme_and_docs_show_the_committed_workload_run():
+    """The issue-11 table and targets in the README and docs/benchmarks.md are ``--report`` output of
+    ``docs/bench/workloads.json``, a run at full size where every row is bit-exact."""
+    doc = json.loads(WORKLOAD_RESULTS.read_text())
+    rows = doc["workload_rows"]
+    assert rows and all(r["verified"] for r in rows)
+    assert {r["params"] for r in rows if r["workload"] != "classic"} == {260347904}  # >= 250M, bf16 >= 500 MB
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n### Training workloads"):]
+    section = section[: section.index("\n## ", 1)]
+    docs = (REPO / "docs" / "benchmarks.md").read_text()
+    for text in (section, docs):
+        assert bench.workload_table(rows) in text
+        for target in bench.workload_targets(rows):
+            assert bench.target_line(target) in text
+
+
+# ---------------------------------------------------------------------------------------
+# Training workloads (issue 11)
+# ---------------------------------------------------------------------------------------
+TINY_MODEL = ["--width", "32", "--layers", "4", "--heads", "2", "--vocab", "64", "--seq", "8", "--batch", "1",
+              "--mlp-width", "32", "--mlp-layers", "2"]
+
+
+def tiny_args(**overrides: object) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    args = parser.parse_args(TINY_MODEL)
+    args.lr = 1e-6
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
+
+
+def test_a_training_step_moves_the_master_weights_and_the_wire_copy_counts_what_changed():
+    args = tiny_args()
+    trainer = bench_train.Trainer(args, bench_train.WORKLOADS["finetune"])
+    wire = bench_train.WireCopy(args, bench_train.WORKLOADS["finetune"], trainer.model)
+    assert all(t.dtype == torch.bfloat16 for t in wire.model.state_dict().values())
+    assert wire.refresh()[1] == 0.0  # nothing trained yet
+    before = bench_train.digest(wire.model)
+    trainer.step()
+    _, changed = wire.refresh()
+    assert 0 < changed < 0.5  # lr 1e-6: a few bf16 elements move, most do not
+    assert bench_train.digest(wire.model) != before
+    assert wire.refresh()[1] == 0.0  # compared with the previous refresh, not the start
+
+
+def test_the_digest_sees_every_bit_and_the_frozen_half_stays_put():
+    args = tiny_args()
+    frozen = bench_train.Trainer(args, bench_train.WORKLOADS["frozen"])
+    start = {n: t.clone() for n, t in frozen.model.state_dict().items()}
+    frozen.step()
+    moved = {n for n, t in frozen.model.state_dict().items() if not torch.equal(t, start[n])}
+    assert moved and not any(n.startswith(("blocks.0.", "blocks.1.")) for n in moved)
+    assert any(n.startswith(("blocks.2.", "blocks.3.")) for n in moved)
+    model = bench_train.build_model(args, bench_train.WORKLOADS["finetune"], torch.bfloat16, init=True)
+    before = bench_train.digest(model)
+    last = list(model.state_dict().values())[-1]
+    last.view(-1).view(torch.int16)[-1] ^= 1  # the lowest bit of the last element
+    assert bench_train.digest(model) != before
+
+
+def proofs(digests: list[str]) -> dict:
+    return {"proofs": [{"index": i, "digest": d, "apply_s": 0.1} for i, d in enumerate(digests, 1)],
+            "rss_baseline": 0, "rss_peak": 1}
+
+
+def test_a_worker_that_missed_a_push_fails_verification():
+    pushes = [{"index": i, "digest": f"d{i}", "changed": 0.01, "push_s": 1.0, "encode_s": 0.1, "train_s": 1.0,
+               "bytes_in": 10, "bytes_out": 20} for i in (1, 2, 3)]
+    trainer = {"pushes": pushes, "params": 5, "trainable": 5, "wire_bytes": 1000, "rss_baseline": 0, "rss_peak": 1}
+    ident = {"workload": "finetune", "lr": 1e-6, "system": "rw-delta", "workers": 2}
+    good = bench.summarize_workload(ident, trainer, [proofs(["d1", "d2", "d3"])] * 2)
+    assert good["verified"] and good["repeats"] == 2 and good["bytes_in"] == 10 and good["apply_s"] == 0.1
+    stale = bench.summarize_workload(ident, trainer, [proofs(["d1", "d2", "d3"]), proofs(["d1", "d2", "d2"])])
+    assert not stale["verified"]
+    assert not bench.summarize_workload(ident, trainer, [proofs(["d1", "d2", "d3"])])["verified"]  # a worker short
+
+
+def test_workload_targets_of_synthetic_rows():
+    base = {"wire_bytes": 1000, "bytes_in": 40, "verified": True}
+    rows = [
+        {**base, "workload": "finetune", "lr": 1e-6, "system": "rw-delta", "workers": 4, "push_s": 0.5},
+        {**base, "workload": "finetune", "lr": 1e-6, "system": "torchrl", "workers": 4, "push_s": 2.0,
+         "bytes_in": None},
+        {**base, "workload": "finetune", "lr": 1e-5, "system": "rw-delta", "workers": 4, "push_s": 0.5,
+         "bytes_in": 300},
+        {**base, "workload": "frozen", "lr": 1e-6, "system": "rw-dense", "workers": 4, "push_s": 1.0,
+         "bytes_in": 520},
+        {**base, "workload": "classic", "lr": 3e-4, "system": "rw-delta", "workers": 4, "push_s": 1.02},
+        {**base, "workload": "classic", "lr": 3e-4, "system": "rw-dense", "workers": 4, "push_s": 1.0,
+         "verified": False},
+        {"workload": "classic", "lr": 3e-4, "system": "torchrl", "workers": 4, "error": "ConnectionError: x; logs"},
+    ]
+    found = {t["target"].split(":")[0]: t for t in bench.workload_targets(rows)}
+    assert (found["finetune lr 1e-06 rw-delta x4"]["ratio"], found["finetune lr 1e-06 rw-delta x4"]["met"]) == (
+        0.04, True)
+    assert (found["finetune lr 1e-05 rw-delta x4"]["ratio"], found["finetune lr 1e-05 rw-delta x4"]["met"]) == (
+        0.3, False)
+    assert found["frozen lr 1e-06 rw-dense x4"]["met"]
+    assert found["finetune lr 1e-06, 4 workers, sync"]["ratio"] == 0.25 and not found[
+        "finetune lr 1e-06, 4 workers, sync"]["met"]
+    assert found["classic x4"]["met"]
+    unverified = next(t for t in found.values() if t["target"].startswith("rows where"))
+    assert (unverified["ratio"], unverified["met"]) == (1, False)
+    table = bench.workload_table(rows)
+    assert "| classic | 0.0003 | 4 | torchrl | failed: ConnectionError: x |" in table and "| NO |" in table
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_workloads_train_between_pushes_and_every_worker_proves_the_bytes(tmp_path, server_factory, capsys):
+    server = server_factory()
+    out = tmp_path / "w.json"
+    code = bench.main(["--workloads", "finetune,frozen,classic", "--lrs", "1e-6", "--workers", "1",
+                       "--systems", "rw-delta", "--repeats-train", "2", "--url", server.url,
+                       "--out", str(out), "--timeout", "120", *TINY_MODEL])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    rows = {r["workload"]: r for r in doc["workload_rows"]}
+    assert set(rows) == {"finetune", "frozen", "classic"} and {r["system"] for r in rows.values()} == {"rw-delta"}
+    assert doc["rows"] == []  # workloads only: no size sweep
+    for name, r in rows.items():
+        assert r["error"] is None and r["verified"], (name, r)
+        assert r["repeats"] == 2 and len(r["push_s_all"]) == 2, name
+        for key in ("push_s", "apply_s", "train_s", "encode_s", "bytes_in", "bytes_out", "changed", "wire_bytes"):
+            assert positive(r[key]), (name, key, r[key])
+        assert r["changed"] <= 1 and r["bytes_in"] <= 2 * r["first_bytes_in"], name
+    assert rows["classic"]["changed"] > 0.9  # fp32 Adam at lr 3e-4: almost every element
+    assert rows["finetune"]["changed"] < 0.5
+    assert rows["finetune"]["wire_bytes"] * 2 == 4 * rows["finetune"]["params"]  # bf16 on the wire, fp32 master
+    frozen = rows["frozen"]
+    assert frozen["trainable"] < frozen["params"] and frozen["changed"] < rows["finetune"]["changed"]
+    printed = capsys.readouterr().out
+    assert bench.workload_table(doc["workload_rows"]) in printed
+    assert "rows where a worker did not hold the trainer's wire bytes after a push (3 rows ran): 0" in printed
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_dense_and_torchrl_peers_push_the_same_trajectory(tmp_path, server_factory):
+    pytest.importorskip("torchrl")
+    server = server_factory()
+    out = tmp_path / "w.json"
+    code = bench.main(["--workloads", "finetune", "--lrs", "1e-6", "--workers", "2", "--systems", "rw-dense,torchrl",
+                       "--repeats-train", "2", "--url", server.url, "--out", str(out), "--timeout", "120",
+                       *TINY_MODEL])
+    assert code == 0
+    dense, peer = json.loads(out.read_text())["workload_rows"]
+    assert (dense["system"], peer["system"]) == ("rw-dense", "torchrl")
+    assert dense["verified"] and peer["verified"]
+    assert dense["changed"] == peer["changed"]  # the same seed: the same weights pushed, push by push
+    assert peer["bytes_in"] is None and positive(peer["push_s"]) and positive(peer["apply_s"])
+    assert positive(peer["encode_s"])  # the cast to the wire dtype
+    assert dense["bytes_out"] >= 2 * dense["bytes_in"] * 0.9  # both workers read what was written
+
+
+def test_the_sweep_stamps_every_4_kib_so_no_chunk_repeats():
+    """Content-addressed chunks must not dedup the sweep's zero-filled model: it measures dense pushes."""
+    model = bench_procs.bench_model(1 << 20)
+    seen: set[bytes] = set()
+    for marker in (1, 2):
+        bench_procs.set_marker(model, marker)
+        assert bench_procs.get_marker(model) == marker
+        blob = b"".join(t.numpy().tobytes() for t in model.state_dict().values())
+        pieces = [blob[i:i + 8192] for i in range(0, len(blob) - 8191, 8192)]
+        assert len(set(pieces)) == len(pieces) and not seen & set(pieces)
+        seen |= set(pieces)
