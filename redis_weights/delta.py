@@ -83,6 +83,8 @@ class DeltaPlanner:
         assert self._buffer is not None
         offset = 0
         budget = self.keyframe_fraction * encoded.total_bytes  # chain bytes beyond it: a keyframe
+        if self._projected_chain_bytes(encoded, prev, itemsize, absent) > budget:  # e.g. a dense fp32 step
+            return encoded.manifest(version, keyframe=version, **fields), {}
         chain_bytes = 0
         for index, (new_id, old) in enumerate(zip(ids, prev.chunks, strict=True)):
             if chain_bytes > budget:  # decided already: stop diffing the rest
@@ -108,6 +110,25 @@ class DeltaPlanner:
             version, entries, keyframe=prev.keyframe, parent=prev.version, depth=prev.depth + 1, **fields
         )
         return manifest, patches
+
+    def _projected_chain_bytes(self, encoded: Encoded, prev: Manifest, itemsize: int, absent: set[str]) -> int:
+        """The chain bytes this push would have, from samples of its changed chunks: a cheap
+        upper estimate that spares diffing a whole version that must be a keyframe anyway."""
+        from .patch import estimate_patch_size
+
+        assert self._buffer is not None
+        total, offset = 0, 0
+        for index, (new_id, old) in enumerate(zip(encoded.ids, prev.chunks, strict=True)):
+            size = min(encoded.chunk_size, encoded.total_bytes - offset)
+            chain = sum(s.size for s in old.steps)
+            if new_id != old.id and new_id not in absent:  # Redis stores it already (a revert): no chain
+                chain = 0
+            elif new_id != old.id:
+                data, _ = encoded.chunk(index)
+                chain += estimate_patch_size(memoryview(self._buffer[offset : offset + size]), data, itemsize)
+            total += chain
+            offset += size
+        return total
 
     @staticmethod
     def _patched(

@@ -152,6 +152,19 @@ def encode_patch(base: Buffer, new: Buffer, itemsize: int, *, max_ratio: float =
     return _build(base, new, itemsize, max_ratio=max_ratio)
 
 
+def estimate_patch_size(base: Buffer, new: Buffer, itemsize: int) -> int:
+    """About how many bytes ``encode_patch(base, new, itemsize)`` would take: exact for a chunk
+    under 1 MiB, else scaled from a 128 KiB sample of its middle (the chunk's length when no
+    patch would pay). Lets a planner see that a push must be a keyframe before diffing it all."""
+    b, nw = _byte_view(base, "base"), _byte_view(new, "new")
+    if len(b) != len(nw) or len(b) < _SAMPLE_FROM:
+        patch = _build(b, nw, itemsize, max_ratio=1.0) if len(b) == len(nw) else None
+        return len(b) if patch is None else len(patch)
+    start = (len(b) - _SAMPLE_BYTES) // 2 // itemsize * itemsize
+    sample = _build(b[start : start + _SAMPLE_BYTES], nw[start : start + _SAMPLE_BYTES], itemsize, max_ratio=1.0)
+    return len(b) if sample is None else min(len(b), len(sample) * len(b) // _SAMPLE_BYTES)
+
+
 def _sample_says_dense(base: Buffer, new: Buffer, itemsize: int, max_ratio: float) -> bool:
     """Whether a patch of a sample from the middle of a large chunk is already not smaller
     than ``max_ratio`` of that sample: then the whole chunk is stored dense without
