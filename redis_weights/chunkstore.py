@@ -15,14 +15,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import redis
 
-from .bulkread import read_values_into
+from .bulkread import ROUND_BYTES, read_values_into  # ROUND_BYTES: bytes per pipeline round trip, both ways
 from .deployment import Deployment
 from .keys import Keys
 from .manifest import Buffer
 
 log = logging.getLogger(__name__)
 
-ROUND_BYTES = 64 * 1024 * 1024  # bytes of values per pipeline round trip
 _EXISTS_ROUND = 1000  # keys per EXISTS round trip
 DELETE_BATCH = 16  # DELs per round trip: with 8 MiB chunks, ~128 MiB freed per step (~10 ms of Redis)
 
