@@ -135,6 +135,10 @@ class Keys:
         """String with a TTL: the objects an uncommitted push relies on (GC spares them)."""
         return self.full(f"pending:{token}")
 
+    def staged_manifest(self, token: str) -> str:
+        """String with a TTL: the manifest of an uncommitted push; its commit renames it to ``manifest``."""
+        return self.full(f"staged:{token}")
+
     @property
     def pending_pattern(self) -> str:
         return self._glob("pending:*")

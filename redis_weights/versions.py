@@ -84,36 +84,43 @@ end
 return {n, latest}
 """
 
-# KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, status_1..status_m
-# ARGV: version, manifest json, epoch seen by the push, m, updates channel, pending status
+# KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, staged manifest, status_1..status_m
+# ARGV: version, epoch seen by the push, m, updates channel, pending status
+# The manifest was written beforehand to the staged key (a plain SET, with the push's
+# TTL): the script only RENAMEs it, so its run does not grow with the manifest (an
+# ARGV of 2 MB, the manifest of a 100 GB model, held Redis ~8 ms here).
 # Idempotent: a retried commit of the version that is already latest returns 0.
 # The PUBLISH is only a hint (workers poll latest): refused, it must not fail a
 # commit that has already happened.
 _COMMIT = """
 local v = tonumber(ARGV[1])
-local m = tonumber(ARGV[4])
+local m = tonumber(ARGV[3])
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 if latest == nil then
   return redis.error_reply('CORRUPT ' .. KEYS[1] .. ' is not a version number')
 end
 if latest == v and redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('DEL', KEYS[6])
+  redis.call('DEL', KEYS[6], KEYS[7])
   return 0
 end
 if latest >= v then
   return redis.error_reply('STALE ' .. latest)
 end
-if (redis.call('GET', KEYS[4]) or '0') ~= ARGV[3] or redis.call('EXISTS', KEYS[5]) == 1 then
+if (redis.call('GET', KEYS[4]) or '0') ~= ARGV[2] or redis.call('EXISTS', KEYS[5]) == 1 then
   return redis.error_reply('GCRACE')
 end
-redis.call('SET', KEYS[3], ARGV[2])
+if redis.call('EXISTS', KEYS[7]) == 0 then
+  return redis.error_reply('NOSTAGED')
+end
+redis.call('RENAME', KEYS[7], KEYS[3])
+redis.call('PERSIST', KEYS[3])
 redis.call('ZADD', KEYS[2], v, v)
 redis.call('SET', KEYS[1], v)
 redis.call('DEL', KEYS[6])
 for j = 1, m do
-  redis.call('SET', KEYS[6 + j], ARGV[6])
+  redis.call('SET', KEYS[7 + j], ARGV[5])
 end
-redis.pcall('PUBLISH', ARGV[5], v)
+redis.pcall('PUBLISH', ARGV[4], v)
 return 1
 """
 
@@ -199,20 +206,25 @@ class VersionRegistry:
             time.sleep(_LEASE_WAIT)
 
     def end(self, token: str) -> None:
-        """Drop a push's pending record (its push failed): its objects become garbage unless referenced."""
-        self.client.delete(self.keyspace.pending(token))
+        """Drop a push's pending record and staged manifest (its push failed): its objects become
+        garbage unless referenced."""
+        self.client.delete(self.keyspace.pending(token), self.keyspace.staged_manifest(token))
 
-    def commit(self, manifest: Manifest, pending_ranks: Iterable[int] = (), *, epoch: str, token: str) -> None:
-        """Make ``manifest.version`` the latest, in one atomic step (see ``_COMMIT``)."""
+    def commit(
+        self, manifest: Manifest, pending_ranks: Iterable[int] = (), *, epoch: str, token: str,
+        pending_ttl: float = DEFAULT_PENDING_TTL,
+    ) -> None:
+        """Make ``manifest.version`` the latest, in one atomic step (see ``_COMMIT``): the manifest
+        is staged first with a plain SET (TTL ``pending_ttl``; nothing points at it yet), then the
+        script moves it into place."""
         k, v = self.keyspace, manifest.version
         targets = list(pending_ranks)
-        keys = [k.latest, k.versions, k.manifest(v), k.gc_epoch, k.gc_lease, k.pending(token)]
+        staged = k.staged_manifest(token)
+        keys = [k.latest, k.versions, k.manifest(v), k.gc_epoch, k.gc_lease, k.pending(token), staged]
         keys += ranks.status_keys(k, targets)
+        self.client.set(staged, manifest.to_json(), px=max(1, int(pending_ttl * 1000)))
         try:
-            self._commit(
-                keys=keys,
-                args=[v, manifest.to_json(), epoch, len(targets), k.updates_channel, ranks.STATUS_PENDING],
-            )
+            self._commit(keys=keys, args=[v, epoch, len(targets), k.updates_channel, ranks.STATUS_PENDING])
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
             if text.startswith("STALE"):
@@ -260,7 +272,7 @@ class VersionRegistry:
                 if committing is not None:
                     committing()
                 try:
-                    self.commit(manifest, pending_ranks, epoch=epoch, token=token)
+                    self.commit(manifest, pending_ranks, epoch=epoch, token=token, pending_ttl=pending_ttl)
                     return uploaded
                 except GcRaceError:
                     if attempt == attempts - 1:

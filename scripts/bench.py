@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -142,13 +143,14 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 
 
 def run_processes(
-    url: str, common: list[str], workers: int, repeats: int, timeout: float
+    url: str, common: list[str], workers: int, repeats: int, timeout: float, flush: bool = True
 ) -> tuple[dict[str, Any], list[dict[str, Any]]] | str:
-    """One trainer and ``workers`` worker processes on a flushed Redis: their JSON documents,
-    or the error (with the tails of their logs) as a string."""
-    client = redis.Redis.from_url(url)
-    client.flushall()
-    client.close()
+    """One trainer and ``workers`` worker processes on a flushed Redis (``flush=False``: the
+    caller flushed it): their JSON documents, or the error (with the tails of their logs) as a string."""
+    if flush:
+        client = redis.Redis.from_url(url)
+        client.flushall()
+        client.close()
     port = free_port()
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(prefix="rw-bench-") as tmp, \
@@ -182,9 +184,12 @@ def run_processes(
     return trainer_doc, worker_docs
 
 
-def run_config(url: str, system: str, size: int, workers: int, repeats: int, timeout: float) -> dict[str, Any]:
+def run_config(
+    url: str, system: str, size: int, workers: int, repeats: int, timeout: float, chunk_size: int = CHUNK
+) -> dict[str, Any]:
     """One row of the size sweep: one trainer and ``workers`` worker processes."""
-    docs = run_processes(url, ["--system", system, "--size", str(size)], workers, repeats, timeout)
+    common = ["--system", system, "--size", str(size), "--chunk-size", str(chunk_size)]
+    docs = run_processes(url, common, workers, repeats, timeout)
     if isinstance(docs, str):
         return {"system": system, "size": size, "workers": workers, "error": docs}
     return summarize(system, size, workers, *docs)
@@ -199,7 +204,7 @@ def summarize(
 ) -> dict[str, Any]:
     pushes = trainer["pushes"]
     nbytes = trainer["model_bytes"]
-    first_apply = []
+    first_apply, last_apply = [], []
     verified = len(worker_docs) == workers and bool(pushes)
     for push in pushes:
         times = [a["t"] for w in worker_docs for a in w["applies"] if a["marker"] == push["marker"]]
@@ -207,6 +212,7 @@ def summarize(
             verified = False
         if times:
             first_apply.append(min(times) - push["t0"])
+            last_apply.append(max(times) - push["t0"])
     total = median([p["total"] for p in pushes])
     worker_growth = [w["rss_peak"] - w["rss_baseline"] for w in worker_docs]
     return {
@@ -220,6 +226,9 @@ def summarize(
         "mb_per_s": nbytes / 1e6 / total if total else None,
         "stall_s": median([p["stall"] for p in pushes]),
         "first_apply_s": median(first_apply),
+        "first_apply_s_all": first_apply,
+        "last_apply_s": median(last_apply),
+        "last_apply_s_all": last_apply,
         "redis_out_per_push": median(trainer.get("redis_out") or []),
         "trainer_rss_growth": trainer["rss_peak"] - trainer["rss_baseline"],
         "worker_rss_growth": max(worker_growth) if worker_growth else None,
@@ -307,6 +316,11 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
           find(rows, "torchrl", mb100, 4), "push_s", float("inf"))
     ratio("shm push 100 MB, 4 workers / plain rw-sync", find(rows, "rw-shm", mb100, 4), "push_s",
           find(rows, "rw-sync", mb100, 4), "push_s", float("inf"))
+    for r in rows:  # all workers run on this one host: with the host cache, Redis sends a version once
+        if r["system"] == "rw-shm" and r.get("redis_out_per_push"):
+            out.append({"target": f"Redis egress per host and push / model bytes, rw-shm {size_label(r['size'])} "
+                                  f"x{r['workers']}", "ratio": round(r["redis_out_per_push"] / r["model_bytes"], 3),
+                        "limit": float("inf"), "met": True})
     for r in rows:
         if r["system"] in RW_SYSTEMS and r.get("push_s") is not None:
             where = f"{r['system']} {size_label(r['size'])} x{r['workers']}"
@@ -342,10 +356,16 @@ def report(doc: dict[str, Any]) -> str:
             table(doc["rows"]),
             "",
         ]
+        if any(r.get("last_apply_s_all") for r in doc["rows"]):
+            lines += [apply_table(doc["rows"]), ""]
     workload_rows = doc.get("workload_rows") or []
     if workload_rows:
         lines += [workload_table(workload_rows), ""]
-    for t in targets(doc["rows"]) + workload_targets(workload_rows):
+    neighbour_rows = doc.get("neighbour_rows") or []
+    if neighbour_rows:
+        lines += ["Good neighbour (SLOWLOG at 1 ms; another client PINGs every ms):", "",
+                  neighbour_table(neighbour_rows), ""]
+    for t in targets(doc["rows"]) + workload_targets(workload_rows) + neighbour_targets(neighbour_rows):
         lines.append(target_line(t))
     return "\n".join(lines)
 
@@ -355,6 +375,167 @@ def target_line(t: dict[str, Any]) -> str:
         f"limit {t['limit']}: {'met' if t['met'] else 'NOT met'}")
     note = f"; {t['note']}" if t.get("note") and not t["met"] else ""
     return f"- {t['target']}: {t['ratio']} ({verdict}{note})"
+
+
+# ---------------------------------------------------------------------------------------
+# Good neighbour (issue 14): what a push costs the other clients of the same Redis
+# ---------------------------------------------------------------------------------------
+SLOWLOG_US = 1000  # SLOWLOG threshold of the measure: 1 ms
+SLOWLOG_LIMIT_MS = 2.0  # the issue's target: no command of the library holds Redis longer
+# Commands the bench itself sends (flush, egress counters, this measure); the rest are the library's.
+BENCH_COMMANDS = {"flushall", "info", "config", "slowlog", "ping"}
+PING_INTERVAL = 0.001  # the other client pings once a millisecond
+
+
+class Pinger:
+    """Another client of the Redis: PINGs on its own connection every ``PING_INTERVAL`` from a
+    thread, recording (wall time, seconds the reply took)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=30)
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-pinger", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.time()
+            start = time.perf_counter()
+            self.client.ping()
+            self.samples.append((t, time.perf_counter() - start))
+            self._stop.wait(PING_INTERVAL)
+
+    def __enter__(self) -> Pinger:
+        self.client.ping()  # connected before the first timed sample
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+
+
+def ping_stats(latencies: list[float]) -> dict[str, Any]:
+    """p50, p99 and max of PING latencies, in milliseconds."""
+    if not latencies:
+        return {"count": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    ordered = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)
+
+    return {"count": len(ordered), "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": round(ordered[-1] * 1e3, 3)}
+
+
+def library_slowlog(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Count and maximum duration (ms) of the SLOWLOG entries of the library's commands, overall
+    and per command name (``EVALSHA`` is a script: its whole run is one entry)."""
+    by_command: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        command = entry["command"]
+        first = (command.decode(errors="replace") if isinstance(command, bytes) else command).split(" ", 1)[0]
+        name = (first or "?").lower()
+        if name in BENCH_COMMANDS:
+            continue
+        ms = entry["duration"] / 1e3
+        slot = by_command.setdefault(name.upper(), {"count": 0, "max_ms": 0.0})
+        slot["count"] += 1
+        slot["max_ms"] = round(max(slot["max_ms"], ms), 3)
+    count = sum(c["count"] for c in by_command.values())
+    return {"count": count, "max_ms": max((c["max_ms"] for c in by_command.values()), default=0.0),
+            "commands": by_command}
+
+
+def run_neighbour(
+    url: str, size: int, workers: int, repeats: int, timeout: float, chunk_size: int, idle_s: float = 2.0
+) -> dict[str, Any]:
+    """One ``rw-sync`` configuration with the SLOWLOG at 1 ms and another client pinging: the
+    library's slow commands over the whole run (the warm-up push included, the flush before it
+    not) and the PING latencies while a timed push ran, against ``idle_s`` of idle Redis first."""
+    client = redis.Redis.from_url(url)
+    saved = client.config_get("slowlog-*")
+    ident = {"system": "rw-sync", "size": size, "workers": workers, "chunk_size": chunk_size}
+    try:
+        client.config_set("slowlog-log-slower-than", SLOWLOG_US)
+        client.config_set("slowlog-max-len", 100_000)
+        client.flushall()
+        with Pinger(url) as idle:
+            time.sleep(idle_s)
+        client.slowlog_reset()
+        common = ["--system", "rw-sync", "--size", str(size), "--chunk-size", str(chunk_size)]
+        with Pinger(url) as busy:
+            docs = run_processes(url, common, workers, repeats, timeout, flush=False)
+        entries = client.slowlog_get(100_000)
+    finally:
+        for name, value in saved.items():
+            client.config_set(name, value)
+        client.close()
+    if isinstance(docs, str):
+        return {**ident, "error": docs}
+    row = summarize("rw-sync", size, workers, *docs)
+    windows = [(p["t0"], p["t0"] + p["total"]) for p in docs[0]["pushes"]]
+    during = [dt for t, dt in busy.samples if any(a <= t <= b for a, b in windows)]
+    return {**row, **ident, "slowlog": library_slowlog(entries), "ping_idle": ping_stats([dt for _, dt in idle.samples]),
+            "ping_push": ping_stats(during), "server": server_label(url)}
+
+
+def server_label(url: str) -> str:
+    """``redis 7.0.15, io-threads 1`` (or valkey's name and version): the server a row ran on."""
+    client = redis.Redis.from_url(url)
+    try:
+        info = client.info("server")
+        threads = client.config_get("io-threads").get("io-threads", "?")
+    finally:
+        client.close()
+    name = "valkey" if "valkey_version" in info else "redis"
+    return f"{name} {info.get('valkey_version') or info.get('redis_version')}, io-threads {threads}"
+
+
+def neighbour_table(rows: list[dict[str, Any]]) -> str:
+    """One line per neighbour configuration: push time against what the other clients saw."""
+    head = ("| server | size | workers | chunk | s/push (median) | library commands >= 1 ms | slowest command ms "
+            "| slowest by command | PING ms idle p50 / p99 / max | PING ms during push p50 / p99 / max |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        where = f"| {r.get('server', '?')} | {size_label(r['size'])} | {r['workers']} | {size_label(r['chunk_size'])} |"
+        if r.get("push_s") is None:
+            lines.append(f"{where} failed: {(r.get('error') or '?').split(';')[0][:90]} ||||||")
+            continue
+        slow = r["slowlog"]
+        worst = ", ".join(f"{name} {c['count']}x <= {c['max_ms']:g}" for name, c in
+                          sorted(slow["commands"].items(), key=lambda kv: -kv[1]["max_ms"])[:3]) or "-"
+
+        def pings(p: dict[str, Any]) -> str:
+            return " / ".join(fmt(p[k], 1, 3) for k in ("p50_ms", "p99_ms", "max_ms"))
+
+        lines.append(f"{where} {fmt(r['push_s'])} | {slow['count']} | {slow['max_ms']:g} | {worst} "
+                     f"| {pings(r['ping_idle'])} | {pings(r['ping_push'])} |" + ("" if r["verified"] else " (unverified)"))
+    return "\n".join(lines)
+
+
+def neighbour_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14: no command of the library over 2 ms, as the slowest one / 2 ms, per configuration."""
+    out = []
+    for r in rows:
+        if r.get("push_s") is None:
+            continue
+        slowest = r["slowlog"]["max_ms"]
+        out.append({"target": f"neighbour {r.get('server', '?')}, {size_label(r['size'])} x{r['workers']}, chunk "
+                              f"{size_label(r['chunk_size'])}: slowest library command / {SLOWLOG_LIMIT_MS:g} ms",
+                    "ratio": round(slowest / SLOWLOG_LIMIT_MS, 3), "limit": 1.0, "met": slowest <= SLOWLOG_LIMIT_MS})
+    return out
+
+
+def apply_table(rows: list[dict[str, Any]]) -> str:
+    """Per push: seconds from the push's start until the first and until the last worker applied it."""
+    lines = ["| size | workers | system | first apply s, per push | last apply s, per push |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("last_apply_s_all"):
+            first = ", ".join(fmt(t) for t in r["first_apply_s_all"])
+            last = ", ".join(fmt(t) for t in r["last_apply_s_all"])
+            lines.append(f"| {size_label(r['size'])} | {r['workers']} | {r['system']} | {first} | {last} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
@@ -531,10 +712,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed pushes per configuration")
     parser.add_argument("--repeats-large", type=int, default=3, help="timed pushes for sizes of 512 MB and more")
     parser.add_argument("--repeats-train", type=int, default=3, help="timed pushes per workload configuration")
+    parser.add_argument("--neighbour", default="", help="comma-separated model sizes for the good-neighbour "
+                        "measure (rw-sync with SLOWLOG and another client's PINGs; e.g. 1GB)")
+    parser.add_argument("--chunk-sizes", help="neighbour: comma-separated chunk sizes (default: the library's)")
+    parser.add_argument("--chunk-size", type=parse_size, default=CHUNK, help="chunk size of the sweep's pushes")
     parser.add_argument("--url", help="an existing Redis to use (it is FLUSHED); default: a private server")
+    parser.add_argument("--server-bin", help="the private server's binary (default: redis-server, else valkey's)")
+    parser.add_argument("--server-args", default="", help="extra arguments of the private server, e.g. "
+                        "'--io-threads 2 --io-threads-do-reads yes'")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one configuration may take")
     parser.add_argument("--out", type=Path, help="results JSON (default docs/bench/results.json; "
-                        "docs/bench/workloads.json for a run of workloads only)")
+                        "docs/bench/workloads.json for a run of workloads only, "
+                        "docs/bench/neighbour.json for a run of the neighbour measure only)")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "bench" / "push_seconds.png")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--report", type=Path, help="only re-render the tables and plot of an earlier JSON file")
@@ -550,23 +739,28 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if set(workloads) - set(WORKLOADS):
         parser.error(f"unknown workloads {sorted(set(workloads) - set(WORKLOADS))}; choose from {list(WORKLOADS)}")
+    neighbour = [parse_size(s) for s in args.neighbour.split(",") if s.strip()]
+    chunk_sizes = [parse_size(s) for s in (args.chunk_sizes or size_label(CHUNK)).split(",") if s.strip()]
     sizes = [parse_size(s) for s in (args.sizes if args.sizes is not None else
-                                     "" if workloads else "1MB,100MB,1GB").split(",") if s.strip()]
-    counts = [int(n) for n in (args.workers or "1,2,4").split(",")]
+                                     "" if workloads or neighbour else "1MB,100MB,1GB").split(",") if s.strip()]
+    counts = [int(n) for n in (args.workers or "1,2,4,8").split(",")]
     chosen = None if args.systems is None else [s.strip() for s in args.systems.split(",")]
     if chosen is not None and set(chosen) - set(SYSTEMS) - set(TRAIN_SYSTEMS):
         parser.error(f"unknown systems {sorted(set(chosen) - set(SYSTEMS) - set(TRAIN_SYSTEMS))}; "
                      f"choose from {SYSTEMS + TRAIN_SYSTEMS}")
     systems = list(DEFAULT_SYSTEMS) if chosen is None else [s for s in chosen if s in SYSTEMS]
-    out = args.out or REPO / "docs" / "bench" / ("results.json" if sizes or not workloads else "workloads.json")
+    default_out = "results.json" if sizes or not (workloads or neighbour) else \
+        "workloads.json" if workloads else "neighbour.json"
+    out = args.out or REPO / "docs" / "bench" / default_out
 
     server = None
     url = args.url
     if url is None:
-        server = LocalRedisServer().start()
+        server = LocalRedisServer(args.server_args.split(), binary=args.server_bin).start()
         url = server.url
     rows: list[dict[str, Any]] = []
     workload_rows: list[dict[str, Any]] = []
+    neighbour_rows: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
         for size in sizes:
@@ -574,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
                 for system in systems:
                     repeats = args.repeats_large if size >= LARGE else args.repeats
                     t = time.monotonic()
-                    row = run_config(url, system, size, n, repeats, args.timeout)
+                    row = run_config(url, system, size, n, repeats, args.timeout, args.chunk_size)
                     rows.append(row)
                     print(f"{size_label(size):>7} x{n} {system:<9} "
                           f"{fmt(row.get('push_s'))} s/push  ({time.monotonic() - t:.0f}s)"
@@ -591,6 +785,17 @@ def main(argv: list[str] | None = None) -> int:
                         status = row.get("error") or ""
                         print(f"{name} lr {lr:g} x{n} {system:<8} {fmt(row.get('push_s'))} s/push  "
                               f"({time.monotonic() - t:.0f}s) {status[:200]}", file=sys.stderr, flush=True)
+        for size in neighbour:
+            for chunk_size in chunk_sizes:
+                for n in counts if args.workers else [1]:
+                    t = time.monotonic()
+                    repeats = args.repeats_large if size >= LARGE else args.repeats
+                    row = run_neighbour(url, size, n, repeats, args.timeout, chunk_size)
+                    neighbour_rows.append(row)
+                    slow = row.get("slowlog") or {}
+                    print(f"neighbour {size_label(size):>7} x{n} chunk {size_label(chunk_size)} "
+                          f"{fmt(row.get('push_s'))} s/push, {slow.get('count')} slow, max {slow.get('max_ms')} ms "
+                          f"({time.monotonic() - t:.0f}s) {(row.get('error') or '')[:200]}", file=sys.stderr, flush=True)
         server_version = redis.Redis.from_url(url).info("server").get("redis_version")
     finally:
         if server is not None:
@@ -598,12 +803,14 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "machine": {**machine(), "redis_server": server_version},
         "args": {"sizes": sizes, "workers": counts, "systems": systems, "repeats": args.repeats,
-                 "repeats_large": args.repeats_large, "chunk_size": CHUNK, "workloads": workloads,
+                 "repeats_large": args.repeats_large, "chunk_size": args.chunk_size, "workloads": workloads,
+                 "neighbour": neighbour, "chunk_sizes": chunk_sizes, "server_args": args.server_args,
                  "repeats_train": args.repeats_train, "model": {name: getattr(args, name) for name in MODEL_FLAGS}},
         "seconds": round(time.monotonic() - started, 1),
         "rows": rows,
         "workload_rows": workload_rows,
-        "targets": targets(rows) + workload_targets(workload_rows),
+        "neighbour_rows": neighbour_rows,
+        "targets": targets(rows) + workload_targets(workload_rows) + neighbour_targets(neighbour_rows),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
@@ -611,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, args.plot)
     print(report(doc))
-    ran = [r for r in rows + workload_rows if not r.get("error")]
+    ran = [r for r in rows + workload_rows + neighbour_rows if not r.get("error")]
     return 0 if all(r.get("verified") for r in ran) else 1
 
 

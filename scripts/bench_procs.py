@@ -45,10 +45,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis_weights.deployment import client_from_url  # noqa: E402
+from redis_weights.manifest import DEFAULT_CHUNK_SIZE  # noqa: E402
 from scripts import bench_train  # noqa: E402
 from scripts.bench_train import TRAIN_SYSTEMS, WORKLOADS, add_arguments  # noqa: E402
 
-CHUNK = 8 << 20
+CHUNK = DEFAULT_CHUNK_SIZE  # the library's default; ``--chunk-size`` changes it for every system but torchrl
 PIPELINE_BYTES = 64 << 20
 SYSTEMS = ("rw-sync", "rw-async", "rw-shm", "raw", "naive", "torchrl")
 RW_SYSTEMS = ("rw-sync", "rw-async", "rw-shm")
@@ -238,7 +239,7 @@ def run_worker(args: argparse.Namespace) -> None:
     elif args.system == "raw":
         client = client_from_url(args.url)
         keys = peer_keys("raw", args.namespace)
-        plan = chunk_plan(model)
+        plan = chunk_plan(model, args.chunk_size)
         views = byte_views(model)
 
         def apply_raw(version: int) -> None:
@@ -411,7 +412,8 @@ def make_pusher(args: argparse.Namespace, model: nn.Module, ranks: list[int]) ->
         background = args.system == "rw-async"
         options: dict[str, Any] = {"background": True} if background else {}
         updater = RedisWeightUpdater(
-            store, model, len(ranks), sync=not background, retention=1, timeout=300, **options
+            store, model, len(ranks), sync=not background, retention=1, timeout=300,
+            chunk_size=args.chunk_size, **options
         )
 
         def push_rw() -> None:
@@ -422,7 +424,7 @@ def make_pusher(args: argparse.Namespace, model: nn.Module, ranks: list[int]) ->
     if args.system == "raw":
         client = client_from_url(args.url)
         keys = peer_keys("raw", args.namespace)
-        plan = chunk_plan(model)
+        plan = chunk_plan(model, args.chunk_size)
         views = byte_views(model)
         pieces = [memoryview(views[name][b:e]) for name, b, e in plan]  # pre-serialized: the tensors' bytes
         waiter = AckWaiter(client, keys, ranks)
@@ -480,6 +482,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tcp-port", type=int, default=0)
+    parser.add_argument("--chunk-size", type=int, default=CHUNK, help="bytes per chunk (rw systems and raw)")
     parser.add_argument("--cache-dir", default="/dev/shm/redis_weights", help="rw-shm: the host cache directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--go", help="trainer: push only once this file exists (every worker is ready)")

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 from scripts import bench, bench_procs, bench_train
@@ -44,8 +45,10 @@ def check_rows(doc: dict, systems: tuple[str, ...]) -> None:
         assert (r["size"], r["workers"], r["repeats"]) == (TINY, 1, 2), system
         assert r["model_bytes"] >= TINY, system
         assert len(r["push_s_all"]) == 2 and all(positive(s) for s in r["push_s_all"]), system
-        for key in ("push_s", "mb_per_s", "stall_s", "first_apply_s"):
+        for key in ("push_s", "mb_per_s", "stall_s", "first_apply_s", "last_apply_s"):
             assert positive(r[key]), (system, key, r[key])
+        assert len(r["first_apply_s_all"]) == len(r["last_apply_s_all"]) == 2, system
+        assert all(a <= b for a, b in zip(r["first_apply_s_all"], r["last_apply_s_all"], strict=True)), system
         assert r["stall_s"] <= r["push_s"], system  # the call returns before (or as) the workers have it
         assert r["trainer_rss_growth"] >= 0 and r["worker_rss_growth"] >= 0, system
         if system == "torchrl":
@@ -300,3 +303,67 @@ def test_the_sweep_stamps_every_4_kib_so_no_chunk_repeats():
         pieces = [blob[i:i + 8192] for i in range(0, len(blob) - 8191, 8192)]
         assert len(set(pieces)) == len(pieces) and not seen & set(pieces)
         seen |= set(pieces)
+
+
+# ---------------------------------------------------------------------------------------
+# Good neighbour (issue 14)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_neighbour_measure_reads_the_slowlog_and_another_clients_pings(tmp_path, server_factory, capsys):
+    server = server_factory()
+    client = redis.Redis.from_url(server.url)
+    before = client.config_get("slowlog-*")
+    out = tmp_path / "n.json"
+    code = bench.main(["--neighbour", "64KB", "--chunk-sizes", "16KB,32KB", "--repeats", "2", "--url", server.url,
+                       "--out", str(out), "--no-plot", "--timeout", "120"])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["rows"] == [] and [r["chunk_size"] for r in doc["neighbour_rows"]] == [16 << 10, 32 << 10]
+    for r in doc["neighbour_rows"]:
+        assert r["verified"] and r["error"] is None and positive(r["push_s"]), r
+        assert r["server"].startswith(("redis ", "valkey ")) and "io-threads" in r["server"]
+        assert r["slowlog"]["count"] == sum(c["count"] for c in r["slowlog"]["commands"].values())
+        for stats in (r["ping_idle"], r["ping_push"]):
+            assert stats["count"] > 0 and 0 < stats["p50_ms"] <= stats["p99_ms"] <= stats["max_ms"], stats
+    assert client.config_get("slowlog-*") == before  # the server's settings are given back
+    client.close()
+    printed = capsys.readouterr().out
+    assert bench.neighbour_table(doc["neighbour_rows"]) in printed
+    assert "slowest library command / 2 ms" in printed
+
+
+@pytest.mark.server
+def test_library_slowlog_counts_real_entries_and_leaves_out_the_benchs_own(server_factory):
+    """Real SLOWLOG entries (bytes): a ~5 ms script is the library's kind of command, INFO is the bench's."""
+    client = redis.Redis.from_url(server_factory().url)
+    client.config_set("slowlog-log-slower-than", 0)
+    client.slowlog_reset()
+    busy = "local t = redis.call('TIME'); local s = t[1] * 1e6 + t[2]; local n = s " \
+           "while n - s < 5000 do t = redis.call('TIME'); n = t[1] * 1e6 + t[2] end return 1"
+    client.eval(busy, 0)
+    client.info("stats")
+    client.set("k", "v")
+    found = bench.library_slowlog(client.slowlog_get(100))
+    client.close()
+    assert set(found["commands"]) >= {"EVAL", "SET"} and "INFO" not in found["commands"]
+    assert found["commands"]["EVAL"]["count"] == 1 and found["max_ms"] >= 5.0
+    assert found["max_ms"] == found["commands"]["EVAL"]["max_ms"]
+
+
+def test_ping_stats_and_neighbour_targets_of_synthetic_values():
+    stats = bench.ping_stats([0.001] * 98 + [0.010, 0.050])
+    assert stats == {"count": 100, "p50_ms": 1.0, "p99_ms": 50.0, "max_ms": 50.0}
+    assert bench.ping_stats([])["p99_ms"] is None
+    row = {"system": "rw-sync", "size": 1 << 30, "workers": 1, "chunk_size": 2 << 20, "push_s": 1.0,
+           "server": "redis 7.0.15, io-threads 1", "slowlog": {"count": 3, "max_ms": 2.5, "commands": {}}}
+    (target,) = bench.neighbour_targets([row, {**row, "push_s": None}])
+    assert (target["ratio"], target["met"]) == (1.25, False) and "chunk 2 MB" in target["target"]
+
+
+def test_the_host_cache_rows_report_redis_egress_per_host():
+    mb = 100 << 20
+    rows = [{"system": "rw-shm", "size": mb, "model_bytes": mb, "workers": n, "push_s": 0.2, "stall_s": 0.2,
+             "redis_out_per_push": mb * 1.02, "trainer_rss_growth": 0, "worker_rss_growth": 0} for n in (1, 8)]
+    found = [t for t in bench.targets(rows) if t["target"].startswith("Redis egress per host")]
+    assert [t["ratio"] for t in found] == [1.02, 1.02] and found[1]["target"].endswith("x8")
