@@ -42,7 +42,7 @@ from typing import Any
 import redis
 
 from . import ranks
-from .chunkstore import DELETE_BATCH, ChunkStore
+from .chunkstore import DELETE_BATCH, SCAN_COUNT, ChunkStore
 from .deployment import Deployment
 from .errors import CodecError, LegacyFormatError, RedisWeightsError, StaleVersionError, VersionNotFoundError
 from .keys import Keys
@@ -344,7 +344,7 @@ class VersionRegistry:
         k = self.keyspace
         self.client.zrem(k.versions, version)
         self.client.delete(k.manifest(version))
-        legacy = list(self.client.scan_iter(match=k.legacy_chunks_pattern(version), count=1000))
+        legacy = list(self.client.scan_iter(match=k.legacy_chunks_pattern(version), count=SCAN_COUNT))
         for start in range(0, len(legacy), DELETE_BATCH):
             self.client.delete(*legacy[start : start + DELETE_BATCH])
 
@@ -404,7 +404,7 @@ class VersionRegistry:
         versions = self.list_versions()
         for start in range(0, len(versions), _MANIFEST_ROUND):
             batch = versions[start : start + _MANIFEST_ROUND]
-            for version, raw in zip(batch, self.client.mget([k.manifest(v) for v in batch]), strict=True):
+            for version, raw in zip(batch, self._get_each([k.manifest(v) for v in batch]), strict=True):
                 if raw is None:
                     continue  # deleted meanwhile
                 try:
@@ -415,12 +415,20 @@ class VersionRegistry:
                     log.warning("namespace %r: version %d has an unreadable manifest (%s); not sweeping",
                                 k.namespace, version, exc)  # fmt: skip
                     return None
-        records = list(self.client.scan_iter(match=k.pending_pattern, count=1000))
+        records = list(self.client.scan_iter(match=k.pending_pattern, count=SCAN_COUNT))
         for start in range(0, len(records), _MANIFEST_ROUND):
-            for raw in self.client.mget(records[start : start + _MANIFEST_ROUND]):
+            for raw in self._get_each(records[start : start + _MANIFEST_ROUND]):
                 if raw:
                     marked.update(raw.decode().split(","))
         return marked
+
+    def _get_each(self, names: list[Any]) -> list[Any]:
+        """GET of every name in one round trip, one command each (an MGET of 100 manifests of a
+        big model is one command that copies them all and holds Redis meanwhile)."""
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.get(name)
+        return pipe.execute()
 
     def _sweep(self, token: str, held: bool) -> bool:
         """Delete unreferenced objects in small steps (see the module docstring); whether

@@ -294,8 +294,9 @@ def find(rows: list[dict[str, Any]], system: str, size: int, workers: int) -> di
     return None
 
 
-def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, as ratios of medians measured in this run (skipped if not measured)."""
+def targets(rows: list[dict[str, Any]], chunk: int = CHUNK) -> list[dict[str, Any]]:
+    """The issue's targets, as ratios of medians measured in this run (skipped if not measured);
+    ``chunk``: the run's chunk size (the trainer's memory target is one chunk plus the header)."""
     out = []
     mb100, mb1 = 100 << 20, 1 << 20
 
@@ -324,11 +325,11 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if r["system"] in RW_SYSTEMS and r.get("push_s") is not None:
             where = f"{r['system']} {size_label(r['size'])} x{r['workers']}"
-            limit = CHUNK + HEADER
+            limit = chunk + HEADER
             out.append({"target": f"trainer RSS growth, {where} / (chunk + header)",
                         "ratio": round(r["trainer_rss_growth"] / limit, 3), "limit": 1.0,
                         "met": r["trainer_rss_growth"] <= limit, "note": RSS_NOTES.get(r["system"])})
-            limit = r["model_bytes"] + CHUNK
+            limit = r["model_bytes"] + chunk
             out.append({"target": f"worker RSS growth, {where} / (model + chunk)",
                         "ratio": round(r["worker_rss_growth"] / limit, 3), "limit": 1.0,
                         "met": r["worker_rss_growth"] <= limit})
@@ -343,7 +344,7 @@ def report(doc: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; {m['os']}; Python {m['python']}, "
         f"torch {m['torch']}, redis-py {m['redis_py']}, Redis {m.get('redis_server')}; "
-        f"chunk {doc['args']['chunk_size'] >> 20} MiB; run took {doc['seconds']:.0f} s.",
+        f"chunk {size_label(doc['args']['chunk_size']).replace('B', 'iB')}; run took {doc['seconds']:.0f} s.",
         "",
     ]
     if doc["rows"]:
@@ -365,7 +366,8 @@ def report(doc: dict[str, Any]) -> str:
     if neighbour_rows:
         lines += ["Good neighbour (SLOWLOG at 1 ms; another client PINGs every ms):", "",
                   neighbour_table(neighbour_rows), ""]
-    for t in targets(doc["rows"]) + workload_targets(workload_rows) + neighbour_targets(neighbour_rows):
+    for t in targets(doc["rows"], doc["args"]["chunk_size"]) + workload_targets(workload_rows) + \
+            neighbour_targets(neighbour_rows):
         lines.append(target_line(t))
     return "\n".join(lines)
 
@@ -810,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "workload_rows": workload_rows,
         "neighbour_rows": neighbour_rows,
-        "targets": targets(rows) + workload_targets(workload_rows) + neighbour_targets(neighbour_rows),
+        "targets": targets(rows, args.chunk_size) + workload_targets(workload_rows) + neighbour_targets(neighbour_rows),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

@@ -230,8 +230,12 @@ class Admin:
         return latest, [WorkerRow.from_state(s, latest, created.get(s.version)) for s in states]
 
     def _manifests(self, versions: list[int]) -> list[Manifest | CodecError]:
-        """The manifest of each of ``versions`` (one MGET), or the ``CodecError`` saying why it cannot be read."""
-        raws = self.client.mget([self.keyspace.manifest(v) for v in versions]) if versions else []
+        """The manifest of each of ``versions`` (one round trip, a GET each: an MGET of many big
+        manifests would hold Redis while it copies them all), or the ``CodecError`` saying why it cannot be read."""
+        pipe = self.client.pipeline(transaction=False)
+        for v in versions:
+            pipe.get(self.keyspace.manifest(v))
+        raws = pipe.execute() if versions else []
         out: list[Manifest | CodecError] = []
         for version, raw in zip(versions, raws, strict=True):
             try:
