@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import redis
 
-from .bulkread import ROUND_BYTES, read_values_into  # ROUND_BYTES: bytes per pipeline round trip, both ways
+from .bulkread import READ_ROUND_BYTES, ROUND_BYTES, read_values_into  # bytes per pipelined round trip
 from .deployment import Deployment
 from .keys import Keys
 from .manifest import Buffer
@@ -66,11 +66,11 @@ class ChunkStore:
         return sent
 
     def read(self, ids: Sequence[str], sizes: Sequence[int]) -> Iterator[list[bytes | None]]:
-        """The values of ``ids`` (None: absent), in rounds of ~64 MiB of expected ``sizes``."""
+        """The values of ``ids`` (None: absent), in rounds of ~8 MiB of expected ``sizes``."""
         start = 0
         while start < len(ids):
             end, queued = start, 0
-            while end < len(ids) and (end == start or queued + sizes[end] <= ROUND_BYTES):
+            while end < len(ids) and (end == start or queued + sizes[end] <= READ_ROUND_BYTES):
                 queued += sizes[end]
                 end += 1
             pipe = self.client.pipeline(transaction=False)
@@ -82,7 +82,7 @@ class ChunkStore:
     def read_into(self, ids: Sequence[str], sizes: Sequence[int], target: memoryview) -> list[Buffer | None]:
         """Objects read straight into consecutive places of ``target`` (see ``bulkread``)."""
         keys = [self.keyspace.chunk(i) for i in ids]
-        return read_values_into(self.deployment, keys, sizes, target, ROUND_BYTES)
+        return read_values_into(self.deployment, keys, sizes, target, READ_ROUND_BYTES)
 
     def discard_corrupt(self, chunk_id: str) -> None:
         """Best effort: delete an object whose bytes do not match its id, so that the next push,

@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from .bulkread import ROUND_BYTES
+from .bulkread import READ_ROUND_BYTES
 from .deployment import Deployment
 from .errors import ConfigurationError
 from .keys import Keys
@@ -49,6 +49,18 @@ MIN_VERSION = (6, 2, 0)  # COPY (rollback), GETDEL, ACL channel rules
 RECOMMENDED_VERSION = (7, 0, 0)  # ACL DRYRUN, &channel permissions, multi-part AOF
 MEMORY_HEADROOM = 0.9  # warn above 90 % of maxmemory
 _CANNOT_READ = "cannot read"  # how a finding that could not see the setting begins
+# io-threads advice, from docs/benchmarks.md ("Server settings"): measured on 2 shared cores only,
+# where a 1 GB push to 2 workers took 7 % (Redis 7.0) and 21 % (Valkey 8.1) longer with io-threads 2.
+_IO_THREADS_MEASURED = ("measured on 2 cores shared with the trainer and workers, io-threads 2 made pushes slower "
+                        "(Redis 7.0 +7 %, Valkey 8.1 +21 %): leave it off there")
+IO_THREADS_REDIS_TIP = ("only on a Redis server with cores to spare (4+ that the trainer and workers do not use): "
+                        "io-threads 4 and io-threads-do-reads yes in redis.conf (restart needed) take socket reads "
+                        "and writes off the main thread; " + _IO_THREADS_MEASURED)
+IO_THREADS_VALKEY_TIP = ("only on a Valkey server with cores to spare (4+ that the trainer and workers do not use): "
+                         "io-threads 4 in valkey.conf takes socket reads and writes off the main thread; "
+                         + _IO_THREADS_MEASURED)
+IO_THREADS_READS_TIP = ("io-threads-do-reads yes in redis.conf (restart needed) lets the I/O threads also read the "
+                        "chunks a trainer writes")
 
 
 class UnsafeServerError(ConfigurationError):
@@ -208,7 +220,7 @@ def check_output_buffer(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZ
 
     Redis disconnects a client whose pending replies exceed the hard limit (or stay
     above the soft one): below one chunk every fetch is cut; below a fetch round
-    (``bulkread.ROUND_BYTES`` of pipelined replies) fetches of big models may be.
+    (``bulkread.READ_ROUND_BYTES`` of pipelined replies) fetches of big models may be.
     """
     check, fix = "client-output-buffer-limit", "CONFIG SET client-output-buffer-limit 'normal 0 0 0' (Redis's default)"
     limits = output_buffer_limits(client)
@@ -223,8 +235,8 @@ def check_output_buffer(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZ
     if lowest < chunk_size:
         return Finding(check, UNSAFE, f"{what}, below the chunk size {human_bytes(chunk_size)}: Redis cuts every "
                                       "worker's fetch", fix)  # fmt: skip
-    if lowest < ROUND_BYTES:
-        return Finding(check, WARN, f"{what}, below the {human_bytes(ROUND_BYTES)} of replies a worker's fetch "
+    if lowest < READ_ROUND_BYTES:
+        return Finding(check, WARN, f"{what}, below the {human_bytes(READ_ROUND_BYTES)} of replies a worker's fetch "
                                     "may have in flight: fetches of big models may be cut", fix)  # fmt: skip
     return Finding(check, OK, what)
 
@@ -253,6 +265,25 @@ def check_persistence(client: redis.Redis) -> Finding:
                        "CONFIG SET appendonly yes (or save '3600 1') if versions must survive a restart")
     parts = (["AOF"] if aof else []) + ([f"RDB save '{save}'"] if rdb else [])
     return Finding("persistence", OK, ", ".join(parts) if parts else "persistence settings not readable")
+
+
+def check_io_threads(client: redis.Redis) -> Finding:
+    """``io-threads``: advice, never a problem (the level is ``ok`` either way). With one I/O
+    thread the main thread also copies every chunk to and from the sockets; more threads take
+    that off it where the server has cores to spare (see README, "Server settings")."""
+    threads = parse_int(_config(client, "io-threads"), minimum=1)
+    if threads is None:
+        return Finding("io-threads", OK, "cannot read io-threads (CONFIG refused); advice only")
+    info = _info(client, "server") or {}
+    valkey = "valkey_version" in info
+    if threads > 1:
+        reads = _config(client, "io-threads-do-reads")
+        if not valkey and reads == "no":
+            return Finding("io-threads", OK, f"io-threads {threads}, reads on the main thread",
+                           IO_THREADS_READS_TIP)
+        return Finding("io-threads", OK, f"io-threads {threads}")
+    return Finding("io-threads", OK, "io-threads 1: the main thread does all socket I/O",
+                   IO_THREADS_VALKEY_TIP if valkey else IO_THREADS_REDIS_TIP)
 
 
 # Commands whose rights the library needs, key/channel arguments in place. ``worker``: every
@@ -359,7 +390,8 @@ def _probe_rights(client: redis.Redis, keyspace: Keys) -> dict[str, list[str]]:
 def check_server(
     client: redis.Redis, keyspace: Keys | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> list[Finding]:
-    """Every check, in order: version, eviction, the transfer limits, persistence, ACL rights.
+    """Every check, in order: version, eviction, the transfer limits, persistence, ACL rights,
+    and io-threads (advice only).
 
     Connection and authentication errors propagate (there is no server to judge).
     """
@@ -372,6 +404,7 @@ def check_server(
         check_output_buffer(client, chunk_size),
         check_persistence(client),
         check_acl(client, keyspace),
+        check_io_threads(client),
     ]
 
 

@@ -100,6 +100,7 @@ def aof_server(server_factory):
 
 def test_redis_killed_between_chunks_push_fails_clearly_then_everything_recovers(aof_server, namespace, monkeypatch):
     monkeypatch.setattr(chunkstore_module, "ROUND_BYTES", CHUNK)  # one round trip per chunk
+    monkeypatch.setattr(chunkstore_module, "READ_ROUND_BYTES", CHUNK)
     url = aof_server.url
     model = make_model("mb:1", seed=1)
     updater = RedisWeightUpdater(RedisStore.from_url(url, namespace), model, 1, sync=True, timeout=20, chunk_size=CHUNK)
@@ -278,6 +279,7 @@ def test_notifications_dropped_for_good_worker_applies_within_its_poll_interval(
 @pytest.mark.parametrize("when", ["before the chunks", "between chunk rounds"])
 def test_gc_while_a_worker_reads_an_old_version(real_store, redis_url, namespace, monkeypatch, when):
     monkeypatch.setattr(chunkstore_module, "ROUND_BYTES", CHUNK)
+    monkeypatch.setattr(chunkstore_module, "READ_ROUND_BYTES", CHUNK)  # one read round per chunk
     model = make_model("mb:1", seed=20)
     updater = RedisWeightUpdater(real_store, model, 1, sync=False, retention=1, chunk_size=CHUNK)
     updater.update_weights()

@@ -15,6 +15,7 @@ from redis_weights.health import (
     check_acl,
     check_bulk_len,
     check_eviction,
+    check_io_threads,
     check_persistence,
     check_server,
     check_version,
@@ -35,7 +36,7 @@ def test_default_test_server_is_safe(redis_url: str, namespace: str) -> None:
     finally:
         client.close()
     assert set(findings) == {"version", "maxmemory-policy", "proto-max-bulk-len", "client-query-buffer-limit",
-                             "client-output-buffer-limit", "persistence", "acl"}
+                             "client-output-buffer-limit", "persistence", "acl", "io-threads"}
     assert findings["version"].level == OK
     assert findings["client-query-buffer-limit"].level == findings["client-output-buffer-limit"].level == OK
     assert findings["maxmemory-policy"].level == OK
@@ -159,3 +160,23 @@ def test_finding_levels_are_validated() -> None:
     assert worst([]) == OK
     assert worst([Finding("a", OK, ""), Finding("b", UNSAFE, ""), Finding("c", WARN, "")]) == UNSAFE
     assert Finding("a", WARN, "w", "f").to_dict() == {"check": "a", "level": "warn", "what": "w", "fix": "f"}
+
+
+def test_io_threads_advice_names_the_setting_and_never_raises_the_verdict(server_factory) -> None:
+    """io-threads is advice (level ok): off, doctor says how to turn it on; on, it only reports it."""
+    off = redis.Redis.from_url(server_factory().url)
+    try:
+        valkey = "valkey_version" in off.info("server")
+        finding = check_io_threads(off)
+    finally:
+        off.close()
+    assert finding.level == OK and finding.what.startswith("io-threads 1")
+    assert "io-threads" in finding.fix and ("valkey" if valkey else "redis") in finding.fix.lower()
+    args = ["--io-threads", "2"] + ([] if valkey else ["--io-threads-do-reads", "yes"])
+    on = redis.Redis.from_url(server_factory(*args).url)
+    try:
+        finding = check_io_threads(on)
+        assert (finding.level, finding.what, finding.fix) == (OK, "io-threads 2", "")
+        assert worst(check_server(on, Keys("p"))) != UNSAFE
+    finally:
+        on.close()

@@ -223,13 +223,13 @@ def test_latest_pointing_at_a_deleted_version_becomes_the_ranks_error_status(rea
 def test_transfer_limits_below_the_chunk_size_fail_the_start_check_naming_them(server_factory, namespace):
     server = server_factory("--proto-max-bulk-len", "1mb")
     client = redis.Redis.from_url(server.url)
-    with pytest.raises(UnsafeServerError, match="proto-max-bulk-len 1.0 MiB is below the chunk size 8.0 MiB"):
+    with pytest.raises(UnsafeServerError, match="proto-max-bulk-len 1.0 MiB is below the chunk size 2.0 MiB"):
         RedisWeightUpdater(RedisStore.from_url(server.url, namespace), None, 1)
     client.config_set("proto-max-bulk-len", "512mb")
-    client.config_set("client-query-buffer-limit", "4mb")
-    with pytest.raises(UnsafeServerError, match="client-query-buffer-limit 4.0 MiB does not exceed the chunk size"):
+    client.config_set("client-query-buffer-limit", "2mb")
+    with pytest.raises(UnsafeServerError, match="client-query-buffer-limit 2.0 MiB does not exceed the chunk size"):
         RedisWeightUpdater(RedisStore.from_url(server.url, namespace), None, 1)
-    RedisWeightUpdater(RedisStore.from_url(server.url, namespace), None, 1, chunk_size=2 * MiB).close()  # fits
+    RedisWeightUpdater(RedisStore.from_url(server.url, namespace), None, 1, chunk_size=MiB).close()  # fits
     RedisWeightReceiver(RedisStore.from_url(server.url, namespace), 1, make_model("mlp")).close()  # a worker sends no chunk
     client.config_set("client-output-buffer-limit", "normal 1mb 1mb 0")
     with pytest.raises(UnsafeServerError, match="client-output-buffer-limit.*cuts every worker's fetch"):

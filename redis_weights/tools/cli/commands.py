@@ -155,8 +155,8 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
             if tty:
                 tag = f"\033[{colors[f.level]}m{tag}\033[0m"
             print(f"{tag} {f.check}: {f.what}")
-            if f.fix and f.level != "ok":
-                print(f"         fix: {f.fix}")
+            if f.fix:
+                print(f"         {'fix' if f.level != 'ok' else 'tip'}: {f.fix}")
         print(f"verdict: {verdict}" + (" (exit code 3)" if verdict == UNSAFE else ""))
     return EXIT_UNSAFE if verdict == UNSAFE else 0
 
