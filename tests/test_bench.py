@@ -367,3 +367,17 @@ def test_the_host_cache_rows_report_redis_egress_per_host():
              "redis_out_per_push": mb * 1.02, "trainer_rss_growth": 0, "worker_rss_growth": 0} for n in (1, 8)]
     found = [t for t in bench.targets(rows) if t["target"].startswith("Redis egress per host")]
     assert [t["ratio"] for t in found] == [1.02, 1.02] and found[1]["target"].endswith("x8")
+
+
+def test_readme_and_docs_show_the_committed_neighbour_run():
+    """The good-neighbour tables are ``--report`` output of docs/bench/neighbour.json: a 1 GB run of
+    the library's defaults (2 MiB chunks among the compared sizes), every row verified."""
+    doc = json.loads((REPO / "docs" / "bench" / "neighbour.json").read_text())
+    rows = doc["neighbour_rows"]
+    assert rows and all(r["verified"] and r["size"] == 1 << 30 for r in rows)
+    assert bench.CHUNK in {r["chunk_size"] for r in rows}
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n### A shared Redis"):]
+    section = section[: section.index("\n## ", 1)]
+    for text in (section, (REPO / "docs" / "benchmarks.md").read_text()):
+        assert bench.neighbour_table(rows) in text
