@@ -52,6 +52,26 @@ def test_a_commit_moves_latest_marks_ranks_and_drops_its_pending_record(registry
     assert all(fake_redis.ttl(registry.keyspace.chunk(i)) == -1 for i in manifest.ids), "chunks carry no TTL"
 
 
+def test_the_manifest_is_staged_then_renamed_so_the_script_never_carries_it(registry, fake_redis):
+    """The commit script gets no manifest bytes: a plain SET stages it (with the push's TTL), the
+    script renames it; a refused commit leaves only the staged key, which the failed push deletes."""
+    k = registry.keyspace
+    manifest, _ = _push(registry)
+    assert fake_redis.ttl(k.manifest(manifest.version)) == -1, "a committed manifest carries no TTL"
+    assert list(fake_redis.scan_iter(match=k.full("staged:*"))) == []
+    encoded = _encode(2.0)
+    second = encoded.manifest(registry.allocate(), created=1.0, producer="test")
+    epoch = registry.begin("t", second.objects())
+    fake_redis.incr(k.gc_epoch)
+    with pytest.raises(GcRaceError):
+        registry.commit(second, epoch=epoch, token="t", pending_ttl=60)
+    assert fake_redis.get(k.staged_manifest("t")) == second.to_json()
+    assert 0 < fake_redis.ttl(k.staged_manifest("t")) <= 60 and not fake_redis.exists(k.manifest(second.version))
+    registry.end("t")
+    assert not fake_redis.exists(k.staged_manifest("t")) and not fake_redis.exists(k.pending("t"))
+    assert registry.latest() == manifest.version
+
+
 def test_chunks_redis_holds_are_not_uploaded_again(registry):
     first, _ = _push(registry, value=1.0)
     second, uploaded = _push(registry, value=1.0)
