@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark: this project against its peers, side by side in one run, same machine, same model.
 
-    python scripts/bench.py                                  # the full run (~15 min on 2 cores)
+    python scripts/bench.py                                  # the full run (15 min with 1, 2, 4 workers
+                                                             # on 2 cores; 8 workers add about as much)
     python scripts/bench.py --sizes 100MB --workers 2 --systems rw-sync,raw --repeats 3
 
 For every (model size, worker count, system) it starts a trainer and N workers as
@@ -28,6 +29,14 @@ the bytes written to Redis and its egress (``INFO stats``), the trainer's encode
 seconds, the push seconds, the slowest worker's apply seconds; a row is *bit-exact*
 when every worker's xxh3-128 digest of all its weight bytes equalled the trainer's
 digest of its wire-dtype weights after every push. Results: docs/bench/workloads.json.
+
+    python scripts/bench.py --neighbour 1GB --chunk-sizes 1MB,2MB,4MB,8MB       # issue 14
+
+The good-neighbour measure: rw-sync pushes with Redis's SLOWLOG logging every command and
+another client PINGing every millisecond; the library's commands (how many took 1 ms or more,
+the slowest, per command p50/p99/max) and the PING latency during the pushes against idle.
+``--server-bin``/``--server-args``/``--server-nice`` choose the private server (e.g. Valkey,
+io-threads). Results: docs/bench/neighbour.json.
 """
 
 from __future__ import annotations
@@ -719,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated model sizes (default 1MB,100MB,1GB; none with --workloads)")
     parser.add_argument("--workloads", default="", help=f"training workloads, from {', '.join(WORKLOADS)}")
     parser.add_argument("--lrs", help="finetune: comma-separated learning rates (default 1e-6,1e-5)")
-    parser.add_argument("--workers", help="comma-separated worker counts (default 1,2,4; workloads: their own)")
+    parser.add_argument("--workers", help="comma-separated worker counts (default 1,2,4,8; neighbour: 1; workloads: their own)")
     parser.add_argument("--systems", help=f"from {', '.join(SYSTEMS)} (the sweep) and {', '.join(TRAIN_SYSTEMS)} "
                         "(workloads); default: every sweep system and each workload's own peers")
     parser.add_argument("--repeats", type=int, default=5, help="timed pushes per configuration")
