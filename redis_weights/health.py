@@ -49,14 +49,15 @@ MIN_VERSION = (6, 2, 0)  # COPY (rollback), GETDEL, ACL channel rules
 RECOMMENDED_VERSION = (7, 0, 0)  # ACL DRYRUN, &channel permissions, multi-part AOF
 MEMORY_HEADROOM = 0.9  # warn above 90 % of maxmemory
 _CANNOT_READ = "cannot read"  # how a finding that could not see the setting begins
-# io-threads advice, from docs/benchmarks.md ("Server settings"): measured on 2 shared cores only,
-# where a 1 GB push to 2 workers took 7 % (Redis 7.0) and 21 % (Valkey 8.1) longer with io-threads 2.
-_IO_THREADS_MEASURED = ("measured on 2 cores shared with the trainer and workers, io-threads 2 made pushes slower "
-                        "(Redis 7.0 +7 %, Valkey 8.1 +21 %): leave it off there")
-IO_THREADS_REDIS_TIP = ("only on a Redis server with cores to spare (4+ that the trainer and workers do not use): "
+# io-threads advice, from docs/benchmarks.md ("Server settings: io-threads"): measured only on 2
+# cores shared with the trainer and workers, where a 1 GB push to 2 workers with io-threads 2 took
+# +7 % and +5 % (Redis 7.0), +21 % and -38 % (Valkey 8.1) in two runs: no consistent effect.
+_IO_THREADS_MEASURED = ("on 2 cores shared with the trainer and workers it showed no consistent gain; "
+                        "measure yours with scripts/bench.py --neighbour 1GB --server-args")
+IO_THREADS_REDIS_TIP = ("on a Redis server with cores to spare (ones the trainer and workers do not use), "
                         "io-threads 4 and io-threads-do-reads yes in redis.conf (restart needed) take socket reads "
                         "and writes off the main thread; " + _IO_THREADS_MEASURED)
-IO_THREADS_VALKEY_TIP = ("only on a Valkey server with cores to spare (4+ that the trainer and workers do not use): "
+IO_THREADS_VALKEY_TIP = ("on a Valkey server with cores to spare (ones the trainer and workers do not use), "
                          "io-threads 4 in valkey.conf takes socket reads and writes off the main thread; "
                          + _IO_THREADS_MEASURED)
 IO_THREADS_READS_TIP = ("io-threads-do-reads yes in redis.conf (restart needed) lets the I/O threads also read the "

@@ -367,7 +367,7 @@ def test_doctor(server_factory, redis_url: str, namespace: str, capsys) -> None:
     assert good.returncode == 0, good
     assert "maxmemory-policy: policy noeviction" in good.stdout and "verdict: warn" in good.stdout
     # advice on an ok finding is printed as a tip, and never raises the verdict
-    assert "[  OK  ] io-threads: io-threads 1" in good.stdout and "         tip: only on a" in good.stdout
+    assert "[  OK  ] io-threads: io-threads 1" in good.stdout and "         tip: on a" in good.stdout
     doc = json.loads(run_main(capsys, "--url", redis_url, "-n", namespace, "doctor", "--json").stdout)
     assert doc["verdict"] == "warn" and {f["check"] for f in doc["findings"]} >= {"acl", "version", "persistence"}
 
