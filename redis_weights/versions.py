@@ -55,7 +55,8 @@ DEFAULT_RETENTION = 3
 DEFAULT_PENDING_TTL = 900.0  # seconds a push's pending record protects its objects
 GC_LEASE_TTL = 30.0  # seconds a GC's lease lives without renewal (a dead GC stops blocking commits)
 _LEASE_WAIT = 0.02  # seconds between checks while a push waits for a GC to finish
-_MANIFEST_ROUND = 100  # manifests per MGET while marking
+_MANIFEST_ROUND = 100  # pending records per round trip while marking
+_MANIFEST_PIECE = 1024 * 1024  # bytes per GETRANGE of a manifest (2.2 MB: the manifest of a 100 GB model)
 
 # KEYS: counter, latest. ARGV: floor (the caller's last version), the largest version.
 # Returns {version, latest}. INCR, but never at or below max(floor, latest): a Redis
@@ -314,17 +315,27 @@ class VersionRegistry:
 
     def read_manifest(self, version: int, *, max_bytes: int | None = None) -> Manifest:
         """The validated manifest stored under ``version``; one stored larger than ``max_bytes``
-        (default ``MAX_MANIFEST_BYTES``) is refused without downloading it (``STRLEN`` first)."""
+        (default ``MAX_MANIFEST_BYTES``) is refused without downloading it (``STRLEN`` first).
+
+        Read in ``GETRANGE`` pieces of ``_MANIFEST_PIECE`` bytes (one round trip for the usual
+        manifest): Redis copies a reply while it runs the command, so one piece holds it ~0.1 ms."""
         limit = MAX_MANIFEST_BYTES if max_bytes is None else min(max_bytes, MAX_MANIFEST_BYTES)
         key = self.keyspace.manifest(version)
         pipe = self.client.pipeline(transaction=False)
         pipe.strlen(key)
-        pipe.getrange(key, 0, limit)  # at most one byte over the limit
+        pipe.getrange(key, 0, min(limit, _MANIFEST_PIECE) - 1)
         length, raw = pipe.execute()
         if not length:
             raise VersionNotFoundError(f"version {version} not found")
         if length > limit:
             raise CodecError(f"manifest of {length} bytes, more than the limit of {limit} (hostile or corrupted?)")
+        if length > len(raw):
+            pipe = self.client.pipeline(transaction=False)
+            for start in range(len(raw), length, _MANIFEST_PIECE):
+                pipe.getrange(key, start, min(length, start + _MANIFEST_PIECE) - 1)
+            raw = b"".join([raw, *pipe.execute()])
+            if len(raw) != length:  # deleted (or replaced by hand) between the pieces
+                raise VersionNotFoundError(f"version {version} was deleted while its manifest was read")
         return Manifest.from_json(raw, version)
 
     def list_versions(self) -> list[int]:
@@ -401,20 +412,17 @@ class VersionRegistry:
         manifest cannot be read (then nothing may be swept: its objects are unknown)."""
         k = self.keyspace
         marked: set[str] = set()
-        versions = self.list_versions()
-        for start in range(0, len(versions), _MANIFEST_ROUND):
-            batch = versions[start : start + _MANIFEST_ROUND]
-            for version, raw in zip(batch, self._get_each([k.manifest(v) for v in batch]), strict=True):
-                if raw is None:
-                    continue  # deleted meanwhile
-                try:
-                    marked |= Manifest.from_json(raw, version).objects()
-                except LegacyFormatError:
-                    continue  # old layout: its chunks are per-version keys, deleted with it
-                except CodecError as exc:
-                    log.warning("namespace %r: version %d has an unreadable manifest (%s); not sweeping",
-                                k.namespace, version, exc)  # fmt: skip
-                    return None
+        for version in self.list_versions():  # retained versions: few; each read in bounded pieces
+            try:
+                marked |= self.read_manifest(version).objects()
+            except VersionNotFoundError:
+                continue  # deleted meanwhile
+            except LegacyFormatError:
+                continue  # old layout: its chunks are per-version keys, deleted with it
+            except CodecError as exc:
+                log.warning("namespace %r: version %d has an unreadable manifest (%s); not sweeping",
+                            k.namespace, version, exc)  # fmt: skip
+                return None
         records = list(self.client.scan_iter(match=k.pending_pattern, count=SCAN_COUNT))
         for start in range(0, len(records), _MANIFEST_ROUND):
             for raw in self._get_each(records[start : start + _MANIFEST_ROUND]):
@@ -423,8 +431,8 @@ class VersionRegistry:
         return marked
 
     def _get_each(self, names: list[Any]) -> list[Any]:
-        """GET of every name in one round trip, one command each (an MGET of 100 manifests of a
-        big model is one command that copies them all and holds Redis meanwhile)."""
+        """GET of every name in one round trip, one command each (an MGET of many big values is
+        one command that copies them all and holds Redis meanwhile)."""
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             pipe.get(name)

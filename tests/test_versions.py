@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from redis_weights import StaleVersionError, VersionNotFoundError, VersionRegistry
+from redis_weights.errors import CodecError
 from redis_weights.codec import Encoder
 from redis_weights.versions import GcRaceError
 from tests.codec_support import read_version
@@ -70,6 +71,20 @@ def test_the_manifest_is_staged_then_renamed_so_the_script_never_carries_it(regi
     registry.end("t")
     assert not fake_redis.exists(k.staged_manifest("t")) and not fake_redis.exists(k.pending("t"))
     assert registry.latest() == manifest.version
+
+
+def test_a_manifest_larger_than_one_piece_is_read_in_pieces(registry, fake_redis, monkeypatch):
+    from redis_weights import versions
+
+    manifest, _ = _push(registry)
+    whole = registry.read_manifest(manifest.version)
+    stored = fake_redis.get(registry.keyspace.manifest(manifest.version))
+    monkeypatch.setattr(versions, "_MANIFEST_PIECE", 100)
+    assert len(stored) > 3 * 100
+    again = registry.read_manifest(manifest.version)
+    assert again.to_json() == whole.to_json() == stored
+    with pytest.raises(CodecError, match="more than the limit"):
+        registry.read_manifest(manifest.version, max_bytes=len(stored) - 1)
 
 
 def test_chunks_redis_holds_are_not_uploaded_again(registry):
