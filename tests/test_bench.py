@@ -379,5 +379,9 @@ def test_readme_and_docs_show_the_committed_neighbour_run():
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("\n### A shared Redis"):]
     section = section[: section.index("\n## ", 1)]
-    for text in (section, (REPO / "docs" / "benchmarks.md").read_text()):
+    docs = (REPO / "docs" / "benchmarks.md").read_text()
+    for text in (section, docs):
         assert bench.neighbour_table(rows) in text
+    valkey = json.loads((REPO / "docs" / "bench" / "neighbour-valkey.json").read_text())["neighbour_rows"]
+    assert valkey and all(r["verified"] and r["server"].startswith("valkey ") for r in valkey)
+    assert bench.neighbour_table(valkey) in docs
