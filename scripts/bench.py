@@ -495,7 +495,8 @@ def run_neighbour(
     row = summarize("rw-sync", size, workers, *docs)
     windows = [(p["t0"], p["t0"] + p["total"]) for p in docs[0]["pushes"]]
     during = [dt for t, dt in busy.samples if any(a <= t <= b for a, b in windows)]
-    return {**row, **ident, "slowlog": library_slowlog(entries), "ping_idle": ping_stats([dt for _, dt in idle.samples]),
+    idle_pings = ping_stats([dt for _, dt in idle.samples])
+    return {**row, **ident, "slowlog": library_slowlog(entries), "ping_idle": idle_pings,
             "ping_push": ping_stats(during), "server": server_label(url)}
 
 
@@ -532,7 +533,8 @@ def neighbour_table(rows: list[dict[str, Any]]) -> str:
                            if c["count"] and name not in ("GET", "DEL")) or "-"
         lines.append(f"{where} {fmt(r['push_s'])} | {slow['count']} ({slow['n']}) | {slow['max_ms']:g} "
                      f"| {three(commands.get('GET'))} | {three(commands.get('DEL'))} | {others} "
-                     f"| {three(r['ping_idle'])} | {three(r['ping_push'])} |" + ("" if r["verified"] else " (unverified)"))
+                     f"| {three(r['ping_idle'])} | {three(r['ping_push'])} |"
+                     + ("" if r["verified"] else " (unverified)"))
     return "\n".join(lines)
 
 
@@ -728,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated model sizes (default 1MB,100MB,1GB; none with --workloads)")
     parser.add_argument("--workloads", default="", help=f"training workloads, from {', '.join(WORKLOADS)}")
     parser.add_argument("--lrs", help="finetune: comma-separated learning rates (default 1e-6,1e-5)")
-    parser.add_argument("--workers", help="comma-separated worker counts (default 1,2,4,8; neighbour: 1; workloads: their own)")
+    parser.add_argument("--workers", help="comma-separated worker counts (default 1,2,4,8; neighbour: 1; "
+                        "workloads: their own)")
     parser.add_argument("--systems", help=f"from {', '.join(SYSTEMS)} (the sweep) and {', '.join(TRAIN_SYSTEMS)} "
                         "(workloads); default: every sweep system and each workload's own peers")
     parser.add_argument("--repeats", type=int, default=5, help="timed pushes per configuration")
@@ -821,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
                     slow = row.get("slowlog") or {}
                     print(f"neighbour {size_label(size):>7} x{n} chunk {size_label(chunk_size)} "
                           f"{fmt(row.get('push_s'))} s/push, {slow.get('count')} slow, max {slow.get('max_ms')} ms "
-                          f"({time.monotonic() - t:.0f}s) {(row.get('error') or '')[:200]}", file=sys.stderr, flush=True)
+                          f"({time.monotonic() - t:.0f}s) {(row.get('error') or '')[:200]}",
+                          file=sys.stderr, flush=True)
         server_version = redis.Redis.from_url(url).info("server").get("redis_version")
     finally:
         if server is not None:

@@ -25,6 +25,13 @@ TINY = 64 << 10
 CORE_SYSTEMS = tuple(s for s in SYSTEMS if s != "torchrl")
 
 
+def readme_section(heading: str) -> str:
+    """The README from ``heading`` up to the next top-level section."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index(heading):]
+    return section[: section.index("\n## ", 1)]
+
+
 def positive(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
@@ -127,9 +134,7 @@ def test_targets_of_synthetic_rows():
 def test_readme_shows_the_committed_results():
     """The README's tables are ``bench.py --report docs/bench/results.json`` output, not hand-copied numbers."""
     doc = json.loads(RESULTS.read_text())
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("\n## Benchmarks"):]
-    section = section[: section.index("\n## ", 1)]
+    section = readme_section("\n## Benchmarks")
     assert bench.pivot(doc["rows"]) in section
     assert bench.table(doc["rows"]) in section
 
@@ -141,9 +146,7 @@ def test_readme_and_docs_show_the_committed_workload_run():
     rows = doc["workload_rows"]
     assert rows and all(r["verified"] for r in rows)
     assert {r["params"] for r in rows if r["workload"] != "classic"} == {260347904}  # >= 250M, bf16 >= 500 MB
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("\n### Training workloads"):]
-    section = section[: section.index("\n## ", 1)]
+    section = readme_section("\n### Training workloads")
     docs = (REPO / "docs" / "benchmarks.md").read_text()
     for text in (section, docs):
         assert bench.workload_table(rows) in text
@@ -376,9 +379,7 @@ def test_readme_and_docs_show_the_committed_neighbour_run():
     rows = doc["neighbour_rows"]
     assert rows and all(r["verified"] and r["size"] == 1 << 30 for r in rows)
     assert bench.CHUNK in {r["chunk_size"] for r in rows}
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("\n### A shared Redis"):]
-    section = section[: section.index("\n## ", 1)]
+    section = readme_section("\n### A shared Redis")
     docs = (REPO / "docs" / "benchmarks.md").read_text()
     for text in (section, docs):
         assert bench.neighbour_table(rows) in text

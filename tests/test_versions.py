@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from redis_weights import StaleVersionError, VersionNotFoundError, VersionRegistry
-from redis_weights.errors import CodecError
 from redis_weights.codec import Encoder
+from redis_weights.errors import CodecError
 from redis_weights.versions import GcRaceError
 from tests.codec_support import read_version
 
