@@ -32,6 +32,7 @@ from .chunkstore import ChunkStore
 from .errors import CodecError
 from .keys import Keys
 from .manifest import MAX_MANIFEST_BYTES, Manifest, checksum
+from .units import milliseconds
 from .values import MAX_VERSION, parse_int, text
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def announce(client: redis.Redis, keyspace: Keys, manifest: Manifest, ttl: float
     """Write ``manifest`` (not committed) as the plan and wake the workers, in one round trip."""
     pipe = client.pipeline(transaction=False)
     pipe.hset(keyspace.plan, mapping={"version": manifest.version, "manifest": manifest.to_json()})
-    pipe.pexpire(keyspace.plan, max(1, int(ttl * 1000)))
+    pipe.pexpire(keyspace.plan, milliseconds(ttl))
     pipe.publish(keyspace.updates_channel, f"{_HINT_PREFIX}{manifest.version}")
     pipe.execute()
 
