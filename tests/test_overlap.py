@@ -6,6 +6,9 @@ says, so what the workers do during the upload is observed, not timed.
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from redis_weights.chunkstore import ChunkStore
 from redis_weights.codec import Encoder
 from redis_weights.deployment import Deployment
 from redis_weights.keys import Keys
+from redis_weights.tools.admin import drop_namespace
 from redis_weights.staging import PLAN_TTL, announce, hinted_version, plan_version, read_plan, stage
 from tests.faults_support import eventually
 from tests.models import make_model, state_digest
@@ -56,89 +60,116 @@ def _push(store, seed: int, num_workers: int) -> tuple[int, str]:
     return updater.version, state_digest(model)
 
 
-@pytest.mark.server
-def test_workers_stage_chunks_during_a_slow_upload_and_apply_bit_exact_after_the_commit(
-    tmp_path, real_store, redis_url, namespace
-):
-    with workers(tmp_path, redis_url, namespace, [1, 2], "--model", MODEL, *STALL) as ws:
-        v1, d1 = _push(real_store, seed=1, num_workers=2)
-        for w in ws.values():
-            assert w.wait_version(v1) == d1
-        trainer, go = _trainer(tmp_path, redis_url, namespace, seed=2, block_after=6, workers_=2)
-        try:
-            eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
-            v2 = real_store.client.hget(real_store.keyspace.plan, "version")
-            assert v2 is not None
-            v2 = int(v2)
-            for w in ws.values():  # the six chunks written so far are staged, before any commit
-                eventually(lambda w=w: _staged(w, v2) >= set(range(6)), what="the written chunks to be staged")
-            assert int(real_store.client.get(real_store.keyspace.latest)) == v1
-            assert all(v2 not in w.applied() for w in ws.values())  # staged, never applied before the commit
-            go.touch()
-            eventually(lambda: trainer.record("pushed"), timeout=60, what="the trainer's commit")
-            digest = trainer.record("pushed")["digest"]
-            assert digest != d1
-            for w in ws.values():
-                assert w.wait_version(v2) == digest  # bit-exact
-                record = next(r for r in w.records() if r.get("version") == v2)
-                total = sum(c.numel() * 4 for c in make_model(MODEL, seed=2).state_dict().values())
-                assert record["fetched"] < total  # the staged chunks were not downloaded again
-        finally:
-            trainer.stop()
+@dataclass
+class Fleet:
+    """Two worker processes on one namespace, shared by the tests of this module (starting
+    processes is what costs here); each test pushes a fresh version first."""
+
+    url: str
+    store: RedisStore
+    workers: dict[int, Worker]
+    tmp: Path
+
+    def push(self, seed: int) -> tuple[int, str]:
+        version, digest = _push(self.store, seed, len(self.workers))
+        for w in self.workers.values():
+            assert w.wait_version(version) == digest
+        return version, digest
+
+    def trainer(self, seed: int, block_after: int) -> tuple[Trainer, Path]:
+        return _trainer(self.tmp, self.url, self.store.keyspace.namespace, seed, block_after, len(self.workers))
+
+    def plan(self) -> int:
+        return int(self.store.client.hget(self.store.keyspace.plan, "version"))
+
+    def latest(self) -> int:
+        return int(self.store.client.get(self.store.keyspace.latest))
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_server, tmp_path_factory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("overlap")
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    store = RedisStore.from_url(redis_server.url, namespace)
+    try:
+        with workers(tmp, redis_server.url, namespace, [1, 2], "--model", MODEL, "--stage-stall", "2") as ws:
+            yield Fleet(redis_server.url, store, ws, tmp)
+    finally:
+        drop_namespace(store.client, store.keyspace)
+        store.close()
 
 
 @pytest.mark.server
-def test_a_trainer_killed_mid_upload_leaves_the_workers_on_their_weights_and_the_next_push_applies(
-    tmp_path, real_store, redis_url, namespace
-):
-    with workers(tmp_path, redis_url, namespace, [1], "--model", MODEL, "--stage-stall", "1") as ws:
-        v1, d1 = _push(real_store, seed=1, num_workers=1)
-        assert ws[1].wait_version(v1) == d1
-        trainer, _ = _trainer(tmp_path, redis_url, namespace, seed=2, block_after=8, workers_=1)
-        try:
-            eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
-            v2 = int(real_store.client.hget(real_store.keyspace.plan, "version"))
-            eventually(lambda: _staged(ws[1], v2) >= set(range(8)), what="the written chunks to be staged")
-        finally:
-            trainer.kill()  # dies with its plan announced, before its commit
-        assert int(real_store.client.get(real_store.keyspace.latest)) == v1
-        assert list(ws[1].applied()) == [v1]
-        v3, d3 = _push(real_store, seed=3, num_workers=1)  # after the stager gave up on the dead plan
-        assert v3 > v2
-        assert ws[1].wait_version(v3) == d3
-        assert v2 not in ws[1].applied()
+def test_workers_stage_chunks_during_a_slow_upload_and_apply_bit_exact_after_the_commit(fleet):
+    v1, d1 = fleet.push(seed=1)
+    trainer, go = fleet.trainer(seed=2, block_after=6)
+    try:
+        eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
+        v2 = fleet.plan()
+        for w in fleet.workers.values():  # the six chunks written so far are staged, before any commit
+            eventually(lambda w=w: _staged(w, v2) >= set(range(6)), what="the written chunks to be staged")
+        assert fleet.latest() == v1
+        assert all(v2 not in w.applied() for w in fleet.workers.values())  # staged, never applied before the commit
+        go.touch()
+        eventually(lambda: trainer.record("pushed"), timeout=60, what="the trainer's commit")
+        digest = trainer.record("pushed")["digest"]
+        assert digest != d1
+        total = sum(t.numel() * 4 for t in make_model(MODEL, seed=2).state_dict().values())
+        for w in fleet.workers.values():
+            assert w.wait_version(v2) == digest  # bit-exact
+            record = next(r for r in w.records() if r.get("version") == v2)
+            assert record["fetched"] < total  # the staged chunks were not downloaded again
+    finally:
+        trainer.stop()
 
 
 @pytest.mark.server
-def test_a_plan_superseded_by_a_newer_push_is_never_applied(tmp_path, real_store, redis_url, namespace):
-    with workers(tmp_path, redis_url, namespace, [1], "--model", MODEL, *STALL) as ws:
-        v1, d1 = _push(real_store, seed=1, num_workers=1)
-        assert ws[1].wait_version(v1) == d1
-        trainer, go = _trainer(tmp_path, redis_url, namespace, seed=2, block_after=5, workers_=1)
-        try:
-            eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
-            v2 = int(real_store.client.hget(real_store.keyspace.plan, "version"))
-            eventually(lambda: _staged(ws[1], v2) >= set(range(5)), what="the written chunks to be staged")
-            v3, d3 = _push(real_store, seed=3, num_workers=1)  # a second writer commits a newer version
-            assert ws[1].wait_version(v3) == d3
-            go.touch()  # the first trainer's commit is refused as stale
-            eventually(lambda: trainer.record("error"), timeout=60, what="the stale commit to be refused")
-            assert "StaleVersionError" in trainer.record("error")["error"]
-        finally:
-            trainer.stop()
-        assert v2 not in ws[1].applied()
-        assert int(real_store.client.get(real_store.keyspace.latest)) == v3
+def test_a_trainer_killed_mid_upload_leaves_the_workers_on_their_weights_and_the_next_push_applies(fleet):
+    v1, d1 = fleet.push(seed=4)
+    trainer, _ = fleet.trainer(seed=5, block_after=8)
+    try:
+        eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
+        v2 = fleet.plan()
+        for w in fleet.workers.values():
+            eventually(lambda w=w: _staged(w, v2) >= set(range(8)), what="the written chunks to be staged")
+    finally:
+        trainer.kill()  # dies with its plan announced, before its commit
+    for w in fleet.workers.values():  # the stagers give up on the dead plan (no new chunk for 2 s)
+        eventually(lambda w=w: any(r.get("stage_ended") == v2 for r in w.records()), what="staging to stop")
+    assert fleet.latest() == v1
+    assert all(v2 not in w.applied() and w.applied()[v1] == d1 for w in fleet.workers.values())
+    v3, _ = fleet.push(seed=6)  # bit-exact, checked by push
+    assert v3 > v2 and all(v2 not in w.applied() for w in fleet.workers.values())
+
+
+@pytest.mark.server
+def test_a_plan_superseded_by_a_newer_push_is_never_applied(fleet):
+    fleet.push(seed=7)
+    trainer, go = fleet.trainer(seed=8, block_after=5)
+    try:
+        eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
+        v2 = fleet.plan()
+        for w in fleet.workers.values():
+            eventually(lambda w=w: _staged(w, v2) >= set(range(5)), what="the written chunks to be staged")
+        v3, _ = fleet.push(seed=9)  # a second writer commits a newer version
+        go.touch()  # the first trainer's commit is refused as stale
+        eventually(lambda: trainer.record("error"), timeout=60, what="the stale commit to be refused")
+        assert "StaleVersionError" in trainer.record("error")["error"]
+    finally:
+        trainer.stop()
+    assert all(v2 not in w.applied() for w in fleet.workers.values())
+    assert fleet.latest() == v3
 
 
 @pytest.mark.server
 def test_the_host_cache_fetcher_streams_the_plan_into_the_shared_file(tmp_path, real_store, redis_url, namespace):
     cache = tmp_path / "cache"
-    with workers(tmp_path, redis_url, namespace, [1, 2, 3], "--model", MODEL, "--host-cache", str(cache),
+    with workers(tmp_path, redis_url, namespace, [1, 2], "--model", MODEL, "--host-cache", str(cache),
                  *STALL) as ws:  # fmt: skip
-        v1, d1 = _push(real_store, seed=1, num_workers=3)
+        v1, d1 = _push(real_store, seed=1, num_workers=2)
         for w in ws.values():
             assert w.wait_version(v1) == d1
-        trainer, go = _trainer(tmp_path, redis_url, namespace, seed=2, block_after=7, workers_=3)
+        trainer, go = _trainer(tmp_path, redis_url, namespace, seed=2, block_after=7, workers_=2)
         try:
             eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
             v2 = int(real_store.client.hget(real_store.keyspace.plan, "version"))

@@ -49,6 +49,15 @@ def main() -> int:
         real_staged(version, index)
 
     staging_module._chunk_staged = log_staged
+    real_stage = staging_module.stage
+
+    def logged_stage(store, plan, *a, **kw):  # type: ignore[no-untyped-def]
+        staged = real_stage(store, plan, *a, **kw)
+        with open(args.out, "a") as f:  # the stager let go of the plan
+            f.write(json.dumps({"stage_ended": plan.version, "bytes": staged}) + "\n")
+        return staged
+
+    staging_module.stage = logged_stage
     if args.stage_stall is not None:
         staging_module.STALL_SECONDS = args.stage_stall
 
