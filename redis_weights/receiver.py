@@ -241,8 +241,8 @@ class RedisWeightReceiver:
                     self._repeats.clear()
                     return applied
                 if self._plan_hint > max(latest, self.version):  # announced, not committed: stage it meanwhile
-                    self._plan_hint = 0
-                    self._stage()
+                    hinted, self._plan_hint = self._plan_hint, 0
+                    self._stage(hinted)
                     continue  # committed meanwhile? then apply it now
                 if self._unsent is not None:  # nothing newer to apply, whose report would supersede it
                     self._report(*self._unsent)
@@ -385,11 +385,16 @@ class RedisWeightReceiver:
         return buffer
 
     # -- overlap --------------------------------------------------------------------------
-    def _stage(self) -> None:
+    def _stage(self, hinted: int) -> None:
         """Stage the announced version's chunks while the trainer writes them (``staging.py``):
         into the receive buffer, or into the host's shared file. Nothing is applied here; a plan
         that does not fit the policy is left to the commit, which reports it."""
-        plan = staging.read_plan(self.store.client, self.keyspace, self._max_manifest)
+        try:
+            plan = staging.read_plan(self.store.client, self.keyspace, self._max_manifest)
+        except redis.exceptions.ResponseError as exc:  # e.g. NOPERM: overlap is an optimisation, never a failure
+            log.warning("rank %d: cannot read the plan of version %d (%s); fetching after its commit",
+                        self.rank, hinted, exc)  # fmt: skip
+            return
         if plan is None or plan.version <= max(self.version, self.latest_seen):
             return
         try:
