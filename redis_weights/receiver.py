@@ -57,7 +57,6 @@ from .metrics import WorkerMetrics
 from .reports import ApplyReport, PhaseClock, call_hook
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
-from .values import MAX_VERSION, parse_int
 from .versions import VersionRegistry
 
 log = logging.getLogger(__name__)
@@ -419,14 +418,7 @@ class RedisWeightReceiver:
         by a commit), still the announced plan, and the receiver not stopping."""
 
         def current() -> bool:
-            if self._stop.is_set():
-                return False
-            pipe = self.store.client.pipeline(transaction=False)
-            pipe.get(self.keyspace.latest)
-            pipe.hget(self.keyspace.plan, "version")
-            latest, planned = pipe.execute()
-            latest = 0 if latest is None else parse_int(latest, minimum=0, maximum=MAX_VERSION)
-            return latest is not None and latest < version and parse_int(planned, minimum=1) == version
+            return not self._stop.is_set() and staging.still_planned(self.store.client, self.keyspace, version)
 
         return current
 

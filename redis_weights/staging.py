@@ -63,9 +63,15 @@ def hinted_version(message: str) -> int | None:
     return parse_int(message[len(_HINT_PREFIX) :], minimum=1, maximum=MAX_VERSION)
 
 
-def plan_version(client: redis.Redis, keyspace: Keys) -> int:
-    """The version of the current plan (0: none, or not a version number)."""
-    return parse_int(client.hget(keyspace.plan, "version"), minimum=1, maximum=MAX_VERSION) or 0
+def still_planned(client: redis.Redis, keyspace: Keys, version: int) -> bool:
+    """Whether ``version`` is still the announced plan and not committed (nor passed by a commit),
+    in one round trip; False for a ``latest`` that is no version number."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keyspace.latest)
+    pipe.hget(keyspace.plan, "version")
+    raw_latest, planned = pipe.execute()
+    latest = 0 if raw_latest is None else parse_int(raw_latest, minimum=0, maximum=MAX_VERSION)
+    return latest is not None and latest < version and parse_int(planned, minimum=1, maximum=MAX_VERSION) == version
 
 
 def read_plan(client: redis.Redis, keyspace: Keys, max_bytes: int = MAX_MANIFEST_BYTES) -> Manifest | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from redis_weights.codec import Encoder
 from redis_weights.deployment import Deployment
 from redis_weights.keys import Keys
 from redis_weights.tools.admin import drop_namespace
-from redis_weights.staging import PLAN_TTL, announce, hinted_version, plan_version, read_plan, stage
+from redis_weights.staging import PLAN_TTL, announce, hinted_version, read_plan, stage, still_planned
 from tests.faults_support import eventually
 from tests.models import make_model, state_digest
 from tests.procs import Worker, workers
@@ -76,11 +77,20 @@ class Fleet:
             assert w.wait_version(version) == digest
         return version, digest
 
-    def trainer(self, seed: int, block_after: int) -> tuple[Trainer, Path]:
-        return _trainer(self.tmp, self.url, self.store.keyspace.namespace, seed, block_after, len(self.workers))
-
-    def plan(self) -> int:
-        return int(self.store.client.hget(self.store.keyspace.plan, "version"))
+    @contextmanager
+    def paused_upload(self, seed: int, block_after: int) -> Iterator[tuple[Trainer, Path, int]]:
+        """A trainer paused after ``block_after`` chunks, once every worker staged them:
+        ``(trainer, go file, the planned version)``; stopped on exit."""
+        trainer, go = _trainer(self.tmp, self.url, self.store.keyspace.namespace, seed, block_after, len(self.workers))
+        try:
+            eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
+            planned = int(self.store.client.hget(self.store.keyspace.plan, "version"))
+            for w in self.workers.values():  # the chunks written so far are staged, before any commit
+                eventually(lambda w=w: _staged(w, planned) >= set(range(block_after)),
+                           what="the written chunks to be staged")  # fmt: skip
+            yield trainer, go, planned
+        finally:
+            trainer.stop()
 
     def latest(self) -> int:
         return int(self.store.client.get(self.store.keyspace.latest))
@@ -102,37 +112,24 @@ def fleet(redis_server, tmp_path_factory) -> Iterator[Fleet]:
 @pytest.mark.server
 def test_workers_stage_chunks_during_a_slow_upload_and_apply_bit_exact_after_the_commit(fleet):
     v1, d1 = fleet.push(seed=1)
-    trainer, go = fleet.trainer(seed=2, block_after=6)
-    try:
-        eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
-        v2 = fleet.plan()
-        for w in fleet.workers.values():  # the six chunks written so far are staged, before any commit
-            eventually(lambda w=w: _staged(w, v2) >= set(range(6)), what="the written chunks to be staged")
+    with fleet.paused_upload(seed=2, block_after=6) as (trainer, go, v2):
         assert fleet.latest() == v1
         assert all(v2 not in w.applied() for w in fleet.workers.values())  # staged, never applied before the commit
         go.touch()
         eventually(lambda: trainer.record("pushed"), timeout=60, what="the trainer's commit")
         digest = trainer.record("pushed")["digest"]
-        assert digest != d1
-        total = sum(t.numel() * 4 for t in make_model(MODEL, seed=2).state_dict().values())
-        for w in fleet.workers.values():
-            assert w.wait_version(v2) == digest  # bit-exact
-            record = next(r for r in w.records() if r.get("version") == v2)
-            assert record["fetched"] < total  # the staged chunks were not downloaded again
-    finally:
-        trainer.stop()
+    assert digest != d1
+    total = sum(t.numel() * 4 for t in make_model(MODEL, seed=2).state_dict().values())
+    for w in fleet.workers.values():
+        assert w.wait_version(v2) == digest  # bit-exact
+        record = next(r for r in w.records() if r.get("version") == v2)
+        assert record["fetched"] < total  # the staged chunks were not downloaded again
 
 
 @pytest.mark.server
 def test_a_trainer_killed_mid_upload_leaves_the_workers_on_their_weights_and_the_next_push_applies(fleet):
     v1, d1 = fleet.push(seed=4)
-    trainer, _ = fleet.trainer(seed=5, block_after=8)
-    try:
-        eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
-        v2 = fleet.plan()
-        for w in fleet.workers.values():
-            eventually(lambda w=w: _staged(w, v2) >= set(range(8)), what="the written chunks to be staged")
-    finally:
+    with fleet.paused_upload(seed=5, block_after=8) as (trainer, _, v2):
         trainer.kill()  # dies with its plan announced, before its commit
     for w in fleet.workers.values():  # the stagers give up on the dead plan (no new chunk for 2 s)
         eventually(lambda w=w: any(r.get("stage_ended") == v2 for r in w.records()), what="staging to stop")
@@ -145,18 +142,11 @@ def test_a_trainer_killed_mid_upload_leaves_the_workers_on_their_weights_and_the
 @pytest.mark.server
 def test_a_plan_superseded_by_a_newer_push_is_never_applied(fleet):
     fleet.push(seed=7)
-    trainer, go = fleet.trainer(seed=8, block_after=5)
-    try:
-        eventually(lambda: trainer.record("blocked"), timeout=60, what="the trainer to pause mid-upload")
-        v2 = fleet.plan()
-        for w in fleet.workers.values():
-            eventually(lambda w=w: _staged(w, v2) >= set(range(5)), what="the written chunks to be staged")
+    with fleet.paused_upload(seed=8, block_after=5) as (trainer, go, v2):
         v3, _ = fleet.push(seed=9)  # a second writer commits a newer version
         go.touch()  # the first trainer's commit is refused as stale
         eventually(lambda: trainer.record("error"), timeout=60, what="the stale commit to be refused")
         assert "StaleVersionError" in trainer.record("error")["error"]
-    finally:
-        trainer.stop()
     assert all(v2 not in w.applied() for w in fleet.workers.values())
     assert fleet.latest() == v3
 
@@ -224,7 +214,11 @@ def test_read_plan_returns_the_announced_manifest(fake_redis):
     announce(fake_redis, k, manifest)
     plan = read_plan(fake_redis, k)
     assert plan is not None and plan.version == 4 and plan.ids == manifest.ids
-    assert plan_version(fake_redis, k) == 4
+    assert still_planned(fake_redis, k, 4) and not still_planned(fake_redis, k, 3)
+    fake_redis.set(k.latest, 4)
+    assert not still_planned(fake_redis, k, 4)  # committed
+    fake_redis.set(k.latest, "garbage")
+    assert not still_planned(fake_redis, k, 4)
     assert 0 < fake_redis.pttl(k.plan) <= PLAN_TTL * 1000
 
 
@@ -248,7 +242,7 @@ def test_a_plan_larger_than_the_limit_is_not_downloaded(fake_redis):
     announce(fake_redis, k, _manifest(4))
     assert read_plan(fake_redis, k, max_bytes=100) is None
     fake_redis.hset(k.plan, "version", "x" * 50)
-    assert plan_version(fake_redis, k) == 0
+    assert not still_planned(fake_redis, k, 4)
 
 
 def test_stage_reads_what_is_written_and_verifies_every_chunk(fake_redis):
