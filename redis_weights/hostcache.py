@@ -15,7 +15,13 @@ version costs the host its patches, not a model size.
 The file is a plain ``.safetensors`` file (its chunks concatenated). Its name
 carries the version and a digest of the manifest's chunk ids; every reader
 verifies every chunk against the manifest it read from Redis, so a stale, foreign
-or damaged file is deleted and refetched, never applied.
+or damaged file is deleted and refetched, never applied. The process that built
+the file verified each chunk as it wrote it, and does not check it a second time.
+
+With overlap (``staging.py``) the fetcher is the worker that took the version's
+lock when its plan was announced: it streams the chunks into the file while the
+trainer writes them, and the other local workers, woken by the commit, wait on that
+lock as they would for any fetch.
 
 A reader holds a shared ``flock`` on the file for as long as it maps it, and a
 fetcher recycles only a file it can lock exclusively (so nobody is reading it),
@@ -232,7 +238,9 @@ class HostCache:
             mapping.region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
             mapping.chunks = _views(mapping.region, manifest)
             own = os.fstat(fd)
-            if self._built != (path, own.st_dev, own.st_ino, manifest.ids):  # built here: verified already
+            if self._built == (path, own.st_dev, own.st_ino, manifest.ids):  # built here: verified already
+                self._built = None  # once: an inode number may be reused after the file is gone
+            else:
                 for index, chunk in enumerate(mapping.chunks):
                     manifest.verify_chunk(index, chunk)
         except (IntegrityError, ValueError, OSError) as exc:
