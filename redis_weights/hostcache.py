@@ -15,7 +15,13 @@ version costs the host its patches, not a model size.
 The file is a plain ``.safetensors`` file (its chunks concatenated). Its name
 carries the version and a digest of the manifest's chunk ids; every reader
 verifies every chunk against the manifest it read from Redis, so a stale, foreign
-or damaged file is deleted and refetched, never applied.
+or damaged file is deleted and refetched, never applied. The process that built
+the file verified each chunk as it wrote it, and does not check it a second time.
+
+With overlap (``staging.py``) the fetcher is the worker that took the version's
+lock when its plan was announced: it streams the chunks into the file while the
+trainer writes them, and the other local workers, woken by the commit, wait on that
+lock as they would for any fetch.
 
 A reader holds a shared ``flock`` on the file for as long as it maps it, and a
 fetcher recycles only a file it can lock exclusively (so nobody is reading it),
@@ -50,10 +56,11 @@ from pathlib import Path
 
 import xxhash
 
+from . import staging
 from .assemble import assemble
 from .bulkread import receive_buffer
 from .chunkstore import ChunkStore
-from .errors import ConfigurationError, IntegrityError
+from .errors import CodecError, ConfigurationError, IntegrityError
 from .manifest import Buffer, Manifest, checksum
 
 log = logging.getLogger(__name__)
@@ -164,6 +171,7 @@ class HostCache:
         self.fetched_bytes = 0  # bytes it read from Redis to build them
         self.private = 0  # versions it read into a private buffer: the directory had no room for them
         self._no_room: str | None = None  # the last "no room" cause warned about
+        self._built: tuple[Path, int, int, list[str]] | None = None  # the file this process built and verified
 
     @classmethod
     def scoped(cls, base: str | os.PathLike[str], scope: str, namespace: str) -> HostCache:
@@ -229,8 +237,12 @@ class HostCache:
                 raise IntegrityError(f"{size} bytes, expected {manifest.total_bytes}")
             mapping.region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
             mapping.chunks = _views(mapping.region, manifest)
-            for index, chunk in enumerate(mapping.chunks):
-                manifest.verify_chunk(index, chunk)
+            own = os.fstat(fd)
+            if self._built == (path, own.st_dev, own.st_ino, manifest.ids):  # built here: verified already
+                self._built = None  # once: an inode number may be reused after the file is gone
+            else:
+                for index, chunk in enumerate(mapping.chunks):
+                    manifest.verify_chunk(index, chunk)
         except (IntegrityError, ValueError, OSError) as exc:
             log.warning("host cache: discarding %s (%s)", path, exc)
             if _same_file(path, fd):
@@ -243,40 +255,109 @@ class HostCache:
     def _fetch_into_file(self, path: Path, manifest: Manifest, store: ChunkStore, allocate: Allocate) -> _Mapping:
         """Build the version in a (recycled) file and publish it; then map it like any reader does.
         Without room for the file, build it in a private buffer."""
-        fd, tmp = self._writable_file(manifest.version, path)
-        region = None
+
+        def fill(view: memoryview, held: list[str | None]) -> bool:
+            self.fetched_bytes += assemble(store, manifest, view, held)
+            return True
+
         try:
-            old_size = os.fstat(fd).st_size
-            no_room = _reserve(fd, manifest.total_bytes)
-            if no_room is not None:
-                tmp.unlink()
-                return self._private(manifest, store, allocate, no_room)
-            region = mmap.mmap(fd, manifest.total_bytes, flags=mmap.MAP_SHARED | _POPULATE)
-            view = memoryview(region)
-            try:
-                held = _held_ids(view, manifest, min(old_size, manifest.total_bytes))
-                self.fetched_bytes += assemble(store, manifest, view, held)
-            finally:
-                view.release()
-            region.close()
-            region = None
-            os.replace(tmp, path)
-        except BaseException:
-            if region is not None:
-                with contextlib.suppress(BufferError):
-                    region.close()
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        finally:
-            os.close(fd)  # drops the exclusive lock: readers may map the published file
-        self._remove_older(manifest.version)
-        self._remove_stale(manifest)
+            self._build(path, manifest, fill)
+        except _NoRoom as exc:
+            return self._private(manifest, store, allocate, exc.cause)
         mapping = self._open_shared(path, manifest)
         if mapping is None:  # recycled already by a fetcher of a newer version: build it privately
             log.info("host cache: %s vanished right after publishing; reading it privately", path.name)
             mapping = self._build_private(manifest, store, allocate)
         return mapping
+
+    def stage(self, plan: Manifest, store: ChunkStore, current: staging.Current, committed: Callable[[], bool]) -> int:
+        """Stream an announced, uncommitted version into its shared file while the trainer writes it
+        (``staging.py``); returns the bytes read. Skipped when the file exists, when another local
+        worker holds the version's lock (it stages or fetches it), or without room for it.
+
+        The file is published once every chunk matches the plan; it is applied only after the
+        commit, from the committed manifest (whose chunk ids name the same file). When the commit
+        comes first, the rest is fetched at once, still under the lock the other local workers
+        wait on; when the plan is abandoned (the trainer died, a newer plan), the file is dropped.
+        """
+        stem = self._stem(plan)
+        path = self.directory / f"{stem}.safetensors"
+        if path.exists():
+            return 0
+        staged = 0
+
+        def fill(view: memoryview, held: list[str | None]) -> bool:
+            nonlocal staged
+            staged += staging.stage(store, plan, view, held, current)
+            if held == plan.ids:
+                return True
+            if not committed():
+                return False
+            try:  # committed meanwhile: fetch (or patch) the rest now, under the lock
+                staged += assemble(store, plan, view, held)
+            except (IntegrityError, CodecError) as exc:
+                log.info("host cache: staged version %d could not be completed (%s); dropped", plan.version, exc)
+                return False
+            return True
+
+        fd = os.open(self.directory / f"{stem}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            if path.exists():
+                return 0
+            try:
+                if self._build(path, plan, fill):
+                    self.fetched += 1
+            except _NoRoom:
+                return 0  # the commit reads it privately (and warns)
+        finally:
+            os.close(fd)  # releases the lock
+        self.fetched_bytes += staged
+        return staged
+
+    def _build(self, path: Path, manifest: Manifest, fill: Callable[[memoryview, list[str | None]], bool]) -> bool:
+        """Write ``manifest``'s version into a (recycled) file with ``fill(view, held)`` and publish it
+        under ``path`` when ``fill`` says it is complete (every chunk verified); whether it did.
+        Raises ``_NoRoom`` when the directory cannot hold the version."""
+        fd, tmp = self._writable_file(manifest.version, path)
+        region = None
+        published = False
+        try:
+            old_size = os.fstat(fd).st_size
+            no_room = _reserve(fd, manifest.total_bytes)
+            if no_room is not None:
+                raise _NoRoom(no_room)
+            region = mmap.mmap(fd, manifest.total_bytes, flags=mmap.MAP_SHARED | _POPULATE)
+            view = memoryview(region)
+            try:
+                held = _held_ids(view, manifest, min(old_size, manifest.total_bytes))
+                complete = fill(view, held)
+            finally:
+                view.release()
+            region.close()
+            region = None
+            if complete:
+                os.replace(tmp, path)
+                published = True
+                own = os.fstat(fd)
+                self._built = (path, own.st_dev, own.st_ino, manifest.ids)
+        except BaseException:
+            if region is not None:
+                with contextlib.suppress(BufferError):
+                    region.close()
+            raise
+        finally:
+            if not published:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            os.close(fd)  # drops the exclusive lock: readers may map the published file
+        if published:
+            self._remove_older(manifest.version)
+            self._remove_stale(manifest)
+        return published
 
     def _build_private(self, manifest: Manifest, store: ChunkStore, allocate: Allocate) -> _Mapping:
         """The version built in a private buffer (nothing held: every object read from Redis)."""
@@ -351,6 +432,14 @@ class HostCache:
             if match.group(2) == "lock" or (match.group(3) and not _alive(int(match.group(3)))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
+
+
+class _NoRoom(Exception):
+    """The host cache's filesystem cannot hold a version (``cause``: the error reserving it)."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _held_ids(region: memoryview, manifest: Manifest, valid: int) -> list[str | None]:

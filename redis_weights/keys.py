@@ -106,6 +106,12 @@ class Keys:
     def manifest(self, version: int) -> str:
         return self.full(f"v:{version}:manifest")
 
+    @property
+    def plan(self) -> str:
+        """Hash with a TTL (``version``, ``manifest``): the version a trainer is uploading, not yet
+        committed; workers stage its chunks meanwhile (``staging.py``), never apply it."""
+        return self.full("plan")
+
     def legacy_chunks_pattern(self, version: int) -> str:
         """SCAN pattern of the chunks of ``version`` in the old per-version layout (deleted with it)."""
         return self._glob(f"v:{version}:c:*")

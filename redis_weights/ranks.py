@@ -36,6 +36,7 @@ import redis
 
 from .errors import ConfigurationError
 from .keys import Keys
+from .units import milliseconds
 from .values import MAX_VERSION, parse_float, parse_int, text_or_none
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def register(client: redis.Redis, keyspace: Keys, rank: int, ttl: float) -> None
     """Announce ``rank``: applied version 0 (it holds no pushed version yet) and a heartbeat."""
     pipe = client.pipeline(transaction=False)
     pipe.set(keyspace.rank_version(rank), 0)
-    pipe.set(keyspace.rank_alive(rank), _beat_value(ttl), px=_ms(ttl))
+    pipe.set(keyspace.rank_alive(rank), _beat_value(ttl), px=milliseconds(ttl))
     pipe.execute()
 
 
@@ -272,12 +273,8 @@ def heartbeat(client: redis.Redis, keyspace: Keys, rank: int, version: int, ttl:
     """
     script = client.register_script(_BEAT)
     recreated = script(keys=[keyspace.rank_alive(rank), keyspace.rank_version(rank)],
-                       args=[_ms(ttl), _beat_value(ttl), version])  # fmt: skip
+                       args=[milliseconds(ttl), _beat_value(ttl), version])  # fmt: skip
     return bool(recreated)
-
-
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
 
 
 def ack(client: redis.Redis, keyspace: Keys, rank: int, version: int, status: str) -> int:
@@ -357,7 +354,7 @@ def claim_rank(client: redis.Redis, keyspace: Keys, ttl: float, workers: int, *,
     warned = False
     while True:
         for rank in range(1, workers + 1):
-            if client.set(keyspace.rank_alive(rank), _beat_value(ttl), nx=True, px=_ms(ttl)):
+            if client.set(keyspace.rank_alive(rank), _beat_value(ttl), nx=True, px=milliseconds(ttl)):
                 return rank
         left = deadline - time.monotonic()
         if left <= 0:

@@ -36,7 +36,7 @@ from typing import Any
 
 import redis
 
-from . import ranks
+from . import ranks, staging
 from .assemble import MissingObjectError, assemble
 from .bulkread import receive_buffer
 from .codec import check_compatible, check_header, copy_tensors, flatten_weights, tensors_in_chunks
@@ -125,6 +125,8 @@ class RedisWeightReceiver:
         self._held: list[str | None] = []  # id of each chunk in the receive buffer (None: unknown)
         self._held_chunk_size = 0
         self._fetched_bytes = 0  # bytes this receiver read from Redis, all versions together
+        self.staged_bytes = 0  # of which read before their version's commit (``staging.py``)
+        self._plan_hint = 0  # the newest version announced on the updates channel, not yet staged
         self._live: tuple[tuple[int, int, tuple[TensorEntry, ...]], list[str]] | None = None  # what the tensors hold
         self.version = 0
         self.latest_seen = 0  # ``latest`` as of the last check of Redis
@@ -237,6 +239,10 @@ class RedisWeightReceiver:
                         raise
                     self._repeats.clear()
                     return applied
+                if self._plan_hint > max(latest, self.version):  # announced, not committed: stage it meanwhile
+                    hinted, self._plan_hint = self._plan_hint, 0
+                    self._stage(hinted)
+                    continue  # committed meanwhile? then apply it now
                 if self._unsent is not None:  # nothing newer to apply, whose report would supersede it
                     self._report(*self._unsent)
                 return None
@@ -360,17 +366,61 @@ class RedisWeightReceiver:
             with self.host_cache.chunks(manifest, self.registry.chunks, self._buffer) as chunks:
                 yield chunks
             return
-        if len(self._receive_buffer) < manifest.total_bytes:
-            self._held = []
-        buffer = self._buffer(manifest.total_bytes)
-        if self._held_chunk_size != manifest.chunk_size:
-            self._held, self._held_chunk_size = [], manifest.chunk_size
+        buffer = self._buffer_for(manifest)
         self._fetched_bytes += assemble(self.registry.chunks, manifest, buffer, self._held)
         offset, views = 0, []
         for size in manifest.chunk_sizes:
             views.append(buffer[offset : offset + size])
             offset += size
         yield views
+
+    def _buffer_for(self, manifest: Manifest) -> memoryview:
+        """The receive buffer, sized for ``manifest``; ``_held`` forgotten where it no longer applies."""
+        if len(self._receive_buffer) < manifest.total_bytes:
+            self._held = []
+        buffer = self._buffer(manifest.total_bytes)
+        if self._held_chunk_size != manifest.chunk_size:
+            self._held, self._held_chunk_size = [], manifest.chunk_size
+        return buffer
+
+    # -- overlap --------------------------------------------------------------------------
+    def _stage(self, hinted: int) -> None:
+        """Stage the announced version's chunks while the trainer writes them (``staging.py``):
+        into the receive buffer, or into the host's shared file. Nothing is applied here; a plan
+        that does not fit the policy is left to the commit, which reports it."""
+        try:
+            plan = staging.read_plan(self.store.client, self.keyspace, self._max_manifest)
+        except redis.exceptions.ResponseError as exc:  # e.g. NOPERM: overlap is an optimisation, never a failure
+            log.warning("rank %d: cannot read the plan of version %d (%s); fetching after its commit",
+                        self.rank, hinted, exc)  # fmt: skip
+            return
+        if plan is None or plan.version <= max(self.version, self.latest_seen):
+            return
+        try:
+            check_compatible(plan, flatten_weights(self.policy), allow_cast=self.allow_cast)
+        except WeightMismatchError:
+            return
+        started = time.perf_counter()
+        current = self._plan_current(plan.version)
+        if self.host_cache is not None:
+            self._held = []  # the private fallback may write into the receive buffer
+            staged = self.host_cache.stage(plan, self.registry.chunks, current,
+                                           committed=lambda: self.registry.latest() == plan.version)  # fmt: skip
+        else:
+            staged = staging.stage(self.registry.chunks, plan, self._buffer_for(plan), self._held, current)
+            self._fetched_bytes += staged
+        self.staged_bytes += staged
+        log.debug("rank %d: staged %d bytes of version %d before its commit in %.1f ms",
+                  self.rank, staged, plan.version, (time.perf_counter() - started) * 1000)  # fmt: skip
+
+    def _plan_current(self, version: int) -> staging.Current:
+        """Whether the plan of ``version`` is still worth staging: not committed (nor superseded
+        by a commit), still the announced plan, and the receiver not stopping."""
+
+        def current() -> bool:
+            return not self._stop.is_set() and staging.still_planned(self.store.client, self.keyspace, version)
+
+        return current
 
     def _buffer(self, size: int) -> memoryview:
         """The reused receive buffer, grown to ``size`` bytes if it is smaller."""
@@ -434,8 +484,14 @@ class RedisWeightReceiver:
         return cap if deadline is None else max(0.0, min(cap, deadline - time.monotonic()))
 
     def _next_update(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for an ``updates`` message; True if one came."""
-        return bool(self._updates.messages(timeout))
+        """Wait up to ``timeout`` for an ``updates`` message; True if one came. A plan's hint
+        (``plan:<N>``) is remembered: the next ``poll()`` stages that version."""
+        messages = self._updates.messages(timeout)
+        for _, data in messages:
+            hinted = staging.hinted_version(data)
+            if hinted is not None:
+                self._plan_hint = max(self._plan_hint, hinted)
+        return bool(messages)
 
     # -- background thread ----------------------------------------------------------------
     def start(self) -> RedisWeightReceiver:

@@ -1,4 +1,5 @@
-"""Human-readable sizes, durations and times for reports (CLI, doctor, demo)."""
+"""Units: human-readable sizes, durations and times for reports (CLI, doctor, demo), and the
+seconds-to-milliseconds conversion of every TTL the library sets."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ def human_seconds(seconds: float | None) -> str:
 def utc_time(timestamp: float) -> str:
     """A wall-clock timestamp as ``YYYY-MM-DD HH:MM:SS`` UTC (``"-"`` for 0)."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp)) if timestamp else "-"
+
+
+def milliseconds(seconds: float) -> int:
+    """A TTL in seconds as whole milliseconds for ``PX``/``PEXPIRE``: at least 1 (0 would be refused
+    or delete the key)."""
+    return max(1, int(seconds * 1000))

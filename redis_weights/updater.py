@@ -42,11 +42,12 @@ from .codec import WIRE_DTYPES, Encoded, Encoder
 from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError, VersionNotFoundError
 from .health import ensure_server, explain_lost_connection
-from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
+from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN, Manifest
 from .metrics import TrainerMetrics
 from .ranks import DeathWatch, RankState, check_worker_count, observe_rank_states, read_rank_states
 from .reports import PhaseClock, PushReport, call_hook
 from .store import RedisStore, as_store
+from .staging import DEFAULT_OVERLAP_MIN_BYTES, announce
 from .subscriptions import Subscription
 from .uploader import SLOTS, BackgroundUploader
 from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, producer_id
@@ -128,6 +129,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
             one it committed, else waits (up to ``timeout``, failing like a sync push
             and naming the laggards) until they catch up. None: no bound.
             ``sync=True`` behaves as ``max_lag=0``.
+        overlap_min_bytes: announce the manifest of a version before uploading it when it
+            uploads at least this many bytes, so that workers fetch its chunks while they are
+            written and apply right after the commit (``staging.py``): a push then costs
+            about the longer of upload and download, not their sum. None: never announce.
     """
 
     def __init__(
@@ -149,6 +154,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         delta: bool = False,
         keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
         keyframe_fraction: float = DEFAULT_KEYFRAME_FRACTION,
+        overlap_min_bytes: int | None = DEFAULT_OVERLAP_MIN_BYTES,
     ) -> None:
         check_worker_count(num_workers)
         if timeout <= 0:
@@ -170,6 +176,9 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 raise ConfigurationError(f"max_lag={max_lag} needs sync=False (sync=True is max_lag=0)")
             if background:
                 raise ConfigurationError("max_lag needs background=False (a background push returns before its commit)")
+        if overlap_min_bytes is not None and (not isinstance(overlap_min_bytes, int) or overlap_min_bytes < 0):
+            raise ConfigurationError(f"overlap_min_bytes must be a non-negative integer or None, got {overlap_min_bytes!r}")
+        self.overlap_min_bytes = overlap_min_bytes
         self.store = as_store(store)
         self.policy_weights = policy_weights
         self.num_workers = num_workers
@@ -317,7 +326,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 manifest, patches = self._delta.plan(encoded, job.version, **fields)
             else:
                 manifest, patches = encoded.manifest(job.version, keyframe=job.version, **fields), {}
-            self.registry.publish(manifest, job.ranks, upload=lambda missing: self._write(encoded, patches, missing),
+            self.registry.publish(manifest, job.ranks, upload=lambda missing: self._write(encoded, patches, missing, manifest),
                                   pending_ttl=self.pending_ttl,
                                   committing=lambda: committing.append(time.perf_counter()))  # fmt: skip
         except _LOST as exc:  # Redis is gone; the commit script may or may not have run
@@ -348,8 +357,14 @@ class RedisWeightUpdater(WeightUpdaterBase):
         job.clock.bytes = manifest.uploaded_bytes  # only what Redis lacked was written
         self._metrics.committed(job.version, manifest.uploaded_bytes)
 
-    def _write(self, encoded: Encoded, patches: Mapping[str, bytes], missing: set[str]) -> int:
-        """Upload the chunks and patches among ``missing`` (each once); the bytes sent."""
+    def _write(self, encoded: Encoded, patches: Mapping[str, bytes], missing: set[str], manifest: Manifest) -> int:
+        """Upload the chunks and patches among ``missing`` (each once); the bytes sent. An upload
+        of at least ``overlap_min_bytes`` is announced first (its plan: ``staging.announce``)."""
+        if self.overlap_min_bytes is not None:
+            sizes = dict(zip(encoded.ids, manifest.chunk_sizes, strict=True))
+            upload = sum(sizes.get(i, 0) for i in missing) + sum(len(d) for i, d in patches.items() if i in missing)
+            if upload >= self.overlap_min_bytes:
+                announce(self.store.client, self.keyspace, manifest)
 
         def objects() -> Any:
             sent = set()

@@ -47,6 +47,7 @@ from .deployment import Deployment
 from .errors import CodecError, LegacyFormatError, RedisWeightsError, StaleVersionError, VersionNotFoundError
 from .keys import Keys
 from .manifest import MAX_MANIFEST_BYTES, Manifest
+from .units import milliseconds
 from .values import MAX_VERSION, parse_int, text
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ class VersionRegistry:
         """Record the objects a push relies on (GC spares them until the commit or ``pending_ttl``),
         then return the GC epoch the commit must still see; waits while a GC holds its lease."""
         k = self.keyspace
-        ttl_ms = max(1, int(pending_ttl * 1000))
+        ttl_ms = milliseconds(pending_ttl)
         record = ",".join(sorted(set(objects)))
         deadline = time.monotonic() + 2 * GC_LEASE_TTL
         while True:
@@ -386,7 +387,7 @@ class VersionRegistry:
         (go on without it); None: another GC holds it."""
         k = self.keyspace
         try:
-            if not self.client.set(k.gc_lease, token, nx=True, px=int(GC_LEASE_TTL * 1000)):
+            if not self.client.set(k.gc_lease, token, nx=True, px=milliseconds(GC_LEASE_TTL)):
                 return None
             self.client.incr(k.gc_epoch)
             return True
@@ -460,7 +461,7 @@ class VersionRegistry:
                     if marked is None:
                         return held
                     garbage = garbage[:position] + [i for i in garbage[position:] if i not in marked]
-            elif not self._renew(keys=[self.keyspace.gc_lease], args=[token, int(GC_LEASE_TTL * 1000)]):
+            elif not self._renew(keys=[self.keyspace.gc_lease], args=[token, milliseconds(GC_LEASE_TTL)]):
                 log.warning("namespace %r: the GC lease expired mid-sweep; stopping", self.keyspace.namespace)
                 return False
         return held

@@ -19,6 +19,7 @@ from redis_weights.bulkread import read_values_into
 from redis_weights.deployment import Deployment
 from redis_weights.errors import ConfigurationError
 from redis_weights.hostcache import DEFAULT_DIRECTORY, HostCache, private_directory
+from redis_weights.manifest import Manifest
 from tests.codec_support import count_reads
 from tests.faults_support import chunk_key
 from tests.models import make_model, state_digest
@@ -76,6 +77,24 @@ def test_one_worker_fetches_the_others_map_the_file(real_store, redis_url, names
         files = list(Path(receivers[0].host_cache.directory).glob("*.safetensors"))
         total = updater.registry.read_manifest(updater.version).total_bytes
         assert len(files) == 1 and files[0].stat().st_size == total
+
+
+def test_the_fetcher_verifies_each_chunk_once_and_the_others_verify_the_file(
+    real_store, redis_url, namespace, tmp_path, monkeypatch
+):
+    trainer = _policy(seed=3)
+    updater = RedisWeightUpdater(real_store, trainer, 2, sync=False, chunk_size=64 << 10)
+    updater.push_weights()
+    checked: list[int] = []
+    real_verify = Manifest.verify_chunk
+    monkeypatch.setattr(Manifest, "verify_chunk", lambda self, i, data: checked.append(i) or real_verify(self, i, data))
+    with _receivers(redis_url, namespace, 2, tmp_path) as (fetcher, other):
+        chunks = updater.registry.read_manifest(updater.version).num_chunks
+        assert fetcher.poll() == updater.version and fetcher.host_cache.fetched == 1
+        assert checked == []  # assemble verified what it built: the file is not checked a second time
+        assert other.poll() == updater.version and other.host_cache.shared == 1
+        assert sorted(checked) == list(range(chunks))  # a file another process built: every chunk checked
+        assert _same(fetcher.policy, trainer) and _same(other.policy, trainer)
 
 
 def test_concurrent_workers_fetch_once_and_old_files_are_recycled(real_store, redis_url, namespace, tmp_path):

@@ -17,7 +17,9 @@ import redis
 
 import redis_weights.bulkread as bulkread_module
 import redis_weights.receiver as receiver_module
+import redis_weights.staging as staging_module
 from redis_weights import ReceiveTimeoutError, RedisStore, RedisWeightReceiver
+from redis_weights.reports import ApplyReport
 from tests.models import make_model, state_digest
 
 
@@ -35,7 +37,29 @@ def main() -> int:
                         help="sleep before each round of chunk reads (a slow network, without a big model)")
     parser.add_argument("--foreground", action="store_true", help="apply from this thread with wait(), no start()")
     parser.add_argument("--host-cache", default=None, help="share versions through this directory (host_cache=DIR)")
+    parser.add_argument("--stage-stall", type=float, default=None,
+                        help="seconds a stager waits for a new chunk of a plan (staging.STALL_SECONDS)")
     args = parser.parse_args()
+
+    real_staged = staging_module._chunk_staged
+
+    def log_staged(version: int, index: int) -> None:  # lets overlap tests see what was staged
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"staged": version, "index": index}) + "\n")
+        real_staged(version, index)
+
+    staging_module._chunk_staged = log_staged
+    real_stage = staging_module.stage
+
+    def logged_stage(store, plan, *a, **kw):  # type: ignore[no-untyped-def]
+        staged = real_stage(store, plan, *a, **kw)
+        with open(args.out, "a") as f:  # the stager let go of the plan
+            f.write(json.dumps({"stage_ended": plan.version, "bytes": staged}) + "\n")
+        return staged
+
+    staging_module.stage = logged_stage
+    if args.stage_stall is not None:
+        staging_module.STALL_SECONDS = args.stage_stall
 
     if args.fetch_delay:
         real_send_round = bulkread_module._send_round
@@ -66,9 +90,10 @@ def main() -> int:
         host_cache=args.host_cache or False,
     )
 
-    def record(version: int) -> None:
+    def record(version: int, report: ApplyReport) -> None:
         with open(args.out, "a") as f:
-            f.write(json.dumps({"version": version, "digest": state_digest(model)}) + "\n")
+            f.write(json.dumps({"version": version, "digest": state_digest(model), "fetched": report.fetched_bytes,
+                                "staged_bytes": receiver.staged_bytes}) + "\n")
 
     receiver.register_post_hook(record)
     stop = threading.Event()
