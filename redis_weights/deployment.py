@@ -40,6 +40,9 @@ from .errors import ConfigurationError
 DEFAULT_SOCKET_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 3
+# The errors that mean "Redis stopped answering" (as opposed to an error reply): retried by the
+# clients built here, and what every caller catches to tell a lost Redis from a refusal.
+LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _PACKER_BUFFER_CUTOFF = 6000  # redis-py's own cutoff: smaller args are joined, larger sent as-is
 _SCHEMES = ("redis://", "rediss://", "unix://")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
@@ -107,7 +110,7 @@ def default_client_options() -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 30,
         "retry": Retry(ExponentialBackoff(cap=0.5, base=0.02), DEFAULT_RETRIES),
-        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        "retry_on_error": list(LOST),
         "command_packer": _pure_python_packer(),
     }
 

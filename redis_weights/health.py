@@ -33,7 +33,7 @@ from typing import Any
 import redis
 
 from .bulkread import ROUND_BYTES
-from .deployment import Deployment
+from .deployment import LOST, Deployment
 from .errors import ConfigurationError
 from .keys import Keys
 from .manifest import DEFAULT_CHUNK_SIZE
@@ -406,7 +406,7 @@ def ensure_reachable(deployment: Deployment, probe_key: str) -> None:
         deployment.client.get(probe_key)
     except redis.exceptions.AuthenticationError as exc:
         raise ConfigurationError(f"Redis at {where} refused the credentials: {exc}") from exc
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+    except LOST as exc:
         raise ConfigurationError(f"cannot reach Redis at {where}: {exc}") from exc
     except redis.exceptions.ResponseError as exc:  # NOAUTH, NOPERM, WRONGTYPE
         raise ConfigurationError(f"Redis at {where} refused to read {probe_key!r}: {exc}") from exc

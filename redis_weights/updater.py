@@ -40,6 +40,7 @@ import torch
 from .base import WeightUpdaterBase, WorkerIds
 from .codec import WIRE_DTYPES, Encoded, Encoder
 from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner
+from .deployment import LOST
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError, VersionNotFoundError
 from .health import ensure_server, explain_lost_connection
 from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
@@ -54,7 +55,6 @@ from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, p
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
-_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # Redis stopped answering
 # What to do about the Redis errors a push most likely meets once Redis answers but refuses.
 _HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
     (redis.exceptions.OutOfMemoryError,
@@ -266,7 +266,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         if cause is not None:
             message = f"{push} failed: Redis at {where} cut the connection while the chunks were sent ({exc}): " \
                       f"{cause}; {what}"
-        elif isinstance(exc, _LOST):
+        elif isinstance(exc, LOST):
             message = f"{push} failed: Redis at {where} is unreachable ({exc}); {what}"
         else:
             hint = next((f"; {text}" for cls, text in _HINTS if isinstance(exc, cls)), "")
@@ -320,7 +320,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self.registry.publish(manifest, job.ranks, upload=lambda missing: self._write(encoded, patches, missing),
                                   pending_ttl=self.pending_ttl,
                                   committing=lambda: committing.append(time.perf_counter()))  # fmt: skip
-        except _LOST as exc:  # Redis is gone; the commit script may or may not have run
+        except LOST as exc:  # Redis is gone; the commit script may or may not have run
             self._forget_delta()
             what = "its commit could not be confirmed" if committing else "the new version was not committed"
             raise self._redis_failure(exc, job.version, what, uploading=not committing) from exc
@@ -460,7 +460,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
             remaining = deadline - time.monotonic()
             try:
                 states, seconds = observe_rank_states(self.store.client, self.keyspace, ranks)
-            except _LOST as exc:  # the trainer cannot reach Redis: a stall for every rank, not their death
+            except LOST as exc:  # the trainer cannot reach Redis: a stall for every rank, not their death
                 if remaining <= 0:
                     raise
                 if not unreachable:

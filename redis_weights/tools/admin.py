@@ -28,7 +28,7 @@ from typing import Any
 import redis
 
 from ..assemble import assemble
-from ..deployment import redacted
+from ..deployment import LOST, redacted
 from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
 from ..keys import DEFAULT_NAMESPACE, Keys
 from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
@@ -451,6 +451,6 @@ def connection_error_message(exc: redis.exceptions.RedisError, url: str) -> str:
         return f"authentication failed at {where}: {exc}"
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return f"permission denied at {where}: {exc} (see `redis-weights doctor`)"
-    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+    if isinstance(exc, LOST):
         return f"cannot reach Redis at {where}: {exc}"
     return f"Redis error at {where}: {exc}"

@@ -22,6 +22,7 @@ from types import TracebackType
 
 import redis
 
+from ..deployment import LOST
 from ..errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class LocalRedisServer:
             return True  # up, but protected by requirepass/ACL
         except redis.exceptions.ResponseError as exc:
             return "NOAUTH" in str(exc)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        except (*LOST, OSError):
             return False
         finally:
             client.close()
