@@ -119,7 +119,7 @@ class RedisWeightReceiver:
         self.heartbeat_ttl = heartbeat_ttl
         self.allow_cast = allow_cast
         self.keyspace = self.store.keyspace
-        self.registry = VersionRegistry(self.store.client, self.keyspace)
+        self.registry = VersionRegistry(self.store.deployment, self.keyspace)
         self.host_cache = self._host_cache(host_cache)
         self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
         self._held: list[str | None] = []  # id of each chunk in the receive buffer (None: unknown)

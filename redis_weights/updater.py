@@ -180,7 +180,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.pending_ttl = pending_ttl
         self.metadata = dict(metadata or {})
         self.keyspace = self.store.keyspace
-        self.registry = VersionRegistry(self.store.client, self.keyspace)
+        self.registry = VersionRegistry(self.store.deployment, self.keyspace)
         self.wire_dtype = wire_dtype
         self._encoder = Encoder(chunk_size, wire_dtype)
         self.chunk_size = chunk_size

@@ -175,7 +175,7 @@ class Admin:
         self.store = store
         self.client = store.client
         self.keyspace: Keys = store.keyspace
-        self.registry = VersionRegistry(self.client, self.keyspace)
+        self.registry = VersionRegistry(store.deployment, self.keyspace)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = DEFAULT_NAMESPACE) -> Admin:
