@@ -153,6 +153,14 @@ def client_from_url(url: str, **overrides: Any) -> redis.Redis:
         raise ConfigurationError(f"invalid Redis URL {redacted(url)!r}: {_detail(exc, url)}") from None
 
 
+def given_username(client: redis.Redis) -> str | None:
+    """The ACL user name ``client`` was given (in its URL or options); None when it was given
+    none (a password alone logs in as ``default``)."""
+    pool = getattr(client, "connection_pool", None)
+    name = getattr(pool, "connection_kwargs", {}).get("username")
+    return name.decode() if isinstance(name, bytes) else name
+
+
 # ---------------------------------------------------------------------------------------
 # The deployment
 # ---------------------------------------------------------------------------------------

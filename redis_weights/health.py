@@ -33,7 +33,7 @@ from typing import Any
 import redis
 
 from .bulkread import ROUND_BYTES
-from .deployment import LOST, Deployment
+from .deployment import LOST, Deployment, given_username
 from .errors import ConfigurationError
 from .keys import Keys
 from .manifest import DEFAULT_CHUNK_SIZE
@@ -292,8 +292,7 @@ def _user(client: redis.Redis) -> str:
     try:
         return text(client.execute_command("ACL", "WHOAMI"))
     except redis.exceptions.ResponseError:
-        name = client.connection_pool.connection_kwargs.get("username")
-        return text(name) if name else "default"
+        return given_username(client) or "default"
 
 
 def check_acl(client: redis.Redis, keyspace: Keys, role: str = WORKER) -> Finding:
