@@ -163,32 +163,46 @@ def check_eviction(client: redis.Redis) -> Finding:
     return Finding("maxmemory-policy", OK, f"policy {policy}, {limit}")
 
 
+@dataclass(frozen=True)
+class _ChunkLimit:
+    """A server limit on what a client sends in one command, which must admit one chunk's SET
+    (Redis cuts the connection of a longer one)."""
+
+    setting: str
+    exceeded: bool  # the limit must exceed the chunk (the query buffer holds the command around the value)
+    consequence: str
+    config_fix: str
+
+
+_BULK_LEN = _ChunkLimit("proto-max-bulk-len", False, "every push will be refused", "CONFIG SET proto-max-bulk-len 512mb")
+_QUERY_BUFFER = _ChunkLimit("client-query-buffer-limit", True, "Redis cuts the connection of every push",
+                            "CONFIG SET client-query-buffer-limit 1gb")  # fmt: skip
+
+
+def _check_chunk_limit(client: redis.Redis, limit_of: _ChunkLimit, chunk_size: int) -> Finding:
+    """The one check behind ``check_bulk_len`` and ``check_query_buffer``."""
+    name, size = limit_of.setting, human_bytes(chunk_size)
+    limit = parse_int(_config(client, name), minimum=0)
+    if limit is None:
+        bound = "above" if limit_of.exceeded else "at least"
+        return Finding(name, WARN, f"{_CANNOT_READ} {name} (CONFIG GET refused)",
+                       f"make sure {name} is {bound} the chunk size ({size})")  # fmt: skip
+    if limit < chunk_size or (limit_of.exceeded and limit == chunk_size):
+        relation, most = ("does not exceed", "<") if limit_of.exceeded else ("is below", "<=")
+        return Finding(name, UNSAFE, f"{name} {human_bytes(limit)} {relation} the chunk size {size}: "
+                                     f"{limit_of.consequence}",
+                       f"{limit_of.config_fix}, or use chunk_size {most} {limit}")  # fmt: skip
+    return Finding(name, OK, f"{human_bytes(limit)} (chunks of {size} fit)")
+
+
 def check_bulk_len(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Finding:
     """``proto-max-bulk-len`` must admit one chunk (Redis cuts the connection of a longer SET)."""
-    limit = parse_int(_config(client, "proto-max-bulk-len"), minimum=0)
-    if limit is None:
-        return Finding("proto-max-bulk-len", WARN, f"{_CANNOT_READ} proto-max-bulk-len (CONFIG GET refused)",
-                       f"make sure proto-max-bulk-len is at least the chunk size ({human_bytes(chunk_size)})")
-    if limit < chunk_size:
-        return Finding("proto-max-bulk-len", UNSAFE,
-                       f"proto-max-bulk-len {human_bytes(limit)} is below the chunk size {human_bytes(chunk_size)}: "
-                       "every push will be refused",
-                       f"CONFIG SET proto-max-bulk-len 512mb, or use chunk_size <= {limit}")
-    return Finding("proto-max-bulk-len", OK, f"{human_bytes(limit)} (chunks of {human_bytes(chunk_size)} fit)")
+    return _check_chunk_limit(client, _BULK_LEN, chunk_size)
 
 
 def check_query_buffer(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Finding:
     """``client-query-buffer-limit`` must admit one chunk's SET (Redis cuts the connection of a longer one)."""
-    limit = parse_int(_config(client, "client-query-buffer-limit"), minimum=0)
-    if limit is None:
-        return Finding("client-query-buffer-limit", WARN, f"{_CANNOT_READ} client-query-buffer-limit (CONFIG GET refused)",
-                       f"make sure client-query-buffer-limit is above the chunk size ({human_bytes(chunk_size)})")
-    if limit <= chunk_size:
-        return Finding("client-query-buffer-limit", UNSAFE,
-                       f"client-query-buffer-limit {human_bytes(limit)} does not exceed the chunk size "
-                       f"{human_bytes(chunk_size)}: Redis cuts the connection of every push",
-                       f"CONFIG SET client-query-buffer-limit 1gb, or use chunk_size < {limit}")
-    return Finding("client-query-buffer-limit", OK, f"{human_bytes(limit)} (chunks of {human_bytes(chunk_size)} fit)")
+    return _check_chunk_limit(client, _QUERY_BUFFER, chunk_size)
 
 
 def output_buffer_limits(client: redis.Redis) -> tuple[int, int] | None:
