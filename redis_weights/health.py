@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import redis
@@ -63,6 +63,7 @@ class Finding:
     level: str
     what: str
     fix: str = ""
+    node: str = ""  # ``host:port`` of the cluster node it is about ("" for a standalone server)
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -73,7 +74,10 @@ class Finding:
         return self.level == UNSAFE
 
     def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.node:
+            del out["node"]
+        return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,7 +361,8 @@ def _probe_rights(client: redis.Redis, keyspace: Keys) -> dict[str, list[str]]:
         try:
             step()
         except redis.exceptions.ResponseError as exc:
-            denied[needed_by].append(f"{name}: {exc}")
+            if not str(exc).startswith(("MOVED", "ASK")):  # a cluster node checks ACLs before redirecting
+                denied[needed_by].append(f"{name}: {exc}")
     subscription = Subscription(client, [keyspace.updates_channel, keyspace.acks_channel],
                                 what="rights probe", poll_every=1.0)  # fmt: skip
     try:
@@ -386,6 +391,39 @@ def check_server(
         check_persistence(client),
         check_acl(client, keyspace),
     ]
+
+
+def check_deployment(
+    deployment: Deployment, keyspace: Keys | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> list[Finding]:
+    """``check_server`` on every node of the deployment (``doctor``): a standalone server's
+    findings as they are; on a Redis Cluster, the cluster's state first, then every check
+    of every master and replica, each finding naming its node (ACLs and settings are per node)."""
+    if deployment.kind != "cluster":
+        return check_server(deployment.client, keyspace, chunk_size=chunk_size)
+    findings = [check_cluster_state(deployment)]
+    for name, client in deployment.nodes():
+        findings += [replace(f, node=name) for f in check_server(client, keyspace, chunk_size=chunk_size)]
+    return findings
+
+
+def check_cluster_state(deployment: Deployment) -> Finding:
+    """A cluster must serve every slot (``cluster_state:ok`` on every master); replicas are counted."""
+    masters, nodes = deployment.masters(), deployment.nodes()
+    bad = []
+    for name, client in masters:
+        try:
+            state = text(client.execute_command("CLUSTER", "INFO")).partition("cluster_state:")[2].split()[:1]
+        except redis.exceptions.RedisError as exc:
+            bad.append(f"{name}: {exc}")
+            continue
+        if state != ["ok"]:
+            bad.append(f"{name}: cluster_state {state[0] if state else '?'}")
+    what = f"{len(masters)} masters, {len(nodes) - len(masters)} replicas"
+    if bad:
+        return Finding("cluster", UNSAFE, f"{what}; not every slot is served: " + "; ".join(bad),
+                       "see CLUSTER INFO and CLUSTER NODES on the nodes named (a failed master without a replica?)")
+    return Finding("cluster", OK, f"{what}; cluster_state ok")
 
 
 def worst(findings: Iterable[Finding]) -> str:
@@ -436,16 +474,16 @@ def ensure_server(deployment: Deployment, keyspace: Keys, *, chunk_size: int | N
     ``ConfigurationError`` otherwise; a setting that cannot be read passes.
     """
     ensure_reachable(deployment, keyspace.latest)
-    client = deployment.client
-    ensure_no_eviction(client)
     role = WORKER if chunk_size is None else TRAINER
-    if role == TRAINER:
-        limits = [check_bulk_len(client, chunk_size), check_query_buffer(client, chunk_size)]
-    else:
-        limits = [check_output_buffer(client, DEFAULT_CHUNK_SIZE)]
-    for finding in [*limits, check_acl(client, keyspace, role)]:
-        if finding.unsafe:
-            raise UnsafeServerError(f"Redis at {deployment.describe()}: {finding.what}; fix: {finding.fix}")
+    for name, client in deployment.nodes():  # a cluster's every node: settings and ACLs are per node
+        ensure_no_eviction(client)
+        if role == TRAINER:
+            limits = [check_bulk_len(client, chunk_size), check_query_buffer(client, chunk_size)]
+        else:
+            limits = [check_output_buffer(client, DEFAULT_CHUNK_SIZE)]
+        for finding in [*limits, check_acl(client, keyspace, role)]:
+            if finding.unsafe:
+                raise UnsafeServerError(f"Redis at {name}: {finding.what}; fix: {finding.fix}")
 
 
 def explain_lost_connection(client: redis.Redis, *, reading: bool, chunk_size: int = DEFAULT_CHUNK_SIZE) -> str | None:

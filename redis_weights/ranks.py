@@ -193,7 +193,7 @@ def _read(client: redis.Redis, keyspace: Keys, ranks: Sequence[int], *, probe: b
     pipe = client.pipeline(transaction=False)
     if probe:
         pipe.pexpire(keyspace.stall_probe, 1)
-    pipe.mget(names)
+    pipe.execute_command("MGET", *names)  # not pipe.mget: a cluster pipeline refuses that name (one slot here)
     for r in ranks:
         pipe.pttl(keyspace.rank_alive(r))
     replies = pipe.execute(raise_on_error=False)

@@ -315,6 +315,21 @@ class LocalRedisCluster:
 
         self._wait(lambda: all(self._each(nodes, ready)), "cluster_state:ok on every node")
 
+    def wait_replicated(self) -> None:
+        """Block until every live replica has applied everything its master had written at the call
+        (replication is asynchronous: tests and benchmarks that read replicas start from a known state)."""
+        alive = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        infos = dict(zip((n.port for n in alive), self._each(alive, lambda c: c.info("replication")), strict=True))
+        goals = {port: int(info.get("master_repl_offset", 0)) for port, info in infos.items()
+                 if info.get("role") == "master"}  # fmt: skip
+        replicas = [(n, int(infos[n.port]["master_port"])) for n in alive if infos[n.port].get("role") == "slave"]
+
+        def caught_up() -> bool:
+            return all(int(self._each([n], lambda c: c.info("replication"))[0].get("slave_repl_offset", -1))
+                       >= goals.get(master, 0) for n, master in replicas)  # fmt: skip
+
+        self._wait(caught_up, "every replica to catch up with its master")
+
     def _wait(self, condition: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while True:
