@@ -526,6 +526,14 @@ class ClusterDeployment(Deployment):
             raise
 
 
+    def close(self) -> None:
+        """Close the connections of a client this deployment owns. Not ``RedisCluster.close()``:
+        that one is final (the client forgets its nodes), where a closed ``redis.Redis``
+        reconnects when used again; code that closes a store and uses it later works alike."""
+        if self.owns_client:
+            self.client.disconnect_connection_pools()
+
+
 def deployment_for(
     client: redis.Redis | RedisCluster, *, owns_client: bool = False, replica_reads: bool = False
 ) -> Deployment:

@@ -73,9 +73,8 @@ def redis_cluster() -> Iterator[LocalRedisCluster]:
 def cluster_store(redis_cluster: LocalRedisCluster, namespace: str) -> Iterator[RedisStore]:
     store = RedisStore.from_url(redis_cluster.url, namespace)
     yield store
+    drop_namespace(store.client, store.keyspace)  # on every master
     store.close()
-    with RedisStore.from_url(redis_cluster.url, namespace) as cleaner:  # a closed RedisCluster stays closed
-        drop_namespace(cleaner.client, cleaner.keyspace)  # on every master
 
 
 @pytest.fixture

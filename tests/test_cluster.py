@@ -7,6 +7,7 @@ own namespace and puts back any setting it changes. Failovers are in ``test_clus
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -282,3 +283,14 @@ def test_doctor_checks_every_node_and_names_the_one_that_is_unsafe(cluster_store
             ensure_server(cluster_store.deployment, cluster_store.keyspace)
         text = _cli(redis_cluster.url, namespace, "doctor")
         assert text.returncode == 3 and f"maxmemory-policy ({name})" in text.stdout, text.stdout
+
+
+def test_the_demo_runs_against_a_cluster_url_and_cleans_up_on_every_master(redis_cluster):
+    from redis_weights.tools.demo import DemoOptions, run_demo
+
+    out = io.StringIO()
+    assert run_demo(DemoOptions(workers=1, size_mb=0.5, versions=2, interval=0, url=redis_cluster.url), out) == 0
+    assert "verified: every worker holds the trainer's weights" in out.getvalue(), out.getvalue()
+    with RedisStore.from_url(redis_cluster.url) as store:
+        for _, client in store.deployment.masters():
+            assert list(client.scan_iter(match="rw:*demo-*", count=1000)) == []
