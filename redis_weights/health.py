@@ -402,8 +402,14 @@ def check_deployment(
     if deployment.kind != "cluster":
         return check_server(deployment.client, keyspace, chunk_size=chunk_size)
     findings = [check_cluster_state(deployment)]
+    masters = dict(deployment.masters())
     for name, client in deployment.nodes():
-        findings += [replace(f, node=name) for f in check_server(client, keyspace, chunk_size=chunk_size)]
+        try:
+            found = check_server(client, keyspace, chunk_size=chunk_size)
+        except LOST as exc:  # a failed node the slot map still lists: a master's slots are not served
+            found = [Finding("reachable", UNSAFE if name in masters else WARN, f"cannot reach the node: {exc}",
+                             "restart it, or wait for its failover (CLUSTER NODES)")]  # fmt: skip
+        findings += [replace(f, node=name) for f in found]
     return findings
 
 
@@ -476,12 +482,17 @@ def ensure_server(deployment: Deployment, keyspace: Keys, *, chunk_size: int | N
     ensure_reachable(deployment, keyspace.latest)
     role = WORKER if chunk_size is None else TRAINER
     for name, client in deployment.nodes():  # a cluster's every node: settings and ACLs are per node
-        ensure_no_eviction(client)
-        if role == TRAINER:
-            limits = [check_bulk_len(client, chunk_size), check_query_buffer(client, chunk_size)]
-        else:
-            limits = [check_output_buffer(client, DEFAULT_CHUNK_SIZE)]
-        for finding in [*limits, check_acl(client, keyspace, role)]:
+        try:
+            ensure_no_eviction(client)
+            if role == TRAINER:
+                limits = [check_bulk_len(client, chunk_size), check_query_buffer(client, chunk_size)]
+            else:
+                limits = [check_output_buffer(client, DEFAULT_CHUNK_SIZE)]
+            findings = [*limits, check_acl(client, keyspace, role)]
+        except LOST as exc:  # a cluster node that failed (its failover is under way): the others serve
+            log.warning("Redis at %s cannot be reached (%s); not checked", name, exc)
+            continue
+        for finding in findings:
             if finding.unsafe:
                 raise UnsafeServerError(f"Redis at {name}: {finding.what}; fix: {finding.fix}")
 
