@@ -2,9 +2,10 @@
 
 redis-py (with hiredis) builds a fresh ``bytes`` object per reply: a second copy of
 every byte, and page faults on memory that is new at every version. Here the GET
-commands are pipelined on one pooled connection and each bulk reply is read with
-``recv_into`` directly into its place in ``target``: one copy, from the kernel, into
-memory that stays mapped from version to version.
+commands are pipelined on one pooled connection per node (on a Redis Cluster, every
+master's keys on its own connection, in parallel threads) and each bulk reply is read
+with ``recv_into`` directly into its place in ``target``: one copy, from the kernel,
+into memory that stays mapped from version to version.
 
 Only the replies GET can give are parsed: ``$<n>`` + payload, ``$-1`` or RESP3's
 ``_`` (no such key), ``-ERR ...``. On anything unexpected, or any socket error, the

@@ -3,8 +3,18 @@
 One owner for everything that depends on *what* Redis is on the other end: the
 client built from a URL (timeouts, idempotent retries, TLS and ACL from the URL),
 the description of the server in messages (never with credentials), the identity
-that scopes the host cache, and the per-node connections that bulk reads use.
-Only a standalone server is supported today; Cluster and Sentinel belong here.
+that scopes the host cache, the nodes (``masters()``, ``nodes()``) that per-node work
+goes to, and the per-node connections that bulk reads and writes use.
+
+Two kinds: ``Deployment`` (one standalone server) and ``ClusterDeployment`` (a Redis
+Cluster behind a ``redis.cluster.RedisCluster``); ``deployment_for(client)`` picks.
+A URL names any node of a cluster: ``client_from_url`` asks it (``INFO cluster``)
+unless ``cluster=True/False`` (or ``?cluster=yes|no``) says. On a cluster the
+namespace's control keys share one hash tag (one slot: the commit stays one script)
+and chunks carry their own id as hash tag (they spread over the masters); bulk
+transfers go to each master at once (``group_by_node``, ``run_per_node``), and with
+``replica_reads`` chunk reads go to replicas (``READONLY``). redis-py's own sockets
+are touched only here.
 
 ``redis.Redis.from_url`` retries nothing by default and waits forever on a dead
 socket; every client built here gets finite timeouts and a short retry with

@@ -178,7 +178,8 @@ class _ChunkLimit:
     config_fix: str
 
 
-_BULK_LEN = _ChunkLimit("proto-max-bulk-len", False, "every push will be refused", "CONFIG SET proto-max-bulk-len 512mb")
+_BULK_LEN = _ChunkLimit("proto-max-bulk-len", False, "every push will be refused",
+                        "CONFIG SET proto-max-bulk-len 512mb")  # fmt: skip
 _QUERY_BUFFER = _ChunkLimit("client-query-buffer-limit", True, "Redis cuts the connection of every push",
                             "CONFIG SET client-query-buffer-limit 1gb")  # fmt: skip
 

@@ -12,8 +12,8 @@ private standalone server on this machine, and measures with one model of ``--si
 - bytes of one version per cluster master (from the slot of every chunk's key), and their
   spread: (max - min) / mean; also the spread other chunk sizes would give the same model;
 - push seconds (upload + commit, ``sync=False``): cluster against standalone (and a cluster
-  of 3 masters without replicas: what replication costs), pushes taken in turns, each into an
-  emptied namespace (one version in memory at a time), medians and their ratio;
+  of 3 masters without replicas: what replication costs), pushes taken in turns (the same
+  weights pushed to each; retention 1, as a trainer runs), medians and their ratio;
 - a fresh worker's fetch of the version from the cluster, without and with replica reads: the
   bytes the primaries and the replicas sent (``INFO stats total_net_output_bytes``), and the
   fetch seconds; the fetched weights are compared bit-exact with the trainer's;
@@ -50,6 +50,7 @@ CHUNK = 8 << 20
 TENSOR = 1 << 20  # float32 elements per tensor: 4 MB
 SPREAD_CHUNKS = (1 << 20, 4 << 20, 8 << 20, 16 << 20)  # chunk sizes whose spread is reported
 OUT = REPO / "docs" / "bench" / "cluster.json"
+NODE_TIMEOUT_MS = 2000  # cluster-node-timeout of the measured cluster (Redis's default: 15000)
 UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
 
 
@@ -113,15 +114,12 @@ def measure_pushes(urls: dict[str, str], weights: dict[str, torch.Tensor], repea
             bump(weights)
             order = list(updaters.items())
             for k, u in order[repeat % len(order):] + order[: repeat % len(order)]:  # in turns: the same machine
-                for store in stores.values():  # at most one version in memory at a time (not timed)
-                    drop_namespace(store.client, store.keyspace)
                 started = time.perf_counter()
                 u.push_weights()
                 seconds[k].append(time.perf_counter() - started)
-        for k, store in stores.items():
+        for k, store in stores.items():  # memory back before the fetches (retention=1: one version each)
             if k != "cluster":
                 drop_namespace(store.client, store.keyspace)
-        updaters["cluster"].push_weights()  # the cluster holds the current weights for the fetches
         cluster = stores["cluster"]
         manifest = updaters["cluster"].registry.read_manifest(updaters["cluster"].version)
         per_master = bytes_per_master(cluster, [c.id for c in manifest.chunks], manifest.chunk_sizes)
@@ -218,8 +216,8 @@ def measure_failover(cluster: LocalRedisCluster, weights: dict[str, torch.Tensor
             worker_store.close()
     finally:
         updater.close()
-    return {"first_success_after_kill_s": round(recovered, 2), "its_push_began_after_kill_s": round(attempt - killed[0], 2),
-            "failed_pushes": len(failures),
+    return {"first_success_after_kill_s": round(recovered, 2),
+            "its_push_began_after_kill_s": round(attempt - killed[0], 2), "failed_pushes": len(failures),
             "first_error": failures[0][:300] if failures else None, "worker_bit_exact": exact}  # fmt: skip
 
 
@@ -229,7 +227,8 @@ def report(doc: dict[str, Any]) -> str:
     mib = 1 << 20
     lines = [
         f"{doc['size_mb']:.0f} MB version, {doc['chunk_size'] >> 20} MiB chunks, 3 masters + 3 replicas and one "
-        f"standalone server on one {doc['cpus']}-core machine (plus, for pushes only, 3 masters without replicas), {doc['repeats']} pushes each (medians):",
+        f"standalone server on one {doc['cpus']}-core machine (plus, for pushes only, 3 masters without "
+        f"replicas), {doc['repeats']} pushes each (medians):",
         "",
         "| measure | value |",
         "|---|---|",
@@ -248,17 +247,18 @@ def report(doc: dict[str, Any]) -> str:
                      f"{'' if row['bit_exact'] else ' (NOT bit-exact)'} |")  # fmt: skip
     if doc.get("failover"):
         fo = doc["failover"]
-        lines.append(f"| chunk master SIGKILLed mid-push: first successful push after the kill | "
+        lines.append(f"| chunk master SIGKILLed mid-push ({doc.get('node_timeout_ms', NODE_TIMEOUT_MS) / 1000:g} s "
+                     "cluster-node-timeout): first successful push after the kill | "
                      f"{fo['first_success_after_kill_s']:.1f} s ({fo['failed_pushes']} failed pushes; worker "
                      f"{'bit-exact' if fo['worker_bit_exact'] else 'NOT bit-exact'}) |")  # fmt: skip
     return "\n".join(lines)
 
 
-def run(size: int, repeats: int, failover: bool) -> dict[str, Any]:
+def run(size: int, repeats: int, failover: bool, node_timeout_ms: int = NODE_TIMEOUT_MS) -> dict[str, Any]:
     import os
 
     weights = model(size, seed=1)
-    with LocalRedisCluster(masters=3, replicas=1, node_timeout_ms=2000) as cluster, \
+    with LocalRedisCluster(masters=3, replicas=1, node_timeout_ms=node_timeout_ms) as cluster, \
             LocalRedisCluster(masters=3, replicas=0) as bare, LocalRedisServer() as server:  # fmt: skip
         urls = {"standalone": server.url, "cluster": cluster.url, "cluster, no replicas": bare.url}
         pushes = measure_pushes(urls, weights, repeats)
@@ -266,7 +266,7 @@ def run(size: int, repeats: int, failover: bool) -> dict[str, Any]:
         fetches = measure_fetches(cluster, weights)
         fail = measure_failover(cluster, weights) if failover else None
     return {"size_mb": size / 1e6, "chunk_size": CHUNK, "repeats": repeats, "cpus": os.cpu_count(),
-            "pushes": pushes, "fetches": fetches, "failover": fail}  # fmt: skip
+            "node_timeout_ms": node_timeout_ms, "pushes": pushes, "fetches": fetches, "failover": fail}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,13 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1GB", help="model size (default 1GB)")
     parser.add_argument("--repeats", type=int, default=3, help="timed pushes per deployment")
     parser.add_argument("--no-failover", action="store_true", help="skip the master kill")
+    parser.add_argument("--node-timeout-ms", type=int, default=NODE_TIMEOUT_MS,
+                        help="the cluster's cluster-node-timeout (failure detection; Redis's default is 15000)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--report", type=Path, help="only re-render the table of an earlier JSON file")
     args = parser.parse_args(argv)
     if args.report:
         print(report(json.loads(args.report.read_text())))
         return 0
-    doc = run(parse_size(args.size), args.repeats, not args.no_failover)
+    doc = run(parse_size(args.size), args.repeats, not args.no_failover, args.node_timeout_ms)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     print(report(doc))

@@ -118,8 +118,9 @@ def test_push_to_worker_processes_bit_exact_with_chunks_on_every_master(tmp_path
                                                                        namespace):  # fmt: skip
     model = make_model("mb:2", seed=1)
     url = redis_cluster.url
-    with workers(tmp_path, url, namespace, [1], "--model", "mb:2") as plain, \
-            workers(tmp_path, url + "?replica_reads=yes", namespace, [2], "--model", "mb:2") as from_replicas:  # fmt: skip
+    model_flag = ("--model", "mb:2")
+    with workers(tmp_path, url, namespace, [1], *model_flag) as plain, \
+            workers(tmp_path, url + "?replica_reads=yes", namespace, [2], *model_flag) as from_replicas:  # fmt: skip
         procs = {**plain, **from_replicas}
         updater = RedisWeightUpdater(cluster_store, model, num_workers=2, sync=True, timeout=60, chunk_size=CHUNK)
         for step in range(2):

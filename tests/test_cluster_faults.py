@@ -3,7 +3,8 @@
 A cluster of its own for this module (``cluster-node-timeout`` 2 s; the session's cluster stays
 whole): each test kills one master that still has a replica. The push in flight fails with one
 ``PushError`` naming its version; pushes succeed again once the replica has taken over; the
-worker processes converge, bit-exact, on the last version.
+worker processes converge, bit-exact, on the last version; meanwhile ``doctor``'s checks name
+the dead master.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 import redis_weights.chunkstore as chunkstore
 from redis_weights import PushError, RedisStore, RedisWeightUpdater
+from redis_weights.health import UNSAFE, check_deployment
 from redis_weights.tools.server import LocalRedisCluster, LocalRedisServer
 from tests.conftest import _need_server
 from tests.models import make_model, state_digest
@@ -80,6 +82,9 @@ def test_a_master_killed_mid_push_fails_that_push_and_the_next_ones_succeed_afte
         match = re.search(r"push of version (\d+)", str(failed.value))
         assert match and int(match.group(1)) > before, str(failed.value)
         monkeypatch.undo()  # ROUND_BYTES and the hook: the next pushes are ordinary
+        dead = f"{cluster.host}:{victim.port}"
+        findings = check_deployment(store.deployment, store.keyspace)  # before the failover: the node is listed
+        assert ("reachable", UNSAFE, dead) in [(f.check, f.level, f.node) for f in findings]
         errors = []
         while True:
             try:

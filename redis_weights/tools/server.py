@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import redis
 
@@ -56,7 +57,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class LocalRedisServer:
+_Started = TypeVar("_Started", bound="_StartStop")
+
+
+class _StartStop:
+    """``with X(...) as x``: ``start()`` on entry, ``close()`` on exit (even when the block raised)."""
+
+    def start(self: _Started) -> _Started:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Started) -> _Started:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class LocalRedisServer(_StartStop):
     """A ``redis-server`` (or ``valkey-server``) child process bound to loopback.
 
     Nothing is persisted (``--save "" --appendonly no``) unless ``args`` says so.
@@ -184,22 +209,11 @@ class LocalRedisServer:
                 self.proc.stderr.close()
             self._dir.cleanup()
 
-    def __enter__(self) -> LocalRedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 _SLOTS = 16384
 
 
-class LocalRedisCluster:
+class LocalRedisCluster(_StartStop):
     """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, on loopback.
 
     ``start()`` returns once every node reports ``cluster_state:ok``, knows every
@@ -367,17 +381,6 @@ class LocalRedisCluster:
                 node.close()
             except Exception as exc:  # keep stopping the others
                 log.warning("could not stop cluster node on port %d: %s", node.port, exc)
-
-    def __enter__(self) -> LocalRedisCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _cluster_info(client: redis.Redis) -> dict[str, str]:
