@@ -60,8 +60,10 @@ DEFAULT_SOCKET_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 3
 # The errors that mean "Redis stopped answering" (as opposed to an error reply): retried by the
-# clients built here, and what every caller catches to tell a lost Redis from a refusal.
-LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# clients built here, and what every caller catches to tell a lost Redis from a refusal. A
+# RedisCluster raises RedisClusterException (no RedisError) when its slot map has a hole (a
+# master lost without a replica to take over, "slot not covered").
+LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.RedisClusterException)
 _PACKER_BUFFER_CUTOFF = 6000  # redis-py's own cutoff: smaller args are joined, larger sent as-is
 _SCHEMES = ("redis://", "rediss://", "unix://")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
@@ -129,7 +131,7 @@ def default_client_options() -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 30,
         "retry": Retry(ExponentialBackoff(cap=0.5, base=0.02), DEFAULT_RETRIES),
-        "retry_on_error": list(LOST),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         "command_packer": _pure_python_packer(),
     }
 
@@ -218,9 +220,9 @@ def _cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
     options["redis_connect_func"] = _copy_free_packer
     try:
         return RedisCluster.from_url(url, retry=retry, **options)
-    except redis.exceptions.RedisClusterException as exc:
+    except redis.exceptions.RedisClusterException as exc:  # "Cluster mode is not enabled on this node", ...
         raise ConfigurationError(f"Redis Cluster at {redacted(url)!r}: {_detail(exc, url)}") from None
-    except LOST as exc:
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise ConfigurationError(f"cannot reach the Redis Cluster at {redacted(url)!r}: {_detail(exc, url)}") from None
 
 
@@ -471,7 +473,7 @@ class ClusterDeployment(Deployment):
             self._stale = False
             try:
                 self.client.nodes_manager.initialize()
-            except (*LOST, redis.exceptions.RedisClusterException) as exc:
+            except LOST as exc:
                 self._stale = True
                 log.debug("cluster slot map refresh failed: %s", exc)
 
