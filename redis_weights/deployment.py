@@ -506,6 +506,16 @@ class ClusterDeployment(Deployment):
         return [(n.name, self.client.get_redis_connection(n))
                 for n in sorted(self.client.get_nodes(), key=lambda n: n.name)]  # fmt: skip
 
+    def hash_tag_on(self, address: str) -> str:
+        """A hash tag (``t<n>``) whose slot master ``address`` serves now: a key named with it
+        (``{t<n>}``) lives on that master, e.g. a marker that a ``WAIT`` on that master counts from."""
+        self._refresh()
+        for n in range(100_000):  # 16384 slots over the masters: a few tries find one of its slots
+            tag = f"t{n}"
+            if self.client.nodes_manager.get_node_from_slot(self.client.keyslot(f"{{{tag}}}")).name == address:
+                return tag
+        raise ConfigurationError(f"{address} is not a master of this cluster (serves no slot)")
+
     def _node(self, key: str, replica: bool) -> Any:
         """The master of ``key``'s slot, or (``replica``) one of its replicas at random, if it has any."""
         slot = self.client.keyslot(key)

@@ -90,6 +90,17 @@ def test_a_url_to_any_node_is_the_whole_cluster_and_the_cluster_option_forces_ei
         client_from_url(redis_cluster.url + "?cluster=maybe")
 
 
+def test_a_hash_tag_per_master_names_keys_that_master_serves(cluster_store):
+    """For per-master work such as a WAIT marker: a key with the tag lives on that master."""
+    deployment = cluster_store.deployment
+    for name, client in deployment.masters():
+        key = f"{{{deployment.hash_tag_on(name)}}}:probe"
+        assert client.set(key, b"1", px=1000)  # a plain client to that master: no MOVED
+        assert client.delete(key) == 1
+    with pytest.raises(ConfigurationError, match="is not a master"):
+        deployment.hash_tag_on("127.0.0.1:1")
+
+
 def test_cluster_yes_against_a_standalone_server_is_a_configuration_error(redis_url):
     with pytest.raises(ConfigurationError, match="Redis Cluster at"):
         client_from_url(redis_url, cluster=True)
