@@ -40,6 +40,7 @@ from . import ranks
 from .assemble import MissingObjectError, assemble
 from .bulkread import receive_buffer
 from .codec import check_compatible, check_header, copy_tensors, flatten_weights, tensors_in_chunks
+from .deployment import LOST
 from .errors import (
     ApplyError,
     CodecError,
@@ -458,7 +459,7 @@ class RedisWeightReceiver:
                     last_poll = time.monotonic()
                     self.poll()
                 backoff = 0.1
-            except (redis.exceptions.RedisError, RedisWeightsError) as exc:  # e.g. a corrupt latest
+            except (redis.exceptions.RedisError, RedisWeightsError, *LOST) as exc:  # a corrupt latest, a failover
                 log.warning("rank %d: %s (%s); retrying in %.1fs", self.rank, type(exc).__name__, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.poll_interval)
