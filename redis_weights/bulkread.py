@@ -2,9 +2,10 @@
 
 redis-py (with hiredis) builds a fresh ``bytes`` object per reply: a second copy of
 every byte, and page faults on memory that is new at every version. Here the GET
-commands are pipelined on one pooled connection and each bulk reply is read with
-``recv_into`` directly into its place in ``target``: one copy, from the kernel, into
-memory that stays mapped from version to version.
+commands are pipelined on one pooled connection per node (on a Redis Cluster, every
+master's keys on its own connection, in parallel threads) and each bulk reply is read
+with ``recv_into`` directly into its place in ``target``: one copy, from the kernel,
+into memory that stays mapped from version to version.
 
 Only the replies GET can give are parsed: ``$<n>`` + payload, ``$-1`` or RESP3's
 ``_`` (no such key), ``-ERR ...``. On anything unexpected, or any socket error, the
@@ -17,12 +18,13 @@ and the values are copied into ``target``.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 from collections.abc import Sequence
 
 import redis
 
-from .deployment import Deployment, RawConnection
+from .deployment import Deployment, RawConnection, run_per_node
 from .manifest import Buffer
 
 ROUND_BYTES = 64 * 1024 * 1024  # bytes of values per pipelined write round (bounds a trainer's queued SETs)
@@ -32,6 +34,8 @@ ROUND_BYTES = 64 * 1024 * 1024  # bytes of values per pipelined write round (bou
 # clients waited for the whole round; 8 MiB rounds reuse the same buffers.
 READ_ROUND_BYTES = 8 * 1024 * 1024
 _READ_SIZE = 1 << 16
+
+log = logging.getLogger(__name__)
 
 
 def receive_buffer(size: int) -> memoryview:
@@ -88,6 +92,9 @@ class _Reader:
         del self.buf[:2]
 
 
+Span = tuple[int, int]  # (start, end) of a value's place in the target
+
+
 def read_values_into(
     deployment: Deployment,
     keys: Sequence[str],
@@ -99,22 +106,65 @@ def read_values_into(
 
     Returns per key a view of ``target`` (the value is there), None (no such key), or
     the value as ``bytes`` when its size is not the expected one (a verifier reports it).
+    On a cluster the keys are read from every master at once, each on its own
+    connection (``Deployment.group_by_node``); with replica reads, from a replica of
+    each, and what a replica lacks (replication lag) or refuses is read from its primary.
     """
     if len(target) < sum(sizes):
         raise ValueError(f"target has {len(target)} bytes, the values need {sum(sizes)}")
-    offsets = [0]
+    spans: list[Span] = []
+    offset = 0
     for size in sizes:
-        offsets.append(offsets[-1] + size)
-    with deployment.bulk_connection(keys[0] if keys else None) as raw:
+        spans.append((offset, offset + size))
+        offset += size
+    out: list[Buffer | None] = [None] * len(keys)
+
+    def read(indices: list[int]) -> None:
+        _read_node(deployment, keys, spans, target, round_bytes, indices, out)
+
+    run_per_node(deployment.group_by_node(keys), read)
+    return out
+
+
+def _read_node(
+    deployment: Deployment,
+    keys: Sequence[str],
+    spans: Sequence[Span],
+    target: memoryview,
+    round_bytes: int,
+    indices: list[int],
+    out: list[Buffer | None],
+    *,
+    primary: bool = False,
+) -> None:
+    """Read ``keys[i]`` for ``i`` in ``indices`` (all on one node) into ``out[i]``."""
+    mine = [keys[i] for i in indices]
+    places = [spans[i] for i in indices]
+    with deployment.bulk_connection(mine[0], primary=primary) as raw:
         if raw is None:
-            return _read_copying(deployment.client, keys, offsets, target)
-        try:
-            return _read_direct(deployment.client, raw, keys, offsets, target, round_bytes)
-        except OSError as exc:
-            if exc.errno == errno.EFAULT:  # the kernel could not write into ``target``: not the network's fault
-                raise OSError(exc.errno, f"the chunks cannot be written into the receive buffer ({exc.strerror}; "
-                                         "a memory-mapped file on a full filesystem?)") from exc  # fmt: skip
-            raise redis.exceptions.ConnectionError(f"reading chunks failed: {exc}") from exc  # timeout, reset
+            values = _read_copying(deployment.client, mine, places, target)
+        else:
+            try:
+                values = _read_direct(deployment.client, raw, mine, places, target, round_bytes)
+            except OSError as exc:
+                if exc.errno == errno.EFAULT:  # the kernel could not write into ``target``: not the network's fault
+                    raise OSError(exc.errno, f"the chunks cannot be written into the receive buffer ({exc.strerror}; "
+                                             "a memory-mapped file on a full filesystem?)") from exc  # fmt: skip
+                raise redis.exceptions.ConnectionError(f"reading chunks failed: {exc}") from exc  # timeout, reset
+        from_replica = raw is not None and raw.replica
+        if not from_replica:
+            refused = next((v for v in values if isinstance(v, redis.exceptions.ResponseError)), None)
+            if refused is not None:  # every reply was read: the connection is clean, but the caller must know
+                raise refused
+    again = []
+    for i, value in zip(indices, values, strict=True):
+        if from_replica and (value is None or isinstance(value, redis.exceptions.ResponseError)):
+            again.append(i)
+        else:
+            out[i] = value  # type: ignore[assignment]
+    if again:
+        log.debug("%d of %d chunks missing on a replica: reading them from its primary", len(again), len(indices))
+        _read_node(deployment, keys, spans, target, round_bytes, again, out, primary=True)
 
 
 def _send_round(client: redis.Redis, raw: RawConnection, keys: Sequence[str]) -> None:
@@ -126,22 +176,25 @@ def _read_direct(
     client: redis.Redis,
     raw: RawConnection,
     keys: Sequence[str],
-    offsets: list[int],
+    spans: Sequence[Span],
     target: memoryview,
     round_bytes: int,
-) -> list[Buffer | None]:
+) -> list[Buffer | redis.exceptions.ResponseError | None]:
+    """Every reply is read, an error reply included (it is returned in its key's place)."""
     reader = _Reader(raw.sock)
-    out: list[Buffer | None] = []
+    out: list[Buffer | redis.exceptions.ResponseError | None] = []
     start = 0
     while start < len(keys):
-        end = start + 1
-        while end < len(keys) and offsets[end + 1] - offsets[start] <= round_bytes:
+        end, queued = start + 1, spans[start][1] - spans[start][0]
+        while end < len(keys) and queued + spans[end][1] - spans[end][0] <= round_bytes:
+            queued += spans[end][1] - spans[end][0]
             end += 1
         _send_round(client, raw, keys[start:end])
         for i in range(start, end):
             header = reader.line()
             if header.startswith(b"-"):
-                raise redis.exceptions.ResponseError(header[1:].decode(errors="replace"))
+                out.append(redis.exceptions.ResponseError(header[1:].decode(errors="replace")))
+                continue
             if header == b"_":  # RESP3 null
                 out.append(None)
                 continue
@@ -151,9 +204,9 @@ def _read_direct(
             if length < 0:
                 out.append(None)
                 continue
-            expected = offsets[i + 1] - offsets[i]
-            if length == expected:
-                view = target[offsets[i] : offsets[i + 1]]
+            first, last = spans[i]
+            if length == last - first:
+                view = target[first:last]
                 reader.read_into(view)
                 out.append(view)
             else:  # not the size the manifest promises: keep it for the verifier to report
@@ -166,15 +219,15 @@ def _read_direct(
 
 
 def _read_copying(
-    client: redis.Redis, keys: Sequence[str], offsets: list[int], target: memoryview
+    client: redis.Redis, keys: Sequence[str], spans: Sequence[Span], target: memoryview
 ) -> list[Buffer | None]:
     pipe = client.pipeline(transaction=False)
     for key in keys:
         pipe.get(key)
     out: list[Buffer | None] = []
-    for i, value in enumerate(pipe.execute()):
-        if value is not None and len(value) == offsets[i + 1] - offsets[i]:
-            view = target[offsets[i] : offsets[i + 1]]
+    for (first, last), value in zip(spans, pipe.execute(), strict=True):
+        if value is not None and len(value) == last - first:
+            view = target[first:last]
             view[:] = value
             out.append(view)
         else:

@@ -4,8 +4,10 @@ An object is a plain Redis string ``rw:<ns>:c:{<id>}`` (``keys.py``), where the 
 the xxh3-128 digest of its bytes. Objects carry no TTL: nothing points at an object
 but manifests and the pending records of pushes, and the mark-and-sweep GC
 (``versions.py``) deletes the ones nobody points at. Every call here is
-cluster-friendly (single-key commands, pipelined), and writing, reading and
+cluster-friendly (single-key commands, pipelined: on a Redis Cluster redis-py's
+pipeline sends each command to its key's master), and writing, reading and
 deleting go in bounded rounds so that no single call holds Redis for long.
+Bulk writes and reads go to every master at once (``Deployment.group_by_node``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import redis
 
 from .bulkread import READ_ROUND_BYTES, ROUND_BYTES, read_values_into  # bytes per pipelined round trip
-from .deployment import Deployment
+from .deployment import Deployment, run_per_node
 from .keys import Keys
 from .manifest import Buffer
 
@@ -50,20 +52,31 @@ class ChunkStore:
     def write(self, objects: Iterable[tuple[str, Buffer, bool]]) -> int:
         """SET every ``(id, bytes, reused)``, pipelined in ~64 MiB rounds; returns the bytes sent.
 
-        Values are sent from the caller's memory when the pipeline executes, so a round
-        is sent right after a ``reused`` buffer, before its owner overwrites it.
+        Values are sent from the caller's memory when the round is sent, so a round
+        is sent right after a ``reused`` buffer, before its owner overwrites it. On a
+        cluster each round goes to every master at once (a pipeline per master, in
+        parallel threads).
         """
-        pipe = self.client.pipeline(transaction=False)
+        batch: list[tuple[str, Buffer]] = []
         queued = sent = 0
         for chunk_id, data, reused in objects:
-            pipe.set(self.keyspace.chunk(chunk_id), data)
+            batch.append((self.keyspace.chunk(chunk_id), data))
             queued += len(data)
             sent += len(data)
             if reused or queued >= ROUND_BYTES:
-                pipe.execute()
-                queued = 0
-        pipe.execute()
+                self._send_round(batch)
+                batch, queued = [], 0
+        self._send_round(batch)
         return sent
+
+    def _send_round(self, batch: Sequence[tuple[str, Buffer]]) -> None:
+        def send(indices: list[int]) -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for i in indices:
+                pipe.set(*batch[i])
+            pipe.execute()
+
+        run_per_node(self.deployment.group_by_node([key for key, _ in batch]), send)
 
     def read(self, ids: Sequence[str], sizes: Sequence[int]) -> Iterator[list[bytes | None]]:
         """The values of ``ids`` (None: absent), in rounds of ~8 MiB of expected ``sizes``."""

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import redis
 
 from .bulkread import READ_ROUND_BYTES
-from .deployment import Deployment
+from .deployment import LOST, Deployment, given_username
 from .errors import ConfigurationError
 from .keys import Keys
 from .manifest import DEFAULT_CHUNK_SIZE
@@ -76,6 +76,7 @@ class Finding:
     level: str
     what: str
     fix: str = ""
+    node: str = ""  # ``host:port`` of the cluster node it is about ("" for a standalone server)
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -86,7 +87,10 @@ class Finding:
         return self.level == UNSAFE
 
     def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.node:
+            del out["node"]
+        return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,32 +180,47 @@ def check_eviction(client: redis.Redis) -> Finding:
     return Finding("maxmemory-policy", OK, f"policy {policy}, {limit}")
 
 
+@dataclass(frozen=True)
+class _ChunkLimit:
+    """A server limit on what a client sends in one command, which must admit one chunk's SET
+    (Redis cuts the connection of a longer one)."""
+
+    setting: str
+    exceeded: bool  # the limit must exceed the chunk (the query buffer holds the command around the value)
+    consequence: str
+    config_fix: str
+
+
+_BULK_LEN = _ChunkLimit("proto-max-bulk-len", False, "every push will be refused",
+                        "CONFIG SET proto-max-bulk-len 512mb")  # fmt: skip
+_QUERY_BUFFER = _ChunkLimit("client-query-buffer-limit", True, "Redis cuts the connection of every push",
+                            "CONFIG SET client-query-buffer-limit 1gb")  # fmt: skip
+
+
+def _check_chunk_limit(client: redis.Redis, limit_of: _ChunkLimit, chunk_size: int) -> Finding:
+    """The one check behind ``check_bulk_len`` and ``check_query_buffer``."""
+    name, size = limit_of.setting, human_bytes(chunk_size)
+    limit = parse_int(_config(client, name), minimum=0)
+    if limit is None:
+        bound = "above" if limit_of.exceeded else "at least"
+        return Finding(name, WARN, f"{_CANNOT_READ} {name} (CONFIG GET refused)",
+                       f"make sure {name} is {bound} the chunk size ({size})")  # fmt: skip
+    if limit < chunk_size or (limit_of.exceeded and limit == chunk_size):
+        relation, most = ("does not exceed", "<") if limit_of.exceeded else ("is below", "<=")
+        return Finding(name, UNSAFE, f"{name} {human_bytes(limit)} {relation} the chunk size {size}: "
+                                     f"{limit_of.consequence}",
+                       f"{limit_of.config_fix}, or use chunk_size {most} {limit}")  # fmt: skip
+    return Finding(name, OK, f"{human_bytes(limit)} (chunks of {size} fit)")
+
+
 def check_bulk_len(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Finding:
     """``proto-max-bulk-len`` must admit one chunk (Redis cuts the connection of a longer SET)."""
-    limit = parse_int(_config(client, "proto-max-bulk-len"), minimum=0)
-    if limit is None:
-        return Finding("proto-max-bulk-len", WARN, f"{_CANNOT_READ} proto-max-bulk-len (CONFIG GET refused)",
-                       f"make sure proto-max-bulk-len is at least the chunk size ({human_bytes(chunk_size)})")
-    if limit < chunk_size:
-        return Finding("proto-max-bulk-len", UNSAFE,
-                       f"proto-max-bulk-len {human_bytes(limit)} is below the chunk size {human_bytes(chunk_size)}: "
-                       "every push will be refused",
-                       f"CONFIG SET proto-max-bulk-len 512mb, or use chunk_size <= {limit}")
-    return Finding("proto-max-bulk-len", OK, f"{human_bytes(limit)} (chunks of {human_bytes(chunk_size)} fit)")
+    return _check_chunk_limit(client, _BULK_LEN, chunk_size)
 
 
 def check_query_buffer(client: redis.Redis, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Finding:
     """``client-query-buffer-limit`` must admit one chunk's SET (Redis cuts the connection of a longer one)."""
-    limit = parse_int(_config(client, "client-query-buffer-limit"), minimum=0)
-    if limit is None:
-        return Finding("client-query-buffer-limit", WARN, f"{_CANNOT_READ} client-query-buffer-limit (CONFIG GET refused)",
-                       f"make sure client-query-buffer-limit is above the chunk size ({human_bytes(chunk_size)})")
-    if limit <= chunk_size:
-        return Finding("client-query-buffer-limit", UNSAFE,
-                       f"client-query-buffer-limit {human_bytes(limit)} does not exceed the chunk size "
-                       f"{human_bytes(chunk_size)}: Redis cuts the connection of every push",
-                       f"CONFIG SET client-query-buffer-limit 1gb, or use chunk_size < {limit}")
-    return Finding("client-query-buffer-limit", OK, f"{human_bytes(limit)} (chunks of {human_bytes(chunk_size)} fit)")
+    return _check_chunk_limit(client, _QUERY_BUFFER, chunk_size)
 
 
 def output_buffer_limits(client: redis.Redis) -> tuple[int, int] | None:
@@ -327,8 +346,7 @@ def _user(client: redis.Redis) -> str:
     try:
         return text(client.execute_command("ACL", "WHOAMI"))
     except redis.exceptions.ResponseError:
-        name = client.connection_pool.connection_kwargs.get("username")
-        return text(name) if name else "default"
+        return given_username(client) or "default"
 
 
 def check_acl(client: redis.Redis, keyspace: Keys, role: str = WORKER) -> Finding:
@@ -379,7 +397,8 @@ def _probe_rights(client: redis.Redis, keyspace: Keys) -> dict[str, list[str]]:
         try:
             step()
         except redis.exceptions.ResponseError as exc:
-            denied[needed_by].append(f"{name}: {exc}")
+            if not str(exc).startswith(("MOVED", "ASK")):  # a cluster node checks ACLs before redirecting
+                denied[needed_by].append(f"{name}: {exc}")
     subscription = Subscription(client, [keyspace.updates_channel, keyspace.acks_channel],
                                 what="rights probe", poll_every=1.0)  # fmt: skip
     try:
@@ -410,6 +429,45 @@ def check_server(
         check_acl(client, keyspace),
         check_io_threads(client),
     ]
+
+
+def check_deployment(
+    deployment: Deployment, keyspace: Keys | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> list[Finding]:
+    """``check_server`` on every node of the deployment (``doctor``): a standalone server's
+    findings as they are; on a Redis Cluster, the cluster's state first, then every check
+    of every master and replica, each finding naming its node (ACLs and settings are per node)."""
+    if deployment.kind != "cluster":
+        return check_server(deployment.client, keyspace, chunk_size=chunk_size)
+    findings = [check_cluster_state(deployment)]
+    masters = dict(deployment.masters())
+    for name, client in deployment.nodes():
+        try:
+            found = check_server(client, keyspace, chunk_size=chunk_size)
+        except LOST as exc:  # a failed node the slot map still lists: a master's slots are not served
+            found = [Finding("reachable", UNSAFE if name in masters else WARN, f"cannot reach the node: {exc}",
+                             "restart it, or wait for its failover (CLUSTER NODES)")]  # fmt: skip
+        findings += [replace(f, node=name) for f in found]
+    return findings
+
+
+def check_cluster_state(deployment: Deployment) -> Finding:
+    """A cluster must serve every slot (``cluster_state:ok`` on every master); replicas are counted."""
+    masters, nodes = deployment.masters(), deployment.nodes()
+    bad = []
+    for name, client in masters:
+        try:
+            state = text(client.execute_command("CLUSTER", "INFO")).partition("cluster_state:")[2].split()[:1]
+        except redis.exceptions.RedisError as exc:
+            bad.append(f"{name}: {exc}")
+            continue
+        if state != ["ok"]:
+            bad.append(f"{name}: cluster_state {state[0] if state else '?'}")
+    what = f"{len(masters)} masters, {len(nodes) - len(masters)} replicas"
+    if bad:
+        return Finding("cluster", UNSAFE, f"{what}; not every slot is served: " + "; ".join(bad),
+                       "see CLUSTER INFO and CLUSTER NODES on the nodes named (a failed master without a replica?)")
+    return Finding("cluster", OK, f"{what}; cluster_state ok")
 
 
 def worst(findings: Iterable[Finding]) -> str:
@@ -443,7 +501,7 @@ def ensure_reachable(deployment: Deployment, probe_key: str) -> None:
         deployment.client.get(probe_key)
     except redis.exceptions.AuthenticationError as exc:
         raise ConfigurationError(f"Redis at {where} refused the credentials: {exc}") from exc
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+    except LOST as exc:
         raise ConfigurationError(f"cannot reach Redis at {where}: {exc}") from exc
     except redis.exceptions.ResponseError as exc:  # NOAUTH, NOPERM, WRONGTYPE
         raise ConfigurationError(f"Redis at {where} refused to read {probe_key!r}: {exc}") from exc
@@ -460,16 +518,21 @@ def ensure_server(deployment: Deployment, keyspace: Keys, *, chunk_size: int | N
     ``ConfigurationError`` otherwise; a setting that cannot be read passes.
     """
     ensure_reachable(deployment, keyspace.latest)
-    client = deployment.client
-    ensure_no_eviction(client)
     role = WORKER if chunk_size is None else TRAINER
-    if role == TRAINER:
-        limits = [check_bulk_len(client, chunk_size), check_query_buffer(client, chunk_size)]
-    else:
-        limits = [check_output_buffer(client, DEFAULT_CHUNK_SIZE)]
-    for finding in [*limits, check_acl(client, keyspace, role)]:
-        if finding.unsafe:
-            raise UnsafeServerError(f"Redis at {deployment.describe()}: {finding.what}; fix: {finding.fix}")
+    for name, client in deployment.nodes():  # a cluster's every node: settings and ACLs are per node
+        try:
+            ensure_no_eviction(client)
+            if role == TRAINER:
+                limits = [check_bulk_len(client, chunk_size), check_query_buffer(client, chunk_size)]
+            else:
+                limits = [check_output_buffer(client, DEFAULT_CHUNK_SIZE)]
+            findings = [*limits, check_acl(client, keyspace, role)]
+        except LOST as exc:  # a cluster node that failed (its failover is under way): the others serve
+            log.warning("Redis at %s cannot be reached (%s); not checked", name, exc)
+            continue
+        for finding in findings:
+            if finding.unsafe:
+                raise UnsafeServerError(f"Redis at {name}: {finding.what}; fix: {finding.fix}")
 
 
 def explain_lost_connection(client: redis.Redis, *, reading: bool, chunk_size: int = DEFAULT_CHUNK_SIZE) -> str | None:

@@ -197,7 +197,8 @@ def _read(client: redis.Redis, keyspace: Keys, ranks: Sequence[int], *, probe: b
         pipe.pexpire(keyspace.stall_probe, 1)
     rounds = range(0, len(names), 4 * _MGET_RANKS)
     for start in rounds:  # one command per round: each holds Redis for a bounded time
-        pipe.mget(names[start : start + 4 * _MGET_RANKS])
+        # not pipe.mget: a cluster pipeline refuses that name (the names share one slot)
+        pipe.execute_command("MGET", *names[start : start + 4 * _MGET_RANKS])
     for r in ranks:
         pipe.pttl(keyspace.rank_alive(r))
     replies = pipe.execute(raise_on_error=False)

@@ -40,6 +40,7 @@ from . import ranks, staging
 from .assemble import MissingObjectError, assemble
 from .bulkread import receive_buffer
 from .codec import check_compatible, check_header, copy_tensors, flatten_weights, tensors_in_chunks
+from .deployment import LOST
 from .errors import (
     ApplyError,
     CodecError,
@@ -119,7 +120,7 @@ class RedisWeightReceiver:
         self.heartbeat_ttl = heartbeat_ttl
         self.allow_cast = allow_cast
         self.keyspace = self.store.keyspace
-        self.registry = VersionRegistry(self.store.client, self.keyspace)
+        self.registry = VersionRegistry(self.store.deployment, self.keyspace)
         self.host_cache = self._host_cache(host_cache)
         self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
         self._held: list[str | None] = []  # id of each chunk in the receive buffer (None: unknown)
@@ -514,7 +515,7 @@ class RedisWeightReceiver:
                     last_poll = time.monotonic()
                     self.poll()
                 backoff = 0.1
-            except (redis.exceptions.RedisError, RedisWeightsError) as exc:  # e.g. a corrupt latest
+            except (redis.exceptions.RedisError, RedisWeightsError, *LOST) as exc:  # a corrupt latest, a failover
                 log.warning("rank %d: %s (%s); retrying in %.1fs", self.rank, type(exc).__name__, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.poll_interval)

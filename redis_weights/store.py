@@ -18,7 +18,9 @@ from typing import Any
 
 import redis
 
-from .deployment import Deployment, client_from_url
+from redis.cluster import RedisCluster
+
+from .deployment import Deployment, deployment_for, deployment_from_url
 from .errors import RedisWeightsError
 from .keys import DEFAULT_NAMESPACE, Keys
 
@@ -31,34 +33,43 @@ class RedisStore(MutableMapping[str, str]):
     """A ``MutableMapping[str, str]`` over the keys of one namespace.
 
     Args:
-        client: a ``redis.Redis`` client.
+        client: a ``redis.Redis`` client, a ``redis.cluster.RedisCluster``, or a ``Deployment``.
         namespace: the namespace; all keys live under ``rw:{namespace}:``.
         owns_client: whether ``close()`` closes ``client``. False by default: a client
             the caller made is the caller's to close (redis-py's convention). A store
             made by ``from_url`` owns the client it built.
         url: the URL the client was built from, if any (kept for processes that
             rebuild the store elsewhere, e.g. the TorchRL scheme).
+        replica_reads: workers read chunks from the replicas of a Redis Cluster (a chunk a
+            replica lacks is read from its primary).
     """
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster | Deployment,
         namespace: str = DEFAULT_NAMESPACE,
         *,
         owns_client: bool = False,
         url: str | None = None,
+        replica_reads: bool = False,
     ) -> None:
-        self.deployment = Deployment(client, owns_client=owns_client)
+        if isinstance(client, Deployment):
+            self.deployment = client
+        else:
+            self.deployment = deployment_for(client, owns_client=owns_client, replica_reads=replica_reads)
         self.keyspace = Keys(namespace)
         self.url = url
 
     @classmethod
     def from_url(cls, url: str, namespace: str = DEFAULT_NAMESPACE, **client_options: Any) -> RedisStore:
-        """Connect to ``redis://``, ``rediss://`` or ``unix://`` (user and password in the URL)."""
-        return cls(client_from_url(url, **client_options), namespace, owns_client=True, url=url)
+        """Connect to ``redis://``, ``rediss://`` or ``unix://`` (user and password in the URL): a
+        standalone server or any node of a Redis Cluster (``deployment.client_from_url``: detected,
+        or forced with ``cluster=True`` / ``?cluster=yes``; ``replica_reads=True`` /
+        ``?replica_reads=yes`` for a cluster's replicas)."""
+        return cls(deployment_from_url(url, **client_options), namespace, url=url)
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> redis.Redis | RedisCluster:
         """The redis-py client (the deployment's)."""
         return self.deployment.client
 
@@ -141,9 +152,9 @@ class RedisStore(MutableMapping[str, str]):
         return f"RedisStore(namespace={self.namespace!r}, server={self.deployment.describe()!r})"
 
 
-def as_store(store: RedisStore | str | redis.Redis, namespace: str | None = None) -> RedisStore:
+def as_store(store: RedisStore | str | redis.Redis | RedisCluster, namespace: str | None = None) -> RedisStore:
     """Accept a ``RedisStore``, a Redis URL (the store owns the client it builds) or a
-    redis-py client (left open by ``close()``: it is the caller's)."""
+    redis-py client, standalone or cluster (left open by ``close()``: it is the caller's)."""
     if isinstance(store, RedisStore):
         return store
     if isinstance(store, str):

@@ -24,13 +24,13 @@ from collections.abc import Sequence
 
 import redis
 
+from .deployment import LOST
 from .values import text
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER = 5.0  # seconds before a refused subscription is tried again
 _LOST_PAUSE = 0.1  # seconds to wait after a lost connection before the caller goes on
-_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 Message = tuple[str, str]  # (channel, data) as text
 
@@ -104,7 +104,7 @@ class Subscription:
                     break
                 if message["type"] == "message":  # not a subscribe confirmation
                     out.append((text(message["channel"]), text(message["data"])))
-        except _LOST as exc:
+        except LOST as exc:
             log.debug("%s lost (%s); resubscribing", self.what, exc)
             self.error = exc
             self.close()

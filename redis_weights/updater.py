@@ -40,6 +40,7 @@ import torch
 from .base import WeightUpdaterBase, WorkerIds
 from .codec import WIRE_DTYPES, Encoded, Encoder
 from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner
+from .deployment import LOST
 from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError, VersionNotFoundError
 from .health import ensure_server, explain_lost_connection
 from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN, Manifest
@@ -55,7 +56,6 @@ from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, p
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
-_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # Redis stopped answering
 # What to do about the Redis errors a push most likely meets once Redis answers but refuses.
 _HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
     (redis.exceptions.OutOfMemoryError,
@@ -189,7 +189,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.pending_ttl = pending_ttl
         self.metadata = dict(metadata or {})
         self.keyspace = self.store.keyspace
-        self.registry = VersionRegistry(self.store.client, self.keyspace)
+        self.registry = VersionRegistry(self.store.deployment, self.keyspace)
         self.wire_dtype = wire_dtype
         self._encoder = Encoder(chunk_size, wire_dtype)
         self.chunk_size = chunk_size
@@ -275,7 +275,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         if cause is not None:
             message = f"{push} failed: Redis at {where} cut the connection while the chunks were sent ({exc}): " \
                       f"{cause}; {what}"
-        elif isinstance(exc, _LOST):
+        elif isinstance(exc, LOST):
             message = f"{push} failed: Redis at {where} is unreachable ({exc}); {what}"
         else:
             hint = next((f"; {text}" for cls, text in _HINTS if isinstance(exc, cls)), "")
@@ -329,7 +329,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self.registry.publish(manifest, job.ranks, upload=lambda missing: self._write(encoded, patches, missing, manifest),
                                   pending_ttl=self.pending_ttl,
                                   committing=lambda: committing.append(time.perf_counter()))  # fmt: skip
-        except _LOST as exc:  # Redis is gone; the commit script may or may not have run
+        except LOST as exc:  # Redis is gone; the commit script may or may not have run
             self._forget_delta()
             what = "its commit could not be confirmed" if committing else "the new version was not committed"
             raise self._redis_failure(exc, job.version, what, uploading=not committing) from exc
@@ -475,7 +475,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
             remaining = deadline - time.monotonic()
             try:
                 states, seconds = observe_rank_states(self.store.client, self.keyspace, ranks)
-            except _LOST as exc:  # the trainer cannot reach Redis: a stall for every rank, not their death
+            except LOST as exc:  # the trainer cannot reach Redis: a stall for every rank, not their death
                 if remaining <= 0:
                     raise
                 if not unreachable:

@@ -170,10 +170,11 @@ def _oom(exc: redis.exceptions.RedisError) -> bool:
 class VersionRegistry:
     """Versions of one namespace in Redis (see the module docstring for the protocol)."""
 
-    def __init__(self, client: redis.Redis, keyspace: Keys) -> None:
-        self.client = client
+    def __init__(self, deployment: Deployment, keyspace: Keys) -> None:
+        self.deployment = deployment  # the store's: its client is never closed here
+        self.client = client = deployment.client
         self.keyspace = keyspace
-        self.chunks = ChunkStore(client, keyspace, Deployment(client))  # the caller's client: never closed here
+        self.chunks = ChunkStore(client, keyspace, deployment)
         self._allocate = client.register_script(_ALLOCATE)
         self._commit = client.register_script(_COMMIT)
         self._renew = client.register_script(_RENEW)

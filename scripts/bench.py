@@ -19,6 +19,7 @@ Markdown. All Redis systems share one private ``redis-server`` (flushed between
 configurations); nothing touches a Redis you run. See docs/benchmarks.md.
 
     python scripts/bench.py --workloads finetune,frozen,classic    # issue 11 (~25 min here)
+    python scripts/bench.py --cluster                              # issue 15: scripts/bench_cluster.py
     python scripts/bench.py --workloads finetune --lrs 1e-6 --workers 4 --systems rw-delta,torchrl
 
 The training workloads (``scripts/bench_train.py``) take real optimizer steps between
@@ -725,6 +726,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def run_cluster_measure(args: argparse.Namespace) -> int:
+    """``--cluster``: the issue-15 measure, in its own script (its own cluster and servers)."""
+    from scripts import bench_cluster
+
+    size = args.sizes.split(",")[0] if args.sizes else "1GB"
+    return bench_cluster.main(["--size", size, "--repeats", str(args.repeats_large)]
+                              + (["--out", str(args.out)] if args.out else []))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", help="comma-separated model sizes (default 1MB,100MB,1GB; none with --workloads)")
@@ -755,7 +765,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--report", type=Path, help="only re-render the tables and plot of an earlier JSON file")
     add_arguments(parser)
+    parser.add_argument("--cluster", action="store_true",
+                        help="only the Redis Cluster measure (scripts/bench_cluster.py, 1 GB; --sizes picks another)")
     args = parser.parse_args(argv)
+    if args.cluster:
+        return run_cluster_measure(args)
     if args.report:
         doc = json.loads(args.report.read_text())
         if not args.no_plot and doc["rows"]:

@@ -17,7 +17,7 @@ import pytest
 
 from redis_weights import RedisStore
 from redis_weights.tools.admin import drop_namespace
-from redis_weights.tools.server import LocalRedisServer, find_server_binary
+from redis_weights.tools.server import LocalRedisCluster, LocalRedisServer, find_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_SERVER = os.environ.get("REDIS_WEIGHTS_REQUIRE_SERVER") == "1"
@@ -58,6 +58,23 @@ def server_factory() -> Iterator[Callable[..., LocalRedisServer]]:
     yield make
     for server in started:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """One Redis Cluster for the session: 3 masters, a replica each. Tests isolate themselves by
+    namespace and leave every node as they found it; tests that kill nodes start their own."""
+    _need_server()
+    with LocalRedisCluster(masters=3, replicas=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_store(redis_cluster: LocalRedisCluster, namespace: str) -> Iterator[RedisStore]:
+    store = RedisStore.from_url(redis_cluster.url, namespace)
+    yield store
+    drop_namespace(store.client, store.keyspace)  # on every master
+    store.close()
 
 
 @pytest.fixture

@@ -34,5 +34,5 @@ def chunk_key(store, version: int, index: int) -> str:
     """The Redis key of the object behind chunk ``index`` of ``version`` (its stored base if patched)."""
     from redis_weights import VersionRegistry
 
-    entry = VersionRegistry(store.client, store.keyspace).read_manifest(version).chunks[index]
+    entry = VersionRegistry(store.deployment, store.keyspace).read_manifest(version).chunks[index]
     return store.keyspace.chunk(entry.base or entry.id)

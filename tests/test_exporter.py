@@ -63,7 +63,7 @@ def exporter(real_store: RedisStore) -> Iterator[int]:
 
 
 def test_the_fleet_over_http(fleet, exporter: int, namespace: str, real_store: RedisStore) -> None:
-    registry = VersionRegistry(real_store.client, real_store.keyspace)
+    registry = VersionRegistry(real_store.deployment, real_store.keyspace)
     samples = scrape(exporter)
     names = {spec.name for spec in FLEET_METRICS}
     assert names <= set(samples), names - set(samples)

@@ -88,7 +88,7 @@ def test_many_small_tensors_round_trip_through_a_real_server(real_store):
     receiver = RedisWeightReceiver(real_store, 1, target)
     assert receiver.poll() == updater.version
     assert _equal(target, weights)
-    assert VersionRegistry(real_store.client, real_store.keyspace).read_manifest(updater.version).num_chunks > 100
+    assert VersionRegistry(real_store.deployment, real_store.keyspace).read_manifest(updater.version).num_chunks > 100
 
 
 # -- background uploads --------------------------------------------------------------------
@@ -139,7 +139,7 @@ def test_background_push_returns_a_snapshot_and_commits_it(real_store):
     with torch.no_grad():
         policy.weight.fill_(2.0)  # after the push returned: must not leak into it
     updater.flush()
-    registry = VersionRegistry(real_store.client, real_store.keyspace)
+    registry = VersionRegistry(real_store.deployment, real_store.keyspace)
     assert registry.latest() == updater.version
     worker = nn.Linear(64, 32)
     with RedisWeightReceiver(real_store, 1, worker, poll_interval=0.05):

@@ -353,12 +353,13 @@ def test_a_latest_or_counter_that_is_no_version_number_is_one_clear_error_everyw
         client.set(key, good)
     client.set(k.latest, garbage)
     with pytest.raises(CodecError, match=re.escape(f"{k.latest} holds")):
-        VersionRegistry(client, k).latest()
+        VersionRegistry(real_store.deployment, k).latest()
     result = subprocess.run([sys.executable, "-m", "redis_weights", "--url", redis_url, "-n", namespace, "versions"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"redis-weights: error: {k.latest} holds") and len(result.stderr.splitlines()) == 1
     client.set(k.latest, good)
     client.zadd(k.versions, {"not-a-version": 0})
-    assert VersionRegistry(client, k).list_versions() == [good], "a foreign member is ignored, never garbage-collected"
+    assert VersionRegistry(real_store.deployment, k).list_versions() == [good], \
+        "a foreign member is ignored, never garbage-collected"
 

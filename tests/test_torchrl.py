@@ -296,6 +296,15 @@ def test_collectors_in_other_processes_use_new_weights_from_the_next_batch(
 
 # -- the weight-sync scheme ------------------------------------------------------------
 def test_scheme_between_collectors_and_standalone_receiver(redis_url: str, namespace: str) -> None:
+    _scheme_round_trip(redis_url, namespace)
+
+
+def test_scheme_on_a_redis_cluster(redis_cluster, namespace: str) -> None:
+    """The same, with the URL of one node of a Redis Cluster (pickled to the workers as it is)."""
+    _scheme_round_trip(redis_cluster.url, namespace)
+
+
+def _scheme_round_trip(redis_url: str, namespace: str) -> None:
     trainer_policy = make_policy(1.0)
     sender = RedisWeightSyncScheme(
         redis_url, namespace=namespace, num_workers=1, timeout=20, retention=2

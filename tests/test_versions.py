@@ -14,7 +14,7 @@ from tests.codec_support import read_version
 
 @pytest.fixture
 def registry(fake_store):
-    return VersionRegistry(fake_store.client, fake_store.keyspace)
+    return VersionRegistry(fake_store.deployment, fake_store.keyspace)
 
 
 def _encode(value=1.0, n=3000):
@@ -220,7 +220,7 @@ def test_a_commit_after_a_concurrent_gc_is_refused_then_retried_with_the_missing
     def upload(missing):
         uploads.append(set(missing))
         if len(uploads) == 1:  # after this push's EXISTS: an operator deletes the version that held
-            other = VersionRegistry(registry.client, registry.keyspace)  # the shared chunks, and a GC that
+            other = VersionRegistry(registry.deployment, registry.keyspace)  # the shared chunks, and a GC that
             registry.client.delete(registry.keyspace.pending(token[0]))  # did not see this push sweeps them
             other.delete(second.version)
             other.gc(keep=1)

@@ -28,7 +28,7 @@ from typing import Any
 import redis
 
 from ..assemble import assemble
-from ..deployment import redacted
+from ..deployment import LOST, redacted
 from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
 from ..keys import DEFAULT_NAMESPACE, Keys
 from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
@@ -175,7 +175,7 @@ class Admin:
         self.store = store
         self.client = store.client
         self.keyspace: Keys = store.keyspace
-        self.registry = VersionRegistry(self.client, self.keyspace)
+        self.registry = VersionRegistry(store.deployment, self.keyspace)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = DEFAULT_NAMESPACE) -> Admin:
@@ -455,6 +455,6 @@ def connection_error_message(exc: redis.exceptions.RedisError, url: str) -> str:
         return f"authentication failed at {where}: {exc}"
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return f"permission denied at {where}: {exc} (see `redis-weights doctor`)"
-    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+    if isinstance(exc, LOST):
         return f"cannot reach Redis at {where}: {exc}"
     return f"Redis error at {where}: {exc}"

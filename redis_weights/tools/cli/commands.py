@@ -15,7 +15,7 @@ import threading
 
 from ...deployment import redacted
 from ...errors import RedisWeightsError
-from ...health import UNSAFE, check_server, worst
+from ...health import UNSAFE, check_deployment, worst
 from ...units import human_age, human_bytes, human_seconds, utc_time
 from .. import exporter
 from ..admin import Admin, manifest_dict
@@ -143,7 +143,7 @@ def cmd_watch(admin: Admin, args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
-    findings = check_server(admin.client, admin.keyspace, chunk_size=args.chunk_size)
+    findings = check_deployment(admin.store.deployment, admin.keyspace, chunk_size=args.chunk_size)
     verdict = worst(findings)
     if args.json:
         print_json({"url": redacted(args.url), "verdict": verdict, "findings": [f.to_dict() for f in findings]})
@@ -154,7 +154,7 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
             tag = f"[{f.level.upper():^6}]"
             if tty:
                 tag = f"\033[{colors[f.level]}m{tag}\033[0m"
-            print(f"{tag} {f.check}: {f.what}")
+            print(f"{tag} {f.check}{f' ({f.node})' if f.node else ''}: {f.what}")
             if f.fix:
                 print(f"         {'fix' if f.level != 'ok' else 'tip'}: {f.fix}")
         print(f"verdict: {verdict}" + (" (exit code 3)" if verdict == UNSAFE else ""))
