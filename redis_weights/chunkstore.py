@@ -6,12 +6,18 @@ but manifests and the pending records of pushes, and the mark-and-sweep GC
 (``versions.py``) deletes the ones nobody points at. Every call here is
 cluster-friendly (single-key commands, pipelined), and writing, reading and
 deleting go in bounded rounds so that no single call holds Redis for long.
+
+With ``replicas`` (a worker's ``read_from_replicas``), objects are read from a
+replica first and only those the replica lacks (it lags behind its primary), or
+cannot serve (down, loading, ``MASTERDOWN``), are read again from the primary:
+objects are immutable, so a replica's copy is either the right bytes or absent.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import redis
 
@@ -29,10 +35,15 @@ DELETE_BATCH = 16  # DELs per round trip: with 8 MiB chunks, ~128 MiB freed per 
 class ChunkStore:
     """Objects of one namespace (see the module docstring)."""
 
-    def __init__(self, client: redis.Redis, keyspace: Keys, deployment: Deployment) -> None:
+    def __init__(self, client: redis.Redis, keyspace: Keys, deployment: Deployment,
+                 replicas: Deployment | None = None) -> None:  # fmt: skip
         self.client = client
         self.keyspace = keyspace
         self.deployment = deployment  # per-node connections for bulk reads
+        self.replicas = replicas  # read objects here first (None: from the primary only)
+        self.replica_reads = 0  # objects read from a replica
+        self.primary_rereads = 0  # objects a replica lacked (or could not serve), read from the primary
+        self._replica_failure: str | None = None  # the last cause a replica could not serve, warned once
 
     def missing(self, ids: Iterable[str]) -> set[str]:
         """The ids among ``ids`` that Redis does not hold (pipelined EXISTS, one key per command)."""
@@ -72,16 +83,61 @@ class ChunkStore:
             while end < len(ids) and (end == start or queued + sizes[end] <= ROUND_BYTES):
                 queued += sizes[end]
                 end += 1
-            pipe = self.client.pipeline(transaction=False)
-            for chunk_id in ids[start:end]:
-                pipe.get(self.keyspace.chunk(chunk_id))
-            yield pipe.execute()
+            batch = ids[start:end]
+            values: list[bytes | None] = [None] * len(batch)
+            if self.replicas is not None:
+                values = self._from_replica(lambda: self._get(self.replicas.client, batch), len(batch))  # type: ignore[union-attr]
+            absent = [i for i, v in enumerate(values) if v is None]
+            if absent:
+                for i, value in zip(absent, self._get(self.client, [batch[i] for i in absent]), strict=True):
+                    values[i] = value
+            if self.replicas is not None:
+                self._count(len(batch), len(absent))
+            yield values
             start = end
+
+    def _get(self, client: redis.Redis, ids: Sequence[str]) -> list[bytes | None]:
+        pipe = client.pipeline(transaction=False)
+        for chunk_id in ids:
+            pipe.get(self.keyspace.chunk(chunk_id))
+        return pipe.execute()
 
     def read_into(self, ids: Sequence[str], sizes: Sequence[int], target: memoryview) -> list[Buffer | None]:
         """Objects read straight into consecutive places of ``target`` (see ``bulkread``)."""
         keys = [self.keyspace.chunk(i) for i in ids]
-        return read_values_into(self.deployment, keys, sizes, target, ROUND_BYTES)
+        if self.replicas is None:
+            return read_values_into(self.deployment, keys, sizes, target, ROUND_BYTES)
+        replicas = self.replicas
+        got = self._from_replica(lambda: read_values_into(replicas, keys, sizes, target, ROUND_BYTES), len(keys))
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        absent = [i for i, value in enumerate(got) if not isinstance(value, memoryview)]  # lacking, or another size
+        for first, last in _runs(absent):  # each run of consecutive objects: one pipelined read from the primary
+            place = target[offsets[first] : offsets[last + 1]]
+            got[first : last + 1] = read_values_into(self.deployment, keys[first : last + 1], sizes[first : last + 1],
+                                                     place, ROUND_BYTES)  # fmt: skip
+        self._count(len(keys), len(absent))
+        return got
+
+    def _from_replica(self, read: Callable[[], list[Any]], count: int) -> list[Any]:
+        """``read()`` from the replica, or ``count`` Nones (read from the primary) when it cannot serve."""
+        try:
+            values = read()
+        except redis.exceptions.RedisError as exc:  # down, LOADING, MASTERDOWN, no replica at all
+            cause = f"{type(exc).__name__}: {exc}"
+            if cause != self._replica_failure:
+                log.warning("reading chunks from a replica failed (%s); reading them from the primary", cause)
+                self._replica_failure = cause
+            return [None] * count
+        self._replica_failure = None
+        return values
+
+    def _count(self, read: int, reread: int) -> None:
+        self.replica_reads += read - reread
+        self.primary_rereads += reread
+        if reread:
+            log.debug("%d of %d objects were not on the replica; read from the primary", reread, read)
 
     def discard_corrupt(self, chunk_id: str) -> None:
         """Best effort: delete an object whose bytes do not match its id, so that the next push,
@@ -108,3 +164,14 @@ class ChunkStore:
                 pipe.delete(self.keyspace.chunk(chunk_id))
             deleted += sum(int(n) for n in pipe.execute())
         return deleted
+
+
+def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """``(first, last)`` of each run of consecutive numbers in sorted ``indices``."""
+    start = 0
+    while start < len(indices):
+        end = start
+        while end + 1 < len(indices) and indices[end + 1] == indices[end] + 1:
+            end += 1
+        yield indices[start], indices[end]
+        start = end + 1

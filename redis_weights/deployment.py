@@ -3,8 +3,10 @@
 One owner for everything that depends on *what* Redis is on the other end: the
 client built from a URL (timeouts, idempotent retries, TLS and ACL from the URL),
 the description of the server in messages (never with credentials), the identity
-that scopes the host cache, and the per-node connections that bulk reads use.
-Only a standalone server is supported today; Cluster and Sentinel belong here.
+that scopes the host cache, the per-node connections that bulk reads use, the
+masters a push waits on (``WAIT``) and the replicas workers may read from.
+Standalone servers and Sentinel-managed primaries (``redis+sentinel://``, whose
+details live in ``sentinel.py``) are supported; Cluster belongs here.
 
 ``redis.Redis.from_url`` retries nothing by default and waits forever on a dead
 socket; every client built here gets finite timeouts and a short retry with
@@ -35,16 +37,19 @@ from redis.backoff import ExponentialBackoff
 from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
+from . import sentinel
 from .errors import ConfigurationError
 
 DEFAULT_SOCKET_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 3
 _PACKER_BUFFER_CUTOFF = 6000  # redis-py's own cutoff: smaller args are joined, larger sent as-is
-_SCHEMES = ("redis://", "rediss://", "unix://")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_SCHEMES = ("redis://", "rediss://", "unix://", *sentinel.SCHEMES)
+_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
 _SPECIAL = re.compile(r"[#?/@:]")
 _UNENCODED = re.compile(r"[#?/]")  # characters that end a URL's host part: never inside its credentials
+_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_MARKER_TTL_MS = 60_000  # the WAIT marker is a few bytes that vanish by themselves
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,16 +118,19 @@ def default_client_options() -> dict[str, Any]:
 
 
 def client_from_url(url: str, **overrides: Any) -> redis.Redis:
-    """A ``redis.Redis`` for ``redis://``, ``rediss://`` (TLS) or ``unix://`` URLs.
+    """A ``redis.Redis`` for ``redis://``, ``rediss://`` (TLS), ``unix://`` or Sentinel URLs.
 
     User and password come from the URL (``redis://user:pass@host:6379/0``); TLS
     options (``ssl_ca_certs=...``) may be given as keyword arguments or query
-    parameters. Responses stay bytes: weights are binary. A refused URL is a
-    ``ConfigurationError`` that never shows the password.
+    parameters. ``redis+sentinel://[user:pass@]host1:26379,host2:26379/<service>[/db]``
+    (``rediss+sentinel://`` for TLS) gives the client of the service's current
+    primary (see ``sentinel.py``). Responses stay bytes: weights are binary. A
+    refused URL is a ``ConfigurationError`` that never shows the password.
     """
     if not isinstance(url, str) or not url.startswith(_SCHEMES):
         raise ConfigurationError(
-            f"unsupported Redis URL {redacted(url)!r}: expected redis://, rediss:// or unix://"
+            f"unsupported Redis URL {redacted(url)!r}: expected redis://, rediss://, unix://, "
+            "redis+sentinel:// or rediss+sentinel://"
         )
     start, end = _credentials(url)
     if end >= 0 and _UNENCODED.search(url, start, end):
@@ -132,6 +140,14 @@ def client_from_url(url: str, **overrides: Any) -> redis.Redis:
             f"invalid Redis URL {redacted(url)!r}: percent-encode '#', '?' and '/' in a user or password "
             "(%23, %3F, %2F), and '@' anywhere after the host (%40)"
         )
+    if sentinel.is_sentinel_url(url):
+        options = default_client_options()
+        options["decode_responses"] = False
+        target = sentinel.parse_url(url, shown=redacted(url))
+        try:
+            return sentinel.master_client(target, options, {**overrides, "decode_responses": False})
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"invalid Redis URL {redacted(url)!r}: {_detail(exc, url)}") from None
     try:
         database = urlsplit(redacted(url)).path.strip("/")  # the credentials, redacted, cannot hold a '/'
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
@@ -172,11 +188,28 @@ def _checkout(pool: Any) -> Any:
         return pool.get_connection("GET")
 
 
+@dataclass(frozen=True)
+class Replication:
+    """What one master said to a push's ``WAIT``: how many replicas it had online, how many the
+    push asked for, and how many acknowledged everything written before the marker."""
+
+    master: str
+    online: int
+    wanted: int
+    acknowledged: int
+
+    @property
+    def short(self) -> bool:
+        """Fewer replicas acknowledged than were asked for."""
+        return self.acknowledged < self.wanted
+
+
 class Deployment:
     """The Redis behind one client: describe it, scope caches by it, reach its nodes.
 
     Args:
-        client: a ``redis.Redis`` (a standalone server; fakeredis works too).
+        client: a ``redis.Redis``: a standalone server, or the ``master_for`` client of a
+            Sentinel-managed service (fakeredis works too).
         owns_client: whether ``close()`` closes the client. False for a client the
             caller handed in (redis-py's convention: the caller closes what it made);
             True for one built from a URL (``client_from_url``).
@@ -185,30 +218,101 @@ class Deployment:
     def __init__(self, client: redis.Redis, *, owns_client: bool = False) -> None:
         if not isinstance(client, redis.Redis):
             raise ConfigurationError(
-                f"unsupported Redis client {type(client).__name__}: expected a redis.Redis (standalone server)"
+                f"unsupported Redis client {type(client).__name__}: expected a redis.Redis "
+                "(a standalone server or a Sentinel master_for client)"
             )
         self.client = client
         self.owns_client = owns_client
+        self._sentinel = sentinel.pool_of(client)
+        self._replicas: Deployment | None = None  # built on first use, always closed by close()
 
     def _connection_kwargs(self) -> dict[str, Any]:
         return dict(self.client.connection_pool.connection_kwargs)
 
     def describe(self) -> str:
-        """``host:port/db`` (or ``unix:<path>``) of the server, without credentials, for messages."""
+        """``host:port/db`` (or ``unix:<path>``, or a Sentinel service) of the server, without
+        credentials, for messages."""
+        if self._sentinel is not None:
+            return sentinel.describe(self._sentinel)
         kwargs = self._connection_kwargs()
         if "path" in kwargs:
             return f"unix:{kwargs['path']}"
         return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
     def scope(self) -> str:
-        """A stable identity of the data this client reaches (server and database), for scoping
-        caches: two deployments with the same scope hold the same keys."""
+        """A stable identity of the data this client reaches (server and database; a Sentinel
+        service, whichever node is its primary now), for scoping caches: two deployments with
+        the same scope hold the same keys."""
+        if self._sentinel is not None:
+            return sentinel.scope(self._sentinel)
         return self.describe()
+
+    @property
+    def single_node(self) -> bool:
+        """Whether one node holds every key (standalone, Sentinel), so one script may read any key."""
+        return True
+
+    # -- masters and their replicas -------------------------------------------------------
+    def masters(self) -> list[tuple[str, redis.Redis]]:
+        """``(host:port, client)`` of every master: the server, or the Sentinel service's primary
+        (as last seen; asked of the sentinels before the first connection)."""
+        if self._sentinel is not None:
+            seen = self._sentinel.master_address
+            try:
+                address = f"{seen[0]}:{seen[1]}" if seen else sentinel.primary_address(self._sentinel)
+            except _LOST:
+                address = f"{self._sentinel.service_name} (primary unknown)"
+            return [(address, self.client)]
+        return [(self.describe().rpartition("/")[0] or self.describe(), self.client)]
+
+    def wait_for_replicas(self, marker: str, replicas: int | None, timeout: float) -> list[Replication]:
+        """For each master: write ``marker`` and send ``WAIT n timeout`` on the same connection.
+
+        A master's replication stream is ordered, so once a replica has acknowledged the
+        marker it holds everything written before it, on any connection (every chunk of
+        the push). ``replicas``: how many must acknowledge; None: as many as the master
+        reports online (``INFO replication``; none: no WAIT at all). Waits at most
+        ``timeout`` seconds per master; returns what each said (the caller decides
+        whether a short count fails the push).
+        """
+        results = []
+        for address, client in self.masters():
+            online = _online_replicas(client)
+            wanted = (online or 0) if replicas is None else replicas
+            if wanted <= 0:
+                results.append(Replication(address, online or 0, 0, 0))
+                continue
+            pipe = client.pipeline(transaction=False)  # one connection: WAIT counts from the marker
+            pipe.set(marker, "1", px=_MARKER_TTL_MS)
+            pipe.execute_command("WAIT", wanted, max(1, int(timeout * 1000)))
+            _, acknowledged = pipe.execute()
+            results.append(Replication(address, online or 0, wanted, int(acknowledged)))
+        return results
+
+    def replica_reader(self) -> Deployment | None:
+        """A deployment over the replicas that the sentinels list as up (round-robin; the
+        primary when none is), for bulk reads of chunks; None for a standalone server (its
+        replicas are unknown). Its client retries once: a replica that fails sends the
+        reader back to the primary, it does not hold it up."""
+        if self._sentinel is None:
+            return None
+        if self._replicas is None:
+            client = sentinel.replica_client(self._sentinel, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1))
+            self._replicas = Deployment(client, owns_client=True)
+        return self._replicas
+
+    def wait_for_primary(self, timeout: float = sentinel.FAILOVER_WAIT) -> bool:
+        """After a lost connection: wait until a primary answers (a Sentinel service: until the
+        sentinels have promoted one); True at once for a standalone server (nobody promotes one)."""
+        if self._sentinel is None:
+            return True
+        return sentinel.wait_for_primary(self.client, timeout)
 
     @contextlib.contextmanager
     def bulk_connection(self, key: str | None = None) -> Iterator[RawConnection | None]:
         """A pooled connection, with its plain socket, to the node that holds ``key``
-        (a standalone server holds every key; a cluster will pick the key's master).
+        (a standalone server or a Sentinel primary holds every key; a cluster will pick
+        the key's master).
 
         Yields None when the client has no plain socket (fakeredis): the caller then
         takes redis-py's ordinary path. After the block the connection goes back to
@@ -237,9 +341,29 @@ class Deployment:
             pool.release(connection)
 
     def close(self) -> None:
-        """Close the client's connections, if this deployment owns the client."""
+        """Close the client's connections (and the sentinels'), if this deployment owns the client;
+        the replicas' client, which it built itself, in any case."""
+        if self._replicas is not None:
+            self._replicas.close()
+            self._replicas = None
         if self.owns_client:
             self.client.close()
+            if self._sentinel is not None:
+                sentinel.close(self._sentinel)
 
     def __repr__(self) -> str:
         return f"Deployment({self.describe()!r}, owns_client={self.owns_client})"
+
+
+def _online_replicas(client: redis.Redis) -> int | None:
+    """How many replicas the master reports online (``INFO replication``); None when it will not say
+    (fakeredis, a user without ``+info``)."""
+    try:
+        info = client.info("replication")
+    except redis.exceptions.ResponseError:
+        return None
+    count = 0
+    for name, value in info.items():
+        if str(name).startswith("slave") and isinstance(value, dict) and value.get("state") == "online":
+            count += 1
+    return count

@@ -183,6 +183,12 @@ class Keys:
         return self.full("doctor:probe")
 
     @property
+    def replication_marker(self) -> str:
+        """String with a short TTL: written right before a push's ``WAIT``, so that the replicas'
+        acknowledgement of it covers every chunk the push wrote before (``Deployment.wait_for_replicas``)."""
+        return self.full("replicated")
+
+    @property
     def stall_probe(self) -> str:
         """A key that never exists: the trainer's write probe PEXPIREs it to time a server stall (``ranks``)."""
         return self.full("stall-probe")

@@ -84,6 +84,10 @@ class RedisWeightReceiver:
         host_cache: share each version with the other workers of this host through a
             file in /dev/shm (True) or in the given directory: one worker fetches it
             from Redis, the others memory-map it (see ``hostcache.py``).
+        read_from_replicas: read the chunks from the replicas that the sentinels list
+            (``redis+sentinel://``), taking that egress off the primary; a chunk a
+            replica lacks (it lags) is read from the primary. ``latest``, manifests and
+            rank keys are always read from the primary.
 
     Chunks are read straight into one receive buffer of the model's size, kept from
     version to version (or into the shared file), verified, then copied in place;
@@ -105,6 +109,7 @@ class RedisWeightReceiver:
         allow_cast: bool = False,
         check_server: bool = True,
         host_cache: bool | str | os.PathLike[str] = False,
+        read_from_replicas: bool = False,
     ) -> None:
         ranks.check_rank(rank)
         if poll_interval <= 0 or heartbeat_ttl <= 0:
@@ -119,7 +124,14 @@ class RedisWeightReceiver:
         self.heartbeat_ttl = heartbeat_ttl
         self.allow_cast = allow_cast
         self.keyspace = self.store.keyspace
-        self.registry = VersionRegistry(self.store.client, self.keyspace)
+        replicas = self.store.deployment.replica_reader() if read_from_replicas else None
+        if read_from_replicas and replicas is None:
+            raise ConfigurationError(
+                f"read_from_replicas needs a Sentinel deployment (redis+sentinel://...), whose sentinels list the "
+                f"replicas; {self.store.deployment.describe()} is a standalone server"
+            )
+        self.read_from_replicas = read_from_replicas
+        self.registry = VersionRegistry(self.store.client, self.keyspace, replicas=replicas)
         self.host_cache = self._host_cache(host_cache)
         self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
         self._held: list[str | None] = []  # id of each chunk in the receive buffer (None: unknown)

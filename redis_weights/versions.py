@@ -84,9 +84,12 @@ end
 return {n, latest}
 """
 
-# KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, status_1..status_m
-# ARGV: version, manifest json, epoch seen by the push, m, updates channel, pending status
+# KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, status_1..status_m, object_1..object_k
+# ARGV: version, manifest json, epoch seen by the push, m, updates channel, pending status, k
 # Idempotent: a retried commit of the version that is already latest returns 0.
+# The objects (k > 0 where one node holds every key: standalone, Sentinel) must all be
+# there: a client that reconnected to a promoted replica mid-push may have sent part
+# of the chunks to the old primary only (MISSING: the push checks and uploads again).
 # The PUBLISH is only a hint (workers poll latest): refused, it must not fail a
 # commit that has already happened.
 _COMMIT = """
@@ -105,6 +108,13 @@ if latest >= v then
 end
 if (redis.call('GET', KEYS[4]) or '0') ~= ARGV[3] or redis.call('EXISTS', KEYS[5]) == 1 then
   return redis.error_reply('GCRACE')
+end
+local absent = 0
+for j = 1, tonumber(ARGV[7] or '0') do
+  absent = absent + 1 - redis.call('EXISTS', KEYS[6 + m + j])
+end
+if absent > 0 then
+  return redis.error_reply('MISSING ' .. absent)
 end
 redis.call('SET', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[2], v, v)
@@ -138,6 +148,11 @@ class GcRaceError(RedisWeightsError):
     """A commit refused because a GC ran (or runs) since the push checked its objects: check again."""
 
 
+class ObjectsMissingError(GcRaceError):
+    """A commit refused because objects the push found or uploaded are not on the node that
+    commits (a failover to a replica that had not received them): check and upload again."""
+
+
 def producer_id() -> str:
     """``host:pid`` of this process, recorded in every manifest it commits."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -161,10 +176,11 @@ def _oom(exc: redis.exceptions.RedisError) -> bool:
 class VersionRegistry:
     """Versions of one namespace in Redis (see the module docstring for the protocol)."""
 
-    def __init__(self, client: redis.Redis, keyspace: Keys) -> None:
+    def __init__(self, client: redis.Redis, keyspace: Keys, *, replicas: Deployment | None = None) -> None:
         self.client = client
         self.keyspace = keyspace
-        self.chunks = ChunkStore(client, keyspace, Deployment(client))  # the caller's client: never closed here
+        self.deployment = Deployment(client)  # the caller's client: never closed here
+        self.chunks = ChunkStore(client, keyspace, self.deployment, replicas)  # replicas: where objects are read first
         self._allocate = client.register_script(_ALLOCATE)
         self._commit = client.register_script(_COMMIT)
         self._renew = client.register_script(_RENEW)
@@ -208,10 +224,13 @@ class VersionRegistry:
         targets = list(pending_ranks)
         keys = [k.latest, k.versions, k.manifest(v), k.gc_epoch, k.gc_lease, k.pending(token)]
         keys += ranks.status_keys(k, targets)
+        checked = sorted(manifest.objects()) if self.deployment.single_node else []  # else in other slots
+        keys += [k.chunk(i) for i in checked]
         try:
             self._commit(
                 keys=keys,
-                args=[v, manifest.to_json(), epoch, len(targets), k.updates_channel, ranks.STATUS_PENDING],
+                args=[v, manifest.to_json(), epoch, len(targets), k.updates_channel, ranks.STATUS_PENDING,
+                      len(checked)],
             )
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
@@ -222,6 +241,11 @@ class VersionRegistry:
                 ) from exc
             if text.startswith("GCRACE"):
                 raise GcRaceError(f"version {v}: a garbage collection ran during the push; checking again") from exc
+            if text.startswith("MISSING"):
+                raise ObjectsMissingError(
+                    f"version {v}: {text.split()[1]} object(s) the push relies on are not on the server that "
+                    "commits (a failover to a replica that had not received them?); checking again"
+                ) from exc
             raise
 
     def publish(
@@ -262,10 +286,10 @@ class VersionRegistry:
                 try:
                     self.commit(manifest, pending_ranks, epoch=epoch, token=token)
                     return uploaded
-                except GcRaceError:
+                except GcRaceError as exc:
                     if attempt == attempts - 1:
                         raise
-                    log.info("version %d: a GC ran during the push; checking its chunks again", manifest.version)
+                    log.info("%s", exc)
             raise AssertionError("unreachable")
         except BaseException:
             try:
