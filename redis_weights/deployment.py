@@ -43,6 +43,7 @@ from .errors import ConfigurationError
 DEFAULT_SOCKET_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 3
+REPLICA_SOCKET_TIMEOUT = 5.0  # seconds a replica read waits for a silent replica before reading from the primary
 _PACKER_BUFFER_CUTOFF = 6000  # redis-py's own cutoff: smaller args are joined, larger sent as-is
 _SCHEMES = ("redis://", "rediss://", "unix://", *sentinel.SCHEMES)
 _QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
@@ -292,12 +293,15 @@ class Deployment:
     def replica_reader(self) -> Deployment | None:
         """A deployment over the replicas that the sentinels list as up (round-robin; the
         primary when none is), for bulk reads of chunks; None for a standalone server (its
-        replicas are unknown). Its client retries once: a replica that fails sends the
-        reader back to the primary, it does not hold it up."""
+        replicas are unknown). Its client retries once and gives up on a silent replica after
+        ``REPLICA_SOCKET_TIMEOUT``: a replica that fails sends the reader back to the primary,
+        it does not hold it up."""
         if self._sentinel is None:
             return None
         if self._replicas is None:
-            client = sentinel.replica_client(self._sentinel, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1))
+            timeout = min(REPLICA_SOCKET_TIMEOUT, self._connection_kwargs().get("socket_timeout") or REPLICA_SOCKET_TIMEOUT)
+            client = sentinel.replica_client(self._sentinel, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+                                             socket_timeout=timeout)  # fmt: skip
             self._replicas = Deployment(client, owns_client=True)
         return self._replicas
 
