@@ -36,7 +36,7 @@ from .errors import ConfigurationError
 
 SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 DEFAULT_PORT = 26379
-FAILOVER_WAIT = 30.0  # seconds a push that follows a lost primary waits for the sentinels to name a new one
+FAILOVER_WAIT = 45.0  # seconds a push after a lost primary waits for a new one (Sentinel's default down-after is 30 s)
 _WAIT_STEP = 0.1  # seconds between looks for a primary
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
