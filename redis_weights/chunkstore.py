@@ -85,8 +85,9 @@ class ChunkStore:
                 end += 1
             batch = ids[start:end]
             values: list[bytes | None] = [None] * len(batch)
-            if self.replicas is not None:
-                values = self._from_replica(lambda: self._get(self.replicas.client, batch), len(batch))  # type: ignore[union-attr]
+            replicas = self.replicas
+            if replicas is not None:
+                values = self._from_replica(lambda: self._get(replicas.client, batch), len(batch))
             absent = [i for i, v in enumerate(values) if v is None]
             if absent:
                 for i, value in zip(absent, self._get(self.client, [batch[i] for i in absent]), strict=True):

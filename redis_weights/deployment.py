@@ -299,7 +299,8 @@ class Deployment:
         if self._sentinel is None:
             return None
         if self._replicas is None:
-            timeout = min(REPLICA_SOCKET_TIMEOUT, self._connection_kwargs().get("socket_timeout") or REPLICA_SOCKET_TIMEOUT)
+            own = self._connection_kwargs().get("socket_timeout") or REPLICA_SOCKET_TIMEOUT
+            timeout = min(REPLICA_SOCKET_TIMEOUT, own)
             client = sentinel.replica_client(self._sentinel, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
                                              socket_timeout=timeout)  # fmt: skip
             self._replicas = Deployment(client, owns_client=True)

@@ -63,8 +63,8 @@ def parse_url(url: str, *, shown: str) -> SentinelURL:
     password) for a URL that lacks a sentinel or a service, or whose port or database is no number."""
 
     def refuse(why: str) -> ConfigurationError:
-        return ConfigurationError(f"invalid Redis Sentinel URL {shown!r}: {why} (expected "
-                                  "redis+sentinel://[user:password@]host[:port][,host2[:port2]...]/service[/db])")  # fmt: skip
+        form = "redis+sentinel://[user:password@]host[:port][,host2[:port2]...]/service[/db]"
+        return ConfigurationError(f"invalid Redis Sentinel URL {shown!r}: {why} (expected {form})")
 
     scheme, _, rest = url.partition("://")
     credentials, at, tail = rest.rpartition("@")

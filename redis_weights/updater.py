@@ -364,7 +364,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             raise self._redis_failure(exc, job.version, "the new version was not committed") from exc
         finally:
             sent = committing[-1] if committing else time.perf_counter()
-            job.clock.add("upload", sent - started - job.clock.seconds.get("replicas", 0.0))  # planning, the check, the upload
+            waited = job.clock.seconds.get("replicas", 0.0)
+            job.clock.add("upload", sent - started - waited)  # planning, the existence check, the upload
             if committing:
                 job.clock.add("commit", time.perf_counter() - sent)
         if self._delta is not None:
@@ -392,9 +393,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
                             "the new version was not committed", version=version)  # fmt: skip
         if short != self._short_replicas:  # warn when the shortfall changes, not at every push
             if short:
+                said = ", ".join(f"{a} of {w} ({m})" for m, a, w in short)
                 log.warning("version %d: only %s of the replicas acknowledged its chunks within %gs; committed anyway "
                             "(min_replicas=None is best effort; a failover to a lagging replica may lose it)",
-                            version, ", ".join(f"{a} of {w} ({m})" for m, a, w in short), self.replica_timeout)  # fmt: skip
+                            version, said, self.replica_timeout)  # fmt: skip
             else:
                 log.info("version %d: every replica acknowledged its chunks again", version)
             self._short_replicas = short

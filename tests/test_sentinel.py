@@ -42,7 +42,8 @@ CHUNK = 64 * 1024
     ("redis+sentinel://h1:26380,h2/mymaster", (("h1", 26380), ("h2", DEFAULT_PORT)), "mymaster", 0, False, {}, {}),
     ("redis+sentinel://u:p%40ss@h1:1/svc/3", (("h1", 1),), "svc", 3, False, {"username": "u", "password": "p@ss"}, {}),
     ("rediss+sentinel://:pw@[::1]:5000,10.0.0.2:5001/svc?socket_timeout=2&sentinel_password=sp",
-     (("::1", 5000), ("10.0.0.2", 5001)), "svc", 0, True, {"password": "pw", "socket_timeout": 2.0}, {"password": "sp"}),
+     (("::1", 5000), ("10.0.0.2", 5001)), "svc", 0, True, {"password": "pw", "socket_timeout": 2.0},
+     {"password": "sp"}),
     ("redis+sentinel://h/svc/1?db=2&sentinel_username=watcher", (("h", DEFAULT_PORT),), "svc", 2, False, {},
      {"username": "watcher"}),
 ])  # fmt: skip

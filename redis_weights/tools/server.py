@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import redis
 
@@ -52,7 +53,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class LocalRedisServer:
+_P = TypeVar("_P", bound="_Processes")
+
+
+class _Processes:
+    """``with``: ``start()`` on entry, ``close()`` on exit, even when the block raised."""
+
+    def start(self: _P) -> _P:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _P) -> _P:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class LocalRedisServer(_Processes):
     """A ``redis-server`` (or ``valkey-server``) child process bound to loopback.
 
     Nothing is persisted (``--save "" --appendonly no``) unless ``args`` says so.
@@ -180,17 +205,6 @@ class LocalRedisServer:
                 self.proc.stderr.close()
             self._dir.cleanup()
 
-    def __enter__(self) -> LocalRedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 class _SentinelProcess(LocalRedisServer):
     """A ``redis-server <conf> --sentinel`` process: its config file in its own directory (sentinels rewrite it)."""
@@ -212,7 +226,7 @@ class _SentinelProcess(LocalRedisServer):
         return [self.binary, str(self.config_path), "--sentinel"]
 
 
-class LocalSentinelSet:
+class LocalSentinelSet(_Processes):
     """A Sentinel-managed service on loopback: one primary, ``replicas`` replicas, ``sentinels`` sentinels.
 
     Every process is a child started and stopped by its pid, on a free port, in its own
@@ -338,17 +352,6 @@ class LocalSentinelSet:
         """Stop every process (sentinels first, so that none starts a failover) and remove their directories."""
         for process in [*self.sentinels, *self.nodes]:
             process.close()
-
-    def __enter__(self) -> LocalSentinelSet:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _admin(server: LocalRedisServer) -> redis.Redis:
