@@ -251,7 +251,7 @@ class Deployment:
     @property
     def single_node(self) -> bool:
         """Whether one node holds every key (standalone, Sentinel), so one script may read any key."""
-        return True
+        return isinstance(self.client, redis.Redis)
 
     # -- masters and their replicas -------------------------------------------------------
     def masters(self) -> list[tuple[str, redis.Redis]]:
@@ -264,7 +264,9 @@ class Deployment:
             except _LOST:
                 address = f"{self._sentinel.service_name} (primary unknown)"
             return [(address, self.client)]
-        return [(self.describe().rpartition("/")[0] or self.describe(), self.client)]
+        kwargs = self._connection_kwargs()
+        address = f"unix:{kwargs['path']}" if "path" in kwargs else f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        return [(address, self.client)]
 
     def wait_for_replicas(self, marker: str, replicas: int | None, timeout: float) -> list[Replication]:
         """For each master: write ``marker`` and send ``WAIT n timeout`` on the same connection.
@@ -311,7 +313,7 @@ class Deployment:
         sentinels have promoted one); True at once for a standalone server (nobody promotes one)."""
         if self._sentinel is None:
             return True
-        return sentinel.wait_for_primary(self.client, timeout)
+        return sentinel.wait_for_primary(self._sentinel, timeout)
 
     @contextlib.contextmanager
     def bulk_connection(self, key: str | None = None) -> Iterator[RawConnection | None]:

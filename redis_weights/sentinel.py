@@ -29,7 +29,9 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import redis
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+from redis.backoff import NoBackoff
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS, Connection, SSLConnection
+from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from .errors import ConfigurationError
@@ -38,6 +40,7 @@ SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 DEFAULT_PORT = 26379
 FAILOVER_WAIT = 45.0  # seconds a push after a lost primary waits for a new one (Sentinel's default down-after is 30 s)
 _WAIT_STEP = 0.1  # seconds between looks for a primary
+_PROBE_TIMEOUT = 1.0  # seconds one look waits for the node the sentinels name
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
 
@@ -183,22 +186,40 @@ def replica_client(pool: SentinelConnectionPool, **overrides: Any) -> redis.Redi
     return pool.sentinel_manager.slave_for(pool.service_name, **kwargs)
 
 
-def wait_for_primary(client: redis.Redis, timeout: float) -> bool:
-    """Until the sentinels name a primary that answers PING (True), or ``timeout`` seconds (False).
+def wait_for_primary(pool: SentinelConnectionPool, timeout: float) -> bool:
+    """Until the sentinels name a primary that answers PING as a primary (True), or ``timeout``
+    seconds (False).
 
     Used after a lost connection: a failover takes the sentinels' ``down-after-milliseconds``
-    plus an election before a replica is promoted, longer than a client's retries.
+    plus an election before a replica is promoted, longer than a client's retries. Each look
+    is one short-lived connection with a short timeout and no retries, so a hung node does
+    not stretch the wait.
     """
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            if client.ping():
-                return True
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            pass
+        if _answers_as_primary(pool, max(0.1, min(_PROBE_TIMEOUT, deadline - time.monotonic()))):
+            return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(_WAIT_STEP)
+
+
+def _answers_as_primary(pool: SentinelConnectionPool, timeout: float) -> bool:
+    try:
+        host, port = pool.get_master_address()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):  # no primary named yet
+        return False
+    skip = ("connection_pool", "retry", "socket_timeout", "socket_connect_timeout", "health_check_interval")
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in skip}
+    plain = SSLConnection if issubclass(pool.connection_class, SSLConnection) else Connection
+    connections = redis.ConnectionPool(connection_class=plain, host=host, port=port, socket_timeout=timeout,
+                                       socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), **kwargs)
+    try:
+        return redis.Redis(connection_pool=connections).info("replication").get("role") == "master"
+    except redis.exceptions.RedisError:
+        return False
+    finally:
+        connections.disconnect()
 
 
 def close(pool: SentinelConnectionPool) -> None:

@@ -105,6 +105,12 @@ def _on(server: LocalRedisServer, store: RedisStore, version: int) -> set[str]:
         return {i for i in objects if not client.exists(store.keyspace.chunk(i))}
 
 
+def _gets(server: LocalRedisServer) -> int:
+    """GET commands ``server`` has run (``INFO commandstats``)."""
+    with _node(server) as client:
+        return int(client.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+
 def _registry(store: RedisStore):
     from redis_weights import VersionRegistry
 
@@ -196,11 +202,14 @@ def test_a_worker_reads_chunks_from_the_replica_and_one_the_replica_lacks_from_t
         updater.update_weights()
         version = updater.version
     manifest = _registry(sentinel_store).read_manifest(version)
+    sentinel_set.wait_until_replicas_listed()  # an earlier test paused it: the sentinels must list it again
     replica = sentinel_set.replicas()[0]
     first = RedisWeightReceiver(RedisStore.from_url(sentinel_set.url, sentinel_store.namespace), 1,
                                 make_model("mb:1"), read_from_replicas=True)  # fmt: skip
+    gets = _gets(replica)
     assert first.poll() == version and state_digest(first.policy) == state_digest(model)
     assert (first.registry.chunks.replica_reads, first.registry.chunks.primary_rereads) == (manifest.num_chunks, 0)
+    assert _gets(replica) - gets >= manifest.num_chunks, "the chunks were not read from the replica"
     first.close()
 
     gone = manifest.ids[manifest.num_chunks // 2]

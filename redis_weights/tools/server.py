@@ -334,6 +334,25 @@ class LocalSentinelSet(_Processes):
         primary = self.primary()
         return [n for n in self.nodes if n is not primary]
 
+    def wait_until_replicas_listed(self, timeout: float = 30.0) -> None:
+        """Wait until every sentinel lists every node but the primary as an up replica (after a
+        replica was paused, or a node restarted)."""
+
+        def listed() -> bool:
+            try:
+                expected = {n.port for n in self.replicas()}
+                for s in self.sentinels:
+                    with _admin(s) as client:
+                        up = {int(r["port"]) for r in client.sentinel_slaves(self.service)
+                              if not r["is_sdown"] and not r["is_odown"]}  # fmt: skip
+                    if not expected <= up:
+                        return False
+            except (ConfigurationError, redis.exceptions.RedisError):
+                return False
+            return True
+
+        self._until(listed, "the sentinels to list the replicas as up", timeout)
+
     def wait_for_failover(self, old: LocalRedisServer, timeout: float = 60.0) -> LocalRedisServer:
         """Wait until the sentinels name a primary other than ``old`` and it takes writes; return it."""
 
