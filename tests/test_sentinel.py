@@ -321,3 +321,17 @@ def test_a_failover_during_the_ack_wait_names_no_live_rank_dead(failover_set, na
                 assert w.wait_version(updater.version) == state_digest(model)
             perturb(model, 2)
             updater.update_weights()  # and the next push is an ordinary one
+
+
+def test_waiting_for_a_primary_ends_when_one_answers_or_when_the_wait_is_over(namespace):
+    """No replica to promote: the wait gives up after its timeout (False); the primary back: True."""
+    _need_server()
+    with LocalSentinelSet(replicas=0, sentinels=1) as service, RedisStore.from_url(service.url, namespace) as store:
+        assert store.deployment.wait_for_primary(1.0)
+        primary = service.primary()
+        primary.kill()
+        assert not store.deployment.wait_for_primary(1.0), "a dead primary must not count as one"
+        primary.start()  # same port: the sentinels still name it
+        assert store.deployment.wait_for_primary(20.0)
+        store.client.set("k", "v")  # and the client follows
+        assert store.client.get("k") == b"v"
