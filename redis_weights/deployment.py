@@ -280,17 +280,23 @@ class Deployment:
         """
         results = []
         for address, client in self.masters():
+            key = self.marker_on(address, marker)
             online = _online_replicas(client)
             wanted = (online or 0) if replicas is None else replicas
             if wanted <= 0:
                 results.append(Replication(address, online or 0, 0, 0))
                 continue
             pipe = client.pipeline(transaction=False)  # one connection: WAIT counts from the marker
-            pipe.set(marker, "1", px=_MARKER_TTL_MS)
+            pipe.set(key, "1", px=_MARKER_TTL_MS)
             pipe.execute_command("WAIT", wanted, max(1, int(timeout * 1000)))
             _, acknowledged = pipe.execute()
             results.append(Replication(address, online or 0, wanted, int(acknowledged)))
         return results
+
+    def marker_on(self, address: str, marker: str) -> str:
+        """The name of the ``WAIT`` marker written on master ``address``: ``marker`` itself where one
+        node holds every key (a cluster names a key in one of that master's own slots instead)."""
+        return marker
 
     def replica_reader(self) -> Deployment | None:
         """A deployment over the replicas that the sentinels list as up (round-robin; the

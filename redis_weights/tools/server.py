@@ -276,6 +276,7 @@ class LocalSentinelSet(_Processes):
             for node in self.nodes:
                 node.start()
             self._until(lambda: all(self._link_up(n) for n in self.nodes[1:]), "the replicas to sync")
+            self._until(self._replicas_acked, "the replicas' first acknowledgement (WAIT counts them from then)")
             for s in self.sentinels:
                 s.start()
             self._until(self._sentinels_agree, "the sentinels to see the primary, its replicas and each other")
@@ -299,6 +300,16 @@ class LocalSentinelSet(_Processes):
         except redis.exceptions.RedisError:
             return False
         return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+    def _replicas_acked(self) -> bool:
+        """Whether every replica acknowledges a write (right after a full sync, the first ``WAIT``
+        may not count a replica yet)."""
+        try:
+            with _admin(self.nodes[0]) as client:
+                client.set("local-sentinel-set:settled", "1")
+                return int(client.wait(len(self.nodes) - 1, 100)) == len(self.nodes) - 1
+        except redis.exceptions.RedisError:
+            return False
 
     def _sentinels_agree(self) -> bool:
         replicas = {n.port for n in self.nodes[1:]}
