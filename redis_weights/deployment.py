@@ -265,8 +265,9 @@ class Deployment:
                 address = f"{self._sentinel.service_name} (primary unknown)"
             return [(address, self.client)]
         kwargs = self._connection_kwargs()
-        address = f"unix:{kwargs['path']}" if "path" in kwargs else f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
-        return [(address, self.client)]
+        if "path" in kwargs:
+            return [(f"unix:{kwargs['path']}", self.client)]
+        return [(f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}", self.client)]
 
     def wait_for_replicas(self, marker: str, replicas: int | None, timeout: float) -> list[Replication]:
         """For each master: write ``marker`` and send ``WAIT n timeout`` on the same connection.
