@@ -271,8 +271,10 @@ def test_the_primary_killed_mid_push_one_push_error_then_the_next_push_succeeds_
     url = failover_set.url
     model = make_model("mb:1", seed=11)
     store = RedisStore.from_url(url, namespace)
-    with workers(tmp_path, url, namespace, [1, 2], "--poll-interval", "0.2", "--heartbeat-ttl", "2",
-                 "--model", "mb:1") as procs:  # fmt: skip
+    common = ["--poll-interval", "0.2", "--heartbeat-ttl", "2", "--model", "mb:1"]
+    with workers(tmp_path, url, namespace, [1], *common) as plain, \
+            workers(tmp_path, url, namespace, [2], *common, "--read-from-replicas") as from_replicas:
+        procs = {**plain, **from_replicas}  # rank 2 reads chunks from the replica, which becomes the primary
         updater = RedisWeightUpdater(store, model, 2, timeout=30, chunk_size=CHUNK)
         updater.update_weights()
         old = failover_set.primary()

@@ -35,6 +35,7 @@ def main() -> int:
                         help="sleep before each round of chunk reads (a slow network, without a big model)")
     parser.add_argument("--foreground", action="store_true", help="apply from this thread with wait(), no start()")
     parser.add_argument("--host-cache", default=None, help="share versions through this directory (host_cache=DIR)")
+    parser.add_argument("--read-from-replicas", action="store_true", help="read chunks from replicas (Sentinel)")
     args = parser.parse_args()
 
     if args.fetch_delay:
@@ -63,7 +64,7 @@ def main() -> int:
     store = RedisStore.from_url(args.url, args.namespace)
     receiver = RedisWeightReceiver(
         store, args.rank, model, poll_interval=args.poll_interval, heartbeat_ttl=args.heartbeat_ttl,
-        host_cache=args.host_cache or False,
+        host_cache=args.host_cache or False, read_from_replicas=args.read_from_replicas,
     )
 
     def record(version: int) -> None:
