@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import redis
 
-from .deployment import Deployment, RawConnection, run_per_node
+from .deployment import LOST, Deployment, RawConnection, run_per_node
 from .manifest import Buffer
 
 ROUND_BYTES = 64 * 1024 * 1024  # bytes of values per pipelined write round (bounds a trainer's queued SETs)
@@ -137,7 +137,28 @@ def _read_node(
     *,
     primary: bool = False,
 ) -> None:
-    """Read ``keys[i]`` for ``i`` in ``indices`` (all on one node) into ``out[i]``."""
+    """Read ``keys[i]`` for ``i`` in ``indices`` (all on one node) into ``out[i]``; with replica
+    reads, a replica that cannot be reached (down, silent) sends them to the primary."""
+    try:
+        _read_node_once(deployment, keys, spans, target, round_bytes, indices, out, primary=primary)
+    except LOST as exc:
+        if primary or not deployment.replica_reads:
+            raise
+        log.warning("reading chunks from a replica failed (%s); reading them from the primary", exc)
+        _read_node_once(deployment, keys, spans, target, round_bytes, indices, out, primary=True)
+
+
+def _read_node_once(
+    deployment: Deployment,
+    keys: Sequence[str],
+    spans: Sequence[Span],
+    target: memoryview,
+    round_bytes: int,
+    indices: list[int],
+    out: list[Buffer | None],
+    *,
+    primary: bool,
+) -> None:
     mine = [keys[i] for i in indices]
     places = [spans[i] for i in indices]
     with deployment.bulk_connection(mine[0], primary=primary) as raw:

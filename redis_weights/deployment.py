@@ -6,14 +6,18 @@ the description of the server in messages (never with credentials), the identity
 that scopes the host cache, the nodes (``masters()``, ``nodes()``) that per-node work
 goes to, and the per-node connections that bulk reads and writes use.
 
-Two kinds: ``Deployment`` (one standalone server) and ``ClusterDeployment`` (a Redis
-Cluster behind a ``redis.cluster.RedisCluster``); ``deployment_for(client)`` picks.
+Three kinds: ``Deployment`` (one standalone server), ``SentinelDeployment`` (the primary of a
+Sentinel-managed service, ``redis+sentinel://``; the Sentinel details live in ``sentinel.py``)
+and ``ClusterDeployment`` (a Redis Cluster behind a ``redis.cluster.RedisCluster``);
+``deployment_for(client)`` picks. Each names its masters (``masters()``), which a push
+waits on before its commit (``wait_for_replicas``: a marker write and ``WAIT`` per master).
 A URL names any node of a cluster: ``client_from_url`` asks it (``INFO cluster``)
 unless ``cluster=True/False`` (or ``?cluster=yes|no``) says. On a cluster the
 namespace's control keys share one hash tag (one slot: the commit stays one script)
 and chunks carry their own id as hash tag (they spread over the masters); bulk
 transfers go to each master at once (``group_by_node``, ``run_per_node``), and with
-``replica_reads`` chunk reads go to replicas (``READONLY``). redis-py's own sockets
+``replica_reads`` chunk reads go to replicas (a cluster's, ``READONLY``; the ones the
+sentinels list). redis-py's own sockets
 are touched only here.
 
 ``redis.Redis.from_url`` retries nothing by default and waits forever on a dead
@@ -50,7 +54,9 @@ from redis.cluster import REPLICA, RedisCluster
 from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
+from . import sentinel
 from .errors import ConfigurationError
+from .keys import Keys
 from .values import parse_int
 
 log = logging.getLogger(__name__)
@@ -64,9 +70,11 @@ DEFAULT_RETRIES = 3
 # RedisCluster raises RedisClusterException (no RedisError) when its slot map has a hole (a
 # master lost without a replica to take over, "slot not covered").
 LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.RedisClusterException)
+REPLICA_SOCKET_TIMEOUT = 5.0  # seconds a replica read waits for a silent replica before reading from the primary
+_MARKER_TTL_MS = 60_000  # the WAIT marker is a few bytes that vanish by themselves
 _PACKER_BUFFER_CUTOFF = 6000  # redis-py's own cutoff: smaller args are joined, larger sent as-is
-_SCHEMES = ("redis://", "rediss://", "unix://")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_SCHEMES = ("redis://", "rediss://", "unix://", *sentinel.SCHEMES)
+_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
 _SPECIAL = re.compile(r"[#?/@:]")
 _UNENCODED = re.compile(r"[#?/]")  # characters that end a URL's host part: never inside its credentials
 
@@ -175,7 +183,8 @@ def _validated(url: str) -> str:
     the database part of its path ("" when none)."""
     if not isinstance(url, str) or not url.startswith(_SCHEMES):
         raise ConfigurationError(
-            f"unsupported Redis URL {redacted(url)!r}: expected redis://, rediss:// or unix://"
+            f"unsupported Redis URL {redacted(url)!r}: expected redis://, rediss://, unix://, "
+            "redis+sentinel:// or rediss+sentinel://"
         )
     start, end = _credentials(url)
     if end >= 0 and _UNENCODED.search(url, start, end):
@@ -185,6 +194,8 @@ def _validated(url: str) -> str:
             f"invalid Redis URL {redacted(url)!r}: percent-encode '#', '?' and '/' in a user or password "
             "(%23, %3F, %2F), and '@' anywhere after the host (%40)"
         )
+    if sentinel.is_sentinel_url(url):
+        return ""  # sentinel.parse_url reads the service and the database
     try:
         database = urlsplit(redacted(url)).path.strip("/")  # the credentials, redacted, cannot hold a '/'
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
@@ -228,7 +239,10 @@ def _cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
 
 def client_from_url(url: str, *, cluster: bool | str | None = None, **overrides: Any) -> redis.Redis | RedisCluster:
     """A client for ``redis://``, ``rediss://`` (TLS) or ``unix://`` URLs: a ``redis.Redis``, or
-    a ``redis.cluster.RedisCluster`` when the server is a node of a Redis Cluster.
+    a ``redis.cluster.RedisCluster`` when the server is a node of a Redis Cluster; for
+    ``redis+sentinel://[user:pass@]host1:26379,host2:26379/<service>[/db]``
+    (``rediss+sentinel://`` for TLS) the ``redis.Redis`` of the service's current primary
+    (``sentinel.py``).
 
     User and password come from the URL (``redis://user:pass@host:6379/0``); TLS
     options (``ssl_ca_certs=...``) may be given as keyword arguments or query
@@ -251,6 +265,15 @@ def _client(url: str, cluster: bool | str | None, overrides: dict[str, Any]) -> 
     options = default_client_options()
     if url.startswith("unix://"):
         del options["socket_keepalive"]  # a TCP option: redis-py's UnixDomainSocketConnection refuses it
+    if sentinel.is_sentinel_url(url):
+        if wanted:
+            raise ConfigurationError(f"invalid Redis URL {redacted(url)!r}: a Sentinel service is not a Redis Cluster")
+        options["decode_responses"] = False
+        target = sentinel.parse_url(url, shown=redacted(url))
+        try:
+            return sentinel.master_client(target, options, {**overrides, "decode_responses": False})
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"invalid Redis URL {redacted(url)!r}: {_detail(exc, url)}") from None
     options.update(overrides)
     options["decode_responses"] = False
     if wanted:
@@ -311,13 +334,14 @@ def _checkout(pool: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _raw_connection(pool: Any, *, replica: bool = False) -> Iterator[RawConnection | None]:
+def _raw_connection(pool: Any, *, replica: bool = False, readonly: bool = False) -> Iterator[RawConnection | None]:
     """A connection of ``pool`` with its plain socket (None without one), back to the pool after
-    the block; disconnected first if the block raised. On a replica it is made READONLY first."""
+    the block; disconnected first if the block raised. ``replica``: the pool's node is a replica;
+    ``readonly``: a cluster replica, which serves reads only after ``READONLY``."""
     connection = _checkout(pool)
     try:
         connection.connect()
-        if replica:
+        if readonly:
             connection.send_command("READONLY")
             if connection.read_response() not in (b"OK", "OK"):
                 raise redis.exceptions.ConnectionError("READONLY refused by the replica")
@@ -365,11 +389,41 @@ def run_per_node(groups: dict[str, T], work: Callable[[T], None]) -> None:
         raise errors[0]
 
 
+@dataclass(frozen=True)
+class Replication:
+    """What one master said to a push's ``WAIT``: how many replicas it had online, how many the
+    push asked for, and how many acknowledged everything written before the marker."""
+
+    master: str
+    online: int
+    wanted: int
+    acknowledged: int
+
+    @property
+    def short(self) -> bool:
+        """Fewer replicas acknowledged than were asked for."""
+        return self.acknowledged < self.wanted
+
+
+def _online_replicas(client: redis.Redis) -> int | None:
+    """How many replicas the master reports online (``INFO replication``); None when it will not say
+    (fakeredis, a user without ``+info``)."""
+    try:
+        info = client.info("replication")
+    except redis.exceptions.ResponseError:
+        return None
+    count = 0
+    for name, value in info.items():
+        if str(name).startswith("slave") and isinstance(value, dict) and value.get("state") == "online":
+            count += 1
+    return count
+
+
 class Deployment:
     """The Redis behind one client: describe it, scope caches by it, reach its nodes.
 
-    This class is a standalone server; ``ClusterDeployment`` a Redis Cluster
-    (``deployment_for`` picks). Every method that reaches "the nodes" (``masters``,
+    This class is a standalone server; ``SentinelDeployment`` a Sentinel-managed primary,
+    ``ClusterDeployment`` a Redis Cluster (``deployment_for`` picks). Every method that reaches "the nodes" (``masters``,
     ``group_by_node``, ``bulk_connection``) hides which it is from the callers.
 
     Args:
@@ -388,8 +442,9 @@ class Deployment:
                 f"unsupported Redis client {type(client).__name__}: expected a redis.Redis (standalone server) "
                 "or a redis.cluster.RedisCluster"
             )
-        if replica_reads:
-            raise ConfigurationError("replica reads need a Redis Cluster: this client reaches one standalone server")
+        if replica_reads and type(self) is Deployment:
+            raise ConfigurationError("replica reads need a Redis Cluster or a Sentinel service (redis+sentinel://), "
+                                     "whose replicas are known: this client reaches one standalone server")
         self.client: Any = client
         self.owns_client = owns_client
         self.replica_reads = replica_reads
@@ -422,6 +477,54 @@ class Deployment:
         """The indices of ``keys``, grouped by the master that holds them (one group here)."""
         return {self.describe(): list(range(len(keys)))} if keys else {}
 
+    def with_replica_reads(self) -> Deployment:
+        """This deployment reading chunks from replicas: itself if it does already, else a view of
+        the same kind over the same client (never closing it); ``ConfigurationError`` where the
+        replicas are unknown (a standalone server)."""
+        if self.replica_reads:
+            return self
+        return type(self)(self.client, owns_client=False, replica_reads=True)
+
+    @property
+    def single_node(self) -> bool:
+        """Whether one node holds every key (standalone, Sentinel), so one script may read any key."""
+        return isinstance(self.client, redis.Redis)
+
+    def wait_for_replicas(self, keyspace: Keys, replicas: int | None, timeout: float) -> list[Replication]:
+        """For each master: write a marker key and send ``WAIT n timeout`` on the same connection.
+
+        A master's replication stream is ordered, so once a replica has acknowledged the
+        marker it holds everything written to that master before it, on any connection
+        (every chunk of the push). ``replicas``: how many must acknowledge; None: as many
+        as the master reports online (``INFO replication``; none: no WAIT at all). Waits
+        at most ``timeout`` seconds per master; returns what each said (the caller decides
+        whether a short count fails the push).
+        """
+        results = []
+        for address, client in self.masters():
+            online = _online_replicas(client)
+            wanted = (online or 0) if replicas is None else replicas
+            if wanted <= 0:
+                results.append(Replication(address, online or 0, 0, 0))
+                continue
+            pipe = client.pipeline(transaction=False)  # one connection: WAIT counts from the marker
+            pipe.set(self.marker_on(address, keyspace), "1", px=_MARKER_TTL_MS)
+            pipe.execute_command("WAIT", wanted, max(1, int(timeout * 1000)))
+            _, acknowledged = pipe.execute()
+            results.append(Replication(address, online or 0, wanted, int(acknowledged)))
+        return results
+
+    def marker_on(self, address: str, keyspace: Keys) -> str:
+        """The ``WAIT`` marker's name on master ``address``: the namespace's own where one node holds
+        every key (a cluster names a key in one of that master's slots instead)."""
+        return keyspace.replication_marker()
+
+    def wait_for_primary(self, timeout: float = sentinel.FAILOVER_WAIT) -> bool:
+        """After a lost connection: wait until a primary answers (a Sentinel service: until the
+        sentinels have promoted one); True at once here (nobody promotes a standalone server,
+        and a cluster's client follows its failovers by itself)."""
+        return True
+
     @contextlib.contextmanager
     def bulk_connection(self, key: str | None = None, *, primary: bool = False) -> Iterator[RawConnection | None]:
         """A pooled connection, with its plain socket, to the node that holds ``key``
@@ -443,6 +546,77 @@ class Deployment:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()!r}, owns_client={self.owns_client})"
+
+
+class SentinelDeployment(Deployment):
+    """The primary of a Sentinel-managed service behind a ``master_for`` client (``sentinel.py``).
+
+    One node holds every key, as on a standalone server; the difference is who that node
+    is: the sentinels say, and a failover changes it. Messages name the service and the
+    primary last seen, the cache scope is the service (whichever node is its primary),
+    and with ``replica_reads`` bulk reads go to the replicas the sentinels list
+    (round-robin; the caller reads what a replica lacks from the primary).
+    """
+
+    kind = "sentinel"
+
+    def __init__(self, client: redis.Redis, *, owns_client: bool = False, replica_reads: bool = False) -> None:
+        pool = sentinel.pool_of(client)
+        if pool is None:
+            raise ConfigurationError(f"expected the master_for client of a Sentinel service, got {type(client).__name__}")
+        super().__init__(client, owns_client=owns_client, replica_reads=replica_reads)
+        self._pool = pool
+        self._replicas: redis.Redis | None = None  # built on first use, always closed by close()
+
+    def describe(self) -> str:
+        """The service, its sentinels and the primary last seen, without credentials."""
+        return sentinel.describe(self._pool)
+
+    def scope(self) -> str:
+        """The service and its sentinels: the same whichever node is the primary now."""
+        return sentinel.scope(self._pool)
+
+    def masters(self) -> list[tuple[str, redis.Redis]]:
+        """The primary as last seen (asked of the sentinels before the first connection)."""
+        seen = self._pool.master_address
+        try:
+            address = f"{seen[0]}:{seen[1]}" if seen else sentinel.primary_address(self._pool)
+        except LOST:
+            address = f"{self._pool.service_name} (primary unknown)"
+        return [(address, self.client)]
+
+    def group_by_node(self, keys: Sequence[str]) -> dict[str, list[int]]:
+        return {self._pool.service_name: list(range(len(keys)))} if keys else {}
+
+    def _replica_client(self) -> redis.Redis:
+        """A client of the replicas the sentinels list as up (the primary when none is). It retries
+        once and gives up on a silent replica after ``REPLICA_SOCKET_TIMEOUT``: a replica that
+        fails sends the reader back to the primary, it does not hold it up."""
+        if self._replicas is None:
+            own = self._connection_kwargs().get("socket_timeout") or REPLICA_SOCKET_TIMEOUT
+            self._replicas = sentinel.replica_client(self._pool, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+                                                     socket_timeout=min(REPLICA_SOCKET_TIMEOUT, own))  # fmt: skip
+        return self._replicas
+
+    @contextlib.contextmanager
+    def bulk_connection(self, key: str | None = None, *, primary: bool = False) -> Iterator[RawConnection | None]:
+        pool = (self._replica_client() if self.replica_reads and not primary else self.client).connection_pool
+        with _raw_connection(pool, replica=pool is not self.client.connection_pool) as raw:
+            yield raw
+
+    def wait_for_primary(self, timeout: float = sentinel.FAILOVER_WAIT) -> bool:
+        """Wait until the sentinels have promoted a primary that answers (after a lost connection)."""
+        return sentinel.wait_for_primary(self._pool, timeout)
+
+    def close(self) -> None:
+        """The replicas' client (built here) in any case; the primary's and the sentinels' connections
+        if this deployment owns the client."""
+        if self._replicas is not None:
+            self._replicas.close()
+            self._replicas = None
+        if self.owns_client:
+            self.client.close()
+            sentinel.close(self._pool)
 
 
 class ClusterDeployment(Deployment):
@@ -516,6 +690,14 @@ class ClusterDeployment(Deployment):
                 return tag
         raise ConfigurationError(f"{address} is not a master of this cluster (serves no slot)")
 
+    @property
+    def single_node(self) -> bool:
+        return False
+
+    def marker_on(self, address: str, keyspace: Keys) -> str:
+        """A ``WAIT`` marker in one of master ``address``'s own slots (a ``{ns}`` name would be MOVED)."""
+        return keyspace.replication_marker(self.hash_tag_on(address))
+
     def _node(self, key: str, replica: bool) -> Any:
         """The master of ``key``'s slot, or (``replica``) one of its replicas at random, if it has any."""
         slot = self.client.keyslot(key)
@@ -540,7 +722,8 @@ class ClusterDeployment(Deployment):
         node = self._node(key, self.replica_reads and not primary) if key else self.client.get_default_node()
         pool = self.client.get_redis_connection(node).connection_pool
         try:
-            with _raw_connection(pool, replica=node.server_type == REPLICA) as raw:
+            replica = node.server_type == REPLICA
+            with _raw_connection(pool, replica=replica, readonly=replica) as raw:
                 yield raw
         except (*LOST, redis.exceptions.ResponseError) as exc:
             if not isinstance(exc, redis.exceptions.ResponseError) or str(exc).startswith(("MOVED", "ASK")):
@@ -559,6 +742,11 @@ class ClusterDeployment(Deployment):
 def deployment_for(
     client: redis.Redis | RedisCluster, *, owns_client: bool = False, replica_reads: bool = False
 ) -> Deployment:
-    """The ``Deployment`` of ``client``: a ``ClusterDeployment`` for a ``RedisCluster``."""
-    kind = ClusterDeployment if isinstance(client, RedisCluster) else Deployment
+    """The ``Deployment`` of ``client``: a ``ClusterDeployment`` for a ``RedisCluster``, a
+    ``SentinelDeployment`` for a Sentinel ``master_for`` client."""
+    kind: type[Deployment] = Deployment
+    if isinstance(client, RedisCluster):
+        kind = ClusterDeployment
+    elif sentinel.pool_of(client) is not None:
+        kind = SentinelDeployment
     return kind(client, owns_client=owns_client, replica_reads=replica_reads)

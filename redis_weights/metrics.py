@@ -58,7 +58,7 @@ TRAINER_METRICS = (
     MetricSpec("redis_weights_push_duration_seconds", "histogram", ("namespace",),
                "Seconds a push blocked its caller (with sync or max_lag, the wait for the ranks included)"),
     MetricSpec("redis_weights_push_phase_duration_seconds", "histogram", ("namespace", "phase"),
-               "Seconds of each phase of a push: encode, upload, commit, acks"),
+               "Seconds of each phase of a push: encode, upload, replicas, commit, acks"),
     MetricSpec("redis_weights_push_written_bytes_total", "counter", ("namespace",),
                "Bytes of weight chunks written to Redis by pushes"),
     MetricSpec("redis_weights_versions_committed_total", "counter", ("namespace",),

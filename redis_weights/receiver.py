@@ -85,6 +85,12 @@ class RedisWeightReceiver:
         host_cache: share each version with the other workers of this host through a
             file in /dev/shm (True) or in the given directory: one worker fetches it
             from Redis, the others memory-map it (see ``hostcache.py``).
+        read_from_replicas: read the chunks from replicas (a Redis Cluster's, with
+            ``READONLY``, or the ones the sentinels of a ``redis+sentinel://`` store list),
+            taking that egress off the primaries; a chunk a replica lacks (it lags) is read
+            from its primary. ``latest``, manifests and rank keys are always read from the
+            primary. The same as ``?replica_reads=yes`` in the store's URL, for this
+            receiver alone; refused on a standalone server (its replicas are unknown).
 
     Chunks are read straight into one receive buffer of the model's size, kept from
     version to version (or into the shared file), verified, then copied in place;
@@ -106,6 +112,7 @@ class RedisWeightReceiver:
         allow_cast: bool = False,
         check_server: bool = True,
         host_cache: bool | str | os.PathLike[str] = False,
+        read_from_replicas: bool = False,
     ) -> None:
         ranks.check_rank(rank)
         if poll_interval <= 0 or heartbeat_ttl <= 0:
@@ -120,7 +127,10 @@ class RedisWeightReceiver:
         self.heartbeat_ttl = heartbeat_ttl
         self.allow_cast = allow_cast
         self.keyspace = self.store.keyspace
-        self.registry = VersionRegistry(self.store.deployment, self.keyspace)
+        self.read_from_replicas = read_from_replicas
+        # replica reads for this receiver alone: a view of the store's deployment (same client, not owned)
+        deployment = self.store.deployment.with_replica_reads() if read_from_replicas else self.store.deployment
+        self.registry = VersionRegistry(deployment, self.keyspace)
         self.host_cache = self._host_cache(host_cache)
         self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
         self._held: list[str | None] = []  # id of each chunk in the receive buffer (None: unknown)
@@ -538,6 +548,8 @@ class RedisWeightReceiver:
         if self._beater.is_alive() and self._beater is not threading.current_thread():
             self._beater.join(5.0)
         self._updates.close()
+        if self.registry.deployment is not self.store.deployment:
+            self.registry.deployment.close()  # the replica-reads view: its own replica connections
         self.store.close()
 
     def __enter__(self) -> RedisWeightReceiver:

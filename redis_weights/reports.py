@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PUSH_PHASES = ("encode", "upload", "commit", "acks")  # in the order a push runs them
+PUSH_PHASES = ("encode", "upload", "replicas", "commit", "acks")  # in the order a push runs them
 APPLY_PHASES = ("fetch", "apply")
 
 
@@ -64,7 +64,8 @@ class PushReport:
     """One push, as the trainer saw it when the push returned.
 
     ``seconds`` holds the phases that ran (``PUSH_PHASES``): ``encode`` (a snapshot into a
-    staging buffer with ``background=True``), ``upload`` (writing the chunks), ``commit``
+    staging buffer with ``background=True``), ``upload`` (writing the chunks), ``replicas``
+    (the ``WAIT`` for the replicas to hold them, ``min_replicas``), ``commit``
     and ``acks`` (the wait for acks, or for the ranks to come within ``max_lag``). A
     ``background`` push returns before its upload: its report has ``encode`` only and
     ``written_bytes`` 0; the upload's own figures go to the metrics when it commits.

@@ -56,6 +56,7 @@ from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, p
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_REPLICA_TIMEOUT = 2.0  # seconds a push waits for the replicas to hold its chunks before it commits
 # What to do about the Redis errors a push most likely meets once Redis answers but refuses.
 _HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
     (redis.exceptions.OutOfMemoryError,
@@ -133,6 +134,12 @@ class RedisWeightUpdater(WeightUpdaterBase):
             uploads at least this many bytes, so that workers fetch its chunks while they are
             written and apply right after the commit (``staging.py``): a push then costs
             about the longer of upload and download, not their sum. None: never announce.
+        min_replicas: before each commit, wait (``WAIT``) until this many replicas of
+            every master hold everything the push wrote. None (default): as many as
+            each master reports online, best effort: fewer within ``replica_timeout``
+            is a warning and the version is committed anyway. A number: a requirement:
+            fewer is a ``PushError`` and nothing is committed. 0: never wait.
+        replica_timeout: seconds the ``WAIT`` lasts at most, per master.
     """
 
     def __init__(
@@ -155,8 +162,15 @@ class RedisWeightUpdater(WeightUpdaterBase):
         keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
         keyframe_fraction: float = DEFAULT_KEYFRAME_FRACTION,
         overlap_min_bytes: int | None = DEFAULT_OVERLAP_MIN_BYTES,
+        min_replicas: int | None = None,
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
     ) -> None:
         check_worker_count(num_workers)
+        if min_replicas is not None and (not isinstance(min_replicas, int) or isinstance(min_replicas, bool)
+                                         or min_replicas < 0):  # fmt: skip
+            raise ConfigurationError(f"min_replicas must be a non-negative integer or None, got {min_replicas!r}")
+        if replica_timeout <= 0:
+            raise ConfigurationError("replica_timeout must be positive")
         if timeout <= 0:
             raise ConfigurationError("timeout must be positive")
         if retention < 1:
@@ -188,6 +202,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.retention = retention
         self.pending_ttl = pending_ttl
         self.metadata = dict(metadata or {})
+        self.min_replicas = min_replicas
+        self.replica_timeout = replica_timeout
+        self._short_replicas: tuple[tuple[str, int, int], ...] = ()  # the last shortfall warned about
+        self._primary_lost = False  # the last push lost Redis: the next one first waits for a primary
         self.keyspace = self.store.keyspace
         self.registry = VersionRegistry(self.store.deployment, self.keyspace)
         self.wire_dtype = wire_dtype
@@ -220,6 +238,9 @@ class RedisWeightUpdater(WeightUpdaterBase):
     def _sync_weights_with_worker(self, *, worker_id: list[int], server_weights: Any) -> None:
         ranks = worker_id  # validated once, by ``push_weights``
         clock = PhaseClock(self._metrics.phase)
+        if self._primary_lost:  # e.g. a Sentinel failover: give the sentinels time to promote a replica
+            self.store.deployment.wait_for_primary()
+            self._primary_lost = False
         try:
             with self._counting_failures():
                 try:
@@ -276,6 +297,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
             message = f"{push} failed: Redis at {where} cut the connection while the chunks were sent ({exc}): " \
                       f"{cause}; {what}"
         elif isinstance(exc, LOST):
+            self._primary_lost = True
             message = f"{push} failed: Redis at {where} is unreachable ({exc}); {what}"
         else:
             hint = next((f"; {text}" for cls, text in _HINTS if isinstance(exc, cls)), "")
@@ -321,6 +343,13 @@ class RedisWeightUpdater(WeightUpdaterBase):
         encoded = job.encoded
         fields = {"created": time.time(), "producer": self._producer}
         committing: list[float] = []  # when the commit script was sent
+
+        def before_commit() -> None:
+            replicated = time.perf_counter()
+            self._wait_for_replicas(job.version)
+            committing.append(time.perf_counter())
+            job.clock.add("replicas", committing[-1] - replicated)
+
         try:
             if self._delta is not None:
                 manifest, patches = self._delta.plan(encoded, job.version, **fields)
@@ -328,7 +357,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 manifest, patches = encoded.manifest(job.version, keyframe=job.version, **fields), {}
             self.registry.publish(manifest, job.ranks, upload=lambda missing: self._write(encoded, patches, missing, manifest),
                                   pending_ttl=self.pending_ttl,
-                                  committing=lambda: committing.append(time.perf_counter()))  # fmt: skip
+                                  committing=before_commit)  # fmt: skip
         except LOST as exc:  # Redis is gone; the commit script may or may not have run
             self._forget_delta()
             what = "its commit could not be confirmed" if committing else "the new version was not committed"
@@ -344,7 +373,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             raise self._redis_failure(exc, job.version, "the new version was not committed") from exc
         finally:
             sent = committing[-1] if committing else time.perf_counter()
-            job.clock.add("upload", sent - started)  # planning, the existence check, the upload
+            waited = job.clock.seconds.get("replicas", 0.0)
+            job.clock.add("upload", sent - started - waited)  # planning, the existence check, the upload
             if committing:
                 job.clock.add("commit", time.perf_counter() - sent)
         if self._delta is not None:
@@ -356,6 +386,29 @@ class RedisWeightUpdater(WeightUpdaterBase):
         )  # fmt: skip
         job.clock.bytes = manifest.uploaded_bytes  # only what Redis lacked was written
         self._metrics.committed(job.version, manifest.uploaded_bytes)
+
+    def _wait_for_replicas(self, version: int) -> None:
+        """``WAIT`` until the replicas hold every chunk written so far (``min_replicas``): a
+        ``PushError`` when a required count is not reached, a warning when a best-effort one is not."""
+        if self.min_replicas == 0:
+            return
+        results = self.store.deployment.wait_for_replicas(self.keyspace, self.min_replicas,
+                                                          self.replica_timeout)  # fmt: skip
+        short = tuple((r.master, r.acknowledged, r.wanted) for r in results if r.short)
+        if short and self.min_replicas is not None:
+            said = "; ".join(f"{m}: {a} of {w}" for m, a, w in short)
+            raise PushError(f"push of version {version} failed: fewer replicas than min_replicas={self.min_replicas} "
+                            f"hold its chunks after {self.replica_timeout:g}s ({said} acknowledged); "
+                            "the new version was not committed", version=version)  # fmt: skip
+        if short != self._short_replicas:  # warn when the shortfall changes, not at every push
+            if short:
+                said = ", ".join(f"{a} of {w} ({m})" for m, a, w in short)
+                log.warning("version %d: only %s of the replicas acknowledged its chunks within %gs; committed anyway "
+                            "(min_replicas=None is best effort; a failover to a lagging replica may lose it)",
+                            version, said, self.replica_timeout)  # fmt: skip
+            else:
+                log.info("version %d: every replica acknowledged its chunks again", version)
+            self._short_replicas = short
 
     def _write(self, encoded: Encoded, patches: Mapping[str, bytes], missing: set[str], manifest: Manifest) -> int:
         """Upload the chunks and patches among ``missing`` (each once); the bytes sent. An upload

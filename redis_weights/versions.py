@@ -86,12 +86,16 @@ end
 return {n, latest}
 """
 
-# KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, staged manifest, status_1..status_m
-# ARGV: version, epoch seen by the push, m, updates channel, pending status
+# KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, staged manifest, status_1..status_m,
+#       object_1..object_k
+# ARGV: version, epoch seen by the push, m, updates channel, pending status, k
 # The manifest was written beforehand to the staged key (a plain SET, with the push's
 # TTL): the script only RENAMEs it, so its run does not grow with the manifest (an
 # ARGV of 2 MB, the manifest of a 100 GB model, held Redis ~8 ms here).
 # Idempotent: a retried commit of the version that is already latest returns 0.
+# The objects (k > 0 where one node holds every key: standalone, Sentinel) must all be
+# there: a client that reconnected to a promoted replica mid-push may have sent part
+# of the chunks to the old primary only (MISSING: the push checks and uploads again).
 # The PUBLISH is only a hint (workers poll latest): refused, it must not fail a
 # commit that has already happened.
 _COMMIT = """
@@ -113,6 +117,13 @@ if (redis.call('GET', KEYS[4]) or '0') ~= ARGV[2] or redis.call('EXISTS', KEYS[5
 end
 if redis.call('EXISTS', KEYS[7]) == 0 then
   return redis.error_reply('NOSTAGED')
+end
+local absent = 0
+for j = 1, tonumber(ARGV[6] or '0') do
+  absent = absent + 1 - redis.call('EXISTS', KEYS[7 + m + j])
+end
+if absent > 0 then
+  return redis.error_reply('MISSING ' .. absent)
 end
 redis.call('RENAME', KEYS[7], KEYS[3])
 redis.call('PERSIST', KEYS[3])
@@ -145,6 +156,11 @@ return 0
 
 class GcRaceError(RedisWeightsError):
     """A commit refused because a GC ran (or runs) since the push checked its objects: check again."""
+
+
+class ObjectsMissingError(GcRaceError):
+    """A commit refused because objects the push found or uploaded are not on the node that
+    commits (a failover to a replica that had not received them): check and upload again."""
 
 
 def producer_id() -> str:
@@ -225,9 +241,12 @@ class VersionRegistry:
         staged = k.staged_manifest(token)
         keys = [k.latest, k.versions, k.manifest(v), k.gc_epoch, k.gc_lease, k.pending(token), staged]
         keys += ranks.status_keys(k, targets)
+        checked = sorted(manifest.objects()) if self.deployment.single_node else []  # else in other slots
+        keys += [k.chunk(i) for i in checked]
         self.client.set(staged, manifest.to_json(), px=max(1, int(pending_ttl * 1000)))
         try:
-            self._commit(keys=keys, args=[v, epoch, len(targets), k.updates_channel, ranks.STATUS_PENDING])
+            self._commit(keys=keys, args=[v, epoch, len(targets), k.updates_channel, ranks.STATUS_PENDING,
+                                          len(checked)])  # fmt: skip
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
             if text.startswith("STALE"):
@@ -237,6 +256,11 @@ class VersionRegistry:
                 ) from exc
             if text.startswith("GCRACE"):
                 raise GcRaceError(f"version {v}: a garbage collection ran during the push; checking again") from exc
+            if text.startswith("MISSING"):
+                raise ObjectsMissingError(
+                    f"version {v}: {text.split()[1]} object(s) the push relies on are not on the server that "
+                    "commits (a failover to a replica that had not received them?); checking again"
+                ) from exc
             raise
 
     def publish(
@@ -277,10 +301,10 @@ class VersionRegistry:
                 try:
                     self.commit(manifest, pending_ranks, epoch=epoch, token=token, pending_ttl=pending_ttl)
                     return uploaded
-                except GcRaceError:
+                except GcRaceError as exc:
                     if attempt == attempts - 1:
                         raise
-                    log.info("version %d: a GC ran during the push; checking its chunks again", manifest.version)
+                    log.info("%s", exc)
             raise AssertionError("unreachable")
         except BaseException:
             try:

@@ -38,8 +38,9 @@ def _node_url(cluster: LocalRedisCluster, i: int) -> str:
 
 
 def _chunks_per_master(store: RedisStore) -> dict[str, int]:
-    """How many chunk keys of the store's namespace each master holds (SCAN on each)."""
-    return {name: sum(1 for _ in client.scan_iter(match=store.keyspace.chunk_pattern, count=1000))
+    """How many chunks of the store's namespace each master holds (SCAN on each; not the WAIT markers)."""
+    k = store.keyspace
+    return {name: sum(1 for n in client.scan_iter(match=k.chunk_pattern, count=1000) if k.chunk_id_of(n))
             for name, client in store.deployment.masters()}  # fmt: skip
 
 

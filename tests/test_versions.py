@@ -8,7 +8,7 @@ import torch
 from redis_weights import StaleVersionError, VersionNotFoundError, VersionRegistry
 from redis_weights.codec import Encoder
 from redis_weights.errors import CodecError
-from redis_weights.versions import GcRaceError
+from redis_weights.versions import GcRaceError, ObjectsMissingError
 from tests.codec_support import read_version
 
 
@@ -234,6 +234,32 @@ def test_a_commit_after_a_concurrent_gc_is_refused_then_retried_with_the_missing
     assert len(uploads) == 2, "the first commit must be refused and the push checked again"
     assert uploads[1] == shared
     assert read_version(registry, manifest.version)[0].ids == first.ids
+
+
+def test_a_commit_whose_objects_are_not_on_the_committing_node_is_refused_then_uploaded_again(registry):
+    """A client that reconnected to a promoted replica mid-push sent part of its chunks to the old primary
+    only: the commit script finds them missing (one node holds every key) and the push uploads them again."""
+    encoded = _encode(3.0)
+    manifest = encoded.manifest(registry.allocate(), created=1.0, producer="test")
+    uploads, lost = [], []
+
+    def upload(missing):
+        uploads.append(set(missing))
+        sent = registry.chunks.write((i, *encoded.chunk(k)) for k, i in enumerate(encoded.ids) if i in missing)
+        if len(uploads) == 1:  # the "failover": the node that commits never got the first chunk
+            lost.append(encoded.ids[0])
+            registry.client.delete(registry.keyspace.chunk(encoded.ids[0]))
+        return sent
+
+    registry.publish(manifest, upload=upload)
+    assert uploads == [set(encoded.ids), set(lost)], "the commit must be refused and the lost chunk uploaded again"
+    assert read_version(registry, manifest.version)[0].ids == manifest.ids
+    assert registry.latest() == manifest.version
+    with pytest.raises(ObjectsMissingError, match="not on the server that commits"):  # and nothing changes
+        registry.client.delete(registry.keyspace.chunk(encoded.ids[1]))
+        later = encoded.manifest(registry.allocate(), created=2.0, producer="test")
+        registry.commit(later, epoch=registry.begin("t", later.objects()), token="t")
+    assert registry.latest() == manifest.version and not registry.exists(later.version)
 
 
 def test_a_commit_refused_by_the_gc_epoch_names_the_race(registry, fake_redis):

@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--host-cache", default=None, help="share versions through this directory (host_cache=DIR)")
     parser.add_argument("--stage-stall", type=float, default=None,
                         help="seconds a stager waits for a new chunk of a plan (staging.STALL_SECONDS)")
+    parser.add_argument("--read-from-replicas", action="store_true", help="read chunks from replicas (Sentinel)")
     args = parser.parse_args()
 
     real_staged = staging_module._chunk_staged
@@ -87,7 +88,7 @@ def main() -> int:
     store = RedisStore.from_url(args.url, args.namespace)
     receiver = RedisWeightReceiver(
         store, args.rank, model, poll_interval=args.poll_interval, heartbeat_ttl=args.heartbeat_ttl,
-        host_cache=args.host_cache or False,
+        host_cache=args.host_cache or False, read_from_replicas=args.read_from_replicas,
     )
 
     def record(version: int, report: ApplyReport) -> None:

@@ -9,6 +9,9 @@ process is always stopped by its pid.
 ``--cluster-enabled yes`` (each its own ``nodes.conf`` in its own directory) and
 joins them with the commands ``redis-cli --cluster create`` sends (``CLUSTER
 MEET``, ``ADDSLOTSRANGE``, ``REPLICATE``), so no second binary is needed.
+
+``LocalSentinelSet`` is a Sentinel-managed service (a primary, replicas, sentinels:
+``redis-server <conf> --sentinel``) for the Sentinel tests.
 """
 
 from __future__ import annotations
@@ -404,3 +407,187 @@ def _try_replicate(client: redis.Redis, master_id: str) -> bool:
         return False
     finally:
         client.close()
+
+
+class _SentinelProcess(LocalRedisServer):
+    """A ``redis-server <conf> --sentinel`` process: its config file in its own directory (sentinels rewrite it)."""
+
+    def __init__(self, monitor: str, *, binary: str | None = None, host: str = "127.0.0.1") -> None:
+        super().__init__(binary=binary, host=host)
+        self.monitor = monitor  # the ``sentinel ...`` lines of its config
+
+    @property
+    def config_path(self) -> Path:
+        return Path(self._dir.name) / "sentinel.conf"
+
+    def command(self) -> list[str]:
+        if not self.config_path.exists():  # written once: a restarted sentinel keeps what it learned
+            self.config_path.write_text(
+                f"port {self.port}\nbind {self.host}\ndaemonize no\ndir {self._dir.name}\n"
+                f"logfile {self.log_path}\n{self.monitor}"
+            )
+        return [self.binary, str(self.config_path), "--sentinel"]
+
+
+class LocalSentinelSet(_StartStop):
+    """A Sentinel-managed service on loopback: one primary, ``replicas`` replicas, ``sentinels`` sentinels.
+
+    Every process is a child started and stopped by its pid, on a free port, in its own
+    temporary directory (nothing persisted). The sentinels' timing is short so that a
+    failover takes seconds: ``down_after_ms`` (Sentinel's default is 30 000) and
+    ``failover_timeout_ms`` (default 180 000). ``url`` is the service's
+    ``redis+sentinel://`` URL; ``primary()`` asks the sentinels which node is the
+    primary now; ``wait_for_failover`` waits until they name another one.
+    """
+
+    def __init__(
+        self,
+        replicas: int = 1,
+        sentinels: int = 1,
+        *,
+        service: str = "rw-test",
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+        binary: str | None = None,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.service = service
+        self.host = host
+        self.startup_timeout = startup_timeout
+        fast_sync = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+        self.nodes = [LocalRedisServer(fast_sync, binary=binary, host=host)]
+        primary = self.nodes[0]
+        self.nodes += [LocalRedisServer([*fast_sync, "--replicaof", host, str(primary.port)], binary=binary, host=host)
+                       for _ in range(replicas)]  # fmt: skip
+        quorum = sentinels // 2 + 1
+        monitor = (
+            f"sentinel monitor {service} {host} {primary.port} {quorum}\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+        self.sentinels = [_SentinelProcess(monitor, binary=binary, host=host) for _ in range(sentinels)]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{s.host}:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def start(self) -> LocalSentinelSet:
+        try:
+            for node in self.nodes:
+                node.start()
+            self._until(lambda: all(self._link_up(n) for n in self.nodes[1:]), "the replicas to sync")
+            self._until(self._replicas_acked, "the replicas' first acknowledgement (WAIT counts them from then)")
+            for s in self.sentinels:
+                s.start()
+            self._until(self._sentinels_agree, "the sentinels to see the primary, its replicas and each other")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _until(self, predicate: Callable[[], bool], what: str, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise ConfigurationError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _link_up(node: LocalRedisServer) -> bool:
+        try:
+            with _admin(node) as client:
+                info = client.info("replication")
+        except redis.exceptions.RedisError:
+            return False
+        return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+    def _replicas_acked(self) -> bool:
+        """Whether every replica acknowledges a write (right after a full sync, the first ``WAIT``
+        may not count a replica yet)."""
+        try:
+            with _admin(self.nodes[0]) as client:
+                client.set("local-sentinel-set:settled", "1")
+                return int(client.wait(len(self.nodes) - 1, 100)) == len(self.nodes) - 1
+        except redis.exceptions.RedisError:
+            return False
+
+    def _sentinels_agree(self) -> bool:
+        replicas = {n.port for n in self.nodes[1:]}
+        for s in self.sentinels:
+            try:
+                with _admin(s) as client:
+                    master = client.sentinel_master(self.service)
+                    seen = {int(r["port"]) for r in client.sentinel_slaves(self.service)
+                            if not r["is_sdown"] and not r["is_odown"]}  # fmt: skip
+            except redis.exceptions.RedisError:
+                return False
+            if int(master["port"]) != self.nodes[0].port or not replicas <= seen:
+                return False
+            if int(master["num-other-sentinels"]) < len(self.sentinels) - 1:
+                return False
+        return True
+
+    def primary(self) -> LocalRedisServer:
+        """The node the sentinels name as the primary now."""
+        for s in self.sentinels:
+            try:
+                with _admin(s) as client:
+                    address = client.sentinel_get_master_addr_by_name(self.service)
+            except redis.exceptions.RedisError:
+                continue
+            if address:
+                port = int(address[1])
+                return next(n for n in self.nodes if n.port == port)
+        raise ConfigurationError(f"no sentinel names a primary for {self.service!r}")
+
+    def replicas(self) -> list[LocalRedisServer]:
+        """The nodes that are not the primary now."""
+        primary = self.primary()
+        return [n for n in self.nodes if n is not primary]
+
+    def wait_until_replicas_listed(self, timeout: float = 30.0) -> None:
+        """Wait until every sentinel lists every node but the primary as an up replica (after a
+        replica was paused, or a node restarted)."""
+
+        def listed() -> bool:
+            try:
+                expected = {n.port for n in self.replicas()}
+                for s in self.sentinels:
+                    with _admin(s) as client:
+                        up = {int(r["port"]) for r in client.sentinel_slaves(self.service)
+                              if not r["is_sdown"] and not r["is_odown"]}  # fmt: skip
+                    if not expected <= up:
+                        return False
+            except (ConfigurationError, redis.exceptions.RedisError):
+                return False
+            return True
+
+        self._until(listed, "the sentinels to list the replicas as up", timeout)
+
+    def wait_for_failover(self, old: LocalRedisServer, timeout: float = 60.0) -> LocalRedisServer:
+        """Wait until the sentinels name a primary other than ``old`` and it takes writes; return it."""
+
+        def promoted() -> bool:
+            try:
+                node = self.primary()
+                with _admin(node) as client:
+                    return node is not old and client.info("replication").get("role") == "master"
+            except (ConfigurationError, redis.exceptions.RedisError):
+                return False
+
+        self._until(promoted, f"a failover away from port {old.port}", timeout)
+        return self.primary()
+
+    def close(self) -> None:
+        """Stop every process (sentinels first, so that none starts a failover) and remove their directories."""
+        for process in [*self.sentinels, *self.nodes]:
+            process.close()
+
+
+def _admin(server: LocalRedisServer) -> redis.Redis:
+    """A client of one process for one of the set's own checks (``with``: closed after it)."""
+    return redis.Redis(host=server.host, port=server.port, socket_timeout=1.0, socket_connect_timeout=1.0,
+                       decode_responses=True, single_connection_client=True)  # fmt: skip

@@ -36,13 +36,15 @@ class RedisSyncOptions:
         chunk_size, retention, pending_ttl, metadata: as ``RedisWeightUpdater``.
         upload_in_background: the updater's ``background`` (needs ``sync=False``):
             a send returns after a memcpy; the upload runs on a thread.
+        min_replicas, replica_timeout: the ``WAIT`` before each commit, as ``RedisWeightUpdater``.
 
     Worker side (the core ``RedisWeightReceiver`` and the collector guard):
         background: apply new versions from a thread, between batches (False:
             check Redis at the start of each batch; no thread).
         connect_timeout: seconds a receiver waits at ``connect()`` for the first
             version it must start from (None: ``timeout``).
-        poll_interval, heartbeat_ttl, allow_cast, host_cache: as ``RedisWeightReceiver``.
+        poll_interval, heartbeat_ttl, allow_cast, host_cache, read_from_replicas: as
+            ``RedisWeightReceiver``.
 
     Both sides:
         check_server: check at start-up that Redis is reachable and safe.
@@ -58,12 +60,15 @@ class RedisSyncOptions:
     pending_ttl: float = _default(RedisWeightUpdater, "pending_ttl")
     metadata: Mapping[str, str] = field(default_factory=dict)
     upload_in_background: bool = False
+    min_replicas: int | None = _default(RedisWeightUpdater, "min_replicas")
+    replica_timeout: float = _default(RedisWeightUpdater, "replica_timeout")
     background: bool = True
     connect_timeout: float | None = None
     poll_interval: float = _default(RedisWeightReceiver, "poll_interval")
     heartbeat_ttl: float = _default(RedisWeightReceiver, "heartbeat_ttl")
     allow_cast: bool = _default(RedisWeightReceiver, "allow_cast")
     host_cache: bool | str = _default(RedisWeightReceiver, "host_cache")
+    read_from_replicas: bool = _default(RedisWeightReceiver, "read_from_replicas")
     check_server: bool = _default(RedisWeightUpdater, "check_server")
     client_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -104,6 +109,8 @@ class RedisSyncOptions:
             "metadata": dict(self.metadata),
             "check_server": self.check_server,
             "background": self.upload_in_background,
+            "min_replicas": self.min_replicas,
+            "replica_timeout": self.replica_timeout,
         }
 
     def receiver_kwargs(self) -> dict[str, Any]:
@@ -114,6 +121,7 @@ class RedisSyncOptions:
             "allow_cast": self.allow_cast,
             "check_server": self.check_server,
             "host_cache": self.host_cache,
+            "read_from_replicas": self.read_from_replicas,
         }
 
     def updater(self, store: Any, num_workers: int, policy_weights: Any = None) -> RedisWeightUpdater:
