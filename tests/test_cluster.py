@@ -21,7 +21,7 @@ from redis.cluster import RedisCluster
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.deployment import ClusterDeployment, Deployment, client_from_url, deployment_from_url
-from redis_weights.errors import ConfigurationError
+from redis_weights.errors import ConfigurationError, PushError
 from redis_weights.health import UNSAFE, UnsafeServerError, check_deployment, ensure_server
 from redis_weights.tools.server import LocalRedisCluster
 from tests.conftest import REPO_ROOT
@@ -190,6 +190,40 @@ def test_replica_reads_take_the_chunks_off_the_primaries_and_what_a_replica_lack
         for replica in replicas:
             replica.execute_command("CLIENT", "UNPAUSE")
         updater.close()
+
+
+def test_wait_before_the_commit_puts_every_chunk_on_the_replicas_of_every_master(cluster_store, redis_cluster):
+    trainer = make_model("mb:1", seed=9)
+    deployment = cluster_store.deployment
+    masters = dict(deployment.masters())
+    with RedisWeightUpdater(cluster_store, trainer, 1, sync=False, chunk_size=CHUNK, min_replicas=1) as updater:
+        updater.push_weights()  # a requirement: fails unless one replica of every master acknowledged
+        manifest = updater.registry.read_manifest(updater.version)
+        k = cluster_store.keyspace
+        for name, client in masters.items():  # each master's marker lives in that master's own slots
+            assert client.pttl(k.replication_marker(deployment.hash_tag_on(name))) > 0
+        for node in redis_cluster.masters():  # no wait_replicated(): the WAIT is what put them there
+            replica = redis_cluster.replica_of(node)
+            assert replica is not None
+            with redis.Redis(host=replica.host, port=replica.port) as client:
+                client.execute_command("READONLY")
+                mine = [c.id for c in manifest.chunks
+                        if deployment.group_by_node([k.chunk(c.id)]).get(f"{node.host}:{node.port}")]  # fmt: skip
+                assert mine and all(client.exists(k.chunk(i)) for i in mine), f"{replica.port} lacks chunks"
+
+        replicas = [c for name, c in deployment.nodes() if name not in masters]
+        for replica in replicas:  # the replicas stop applying writes: nobody can acknowledge
+            replica.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        try:
+            updater.replica_timeout = 0.3
+            with torch.no_grad():
+                trainer[0].bias.add_(1.0)
+            with pytest.raises(PushError, match=r"fewer replicas than min_replicas=1 .*not committed"):
+                updater.push_weights()
+            assert updater.registry.latest() == manifest.version, "nothing was committed"
+        finally:
+            for replica in replicas:
+                replica.execute_command("CLIENT", "UNPAUSE")
 
 
 def test_host_cache_is_one_per_cluster_whichever_node_a_worker_names(cluster_store, redis_cluster, namespace,
