@@ -423,8 +423,9 @@ class Deployment:
     """The Redis behind one client: describe it, scope caches by it, reach its nodes.
 
     This class is a standalone server; ``SentinelDeployment`` a Sentinel-managed primary,
-    ``ClusterDeployment`` a Redis Cluster (``deployment_for`` picks). Every method that reaches "the nodes" (``masters``,
-    ``group_by_node``, ``bulk_connection``) hides which it is from the callers.
+    ``ClusterDeployment`` a Redis Cluster (``deployment_for`` picks). Every method that
+    reaches "the nodes" (``masters``, ``group_by_node``, ``bulk_connection``) hides which
+    it is from the callers.
 
     Args:
         client: a ``redis.Redis`` (a standalone server; fakeredis works too).
@@ -563,7 +564,9 @@ class SentinelDeployment(Deployment):
     def __init__(self, client: redis.Redis, *, owns_client: bool = False, replica_reads: bool = False) -> None:
         pool = sentinel.pool_of(client)
         if pool is None:
-            raise ConfigurationError(f"expected the master_for client of a Sentinel service, got {type(client).__name__}")
+            raise ConfigurationError(
+                f"expected the master_for client of a Sentinel service, got {type(client).__name__}"
+            )
         super().__init__(client, owns_client=owns_client, replica_reads=replica_reads)
         self._pool = pool
         self._replicas: redis.Redis | None = None  # built on first use, always closed by close()

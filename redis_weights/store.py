@@ -17,7 +17,6 @@ from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
 import redis
-
 from redis.cluster import RedisCluster
 
 from .deployment import Deployment, deployment_for, deployment_from_url

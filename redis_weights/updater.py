@@ -47,8 +47,8 @@ from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN, Manifest
 from .metrics import TrainerMetrics
 from .ranks import DeathWatch, RankState, check_worker_count, observe_rank_states, read_rank_states
 from .reports import PhaseClock, PushReport, call_hook
-from .store import RedisStore, as_store
 from .staging import DEFAULT_OVERLAP_MIN_BYTES, announce
+from .store import RedisStore, as_store
 from .subscriptions import Subscription
 from .uploader import SLOTS, BackgroundUploader
 from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, producer_id
@@ -191,7 +191,9 @@ class RedisWeightUpdater(WeightUpdaterBase):
             if background:
                 raise ConfigurationError("max_lag needs background=False (a background push returns before its commit)")
         if overlap_min_bytes is not None and (not isinstance(overlap_min_bytes, int) or overlap_min_bytes < 0):
-            raise ConfigurationError(f"overlap_min_bytes must be a non-negative integer or None, got {overlap_min_bytes!r}")
+            raise ConfigurationError(
+                f"overlap_min_bytes must be a non-negative integer or None, got {overlap_min_bytes!r}"
+            )
         self.overlap_min_bytes = overlap_min_bytes
         self.store = as_store(store)
         self.policy_weights = policy_weights
@@ -355,7 +357,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 manifest, patches = self._delta.plan(encoded, job.version, **fields)
             else:
                 manifest, patches = encoded.manifest(job.version, keyframe=job.version, **fields), {}
-            self.registry.publish(manifest, job.ranks, upload=lambda missing: self._write(encoded, patches, missing, manifest),
+            self.registry.publish(manifest, job.ranks,
+                                  upload=lambda missing: self._write(encoded, patches, missing, manifest),
                                   pending_ttl=self.pending_ttl,
                                   committing=before_commit)  # fmt: skip
         except LOST as exc:  # Redis is gone; the commit script may or may not have run

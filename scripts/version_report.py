@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from redis_weights.ranks import is_error  # noqa: E402
 from redis_weights.tools.admin import Admin, VersionRow, WorkerRow  # noqa: E402
 from redis_weights.tools.cli.args import connection_options, non_negative_int  # noqa: E402
 from redis_weights.tools.cli.commands import cmd_versions, cmd_workers  # noqa: E402
 from redis_weights.tools.cli.guard import run_script  # noqa: E402
-from redis_weights.ranks import is_error  # noqa: E402
 
 
 def problems(rows: list[WorkerRow], max_lag: int | None, fail_on_dead: bool) -> list[str]:

@@ -20,12 +20,11 @@ from redis_weights.chunkstore import ChunkStore
 from redis_weights.codec import Encoder
 from redis_weights.deployment import Deployment
 from redis_weights.keys import Keys
-from redis_weights.tools.admin import drop_namespace
 from redis_weights.staging import PLAN_TTL, announce, hinted_version, read_plan, stage, still_planned
+from redis_weights.tools.admin import drop_namespace
 from tests.faults_support import eventually
 from tests.models import make_model, state_digest
 from tests.procs import Worker, workers
-
 
 MODEL = "mb:4"  # one 1024x1024 layer and its bias: 4 MB
 CHUNK = 256 * 1024  # 17 chunks

@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 
 from redis_weights.errors import CodecError, PatchError
 from redis_weights.manifest import MAX_CHUNK_SIZE
-from redis_weights.patch import _sample_says_dense  # noqa: PLC2701 (the early exit itself)
 from redis_weights.patch import (
     BITMAP,
     GAPS,
     HEADER_SIZE,
     ITEMSIZES,
     _build,
+    _sample_says_dense,  # noqa: PLC2701 (the early exit itself)
     apply_patch,
     encode_patch,
     patch_info,
