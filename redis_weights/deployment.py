@@ -518,7 +518,7 @@ class Deployment:
     def marker_on(self, address: str, keyspace: Keys) -> str:
         """The ``WAIT`` marker's name on master ``address``: the namespace's own where one node holds
         every key (a cluster names a key in one of that master's slots instead)."""
-        return keyspace.replication_marker()
+        return keyspace.replication_marker
 
     def wait_for_primary(self, timeout: float = sentinel.FAILOVER_WAIT) -> bool:
         """After a lost connection: wait until a primary answers (a Sentinel service: until the
@@ -699,7 +699,7 @@ class ClusterDeployment(Deployment):
 
     def marker_on(self, address: str, keyspace: Keys) -> str:
         """A ``WAIT`` marker in one of master ``address``'s own slots (a ``{ns}`` name would be MOVED)."""
-        return keyspace.replication_marker(self.hash_tag_on(address))
+        return keyspace.cluster_replication_marker(self.hash_tag_on(address))
 
     def _node(self, key: str, replica: bool) -> Any:
         """The master of ``key``'s slot, or (``replica``) one of its replicas at random, if it has any."""

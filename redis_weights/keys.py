@@ -192,14 +192,16 @@ class Keys:
         """Short-lived key that ``health`` writes to test the user's rights (expires by itself)."""
         return self.full("doctor:probe")
 
-    def replication_marker(self, tag: str | None = None) -> str:
+    @property
+    def replication_marker(self) -> str:
         """String with a short TTL: written right before a push's ``WAIT``, so that the replicas'
-        acknowledgement of it covers every chunk the push wrote before (``Deployment.wait_for_replicas``).
-        ``tag``: a hash tag served by one cluster master (the marker must live on the master whose
-        replicas it counts); the name is then in the object store's keyspace (``rw:<ns>:c:``, so the
-        same ACL pattern covers it; it is no object id, GC never sees it)."""
-        if tag is None:
-            return self.full("replicated")
+        acknowledgement of it covers every chunk the push wrote before (``Deployment.wait_for_replicas``)."""
+        return self.full("replicated")
+
+    def cluster_replication_marker(self, tag: str) -> str:
+        """The ``WAIT`` marker of one cluster master: ``tag`` is a hash tag that master serves (the
+        marker must live on the master whose replicas it counts). In the object store's keyspace
+        (``rw:<ns>:c:``), so the same ACL pattern covers it; it is no object id: GC never sees it."""
         return f"rw:{self.namespace}:c:replicated:{{{tag}}}"
 
     @property

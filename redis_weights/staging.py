@@ -48,12 +48,13 @@ Current = Callable[[], bool]  # whether the plan being staged is still the one t
 
 
 def announce(client: redis.Redis, keyspace: Keys, manifest: Manifest, ttl: float = PLAN_TTL) -> None:
-    """Write ``manifest`` (not committed) as the plan and wake the workers, in one round trip."""
+    """Write ``manifest`` (not committed) as the plan, then wake the workers (the PUBLISH on its own:
+    a cluster pipeline refuses it; one more round trip, only for pushes of ``overlap_min_bytes``)."""
     pipe = client.pipeline(transaction=False)
     pipe.hset(keyspace.plan, mapping={"version": manifest.version, "manifest": manifest.to_json()})
     pipe.pexpire(keyspace.plan, milliseconds(ttl))
-    pipe.publish(keyspace.updates_channel, f"{_HINT_PREFIX}{manifest.version}")
     pipe.execute()
+    client.publish(keyspace.updates_channel, f"{_HINT_PREFIX}{manifest.version}")
 
 
 def hinted_version(message: str) -> int | None:

@@ -201,7 +201,7 @@ def test_wait_before_the_commit_puts_every_chunk_on_the_replicas_of_every_master
         manifest = updater.registry.read_manifest(updater.version)
         k = cluster_store.keyspace
         for name, client in masters.items():  # each master's marker lives in that master's own slots
-            assert client.pttl(k.replication_marker(deployment.hash_tag_on(name))) > 0
+            assert client.pttl(k.cluster_replication_marker(deployment.hash_tag_on(name))) > 0
         for node in redis_cluster.masters():  # no wait_replicated(): the WAIT is what put them there
             replica = redis_cluster.replica_of(node)
             assert replica is not None

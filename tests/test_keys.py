@@ -16,9 +16,9 @@ NOT_NAMES = {"namespace", "prefix", "full", "relative", "pattern", "is_blob", "r
              "patterns", "acl_key_patterns", "chunk_pattern", "chunk_id_of", "pending_pattern", "legacy_chunks_pattern",
              "acl_pattern"}
 # Sample arguments for the members that take some, and the README table's placeholders for them.
-SAMPLES = {"version": 7, "rank": 1, "chunk_id": "0123456789abcdef" * 2, "token": "t0"}
+SAMPLES = {"version": 7, "rank": 1, "chunk_id": "0123456789abcdef" * 2, "token": "t0", "tag": "t5"}
 PLACEHOLDERS = {"{ns}": "{policy}", "<ns>": "policy", "<N>": "7", "<id>": "0123456789abcdef" * 2, "<token>": "t0",
-                "<r>": "1"}
+                "<r>": "1", "<tag>": "t5"}
 
 
 def readme_layout() -> dict[str, bool]:
