@@ -138,35 +138,40 @@ def _read_node(
     primary: bool = False,
 ) -> None:
     """Read ``keys[i]`` for ``i`` in ``indices`` (all on one node) into ``out[i]``; with replica
-    reads, a replica that cannot be reached (down, silent) sends them to the primary."""
+    reads, what a replica lacks or refuses, or all of it when the replica cannot be reached
+    (down, silent), is read from the primary."""
+    mine = [keys[i] for i in indices]
+    places = [spans[i] for i in indices]
     try:
-        _read_node_once(deployment, keys, spans, target, round_bytes, indices, out, primary=primary)
+        values, from_replica = _get_on_node(deployment, mine, places, target, round_bytes, primary)
     except LOST as exc:
         if primary or not deployment.replica_reads:
             raise
         log.warning("reading chunks from a replica failed (%s); reading them from the primary", exc)
-        _read_node_once(deployment, keys, spans, target, round_bytes, indices, out, primary=True)
+        values, from_replica = _get_on_node(deployment, mine, places, target, round_bytes, True)
+    again = []
+    for i, value in zip(indices, values, strict=True):
+        if from_replica and (value is None or isinstance(value, redis.exceptions.ResponseError)):
+            again.append(i)
+        else:
+            out[i] = value  # type: ignore[assignment]
+    if again:
+        log.debug("%d of %d chunks missing on a replica: reading them from its primary", len(again), len(indices))
+        _read_node(deployment, keys, spans, target, round_bytes, again, out, primary=True)
 
 
-def _read_node_once(
-    deployment: Deployment,
-    keys: Sequence[str],
-    spans: Sequence[Span],
-    target: memoryview,
-    round_bytes: int,
-    indices: list[int],
-    out: list[Buffer | None],
-    *,
+def _get_on_node(
+    deployment: Deployment, keys: Sequence[str], places: Sequence[Span], target: memoryview, round_bytes: int,
     primary: bool,
-) -> None:
-    mine = [keys[i] for i in indices]
-    places = [spans[i] for i in indices]
-    with deployment.bulk_connection(mine[0], primary=primary) as raw:
+) -> tuple[list[Buffer | redis.exceptions.ResponseError | None], bool]:
+    """The replies to GET ``keys`` (one node's) on one bulk connection, and whether a replica gave them."""
+    with deployment.bulk_connection(keys[0], primary=primary) as raw:
         if raw is None:
-            values = _read_copying(deployment.client, mine, places, target)
+            values: list[Buffer | redis.exceptions.ResponseError | None] = list(
+                _read_copying(deployment.client, keys, places, target))
         else:
             try:
-                values = _read_direct(deployment.client, raw, mine, places, target, round_bytes)
+                values = _read_direct(deployment.client, raw, keys, places, target, round_bytes)
             except OSError as exc:
                 if exc.errno == errno.EFAULT:  # the kernel could not write into ``target``: not the network's fault
                     raise OSError(exc.errno, f"the chunks cannot be written into the receive buffer ({exc.strerror}; "
@@ -177,15 +182,7 @@ def _read_node_once(
             refused = next((v for v in values if isinstance(v, redis.exceptions.ResponseError)), None)
             if refused is not None:  # every reply was read: the connection is clean, but the caller must know
                 raise refused
-    again = []
-    for i, value in zip(indices, values, strict=True):
-        if from_replica and (value is None or isinstance(value, redis.exceptions.ResponseError)):
-            again.append(i)
-        else:
-            out[i] = value  # type: ignore[assignment]
-    if again:
-        log.debug("%d of %d chunks missing on a replica: reading them from its primary", len(again), len(indices))
-        _read_node(deployment, keys, spans, target, round_bytes, again, out, primary=True)
+    return values, from_replica
 
 
 def _send_round(client: redis.Redis, raw: RawConnection, keys: Sequence[str]) -> None:
