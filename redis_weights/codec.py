@@ -127,7 +127,12 @@ def layout_for(tensors: Mapping[str, torch.Tensor], wire: torch.dtype | None = N
 # Encoding
 # ---------------------------------------------------------------------------------------
 Chunk = list[memoryview]  # the parts of one chunk, in order; one part: a zero-copy view
-GATHER_BYTES = 64 * 1024 * 1024  # chunks gathered before an upload must send what it queued
+# Bytes of gathered chunks before an upload must send what it queued: one default chunk, so a
+# gathered chunk is sent before the next is gathered (trainer memory: one chunk plus the header).
+# Measured (100 MB of 1024x1024 linear layers, 2 MiB chunks, 6 pushes each, alternating): the
+# same push time as a 64 MiB ring (0.096-0.101 s against 0.095-0.098 s), 4.4 MB of peak RSS
+# growth instead of 52.7 MB.
+GATHER_BYTES = 2 * 1024 * 1024
 
 
 @dataclass
@@ -137,8 +142,8 @@ class Encoded:
     A chunk of one part is a view of the weights' (or the staging buffer's) memory;
     a chunk of several parts is gathered only when ``chunk()`` is asked for it, into a
     ring of reused buffers, so encoding never holds more than ``GATHER_BYTES`` of copied
-    bytes and an upload still sends ~64 MiB per round trip. ``ids`` (content hashes) are computed from the parts,
-    without gathering.
+    bytes (views of the weights still go ~64 MiB per round trip). ``ids`` (content hashes)
+    are computed from the parts, without gathering.
     """
 
     header_len: int
