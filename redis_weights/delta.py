@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from .chunkstore import ChunkStore
 from .codec import Encoded
 from .manifest import DTYPE_SIZES, MAX_CHAIN, ChunkEntry, Manifest, Step, checksum
 
@@ -46,8 +45,7 @@ def element_size(encoded: Encoded) -> int:
 class DeltaPlanner:
     """Plans the manifest of each push against the previous committed one (see the module docstring)."""
 
-    def __init__(self, store: ChunkStore, keyframe_interval: int, keyframe_fraction: float) -> None:
-        self.store = store
+    def __init__(self, keyframe_interval: int, keyframe_fraction: float) -> None:
         self.keyframe_interval = keyframe_interval
         self.keyframe_fraction = keyframe_fraction
         self._previous: Manifest | None = None
@@ -70,13 +68,23 @@ class DeltaPlanner:
             return None
         return prev
 
-    def plan(self, encoded: Encoded, version: int, **fields: Any) -> tuple[Manifest, dict[str, bytes]]:
-        """The manifest of ``encoded`` as ``version`` and the new patches it needs ``{id: bytes}``."""
+    def candidates(self, encoded: Encoded) -> set[str]:
+        """The objects whose presence in Redis ``plan`` needs to know: the new chunks and every
+        object of the previous version (the chains a patch would extend)."""
+        prev = self._compatible(encoded)
+        return set(encoded.ids) | (prev.objects() if prev is not None else set())
+
+    def plan(
+        self, encoded: Encoded, version: int, absent: set[str], **fields: Any
+    ) -> tuple[Manifest, dict[str, bytes]]:
+        """The manifest of ``encoded`` as ``version`` and the new patches it needs ``{id: bytes}``.
+
+        ``absent``: which of ``candidates(encoded)`` Redis lacks (the push checks once, under its
+        pending record): a chain through an absent object is not extended."""
         prev = self._compatible(encoded)
         if prev is None or prev.depth + 1 >= self.keyframe_interval:
             return encoded.manifest(version, keyframe=version, **fields), {}
         ids = encoded.ids
-        absent = self.store.missing({*ids, *prev.objects()})
         itemsize = element_size(encoded)
         entries: list[ChunkEntry] = []
         patches: dict[str, bytes] = {}

@@ -216,7 +216,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.background = background
         self._uploader: BackgroundUploader[_Upload] | None = None
         self._slots = [self._encoder] + [Encoder(chunk_size, wire_dtype) for _ in range(SLOTS - 1)]
-        self._delta = DeltaPlanner(self.registry.chunks, keyframe_interval, keyframe_fraction) if delta else None
+        self._delta = DeltaPlanner(keyframe_interval, keyframe_fraction) if delta else None
         self._acks = Subscription(self.store.client, [self.keyspace.acks_channel], what="acks subscription",
                                   poll_every=_POLL_WITHOUT_ACKS)  # fmt: skip
         self._last_ranks: list[int] = []
@@ -354,7 +354,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
 
         try:
             if self._delta is not None:
-                manifest, patches = self._delta.plan(encoded, job.version, **fields)
+                absent = self.registry.chunks.missing(self._delta.candidates(encoded))
+                manifest, patches = self._delta.plan(encoded, job.version, absent, **fields)
             else:
                 manifest, patches = encoded.manifest(job.version, keyframe=job.version, **fields), {}
             self.registry.publish(manifest, job.ranks,
