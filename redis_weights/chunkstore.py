@@ -3,7 +3,10 @@
 An object is a plain Redis string ``rw:<ns>:c:{<id>}`` (``keys.py``), where the id is
 the xxh3-128 digest of its bytes. Objects carry no TTL: nothing points at an object
 but manifests and the pending records of pushes, and the mark-and-sweep GC
-(``versions.py``) deletes the ones nobody points at. Every call here is
+(``versions.py``) deletes the ones nobody points at. This is the one owner of "what
+Redis holds": it keeps the namespace's object index (``index.py``) a superset of the
+objects, adding an id before the object is written and removing it after the object
+is deleted. Every call here is
 cluster-friendly (single-key commands, pipelined: on a Redis Cluster redis-py's
 pipeline sends each command to its key's master), and writing, reading and
 deleting go in bounded rounds so that no single call holds Redis for long.
@@ -19,13 +22,13 @@ import redis
 
 from .bulkread import READ_ROUND_BYTES, ROUND_BYTES, read_values_into  # bytes per pipelined round trip
 from .deployment import Deployment, run_per_node
+from .index import NamespaceIndex
 from .keys import Keys
 from .manifest import Buffer
 
 log = logging.getLogger(__name__)
 
 _EXISTS_ROUND = 1000  # keys per EXISTS round trip
-SCAN_COUNT = 500  # keys a SCAN step visits (with 1000, a step took a median 0.4 ms of Redis 7 here)
 DELETE_BATCH = 16  # DELs per round trip: one DEL frees one chunk (2 MiB by default: ~0.005 ms of Redis 7)
 
 
@@ -36,6 +39,7 @@ class ChunkStore:
         self.client = client
         self.keyspace = keyspace
         self.deployment = deployment  # per-node connections for bulk reads
+        self.index = NamespaceIndex(client, keyspace)
 
     def missing(self, ids: Iterable[str]) -> set[str]:
         """The ids among ``ids`` that Redis does not hold (pipelined EXISTS, one key per command)."""
@@ -58,24 +62,36 @@ class ChunkStore:
         parallel threads).
         """
         batch: list[tuple[str, Buffer]] = []
+        ids: list[str] = []
         queued = sent = 0
         for chunk_id, data, reused in objects:
             batch.append((self.keyspace.chunk(chunk_id), data))
+            ids.append(chunk_id)
             queued += len(data)
             sent += len(data)
             if reused or queued >= ROUND_BYTES:
-                self._send_round(batch)
-                batch, queued = [], 0
-        self._send_round(batch)
+                self._send_round(ids, batch)
+                batch, ids, queued = [], [], 0
+        self._send_round(ids, batch)
         return sent
 
-    def _send_round(self, batch: Sequence[tuple[str, Buffer]]) -> None:
+    def _send_round(self, ids: list[str], batch: Sequence[tuple[str, Buffer]]) -> None:
+        """Index the round's ids, then SET its objects. One node: the SADD leads the same
+        pipeline (ordered on one connection, no extra round trip); a cluster: it goes first."""
+        if not batch:
+            return
+        single = self.deployment.single_node
+
         def send(indices: list[int]) -> None:
             pipe = self.client.pipeline(transaction=False)
+            if single:
+                self.index.add_objects(ids, pipe)
             for i in indices:
                 pipe.set(*batch[i])
             pipe.execute()
 
+        if not single:
+            self.index.add_objects(ids)
         run_per_node(self.deployment.group_by_node([key for key, _ in batch]), send)
 
     def read(self, ids: Sequence[str], sizes: Sequence[int]) -> Iterator[list[bytes | None]]:
@@ -99,26 +115,27 @@ class ChunkStore:
 
     def discard_corrupt(self, chunk_id: str) -> None:
         """Best effort: delete an object whose bytes do not match its id, so that the next push,
-        which uploads only what Redis lacks, replaces it (a user without DEL rights just logs)."""
+        which uploads only what Redis lacks, replaces it (a user without DEL rights just logs).
+        Its id stays in the index (a superset): the next push's EXISTS is the truth."""
         try:
             self.client.delete(self.keyspace.chunk(chunk_id))
         except redis.exceptions.RedisError as exc:
             log.warning("could not delete corrupted object %s: %s", chunk_id, exc)
 
-    def scan(self) -> Iterator[str]:
-        """The id of every object of the namespace (SCAN: other clients run between pages)."""
-        for name in self.client.scan_iter(match=self.keyspace.chunk_pattern, count=SCAN_COUNT):
-            chunk_id = self.keyspace.chunk_id_of(name)
-            if chunk_id is not None:
-                yield chunk_id
+    def indexed(self) -> set[str]:
+        """Every object id the namespace's index lists (a superset of its objects; no SCAN)."""
+        return self.index.objects()
 
     def delete(self, ids: Sequence[str]) -> int:
         """DEL the objects, ``DELETE_BATCH`` keys per call, each call its own round trip
-        (plain DEL: no MULTI, no script, so it works while Redis is over maxmemory)."""
+        (plain DEL: no MULTI, no script, so it works while Redis is over maxmemory), then
+        drop them from the index (after: a crash in between leaves the index a superset)."""
         deleted = 0
         for start in range(0, len(ids), DELETE_BATCH):
+            batch = ids[start : start + DELETE_BATCH]
             pipe = self.client.pipeline(transaction=False)  # one key per DEL: chunks lie in many slots
-            for chunk_id in ids[start : start + DELETE_BATCH]:
+            for chunk_id in batch:
                 pipe.delete(self.keyspace.chunk(chunk_id))
             deleted += sum(int(n) for n in pipe.execute())
+            self.index.remove_objects(batch)
         return deleted

@@ -35,6 +35,7 @@ import redis
 from .bulkread import READ_ROUND_BYTES
 from .deployment import LOST, Deployment, given_username
 from .errors import ConfigurationError
+from .index import CorruptIndexError, NamespaceIndex
 from .keys import Keys
 from .manifest import DEFAULT_CHUNK_SIZE
 from .subscriptions import Subscription
@@ -319,6 +320,7 @@ def _needed_commands(keyspace: Keys) -> list[tuple[str, list[str], str]]:
         ("GET", [chunk], WORKER),
         ("MGET", [keyspace.rank_status(1), keyspace.rank_version(1)], WORKER),
         ("SET", [keyspace.rank_alive(1), "x"], WORKER),
+        ("SADD", [keyspace.ranks_index, "1"], WORKER),
         ("PEXPIRE", [keyspace.rank_alive(1), "1000"], WORKER),
         ("EXISTS", [keyspace.rank_version(1)], WORKER),
         ("EVALSHA", ["0" * 40, "1", keyspace.latest], WORKER),
@@ -334,7 +336,9 @@ def _needed_commands(keyspace: Keys) -> list[tuple[str, list[str], str]]:
         ("ZREM", [keyspace.versions, "1"], TRAINER),
         ("EXISTS", [chunk], TRAINER),
         ("DEL", [chunk], TRAINER),
-        ("SCAN", ["0", "MATCH", keyspace.chunk_pattern], TRAINER),
+        ("SADD", [keyspace.objects_index, "0" * 32], TRAINER),
+        ("SSCAN", [keyspace.objects_index, "0"], TRAINER),
+        ("SREM", [keyspace.objects_index, "0" * 32], TRAINER),
         ("PTTL", [keyspace.rank_alive(1)], TRAINER),
         ("PEXPIRE", [keyspace.stall_probe, "1"], TRAINER),
     ]
@@ -468,6 +472,34 @@ def check_cluster_state(deployment: Deployment) -> Finding:
         return Finding("cluster", UNSAFE, f"{what}; not every slot is served: " + "; ".join(bad),
                        "see CLUSTER INFO and CLUSTER NODES on the nodes named (a failed master without a replica?)")
     return Finding("cluster", OK, f"{what}; cluster_state ok")
+
+
+def check_namespace(deployment: Deployment, keyspace: Keys, *, deep: bool = False) -> list[Finding]:
+    """The server's key count (what the library's costs must not depend on) and whether the
+    namespace's index (``index.py``) agrees with what the namespace holds (``deep``: a SCAN of
+    the namespace's own patterns finds nothing the index misses)."""
+    total = 0
+    for _, client in deployment.masters():
+        total += int(client.dbsize())
+    findings = [Finding("keys", OK, f"{total:,} keys in the database (this namespace's costs do not grow with them)")]
+    index = NamespaceIndex(deployment.client, keyspace)
+    try:
+        check = index.verify(deep=deep)
+    except CorruptIndexError as exc:
+        return [*findings, Finding("index", UNSAFE, str(exc), "delete the key named, then `redis-weights reindex`")]
+    what = f"{check.objects:,} objects, {check.ranks} ranks indexed"
+    if not check.complete:
+        return [*findings, Finding("index", WARN, f"{what}; the namespace predates its index (its older objects are "
+                                   "never collected)", "run `redis-weights reindex` (the trainer does it at its "
+                                   "first push)")]  # fmt: skip
+    if not deep:
+        return [*findings, Finding("index", OK, what, "`doctor --deep` compares it with a SCAN of the namespace")]
+    if not check.agrees:
+        return [*findings, Finding("index", UNSAFE, f"{what}; a SCAN found {check.unindexed_objects} object(s) and "
+                                   f"{check.unindexed_ranks} rank(s) it misses", "run `redis-weights reindex`")]
+    gone = f"; {check.gone_objects} indexed id(s) name objects that are gone (swept at the next GC)" \
+        if check.gone_objects else ""  # fmt: skip
+    return [*findings, Finding("index", OK, f"{what}; a SCAN of the namespace agrees{gone}")]
 
 
 def worst(findings: Iterable[Finding]) -> str:

@@ -24,6 +24,11 @@ _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 _LEGACY_CHUNK_RE = re.compile(r"v:[0-9]+:c:[0-9]+")
 _CHUNK_ID_RE = re.compile(r"[0-9a-f]{32}")
 _RANK_VERSION_RE = re.compile(r"rank:([0-9]{1,18}):version")
+# Relative names the library itself builds (everything else under the prefix is the user's, via RedisStore).
+_LIBRARY_NAME_RE = re.compile(
+    r"latest|next|versions|plan|replicated|stall-probe|doctor:probe|gc:epoch|gc:lease|updates|acks"
+    r"|index:[a-z]+|v:[0-9]+:manifest|v:[0-9]+:c:[0-9]+|staged:.*|pending:.*|rank:[0-9]+:[a-z]+"
+)
 
 
 def validate_namespace(namespace: str) -> str:
@@ -76,6 +81,11 @@ class Keys:
     def is_blob(relative: str) -> bool:
         """Whether a relative name is a weight chunk of the old per-version layout (binary, not text)."""
         return bool(_LEGACY_CHUNK_RE.fullmatch(relative))
+
+    @staticmethod
+    def is_library_name(relative: str) -> bool:
+        """Whether a relative name is one this library builds (not a key the user set through the store)."""
+        return bool(_LIBRARY_NAME_RE.fullmatch(relative))
 
     @property
     def patterns(self) -> list[str]:
@@ -136,6 +146,40 @@ class Keys:
             return name[len(head) : -1]
         return None
 
+    # -- the namespace's index (``index.py``): what the namespace owns, never a SCAN ------
+    @property
+    def objects_index(self) -> str:
+        """Set of object ids (chunks and patches) the namespace may hold: a superset of the
+        objects in Redis (an id is added before its object is written, removed after it is deleted)."""
+        return self.full("index:objects")
+
+    @property
+    def pushes_index(self) -> str:
+        """Set of the tokens of pushes in flight (each names a ``pending`` record with a TTL)."""
+        return self.full("index:pushes")
+
+    @property
+    def ranks_index(self) -> str:
+        """Set of the ranks that have keys: added with a rank's version key, or its status key by a
+        push that targets it (``known_ranks`` keeps those whose version key exists: they joined)."""
+        return self.full("index:ranks")
+
+    @property
+    def names_index(self) -> str:
+        """Set of the relative names written through ``RedisStore``'s mapping (the user's own keys)."""
+        return self.full("index:names")
+
+    @property
+    def index_state(self) -> str:
+        """Hash: ``complete`` (``1`` once every object and rank of the namespace is indexed) and
+        ``cursor`` (where an interrupted ``reindex`` SCAN resumes)."""
+        return self.full("index:state")
+
+    @property
+    def index_keys(self) -> list[str]:
+        """Every key of the index."""
+        return [self.objects_index, self.pushes_index, self.ranks_index, self.names_index, self.index_state]
+
     # -- garbage collection -------------------------------------------------------------
     def pending(self, token: str) -> str:
         """String with a TTL: the objects an uncommitted push relies on (GC spares them)."""
@@ -147,7 +191,12 @@ class Keys:
 
     @property
     def pending_pattern(self) -> str:
+        """SCAN pattern of the pending records (``reindex`` and tests only: GC reads ``pushes_index``)."""
         return self._glob("pending:*")
+
+    def legacy_chunk(self, version: int, index: int) -> str:
+        """A chunk of the old per-version layout (format 1), deleted with its version."""
+        return self.full(f"v:{version}:c:{index}")
 
     @property
     def gc_epoch(self) -> str:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import redis
 
 from .errors import ConfigurationError
+from .index import NamespaceIndex
 from .keys import Keys
 from .units import milliseconds
 from .values import MAX_VERSION, parse_float, parse_int, text_or_none
@@ -75,10 +76,10 @@ redis.pcall('PUBLISH', ARGV[3], ARGV[4] .. ':' .. v)
 return latest
 """
 
-# KEYS: alive, version. ARGV: TTL in ms, the heartbeat value, the applied version.
+# KEYS: alive, version, ranks index. ARGV: TTL in ms, the heartbeat value, the applied version, rank.
 # Refreshes the heartbeat (PEXPIRE when the value is already this rank's: PEXPIRE
 # allocates nothing, so a Redis at maxmemory still takes the beat) and re-creates the
-# version key if Redis lost it; returns 1 when it had to.
+# version key (and its index entry) if Redis lost it; returns 1 when it had to.
 _BEAT = """
 if redis.call('GET', KEYS[1]) == ARGV[2] then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
@@ -86,6 +87,7 @@ else
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SADD', KEYS[3], ARGV[4])
   redis.call('SET', KEYS[2], ARGV[3])
   return 1
 end
@@ -232,13 +234,17 @@ def _heartbeat(value: object, pttl: object) -> tuple[float | None, float | None]
 
 
 def known_ranks(client: redis.Redis, keyspace: Keys) -> list[int]:
-    """Every rank that ever joined the namespace (its version key exists), sorted."""
-    found = set()
-    for name in client.scan_iter(match=keyspace.rank_version_pattern, count=1000):
-        rank = keyspace.rank_of(name)
-        if rank is not None:
-            found.add(rank)
-    return sorted(found)
+    """Every rank that ever joined the namespace (its version key exists), sorted: the ranks of
+    the namespace's index (``index.py``; also those a push targeted), never a SCAN of the keyspace."""
+    indexed = NamespaceIndex(client, keyspace).ranks()
+    found = []
+    for start in range(0, len(indexed), _MGET_RANKS):
+        batch = indexed[start : start + _MGET_RANKS]
+        pipe = client.pipeline(transaction=False)
+        for rank in batch:
+            pipe.exists(keyspace.rank_version(rank))
+        found += [rank for rank, joined in zip(batch, pipe.execute(), strict=True) if joined]
+    return found
 
 
 def status_keys(keyspace: Keys, ranks: Iterable[int]) -> list[str]:
@@ -261,6 +267,7 @@ def beat_interval(ttl: float) -> float:
 def register(client: redis.Redis, keyspace: Keys, rank: int, ttl: float) -> None:
     """Announce ``rank``: applied version 0 (it holds no pushed version yet) and a heartbeat."""
     pipe = client.pipeline(transaction=False)
+    pipe.sadd(keyspace.ranks_index, rank)  # before the version key (the index is a superset)
     pipe.set(keyspace.rank_version(rank), 0)
     pipe.set(keyspace.rank_alive(rank), _beat_value(ttl), px=milliseconds(ttl))
     pipe.execute()
@@ -273,8 +280,8 @@ def heartbeat(client: redis.Redis, keyspace: Keys, rank: int, version: int, ttl:
     lost it (restart without persistence, flush): the rank shows up as joined again.
     """
     script = client.register_script(_BEAT)
-    recreated = script(keys=[keyspace.rank_alive(rank), keyspace.rank_version(rank)],
-                       args=[milliseconds(ttl), _beat_value(ttl), version])  # fmt: skip
+    recreated = script(keys=[keyspace.rank_alive(rank), keyspace.rank_version(rank), keyspace.ranks_index],
+                       args=[milliseconds(ttl), _beat_value(ttl), version, rank])  # fmt: skip
     return bool(recreated)
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PUSH_PHASES = ("encode", "upload", "replicas", "commit", "acks")  # in the order a push runs them
+PUSH_PHASES = ("encode", "upload", "replicas", "commit", "gc", "acks")  # in the order a push runs them
 APPLY_PHASES = ("fetch", "apply")
 
 
@@ -41,6 +41,7 @@ class PhaseClock:
         self.seconds: dict[str, float] = {}
         self.total_bytes = 0
         self.bytes = 0
+        self.gc: Any = None  # the push's ``versions.GcReport``, when it collected garbage
         self._on_phase = on_phase
 
     @contextlib.contextmanager
@@ -65,8 +66,9 @@ class PushReport:
 
     ``seconds`` holds the phases that ran (``PUSH_PHASES``): ``encode`` (a snapshot into a
     staging buffer with ``background=True``), ``upload`` (writing the chunks), ``replicas``
-    (the ``WAIT`` for the replicas to hold them, ``min_replicas``), ``commit``
-    and ``acks`` (the wait for acks, or for the ranks to come within ``max_lag``). A
+    (the ``WAIT`` for the replicas to hold them, ``min_replicas``), ``commit``, ``gc`` (only
+    when the commit left more versions than the retention: ``gc_versions`` deleted, and with
+    them ``gc_objects`` objects, reading ``gc_keys`` keys) and ``acks`` (the wait for acks, or for the ranks to come within ``max_lag``). A
     ``background`` push returns before its upload: its report has ``encode`` only and
     ``written_bytes`` 0; the upload's own figures go to the metrics when it commits.
     """
@@ -79,6 +81,9 @@ class PushReport:
     sync: bool = True
     max_lag: int | None = 0
     background: bool = False
+    gc_versions: int = 0
+    gc_objects: int = 0
+    gc_keys: int = 0
 
     @property
     def total_seconds(self) -> float:

@@ -21,7 +21,11 @@ from redis.cluster import RedisCluster
 
 from .deployment import Deployment, deployment_for, deployment_from_url
 from .errors import RedisWeightsError
+from .index import NamespaceIndex
 from .keys import DEFAULT_NAMESPACE, Keys
+from .values import MAX_VERSION, parse_int
+
+_TYPE_ROUND = 1000  # TYPE commands per round trip while iterating
 
 
 class StoreTimeoutError(RedisWeightsError, TimeoutError):
@@ -91,17 +95,40 @@ class RedisStore(MutableMapping[str, str]):
     def __setitem__(self, key: str, value: str) -> None:
         if not isinstance(value, (str, bytes, int, float)) or isinstance(value, bool):
             raise TypeError(f"RedisStore values are strings, got {type(value).__name__}")
-        self.client.set(self.keyspace.full(key), value)
+        pipe = self.client.pipeline(transaction=False)  # one slot: the name is indexed, then set
+        pipe.sadd(self.keyspace.names_index, key)
+        pipe.set(self.keyspace.full(key), value)
+        pipe.execute()
 
     def __delitem__(self, key: str) -> None:
-        if not self.client.delete(self.keyspace.full(key)):
+        if not self.delete_key(key):
             raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
-        for name in self.client.scan_iter(match=self.keyspace.pattern, count=1000, _type="string"):
-            relative = self.keyspace.relative(name)
-            if not self.keyspace.is_blob(relative):
-                yield relative
+        """The namespace's text keys, from its index (``index.py``): the names set through this
+        mapping, the library's own keys, each rank's and each committed version's; never a SCAN
+        of the keyspace. Each candidate is checked (one pipelined TYPE per 1000)."""
+        index = NamespaceIndex(self.client, self.keyspace)
+        k = self.keyspace
+        candidates = ["latest", "next", "gc:epoch", "gc:lease", *index.names()]
+        candidates += [k.relative(k.manifest(v)) for v in self._versions()]
+        candidates += [k.relative(k.pending(t)) for t in index.pushes()]
+        for rank in index.ranks():
+            candidates += [k.relative(n) for n in (k.rank_status(rank), k.rank_version(rank), k.rank_alive(rank),
+                                                   k.rank_acked(rank))]  # fmt: skip
+        candidates = [c for c in dict.fromkeys(candidates) if not k.is_blob(c)]
+        for start in range(0, len(candidates), _TYPE_ROUND):
+            batch = candidates[start : start + _TYPE_ROUND]
+            pipe = self.client.pipeline(transaction=False)
+            for relative in batch:
+                pipe.type(k.full(relative))
+            for relative, kind in zip(batch, pipe.execute(), strict=True):
+                if kind in (b"string", "string"):
+                    yield relative
+
+    def _versions(self) -> list[int]:
+        members = self.client.zrange(self.keyspace.versions, 0, -1)
+        return [v for v in (parse_int(m, minimum=1, maximum=MAX_VERSION) for m in members) if v is not None]
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -118,7 +145,9 @@ class RedisStore(MutableMapping[str, str]):
 
     def delete_key(self, key: str) -> bool:
         """Delete ``key``; True if it existed (as ``TCPStore.delete_key``)."""
-        return bool(self.client.delete(self.keyspace.full(key)))
+        existed = bool(self.client.delete(self.keyspace.full(key)))
+        self.client.srem(self.keyspace.names_index, key)  # after the key: the index stays a superset
+        return existed
 
     def wait(self, keys: Iterable[str], timeout: float | None = 30.0, poll_interval: float = 0.01) -> None:
         """Block until every key exists; raise ``StoreTimeoutError`` after ``timeout`` seconds."""

@@ -41,13 +41,21 @@ from .base import WeightUpdaterBase, WorkerIds
 from .codec import WIRE_DTYPES, Encoded, Encoder
 from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner
 from .deployment import LOST
-from .errors import BackgroundUploadError, ConfigurationError, PushError, PushTimeoutError, VersionNotFoundError
+from .errors import (
+    BackgroundUploadError,
+    ConfigurationError,
+    PushError,
+    PushTimeoutError,
+    RedisWeightsError,
+    VersionNotFoundError,
+)
 from .health import ensure_server, explain_lost_connection
-from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN, Manifest
+from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
 from .metrics import TrainerMetrics
+from .push import EncodedPayload, Push, ReplicaGate
 from .ranks import DeathWatch, RankState, check_worker_count, observe_rank_states, read_rank_states
 from .reports import PhaseClock, PushReport, call_hook
-from .staging import DEFAULT_OVERLAP_MIN_BYTES, announce
+from .staging import DEFAULT_OVERLAP_MIN_BYTES
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
 from .uploader import SLOTS, BackgroundUploader
@@ -206,10 +214,11 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.metadata = dict(metadata or {})
         self.min_replicas = min_replicas
         self.replica_timeout = replica_timeout
-        self._short_replicas: tuple[tuple[str, int, int], ...] = ()  # the last shortfall warned about
         self._primary_lost = False  # the last push lost Redis: the next one first waits for a primary
         self.keyspace = self.store.keyspace
         self.registry = VersionRegistry(self.store.deployment, self.keyspace)
+        self._replicas = ReplicaGate(self.registry, min_replicas, replica_timeout)
+        self._indexed = False
         self.wire_dtype = wire_dtype
         self._encoder = Encoder(chunk_size, wire_dtype)
         self.chunk_size = chunk_size
@@ -259,8 +268,11 @@ class RedisWeightUpdater(WeightUpdaterBase):
         finally:  # a failed push blocked its caller too
             self._metrics.pushed(sum(clock.seconds.values()))
         written = 0 if self.background else clock.bytes  # a background upload is still running
+        gc = clock.gc
         self.last_push = PushReport(self.version, tuple(ranks), clock.total_bytes, written, dict(clock.seconds),
-                                    self.sync, self.lag_bound, self.background)  # fmt: skip
+                                    self.sync, self.lag_bound, self.background,
+                                    gc_versions=len(gc.versions) if gc else 0, gc_objects=gc.objects if gc else 0,
+                                    gc_keys=gc.keys_read if gc else 0)  # fmt: skip
 
     @property
     def lag_bound(self) -> int | None:
@@ -318,13 +330,15 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self._acks.open()  # before the commit: no ack can slip past
         version = self._allocate()
         self._upload(_Upload(version, encoded, ranks, clock))
-        self.version = version  # before the GC: workers may apply (and ack) it already
+        self.version = version
         self._last_ranks = ranks
-        self._collect_garbage(version)
         return version
 
     def _allocate(self) -> int:
         """The next version; warns when someone else committed since this updater's last push."""
+        if not self._indexed:  # a namespace written before the index is indexed once, before it grows
+            self.registry.chunks.index.ensure()
+            self._indexed = True
         version, latest = self.registry.allocate_after(floor=self.version)
         if self.version and latest > self.version:
             log.warning(
@@ -335,37 +349,23 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return version
 
     def _upload(self, job: _Upload) -> None:
-        """Upload what Redis lacks and commit (on the background thread if any); retention follows.
+        """Run the push's steps (``push.Push``: on the background thread if any) and book the result.
 
         A Redis error becomes a ``PushError`` naming the version. When the commit surely
-        did not happen, a GC runs at once: the chunks this push wrote are garbage now,
+        did not happen, a full GC runs at once: the chunks this push wrote are garbage now,
         and under ``maxmemory`` they hold memory the next push needs.
         """
-        started = time.perf_counter()
-        encoded = job.encoded
         fields = {"created": time.time(), "producer": self._producer}
-        committing: list[float] = []  # when the commit script was sent
-
-        def before_commit() -> None:
-            replicated = time.perf_counter()
-            self._wait_for_replicas(job.version)
-            committing.append(time.perf_counter())
-            job.clock.add("replicas", committing[-1] - replicated)
-
+        payload = EncodedPayload(job.encoded, job.version, self._delta, fields)
+        push = Push(self.registry, job.version, payload, job.ranks, clock=job.clock, pending_ttl=self.pending_ttl,
+                    retention=self.retention, overlap_min_bytes=self.overlap_min_bytes,
+                    replicas=self._replicas)  # fmt: skip
         try:
-            if self._delta is not None:
-                absent = self.registry.chunks.missing(self._delta.candidates(encoded))
-                manifest, patches = self._delta.plan(encoded, job.version, absent, **fields)
-            else:
-                manifest, patches = encoded.manifest(job.version, keyframe=job.version, **fields), {}
-            self.registry.publish(manifest, job.ranks,
-                                  upload=lambda missing: self._write(encoded, patches, missing, manifest),
-                                  pending_ttl=self.pending_ttl,
-                                  committing=before_commit)  # fmt: skip
+            result = push.run()
         except LOST as exc:  # Redis is gone; the commit script may or may not have run
             self._forget_delta()
-            what = "its commit could not be confirmed" if committing else "the new version was not committed"
-            raise self._redis_failure(exc, job.version, what, uploading=not committing) from exc
+            what = "its commit could not be confirmed" if push.committing else "the new version was not committed"
+            raise self._redis_failure(exc, job.version, what, uploading=not push.committing) from exc
         except VersionNotFoundError as exc:  # an object the delta chain relies on is gone
             self._forget_delta()
             raise PushError(f"push of version {job.version} failed: {exc}", version=job.version) from exc
@@ -375,71 +375,16 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 raise self._redis_failure(exc, job.version, "its commit failed part-way") from exc
             self._collect_garbage(job.version)
             raise self._redis_failure(exc, job.version, "the new version was not committed") from exc
-        finally:
-            sent = committing[-1] if committing else time.perf_counter()
-            waited = job.clock.seconds.get("replicas", 0.0)
-            job.clock.add("upload", sent - started - waited)  # planning, the existence check, the upload
-            if committing:
-                job.clock.add("commit", time.perf_counter() - sent)
+        manifest = result.manifest
         if self._delta is not None:
-            self._delta.committed(encoded, manifest)
+            self._delta.committed(job.encoded, manifest)
         log.debug(
-            "committed version %d: %d tensors, %d bytes in %d chunks, %d uploaded, %.1f ms",
+            "committed version %d: %d tensors, %d bytes in %d chunks, %d uploaded",
             job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks, manifest.uploaded_bytes,
-            (time.perf_counter() - started) * 1000,
         )  # fmt: skip
         job.clock.bytes = manifest.uploaded_bytes  # only what Redis lacked was written
+        job.clock.gc = result.gc
         self._metrics.committed(job.version, manifest.uploaded_bytes)
-
-    def _wait_for_replicas(self, version: int) -> None:
-        """``WAIT`` until the replicas hold every chunk written so far (``min_replicas``): a
-        ``PushError`` when a required count is not reached, a warning when a best-effort one is not."""
-        if self.min_replicas == 0:
-            return
-        results = self.store.deployment.wait_for_replicas(self.keyspace, self.min_replicas,
-                                                          self.replica_timeout)  # fmt: skip
-        short = tuple((r.master, r.acknowledged, r.wanted) for r in results if r.short)
-        if short and self.min_replicas is not None:
-            said = "; ".join(f"{m}: {a} of {w}" for m, a, w in short)
-            raise PushError(f"push of version {version} failed: fewer replicas than min_replicas={self.min_replicas} "
-                            f"hold its chunks after {self.replica_timeout:g}s ({said} acknowledged); "
-                            "the new version was not committed", version=version)  # fmt: skip
-        if short != self._short_replicas:  # warn when the shortfall changes, not at every push
-            if short:
-                said = ", ".join(f"{a} of {w} ({m})" for m, a, w in short)
-                log.warning("version %d: only %s of the replicas acknowledged its chunks within %gs; committed anyway "
-                            "(min_replicas=None is best effort; a failover to a lagging replica may lose it)",
-                            version, said, self.replica_timeout)  # fmt: skip
-            else:
-                log.info("version %d: every replica acknowledged its chunks again", version)
-            self._short_replicas = short
-
-    def _write(self, encoded: Encoded, patches: Mapping[str, bytes], missing: set[str], manifest: Manifest) -> int:
-        """Upload the chunks and patches among ``missing`` (each once); the bytes sent. An upload
-        of at least ``overlap_min_bytes`` is announced first (its plan: ``staging.announce``)."""
-        if self.overlap_min_bytes is not None:
-            sizes = dict(zip(encoded.ids, manifest.chunk_sizes, strict=True))
-            upload = sum(sizes.get(i, 0) for i in missing) + sum(len(d) for i, d in patches.items() if i in missing)
-            if upload >= self.overlap_min_bytes:
-                announce(self.store.client, self.keyspace, manifest)
-
-        def objects() -> Any:
-            sent = set()
-            for index, chunk_id in enumerate(encoded.ids):
-                if chunk_id in missing and chunk_id not in sent:
-                    sent.add(chunk_id)
-                    yield (chunk_id, *encoded.chunk(index))
-            for patch_id, data in patches.items():
-                if patch_id in missing:
-                    sent.add(patch_id)
-                    yield patch_id, data, False
-            unknown = missing - sent
-            if unknown:
-                raise VersionNotFoundError(
-                    f"{len(unknown)} object(s) an earlier version's patch chain needs are gone from Redis"
-                )
-
-        return self.registry.chunks.write(objects())
 
     def _committed(self, version: int) -> bool:
         """Whether ``version``'s manifest is in Redis after an error reply (False if Redis cannot say)."""
@@ -453,9 +398,10 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self._delta.reset()
 
     def _collect_garbage(self, version: int) -> None:
+        """A full GC after a push that failed (its chunks are garbage now); never fails the caller."""
         try:
-            self.registry.gc(self.retention)
-        except redis.exceptions.RedisError as exc:  # retention is housekeeping: never fail a push
+            self.registry.collect(self.retention, full=True)
+        except (redis.exceptions.RedisError, RedisWeightsError) as exc:  # housekeeping: never fail a push
             log.warning("garbage collection after version %d failed: %s", version, exc)
 
     def _submit(self, weights: Any, ranks: list[int], clock: PhaseClock) -> None:
@@ -480,13 +426,12 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._last_ranks = ranks
 
     def _background_upload(self, job: _Upload) -> None:
-        """``_upload`` then retention, on the upload thread; a failure is counted there, where it happens."""
+        """``_upload`` (retention included), on the upload thread; a failure is counted there, where it happens."""
         try:
             self._upload(job)
         except Exception as exc:
             self._metrics.failed(exc)
             raise
-        self._collect_garbage(job.version)
 
     def flush(self, timeout: float | None = None) -> None:
         """Background mode: wait until the last push is committed; raise an upload error

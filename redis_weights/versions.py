@@ -1,29 +1,35 @@
-"""The version registry: commit atomically, read, list, delete, retain, and mark-and-sweep GC.
+"""The version registry: allocate, commit atomically, read, list, delete, retain, and mark-and-sweep GC.
 
 A version is a manifest (``rw:{ns}:v:<N>:manifest``) over content-addressed chunks
-and patches (``chunkstore.py``). A push goes:
+and patches (``chunkstore.py``). The push that uses these steps, top to bottom, is
+``push.py``; the primitives here are:
 
-1. ``begin``: record the objects the new manifest will reference in a pending
-   record (TTL ``pending_ttl``), then read the GC epoch (waiting while a GC holds
-   its lease);
-2. upload the objects Redis lacks (``ChunkStore.missing`` then ``write``);
-3. ``commit``: one Lua script in the namespace's slot writes the manifest, adds the
-   version to the sorted set, moves ``latest``, marks the targeted ranks
-   ``"pending"``, drops the pending record and publishes the version number.
+* ``begin``: add the push's token to the index of pushes, record the objects the new
+  manifest may reference in a pending record (TTL ``pending_ttl``), then read the GC
+  epoch (waiting while a GC holds its lease);
+* ``commit``: one Lua script in the namespace's slot moves the staged manifest into
+  place, adds the version to the sorted set, moves ``latest``, marks the targeted
+  ranks ``"pending"``, drops the pending record and its token, publishes the version
+  number and returns how many versions are committed (the push collects garbage only
+  when that exceeds its retention).
 
-The script cannot check that the chunks exist (on a Cluster they live in other
+The script cannot check that the chunks exist on a Cluster (they live in other
 slots); instead it refuses (``GcRaceError``) when the GC epoch moved or a GC holds
-its lease, because a GC that ran since step 1 may have deleted an object the push
-found present. The updater then repeats steps 1-3 (re-uploading what is missing).
+its lease, because a GC that ran since ``begin`` may have deleted an object the push
+found present.
 
-GC (``gc``) takes the lease and bumps the epoch, deletes the manifests beyond the
-retention (plain ZREM and DEL, one version at a time), marks every object
-referenced by a retained manifest or a pending record, then sweeps the others
-(SCAN, then DEL in batches of ``DELETE_BATCH`` keys, each its own round trip: no
-MULTI, no long script, so a 1 GB version is never freed in one call and deleting
-works while Redis is over ``maxmemory``), and bumps the epoch again. When Redis is
-too full to take the lease, the GC deletes without it and takes it as soon as its
-first deletions freed memory, re-marking before it goes on.
+GC (``collect``) takes the lease and bumps the epoch, deletes the manifests beyond
+the retention (plain ZREM and DEL, one version at a time), marks every object a
+retained manifest or a live pending record references, and sweeps the candidates
+that are not marked: the objects of the versions it dropped (an *incremental* sweep:
+its reads grow with the versions it drops, not with the namespace), or every object
+of the namespace's index (a *full* sweep: when asked, when a push crashed, or when
+the index holds more ids than the retained and dropped versions explain: leftovers
+of a crash). Deleting goes in batches of ``DELETE_BATCH`` keys, each its own round
+trip (no MULTI, no long script: a 1 GB version is never freed in one call, and
+deleting works while Redis is over ``maxmemory``). When Redis is too full to take the
+lease, the GC deletes without it and takes it as soon as its first deletions freed
+memory, re-marking before it goes on. Nothing here SCANs (``index.py``).
 
 ``latest`` never moves backwards: a commit of a version not above it is refused
 (``StaleVersionError``), which is what stops a second, stale trainer.
@@ -36,17 +42,18 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from . import ranks
-from .chunkstore import DELETE_BATCH, SCAN_COUNT, ChunkStore
+from .chunkstore import DELETE_BATCH, ChunkStore
 from .deployment import Deployment
 from .errors import CodecError, LegacyFormatError, RedisWeightsError, StaleVersionError, VersionNotFoundError
 from .keys import Keys
-from .manifest import MAX_MANIFEST_BYTES, Manifest
+from .manifest import MAX_MANIFEST_BYTES, Manifest, load_json
 from .units import milliseconds
 from .values import MAX_VERSION, parse_int, text
 
@@ -57,6 +64,7 @@ DEFAULT_PENDING_TTL = 900.0  # seconds a push's pending record protects its obje
 GC_LEASE_TTL = 30.0  # seconds a GC's lease lives without renewal (a dead GC stops blocking commits)
 _LEASE_WAIT = 0.02  # seconds between checks while a push waits for a GC to finish
 _MANIFEST_ROUND = 100  # pending records per round trip while marking
+_LEGACY_MAX_CHUNKS = 1 << 20  # chunk keys a format-1 manifest may name (deleted with it)
 _MANIFEST_PIECE = 1024 * 1024  # bytes per GETRANGE of a manifest (2.2 MB: the manifest of a 100 GB model)
 
 # KEYS: counter, latest. ARGV: floor (the caller's last version), the largest version.
@@ -86,13 +94,14 @@ end
 return {n, latest}
 """
 
-# KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, staged manifest, status_1..status_m,
-#       object_1..object_k
-# ARGV: version, epoch seen by the push, m, updates channel, pending status, k
-# The manifest was written beforehand to the staged key (a plain SET, with the push's
-# TTL): the script only RENAMEs it, so its run does not grow with the manifest (an
-# ARGV of 2 MB, the manifest of a 100 GB model, held Redis ~8 ms here).
-# Idempotent: a retried commit of the version that is already latest returns 0.
+# KEYS: latest, versions, manifest, gc epoch, gc lease, pending record, staged manifest, pushes index,
+#       ranks index, status_1..status_m, object_1..object_k
+# ARGV: version, epoch seen by the push, m, updates channel, pending status, k, push token, rank_1..rank_m
+# (the targeted ranks enter the ranks index with their status key: the index names every rank key)
+# Returns {1, committed versions, other pushes in flight} for a commit, {0, ...} for a retry of
+# one that is already latest (idempotent). The manifest was written beforehand to the staged
+# key (a plain SET, with the push's TTL): the script only RENAMEs it, so its run does not
+# grow with the manifest (an ARGV of 2 MB, the manifest of a 100 GB model, held Redis ~8 ms).
 # The objects (k > 0 where one node holds every key: standalone, Sentinel) must all be
 # there: a client that reconnected to a promoted replica mid-push may have sent part
 # of the chunks to the old primary only (MISSING: the push checks and uploads again).
@@ -107,7 +116,8 @@ if latest == nil then
 end
 if latest == v and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('DEL', KEYS[6], KEYS[7])
-  return 0
+  redis.call('SREM', KEYS[8], ARGV[7])
+  return {0, redis.call('ZCARD', KEYS[2]), redis.call('SCARD', KEYS[8])}
 end
 if latest >= v then
   return redis.error_reply('STALE ' .. latest)
@@ -120,7 +130,7 @@ if redis.call('EXISTS', KEYS[7]) == 0 then
 end
 local absent = 0
 for j = 1, tonumber(ARGV[6] or '0') do
-  absent = absent + 1 - redis.call('EXISTS', KEYS[7 + m + j])
+  absent = absent + 1 - redis.call('EXISTS', KEYS[9 + m + j])
 end
 if absent > 0 then
   return redis.error_reply('MISSING ' .. absent)
@@ -130,11 +140,13 @@ redis.call('PERSIST', KEYS[3])
 redis.call('ZADD', KEYS[2], v, v)
 redis.call('SET', KEYS[1], v)
 redis.call('DEL', KEYS[6])
+redis.call('SREM', KEYS[8], ARGV[7])
 for j = 1, m do
-  redis.call('SET', KEYS[7 + j], ARGV[5])
+  redis.call('SADD', KEYS[9], ARGV[7 + j])
+  redis.call('SET', KEYS[9 + j], ARGV[5])
 end
 redis.pcall('PUBLISH', ARGV[4], v)
-return 1
+return {1, redis.call('ZCARD', KEYS[2]), redis.call('SCARD', KEYS[8])}
 """
 
 # KEYS: lease. ARGV: token, ttl ms. Renew the lease if this GC still holds it.
@@ -161,6 +173,29 @@ class GcRaceError(RedisWeightsError):
 class ObjectsMissingError(GcRaceError):
     """A commit refused because objects the push found or uploaded are not on the node that
     commits (a failover to a replica that had not received them): check and upload again."""
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What a commit did: whether it committed (False: a retry found it committed already), how
+    many versions are committed now (the push collects garbage when beyond its retention), and
+    how many other pushes the index lists as in flight (one may have crashed)."""
+
+    committed: bool
+    versions: int
+    pushes: int = 0
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What one GC did: the versions it deleted, the objects it deleted, whether it swept the
+    whole index (``full``) or only the dropped versions' objects, and the keys it read."""
+
+    versions: tuple[int, ...] = ()
+    objects: int = 0
+    full: bool = False
+    keys_read: int = 0
+    skipped: bool = False  # another GC held the lease
 
 
 def producer_id() -> str:
@@ -209,44 +244,55 @@ class VersionRegistry:
 
     def begin(self, token: str, objects: Iterable[str], pending_ttl: float = DEFAULT_PENDING_TTL) -> str:
         """Record the objects a push relies on (GC spares them until the commit or ``pending_ttl``),
-        then return the GC epoch the commit must still see; waits while a GC holds its lease."""
+        then return the GC epoch the commit must still see; waits while a GC holds its lease.
+        The token enters the index of pushes before its record exists (``index.py``)."""
         k = self.keyspace
         ttl_ms = milliseconds(pending_ttl)
         record = ",".join(sorted(set(objects)))
         deadline = time.monotonic() + 2 * GC_LEASE_TTL
         while True:
             pipe = self.client.pipeline(transaction=False)  # in order: the record is written before the read
+            pipe.sadd(k.pushes_index, token)
             pipe.set(k.pending(token), record, px=ttl_ms)
             pipe.get(k.gc_epoch)
             pipe.exists(k.gc_lease)
-            _, epoch, busy = pipe.execute()
+            _, _, epoch, busy = pipe.execute()
             if not busy or time.monotonic() >= deadline:
                 return (epoch or b"0").decode() if isinstance(epoch, bytes) else str(epoch or "0")
             time.sleep(_LEASE_WAIT)
 
+    def protect(self, token: str, objects: Iterable[str], pending_ttl: float = DEFAULT_PENDING_TTL) -> None:
+        """Replace a push's pending record (its plan added patches): the objects GC must spare."""
+        self.client.set(self.keyspace.pending(token), ",".join(sorted(set(objects))), px=milliseconds(pending_ttl))
+
     def end(self, token: str) -> None:
-        """Drop a push's pending record and staged manifest (its push failed): its objects become
-        garbage unless referenced."""
-        self.client.delete(self.keyspace.pending(token), self.keyspace.staged_manifest(token))
+        """Drop a push's pending record, staged manifest and token (its push failed): its objects
+        become garbage unless referenced."""
+        k = self.keyspace
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(k.pending(token), k.staged_manifest(token))
+        pipe.srem(k.pushes_index, token)
+        pipe.execute()
 
     def commit(
         self, manifest: Manifest, pending_ranks: Iterable[int] = (), *, epoch: str, token: str,
         pending_ttl: float = DEFAULT_PENDING_TTL,
-    ) -> None:
+    ) -> Commit:
         """Make ``manifest.version`` the latest, in one atomic step (see ``_COMMIT``): the manifest
         is staged first with a plain SET (TTL ``pending_ttl``; nothing points at it yet), then the
         script moves it into place."""
         k, v = self.keyspace, manifest.version
         targets = list(pending_ranks)
         staged = k.staged_manifest(token)
-        keys = [k.latest, k.versions, k.manifest(v), k.gc_epoch, k.gc_lease, k.pending(token), staged]
+        keys = [k.latest, k.versions, k.manifest(v), k.gc_epoch, k.gc_lease, k.pending(token), staged, k.pushes_index,
+                k.ranks_index]
         keys += ranks.status_keys(k, targets)
         checked = sorted(manifest.objects()) if self.deployment.single_node else []  # else in other slots
         keys += [k.chunk(i) for i in checked]
         self.client.set(staged, manifest.to_json(), px=max(1, int(pending_ttl * 1000)))
         try:
-            self._commit(keys=keys, args=[v, epoch, len(targets), k.updates_channel, ranks.STATUS_PENDING,
-                                          len(checked)])  # fmt: skip
+            done, count, pushes = self._commit(keys=keys, args=[v, epoch, len(targets), k.updates_channel,
+                                                        ranks.STATUS_PENDING, len(checked), token, *targets])  # fmt: skip
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
             if text.startswith("STALE"):
@@ -262,73 +308,7 @@ class VersionRegistry:
                     "commits (a failover to a replica that had not received them?); checking again"
                 ) from exc
             raise
-
-    def publish(
-        self,
-        manifest: Manifest,
-        pending_ranks: Iterable[int] = (),
-        *,
-        upload: Callable[[set[str]], int] | None = None,
-        pending_ttl: float = DEFAULT_PENDING_TTL,
-        attempts: int = 5,
-        committing: Callable[[], None] | None = None,
-    ) -> int:
-        """Commit ``manifest`` once every object it references is in Redis; returns the bytes uploaded.
-
-        ``upload(missing_ids)`` writes the missing objects (None: nothing may be
-        uploaded, so a missing one is a ``VersionNotFoundError``, as for a rollback
-        whose chunks were deleted). A commit refused by a concurrent GC is retried.
-        ``committing()`` is called before the commit script is sent (from then on a lost
-        connection leaves it unknown whether the version was committed).
-        """
-        token = uuid.uuid4().hex
-        objects = manifest.objects()
-        uploaded = 0
-        try:
-            for attempt in range(attempts):
-                epoch = self.begin(token, objects, pending_ttl)
-                missing = self.chunks.missing(objects)
-                if missing:
-                    if upload is None:
-                        raise VersionNotFoundError(
-                            f"version {manifest.version}: {len(missing)} chunk(s) are gone from Redis "
-                            "(garbage-collected?)"
-                        )
-                    uploaded += upload(missing)
-                manifest.uploaded_bytes = uploaded
-                if committing is not None:
-                    committing()
-                try:
-                    self.commit(manifest, pending_ranks, epoch=epoch, token=token, pending_ttl=pending_ttl)
-                    return uploaded
-                except GcRaceError as exc:
-                    if attempt == attempts - 1:
-                        raise
-                    log.info("%s", exc)
-            raise AssertionError("unreachable")
-        except BaseException:
-            try:
-                self.end(token)
-            except redis.exceptions.RedisError as exc:
-                log.debug("could not drop pending record %s: %s (it expires)", token, exc)
-            raise
-
-    def rollback(
-        self, version: int, pending_ranks: Iterable[int] = (), pending_ttl: float = DEFAULT_PENDING_TTL
-    ) -> Manifest:
-        """Commit the weights of an older ``version`` again, as a new version that workers apply.
-
-        Its chunks are already in Redis (content-addressed): nothing is uploaded or
-        copied. The manifest is the old one with a new number, a new ``created`` and a
-        producer naming the rollback.
-        """
-        source = self.read_manifest(version)
-        manifest = source.renumbered(
-            self.allocate(), created=time.time(), producer=f"rollback of v{version} by {producer_id()}"
-        )
-        self.publish(manifest, pending_ranks, pending_ttl=pending_ttl)
-        log.info("rolled back to version %d as version %d", version, manifest.version)
-        return manifest
+        return Commit(bool(done), int(count), int(pushes))
 
     # -- reading ------------------------------------------------------------------------
     def latest(self) -> int:
@@ -374,38 +354,74 @@ class VersionRegistry:
         return [v for v in versions if v is not None]
 
     # -- deleting -----------------------------------------------------------------------
-    def delete(self, version: int) -> None:
-        """Remove a version from the list and its manifest (two small commands, no MULTI: they
-        work while Redis is full). Its objects go at the next sweep unless another version needs them.
-        Chunks of the old per-version layout, if any, are deleted with it."""
+    def delete(self, version: int) -> set[str] | None:
+        """Remove a version from the list and its manifest (small commands, no MULTI: they work
+        while Redis is full); returns the objects it referenced (None: unknown, its manifest could
+        not be read). Its objects go at the next sweep unless another version needs them. Chunks
+        of the old per-version layout are deleted with it (named by its manifest, never SCANned)."""
         k = self.keyspace
+        objects: set[str] | None = None
+        legacy = 0
+        try:
+            objects = self.read_manifest(version).objects()
+        except VersionNotFoundError:
+            objects = set()
+        except LegacyFormatError:
+            legacy, objects = self._legacy_chunk_count(version), set()
+        except CodecError as exc:
+            log.warning("namespace %r: version %d has an unreadable manifest (%s); deleting it, then a full sweep",
+                        k.namespace, version, exc)  # fmt: skip
         self.client.zrem(k.versions, version)
         self.client.delete(k.manifest(version))
-        legacy = list(self.client.scan_iter(match=k.legacy_chunks_pattern(version), count=SCAN_COUNT))
-        for start in range(0, len(legacy), DELETE_BATCH):
-            self.client.delete(*legacy[start : start + DELETE_BATCH])
+        names = [k.legacy_chunk(version, i) for i in range(legacy)]
+        for start in range(0, len(names), DELETE_BATCH):
+            self.client.delete(*names[start : start + DELETE_BATCH])
+        return objects
+
+    def _legacy_chunk_count(self, version: int) -> int:
+        """How many per-version chunk keys a format-1 manifest names (its ``chunk_sizes``)."""
+        raw = self.client.get(self.keyspace.manifest(version))
+        try:
+            doc = load_json(raw or b"{}", "manifest")
+        except CodecError:
+            return 0
+        sizes = doc.get("chunk_sizes") if isinstance(doc, dict) else None
+        return min(len(sizes), _LEGACY_MAX_CHUNKS) if isinstance(sizes, list) else 0
 
     def gc(self, keep: int = DEFAULT_RETENTION) -> list[int]:
         """Delete all but the newest ``keep`` versions (never ``latest``), then sweep every object
-        no retained version and no pending push references; returns the deleted versions."""
+        of the namespace that no retained version and no pending push references (a full
+        sweep); returns the deleted versions."""
+        return list(self.collect(keep, full=True).versions)
+
+    def collect(self, keep: int = DEFAULT_RETENTION, *, full: bool = False) -> GcReport:
+        """Delete all but the newest ``keep`` versions (never ``latest``) and sweep the objects
+        nothing references any more: those of the dropped versions, or (``full``, or when the
+        index shows leftovers) every object the index lists. See the module docstring."""
         if keep < 1:
             raise ValueError("keep must be at least 1")
         token = uuid.uuid4().hex
         held = self._take_lease(token)
         if held is None:
             log.info("namespace %r: another GC holds the lease; skipping", self.keyspace.namespace)
-            return []
+            return GcReport(skipped=True)
+        old: list[int] = []
         try:
             latest = self.latest()
             old = [v for v in self.list_versions()[:-keep] if v != latest]
+            candidates: set[str] = set()
             for version in old:
-                self.delete(version)
-            held = self._sweep(token, held)
+                objects = self.delete(version)
+                if objects is None:
+                    full = True
+                else:
+                    candidates |= objects
+            held, report = self._sweep(token, held, candidates, full=full)
         finally:
             self._give_back(token, held)
         if old:
             log.debug("gc removed versions %s", old)
-        return old
+        return GcReport(tuple(old), report.objects, report.full, report.keys_read + 2 * len(old) + 2)
 
     def _take_lease(self, token: str) -> bool | None:
         """True: this GC holds the lease (and bumped the epoch); False: Redis is too full to take it
@@ -433,12 +449,14 @@ class VersionRegistry:
         if held:
             self._release(keys=[k.gc_lease], args=[token])
 
-    def _marked(self) -> set[str] | None:
-        """Every object a retained version or a pending push references; None when a retained
-        manifest cannot be read (then nothing may be swept: its objects are unknown)."""
+    def _marked(self) -> tuple[set[str], bool, int] | None:
+        """``(every object a retained version or a live pending push references, whether a push
+        crashed (its record is gone but its token stayed: its objects are unknown), keys read)``;
+        None when a retained manifest cannot be read (then nothing may be swept)."""
         k = self.keyspace
         marked: set[str] = set()
-        for version in self.list_versions():  # retained versions: few; each read in bounded pieces
+        versions = self.list_versions()
+        for version in versions:  # retained versions: few; each read in bounded pieces
             try:
                 marked |= self.read_manifest(version).objects()
             except VersionNotFoundError:
@@ -449,12 +467,29 @@ class VersionRegistry:
                 log.warning("namespace %r: version %d has an unreadable manifest (%s); not sweeping",
                             k.namespace, version, exc)  # fmt: skip
                 return None
-        records = list(self.client.scan_iter(match=k.pending_pattern, count=SCAN_COUNT))
-        for start in range(0, len(records), _MANIFEST_ROUND):
-            for raw in self._get_each(records[start : start + _MANIFEST_ROUND]):
+        tokens = self.chunks.index.pushes()
+        crashed = []
+        for start in range(0, len(tokens), _MANIFEST_ROUND):
+            batch = tokens[start : start + _MANIFEST_ROUND]
+            for token, raw in zip(batch, self._get_each([k.pending(t) for t in batch]), strict=True):
                 if raw:
                     marked.update(raw.decode().split(","))
-        return marked
+                else:
+                    crashed.append(token)
+        if crashed:  # expired or never written: the push is gone (a crash); its token goes too
+            self.client.srem(k.pushes_index, *crashed)
+            log.info("namespace %r: %d push(es) ended without a commit; sweeping the whole index",
+                     k.namespace, len(crashed))  # fmt: skip
+        return marked, bool(crashed), len(versions) + len(tokens) + 2
+
+    def crashed_pushes(self) -> bool:
+        """Whether a push the index lists has lost its pending record (it crashed: its objects
+        are garbage that only a GC over the whole index finds). One SMEMBERS, one EXISTS each."""
+        tokens = self.chunks.index.pushes()
+        pipe = self.client.pipeline(transaction=False)
+        for token in tokens:
+            pipe.exists(self.keyspace.pending(token))
+        return not all(pipe.execute()) if tokens else False
 
     def _get_each(self, names: list[Any]) -> list[Any]:
         """GET of every name in one round trip, one command each (an MGET of many big values is
@@ -464,29 +499,49 @@ class VersionRegistry:
             pipe.get(name)
         return pipe.execute()
 
-    def _sweep(self, token: str, held: bool) -> bool:
-        """Delete unreferenced objects in small steps (see the module docstring); whether
-        this GC holds the lease at the end."""
-        marked = self._marked()
-        if marked is None:
-            return held
-        garbage = [i for i in self.chunks.scan() if i not in marked]
-        position = 0
+    def _garbage(self, candidates: set[str], full: bool) -> tuple[list[str], bool, int] | None:
+        """``(unreferenced objects among the candidates, or among the whole index, full, keys read)``;
+        None when marking is impossible. A sweep goes full when asked, when a push crashed, or
+        when the index lists more ids than the marked and candidate objects explain (leftovers)."""
+        result = self._marked()
+        if result is None:
+            return None
+        marked, crashed, read = result
+        full = full or crashed
+        if not full:
+            full = self.client.scard(self.keyspace.objects_index) > len(marked | candidates)
+            read += 1
+        if full:
+            candidates = self.chunks.indexed()
+            read += 1
+        return sorted(candidates - marked), full, read
+
+    def _sweep(self, token: str, held: bool, candidates: set[str], *, full: bool) -> tuple[bool, GcReport]:
+        """Delete unreferenced objects in small steps (see the module docstring): whether this GC
+        holds the lease at the end, and what it did."""
+        found = self._garbage(candidates, full)
+        if found is None:
+            return held, GcReport()
+        garbage, full, read = found
+        position = deleted = 0
         while position < len(garbage):
             batch = garbage[position : position + DELETE_BATCH]
             position += len(batch)
-            self.chunks.delete(batch)
+            deleted += self.chunks.delete(batch)
             if not held:  # memory was freed: take the lease now, and mark again under it
                 taken = self._take_lease(token)
                 if taken is None:  # another GC took it: it sweeps from here
-                    return False
+                    return False, GcReport(objects=deleted, full=full, keys_read=read)
                 held = taken
                 if held:
-                    marked = self._marked()
-                    if marked is None:
-                        return held
-                    garbage = garbage[:position] + [i for i in garbage[position:] if i not in marked]
+                    again = self._garbage(set(garbage[position:]), full)
+                    if again is None:
+                        return held, GcReport(objects=deleted, full=full, keys_read=read)
+                    rest, full, more = again
+                    done = set(garbage[:position])
+                    garbage = garbage[:position] + [i for i in rest if i not in done]
+                    read += more
             elif not self._renew(keys=[self.keyspace.gc_lease], args=[token, milliseconds(GC_LEASE_TTL)]):
                 log.warning("namespace %r: the GC lease expired mid-sweep; stopping", self.keyspace.namespace)
-                return False
-        return held
+                return False, GcReport(objects=deleted, full=full, keys_read=read)
+        return held, GcReport(objects=deleted, full=full, keys_read=read)

@@ -19,7 +19,8 @@ Markdown. All Redis systems share one private ``redis-server`` (flushed between
 configurations); nothing touches a Redis you run. See docs/benchmarks.md.
 
     python scripts/bench.py --workloads finetune,frozen,classic    # issue 11 (~25 min here)
-    python scripts/bench.py --cluster                              # issue 15: scripts/bench_cluster.py
+    python scripts/bench.py --cluster                              # scripts/bench_cluster.py
+    python scripts/bench.py --keyspace                             # a shared Redis: scripts/bench_keyspace.py
     python scripts/bench.py --workloads finetune --lrs 1e-6 --workers 4 --systems rw-delta,torchrl
 
 The training workloads (``scripts/bench_train.py``) take real optimizer steps between
@@ -765,9 +766,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--report", type=Path, help="only re-render the tables and plot of an earlier JSON file")
     add_arguments(parser)
+    parser.add_argument("--keyspace", action="store_true",
+                        help="a shared Redis: pushes and scrapes beside 0, 1M and 10M unrelated keys "
+                             "(scripts/bench_keyspace.py)")
+    parser.add_argument("--keys", default="0,1000000,10000000", help="--keyspace: unrelated key counts")
     parser.add_argument("--cluster", action="store_true",
                         help="only the Redis Cluster measure (scripts/bench_cluster.py, 1 GB; --sizes picks another)")
     args = parser.parse_args(argv)
+    if args.keyspace:
+        from scripts import bench_keyspace
+
+        out = args.out or REPO / "docs" / "bench" / "keyspace.json"
+        keys = [int(k) for k in args.keys.split(",") if k.strip()]
+        return bench_keyspace.run(keys, args.repeats if args.repeats != 5 else 30, args.timeout, out, args.server_bin)
     if args.cluster:
         return run_cluster_measure(args)
     if args.report:

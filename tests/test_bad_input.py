@@ -178,7 +178,7 @@ def test_the_sync_push_reports_a_corrupted_chunk_naming_the_rank(real_store, red
         data = bytearray(updater.store.client.get(key))
         data[-1] ^= 0xFF
         updater.store.client.set(key, bytes(data))
-        real_commit(manifest, ranks, **kwargs)
+        return real_commit(manifest, ranks, **kwargs)
 
     worker = make_model("mlp")
     with RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, worker, poll_interval=0.2):

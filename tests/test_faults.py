@@ -32,6 +32,7 @@ from redis_weights import (
     bulkread,
     ranks,
 )
+from redis_weights.push import publish
 from redis_weights.tools.admin import Admin, drop_namespace
 from tests.faults_support import eventually, perturb
 from tests.models import make_model, state_digest
@@ -469,7 +470,7 @@ def test_retried_commands_are_idempotent(real_store, redis_url, namespace):
         before = state()
         assert before[:3] == (b"2", b"updated", b"2")
 
-        registry.publish(registry.read_manifest(2), [1])  # the same commit again, as a retry would send it
+        publish(registry, registry.read_manifest(2), [1])  # the same commit again, as a retry would send it
         assert state() == before, "a retried commit must change nothing (nor re-mark the rank pending)"
         worker._report(2, "updated")  # the same ack again
         assert state() == before, "a retried ack must change nothing"

@@ -14,11 +14,11 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # Members of Keys that do not name one key or channel (helpers, patterns, the prefix).
 NOT_NAMES = {"namespace", "prefix", "full", "relative", "pattern", "is_blob", "rank_version_pattern", "rank_of",
              "patterns", "acl_key_patterns", "chunk_pattern", "chunk_id_of", "pending_pattern", "legacy_chunks_pattern",
-             "acl_pattern"}
+             "acl_pattern", "index_keys", "is_library_name"}
 # Sample arguments for the members that take some, and the README table's placeholders for them.
-SAMPLES = {"version": 7, "rank": 1, "chunk_id": "0123456789abcdef" * 2, "token": "t0", "tag": "t5"}
+SAMPLES = {"version": 7, "rank": 1, "chunk_id": "0123456789abcdef" * 2, "token": "t0", "tag": "t5", "index": 3}
 PLACEHOLDERS = {"{ns}": "{policy}", "<ns>": "policy", "<N>": "7", "<id>": "0123456789abcdef" * 2, "<token>": "t0",
-                "<r>": "1", "<tag>": "t5"}
+                "<r>": "1", "<tag>": "t5", "<i>": "3"}
 
 
 def readme_layout() -> dict[str, bool]:

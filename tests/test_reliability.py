@@ -327,6 +327,7 @@ def test_rank_values_that_do_not_add_up_read_as_unknown_and_the_cli_reports_them
     client.set(k.rank_alive(2), "2.0")  # a heartbeat without an expiry
     client.set(k.rank_version(3), "3")
     client.set(k.rank_alive(3), "0.5", px=60_000)  # more time left than its TTL
+    client.sadd(k.ranks_index, 1, 2, 3)  # the ranks joined (the index of the namespace lists them)
     one, two, three = read_rank_states(client, k, [1, 2, 3])
     assert (one.version, one.heartbeat_ttl, one.heartbeat_age) == (0, None, None)
     assert (two.version, two.heartbeat_ttl, two.heartbeat_age) == (0, 2.0, None)

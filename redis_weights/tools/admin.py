@@ -20,7 +20,7 @@ import mmap
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,14 @@ import redis
 from ..assemble import assemble
 from ..deployment import LOST, redacted
 from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
+from ..index import CorruptIndexError, IndexCheck, NamespaceIndex, ReindexReport
 from ..keys import DEFAULT_NAMESPACE, Keys
 from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
+from ..push import rollback
 from ..ranks import RankState, known_ranks, parse_ack, read_rank_states
 from ..store import RedisStore
 from ..subscriptions import Subscription
-from ..values import MAX_VERSION, parse_int
+from ..values import MAX_VERSION, parse_int, text
 from ..versions import VersionRegistry
 
 log = logging.getLogger(__name__)
@@ -386,7 +388,15 @@ class Admin:
     def rollback(self, spec: str | int) -> Manifest:
         """Commit an older version again as the newest (a new number), so every worker applies it."""
         source = self.manifest(spec)
-        return self.registry.rollback(source.version, pending_ranks=self.known_ranks())
+        return rollback(self.registry, source.version, self.known_ranks())
+
+    def reindex(self, *, max_steps: int | None = None) -> ReindexReport:
+        """Index a namespace written before its index (SCAN of its own patterns; resumable)."""
+        return NamespaceIndex(self.client, self.keyspace).reindex(max_steps=max_steps)
+
+    def check_index(self, *, deep: bool = False) -> IndexCheck:
+        """How the namespace's index compares with what it owns (``deep``: SCAN its patterns)."""
+        return NamespaceIndex(self.client, self.keyspace).verify(deep=deep)
 
     def gc(self, keep: int) -> list[int]:
         """Delete all but the newest ``keep`` versions (never the latest); the deleted ones."""
@@ -413,9 +423,28 @@ def drop_namespace(client: redis.Redis, keyspace: Keys) -> int:
     """Delete every key of ``keyspace``'s namespace; how many were deleted.
 
     For throw-away namespaces (the demo's ``demo-<hex>``, the tests'): it takes no
-    lease and no lock, so never run it on a namespace a fleet still uses.
+    lease and no lock, so never run it on a namespace a fleet still uses. The keys come
+    from the namespace's index (``index.py``), not from a SCAN of the server.
     """
-    names = [n for pattern in keyspace.patterns for n in client.scan_iter(match=pattern, count=1000)]
+    index = NamespaceIndex(client, keyspace)
+    k = keyspace
+
+    def read(members: Callable[[], list[Any]]) -> list[Any]:
+        try:
+            return members()
+        except CorruptIndexError:  # a hand-made member: what it names is not ours to delete
+            return []
+
+    registry_versions = [int(v) for v in client.zrange(k.versions, 0, -1) if text(v).isdigit()]
+    names = [k.chunk(i) for i in read(lambda: list(index.objects()))]
+    names += [k.full(n) for n in read(index.names)]
+    names += [k.manifest(v) for v in registry_versions]
+    for token in read(index.pushes):
+        names += [k.pending(token), k.staged_manifest(token)]
+    for rank in read(index.ranks):
+        names += [k.rank_status(rank), k.rank_version(rank), k.rank_alive(rank), k.rank_acked(rank)]
+    names += [k.latest, k.counter, k.versions, k.plan, k.gc_epoch, k.gc_lease, k.probe, k.replication_marker,
+              k.stall_probe, *k.index_keys]  # fmt: skip
     deleted = 0
     for start in range(0, len(names), _DROP_BATCH):
         pipe = client.pipeline(transaction=False)  # one key per DEL: chunks lie in many slots

@@ -36,6 +36,7 @@ from .commands import (
     cmd_exporter,
     cmd_gc,
     cmd_import,
+    cmd_reindex,
     cmd_rollback,
     cmd_show,
     cmd_versions,
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("doctor", cmd_doctor, "check the server's settings; exit code 3 when something is unsafe")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--chunk-size", type=chunk_size, default=DEFAULT_CHUNK_SIZE, help="the chunk size you push with")
+    p.add_argument("--deep", action="store_true", help="also compare the namespace's index with a SCAN of its keys")
+    p = add("reindex", cmd_reindex, "index a namespace written by an older release (a resumable SCAN of its keys)")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="pause after this many SCAN steps (each visits about 1000 keys); run again to resume")
     p = add("exporter", cmd_exporter, "serve the fleet's metrics (versions, per-rank lag and liveness) to Prometheus")
     p.add_argument("--port", type=non_negative_int, default=DEFAULT_EXPORTER_PORT,
                    help=f"HTTP port of /metrics (default {DEFAULT_EXPORTER_PORT})")

@@ -15,7 +15,7 @@ import threading
 
 from ...deployment import redacted
 from ...errors import RedisWeightsError
-from ...health import UNSAFE, check_deployment, worst
+from ...health import UNSAFE, check_deployment, check_namespace, worst
 from ...units import human_age, human_bytes, human_seconds, utc_time
 from .. import exporter
 from ..admin import Admin, manifest_dict
@@ -144,6 +144,7 @@ def cmd_watch(admin: Admin, args: argparse.Namespace) -> int:
 
 def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
     findings = check_deployment(admin.store.deployment, admin.keyspace, chunk_size=args.chunk_size)
+    findings += check_namespace(admin.store.deployment, admin.keyspace, deep=args.deep)
     verdict = worst(findings)
     if args.json:
         print_json({"url": redacted(args.url), "verdict": verdict, "findings": [f.to_dict() for f in findings]})
@@ -159,6 +160,14 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
                 print(f"         {'fix' if f.level != 'ok' else 'tip'}: {f.fix}")
         print(f"verdict: {verdict}" + (" (exit code 3)" if verdict == UNSAFE else ""))
     return EXIT_UNSAFE if verdict == UNSAFE else 0
+
+
+def cmd_reindex(admin: Admin, args: argparse.Namespace) -> int:
+    report = admin.reindex(max_steps=args.max_steps)
+    state = "complete" if report.complete else "paused (run it again to resume)"
+    print(f"reindex {state}: {report.steps:,} SCAN steps; added {report.objects:,} objects, {report.ranks} ranks, "
+          f"{report.pushes} pending pushes, {report.names} store keys")  # fmt: skip
+    return 0
 
 
 def cmd_exporter(admin: Admin, args: argparse.Namespace) -> int:
