@@ -334,8 +334,9 @@ def push_summary(doc: dict[str, Any]) -> str:
              f"{doc['model_fp32_bytes'] / MiB:.0f} MiB, wire bf16 {doc['wire_bytes'] / MiB:.0f} MiB, delta=True, "
              "2 workers (rank 1 fp32, rank 2 bf16)"]  # fmt: skip
     for p in doc["pushes"]:
-        apply = ", ".join(f"rank {r}: fetch {w['seconds'].get('fetch', 0):.3f} s apply {w['seconds'].get('apply', 0):.3f}"
-                          f" s, host +{w['peak_growth'] / MiB:.0f} MiB" for r, w in p["workers"].items())  # fmt: skip
+        apply = ", ".join(f"rank {r}: fetch {w['seconds'].get('fetch', 0):.3f} s, apply "
+                          f"{w['seconds'].get('apply', 0):.3f} s, host +{w['peak_growth'] / MiB:.0f} MiB"
+                          for r, w in p["workers"].items())  # fmt: skip
         lines.append(f"  version {p['version']}: {p['seconds']:.3f} s, wrote {p['written_bytes'] / MiB:.2f} MiB, "
                      f"encode {p['phases'].get('encode', 0):.3f} s, trainer host +{p['trainer_peak_growth'] / MiB:.0f}"
                      f" MiB; {apply}")  # fmt: skip
@@ -428,7 +429,7 @@ def run_time(args: argparse.Namespace) -> int:
 def time_summary(doc: dict[str, Any]) -> str:
     lines = [f"timings, fp32 model of {doc['size'] / MiB:.0f} MiB, wire bf16, medians of {doc['repeats']} "
              f"({doc['machine'].get('gpu') or 'no GPU'}; {doc['machine']['cores']} cores)",
-             "  trainer encode of a delta push, s: device | cast | hash | diff | keep | total | patch bytes"]  # fmt: skip
+             "  trainer encode of a delta push, s: device | cast | hash | diff | keep | total | patches"]  # fmt: skip
     for device, e in doc["encode"].items():
         lines.append(f"    {device:4} | {e['cast']:.3f} | {e['hash']:.3f} | {e['diff']:.3f} | {e['keep']:.3f} | "
                      f"{e['total']:.3f} | {100 * e['patch_fraction']:.1f}% of the stream")  # fmt: skip
