@@ -284,6 +284,7 @@ def test_a_worker_policy_on_the_meta_device_is_refused_at_construction(real_stor
         RedisWeightReceiver(real_store, 1, {"w": torch.zeros(2, device="meta")})
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_weights_reach_a_cpu_worker_and_back(real_store, redis_url, namespace):
     source = {"w": torch.randn(1000, 100, device="cuda"), "b": torch.randn(7, device="cuda").half()}
