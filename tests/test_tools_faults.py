@@ -1,0 +1,122 @@
+"""The operator's tools under faults and hostile input, against a real server: export of damaged or
+vanishing versions, empty namespaces and URLs, values from Redis or files shown on a terminal, the
+exporter's exposure. Each failure is one line and exit code 1 (2 for bad usage), never a traceback."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from redis_weights import RedisStore, RedisWeightUpdater
+from redis_weights.assemble import MissingObjectError
+from redis_weights.errors import RedisWeightsError, VersionNotFoundError
+from redis_weights.tools import admin as admin_module
+from redis_weights.tools.admin import Admin
+from tests.test_admin_scripts import load
+from tests.test_cli import assert_one_line_error, run_main
+
+
+def weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(64, 64, generator=g), "b.bias": torch.randn(64, generator=g)}
+
+
+def push(store: RedisStore, seed: int, retention: int = 10) -> int:
+    """Commit ``weights(seed)`` as a new version (its GC keeps ``retention``); the version."""
+    updater = RedisWeightUpdater(RedisStore(store.client, store.namespace, owns_client=False), weights(seed), 1,
+                                 sync=False, retention=retention, chunk_size=4096)  # fmt: skip
+    updater.update_weights()
+    return updater.version
+
+
+# -- export -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_export_of_a_damaged_version_is_one_line_naming_the_chunk(
+    real_store: RedisStore, redis_url: str, namespace: str, tmp_path: Path, capsys, damage: str
+) -> None:
+    version = push(real_store, 1)
+    admin = Admin(RedisStore(real_store.client, namespace, owns_client=False))
+    chunk = admin.manifest(version).chunks[2].id
+    key = real_store.keyspace.chunk(chunk)
+    if damage == "missing":
+        real_store.client.delete(key)
+    else:
+        real_store.client.setrange(key, 100, b"\xff\x00\xff")
+    target = tmp_path / "v.safetensors"
+    result = run_main(capsys, "--url", redis_url, "-n", namespace, "export", str(version), "-o", str(target))
+    expected = "is missing from Redis" if damage == "missing" else "does not match its id"
+    assert_one_line_error(result, f"version {version}", chunk, expected)
+    assert "BufferError" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+    if damage == "missing":  # a corrupt chunk is deleted once found: it is missing now too
+        with pytest.raises(MissingObjectError, match="the version is damaged") as raised:
+            admin.export("latest", target)
+        assert not isinstance(raised.value.__context__, BufferError)
+
+
+_SEEDS = itertools.count(100)
+
+
+def _racing_push(store: RedisStore, monkeypatch, times: int) -> dict[int, int]:
+    """Make the next ``times`` exports lose their version: a retention=1 push (and its GC) runs just
+    after the manifest was read, before the chunks are. The seed of each version pushed so."""
+    real = admin_module.write_version
+    pushed: dict[int, int] = {}
+
+    def racing(chunks: Any, manifest: Any, target: Path) -> None:
+        if len(pushed) < times:
+            seed = next(_SEEDS)  # other bytes than any version before: its GC drops the version read
+            pushed[push(store, seed, retention=1)] = seed
+        real(chunks, manifest, target)
+
+    monkeypatch.setattr(admin_module, "write_version", racing)
+    return pushed
+
+
+def test_export_of_latest_follows_a_retention_1_trainer(
+    real_store: RedisStore, namespace: str, tmp_path: Path, monkeypatch
+) -> None:
+    first = push(real_store, 1, retention=1)
+    admin = Admin(RedisStore(real_store.client, namespace, owns_client=False))
+    pushed = _racing_push(real_store, monkeypatch, 2)
+    manifest = admin.export("latest", tmp_path / "latest.safetensors")
+    assert list(pushed) == [first + 1, first + 2] and manifest.version == first + 2
+    loaded = load_file(str(tmp_path / "latest.safetensors"))
+    seed = pushed[manifest.version]
+    assert all(torch.equal(loaded[k], v) for k, v in weights(seed).items())
+    # A numbered version garbage-collected mid-export: said so, as a RedisWeightsError.
+    _racing_push(real_store, monkeypatch, 1)
+    with pytest.raises(VersionNotFoundError, match=f"version {first + 2} was garbage-collected while it was exported"):
+        admin.export(first + 2, tmp_path / "numbered.safetensors")
+    # A trainer faster than every attempt: one clear error, not a loop.
+    _racing_push(real_store, monkeypatch, admin_module.EXPORT_ATTEMPTS)
+    with pytest.raises(RedisWeightsError, match="raise its retention"):
+        admin.export("latest", tmp_path / "never.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.safetensors"]
+
+
+def test_export_latest_script_follows_the_trainer_and_fails_in_one_line(
+    real_store: RedisStore, redis_url: str, namespace: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    script = load("export_latest")
+    first = push(real_store, 1, retention=1)
+    _racing_push(real_store, monkeypatch, 1)
+    assert script.main(["--url", redis_url, "-n", namespace, "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith(str(tmp_path / f"{namespace}-v{first + 1}.safetensors"))
+    assert [p.name for p in tmp_path.iterdir()] == [f"{namespace}-v{first + 1}.safetensors"]
+    manifest = Admin(RedisStore(real_store.client, namespace, owns_client=False)).manifest("latest")
+    real_store.client.delete(real_store.keyspace.chunk(manifest.chunks[0].id))
+    (tmp_path / f"{namespace}-v{first + 1}.safetensors").unlink()
+    code = script.main(["--url", redis_url, "-n", namespace, "--dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith("export_latest: error: ")
+    assert "is missing from Redis" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
