@@ -63,6 +63,7 @@ def test_export_of_a_damaged_version_is_one_line_naming_the_chunk(
 
 
 _SEEDS = itertools.count(100)
+EMPTY = "is empty: give a value, or leave it out for the default"
 
 
 def _racing_push(store: RedisStore, monkeypatch, times: int) -> dict[int, int]:
@@ -120,3 +121,35 @@ def test_export_latest_script_follows_the_trainer_and_fails_in_one_line(
     assert code == 1 and err.count("\n") == 1 and err.startswith("export_latest: error: ")
     assert "is missing from Redis" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+# -- empty namespace and URL --------------------------------------------------------------------------
+def test_an_empty_namespace_or_url_is_refused_never_the_default(server_factory, capsys, monkeypatch) -> None:
+    server = server_factory()  # private: the default namespace is touched only here
+    store = RedisStore.from_url(server.url, "policy")
+    try:
+        for seed in (1, 2, 3):
+            push(store, seed)
+        monkeypatch.delenv("REDIS_WEIGHTS_NAMESPACE", raising=False)
+        monkeypatch.setenv("REDIS_URL", server.url)
+        for args, needle in [
+            (["-n", "", "gc", "--keep", "1"], "--namespace is empty"),
+            (["gc", "--keep", "1", "--namespace", "  "], "--namespace is empty"),
+            (["--url", "", "gc", "--keep", "1"], "--url is empty"),
+        ]:
+            assert_one_line_error(run_main(capsys, *args), needle)
+        monkeypatch.setenv("REDIS_WEIGHTS_NAMESPACE", "")
+        assert_one_line_error(run_main(capsys, "gc", "--keep", "1"), "$REDIS_WEIGHTS_NAMESPACE is empty")
+        monkeypatch.delenv("REDIS_WEIGHTS_NAMESPACE")
+        monkeypatch.setenv("REDIS_URL", "")
+        assert_one_line_error(run_main(capsys, "gc", "--keep", "1"), "$REDIS_URL is empty")
+        script = load("export_latest")
+        monkeypatch.setenv("REDIS_URL", server.url)
+        assert script.main(["-n", "", "--dir", "/nonexistent"]) == 1
+        assert capsys.readouterr().err == f"export_latest: error: --namespace {EMPTY}\n"
+        assert len(Admin(store).registry.list_versions()) == 3  # nothing was deleted
+        # Given, the namespace is used as given; unset, the default one.
+        assert json.loads(run_main(capsys, "versions", "--json").stdout)["namespace"] == "policy"
+        assert json.loads(run_main(capsys, "-n", "other", "versions", "--json").stdout)["versions"] == []
+    finally:
+        store.close()

@@ -26,7 +26,6 @@ from .args import (
     connection_options,
     non_negative_int,
     positive_int,
-    resolve_connection,
 )
 from .commands import (
     cmd_delete,
@@ -42,7 +41,7 @@ from .commands import (
     cmd_watch,
     cmd_workers,
 )
-from .guard import guarded, setup_logging
+from .guard import run_parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,11 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``redis-weights`` (and ``python -m redis_weights``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    resolve_connection(args)
-    setup_logging(args.verbose)
-    if args.func is cmd_demo:
-        return guarded(args.url, lambda: cmd_demo(args))
-    return guarded(args.url, lambda: _with_admin(args))
+    return run_parsed(args, lambda: cmd_demo(args) if args.func is cmd_demo else _with_admin(args))
 
 
 def _with_admin(args: argparse.Namespace) -> int:

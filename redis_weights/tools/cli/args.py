@@ -11,7 +11,7 @@ import argparse
 import os
 from collections.abc import Callable
 
-from ...errors import RedisWeightsError
+from ...errors import ConfigurationError, RedisWeightsError
 from ...keys import DEFAULT_NAMESPACE
 from ...manifest import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
@@ -88,10 +88,28 @@ def connection_options() -> argparse.ArgumentParser:
 
 
 def resolve_connection(args: argparse.Namespace) -> None:
-    """Set ``args.url``, ``args.namespace`` (and whether each was given) from the options, the environment, defaults."""
-    args.url_given = getattr(args, "url", None) is not None or bool(os.environ.get(ENV_URL))
-    args.url = getattr(args, "url", None) or os.environ.get(ENV_URL) or DEFAULT_URL
-    given = getattr(args, "namespace", None) or os.environ.get(ENV_NAMESPACE)
-    args.namespace_given = given
-    args.namespace = given or DEFAULT_NAMESPACE
+    """Set ``args.url``, ``args.namespace`` (and whether each was given) from the options, the environment, defaults.
+
+    An empty value, given or from a variable that is set, is a ``ConfigurationError``: never the
+    default in disguise (``-n "$NS"`` with ``NS`` unset must not hit the default namespace).
+    """
+    url = _given(args, "url", "--url", ENV_URL)
+    args.url_given = url is not None
+    args.url = url or DEFAULT_URL
+    namespace = _given(args, "namespace", "--namespace", ENV_NAMESPACE)
+    args.namespace_given = namespace
+    args.namespace = namespace or DEFAULT_NAMESPACE
     args.verbose = getattr(args, "verbose", False)
+
+
+def _given(args: argparse.Namespace, name: str, option: str, variable: str) -> str | None:
+    """The option's value, else the environment variable's, else None; an empty one is refused."""
+    if hasattr(args, name):
+        value, where = getattr(args, name), option
+    elif variable in os.environ:
+        value, where = os.environ[variable], f"${variable}"
+    else:
+        return None
+    if not value.strip():
+        raise ConfigurationError(f"{where} is empty: give a value, or leave it out for the default")
+    return value
