@@ -4,15 +4,20 @@ exporter's exposure. Each failure is one line and exit code 1 (2 for bad usage),
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
-import subprocess
-from collections.abc import Callable
+import math
+import re
+import unicodedata
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from redis_weights import RedisStore, RedisWeightUpdater
@@ -21,7 +26,11 @@ from redis_weights.errors import RedisWeightsError, VersionNotFoundError
 from redis_weights.tools import admin as admin_module
 from redis_weights.tools.admin import Admin
 from tests.test_admin_scripts import load
-from tests.test_cli import assert_one_line_error, run_main
+from redis_weights.tools.cli import main
+from redis_weights.tools.cli.guard import guarded
+from redis_weights.tools.cli.render import print_table, printable
+from redis_weights.units import human_age, human_seconds, utc_time
+from tests.test_cli import assert_one_line_error, run_main, terminal  # noqa: F401 (a fixture)
 
 
 def weights(seed: int) -> dict[str, torch.Tensor]:
@@ -153,3 +162,119 @@ def test_an_empty_namespace_or_url_is_refused_never_the_default(server_factory, 
         assert json.loads(run_main(capsys, "-n", "other", "versions", "--json").stdout)["versions"] == []
     finally:
         store.close()
+
+
+# -- values shown on a terminal -----------------------------------------------------------------------
+_HOSTILE_NAMES = ["policy[/].bias", "head[value].weight", "[bold red]x[/]", "evil\x1b]0;pwned\x07.weight",
+                  "rtl\u202etxt.weight", "line\nbreak.weight"]  # fmt: skip
+_HOSTILE_METADATA = {"note": "\x1b[2J\x1b[31mcleared", "k\x1b[1m": "v\r\nforged line", "bidi": "\u202egnp.exe"}
+_SGR = re.compile(r"\x1b\[[0-9;]*m")  # rich's own styles on a terminal
+
+
+def _hostile_version(store: RedisStore, created: float | None = None) -> int:
+    """A version whose tensor names, metadata (and ``created``, when given) someone hostile chose."""
+    tensors = {name: torch.full((2,), float(i)) for i, name in enumerate(_HOSTILE_NAMES)}
+    updater = RedisWeightUpdater(RedisStore(store.client, store.namespace, owns_client=False), tensors, 1,
+                                 sync=False, metadata=_HOSTILE_METADATA)  # fmt: skip
+    updater.update_weights()
+    if created is not None:
+        key = store.keyspace.manifest(updater.version)
+        doc = json.loads(store.client.get(key))
+        doc["created"] = created
+        store.client.set(key, json.dumps(doc))  # NaN / Infinity as Python's json writes them
+    return updater.version
+
+
+def _no_raw_controls(text: str) -> None:
+    """Nothing a terminal would act on but rich's own colours and line ends."""
+    bare = _SGR.sub("", text)
+    bad = [ch for ch in bare if ch != "\n" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")]
+    assert not bad, (bad, text)
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("created", [None, 1e300, float("inf"), float("-inf"), -1e300, float("nan")])
+def test_show_and_versions_escape_names_metadata_and_range_check_created(
+    real_store: RedisStore, redis_url: str, namespace: str, terminal, capsys, created: float | None
+) -> None:
+    version = _hostile_version(real_store, created)
+    base = ["--url", redis_url, "-n", namespace]
+    for command in (["show", "latest"], ["versions"]):
+        with redirect_stdout(terminal):
+            code = main([*base, *command])
+        out = terminal.getvalue()
+        terminal.seek(0)
+        terminal.truncate()
+        assert code == 0, out
+        _no_raw_controls(out)
+        if command[0] == "show":
+            flat = out.replace("│", "").replace(" ", "").replace("\n", "")  # columns fold long names
+            for name in _HOSTILE_NAMES:  # ASCII or escaped: what ``unicode_escape`` writes
+                assert name.encode("unicode_escape").decode().replace(" ", "") in flat, (name, out)
+            assert "metadata note = \\x1b[2J\\x1b[31mcleared" in out
+            assert "metadata k\\x1b[1m = v\\r\\nforged line" in out
+            assert ("created ? UTC" in out) == (created is not None)
+        piped = run_main(capsys, *base, *command)
+        assert piped.returncode == 0 and piped.stderr == "", piped
+        _no_raw_controls(piped.stdout)
+        doc = _strict_json(run_main(capsys, *base, *command, "--json").stdout)
+        rows = [doc] if command[0] == "show" else doc["versions"]
+        assert [r["version"] for r in rows] == [version]
+        if created is not None:
+            assert rows[0]["created"] == (created if math.isfinite(created) else None)
+
+
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=3))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_text_in_a_table_reaches_the_terminal_escaped(terminal, cells: list[str]) -> None:
+    terminal.seek(0)
+    terminal.truncate()
+    print_table([f"h{i}" for i in range(len(cells))], [cells], title="t", out=terminal)
+    plain = io.StringIO()
+    print_table([f"h{i}" for i in range(len(cells))], [cells], title="t", out=plain)
+    for text in (terminal.getvalue(), plain.getvalue()):
+        _no_raw_controls(text)
+    assert plain.getvalue().splitlines()[2].split() == " ".join(printable(c) for c in cells).split()
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True) | st.none())
+def test_times_and_durations_of_any_number_are_text(value: float | None) -> None:
+    for render in (human_age, human_seconds):
+        assert isinstance(render(value), str)
+    if value is not None:
+        shown = utc_time(value)
+        assert shown in ("-", "?") or re.fullmatch(r"-?\d{1,4}-\d\d-\d\d \d\d:\d\d:\d\d", shown), shown
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["exporter", "--port", "99999"], "a port is 0 to 65535"),
+        (["exporter", "--port", "-1"], "must be at least 0"),
+        (["watch", "--timeout", "nan"], "must be a finite number > 0"),
+        (["watch", "--timeout", "inf"], "must be a finite number > 0"),
+        (["watch", "--timeout", "-3"], "must be a finite number > 0"),
+        (["demo", "--interval", "nan"], "must be a finite number >= 0"),
+        (["demo", "--size-mb=-inf"], "must be a finite number > 0"),
+        (["demo", "--role", "worker", "--metrics-port", "70000"], "a port is 0 to 65535"),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(capsys, args: list[str], needle: str) -> None:
+    result = run_main(capsys, "--url", "redis://127.0.0.1:1/0", *args)
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result
+
+
+def test_an_error_message_reaches_the_terminal_escaped(capsys) -> None:
+    """Messages quote what Redis or a file holds; the guard writes them escaped, on one line."""
+
+    def fail() -> int:
+        raise RedisWeightsError("rank 3 says \x1b]0;pwned\x07\nredis-weights: all good")
+
+    assert guarded("redis://localhost:6379/0", fail) == 1
+    assert capsys.readouterr().err == "redis-weights: error: rank 3 says \\x1b]0;pwned\\x07\\nredis-weights: all good\n"

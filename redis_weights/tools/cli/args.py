@@ -8,6 +8,7 @@ defaults once parsed. The argparse types refuse bad values with a usage error (e
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable
 
@@ -37,6 +38,33 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 non_negative_int, positive_int = _int_at_least(0), _int_at_least(1)  # argparse types (scripts/ use them too)
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {value}")
+    return value
+
+
+def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number above ``minimum`` (or equal to it when ``inclusive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {minimum:g}, "
+                                             f"got {text!r}")  # fmt: skip
+        return value
+
+    return parse
+
+
+non_negative_float, positive_float = _seconds(0, True), _seconds(0, False)  # argparse types: never NaN or inf
 
 
 def chunk_size(text: str) -> int:

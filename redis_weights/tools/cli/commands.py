@@ -8,7 +8,6 @@ and needs no ``Admin``. The scripts in ``scripts/`` print the same tables throug
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
@@ -21,7 +20,7 @@ from .. import exporter
 from ..admin import Admin, manifest_dict
 from .args import key_value, workers_from_environment
 from .guard import EXIT_UNSAFE
-from .render import is_tty, print_json, print_table
+from .render import is_tty, json_line, print_json, print_table, printable
 
 
 def cmd_versions(admin: Admin, args: argparse.Namespace) -> int:
@@ -51,7 +50,7 @@ def cmd_show(admin: Admin, args: argparse.Namespace) -> int:
     if args.json:
         print_json(doc)
         return 0
-    print(f"version {doc['version']}  created {utc_time(doc['created'])} UTC  by {doc['producer'] or '-'}")
+    print(f"version {doc['version']}  created {utc_time(doc['created'])} UTC  by {printable(doc['producer'] or '-')}")
     print(f"{human_bytes(doc['total_bytes'])} ({doc['total_bytes']} bytes) in {len(doc['chunks'])} chunk(s), "
           f"{len(doc['tensors'])} tensor(s), {doc['checksum_algo']} chunk ids")  # fmt: skip
     if doc["storage"] == "full":
@@ -60,9 +59,10 @@ def cmd_show(admin: Admin, args: argparse.Namespace) -> int:
         storage = (f"patch against version {doc['base']}, chain length {doc['chain_length']} "
                    f"from keyframe {doc['keyframe']}")  # fmt: skip
     print(f"stored: {storage}; {human_bytes(doc['stored_bytes'])} stored, {human_bytes(doc['new_bytes'])} new"
-          + (f"; wire dtype {doc['wire_dtype']} ({len(doc['cast'])} tensor(s) cast)" if doc["wire_dtype"] else ""))
+          + (f"; wire dtype {printable(doc['wire_dtype'])} ({len(doc['cast'])} tensor(s) cast)"
+             if doc["wire_dtype"] else ""))  # fmt: skip
     for key, value in doc["metadata"].items():
-        print(f"metadata {key} = {value}")
+        print(f"metadata {printable(key)} = {printable(value)}")
     print_table(["tensor", "dtype", "shape", "bytes"],
                 [(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"])
                  for t in doc["tensors"]])  # fmt: skip
@@ -129,12 +129,13 @@ def cmd_watch(admin: Admin, args: argparse.Namespace) -> int:
     seen = 0
     for event in admin.watch(timeout=args.timeout):
         if args.json:
-            print(json.dumps(event.to_dict()), flush=True)
+            print(json_line(event.to_dict()), flush=True)
         elif event.kind == "push":
             size = f"{human_bytes(event.total_bytes)}, {event.tensors} tensors" if event.total_bytes else "(gone)"
-            print(f"{utc_time(event.time)}  push  v{event.version}  {size}  by {event.producer or '-'}", flush=True)
+            print(f"{utc_time(event.time)}  push  v{event.version}  {size}  by {printable(event.producer or '-')}",
+                  flush=True)  # fmt: skip
         else:
-            print(f"{utc_time(event.time)}  ack   v{event.version}  rank {event.rank}: {event.status}  "
+            print(f"{utc_time(event.time)}  ack   v{event.version}  rank {event.rank}: {printable(event.status)}  "
                   f"lag {event.lag}  ack latency {human_seconds(event.ack_latency)}", flush=True)  # fmt: skip
         seen += 1
         if args.count and seen >= args.count:
@@ -154,9 +155,9 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
             tag = f"[{f.level.upper():^6}]"
             if tty:
                 tag = f"\033[{colors[f.level]}m{tag}\033[0m"
-            print(f"{tag} {f.check}{f' ({f.node})' if f.node else ''}: {f.what}")
+            print(f"{tag} {f.check}{f' ({printable(f.node)})' if f.node else ''}: {printable(f.what)}")
             if f.fix:
-                print(f"         {'fix' if f.level != 'ok' else 'tip'}: {f.fix}")
+                print(f"         {'fix' if f.level != 'ok' else 'tip'}: {printable(f.fix)}")
         print(f"verdict: {verdict}" + (" (exit code 3)" if verdict == UNSAFE else ""))
     return EXIT_UNSAFE if verdict == UNSAFE else 0
 

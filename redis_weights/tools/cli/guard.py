@@ -18,6 +18,7 @@ import redis
 from ...errors import ConfigurationError, RedisWeightsError
 from ..admin import connection_error_message
 from .args import resolve_connection
+from .render import printable
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNSAFE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -49,7 +50,7 @@ def guarded(url: str, action: Callable[[], int], prog: str = "redis-weights") ->
 
 
 def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {printable(message)}", file=sys.stderr)  # messages quote what Redis holds
     return EXIT_ERROR
 
 
