@@ -4,12 +4,19 @@ exporter's exposure. Each failure is one line and exit code 1 (2 for bad usage),
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 import json
 import math
 import re
+import socket
+import ssl
 import unicodedata
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ from tests.test_admin_scripts import load
 from redis_weights.tools.cli import main
 from redis_weights.tools.cli.guard import guarded
 from redis_weights.tools.cli.render import print_table, printable
+from redis_weights.tools.exporter import serve
 from redis_weights.units import human_age, human_seconds, utc_time
 from tests.test_cli import assert_one_line_error, run_main, terminal  # noqa: F401 (a fixture)
 
@@ -278,3 +286,110 @@ def test_an_error_message_reaches_the_terminal_escaped(capsys) -> None:
 
     assert guarded("redis://localhost:6379/0", fail) == 1
     assert capsys.readouterr().err == "redis-weights: error: rank 3 says \\x1b]0;pwned\\x07\\nredis-weights: all good\n"
+
+
+# -- the exporter -------------------------------------------------------------------------------------
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+
+
+def _get(url: str, *, method: str = "GET", auth: str | None = None, context: ssl.SSLContext | None = None,
+         ) -> tuple[int, bytes]:  # fmt: skip
+    request = urllib.request.Request(url, method=method)
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    opener = _HTTP if context is None else urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))  # fmt: skip
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture
+def big_manifest_store(server_factory) -> Iterator[RedisStore]:
+    """A private server (its byte counters are the test's alone) holding one version of 1500 chunks."""
+    server = server_factory()
+    store = RedisStore.from_url(server.url, "policy")
+    updater = RedisWeightUpdater(store, {"w": torch.randn(1500 * 1024)}, 1, sync=False, chunk_size=4096)
+    updater.update_weights()
+    yield store
+    store.close()
+
+
+def _redis_output_bytes(store: RedisStore) -> int:
+    return int(store.client.info("stats")["total_net_output_bytes"])
+
+
+def test_the_exporter_reads_little_and_once_however_many_scrape(big_manifest_store: RedisStore) -> None:
+    store = big_manifest_store
+    manifest_bytes = store.client.strlen(store.keyspace.manifest(1))
+    assert manifest_bytes > 50_000
+    server = serve(Admin(RedisStore(store.client, "policy", owns_client=False)), 0, cache_seconds=60)
+    try:
+        assert server.server_address[0] == "127.0.0.1"  # loopback unless told otherwise
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        before = _redis_output_bytes(store)
+        status, body = _get(url)
+        one = _redis_output_bytes(store) - before
+        assert status == 200 and b"redis_weights_fleet_stored_bytes" in body
+        stored = [line for line in body.decode().splitlines() if line.startswith("redis_weights_fleet_stored_bytes")]
+        assert float(stored[0].split()[-1]) == Admin(store).manifest(1).total_bytes
+        assert one < 8192 < manifest_bytes, one  # two ends of the manifest, never all of it
+        info = -_redis_output_bytes(store) + _redis_output_bytes(store)  # what one INFO reply costs
+        before = _redis_output_bytes(store)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: _get(url), range(8)))
+        assert all(s == 200 for s, _ in answers)
+        assert _redis_output_bytes(store) - before <= info + 16  # served from the one read: Redis sent nothing
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_exporter_answers_metrics_only_with_auth_and_tls(real_store: RedisStore, tmp_path: Path) -> None:
+    from tests.test_security import _make_certs
+
+    admin = Admin(RedisStore(real_store.client, real_store.namespace, owns_client=False))
+    server = serve(admin, 0, credentials=("prom", "s3cret"), cache_seconds=0)
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        assert _get(f"{base}/metrics", auth="prom:s3cret")[0] == 200
+        assert _get(f"{base}/metrics")[0] == 401
+        assert _get(f"{base}/metrics", auth="prom:wrong")[0] == 401
+        assert _get(f"{base}/", auth="prom:s3cret")[0] == 404
+        assert _get(f"{base}/metrics/../x", auth="prom:s3cret")[0] == 404
+        assert _get(f"{base}/metrics", method="POST", auth="prom:s3cret")[0] == 405
+    finally:
+        server.shutdown()
+        server.server_close()
+    certs = _make_certs(tmp_path)
+    server = serve(admin, 0, certfile=str(certs["cert"]), keyfile=str(certs["key"]), cache_seconds=0)
+    try:
+        context = ssl.create_default_context(cafile=str(certs["ca"]))
+        status, body = _get(f"https://127.0.0.1:{server.server_port}/metrics", context=context)
+        assert status == 200 and b"redis_weights_fleet_up" in body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_exporter_command_refuses_bad_settings_in_one_line(real_store: RedisStore, redis_url: str,
+                                                                namespace: str, tmp_path: Path, capsys) -> None:  # fmt: skip
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    empty = tmp_path / "auth"
+    empty.write_text("justauser\n")
+    base = ["--url", redis_url, "-n", namespace, "exporter", "--port"]
+    try:
+        for args, needle in [
+            ([str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
+            (["0", "--auth-file", str(empty)], "USER:PASSWORD"),
+            (["0", "--auth-file", str(tmp_path / "absent")], "No such file"),
+            (["0", "--tls-cert", str(empty)], "cannot load the TLS certificate"),
+            (["0", "--tls-key", str(empty)], "needs its certificate"),
+        ]:
+            assert_one_line_error(run_main(capsys, *base, *args), needle)
+    finally:
+        taken.close()

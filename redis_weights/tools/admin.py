@@ -36,6 +36,7 @@ from ..subscriptions import Subscription
 from ..values import MAX_VERSION, parse_int
 from ..versions import VersionRegistry
 from .export import check_target, write_version
+from .facts import read_facts
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +247,8 @@ class Admin:
         return out
 
     def created_times(self, versions: set[int] | list[int]) -> dict[int, float]:
-        """The ``created`` time of each of ``versions`` still in Redis (one MGET of their manifests)."""
-        wanted = sorted(versions)
-        return {v: m.created for v, m in zip(wanted, self._manifests(wanted), strict=True) if isinstance(m, Manifest)}
+        """The ``created`` time of each of ``versions`` still in Redis (the two ends of each manifest: ``facts``)."""
+        return {v: f.created for v, f in read_facts(self.registry, versions).items()}
 
     def versions(self) -> list[VersionRow]:
         """One row per committed version, oldest first, with the ranks that run it."""

@@ -18,9 +18,12 @@ from collections.abc import Callable, Sequence
 
 from ...manifest import DEFAULT_CHUNK_SIZE
 from ..admin import Admin
+from ..exporter import DEFAULT_ADDRESS as DEFAULT_EXPORTER_ADDRESS
+from ..exporter import DEFAULT_CACHE_SECONDS as DEFAULT_EXPORTER_CACHE
 from ..exporter import DEFAULT_PORT as DEFAULT_EXPORTER_PORT
 from .args import (
     DEFAULT_WORKERS,
+    ENV_EXPORTER_AUTH,
     ENV_WORKERS,
     chunk_size,
     connection_options,
@@ -92,7 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("exporter", cmd_exporter, "serve the fleet's metrics (versions, per-rank lag and liveness) to Prometheus")
     p.add_argument("--port", type=port, default=DEFAULT_EXPORTER_PORT,
                    help=f"HTTP port of /metrics (default {DEFAULT_EXPORTER_PORT})")
-    p.add_argument("--address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--address", default=DEFAULT_EXPORTER_ADDRESS,
+                   help=f"address to listen on (default {DEFAULT_EXPORTER_ADDRESS}; 0.0.0.0: every interface)")
+    p.add_argument("--auth-file", metavar="FILE",
+                   help=f"require basic auth: FILE holds USER:PASSWORD (or set ${ENV_EXPORTER_AUTH})")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (if not in --tls-cert)")
+    p.add_argument("--cache-seconds", type=non_negative_float, default=DEFAULT_EXPORTER_CACHE,
+                   help=f"read Redis at most once per this many seconds (default {DEFAULT_EXPORTER_CACHE:g})")
     p = add("demo", cmd_demo, "a trainer and N worker processes with a live view (private server unless --url)")
     p.add_argument("--workers", type=positive_int, default=None,
                    help=f"worker processes / ranks 1..N; a worker without --rank claims one of them "

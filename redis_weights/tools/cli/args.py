@@ -18,6 +18,7 @@ from ...manifest import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 DEFAULT_URL = "redis://localhost:6379/0"
 ENV_URL, ENV_NAMESPACE = "REDIS_URL", "REDIS_WEIGHTS_NAMESPACE"  # read when --url / --namespace are not given
+ENV_EXPORTER_AUTH = "REDIS_WEIGHTS_EXPORTER_AUTH"  # USER:PASSWORD of the exporter's basic auth (never in argv)
 ENV_WORKERS = "WORKERS"  # read when ``demo --workers`` is not given (Docker Compose sets it)
 DEFAULT_WORKERS = 4
 

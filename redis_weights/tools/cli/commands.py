@@ -8,9 +8,11 @@ and needs no ``Admin``. The scripts in ``scripts/`` print the same tables throug
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from ...deployment import redacted
 from ...errors import RedisWeightsError
@@ -18,7 +20,8 @@ from ...health import UNSAFE, check_deployment, worst
 from ...units import human_age, human_bytes, human_seconds, utc_time
 from .. import exporter
 from ..admin import Admin, manifest_dict
-from .args import key_value, workers_from_environment
+from ..httpd import parse_credentials
+from .args import ENV_EXPORTER_AUTH, key_value, workers_from_environment
 from .guard import EXIT_UNSAFE
 from .render import is_tty, json_line, print_json, print_table, printable
 
@@ -163,9 +166,15 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
 
 
 def cmd_exporter(admin: Admin, args: argparse.Namespace) -> int:
-    server = exporter.serve(admin, args.port, args.address)
+    credentials = exporter_credentials(args.auth_file)
+    try:
+        server = exporter.serve(admin, args.port, args.address, cache_seconds=args.cache_seconds,
+                                credentials=credentials, certfile=args.tls_cert, keyfile=args.tls_key)  # fmt: skip
+    except OSError as exc:  # a port taken or privileged, an address that is not this host's
+        raise RedisWeightsError(f"cannot listen on {args.address}:{args.port}: {exc.strerror or exc}") from None
+    scheme, auth = ("https" if args.tls_cert else "http"), (", basic auth" if credentials else "")
     print(f"serving the fleet metrics of namespace {admin.keyspace.namespace!r} on "
-          f"http://{args.address}:{server.server_port}/metrics (Ctrl-C to stop)", flush=True)  # fmt: skip
+          f"{scheme}://{args.address}:{server.server_port}/metrics{auth} (Ctrl-C to stop)", flush=True)  # fmt: skip
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -173,6 +182,18 @@ def cmd_exporter(admin: Admin, args: argparse.Namespace) -> int:
     finally:
         server.shutdown()
     return 0
+
+
+def exporter_credentials(auth_file: str | None) -> tuple[str, str] | None:
+    """The exporter's basic auth: ``--auth-file``'s first line, else ``$REDIS_WEIGHTS_EXPORTER_AUTH``, else None."""
+    if auth_file:
+        try:
+            text = Path(auth_file).read_text().splitlines()[0] if Path(auth_file).stat().st_size else ""
+        except OSError as exc:
+            raise RedisWeightsError(f"--auth-file {auth_file}: {exc.strerror or exc}") from None
+        return parse_credentials(text)
+    text = os.environ.get(ENV_EXPORTER_AUTH)
+    return None if text is None else parse_credentials(text)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
