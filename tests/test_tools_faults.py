@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from redis_weights import RedisStore, RedisWeightUpdater
+from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.assemble import MissingObjectError
 from redis_weights.errors import RedisWeightsError, VersionNotFoundError
 from redis_weights.tools import admin as admin_module
@@ -393,3 +393,30 @@ def test_the_exporter_command_refuses_bad_settings_in_one_line(real_store: Redis
             assert_one_line_error(run_main(capsys, *base, *args), needle)
     finally:
         taken.close()
+
+
+# -- damaged weights ----------------------------------------------------------------------------------
+def test_weights_damaged_in_place_are_restored_by_the_next_version_and_by_rollback(
+    real_store: RedisStore, namespace: str
+) -> None:
+    store = RedisStore(real_store.client, namespace, owns_client=False)
+    trained = {**weights(1), "m.weight": torch.randn(64, 64), "z.bias": torch.randn(64)}  # a's chunks: a's alone
+    first_weights = {k: v.clone() for k, v in trained.items()}
+    updater = RedisWeightUpdater(store, trained, 1, sync=False, chunk_size=4096)
+    receiver = RedisWeightReceiver(store, 1, {k: torch.zeros_like(v) for k, v in trained.items()})
+    try:
+        updater.update_weights()
+        first = receiver.poll()
+        with torch.no_grad():
+            receiver.policy["a.weight"].mul_(-1)  # damaged in place: an accident, a stray optimizer step
+            trained["z.bias"].add_(1.0)  # the next version changes only chunks far from a.weight
+        updater.update_weights()
+        assert receiver.poll() == updater.version
+        assert all(torch.equal(receiver.policy[k], v) for k, v in trained.items())
+        with torch.no_grad():
+            receiver.policy["a.weight"].zero_()
+        rolled = Admin(store).rollback(first)
+        assert receiver.poll() == rolled.version
+        assert all(torch.equal(receiver.policy[k], v) for k, v in first_weights.items())
+    finally:
+        receiver.close()
