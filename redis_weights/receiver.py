@@ -9,8 +9,8 @@ A version is applied only when every key, shape and dtype fits the policy (check
 before anything is fetched) and all of its chunks are in the receive buffer, each
 verified against its id: chunks the buffer already holds are not downloaded again,
 patched chunks are rebuilt in place from the previous ones (``assemble.py``). Then
-the tensors whose chunks changed are copied into the live tensors (same objects,
-same ``data_ptr``). Any failure leaves the old weights whole and sets the rank's
+every tensor is copied into the live tensors (same objects, same ``data_ptr``):
+a worker whose weights were modified in place holds the version's bytes again. Any failure leaves the old weights whole and sets the rank's
 status to ``"error: <reason>"``; so does a fetch that keeps failing (``failures.py``),
 whose attempts are spaced out meanwhile.
 
@@ -39,7 +39,7 @@ import redis
 from . import ranks, staging
 from .assemble import MissingObjectError, assemble
 from .bulkread import receive_buffer
-from .codec import check_compatible, check_header, copy_tensors, flatten_weights, tensors_in_chunks
+from .codec import check_compatible, check_header, copy_tensors, flatten_weights
 from .deployment import LOST
 from .errors import (
     ApplyError,
@@ -53,7 +53,7 @@ from .errors import (
 from .failures import Repeats
 from .health import ensure_server, explain_lost_connection
 from .hostcache import DEFAULT_DIRECTORY, HostCache
-from .manifest import Buffer, Manifest, TensorEntry, manifest_limit
+from .manifest import Buffer, Manifest, manifest_limit
 from .metrics import WorkerMetrics
 from .reports import ApplyReport, PhaseClock, call_hook
 from .store import RedisStore, as_store
@@ -94,8 +94,8 @@ class RedisWeightReceiver:
 
     Chunks are read straight into one receive buffer of the model's size, kept from
     version to version (or into the shared file), verified, then copied in place;
-    only the tensors whose chunks changed since the applied version are copied, so
-    weights modified locally in between are not restored.
+    every tensor is copied (a memory copy, small beside the fetch), so an applied version
+    is the version's bytes even where the worker's weights were modified in place.
     Use ``poll()`` from your own loop, ``wait()`` to block, or ``start()`` for a
     background thread (hold ``receiver.lock`` around code that must not see an
     update half-applied, e.g. one forward pass).
@@ -138,7 +138,6 @@ class RedisWeightReceiver:
         self._fetched_bytes = 0  # bytes this receiver read from Redis, all versions together
         self.staged_bytes = 0  # of which read before their version's commit (``staging.py``)
         self._plan_hint = 0  # the newest version announced on the updates channel, not yet staged
-        self._live: tuple[tuple[int, int, tuple[TensorEntry, ...]], list[str]] | None = None  # what the tensors hold
         self.version = 0
         self.latest_seen = 0  # ``latest`` as of the last check of Redis
         self.last_apply: ApplyReport | None = None
@@ -315,11 +314,8 @@ class RedisWeightReceiver:
             with self._fetch(manifest) as chunks:  # the chunks are read, patched (or mapped) on entry
                 clock.add("fetch", time.perf_counter() - fetch_started)
                 check_header(chunks, manifest)
-                names = self._changed_tensors(manifest)
                 with self.lock, clock.phase("apply"):  # holders of the lock see weights and version agree
-                    self._live = None  # until the copy is complete
-                    copy_tensors(chunks, manifest, targets, names)
-                    self._live = (self._layout(manifest), manifest.ids)
+                    copy_tensors(chunks, manifest, targets)  # all: weights damaged in place are restored
                     previous, self.version = self.version, version
         except MissingObjectError as exc:
             if not self.registry.exists(version):  # garbage-collected meanwhile: retry from latest
@@ -350,17 +346,6 @@ class RedisWeightReceiver:
         with self._applied:
             self._applied.notify_all()
         return version
-
-    @staticmethod
-    def _layout(manifest: Manifest) -> tuple[int, int, tuple[TensorEntry, ...]]:
-        return manifest.chunk_size, manifest.header_len, tuple(manifest.tensors)
-
-    def _changed_tensors(self, manifest: Manifest) -> set[str] | None:
-        """The tensors whose chunks differ from what the live tensors hold (None: all of them)."""
-        if self._live is None or self._live[0] != self._layout(manifest):
-            return None
-        live = self._live[1]
-        return tensors_in_chunks(manifest, [i for i, c in enumerate(manifest.ids) if live[i] != c])
 
     def _host_cache(self, option: bool | str | os.PathLike[str]) -> HostCache | None:
         if option is False or option is None:

@@ -3,7 +3,10 @@ seconds-to-milliseconds conversion of every TTL the library sets."""
 
 from __future__ import annotations
 
+import math
 import time
+
+_FIRST_SECOND, _LAST_SECOND = -62135596800.0, 253402300799.0  # years 1 to 9999 UTC: what a calendar shows
 
 
 def human_bytes(nbytes: float) -> str:
@@ -20,6 +23,8 @@ def human_age(seconds: float | None) -> str:
     """``3.2`` -> ``"3.2s ago"``, minutes and hours for longer; ``"-"`` when unknown."""
     if seconds is None:
         return "-"
+    if not math.isfinite(seconds):
+        return "?"
     if seconds < 60:
         return f"{seconds:.1f}s ago"
     if seconds < 3600:
@@ -31,12 +36,19 @@ def human_seconds(seconds: float | None) -> str:
     """``0.0123`` -> ``"12.3 ms"``, ``2.5`` -> ``"2.50 s"``; ``"-"`` when unknown."""
     if seconds is None:
         return "-"
+    if not math.isfinite(seconds):
+        return "?"
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def utc_time(timestamp: float) -> str:
-    """A wall-clock timestamp as ``YYYY-MM-DD HH:MM:SS`` UTC (``"-"`` for 0)."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp)) if timestamp else "-"
+    """A wall-clock timestamp as ``YYYY-MM-DD HH:MM:SS`` UTC (``"-"`` for 0, ``"?"`` for one no
+    calendar holds: a manifest's ``created`` of 1e300, inf or NaN)."""
+    if not timestamp:
+        return "-"
+    if not _FIRST_SECOND <= timestamp <= _LAST_SECOND:  # False for NaN
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
 def milliseconds(seconds: float) -> int:

@@ -34,12 +34,16 @@ def export_latest(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
     with Admin.from_url(args.url, args.namespace) as admin:
-        version = admin.resolve("latest")
-        target = directory / f"{admin.keyspace.namespace}-v{version}.safetensors"
+
+        def name(version: int) -> Path:
+            return directory / f"{admin.keyspace.namespace}-v{version}.safetensors"
+
+        target = name(admin.resolve("latest"))
         if target.exists():
             print(f"{target} (already exported)")
-        else:
-            manifest = admin.export(version, target)
+        else:  # "latest" again: a newer version replaces one garbage-collected while it is read
+            manifest = admin.export("latest", name)
+            target = name(manifest.version)
             print(f"{target} ({human_bytes(manifest.total_bytes)}, {len(manifest.tensors)} tensors)")
         if args.keep:
             for _, old in exports(directory, admin.keyspace.namespace)[: -args.keep]:

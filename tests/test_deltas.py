@@ -130,13 +130,9 @@ def test_unchanged_chunks_are_neither_uploaded_nor_downloaded_without_deltas(fak
     updater.update_weights()
     manifest = updater.registry.read_manifest(updater.version)
     reads.clear()
-    copied = []
-    real_copy = worker._changed_tensors
-    worker._changed_tensors = lambda m: copied.append(real_copy(m)) or copied[-1]  # type: ignore[method-assign]
     assert worker.poll() == updater.version
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), worker.policy.state_dict().values()))
     assert manifest.uploaded_bytes == sum(reads) <= 2 * 16384, "only the chunk(s) holding the head's bias"
-    assert copied[0] is not None and "0.bias" not in copied[0] and "1.bias" in copied[0]  # tensors of changed chunks
 
 
 def test_the_trainer_keeps_one_wire_copy_with_deltas_and_none_without(fake_store):

@@ -56,7 +56,7 @@ def by_rank(samples: dict[str, list[Any]], name: str) -> dict[int, float]:
 def exporter(real_store: RedisStore) -> Iterator[int]:
     """The exporter of the test's namespace on a free loopback port; stopped at teardown."""
     admin = Admin(RedisStore(real_store.client, real_store.namespace, owns_client=False))
-    server = serve(admin, 0, "127.0.0.1")
+    server = serve(admin, 0, "127.0.0.1", cache_seconds=0)
     yield server.server_port
     server.shutdown()
     server.server_close()
@@ -90,7 +90,7 @@ def test_the_fleet_over_http(fleet, exporter: int, namespace: str, real_store: R
 def test_a_scrape_while_redis_is_down_says_so(server_factory, namespace: str) -> None:
     server = server_factory()
     admin = Admin(RedisStore.from_url(server.url, namespace, socket_timeout=2, socket_connect_timeout=2))
-    http = serve(admin, 0, "127.0.0.1")
+    http = serve(admin, 0, "127.0.0.1", cache_seconds=0)
     try:
         assert scrape(http.server_port)["redis_weights_fleet_up"][0].value == 1
         server.close()

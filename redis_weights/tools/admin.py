@@ -16,10 +16,8 @@ the library's own pieces (``VersionRegistry``, ``Manifest``, ``read_rank_states`
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 
 import redis
 
-from ..assemble import assemble
+from ..assemble import MissingObjectError
 from ..deployment import LOST, redacted
 from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
 from ..index import CorruptIndexError, IndexCheck, NamespaceIndex, ReindexReport
@@ -39,11 +37,15 @@ from ..store import RedisStore
 from ..subscriptions import Subscription
 from ..values import MAX_VERSION, parse_int, text
 from ..versions import VersionRegistry
+from .export import check_target, write_version
+from .facts import read_facts
 
 log = logging.getLogger(__name__)
 
 _NO_RETENTION = 2**31  # an import must not garbage-collect the versions an operator keeps
 _DROP_BATCH = 1000  # keys per DEL when a namespace is dropped
+EXPORT_ATTEMPTS = 5  # exports of "latest" lost to a newer push's GC before giving up
+_Path = str | os.PathLike[str]
 
 
 class RefusedError(RedisWeightsError):
@@ -247,9 +249,8 @@ class Admin:
         return out
 
     def created_times(self, versions: set[int] | list[int]) -> dict[int, float]:
-        """The ``created`` time of each of ``versions`` still in Redis (one MGET of their manifests)."""
-        wanted = sorted(versions)
-        return {v: m.created for v, m in zip(wanted, self._manifests(wanted), strict=True) if isinstance(m, Manifest)}
+        """The ``created`` time of each of ``versions`` still in Redis (the two ends of each manifest: ``facts``)."""
+        return {v: f.created for v, f in read_facts(self.registry, versions).items()}
 
     def versions(self) -> list[VersionRow]:
         """One row per committed version, oldest first, with the ranks that run it."""
@@ -318,44 +319,49 @@ class Admin:
         return None
 
     # -- files ----------------------------------------------------------------------------
-    def export(self, spec: str | int, path: str | os.PathLike[str]) -> Manifest:
+    def export(self, spec: str | int, path: _Path | Callable[[int], _Path]) -> Manifest:
         """Write a version to ``path``: a ``.safetensors`` file, bit-exact, whether the version is
         stored whole or as patches (keyframe chunks patched in the file, each chunk verified).
 
-        Written to a temporary file in the same directory, then renamed: a reader
-        never sees half a file. The file gets the mode of any new file (0666 less the
-        umask). A ``path`` that is a directory, or whose directory does not exist, is
-        a ``ConfigurationError``, checked before anything is read from Redis; write
-        errors name ``path``, never the temporary file.
+        ``path`` may be a function of the version number (``scripts/export_latest.py`` names
+        its files after the version). Written to a temporary file in the same directory, then
+        renamed: a reader never sees half a file (``redis_weights.tools.export``). A ``path``
+        that is a directory, or whose directory does not exist, is a ``ConfigurationError``,
+        checked before anything is read from Redis; write errors name ``path``.
+
+        ``"latest"`` exported while a trainer pushes (and its GC drops the version being read)
+        is tried again on the new latest, up to ``EXPORT_ATTEMPTS`` times. A chunk missing
+        from a version still retained, or a version garbage-collected while it was read, is a
+        ``RedisWeightsError`` naming the version.
         """
-        target = Path(path)
-        if target.is_dir():
-            raise ConfigurationError(f"{path} is a directory: give a file name, e.g. {target / 'weights.safetensors'}")
-        if not target.parent.is_dir():
-            why = "is not a directory" if target.parent.exists() else "does not exist"
-            raise ConfigurationError(f"cannot write {path}: directory {target.parent} {why}")
-        manifest = self.manifest(spec)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+        if not callable(path):
+            check_target(path)
+        latest = parse_version(spec) == "latest"
+        for attempt in range(1, EXPORT_ATTEMPTS + 1):
+            version = self.resolve(spec)
+            target = check_target(path(version) if callable(path) else path)
             try:
-                try:
-                    os.ftruncate(fd, manifest.total_bytes)
-                    with mmap.mmap(fd, manifest.total_bytes) as region:
-                        view = memoryview(region)
-                        try:
-                            assemble(self.registry.chunks, manifest, view, [])
-                        finally:
-                            view.release()
-                finally:
-                    os.close(fd)
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
-        return manifest
+                manifest = self.manifest(version)
+            except VersionNotFoundError:
+                if not latest:
+                    raise  # never committed, or deleted: the error lists the committed versions
+                continue  # a newer push's GC took it between the two reads
+            try:
+                write_version(self.registry.chunks, manifest, target)
+                return manifest
+            except MissingObjectError as exc:
+                if self.registry.exists(version):
+                    raise MissingObjectError(f"{exc}: the version is damaged, export another one") from None
+                if not latest:
+                    raise VersionNotFoundError(
+                        f"version {version} was garbage-collected while it was exported ({exc})"
+                    ) from None
+            log.info("export of latest: version %d was garbage-collected while it was read (attempt %d)",
+                     version, attempt)  # fmt: skip
+        raise RedisWeightsError(
+            f"latest moved {EXPORT_ATTEMPTS} times while it was exported: the trainer garbage-collects "
+            "each version faster than it can be read; export while it pauses, or raise its retention"
+        )
 
     def import_file(
         self,

@@ -1,11 +1,16 @@
-"""``redis-weights exporter``: the fleet as Prometheus metrics, read from Redis at every scrape.
+"""``redis-weights exporter``: the fleet as Prometheus metrics, read from Redis when scraped.
 
-Like rq-exporter for rq, it needs nothing from the trainer or the workers: each scrape
-reads the namespace through ``Admin`` (the ``versions`` and ``workers`` reports) and
-answers with the latest version, the versions retained and their bytes, and per rank
-the applied version, lag, heartbeat age, liveness, status and ack latency (the rank
-is a label here: the fleet has a bounded, known set of ranks). When Redis does not
-answer, the scrape still succeeds with ``redis_weights_fleet_up 0`` and nothing else.
+Like rq-exporter for rq, it needs nothing from the trainer or the workers: a scrape
+reads the namespace's version list, rank keys and the two fields it needs of each
+manifest (``facts``: never a whole manifest) and answers with the latest version, the
+versions retained and their bytes, and per rank the applied version, lag, heartbeat
+age, liveness, status and ack latency (the rank is a label here: the fleet has a
+bounded, known set of ranks). When Redis does not answer, the scrape still succeeds
+with ``redis_weights_fleet_up 0`` and nothing else.
+
+It is no amplifier: it listens on loopback unless told otherwise, answers ``/metrics``
+only, reads Redis at most once per ``cache_seconds`` however many clients scrape, and
+offers basic auth and TLS (``httpd``).
 
 ``FLEET_METRICS`` is the catalogue the README documents and the dashboard's test
 checks against; the in-process metrics of the trainer and workers are in
@@ -15,20 +20,25 @@ checks against; the in-process metrics of the trainer and workers are in
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import redis
 
-from .. import metrics
 from ..metrics import MetricSpec, require
 from ..ranks import ERROR_PREFIX, STATUS_PENDING, STATUS_UPDATED, is_error
-from .admin import Admin
+from .admin import Admin, WorkerRow
+from .facts import read_facts
+from .httpd import METRICS_PATH, guarded_app, serve_wsgi
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9108
+DEFAULT_ADDRESS = "127.0.0.1"  # loopback: exposing the fleet is a choice (--address 0.0.0.0)
+DEFAULT_CACHE_SECONDS = 1.0  # a scrape reads Redis at most this often, whoever asks
 STATUSES = (STATUS_PENDING, STATUS_UPDATED, ERROR_PREFIX.rstrip(":"), "none")  # the ``status`` label's values
 _RANK = ("namespace", "rank")
 
@@ -65,17 +75,37 @@ def status_label(status: str | None) -> str:
 
 
 class FleetCollector:
-    """A prometheus-client collector that reads one namespace at every scrape."""
+    """A prometheus-client collector that reads one namespace, at most once per ``cache_seconds``.
 
-    def __init__(self, admin: Admin) -> None:
+    A scrape that arrives while another one reads Redis waits for it and answers with
+    its result: however many clients scrape, Redis sees one read per interval.
+    """
+
+    def __init__(self, admin: Admin, cache_seconds: float = DEFAULT_CACHE_SECONDS) -> None:
         require()
         self.admin = admin
         self.namespace = admin.keyspace.namespace
+        self.cache_seconds = cache_seconds
+        self.reads = 0  # reads of Redis so far
+        self._lock = threading.Lock()
+        self._cached: list[Any] = []
+        self._read_at = -math.inf
 
     def describe(self) -> list[Any]:
         return []  # families depend on what Redis holds; nothing to check at registration
 
     def collect(self) -> Iterator[Any]:
+        asked = time.monotonic()
+        with self._lock:
+            if self._read_at < min(asked, time.monotonic() - self.cache_seconds):  # none since asked, none fresh
+                self._cached = self._read()
+                self._read_at = time.monotonic()
+                self.reads += 1
+            families = self._cached
+        yield from families
+
+    def _read(self) -> list[Any]:
+        """Every family, read from Redis now."""
         from prometheus_client.core import GaugeMetricFamily
 
         families = {name: GaugeMetricFamily(name, spec.help, labels=spec.labels) for name, spec in _SPECS.items()}
@@ -92,17 +122,21 @@ class FleetCollector:
         families["redis_weights_fleet_up"].add_metric([self.namespace], up)
         elapsed = time.perf_counter() - started
         families["redis_weights_fleet_scrape_duration_seconds"].add_metric([self.namespace], elapsed)
-        yield from families.values()
+        return list(families.values())
 
     def _fill(self, families: dict[str, Any]) -> None:
-        ns = self.namespace
-        versions = self.admin.versions()
-        latest, workers = self.admin.workers()
+        """Read the few fields the metrics need: the version list, the rank keys, two ends of each manifest."""
+        ns, registry = self.namespace, self.admin.registry
+        latest, versions, states = registry.latest(), registry.list_versions(), self.admin.rank_states()
+        facts = read_facts(registry, {*versions, *(s.version for s in states if s.version)})
         families["redis_weights_fleet_latest_version"].add_metric([ns], latest)
         families["redis_weights_fleet_versions_retained"].add_metric([ns], len(versions))
-        families["redis_weights_fleet_stored_bytes"].add_metric([ns], sum(v.total_bytes for v in versions))
-        families["redis_weights_fleet_ranks"].add_metric([ns], len(workers))
-        for row in workers:
+        stored = sum(facts[v].total_bytes for v in versions if v in facts)
+        families["redis_weights_fleet_stored_bytes"].add_metric([ns], stored)
+        families["redis_weights_fleet_ranks"].add_metric([ns], len(states))
+        for state in states:
+            fact = facts.get(state.version)
+            row = WorkerRow.from_state(state, latest, fact.created if fact else None)
             labels = [ns, str(row.rank)]
             families["redis_weights_fleet_rank_applied_version"].add_metric(labels, row.version)
             families["redis_weights_fleet_rank_lag_versions"].add_metric(labels, row.lag)
@@ -117,16 +151,31 @@ class FleetCollector:
                 families["redis_weights_fleet_rank_status"].add_metric([*labels, status], value)
 
 
-def serve(admin: Admin, port: int = DEFAULT_PORT, address: str = "0.0.0.0") -> Any:
+def serve(
+    admin: Admin,
+    port: int = DEFAULT_PORT,
+    address: str = DEFAULT_ADDRESS,
+    *,
+    cache_seconds: float = DEFAULT_CACHE_SECONDS,
+    credentials: tuple[str, str] | None = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+) -> Any:
     """Serve the fleet metrics of ``admin``'s namespace on ``address:port`` from a daemon thread; the server.
 
-    A private registry holds only the fleet collector (no process metrics of the
-    exporter itself). ``server.server_port`` is the port (useful with ``port=0``);
-    ``server.shutdown()`` stops it.
+    Loopback by default; ``/metrics`` only; a scrape reads Redis at most once per
+    ``cache_seconds``; ``credentials`` (user, password) require basic auth, ``certfile``
+    (and ``keyfile``) serve HTTPS (``redis_weights.tools.httpd``). A private registry holds
+    only the fleet collector. ``server.server_port`` is the port (useful with ``port=0``);
+    ``server.shutdown()`` and ``server.server_close()`` stop it.
     """
     require()
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, make_wsgi_app
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(admin))
-    return metrics.serve(port, address, registry)
+    registry.register(FleetCollector(admin, cache_seconds))
+    app = guarded_app(make_wsgi_app(registry), credentials)
+    server = serve_wsgi(app, port, address, certfile=certfile, keyfile=keyfile)
+    log.info("serving the fleet metrics on %s://%s:%d%s", "https" if certfile else "http", address,
+             server.server_port, METRICS_PATH)  # fmt: skip
+    return server

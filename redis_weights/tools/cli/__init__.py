@@ -18,15 +18,20 @@ from collections.abc import Callable, Sequence
 
 from ...manifest import DEFAULT_CHUNK_SIZE
 from ..admin import Admin
+from ..exporter import DEFAULT_ADDRESS as DEFAULT_EXPORTER_ADDRESS
+from ..exporter import DEFAULT_CACHE_SECONDS as DEFAULT_EXPORTER_CACHE
 from ..exporter import DEFAULT_PORT as DEFAULT_EXPORTER_PORT
 from .args import (
     DEFAULT_WORKERS,
+    ENV_EXPORTER_AUTH,
     ENV_WORKERS,
     chunk_size,
     connection_options,
+    non_negative_float,
     non_negative_int,
+    port,
+    positive_float,
     positive_int,
-    resolve_connection,
 )
 from .commands import (
     cmd_delete,
@@ -43,7 +48,7 @@ from .commands import (
     cmd_watch,
     cmd_workers,
 )
-from .guard import guarded, setup_logging
+from .guard import run_parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("watch", cmd_watch, "live view of pushes and acks until Ctrl-C")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=positive_int, help="stop after this many events")
-    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--timeout", type=positive_float, help="stop after this many seconds")
     p = add("doctor", cmd_doctor, "check the server's settings; exit code 3 when something is unsafe")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--chunk-size", type=chunk_size, default=DEFAULT_CHUNK_SIZE, help="the chunk size you push with")
@@ -93,23 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="pause after this many SCAN steps (each visits about 1000 keys); run again to resume")
     p = add("exporter", cmd_exporter, "serve the fleet's metrics (versions, per-rank lag and liveness) to Prometheus")
-    p.add_argument("--port", type=non_negative_int, default=DEFAULT_EXPORTER_PORT,
+    p.add_argument("--port", type=port, default=DEFAULT_EXPORTER_PORT,
                    help=f"HTTP port of /metrics (default {DEFAULT_EXPORTER_PORT})")
-    p.add_argument("--address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--address", default=DEFAULT_EXPORTER_ADDRESS,
+                   help=f"address to listen on (default {DEFAULT_EXPORTER_ADDRESS}; 0.0.0.0: every interface)")
+    p.add_argument("--auth-file", metavar="FILE",
+                   help=f"require basic auth: FILE holds USER:PASSWORD (or set ${ENV_EXPORTER_AUTH})")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (if not in --tls-cert)")
+    p.add_argument("--cache-seconds", type=non_negative_float, default=DEFAULT_EXPORTER_CACHE,
+                   help=f"read Redis at most once per this many seconds (default {DEFAULT_EXPORTER_CACHE:g})")
     p = add("demo", cmd_demo, "a trainer and N worker processes with a live view (private server unless --url)")
     p.add_argument("--workers", type=positive_int, default=None,
                    help=f"worker processes / ranks 1..N; a worker without --rank claims one of them "
                         f"(default: ${ENV_WORKERS}, else {DEFAULT_WORKERS})")  # fmt: skip
-    p.add_argument("--size-mb", type=float, default=16.0, help="model size in MB (default 16)")
+    p.add_argument("--size-mb", type=positive_float, default=16.0, help="model size in MB (default 16)")
     p.add_argument("--versions", type=non_negative_int, default=10,
                    help="versions to push (default 10; 0: forever, trainer)")
-    p.add_argument("--interval", type=float, default=0.2, help="seconds between pushes (default 0.2)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a push waits for acks (default 60)")
+    p.add_argument("--interval", type=non_negative_float, default=0.2, help="seconds between pushes (default 0.2)")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds a push waits for acks (default 60)")
     p.add_argument("--role", choices=["all", "trainer", "worker"], default="all",
                    help="all: the whole demo here; trainer / worker: one side, against --url (Docker Compose)")
     p.add_argument("--rank", type=positive_int, default=None,
                    help="worker role: the rank (default: the lowest free one of 1..--workers)")
-    p.add_argument("--metrics-port", type=non_negative_int, default=None,
+    p.add_argument("--metrics-port", type=port, default=None,
                    help="trainer / worker role: serve its Prometheus metrics on this port (needs the metrics extra)")
     p.add_argument("--json-lines", action="store_true", help=argparse.SUPPRESS)  # the local demo's children
     return parser
@@ -119,11 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``redis-weights`` (and ``python -m redis_weights``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    resolve_connection(args)
-    setup_logging(args.verbose)
-    if args.func is cmd_demo:
-        return guarded(args.url, lambda: cmd_demo(args))
-    return guarded(args.url, lambda: _with_admin(args))
+    return run_parsed(args, lambda: cmd_demo(args) if args.func is cmd_demo else _with_admin(args))
 
 
 def _with_admin(args: argparse.Namespace) -> int:

@@ -8,15 +8,17 @@ defaults once parsed. The argparse types refuse bad values with a usage error (e
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable
 
-from ...errors import RedisWeightsError
+from ...errors import ConfigurationError, RedisWeightsError
 from ...keys import DEFAULT_NAMESPACE
 from ...manifest import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 DEFAULT_URL = "redis://localhost:6379/0"
 ENV_URL, ENV_NAMESPACE = "REDIS_URL", "REDIS_WEIGHTS_NAMESPACE"  # read when --url / --namespace are not given
+ENV_EXPORTER_AUTH = "REDIS_WEIGHTS_EXPORTER_AUTH"  # USER:PASSWORD of the exporter's basic auth (never in argv)
 ENV_WORKERS = "WORKERS"  # read when ``demo --workers`` is not given (Docker Compose sets it)
 DEFAULT_WORKERS = 4
 
@@ -37,6 +39,33 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 non_negative_int, positive_int = _int_at_least(0), _int_at_least(1)  # argparse types (scripts/ use them too)
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {value}")
+    return value
+
+
+def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number above ``minimum`` (or equal to it when ``inclusive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {minimum:g}, "
+                                             f"got {text!r}")  # fmt: skip
+        return value
+
+    return parse
+
+
+non_negative_float, positive_float = _seconds(0, True), _seconds(0, False)  # argparse types: never NaN or inf
 
 
 def chunk_size(text: str) -> int:
@@ -88,10 +117,28 @@ def connection_options() -> argparse.ArgumentParser:
 
 
 def resolve_connection(args: argparse.Namespace) -> None:
-    """Set ``args.url``, ``args.namespace`` (and whether each was given) from the options, the environment, defaults."""
-    args.url_given = getattr(args, "url", None) is not None or bool(os.environ.get(ENV_URL))
-    args.url = getattr(args, "url", None) or os.environ.get(ENV_URL) or DEFAULT_URL
-    given = getattr(args, "namespace", None) or os.environ.get(ENV_NAMESPACE)
-    args.namespace_given = given
-    args.namespace = given or DEFAULT_NAMESPACE
+    """Set ``args.url``, ``args.namespace`` (and whether each was given) from the options, the environment, defaults.
+
+    An empty value, given or from a variable that is set, is a ``ConfigurationError``: never the
+    default in disguise (``-n "$NS"`` with ``NS`` unset must not hit the default namespace).
+    """
+    url = _given(args, "url", "--url", ENV_URL)
+    args.url_given = url is not None
+    args.url = url or DEFAULT_URL
+    namespace = _given(args, "namespace", "--namespace", ENV_NAMESPACE)
+    args.namespace_given = namespace
+    args.namespace = namespace or DEFAULT_NAMESPACE
     args.verbose = getattr(args, "verbose", False)
+
+
+def _given(args: argparse.Namespace, name: str, option: str, variable: str) -> str | None:
+    """The option's value, else the environment variable's, else None; an empty one is refused."""
+    if hasattr(args, name):
+        value, where = getattr(args, name), option
+    elif variable in os.environ:
+        value, where = os.environ[variable], f"${variable}"
+    else:
+        return None
+    if not value.strip():
+        raise ConfigurationError(f"{where} is empty: give a value, or leave it out for the default")
+    return value

@@ -8,10 +8,11 @@ and needs no ``Admin``. The scripts in ``scripts/`` print the same tables throug
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from ...deployment import redacted
 from ...errors import RedisWeightsError
@@ -19,9 +20,10 @@ from ...health import UNSAFE, check_deployment, check_namespace, worst
 from ...units import human_age, human_bytes, human_seconds, utc_time
 from .. import exporter
 from ..admin import Admin, manifest_dict
-from .args import key_value, workers_from_environment
+from ..httpd import parse_credentials
+from .args import ENV_EXPORTER_AUTH, key_value, workers_from_environment
 from .guard import EXIT_UNSAFE
-from .render import is_tty, print_json, print_table
+from .render import is_tty, json_line, print_json, print_table, printable
 
 
 def cmd_versions(admin: Admin, args: argparse.Namespace) -> int:
@@ -51,7 +53,7 @@ def cmd_show(admin: Admin, args: argparse.Namespace) -> int:
     if args.json:
         print_json(doc)
         return 0
-    print(f"version {doc['version']}  created {utc_time(doc['created'])} UTC  by {doc['producer'] or '-'}")
+    print(f"version {doc['version']}  created {utc_time(doc['created'])} UTC  by {printable(doc['producer'] or '-')}")
     print(f"{human_bytes(doc['total_bytes'])} ({doc['total_bytes']} bytes) in {len(doc['chunks'])} chunk(s), "
           f"{len(doc['tensors'])} tensor(s), {doc['checksum_algo']} chunk ids")  # fmt: skip
     if doc["storage"] == "full":
@@ -60,9 +62,10 @@ def cmd_show(admin: Admin, args: argparse.Namespace) -> int:
         storage = (f"patch against version {doc['base']}, chain length {doc['chain_length']} "
                    f"from keyframe {doc['keyframe']}")  # fmt: skip
     print(f"stored: {storage}; {human_bytes(doc['stored_bytes'])} stored, {human_bytes(doc['new_bytes'])} new"
-          + (f"; wire dtype {doc['wire_dtype']} ({len(doc['cast'])} tensor(s) cast)" if doc["wire_dtype"] else ""))
+          + (f"; wire dtype {printable(doc['wire_dtype'])} ({len(doc['cast'])} tensor(s) cast)"
+             if doc["wire_dtype"] else ""))  # fmt: skip
     for key, value in doc["metadata"].items():
-        print(f"metadata {key} = {value}")
+        print(f"metadata {printable(key)} = {printable(value)}")
     print_table(["tensor", "dtype", "shape", "bytes"],
                 [(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"])
                  for t in doc["tensors"]])  # fmt: skip
@@ -129,12 +132,13 @@ def cmd_watch(admin: Admin, args: argparse.Namespace) -> int:
     seen = 0
     for event in admin.watch(timeout=args.timeout):
         if args.json:
-            print(json.dumps(event.to_dict()), flush=True)
+            print(json_line(event.to_dict()), flush=True)
         elif event.kind == "push":
             size = f"{human_bytes(event.total_bytes)}, {event.tensors} tensors" if event.total_bytes else "(gone)"
-            print(f"{utc_time(event.time)}  push  v{event.version}  {size}  by {event.producer or '-'}", flush=True)
+            print(f"{utc_time(event.time)}  push  v{event.version}  {size}  by {printable(event.producer or '-')}",
+                  flush=True)  # fmt: skip
         else:
-            print(f"{utc_time(event.time)}  ack   v{event.version}  rank {event.rank}: {event.status}  "
+            print(f"{utc_time(event.time)}  ack   v{event.version}  rank {event.rank}: {printable(event.status)}  "
                   f"lag {event.lag}  ack latency {human_seconds(event.ack_latency)}", flush=True)  # fmt: skip
         seen += 1
         if args.count and seen >= args.count:
@@ -155,9 +159,9 @@ def cmd_doctor(admin: Admin, args: argparse.Namespace) -> int:
             tag = f"[{f.level.upper():^6}]"
             if tty:
                 tag = f"\033[{colors[f.level]}m{tag}\033[0m"
-            print(f"{tag} {f.check}{f' ({f.node})' if f.node else ''}: {f.what}")
+            print(f"{tag} {f.check}{f' ({printable(f.node)})' if f.node else ''}: {printable(f.what)}")
             if f.fix:
-                print(f"         {'fix' if f.level != 'ok' else 'tip'}: {f.fix}")
+                print(f"         {'fix' if f.level != 'ok' else 'tip'}: {printable(f.fix)}")
         print(f"verdict: {verdict}" + (" (exit code 3)" if verdict == UNSAFE else ""))
     return EXIT_UNSAFE if verdict == UNSAFE else 0
 
@@ -171,9 +175,15 @@ def cmd_reindex(admin: Admin, args: argparse.Namespace) -> int:
 
 
 def cmd_exporter(admin: Admin, args: argparse.Namespace) -> int:
-    server = exporter.serve(admin, args.port, args.address)
+    credentials = exporter_credentials(args.auth_file)
+    try:
+        server = exporter.serve(admin, args.port, args.address, cache_seconds=args.cache_seconds,
+                                credentials=credentials, certfile=args.tls_cert, keyfile=args.tls_key)  # fmt: skip
+    except OSError as exc:  # a port taken or privileged, an address that is not this host's
+        raise RedisWeightsError(f"cannot listen on {args.address}:{args.port}: {exc.strerror or exc}") from None
+    scheme, auth = ("https" if args.tls_cert else "http"), (", basic auth" if credentials else "")
     print(f"serving the fleet metrics of namespace {admin.keyspace.namespace!r} on "
-          f"http://{args.address}:{server.server_port}/metrics (Ctrl-C to stop)", flush=True)  # fmt: skip
+          f"{scheme}://{args.address}:{server.server_port}/metrics{auth} (Ctrl-C to stop)", flush=True)  # fmt: skip
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -181,6 +191,18 @@ def cmd_exporter(admin: Admin, args: argparse.Namespace) -> int:
     finally:
         server.shutdown()
     return 0
+
+
+def exporter_credentials(auth_file: str | None) -> tuple[str, str] | None:
+    """The exporter's basic auth: ``--auth-file``'s first line, else ``$REDIS_WEIGHTS_EXPORTER_AUTH``, else None."""
+    if auth_file:
+        try:
+            text = Path(auth_file).read_text().splitlines()[0] if Path(auth_file).stat().st_size else ""
+        except OSError as exc:
+            raise RedisWeightsError(f"--auth-file {auth_file}: {exc.strerror or exc}") from None
+        return parse_credentials(text)
+    text = os.environ.get(ENV_EXPORTER_AUTH)
+    return None if text is None else parse_credentials(text)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from ...errors import RedisWeightsError
+from ...errors import ConfigurationError, RedisWeightsError
 from ..admin import connection_error_message
 from .args import resolve_connection
+from .render import printable
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNSAFE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -49,7 +50,7 @@ def guarded(url: str, action: Callable[[], int], prog: str = "redis-weights") ->
 
 
 def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {printable(message)}", file=sys.stderr)  # messages quote what Redis holds
     return EXIT_ERROR
 
 
@@ -61,6 +62,15 @@ def run_script(
     The entry point of the admin scripts in ``scripts/``.
     """
     args = parser.parse_args(argv)
-    resolve_connection(args)
+    return run_parsed(args, lambda: action(args), prog)
+
+
+def run_parsed(args: argparse.Namespace, action: Callable[[], int], prog: str = "redis-weights") -> int:
+    """Resolve the connection options of parsed ``args`` (an empty one is one line, exit 1), set up
+    logging, run ``action`` guarded."""
+    try:
+        resolve_connection(args)
+    except ConfigurationError as exc:
+        return _fail(prog, str(exc))
     setup_logging(args.verbose)
-    return guarded(args.url, lambda: action(args), prog=prog)
+    return guarded(args.url, action, prog=prog)
