@@ -269,8 +269,9 @@ class VersionRegistry:
         """Drop a push's pending record, staged manifest and token (its push failed): its objects
         become garbage unless referenced."""
         k = self.keyspace
-        pipe = self.client.pipeline(transaction=False)
-        pipe.delete(k.pending(token), k.staged_manifest(token))
+        pipe = self.client.pipeline(transaction=False)  # one key per DEL: a cluster pipeline takes no other
+        pipe.delete(k.pending(token))
+        pipe.delete(k.staged_manifest(token))
         pipe.srem(k.pushes_index, token)
         pipe.execute()
 
