@@ -353,7 +353,9 @@ def run_trainer(args: argparse.Namespace) -> None:
             if info_client:
                 redis_out.append(info_client.info("stats")["total_net_output_bytes"] - out_before)
             if index > 1:
-                pushes.append({"marker": index, "t0": t0, "stall": stall, "total": total})
+                report = getattr(getattr(push, "updater", None), "last_push", None)
+                phases = dict(report.seconds) if report is not None else {}
+                pushes.append({"marker": index, "t0": t0, "stall": stall, "total": total, "phases": phases})
     except Exception as exc:  # reported in the table, not a crash of the whole bench
         error = f"{type(exc).__name__}: {exc}"[:300]
     finally:
@@ -420,6 +422,7 @@ def make_pusher(args: argparse.Namespace, model: nn.Module, ranks: list[int]) ->
             updater.update_weights()
 
         push_rw.close = updater.close  # type: ignore[attr-defined]
+        push_rw.updater = updater  # type: ignore[attr-defined]  (its last_push: the phases of each push)
         return push_rw, (updater.wait if background else nothing)
     if args.system == "raw":
         client = client_from_url(args.url)
