@@ -114,7 +114,7 @@ class RedisWeightReceiver:
         host_cache: bool | str | os.PathLike[str] = False,
         read_from_replicas: bool = False,
     ) -> None:
-        ranks.check_rank(rank)
+        rank = ranks.check_rank(rank)
         if poll_interval <= 0 or heartbeat_ttl <= 0:
             raise ConfigurationError("poll_interval and heartbeat_ttl must be positive")
         flat = flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill

@@ -173,7 +173,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         min_replicas: int | None = None,
         replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
     ) -> None:
-        check_worker_count(num_workers)
+        num_workers = check_worker_count(num_workers)
         if min_replicas is not None and (not isinstance(min_replicas, int) or isinstance(min_replicas, bool)
                                          or min_replicas < 0):  # fmt: skip
             raise ConfigurationError(f"min_replicas must be a non-negative integer or None, got {min_replicas!r}")

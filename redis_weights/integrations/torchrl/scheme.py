@@ -18,7 +18,7 @@ from torchrl.weight_update import WeightSyncScheme
 from ...base import WorkerIds
 from ...errors import ConfigurationError, ReceiveTimeoutError
 from ...keys import validate_namespace
-from ...ranks import check_rank, check_worker_count
+from ...ranks import as_integer, check_rank, check_worker_count
 from ...store import RedisStore
 from ...updater import RedisWeightUpdater
 from ._collectors import collector_num_workers, materialize, set_policy_version, worker_index_base
@@ -102,10 +102,8 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         else:
             raise ConfigurationError(f"store must be a Redis URL or a RedisStore, got {type(store).__name__}")
         self._namespace = None if namespace is None else validate_namespace(namespace)
-        if rank is not None:
-            check_rank(rank)
-        if num_workers is not None:
-            check_worker_count(num_workers)
+        rank = None if rank is None else check_rank(rank)  # a plain int from here on (numpy.int64 too)
+        num_workers = None if num_workers is None else check_worker_count(num_workers)
         self.options = RedisSyncOptions.of(options, **overrides)
         self.num_workers = num_workers
         self.rank = rank
@@ -336,7 +334,11 @@ class RedisWeightSyncScheme(WeightSyncScheme):
                 raise ConfigurationError(
                     "RedisWeightSyncScheme receiver needs its rank: RedisWeightSyncScheme(url, rank=r) (1-based)"
                 )
-            rank = worker_idx + (1 - self._index_base) + self.rank_offset
+            index, offset = as_integer(worker_idx), as_integer(self.rank_offset)
+            if index is None or offset is None:
+                raise ConfigurationError(f"worker_idx={worker_idx!r} and rank_offset={self.rank_offset!r} must be "
+                                         "integers")  # fmt: skip
+            rank = index + (1 - self._index_base) + offset
             if rank < 1:
                 raise ConfigurationError(
                     f"worker_idx={worker_idx} with rank_offset={self.rank_offset} gives rank {rank}; ranks are 1-based"
