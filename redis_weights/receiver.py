@@ -138,6 +138,7 @@ class RedisWeightReceiver:
         self._fetched_bytes = 0  # bytes this receiver read from Redis, all versions together
         self.staged_bytes = 0  # of which read before their version's commit (``staging.py``)
         self._plan_hint = 0  # the newest version announced on the updates channel, not yet staged
+        self._plan_staged = 0  # the newest plan staged: each version is staged once (a repeated hint costs nothing)
         self.version = 0
         self.latest_seen = 0  # ``latest`` as of the last check of Redis
         self.last_apply: ApplyReport | None = None
@@ -390,14 +391,15 @@ class RedisWeightReceiver:
             log.warning("rank %d: cannot read the plan of version %d (%s); fetching after its commit",
                         self.rank, hinted, exc)  # fmt: skip
             return
-        if plan is None or plan.version <= max(self.version, self.latest_seen):
+        if plan is None or plan.version <= max(self.version, self.latest_seen, self._plan_staged):
             return
+        self._plan_staged = plan.version
         try:
             check_compatible(plan, flatten_weights(self.policy), allow_cast=self.allow_cast)
         except WeightMismatchError:
             return
         started = time.perf_counter()
-        current = self._plan_current(plan.version)
+        current = self._plan_current(plan.version, self.latest_seen)
         if self.host_cache is not None:
             self._held = []  # the private fallback may write into the receive buffer
             staged = self.host_cache.stage(plan, self.registry.chunks, current,
@@ -409,12 +411,12 @@ class RedisWeightReceiver:
         log.debug("rank %d: staged %d bytes of version %d before its commit in %.1f ms",
                   self.rank, staged, plan.version, (time.perf_counter() - started) * 1000)  # fmt: skip
 
-    def _plan_current(self, version: int) -> staging.Current:
-        """Whether the plan of ``version`` is still worth staging: not committed (nor superseded
-        by a commit), still the announced plan, and the receiver not stopping."""
+    def _plan_current(self, version: int, since: int) -> staging.Current:
+        """Whether the plan of ``version`` is still worth staging: no version committed since ``latest``
+        was ``since`` (a commit is applied at once), still the announced plan, and the receiver not stopping."""
 
         def current() -> bool:
-            return not self._stop.is_set() and staging.still_planned(self.store.client, self.keyspace, version)
+            return not self._stop.is_set() and staging.still_planned(self.store.client, self.keyspace, version, since)
 
         return current
 
