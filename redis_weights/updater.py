@@ -49,6 +49,7 @@ from .errors import (
     RedisWeightsError,
     VersionNotFoundError,
 )
+from .evictionwatch import EvictionWatch
 from .health import ensure_server, explain_lost_connection
 from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
 from .metrics import TrainerMetrics
@@ -234,6 +235,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.last_push: PushReport | None = None  # the report of the last push (``reports.PushReport``)
         self._metrics = TrainerMetrics(self.keyspace.namespace)
         self._producer = producer_id()
+        self._eviction = EvictionWatch(self.store.deployment)  # the policy re-checked while pushing
         if check_server:
             ensure_server(self.store.deployment, self.keyspace, chunk_size=chunk_size)
 
@@ -249,6 +251,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
     def _sync_weights_with_worker(self, *, worker_id: list[int], server_weights: Any) -> None:
         ranks = worker_id  # validated once, by ``push_weights``
         clock = PhaseClock(self._metrics.phase)
+        self._eviction.check()  # at most once a minute: says loudly when Redis may evict chunks now
         if self._primary_lost:  # e.g. a Sentinel failover: give the sentinels time to promote a replica
             self.store.deployment.wait_for_primary()
             self._primary_lost = False
