@@ -90,7 +90,7 @@ class _StartStop:
         self.close()
 
 
-class _PortTaken(ConfigurationError):
+class PortTakenError(ConfigurationError):
     """The server could not bind its port (or its cluster bus port): another process holds it."""
 
 
@@ -166,7 +166,7 @@ class LocalRedisServer(_StartStop):
         for attempt in range(1, PORT_TRIES + 1):
             try:
                 self._start_once()
-            except _PortTaken as exc:
+            except PortTakenError as exc:
                 if not self._ports_chosen or attempt == PORT_TRIES:
                     raise
                 log.info("%s; trying other ports", exc)
@@ -194,7 +194,7 @@ class LocalRedisServer(_StartStop):
                     err = self.proc.stderr.read().decode(errors="replace")
                     self.proc.stderr.close()
                 tail = self._log_tail()
-                error = _PortTaken if "Address already in use" in err + tail else ConfigurationError
+                error = PortTakenError if "Address already in use" in err + tail else ConfigurationError
                 raise error(f"{self.binary} exited with code {self.proc.returncode}: {err.strip()} {tail}")
             if self._ping():
                 log.debug("server %s up on port %d (pid %d)", self.binary, self.port, self.proc.pid)
