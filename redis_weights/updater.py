@@ -39,6 +39,7 @@ import torch
 
 from .base import WeightUpdaterBase, WorkerIds
 from .codec import WIRE_DTYPES, Encoded, Encoder
+from .collector import GarbageCollector
 from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner
 from .deployment import LOST
 from .errors import (
@@ -83,6 +84,7 @@ _CODE_HINTS = (
 )  # fmt: skip
 _RECONNECT_PAUSE = 0.2  # seconds between tries while the sync wait cannot reach Redis
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
+_NOTICEABLE = 1e-4  # seconds: a wait for the previous GC shorter than this is not a phase
 _POLL_WITHOUT_ACKS = 0.05  # seconds between MGETs while the acks subscription is lost or refused
 
 
@@ -219,6 +221,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.keyspace = self.store.keyspace
         self.registry = VersionRegistry(self.store.deployment, self.keyspace)
         self._replicas = ReplicaGate(self.registry, min_replicas, replica_timeout)
+        self._collector = GarbageCollector(self.registry, name=f"redis-weights-gc-{self.keyspace.namespace}")
         self._indexed = False
         self.wire_dtype = wire_dtype
         self._encoder = Encoder(chunk_size, wire_dtype)
@@ -271,11 +274,12 @@ class RedisWeightUpdater(WeightUpdaterBase):
         finally:  # a failed push blocked its caller too
             self._metrics.pushed(sum(clock.seconds.values()))
         written = 0 if self.background else clock.bytes  # a background upload is still running
-        gc = clock.gc
+        gcs = clock.gc or []
         self.last_push = PushReport(self.version, tuple(ranks), clock.total_bytes, written, dict(clock.seconds),
                                     self.sync, self.lag_bound, self.background,
-                                    gc_versions=len(gc.versions) if gc else 0, gc_objects=gc.objects if gc else 0,
-                                    gc_keys=gc.keys_read if gc else 0)  # fmt: skip
+                                    gc_versions=sum(len(g.versions) for g in gcs),
+                                    gc_objects=sum(g.objects for g in gcs),
+                                    gc_keys=sum(g.keys_read for g in gcs))  # fmt: skip
 
     @property
     def lag_bound(self) -> int | None:
@@ -362,7 +366,11 @@ class RedisWeightUpdater(WeightUpdaterBase):
         payload = EncodedPayload(job.encoded, job.version, self._delta, fields)
         push = Push(self.registry, job.version, payload, job.ranks, clock=job.clock, pending_ttl=self.pending_ttl,
                     retention=self.retention, overlap_min_bytes=self.overlap_min_bytes,
-                    replicas=self._replicas)  # fmt: skip
+                    replicas=self._replicas, collector=self._collector)  # fmt: skip
+        waited = self._collector.wait()  # the previous push's GC: it never races this push
+        if waited > _NOTICEABLE:
+            job.clock.add("gc", waited)
+        job.clock.gc = self._collector.reports()
         try:
             result = push.run()
         except LOST as exc:  # Redis is gone; the commit script may or may not have run
@@ -386,7 +394,6 @@ class RedisWeightUpdater(WeightUpdaterBase):
             job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks, manifest.uploaded_bytes,
         )  # fmt: skip
         job.clock.bytes = manifest.uploaded_bytes  # only what Redis lacked was written
-        job.clock.gc = result.gc
         self._metrics.committed(job.version, manifest.uploaded_bytes)
 
     def _committed(self, version: int) -> bool:
@@ -401,11 +408,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self._delta.reset()
 
     def _collect_garbage(self, version: int) -> None:
-        """A full GC after a push that failed (its chunks are garbage now); never fails the caller."""
-        try:
-            self.registry.collect(self.retention, full=True)
-        except (redis.exceptions.RedisError, RedisWeightsError) as exc:  # housekeeping: never fail a push
-            log.warning("garbage collection after version %d failed: %s", version, exc)
+        """A full GC after a push that failed (its chunks are garbage now), on the collector's thread."""
+        self._collector.start(self.retention, full=True)
 
     def _submit(self, weights: Any, ranks: list[int], clock: PhaseClock) -> None:
         """Background push: snapshot into a free staging buffer, queue the upload, return."""
@@ -437,15 +441,16 @@ class RedisWeightUpdater(WeightUpdaterBase):
             raise
 
     def flush(self, timeout: float | None = None) -> None:
-        """Background mode: wait until the last push is committed; raise an upload error
-        (``BackgroundUploadError``) or ``PushTimeoutError`` if it is still uploading after ``timeout``."""
-        if self._uploader is None:
-            return
+        """Wait until the last push is committed (background mode: raise an upload error,
+        ``BackgroundUploadError``, or ``PushTimeoutError`` if it is still uploading after ``timeout``),
+        then for the garbage collection it started, if any (``collector.py``)."""
         timeout = self.timeout if timeout is None else timeout
-        try:
-            self._uploader.flush(timeout)
-        except TimeoutError as exc:
-            raise PushTimeoutError(f"push of version {self.version}: {exc}", version=self.version) from exc
+        if self._uploader is not None:
+            try:
+                self._uploader.flush(timeout)
+            except TimeoutError as exc:
+                raise PushTimeoutError(f"push of version {self.version}: {exc}", version=self.version) from exc
+        self._collector.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the acks of the last push (for ``sync=False``; with ``background``, its commit first)."""
@@ -540,13 +545,15 @@ class RedisWeightUpdater(WeightUpdaterBase):
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
-        """Finish a background upload, drop the acks subscription and close the store's connections."""
+        """Finish a background upload and a garbage collection, drop the acks subscription and close
+        the store's connections."""
         if self._uploader is not None:
             self._uploader.close(self.timeout)
             try:
                 self._uploader.raise_error()
             except BackgroundUploadError as exc:
                 log.error("%s", exc)
+        self._collector.wait(self.timeout)
         self._acks.close()
         self.store.close()
 

@@ -254,6 +254,7 @@ def test_gc_sweeps_the_chunks_of_old_versions_on_every_master(cluster_store):
             for p in model.parameters():
                 p.add_(step + 1.0)  # every chunk changes
         updater.push_weights()
+    updater.flush()  # the last push's GC
     kept = {c.id for c in updater.registry.read_manifest(updater.version).chunks}
     assert updater.registry.list_versions() == [updater.version]
     assert sum(_chunks_per_master(cluster_store).values()) == len(kept)
