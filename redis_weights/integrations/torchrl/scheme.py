@@ -70,9 +70,10 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         rank: a standalone receiver's 1-based rank (instead of one from ``worker_idx``).
         rank_offset: added to every rank derived from ``worker_idx`` (several
             collectors sharing one namespace).
-        options: a ``RedisSyncOptions``; ``**overrides``: any of its fields
-            (``sync``, ``timeout``, ``connect_timeout``, ``background``,
-            ``poll_interval``, ``retention``, ``client_options``...).
+        options: a ``RedisSyncOptions``; ``**overrides``: any option by its name, of
+            ``RedisSyncOptions`` (``sync``, ``connect_timeout``, ``background``,
+            ``client_options``), of ``PushOptions`` (``timeout``, ``retention``,
+            ``wire_dtype``, ``delta``...) or of ``ReceiveOptions`` (``poll_interval``...).
     """
 
     def __init__(
@@ -128,7 +129,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
 
     @property
     def timeout(self) -> float:
-        return self.options.timeout
+        return self.options.push.timeout
 
     def _use_model_id(self, model_id: str | None) -> str:
         model_id = model_id or "policy"
