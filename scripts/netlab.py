@@ -6,7 +6,8 @@ host's ``eth0`` is a veth pair whose other end is a port of that bridge. A host'
 sends and what it receives cross the same limits: an htb class holds the rate, a classic-BPF
 classifier drops the lost packets (or all of them: ``cut``) into a class that discards them,
 and a delay, when asked, is a netem qdisc under the rate (the only part that needs
-``sch_netem``; kernels without it, like this project's CI VM, run links without added delay). Processes run inside a host with ``Lab.spawn`` (``ip netns exec``).
+``sch_netem``; kernels without it, like this project's CI VM, run links without added delay).
+Processes run inside a host with ``Lab.spawn`` (``ip netns exec``).
 
 Only the namespaces this lab creates are ever addressed: their names start with the
 lab's prefix, unique per run (``nl<pid><random>``), and the addresses live inside them.
@@ -287,7 +288,11 @@ class Lab:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
     def spawn(
-        self, name: str, argv: Sequence[str], log: Path | None = None, env: Mapping[str, str] | None = None,
+        self,
+        name: str,
+        argv: Sequence[str],
+        log: Path | None = None,
+        env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside host ``name`` (``GLOO_SOCKET_IFNAME=eth0`` set); stopped by ``close()``."""
