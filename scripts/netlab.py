@@ -269,6 +269,14 @@ class Lab:
         """Give a cut host its link back, as it was."""
         self.shape(name, self.hosts[name].link)
 
+    def drops(self, name: str) -> int:
+        """Packets the link's loss (or a cut) has dropped so far, both directions."""
+        total = 0
+        for ns, dev in self._ends(self.hosts[name]):
+            shown = run("tc", "-n", ns, "-s", "class", "show", "dev", dev, "classid", "1:2").stdout
+            total += sum(int(n) for n in re.findall(r"dropped (\d+)", shown))
+        return total
+
     def counters(self, name: str) -> tuple[int, int]:
         """(bytes received, bytes sent) by the host's ``eth0`` so far (the veth counters)."""
         keeper = self.hosts[name].keeper
@@ -311,6 +319,20 @@ class Lab:
         """Run a short command inside host ``name`` and wait for it."""
         return subprocess.run(["ip", "netns", "exec", self.hosts[name].ns, *argv], capture_output=True, text=True,
                               timeout=60)  # fmt: skip
+
+
+def start_redis(lab: Lab, name: str, port: int, log: Path, binary: str = "redis-server") -> subprocess.Popen[bytes]:
+    """A fresh Redis on host ``name`` (all addresses, no persistence, no eviction); returns once it answers."""
+    proc = lab.spawn(name, [binary, "--bind", "0.0.0.0", "--port", str(port), "--save", "", "--appendonly", "no",
+                            "--protected-mode", "no", "--maxmemory-policy", "noeviction"], log)  # fmt: skip
+    probe = f"import socket; s = socket.create_connection(('127.0.0.1', {port}), 1); s.sendall(b'PING\\r\\n'); " \
+            "print(s.recv(16).decode().strip())"  # fmt: skip
+    deadline = time.monotonic() + 30
+    while lab.exec(name, sys.executable, "-c", probe).stdout.strip() != "+PONG":
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{binary} did not start on {name}: {log.read_text(errors='replace')[-500:]}")
+        time.sleep(0.1)
+    return proc
 
 
 def unavailable() -> str | None:
