@@ -42,6 +42,7 @@ BRIDGE = "br0"
 NETEM_LIMIT = 100_000  # packets a link queues: a 10 Gbit link with 2 ms of delay has ~2,000 in flight
 BLACK_HOLE = 0x00010002  # classid 1:2: a FIFO of length 0, every packet classified there is dropped
 SKF_AD_RANDOM = 2**32 - 0x1000 + 56  # classic BPF ancillary load: a random u32 (SKF_AD_OFF + SKF_AD_RANDOM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SCRATCH_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
@@ -188,6 +189,13 @@ class Lab:
             if self._closed:
                 return
             self._closed = True
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a second Ctrl-C does not cut it short
+        try:
+            self._remove()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _remove(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -207,13 +215,13 @@ class Lab:
         atexit.unregister(self.close)
 
     def install_signal_handlers(self) -> None:
-        """SIGINT, SIGTERM and SIGHUP end the run through ``finally`` blocks (and this lab's close)."""
+        """SIGINT, SIGTERM and SIGHUP end the run with ``SystemExit``: the ``with`` block (or any
+        ``finally``) closes the lab on the way out."""
 
         def stop(signum: int, _frame: object) -> None:
-            self.close()
             raise SystemExit(128 + signum)
 
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, stop)
 
     # -- hosts and links ----------------------------------------------------------------

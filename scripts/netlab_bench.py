@@ -139,6 +139,7 @@ def run_config(args: argparse.Namespace, rate: str, hosts: int, per_host: int) -
     link = Link(rate, delay_ms=args.delay_ms, loss=args.loss)
     rows = []
     with Lab() as lab:
+        lab.install_signal_handlers()
         print(f"lab {lab.prefix}: {rate}, {hosts} worker hosts x {per_host}", file=sys.stderr, flush=True)
         for name in ["redis", "trainer", *(f"w{i}" for i in range(1, hosts + 1))]:
             lab.add_host(name, link)
@@ -157,6 +158,10 @@ def mb(value: float | None) -> str:
     return "-" if value is None else f"{value / 1e6:.4g}"
 
 
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.3g}x"
 
@@ -171,13 +176,16 @@ def find(rows: list[dict], row: dict, system: str) -> dict | None:
 
 def table(rows: list[dict]) -> str:
     """One line per row: push time and its ratio to TorchRL's, bytes through the links per push."""
-    head = ("| links | worker hosts x workers | system | changed % | push s (median) | / torchrl | trainer link out MB "
-            "(x model) | Redis link in / out MB | busiest worker host in MB | bit-exact |")
-    lines = [head, "|" + "---|" * 10]
+    head = (
+        "| links | worker hosts x workers | system | changed % | push s (median) | / torchrl | encode s | "
+        "slowest apply s | trainer link out MB (x model) | Redis link in / out MB | busiest worker host in MB | "
+        "bit-exact |"
+    )
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         if r.get("error"):
             lines.append(f"| {r['rate']} | {r['hosts']} x {r['per_host']} | {r['system']} | error: "
-                         f"{str(r['error'])[:120]} |||||||")  # fmt: skip
+                         f"{str(r['error'])[:120]} |||||||||")  # fmt: skip
             continue
         links = r.get("link_bytes", {})
         trainer_out = links.get("trainer", [None, None])[1]
@@ -187,7 +195,8 @@ def table(rows: list[dict]) -> str:
         changed = f"{100 * r['changed']:.3g}" if r.get("changed") is not None else "-"
         lines.append(
             f"| {r['rate']} | {r['hosts']} x {r['per_host']} | {r['system']} | {changed} | {r['push_s']:.3g} | "
-            f"{ratio(r['push_s'], torchrl and torchrl.get('push_s'))} | {mb(trainer_out)} "
+            f"{ratio(r['push_s'], torchrl and torchrl.get('push_s'))} | {seconds(r.get('encode_s'))} | "
+            f"{seconds(r.get('apply_s'))} | {mb(trainer_out)} "
             f"({ratio(trainer_out, r['wire_bytes'])}) | {mb(redis_in)} / {mb(redis_out)} | {mb(worker_in)} | "
             f"{'yes' if r.get('verified') else 'NO'} |"
         )
@@ -206,9 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed pushes (after a warm-up push)")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--report", help="write the rows and the machine as JSON here")
+    parser.add_argument("--show", metavar="FILE", help="print the table of an earlier --report; run nothing")
     add_arguments(parser)
     parser.set_defaults(host_cache=True, layers=3)  # ~46M parameters, ~92 MB in bf16: 8 workers fit here
     args = parser.parse_args(argv)
+    if args.show:
+        doc = json.loads(Path(args.show).read_text())
+        print(json.dumps(doc["machine"]))
+        print(table(doc["rows"]))
+        return 0
     rows: list[dict] = []
     for config in args.configs.split(","):
         rows += run_config(args, *parse_config(config))

@@ -60,15 +60,17 @@ def in_host(net: Lab, name: str) -> tuple[str, ...]:
     return ("ip", "netns", "exec", net.hosts[name].ns)
 
 
-def start(net: Lab, url: str, namespace: str, tmp_path: Path, seeds: str) -> tuple[dict[int, Worker], Trainer]:
+def start(
+    net: Lab, url: str, namespace: str, tmp_path: Path, seeds: str, model: str = MODEL
+) -> tuple[dict[int, Worker], Trainer]:
     """A worker on each worker host (heartbeat TTL 2 s), then the trainer pushing one version per seed."""
     workers = {rank: Worker(tmp_path / f"w{rank}.jsonl", ["--url", url, "--namespace", namespace, "--rank", str(rank),
-                                                          "--model", MODEL, "--heartbeat-ttl", "2"],
+                                                          "--model", model, "--heartbeat-ttl", "2"],
                             in_host(net, f"w{rank}")) for rank in (1, 2)}  # fmt: skip
     for w in workers.values():
         w.wait_ready()
     trainer = Trainer(tmp_path / "trainer.jsonl", ["--url", url, "--namespace", namespace, "--workers", "2",
-                                                   "--model", MODEL, "--seeds", seeds, "--go", str(tmp_path / "go")],
+                                                   "--model", model, "--seeds", seeds, "--go", str(tmp_path / "go")],
                       in_host(net, "trainer"))  # fmt: skip
     return workers, trainer
 
@@ -117,7 +119,7 @@ def test_a_lossy_worker_link_slows_the_push_but_every_rank_applies_it(
     trainer = None
     try:
         dropped = net.drops("w2")
-        workers, trainer = start(net, url, namespace, tmp_path, seeds="3")
+        workers, trainer = start(net, url, namespace, tmp_path, seeds="3", model="mb:4")
         result = trainer.result(0)
         assert "error" not in result, result
         for w in workers.values():
