@@ -329,10 +329,14 @@ class Lab:
                               timeout=60)  # fmt: skip
 
 
-def start_redis(lab: Lab, name: str, port: int, log: Path, binary: str = "redis-server") -> subprocess.Popen[bytes]:
-    """A fresh Redis on host ``name`` (all addresses, no persistence, no eviction); returns once it answers."""
+def start_redis(
+    lab: Lab, name: str, port: int, log: Path, binary: str = "redis-server", extra: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """A fresh Redis on host ``name`` (all addresses, no persistence, no eviction, its files in
+    ``log``'s folder); returns once it answers PING."""
     proc = lab.spawn(name, [binary, "--bind", "0.0.0.0", "--port", str(port), "--save", "", "--appendonly", "no",
-                            "--protected-mode", "no", "--maxmemory-policy", "noeviction"], log)  # fmt: skip
+                            "--protected-mode", "no", "--maxmemory-policy", "noeviction", "--dir", str(log.parent),
+                            *extra], log)  # fmt: skip
     probe = f"import socket; s = socket.create_connection(('127.0.0.1', {port}), 1); s.sendall(b'PING\\r\\n'); " \
             "print(s.recv(16).decode().strip())"  # fmt: skip
     deadline = time.monotonic() + 30
@@ -341,6 +345,29 @@ def start_redis(lab: Lab, name: str, port: int, log: Path, binary: str = "redis-
             raise RuntimeError(f"{binary} did not start on {name}: {log.read_text(errors='replace')[-500:]}")
         time.sleep(0.1)
     return proc
+
+
+def start_cluster(
+    lab: Lab, names: Sequence[str], port: int, folder: Path, binary: str = "redis-server", cli: str = "redis-cli"
+) -> list[subprocess.Popen[bytes]]:
+    """A Redis Cluster with one master on each host of ``names`` (no replicas), made with
+    ``redis-cli --cluster create``; returns once every node reports ``cluster_state:ok``."""
+    procs = []
+    for name in names:
+        (folder / name).mkdir(parents=True)
+        procs.append(start_redis(lab, name, port, folder / name / "redis.log", binary,
+                                 ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]))  # fmt: skip
+    nodes = [f"{lab.hosts[n].ip}:{port}" for n in names]
+    made = lab.exec(names[0], cli, "--cluster", "create", *nodes, "--cluster-yes")
+    if made.returncode != 0:
+        raise RuntimeError(f"redis-cli --cluster create: {made.stdout[-500:]} {made.stderr[-500:]}")
+    deadline = time.monotonic() + 60
+    for name in names:
+        while "cluster_state:ok" not in lab.exec(name, cli, "-p", str(port), "cluster", "info").stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster on {', '.join(names)} never reached cluster_state:ok")
+            time.sleep(0.2)
+    return procs
 
 
 def unavailable() -> str | None:

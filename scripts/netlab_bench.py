@@ -32,13 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.bench import machine, stop, summarize_workload, wait_files  # noqa: E402
 from scripts.bench_train import RW_TRAIN_SYSTEMS, TRAIN_SYSTEMS, add_arguments, model_flags  # noqa: E402
-from scripts.netlab import Lab, Link, start_redis  # noqa: E402
+from scripts.netlab import Lab, Link, start_cluster, start_redis  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROCS = REPO / "scripts" / "bench_procs.py"
 REDIS_PORT = 6379
 TCP_PORT = 29500
 WORKLOAD = "finetune"
+REDIS_HOSTS = {"standalone": ("redis",), "cluster": ("r1", "r2", "r3")}  # a cluster: one master per host
 
 
 class Sampler:
@@ -78,22 +79,30 @@ def host_of(rank: int, per_host: int) -> str:
     return f"w{(rank - 1) // per_host + 1}"
 
 
-def run_row(lab: Lab, sampler: Sampler, args: argparse.Namespace, system: str, hosts: int, per_host: int) -> dict:
-    """One system in this lab: a trainer and ``hosts x per_host`` workers; its summary and bytes per push."""
+def run_row(
+    lab: Lab, sampler: Sampler, args: argparse.Namespace, system: str, deployment: str, hosts: int, per_host: int
+) -> dict:
+    """One system in this lab (``deployment``: its Redis, ``-`` for torchrl): a trainer and
+    ``hosts x per_host`` workers; its summary and the bytes per push through every host's link."""
     workers = hosts * per_host
+    redis_hosts = REDIS_HOSTS.get(deployment, ())
     ident = {"workload": WORKLOAD, "lr": args.lr, "system": system, "workers": workers, "hosts": hosts,
-             "per_host": per_host, "rate": lab.hosts["trainer"].link.rate}  # fmt: skip
-    run_dir = lab.scratch / system
+             "per_host": per_host, "rate": lab.hosts["trainer"].link.rate, "redis": deployment,
+             "redis_hosts": list(redis_hosts)}  # fmt: skip
+    url = f"redis://{lab.hosts[redis_hosts[0]].ip}:{REDIS_PORT}/0" if redis_hosts else "redis://unused"
+    run_dir = lab.scratch / f"{system}-{deployment}"
     run_dir.mkdir()
     env = {"PYTHONPATH": str(REPO)}
     common = ["--system", system, "--workload", WORKLOAD, "--lr", repr(args.lr), *model_flags(args),
-              "--url", f"redis://{lab.hosts['redis'].ip}:{REDIS_PORT}/0", "--workers", str(workers),
+              "--url", url, "--workers", str(workers),
               "--tcp-port", str(TCP_PORT), "--tcp-host", lab.hosts["trainer"].ip, "--namespace", "bench",
               "--signals", str(run_dir)]  # fmt: skip
     procs = []
     try:
-        if system in RW_TRAIN_SYSTEMS:
+        if deployment == "standalone":
             procs.append(start_redis(lab, "redis", REDIS_PORT, run_dir / "redis.log"))
+        elif deployment == "cluster":
+            procs += start_cluster(lab, redis_hosts, REDIS_PORT, run_dir / "cluster")
         for rank in range(1, workers + 1):
             host = host_of(rank, per_host)
             extra = ["--rank", str(rank), "--out", str(run_dir / f"w{rank}.json")]
@@ -137,18 +146,22 @@ def parse_config(text: str) -> tuple[str, int, int]:
 
 def run_config(args: argparse.Namespace, rate: str, hosts: int, per_host: int) -> list[dict]:
     link = Link(rate, delay_ms=args.delay_ms, loss=args.loss)
+    deployments = args.deployments.split(",")
+    runs = [(system, deployment) for system in args.systems.split(",")
+            for deployment in (deployments if system in RW_TRAIN_SYSTEMS else ["-"])]  # fmt: skip
     rows = []
     with Lab() as lab:
         lab.install_signal_handlers()
         print(f"lab {lab.prefix}: {rate}, {hosts} worker hosts x {per_host}", file=sys.stderr, flush=True)
-        for name in ["redis", "trainer", *(f"w{i}" for i in range(1, hosts + 1))]:
+        redis_hosts = [h for d in deployments for h in REDIS_HOSTS[d]]
+        for name in [*redis_hosts, "trainer", *(f"w{i}" for i in range(1, hosts + 1))]:
             lab.add_host(name, link)
         with Sampler(lab) as sampler:
-            for system in args.systems.split(","):
+            for system, deployment in runs:
                 started = time.monotonic()
-                row = run_row(lab, sampler, args, system, hosts, per_host)
+                row = run_row(lab, sampler, args, system, deployment, hosts, per_host)
                 row["delay_ms"], row["loss"] = args.delay_ms, args.loss
-                print(f"  {system}: push {row.get('push_s')} s, error {row.get('error')} "
+                print(f"  {system} ({deployment}): push {row.get('push_s')} s, error {row.get('error')} "
                       f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
                 rows.append(row)
     return rows
@@ -177,24 +190,26 @@ def find(rows: list[dict], row: dict, system: str) -> dict | None:
 def table(rows: list[dict]) -> str:
     """One line per row: push time and its ratio to TorchRL's, bytes through the links per push."""
     head = (
-        "| links | worker hosts x workers | system | changed % | push s (median) | / torchrl | encode s | "
+        "| links | worker hosts x workers | system | Redis | changed % | push s (median) | / torchrl | encode s | "
         "slowest apply s | trainer link out MB (x model) | Redis link in / out MB | busiest worker host in MB | "
         "bit-exact |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
+        lead = f"| {r['rate']} | {r['hosts']} x {r['per_host']} | {r['system']} | {r.get('redis', '-')} |"
         if r.get("error"):
-            lines.append(f"| {r['rate']} | {r['hosts']} x {r['per_host']} | {r['system']} | error: "
-                         f"{str(r['error'])[:120]} |||||||||")  # fmt: skip
+            lines.append(f"{lead} error: {str(r['error'])[:120]} |||||||||")
             continue
         links = r.get("link_bytes", {})
         trainer_out = links.get("trainer", [None, None])[1]
-        redis_in, redis_out = links.get("redis", [None, None])
+        redis_links = [links[h] for h in r.get("redis_hosts", []) if h in links]
+        redis_in = sum(v[0] for v in redis_links) if redis_links else None
+        redis_out = sum(v[1] for v in redis_links) if redis_links else None
         worker_in = max((v[0] for k, v in links.items() if k.startswith("w")), default=None)
         torchrl = find(rows, r, "torchrl")
         changed = f"{100 * r['changed']:.3g}" if r.get("changed") is not None else "-"
         lines.append(
-            f"| {r['rate']} | {r['hosts']} x {r['per_host']} | {r['system']} | {changed} | {r['push_s']:.3g} | "
+            f"{lead} {changed} | {r['push_s']:.3g} | "
             f"{ratio(r['push_s'], torchrl and torchrl.get('push_s'))} | {seconds(r.get('encode_s'))} | "
             f"{seconds(r.get('apply_s'))} | {mb(trainer_out)} "
             f"({ratio(trainer_out, r['wire_bytes'])}) | {mb(redis_in)} / {mb(redis_out)} | {mb(worker_in)} | "
@@ -208,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--configs", default="1gbit:4x2", help="RATE:HOSTSxWORKERS, comma-separated")
     parser.add_argument("--systems", default=",".join(TRAIN_SYSTEMS))
+    parser.add_argument("--deployments", default="standalone", help="standalone, cluster (3 masters on 3 hosts)")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per link (needs sch_netem)")
     parser.add_argument("--loss", type=float, default=0.0, help="percent of packets lost per link and direction")
