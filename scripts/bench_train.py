@@ -394,7 +394,7 @@ class ApplyClock:
     def _listen(self) -> None:
         while not self._stop.is_set():
             message = self._pubsub.get_message(timeout=0.2)
-            if message is not None:
+            if message is not None and message["data"].isdigit():  # not a push's plan hint ("plan:<N>")
                 self.notified.setdefault(int(message["data"]), time.perf_counter())
 
     def hook(self, version: int) -> None:
