@@ -26,6 +26,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -129,12 +130,25 @@ def run_row(
     worker_docs = [json.loads(p.read_text()) for p in sorted(run_dir.glob("w*.json"))]
     row = {**ident, **summarize_workload(ident, trainer_doc, worker_docs)}
     per_push = [sampler.between(p["t0"], p["t0"] + p["push_s"]) for p in trainer_doc["pushes"][1:]]
-    if per_push:
-        row["link_bytes"] = {  # median bytes per push through each host's link, (in, out)
-            name: [statistics.median(p[name][0] for p in per_push), statistics.median(p[name][1] for p in per_push)]
-            for name in per_push[0]
-        }
+    row["link_bytes"] = per_push  # per timed push: every host's (in, out) bytes
+    row.update(link_medians(per_push, redis_hosts))
     return row
+
+
+def link_medians(per_push: list[dict[str, tuple[int, int]]], redis_hosts: Sequence[str]) -> dict[str, float | None]:
+    """Medians over the pushes of: the trainer's bytes out, the Redis hosts' bytes in and out
+    (summed per push: a Cluster's masters share each push differently), the busiest worker host's in."""
+
+    def med(per: Callable[[dict[str, tuple[int, int]]], float]) -> float | None:
+        return statistics.median(per(p) for p in per_push) if per_push else None
+
+    has_redis = bool(redis_hosts)
+    return {
+        "trainer_out": med(lambda p: p["trainer"][1]),
+        "redis_in": med(lambda p: sum(p[h][0] for h in redis_hosts)) if has_redis else None,
+        "redis_out": med(lambda p: sum(p[h][1] for h in redis_hosts)) if has_redis else None,
+        "worker_host_in": med(lambda p: max(v[0] for k, v in p.items() if k.startswith("w"))),
+    }
 
 
 def parse_config(text: str) -> tuple[str, int, int]:
@@ -200,12 +214,8 @@ def table(rows: list[dict]) -> str:
         if r.get("error"):
             lines.append(f"{lead} error: {str(r['error'])[:120]} |||||||||")
             continue
-        links = r.get("link_bytes", {})
-        trainer_out = links.get("trainer", [None, None])[1]
-        redis_links = [links[h] for h in r.get("redis_hosts", []) if h in links]
-        redis_in = sum(v[0] for v in redis_links) if redis_links else None
-        redis_out = sum(v[1] for v in redis_links) if redis_links else None
-        worker_in = max((v[0] for k, v in links.items() if k.startswith("w")), default=None)
+        trainer_out, redis_in, redis_out, worker_in = (r.get(k) for k in ("trainer_out", "redis_in", "redis_out",
+                                                                           "worker_host_in"))  # fmt: skip
         torchrl = find(rows, r, "torchrl")
         changed = f"{100 * r['changed']:.3g}" if r.get("changed") is not None else "-"
         lines.append(
@@ -216,6 +226,43 @@ def table(rows: list[dict]) -> str:
             f"{'yes' if r.get('verified') else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+# (rate, worker hosts, workers per host, system, Redis, limit on push s / torchrl's): the issue's targets
+PUSH_TARGETS = (
+    ("1gbit", 4, 2, "rw-delta", "standalone", 0.05),
+    ("1gbit", 4, 2, "rw-dense", "standalone", 0.5),
+    ("10gbit", 4, 1, "rw-delta", "standalone", 0.35),
+    ("1gbit", 4, 2, "rw-dense", "cluster", 0.4),
+)
+LINK_TARGETS = {"rw-dense": 1.05, "rw-delta": 0.05}  # trainer link bytes per push / model bytes
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets that these rows measure, each with its value and met / NOT met."""
+    lines = []
+    for rate, hosts, per_host, system, redis, limit in PUSH_TARGETS:
+        for r in rows:
+            if (r["rate"], r["hosts"], r["per_host"], r["system"], r["redis"]) != (
+                rate,
+                hosts,
+                per_host,
+                system,
+                redis,
+            ):
+                continue
+            torchrl = find(rows, r, "torchrl")
+            if r.get("push_s") and torchrl and torchrl.get("push_s"):
+                value = r["push_s"] / torchrl["push_s"]
+                lines.append(f"{rate} {hosts}x{per_host} {system} ({redis}) push / torchrl's: {value:.3g} "
+                             f"(limit {limit}: {'met' if value <= limit else 'NOT met'})")  # fmt: skip
+    for r in rows:
+        limit = LINK_TARGETS.get(r["system"])
+        if limit is not None and r.get("trainer_out") is not None:
+            value = r["trainer_out"] / r["wire_bytes"]
+            lines.append(f"{r['rate']} {r['hosts']}x{r['per_host']} {r['system']} ({r['redis']}) trainer link bytes "
+                         f"/ model: {value:.3g} (limit {limit}: {'met' if value <= limit else 'NOT met'})")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(Path(args.show).read_text())
         print(json.dumps(doc["machine"]))
         print(table(doc["rows"]))
+        print("\n".join(targets(doc["rows"])))
         return 0
     rows: list[dict] = []
     for config in args.configs.split(","):
         rows += run_config(args, *parse_config(config))
     print(table(rows))
+    print("\n".join(targets(rows)))
     if args.report:
         Path(args.report).write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=1))
     return 0 if all(not r.get("error") for r in rows) else 1

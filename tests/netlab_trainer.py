@@ -1,7 +1,7 @@
 """A trainer process for the network-lab tests: sync pushes of seeded test models, one JSON line each.
 
-Push ``i`` (from 0) pushes ``make_model(--model, seed=seeds[i])``; every push after the
-first waits until the file ``<--go>.<i>`` exists, so a test can change the network between
+Push ``i`` (from 0) pushes ``make_model(--model, seed=seeds[i])`` once the file ``<--go>.<i>``
+exists: the trainer starts alongside its workers, and a test can change the network between
 pushes. Each push appends ``{"push": i, "version": N, "digest": ...}`` to ``--out``, or
 ``{"push": i, "error": <class name>, "message": ..., "dead": [...], "lagging": [...]}``.
 """
@@ -38,7 +38,7 @@ def main() -> None:
     store = RedisStore.from_url(args.url, args.namespace)
     with RedisWeightUpdater(store, model, num_workers=args.workers, sync=True, timeout=args.timeout) as updater:
         for index, seed in enumerate(int(s) for s in args.seeds.split(",")):
-            while index and not os.path.exists(f"{args.go}.{index}"):
+            while not os.path.exists(f"{args.go}.{index}"):
                 time.sleep(0.02)
             model.load_state_dict(make_model(args.model, seed=seed).state_dict())
             note({"pushing": index})

@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 
 from redis_weights.tools.server import find_server_binary
-from scripts.netlab import Lab, Link, own_namespaces, start_redis, unavailable
+from scripts import netlab
+from scripts.netlab import Lab, Link, drop_program, own_namespaces, rate_bits, start_redis, unavailable
 from tests.models import make_model, state_digest
 from tests.procs import Worker
 
-pytestmark = [pytest.mark.netlab, pytest.mark.server]
+pytestmark = [pytest.mark.netlab]
 
 MODEL = "mb:16"
 FAST = Link("1gbit")
@@ -56,6 +57,23 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, str]]:
         yield net, f"redis://{net.hosts['redis'].ip}:6379/0"
 
 
+def test_link_rates_and_drop_programs_are_what_tc_is_given() -> None:
+    assert rate_bits("1gbit") == 1e9 and rate_bits("250mbit") == 250e6 and rate_bits("10kbit") == 1e4
+    with pytest.raises(ValueError, match="not a tc rate"):
+        rate_bits("1gbps")
+    assert drop_program(0.0, cut=False) is None
+    assert drop_program(0.0, cut=True) == "1,6 0 0 65538"  # every packet to the black-hole class 1:2
+    threshold = int(drop_program(2.0, cut=False).split(",")[2].split()[3])  # type: ignore[union-attr]
+    assert threshold == round(0.02 * 2**32)
+
+
+def test_without_root_the_lab_says_why_and_makes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netlab.os, "geteuid", lambda: 1000)
+    assert unavailable() == "network namespaces need root"
+    with pytest.raises(ValueError, match="not a lab prefix"):
+        netlab.clean("policy")  # only a lab's own prefix is ever addressed
+
+
 def in_host(net: Lab, name: str) -> tuple[str, ...]:
     return ("ip", "netns", "exec", net.hosts[name].ns)
 
@@ -63,15 +81,25 @@ def in_host(net: Lab, name: str) -> tuple[str, ...]:
 def start(
     net: Lab, url: str, namespace: str, tmp_path: Path, seeds: str, model: str = MODEL
 ) -> tuple[dict[int, Worker], Trainer]:
-    """A worker on each worker host (heartbeat TTL 2 s), then the trainer pushing one version per seed."""
-    workers = {rank: Worker(tmp_path / f"w{rank}.jsonl", ["--url", url, "--namespace", namespace, "--rank", str(rank),
-                                                          "--model", model, "--heartbeat-ttl", "2"],
-                            in_host(net, f"w{rank}")) for rank in (1, 2)}  # fmt: skip
-    for w in workers.values():
-        w.wait_ready()
+    """A worker on each worker host (heartbeat TTL 2 s) and the trainer, started together; the trainer's
+    first push goes once both workers are ready, one version per seed."""
     trainer = Trainer(tmp_path / "trainer.jsonl", ["--url", url, "--namespace", namespace, "--workers", "2",
                                                    "--model", model, "--seeds", seeds, "--go", str(tmp_path / "go")],
                       in_host(net, "trainer"))  # fmt: skip
+    workers: dict[int, Worker] = {}
+    try:
+        for rank in (1, 2):
+            workers[rank] = Worker(
+                tmp_path / f"w{rank}.jsonl",
+                ["--url", url, "--namespace", namespace, "--rank", str(rank), "--model", model, "--heartbeat-ttl", "2"],
+                in_host(net, f"w{rank}"),
+            )
+        for w in workers.values():
+            w.wait_ready()
+    except BaseException:
+        stop_all(workers, trainer)
+        raise
+    (tmp_path / "go.0").write_text("1")
     return workers, trainer
 
 
@@ -80,6 +108,7 @@ def stop_all(workers: dict[int, Worker], trainer: Trainer | None) -> None:
         proc.stop()
 
 
+@pytest.mark.server
 def test_a_worker_host_cut_off_mid_push_is_named_dead_and_catches_up_once_its_link_is_back(
     lab: tuple[Lab, str], tmp_path: Path, namespace: str
 ) -> None:
@@ -110,6 +139,7 @@ def test_a_worker_host_cut_off_mid_push_is_named_dead_and_catches_up_once_its_li
         net.shape("w2", FAST)
 
 
+@pytest.mark.server
 def test_a_lossy_worker_link_slows_the_push_but_every_rank_applies_it(
     lab: tuple[Lab, str], tmp_path: Path, namespace: str
 ) -> None:
