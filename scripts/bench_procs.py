@@ -282,7 +282,7 @@ def torchrl_init(args: argparse.Namespace, rank: int, world: int) -> Any:
     import datetime
 
     store = torch.distributed.TCPStore(
-        host_name="127.0.0.1",
+        host_name=args.tcp_host,
         port=args.tcp_port,
         world_size=world,
         is_master=rank == 0,
@@ -485,6 +485,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tcp-port", type=int, default=0)
+    parser.add_argument("--tcp-host", default="127.0.0.1", help="torchrl: the trainer's address (TCPStore)")
     parser.add_argument("--chunk-size", type=int, default=CHUNK, help="bytes per chunk (rw systems and raw)")
     parser.add_argument("--cache-dir", default="/dev/shm/redis_weights", help="rw-shm: the host cache directory")
     parser.add_argument("--out", required=True)
