@@ -42,8 +42,8 @@ from .staging import announce
 from .versions import DEFAULT_PENDING_TTL, Commit, GcRaceError, GcReport, VersionRegistry, producer_id
 
 if TYPE_CHECKING:  # torch: the admin tools roll back without importing it
-    from .collector import GarbageCollector
     from .codec import Encoded
+    from .collector import GarbageCollector
     from .delta import DeltaPlanner
 
 log = logging.getLogger(__name__)
