@@ -101,7 +101,7 @@ _POS_ZSTD = 0x01
 _VAL_ZSTD = 0x02
 
 _SAMPLE_BYTES = 128 << 10  # bytes of a large chunk tried first (a multiple of every itemsize)
-_SAMPLE_FROM = 8 * _SAMPLE_BYTES  # chunks of at least this many bytes are sampled first
+SAMPLE_FROM = 8 * _SAMPLE_BYTES  # chunks of at least this many bytes are sampled first
 
 _HEADER = struct.Struct("<4sBBBBB3xQQQQQ")
 HEADER_SIZE = _HEADER.size  # 52
@@ -157,7 +157,7 @@ def estimate_patch_size(base: Buffer, new: Buffer, itemsize: int) -> int:
     under 1 MiB, else scaled from a 128 KiB sample of its middle (the chunk's length when no
     patch would pay). Lets a planner see that a push must be a keyframe before diffing it all."""
     b, nw = _byte_view(base, "base"), _byte_view(new, "new")
-    if len(b) != len(nw) or len(b) < _SAMPLE_FROM:
+    if len(b) != len(nw) or len(b) < SAMPLE_FROM:
         patch = _build(b, nw, itemsize, max_ratio=1.0) if len(b) == len(nw) else None
         return len(b) if patch is None else len(patch)
     start = (len(b) - _SAMPLE_BYTES) // 2 // itemsize * itemsize
@@ -172,7 +172,7 @@ def _sample_says_dense(base: Buffer, new: Buffer, itemsize: int, max_ratio: floa
     full patch attempt otherwise: ~0.4 s per 85 MB here, for nothing). Only ever says
     "dense": a chunk the sample finds sparse is still decided by the full patch."""
     b, nw = _byte_view(base, "base"), _byte_view(new, "new")
-    if len(b) != len(nw) or len(b) < _SAMPLE_FROM:
+    if len(b) != len(nw) or len(b) < SAMPLE_FROM:
         return False  # small chunks (and the length error) go straight to ``_build``
     start = (len(b) - _SAMPLE_BYTES) // 2 // itemsize * itemsize
     end = start + _SAMPLE_BYTES
