@@ -248,7 +248,7 @@ def _fetch_stored(store: ChunkStore, manifest: Manifest, layout: _Layout, todo: 
         sizes = [len(layout.view(t.index)) for t in run]
         got = store.read_into([t.fetch for t in run if t.fetch], sizes, layout.view(run[0].index, run[-1].index))
         for t, data in zip(run, got, strict=True):
-            what = "chunk" if not t.steps else "base chunk"
+            what = "chunk" if t.fetch == manifest.chunks[t.index].id else "base chunk"
             if data is None:
                 raise MissingObjectError(
                     f"version {manifest.version}: {what} {t.fetch} of chunk {t.index} is missing from Redis"
