@@ -74,10 +74,13 @@ class DeltaPlanner:
         return prev
 
     def candidates(self, encoded: Encoded) -> set[str]:
-        """The objects whose presence in Redis ``plan`` needs to know: the new chunks and every
+        """The objects whose presence in Redis ``plan`` needs to know: the changed chunks and every
         object of the previous version (the chain bases and packs a patch would extend)."""
         prev = self._compatible(encoded)
-        return set(encoded.ids) | (prev.objects() if prev is not None else set())
+        if prev is None:
+            return set(encoded.ids)
+        changed = {new for new, old in zip(encoded.ids, prev.chunks, strict=True) if new != old.id}
+        return changed | prev.objects()  # an unchanged chunk's id is the previous entry's object
 
     def plan(
         self, encoded: Encoded, version: int, absent: set[str], **fields: Any

@@ -79,6 +79,7 @@ is not C is refused.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,7 +243,10 @@ def _positions(
     out: list[tuple[bytes, bool, int, int]] = []
     count = gaps_raw = len(where)  # a lower bound until the width is known
     if encoding == GAPS or (encoding is None and gaps_raw <= 2 * bitmap_raw):
-        gaps = np.diff(where, prepend=-1) - 1
+        gaps = np.empty_like(where)  # the unchanged elements before each change (np.diff's prepend costs more)
+        if count:
+            gaps[0] = where[0]
+            np.subtract(where[1:], where[:-1] + 1, out=gaps[1:])
         width = _gap_width(int(gaps.max()) if count else 0)
         gaps_raw = count * width
         if encoding == GAPS or gaps_raw <= 2 * bitmap_raw:
@@ -280,10 +284,20 @@ def _unplanes(raw: Buffer, count: int, itemsize: int) -> np.ndarray:
     return columns.view(_UINT[itemsize]).reshape(count)
 
 
+_LOCAL = threading.local()  # one compressor per thread: building one costs more than a small patch
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    found: zstandard.ZstdCompressor | None = getattr(_LOCAL, "compressor", None)
+    if found is None:
+        found = _LOCAL.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+    return found
+
+
 def _maybe_compress(raw: bytes, compress: bool) -> tuple[bytes, bool]:
     """``raw`` zstd-compressed when that is smaller, and whether it is."""
     if compress and raw:
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(raw)
+        packed = _compressor().compress(raw)
         if len(packed) < len(raw):
             return packed, True
     return raw, False
@@ -421,7 +435,7 @@ def apply_patch(base: Buffer, patch: Buffer, out: Any) -> None:
     whole = n * itemsize
     tail = np.frombuffer(val_raw, dtype=np.uint8)[head.count * itemsize :]
     # Everything is checked: from here on, only writes.
-    if not _same_memory(b, o):
+    if base is not out and not _same_memory(b, o):
         np.copyto(o, b)
     elems = o[:whole].view(_UINT[itemsize])
     elems[where] ^= values
