@@ -34,6 +34,7 @@ from .packs import build_packs
 
 DEFAULT_KEYFRAME_INTERVAL = 20
 DEFAULT_KEYFRAME_FRACTION = 0.5
+DIFF_BYTES = 64 * 1024 * 1024  # the new stream is diffed in regions of about this size (one scratch copy)
 
 
 def element_size(encoded: Encoded) -> int:
@@ -118,33 +119,50 @@ class DeltaPlanner:
     ) -> tuple[list[ChunkEntry], list[tuple[int, str, str, bytes]]] | None:
         """The entries of the new version and its patch records; None when the patches exceed
         ``budget`` (then it is a keyframe: the rest is not diffed)."""
-        from .patch import encode_patch  # numpy-only; needed by delta pushes alone
-
-        assert self._buffer is not None
-        itemsize = element_size(encoded)
         entries: list[ChunkEntry] = []
-        records: list[tuple[int, str, str, bytes]] = []
-        patched = 0
-        offset = 0
-        for index, (new_id, old, size) in enumerate(zip(encoded.ids, prev.chunks, encoded.chunk_sizes, strict=True)):
+        todo: list[int] = []  # changed chunks to diff
+        for index, (new_id, old) in enumerate(zip(encoded.ids, prev.chunks, strict=True)):
             base_ok = (old.base or old.id) not in absent
             if new_id == old.id:
                 entries.append(old if base_ok else ChunkEntry(new_id))
             elif new_id not in absent or not base_ok:  # stored already, or no chain to extend
                 entries.append(ChunkEntry(new_id))
             else:
-                data, _ = encoded.chunk(index)
-                patch = encode_patch(memoryview(self._buffer[offset : offset + size]), data, itemsize)
-                if patch is None or len(patch) >= size:  # a patch that is not smaller is not used
-                    entries.append(ChunkEntry(new_id))
-                else:
-                    entries.append(ChunkEntry(new_id, old.base or old.id))
-                    records.append((index, old.id, new_id, patch))
-                    patched += len(patch)
-                    if patched > budget:
-                        return None
-            offset += size
+                entries.append(ChunkEntry(new_id))  # until its patch is known to pay
+                todo.append(index)
+        records: list[tuple[int, str, str, bytes]] = []
+        patched = 0
+        sizes = encoded.chunk_sizes
+        for group in _groups(todo, max(1, DIFF_BYTES // encoded.chunk_size)):
+            patches = self._diff(encoded, group[0], group[-1] + 1)
+            for index in group:
+                patch = patches.get(index)
+                if patch is None or len(patch) >= sizes[index]:  # a patch that is not smaller is not used
+                    continue
+                old = prev.chunks[index]
+                entries[index] = ChunkEntry(encoded.ids[index], old.base or old.id)
+                records.append((index, old.id, encoded.ids[index], patch))
+                patched += len(patch)
+            if patched > budget:
+                return None
         return entries, records
+
+    def _diff(self, encoded: Encoded, first: int, end: int) -> dict[int, bytes | None]:
+        """``encode_patch`` of chunks ``first..end-1`` against the previous stream, in one pass:
+        the new chunks are gathered into one scratch region of at most ``DIFF_BYTES``."""
+        from .patch import encode_patches  # numpy-only; needed by delta pushes alone
+
+        assert self._buffer is not None
+        lo = first * encoded.chunk_size
+        hi = min(end * encoded.chunk_size, encoded.total_bytes)
+        scratch = np.empty(hi - lo, dtype=np.uint8)
+        offset = 0
+        for index in range(first, end):
+            data, _ = encoded.chunk(index)
+            scratch[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            offset += len(data)
+        patches = encode_patches(self._buffer[lo:hi], scratch, encoded.chunk_size, element_size(encoded))
+        return {first + i: patch for i, patch in patches.items()}
 
     def _projected_bytes(self, encoded: Encoded, prev: Manifest, absent: set[str]) -> int:
         """The patch bytes this push would add, from samples of its large changed chunks: a cheap
@@ -179,3 +197,14 @@ class DeltaPlanner:
                 self._buffer[offset : offset + size] = np.frombuffer(data, dtype=np.uint8)
             offset += size
         self._previous = manifest
+
+
+def _groups(indices: list[int], span: int) -> list[list[int]]:
+    """``indices`` (ascending) in groups whose first and last lie less than ``span`` apart."""
+    groups: list[list[int]] = []
+    for i in indices:
+        if groups and i - groups[-1][0] < span:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
