@@ -128,7 +128,7 @@ class DeltaPlanner:
             elif new_id not in absent or not base_ok:  # stored already, or no chain to extend
                 entries.append(ChunkEntry(new_id))
             else:
-                entries.append(ChunkEntry(new_id))  # until its patch is known to pay
+                entries.append(old)  # replaced below: by its chained entry, or stored when no patch pays
                 todo.append(index)
         records: list[tuple[int, str, str, bytes]] = []
         patched = 0
@@ -138,6 +138,7 @@ class DeltaPlanner:
             for index in group:
                 patch = patches.get(index)
                 if patch is None or len(patch) >= sizes[index]:  # a patch that is not smaller is not used
+                    entries[index] = ChunkEntry(encoded.ids[index])
                     continue
                 old = prev.chunks[index]
                 entries[index] = ChunkEntry(encoded.ids[index], old.base or old.id)
@@ -156,11 +157,12 @@ class DeltaPlanner:
         lo = first * encoded.chunk_size
         hi = min(end * encoded.chunk_size, encoded.total_bytes)
         scratch = np.empty(hi - lo, dtype=np.uint8)
+        view = memoryview(scratch)
         offset = 0
-        for index in range(first, end):
-            data, _ = encoded.chunk(index)
-            scratch[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
-            offset += len(data)
+        for parts in encoded.plan[first:end]:  # the chunks' own parts: nothing gathered twice
+            for part in parts:
+                view[offset : offset + len(part)] = part
+                offset += len(part)
         patches = encode_patches(self._buffer[lo:hi], scratch, encoded.chunk_size, element_size(encoded))
         return {first + i: patch for i, patch in patches.items()}
 

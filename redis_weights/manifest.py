@@ -33,7 +33,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import xxhash
 
@@ -228,11 +228,11 @@ class Pack:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkEntry:
+class ChunkEntry(NamedTuple):
     """How to obtain one chunk: stored as ``id`` (``base`` None); or the stored ``base``
     patched by the records of the manifest's packs that lead to ``id``; or (format 2 only)
-    ``base`` patched by its own ``steps``."""
+    ``base`` patched by its own ``steps``. (A named tuple: a big model's manifest holds
+    70,000 of them, built on every push and every read.)"""
 
     id: str
     base: str | None = None

@@ -365,6 +365,7 @@ def _unplanes(raw: Buffer, count: int, itemsize: int) -> np.ndarray:
     return columns.view(_UINT[itemsize]).reshape(count)
 
 
+_MIN_COMPRESS = 32  # shorter sections are stored raw: a zstd frame alone takes 10+ bytes
 _LOCAL = threading.local()  # one compressor per thread: building one costs more than a small patch
 
 
@@ -377,7 +378,7 @@ def _compressor() -> zstandard.ZstdCompressor:
 
 def _maybe_compress(raw: bytes, compress: bool) -> tuple[bytes, bool]:
     """``raw`` zstd-compressed when that is smaller, and whether it is."""
-    if compress and raw:
+    if compress and len(raw) >= _MIN_COMPRESS:
         packed = _compressor().compress(raw)
         if len(packed) < len(raw):
             return packed, True
