@@ -20,6 +20,7 @@ configurations); nothing touches a Redis you run. See docs/benchmarks.md.
 
     python scripts/bench.py --workloads finetune,frozen,classic    # issue 11 (~25 min here)
     python scripts/bench.py --cluster                              # issue 15: scripts/bench_cluster.py
+    python scripts/bench.py --chunks                               # big models: scripts/bench_chunks.py
     python scripts/bench.py --workloads finetune --lrs 1e-6 --workers 4 --systems rw-delta,torchrl
 
 The training workloads (``scripts/bench_train.py``) take real optimizer steps between
@@ -765,9 +766,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--report", type=Path, help="only re-render the tables and plot of an earlier JSON file")
     add_arguments(parser)
+    parser.add_argument("--chunks", nargs="?", const="1000,4000,16000,64000,70000",
+                        help="only the big-model measure (scripts/bench_chunks.py): delta pushes at these chunk "
+                        "counts of 4 KiB chunks (default 1000,4000,16000,64000,70000) and a 520 MB model")
     parser.add_argument("--cluster", action="store_true",
                         help="only the Redis Cluster measure (scripts/bench_cluster.py, 1 GB; --sizes picks another)")
     args = parser.parse_args(argv)
+    if args.chunks:
+        from scripts import bench_chunks
+
+        return bench_chunks.main(["--chunks", args.chunks] + (["--out", str(args.out)] if args.out else []))
     if args.cluster:
         return run_cluster_measure(args)
     if args.report:
