@@ -15,7 +15,8 @@ rest of the upload phase), commit, GC, push (the whole ``update_weights``), work
 (``poll``); Redis commands per push and per apply (``INFO commandstats``); manifest bytes at
 chain depth 1 and 19. After the last push the worker and a late joiner (the whole chain from
 the keyframe) are compared bit-exact with the trainer; then ``show``, ``export`` (compared with
-the trainer), a rollback to the middle of the chain (the worker applies it), ``gc(keep=1)`` and a
+the trainer), a rollback to the oldest retained version (retention 3: depth N-2 of the chain; the
+worker applies it), ``gc(keep=1)`` and a
 fresh reader of what is left (both compared with that version). The calibration run adds a real
 ~520 MB model at the library's default chunk size (2 MiB), same step density.
 
@@ -137,7 +138,7 @@ def run(url: str, timers: Timers, chunks: int, chunk_size: int, pushes: int, pro
                 profiler.disable()
             apply_calls = command_calls(client) - calls - push_calls - 2
             assert version == updater.version, receiver.last_error
-            if push in (pushes // 2, pushes):
+            if push in (max(0, pushes - 2), pushes):  # retention 3: the oldest retained version, and the latest
                 states[updater.version] = {k: v.clone() for k, v in trainer.items()}
             manifest = updater.registry.read_manifest(updater.version)
             manifest_bytes[manifest.depth] = int(client.strlen(updater.keyspace.manifest(updater.version)))
@@ -189,7 +190,8 @@ def run(url: str, timers: Timers, chunks: int, chunk_size: int, pushes: int, pro
 
 def operations(url: str, updater: RedisWeightUpdater, trainer: dict[str, torch.Tensor], receiver: RedisWeightReceiver,
                worker: dict[str, torch.Tensor], states: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """``show``, ``export``, a rollback into the middle of the chain (applied by the worker) and a GC that keeps
+    """``show``, ``export``, a rollback to the oldest retained version (inside the chain; applied by the worker)
+    and a GC that keeps
     only it, then a fresh reader: seconds each, and whether every result is bit-exact."""
     import safetensors.torch
 
