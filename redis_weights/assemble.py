@@ -138,10 +138,11 @@ class _PackWalk:
         packs = manifest.packs
         kept_bytes = 0
         for group in _by_version_newest_first(packs):  # a worker one version behind reads one group
-            values = (v for part in store.read([packs[p].id for p in group], [packs[p].size for p in group]) for v in part)
-            for p, data in zip(group, values):
+            rounds = store.read([packs[p].id for p in group], [packs[p].size for p in group])
+            for p, data in zip(group, (v for part in rounds for v in part), strict=True):
                 used = []
-                for r in self._records(p, data):
+                records, data = self._records(p, data)
+                for r in records:
                     wanted = pending.get(r.index)
                     if wanted is None:
                         continue
@@ -172,8 +173,8 @@ class _PackWalk:
                 f"{chunks[index].base} to its id (a pack is missing from the manifest?)"
             )
 
-    def _records(self, position: int, data: bytes | None) -> list[Record]:
-        """The records of the pack at ``position``, read and checked against its id."""
+    def _records(self, position: int, data: bytes | None) -> tuple[list[Record], bytes]:
+        """The records of the pack at ``position`` and its bytes, read and checked against its id."""
         pack: Pack = self.manifest.packs[position]
         where = f"version {self.manifest.version}: pack {pack.id}"
         if data is None:
@@ -183,7 +184,7 @@ class _PackWalk:
             self.store.discard_corrupt(pack.id)
             raise IntegrityError(f"{where} does not match its id (corrupted in Redis; deleted)")
         try:
-            return parse_pack(data, self.manifest.chunk_sizes, where)
+            return parse_pack(data, self.manifest.chunk_sizes, where), data
         except CodecError as exc:
             raise IntegrityError(str(exc)) from exc
 
@@ -202,8 +203,7 @@ class _PackWalk:
         for p in ascending:
             data = self.kept.pop(p, None)
             if data is None:
-                data = next(reread)
-                self._records(p, data)  # checked again: it was read anew
+                _, data = self._records(p, next(reread))  # checked again: it was read anew
             for r in self.uses[p]:
                 chunk = layout.view(r.index)
                 try:
@@ -234,7 +234,9 @@ def _by_version_newest_first(packs: Sequence[Pack]) -> list[list[int]]:
     return groups
 
 
-def _fetch_stored(store: ChunkStore, manifest: Manifest, layout: _Layout, todo: list[_Todo], ids: list[str | None]) -> None:
+def _fetch_stored(
+    store: ChunkStore, manifest: Manifest, layout: _Layout, todo: list[_Todo], ids: list[str | None]
+) -> None:
     """Read the stored chunks (or chain bases) into place, one pipelined read per run of consecutive chunks."""
     runs: list[list[_Todo]] = []
     for t in todo:
@@ -262,7 +264,9 @@ def _fetch_stored(store: ChunkStore, manifest: Manifest, layout: _Layout, todo: 
             ids[t.index] = t.fetch
 
 
-def _apply_chains(store: ChunkStore, manifest: Manifest, layout: _Layout, todo: list[_Todo], ids: list[str | None]) -> None:
+def _apply_chains(
+    store: ChunkStore, manifest: Manifest, layout: _Layout, todo: list[_Todo], ids: list[str | None]
+) -> None:
     """Fetch the patches (rounds of ~64 MiB), check each against its id, apply them in place,
     and check every patched chunk against its id."""
     if not todo:

@@ -156,7 +156,7 @@ class DeltaPlanner:
         assert self._buffer is not None
         lo = first * encoded.chunk_size
         hi = min(end * encoded.chunk_size, encoded.total_bytes)
-        scratch = np.empty(hi - lo, dtype=np.uint8)
+        scratch: Any = np.empty(hi - lo, dtype=np.uint8)
         view = memoryview(scratch)
         offset = 0
         for parts in encoded.plan[first:end]:  # the chunks' own parts: nothing gathered twice

@@ -30,30 +30,26 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from .errors import CodecError, LegacyFormatError
-from .manifest import (
+from .header import (
     CHECKSUM_ALGO,
+    DEFAULT_CHUNK_SIZE,
     DTYPE_SIZES,
-    MAX_CHAIN,
     MAX_CHUNK_SIZE,
     MAX_HEADER_BYTES,
-    MAX_MANIFEST_BYTES,
     MAX_TENSOR_BYTES,
     MIN_CHUNK_SIZE,
     Buffer,
-    ChunkEntry,
-    Manifest,
-    Pack,
-    Step,
     _is_int,
-    chunk_sizes,
     load_json,
-    pack_limit,
     parse_header,
 )
 
+MAX_MANIFEST_BYTES = 32 * 1024 * 1024  # refused before download (STRLEN) and before parsing
+MAX_CHAIN = 64  # patches per chunk since its stored base (keyframe_interval is capped below it)
 FORMAT = "redis_weights/3"
 PREVIOUS_FORMAT = "redis_weights/2"
 LEGACY_FORMAT = "redis_weights/1"
@@ -64,10 +60,72 @@ _STEP = struct.Struct("<16sI16s")
 
 
 # ---------------------------------------------------------------------------------------
+# Entries
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One patch of a format-2 chain: the stored patch ``patch`` (``size`` bytes) yields chunk ``id``."""
+
+    patch: str
+    size: int
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pack:
+    """One stored pack of patches (``packs.py``) that ``version`` added to the chain."""
+
+    version: int
+    id: str
+    size: int
+
+
+class ChunkEntry(NamedTuple):
+    """How to obtain one chunk: stored as ``id`` (``base`` None); or the stored ``base``
+    patched by the records of the manifest's packs that lead to ``id``; or (format 2 only)
+    ``base`` patched by its own ``steps``. (A named tuple: a big model's manifest holds
+    70,000 of them, built on every push and every read.)"""
+
+    id: str
+    base: str | None = None
+    steps: tuple[Step, ...] = ()
+
+    @property
+    def objects(self) -> list[str]:
+        """The stored objects of this entry itself (what GC must keep, what a push checks;
+        the packs are the manifest's)."""
+        return [self.base, *(s.patch for s in self.steps)] if self.base is not None else [self.id]
+
+    @property
+    def chain(self) -> list[str]:
+        """Ids along a format-2 chain, base first, ``id`` last (``[id]`` for a stored chunk;
+        ``[base, id]`` for a chain in packs, whose middle only the packs know)."""
+        if self.base is None:
+            return [self.id]
+        return [self.base, *(s.id for s in self.steps)] if self.steps else [self.base, self.id]
+
+
+def pack_limit(chunk_size: int) -> int:
+    """The most bytes one pack holds (``packs.py``): a default chunk's worth, or one chunk of a
+    model with bigger ones (a single record always fits: a patch is shorter than its chunk)."""
+    return max(chunk_size, DEFAULT_CHUNK_SIZE) + PACK_HEAD_SIZE + PACK_RECORD_SIZE
+
+
+PACK_HEAD_SIZE = 8
+PACK_RECORD_SIZE = 40
+
+
+def chunk_sizes(total: int, chunk_size: int) -> list[int]:
+    """Sizes of the fixed-size chunks of a ``total``-byte stream (the last one may be shorter)."""
+    count = -(-total // chunk_size)
+    return [chunk_size] * (count - 1) + [total - chunk_size * (count - 1)] if count else []
+
+
+# ---------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------
-def encode(m: Manifest) -> bytes:
-    """Format 3 bytes of ``m`` (see the module docstring)."""
+def encode(m: Any) -> bytes:
+    """Format 3 bytes of the ``Manifest`` ``m`` (see the module docstring)."""
     meta = json.dumps(
         {
             "format": FORMAT,
@@ -94,18 +152,19 @@ def encode(m: Manifest) -> bytes:
     ids = bytes.fromhex("".join(c.id for c in m.chunks))
     bases = bytes.fromhex("".join(c.base for c in m.chunks if c.base is not None))
     steps = b"".join(
-        bytes([len(c.steps)]) + b"".join(_STEP.pack(bytes.fromhex(s.patch), s.size, bytes.fromhex(s.id)) for s in c.steps)
+        bytes([len(c.steps)]) + b"".join(_STEP.pack(bytes.fromhex(s.patch), s.size, bytes.fromhex(s.id))
+                                         for s in c.steps)
         for c in m.chunks
         if c.steps
-    )
+    )  # fmt: skip
     return b"".join((_HEAD.pack(MAGIC, len(meta)), meta, kinds, ids, bases, steps))
 
 
 # ---------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------
-def decode(raw: Buffer | str, version: int | None = None) -> Manifest:
-    """See ``Manifest.from_bytes``."""
+def decode(raw: Buffer | str, version: int | None = None) -> dict[str, Any]:
+    """The validated fields of a stored manifest, ``chunks`` included (see ``Manifest.from_bytes``)."""
     where = "manifest"  # the caller names the version it read
     if len(raw) > MAX_MANIFEST_BYTES:
         raise CodecError(f"{where}: {len(raw)} bytes, more than the limit of {MAX_MANIFEST_BYTES}")
@@ -115,7 +174,7 @@ def decode(raw: Buffer | str, version: int | None = None) -> Manifest:
     return _decode_json(data, version)
 
 
-def _decode_binary(data: bytes, version: int | None) -> Manifest:
+def _decode_binary(data: bytes, version: int | None) -> dict[str, Any]:
     if len(data) < _HEAD.size:
         raise CodecError("manifest: shorter than its header")
     _, meta_len = _HEAD.unpack_from(data, 0)
@@ -156,7 +215,7 @@ def _decode_binary(data: bytes, version: int | None) -> Manifest:
         chunks.append(_checked_chain(ChunkEntry(chunk_id, base, steps), i, where))
     if pos != len(data):
         raise CodecError(f"{where}: {len(data) - pos} bytes after the last field")
-    return Manifest(chunks=chunks, **fields)
+    return dict(fields, chunks=chunks)
 
 
 def _hex_ids(data: bytes, pos: int, count: int) -> list[str]:
@@ -177,7 +236,7 @@ def _binary_steps(data: bytes, pos: int, size: int, where: str) -> tuple[tuple[S
     return tuple(steps), pos + count * _STEP.size
 
 
-def _decode_json(data: bytes, version: int | None) -> Manifest:
+def _decode_json(data: bytes, version: int | None) -> dict[str, Any]:
     """Format 2 (JSON, every chunk entry with its whole chain)."""
     where = "manifest"
     doc = load_json(data, where)
@@ -193,7 +252,7 @@ def _decode_json(data: bytes, version: int | None) -> Manifest:
     fields, sizes, where = _fields(dict(doc, packs=[]), version, len(raw_chunks) if isinstance(raw_chunks, list) else 0)
     assert isinstance(raw_chunks, list)
     chunks = [_json_entry(e, i, sizes[i], where) for i, e in enumerate(raw_chunks)]
-    return Manifest(chunks=chunks, **fields)
+    return dict(fields, chunks=chunks)
 
 
 def _fields(doc: dict[str, Any], version: int | None, room: int) -> tuple[dict[str, Any], list[int], str]:

@@ -30,7 +30,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .errors import CodecError
-from .manifest import PACK_HEAD_SIZE, PACK_RECORD_SIZE, Buffer, pack_limit
+from .header import Buffer
+from .manifest_format import PACK_HEAD_SIZE, PACK_RECORD_SIZE, pack_limit
 
 __all__ = ["MAGIC", "Record", "build_packs", "pack_limit", "parse_pack"]
 

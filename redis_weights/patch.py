@@ -154,7 +154,7 @@ def encode_patch(base: Buffer, new: Buffer, itemsize: int, *, max_ratio: float =
     return _build(base, new, itemsize, max_ratio=max_ratio)
 
 
-def encode_patches(base: Buffer, new: Buffer, chunk_size: int, itemsize: int) -> dict[int, bytes | None]:
+def encode_patches(base: Any, new: Any, chunk_size: int, itemsize: int) -> dict[int, bytes | None]:
     """``encode_patch(base chunk i, new chunk i, itemsize)`` for every chunk ``i`` (bytes
     ``[i * chunk_size, (i + 1) * chunk_size)``) of two regions of equal length whose bytes differ,
     byte for byte the same patches, from one diff of the whole regions.
@@ -164,7 +164,8 @@ def encode_patches(base: Buffer, new: Buffer, chunk_size: int, itemsize: int) ->
     is built from the positions of the regions' diff with plain Python, and only the others
     go through ``encode_patch``."""
     _check_itemsize(itemsize)
-    b, nw = _byte_view(base, "base"), _byte_view(new, "new")
+    b: Any = _byte_view(base, "base")
+    nw: Any = _byte_view(new, "new")
     if len(b) != len(nw):
         raise PatchError(f"base and new differ in length ({len(b)} and {len(nw)} bytes)")
     count = -(-len(b) // chunk_size)

@@ -306,10 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         with timed_library(timers):
             for chunks, chunk_size, pushes in runs:
                 t = time.monotonic()
-                profile = args.profile if args.profile and chunks == max(counts) and chunk_size == MIN_CHUNK_SIZE else None
+                largest = chunks == max(counts) and chunk_size == MIN_CHUNK_SIZE
+                profile = args.profile if largest else None
                 row = run(server.url, timers, chunks, chunk_size, pushes, profile)
                 rows.append(row)
-                print(f"{chunks:>6} x {chunk_size // 1024} KiB: push {row['push_s']:.3f} s, apply {row['apply_s']:.3f} s, "
+                print(f"{chunks:>6} x {chunk_size // 1024} KiB: push {row['push_s']:.3f} s, "
+                      f"apply {row['apply_s']:.3f} s, "
                       f"{row['push_us_per_chunk']:.1f} us/chunk ({time.monotonic() - t:.0f}s)", file=sys.stderr,
                       flush=True)  # fmt: skip
         version = redis.Redis.from_url(server.url).info("server").get("redis_version")

@@ -83,9 +83,10 @@ def format2_doc(manifest: Manifest) -> dict[str, Any]:
     meta, _ = split_format3(raw)
     del meta["packs"]
     chunks = [
-        {"id": c.id} if c.base is None else {"id": c.id, "base": c.base, "steps": [[s.patch, s.size, s.id] for s in c.steps]}
+        {"id": c.id} if c.base is None
+        else {"id": c.id, "base": c.base, "steps": [[s.patch, s.size, s.id] for s in c.steps]}
         for c in manifest.chunks
-    ]
+    ]  # fmt: skip
     return dict(meta, format="redis_weights/2", chunks=chunks)
 
 

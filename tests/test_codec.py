@@ -248,8 +248,9 @@ def test_manifest_round_trip_and_validation():
     ]:
         with pytest.raises(CodecError, match=match):
             Manifest.from_bytes(join_format3(dict(doc, **{field: value}), table))
-    for bad_table, match in [(b"", "chunk entries"), (b"\x03" + table[1:], "chunk kinds"), (table[:-1], "chunk entries"),
-                             (table + b"\0", "after the last field"), (b"\x01" + table[1:], "too short")]:  # fmt: skip
+    for bad_table, match in [(b"", "chunk entries"), (b"\x03" + table[1:], "chunk kinds"),
+                             (table[:-1], "chunk entries"), (table + b"\0", "after the last field"),
+                             (b"\x01" + table[1:], "too short")]:  # fmt: skip
         with pytest.raises(CodecError, match=match):
             Manifest.from_bytes(join_format3(doc, bad_table))
     chained = b"\x01" + table[1:] + table[1:17]  # chunk 0 chained to itself

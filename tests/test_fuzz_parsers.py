@@ -196,8 +196,9 @@ def test_format3_manifest_with_one_meta_field_replaced(field, value):
 
 
 @FUZZ
-@given(table=st.binary(max_size=200), packs=st.lists(st.lists(_scalars | st.text("0123456789abcdef", min_size=32,
-                                                                                  max_size=32), max_size=4), max_size=3))
+@given(table=st.binary(max_size=200),
+       packs=st.lists(st.lists(_scalars | st.text("0123456789abcdef", min_size=32, max_size=32), max_size=4),
+                      max_size=3))  # fmt: skip
 def test_format3_manifest_with_an_arbitrary_chunk_table_and_packs(table, packs):
     """Any table and pack list: a self-consistent manifest (chained chunks only with packs), or CodecError."""
     try:

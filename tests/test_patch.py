@@ -533,9 +533,7 @@ def test_patches_of_many_chunks_in_one_pass_are_the_chunk_by_chunk_patches(chunk
     where = rng.integers(0, length, changes)
     new[where] ^= rng.integers(1, 256, changes, dtype=np.uint8)
     new[-1] ^= 1  # the tail of the last chunk
-    expected = {
-        i: encode_patch(base[i * chunk_size : (i + 1) * chunk_size], new[i * chunk_size : (i + 1) * chunk_size], itemsize)
-        for i in range(10)
-        if not np.array_equal(base[i * chunk_size : (i + 1) * chunk_size], new[i * chunk_size : (i + 1) * chunk_size])
-    }
+    cut = [slice(i * chunk_size, (i + 1) * chunk_size) for i in range(10)]
+    pieces = [(base[c], new[c]) for c in cut]
+    expected = {i: encode_patch(a, b, itemsize) for i, (a, b) in enumerate(pieces) if not np.array_equal(a, b)}
     assert encode_patches(base, new, chunk_size, itemsize) == expected
