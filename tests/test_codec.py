@@ -18,6 +18,7 @@ from redis_weights.manifest import (
     Manifest,
     ManifestTooLargeError,
     Pack,
+    Step,
     checksum,
     parse_header,
     parse_header_bytes,
@@ -282,6 +283,17 @@ def test_a_manifest_of_the_previous_format_is_read():
             Manifest.from_bytes(json.dumps(dict(doc, **{field: value})))
     with pytest.raises(CodecError, match="lacks"):
         Manifest.from_bytes(json.dumps({"format": doc["format"]}))
+
+
+def test_a_format2_chain_committed_again_is_written_in_format3_and_read_back():
+    """A rollback of a version of the previous release: its own patch chains carried over (kind 2)."""
+    _, manifest, _ = _encode({"w": torch.randn(3000)}, chunk_size=4096)
+    doc = format2_doc(manifest)
+    doc["chunks"][1] = {"id": "a" * 32, "base": "b" * 32, "steps": [["c" * 32, 10, "d" * 32], ["e" * 32, 12, "a" * 32]]}
+    old = Manifest.from_bytes(json.dumps(doc))
+    again = Manifest.from_bytes(old.renumbered(2, created=1.0, producer="rollback").to_bytes())
+    assert again.chunks == old.chunks and again.version == 2 and again.objects() == old.objects()
+    assert again.chunks[1].steps[1] == Step("e" * 32, 12, "a" * 32)
 
 
 def test_the_manifest_size_does_not_grow_with_chain_depth():
