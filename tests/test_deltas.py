@@ -132,7 +132,7 @@ def test_unchanged_chunks_are_neither_uploaded_nor_downloaded_without_deltas(fak
     manifest = updater.registry.read_manifest(updater.version)
     reads.clear()
     assert worker.poll() == updater.version
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), worker.policy.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), worker.policy.state_dict().values(), strict=True))
     assert manifest.uploaded_bytes == sum(reads) <= 2 * 16384, "only the chunk(s) holding the head's bias"
 
 
