@@ -206,6 +206,7 @@ def test_a_rollback_and_two_gcs_at_once_keep_what_retained_versions_reference(re
     for step in range(3):
         perturb(model, 20 + step)
         updater.update_weights()
+    updater.flush()  # the last push's GC
     registry = updater.registry
     lease = registry._take_lease("other-gc")  # a GC in progress elsewhere
     assert lease is True

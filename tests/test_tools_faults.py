@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.assemble import MissingObjectError
 from redis_weights.errors import RedisWeightsError, VersionNotFoundError
+from redis_weights.manifest import Manifest
 from redis_weights.tools import admin as admin_module
 from redis_weights.tools.admin import Admin
 from redis_weights.tools.cli import main
@@ -188,9 +190,8 @@ def _hostile_version(store: RedisStore, created: float | None = None) -> int:
     updater.update_weights()
     if created is not None:
         key = store.keyspace.manifest(updater.version)
-        doc = json.loads(store.client.get(key))
-        doc["created"] = created
-        store.client.set(key, json.dumps(doc))  # NaN / Infinity as Python's json writes them
+        manifest = Manifest.from_bytes(store.client.get(key), updater.version)
+        store.client.set(key, replace(manifest, created=created).to_bytes())  # NaN / Infinity as json writes them
     return updater.version
 
 
@@ -309,10 +310,10 @@ def _get(url: str, *, method: str = "GET", auth: str | None = None, context: ssl
 
 @pytest.fixture
 def big_manifest_store(server_factory) -> Iterator[RedisStore]:
-    """A private server (its byte counters are the test's alone) holding one version of 1500 chunks."""
+    """A private server (its byte counters are the test's alone) holding one version of 3000 chunks."""
     server = server_factory()
     store = RedisStore.from_url(server.url, "policy")
-    updater = RedisWeightUpdater(store, {"w": torch.randn(1500 * 1024)}, 1, sync=False, chunk_size=4096)
+    updater = RedisWeightUpdater(store, {"w": torch.randn(3000 * 1024)}, 1, sync=False, chunk_size=4096)
     updater.update_weights()
     yield store
     store.close()
