@@ -439,10 +439,11 @@ def check_server(
 def check_deployment(
     deployment: Deployment, keyspace: Keys | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> list[Finding]:
-    """``check_server`` on every node of the deployment (``doctor``): a standalone server's
-    findings as they are; on a Redis Cluster, the cluster's state first, then every check
-    of every master and replica, each finding naming its node (ACLs and settings are per node)."""
-    if deployment.kind != "cluster":
+    """``check_server`` on every node of the deployment (``doctor``): where one node holds every
+    key (standalone, Sentinel) its findings as they are; where keys spread over nodes (a Redis
+    Cluster), the cluster's state first, then every check of every master and replica the
+    deployment names, each finding naming its node (ACLs and settings are per node)."""
+    if deployment.single_node:
         return check_server(deployment.client, keyspace, chunk_size=chunk_size)
     findings = [check_cluster_state(deployment)]
     masters = dict(deployment.masters())

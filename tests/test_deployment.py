@@ -130,3 +130,55 @@ def test_redis_errors_in_urls_are_configuration_errors():
     with pytest.raises(ConfigurationError, match="database 'x' is not a number"):
         client_from_url("redis://127.0.0.1:6379/x")
     assert isinstance(client_from_url("redis://127.0.0.1:6379/2"), redis.Redis)
+
+
+def test_the_registry_picks_one_kind_per_scheme_and_per_client(fake_redis):
+    from redis.cluster import RedisCluster
+    from redis.sentinel import Sentinel
+
+    from redis_weights.deployment import KINDS, ClusterDeployment, SentinelDeployment, deployment_for, kind_for_url
+
+    assert [k.name for k in KINDS] == [k.deployment.kind for k in KINDS]  # a kind's name is its class's
+    schemes = [s for k in KINDS for s in k.schemes]
+    assert len(schemes) == len(set(schemes)), "a scheme registered by two kinds"
+    assert {s: kind_for_url(f"{s}://h/0").name for s in schemes} == {
+        "redis": "standalone", "rediss": "standalone", "unix": "standalone",
+        "redis+sentinel": "sentinel", "rediss+sentinel": "sentinel",
+    }  # fmt: skip
+    with pytest.raises(ConfigurationError, match="unsupported Redis URL") as refused:
+        kind_for_url("http://u:secret@h/0")
+    assert all(f"{s}://" in str(refused.value) for s in schemes) and "secret" not in str(refused.value)
+    assert type(deployment_for(fake_redis)) is Deployment
+    master = Sentinel([("127.0.0.1", 1)]).master_for("svc")  # connects only when used
+    assert type(deployment_for(master)) is SentinelDeployment
+    cluster = RedisCluster.__new__(RedisCluster)  # a cluster client without a cluster: only its type matters here
+    assert type(deployment_for(cluster)) is ClusterDeployment
+
+
+def test_a_new_kind_is_one_kind_object_in_the_registry(monkeypatch):
+    import fakeredis
+
+    from redis_weights.deployment import Kind, deployment_from_url, registry
+
+    class Memory(Deployment):
+        kind = "memory"
+
+        def describe(self) -> str:
+            return "memory"
+
+    server = fakeredis.FakeServer()
+    built = []
+
+    def connect(url, cluster, overrides):
+        built.append((url, cluster, overrides))
+        return fakeredis.FakeRedis(server=server)
+
+    memory = Kind("memory", Memory, accepts=lambda c: isinstance(c, fakeredis.FakeRedis), schemes=("memory",),
+                  connect=connect)  # fmt: skip
+    monkeypatch.setattr(registry, "KINDS", (memory, *registry.KINDS))
+    deployment = deployment_from_url("memory://anything?cluster=no&socket_timeout=1", socket_timeout=2)
+    assert type(deployment) is Memory and deployment.owns_client
+    assert built == [("memory://anything?socket_timeout=1", False, {"socket_timeout": 2})]
+    with RedisStore(deployment, "ns") as store:
+        store["k"] = "v"
+        assert store["k"] == "v" and repr(store) == "RedisStore(namespace='ns', server='memory')"
