@@ -461,9 +461,11 @@ class VersionRegistry:
         k = self.keyspace
         pipe = self.client.pipeline(transaction=False)
         pipe.incr(k.gc_epoch)
-        if held:
+        if held and self.deployment.single_node:  # a cluster pipeline refuses EVALSHA: a call of its own
             pipe.evalsha(self._release.sha, 1, k.gc_lease, token)
         results = pipe.execute(raise_on_error=False)
+        if held and not self.deployment.single_node:
+            results.append(self._release(keys=[k.gc_lease], args=[token]))
         if isinstance(results[0], redis.exceptions.ResponseError) and not _oom(results[0]):
             raise results[0]
         if held and isinstance(results[1], redis.exceptions.ResponseError):
