@@ -21,6 +21,7 @@ configurations); nothing touches a Redis you run. See docs/benchmarks.md.
     python scripts/bench.py --workloads finetune,frozen,classic    # issue 11 (~25 min here)
     python scripts/bench.py --cluster                              # scripts/bench_cluster.py
     python scripts/bench.py --keyspace                             # a shared Redis: scripts/bench_keyspace.py
+    python scripts/bench.py --vllm                                 # a vLLM engine's pause: scripts/bench_vllm.py
     python scripts/bench.py --workloads finetune --lrs 1e-6 --workers 4 --systems rw-delta,torchrl
 
 The training workloads (``scripts/bench_train.py``) take real optimizer steps between
@@ -772,7 +773,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", default="0,1000000,10000000", help="--keyspace: unrelated key counts")
     parser.add_argument("--cluster", action="store_true",
                         help="only the Redis Cluster measure (scripts/bench_cluster.py, 1 GB; --sizes picks another)")
+    parser.add_argument("--vllm", action="store_true",
+                        help="a vLLM engine's pause per update against vLLM's reload (scripts/bench_vllm.py, run "
+                             "with .venv-vllm's python: scripts/install_vllm.sh first)")
     args = parser.parse_args(argv)
+    if args.vllm:
+        python = REPO / ".venv-vllm" / "bin" / "python"
+        if not python.exists():
+            parser.error("--vllm needs the vLLM venv: run scripts/install_vllm.sh first")
+        return subprocess.call([str(python), str(REPO / "scripts" / "bench_vllm.py")])
     if args.keyspace:
         from scripts import bench_keyspace
 

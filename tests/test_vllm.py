@@ -2,12 +2,14 @@
 
 Needs the vLLM venv (``scripts/install_vllm.sh``; run this file with
 ``.venv-vllm/bin/python -m pytest tests/test_vllm.py``): skipped elsewhere. One
-in-process engine serves the whole module; a second starts late. After every push
-the engine's greedy tokens equal transformers' on the version's exact weights.
+in-process engine serves the whole module; vLLM's HTTP server starts late as a second
+one. After every push the engines' greedy tokens equal transformers' on the version's
+exact weights.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ from redis_weights.integrations.vllm import OfflineLLMClient, init_engines, push
 from redis_weights.integrations.vllm.engine import INIT_ENV  # noqa: E402
 from redis_weights.integrations.vllm.options import split_receive_options  # noqa: E402
 from redis_weights.tools.admin import Admin  # noqa: E402
+from redis_weights.tools.server import free_port  # noqa: E402
 
-from .vllm_support import engine_attr, hf_greedy, llm_greedy, start_llm, tiny_llama  # noqa: E402
+from .vllm_support import api_server, engine_attr, hf_greedy, http_greedy, llm_greedy, start_llm, tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.server
 
@@ -40,7 +43,7 @@ class Setup:
         self.reference = LlamaForCausalLM(self.model.config).float().eval()
         self.optimizer = torch.optim.AdamW(self.model.parameters())
         self.store = RedisStore.from_url(url, namespace=namespace)
-        self.updater = RedisWeightUpdater(self.store, dict(self.model.named_parameters()), 2, sync=False,
+        self.updater = RedisWeightUpdater(self.store, dict(self.model.named_parameters()), 3, sync=False,
                                           wire_dtype=torch.bfloat16, delta=True, retention=10)  # fmt: skip
         self.admin = Admin(RedisStore(self.store.client, namespace, owns_client=False))
         self.llm = start_llm(path)
@@ -180,20 +183,27 @@ def test_loader_failure_restores_the_previous_version(setup: Setup) -> None:
     assert llm_greedy(setup.llm) == setup.expected(setup.updater.version)
 
 
-def test_late_engine_serves_the_latest_at_start(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow
+def test_a_late_http_server_serves_the_latest_then_one_push_updates_both_engines(setup: Setup, tmp_path: Path) -> None:
+    """vLLM's OpenAI server started after five pushes, with the init info in its environment and no trainer
+    call, serves the latest version; its engine core is a process of its own (the plugin registered the
+    backend there too). Then one push updates it and the offline engine, and waits for both acks."""
+    from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
+
     for _ in range(5):
-        setup.step()
+        setup.step(1e-2)
         setup.updater.update_weights(worker_ids=[1])
     latest = setup.updater.version
-    monkeypatch.setenv(INIT_ENV, f'{{"url": "{setup.url}", "namespace": "{setup.namespace}", "rank": 2}}')
-    late = start_llm(setup.path)
-    try:
-        assert engine_attr(late, "version") == [latest]
-        assert llm_greedy(late) == setup.expected(latest)
-        state = setup.status(2)
+    init = json.dumps({"url": setup.url, "namespace": setup.namespace, "rank": 3})
+    with api_server(setup.path, free_port("127.0.0.1"), tmp_path / "server.log", **{INIT_ENV: init}) as base:
+        state = setup.status(3)
         assert (state.status, state.version) == ("updated", latest)
-    finally:
-        late.shutdown_weight_transfer_engine()
+        assert http_greedy(base, setup.path) == setup.expected(latest)
+        server = HTTPVLLMWeightSyncClient(base)
+        setup.step(1e-2)
+        version = push_to_engines(setup.updater, [setup.client, server], worker_ids=[1, 3])  # both acked
+        assert [s.version for s in setup.updater.workers([1, 3])] == [version, version]
+        assert http_greedy(base, setup.path) == llm_greedy(setup.llm) == setup.expected(version)
 
 
 def test_options_and_misuse_are_refused(setup: Setup) -> None:

@@ -7,7 +7,13 @@ Shared by tests/test_vllm.py and scripts/bench_vllm.py. vLLM runs in this proces
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,54 @@ def start_llm(path: Path, **engine: Any) -> Any:
     return LLM(model=str(path), skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
                distributed_executor_backend="uni", kv_cache_memory_bytes=32 << 20, max_model_len=128,
                max_num_seqs=4, weight_transfer_config={"backend": "redis"}, **engine)  # fmt: skip
+
+
+@contextlib.contextmanager
+def api_server(path: Path, port: int, log: Path, timeout: float = 300.0, **env: str) -> Iterator[str]:
+    """vLLM's OpenAI server for ``path`` with the ``"redis"`` backend and its weight-transfer routes
+    (``VLLM_SERVER_DEV_MODE``), ``env`` added to its environment; it starts an engine-core process
+    of its own. Yields its base URL; the whole process group is stopped on exit."""
+    import requests
+
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
+            "--port", str(port), "--skip-tokenizer-init", "--enforce-eager", "--dtype", "float32",
+            "--kv-cache-memory-bytes", str(32 << 20), "--max-model-len", "128", "--max-num-seqs", "4",
+            "--weight-transfer-config", '{"backend": "redis"}']  # fmt: skip
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", **env)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{base}/health", timeout=1).ok:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM's server did not start (exit {proc.poll()}): see {log}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def http_greedy(base: str, model: Path, prompts: list[list[int]] = PROMPTS, n: int = NEW_TOKENS) -> list[list[int]]:
+    import requests
+
+    out = []
+    for prompt in prompts:
+        reply = requests.post(f"{base}/v1/completions", timeout=60, json={
+            "model": str(model), "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True})  # fmt: skip
+        reply.raise_for_status()
+        out.append(reply.json()["choices"][0]["token_ids"])
+    return out
 
 
 def llm_greedy(llm: Any, prompts: list[list[int]] = PROMPTS, n: int = NEW_TOKENS) -> list[list[int]]:

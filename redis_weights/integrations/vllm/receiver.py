@@ -101,6 +101,12 @@ class EngineReceiver(RedisWeightReceiver):
         self._unstageable = 0  # the last version whose staging was refused: the update reports why
         self._stager: threading.Thread | None = None
 
+    @property
+    def fetched_bytes(self) -> int:
+        """Bytes this engine read from Redis so far (staging included; with the host cache, what it fetched for the
+        host)."""
+        return self.host_cache.fetched_bytes if self.host_cache is not None else self._fetched_bytes
+
     # -- install --------------------------------------------------------------------------
     def _install(self, chunks: list[Buffer], manifest: Manifest, targets: dict[str, Any]) -> None:
         digests = self._digests(chunks, manifest)
