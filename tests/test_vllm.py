@@ -48,7 +48,8 @@ class Setup:
         self.admin = Admin(RedisStore(self.store.client, namespace, owns_client=False))
         self.llm = start_llm(path)
         self.client = OfflineLLMClient(self.llm)
-        init_engines([self.client], url, namespace, first_rank=1, poll_interval=0.2)
+        self.host_cache = str(path / "host-cache")  # the late server shares it: one fetch per host
+        init_engines([self.client], url, namespace, first_rank=1, poll_interval=0.2, host_cache=self.host_cache)
 
     def push(self) -> int:
         """Push the trainer's weights and update the engine (rank 1; rank 2 is the late engine)."""
@@ -194,7 +195,7 @@ def test_a_late_http_server_serves_the_latest_then_one_push_updates_both_engines
         setup.step(1e-2)
         setup.updater.update_weights(worker_ids=[1])
     latest = setup.updater.version
-    init = json.dumps({"url": setup.url, "namespace": setup.namespace, "rank": 3})
+    init = json.dumps({"url": setup.url, "namespace": setup.namespace, "rank": 3, "host_cache": setup.host_cache})
     with api_server(setup.path, free_port("127.0.0.1"), tmp_path / "server.log", **{INIT_ENV: init}) as base:
         state = setup.status(3)
         assert (state.status, state.version) == ("updated", latest)
@@ -215,3 +216,25 @@ def test_options_and_misuse_are_refused(setup: Setup) -> None:
     with pytest.raises(ConfigurationError, match="sync=False"):
         push_to_engines(sync, [setup.client])
     sync.close()
+
+
+def test_vllms_trainer_api_pushes_a_module_source(setup: Setup) -> None:
+    """``WeightTransferTrainerFactory.trainer_init`` with backend "redis" (last: the engine moves namespace)."""
+    from vllm.distributed.weight_transfer import ModuleSource, WeightTransferTrainerFactory
+
+    from redis_weights.integrations.vllm.trainer import RedisTrainerInitInfo
+
+    info = RedisTrainerInitInfo(rank=0, url=setup.url, namespace="vllm-trainer-api", updater={"wire_dtype": "bf16"})
+    with pytest.raises(ConfigurationError):  # options are checked by the updater itself
+        WeightTransferTrainerFactory.trainer_init(info, client=setup.client, source=ModuleSource(setup.model))
+    info.updater = {"retention": 2}
+    engine = WeightTransferTrainerFactory.trainer_init(info, client=setup.client, source=ModuleSource(setup.model))
+    try:
+        setup.step(1e-2)
+        version = engine.send_weights()
+        assert engine_attr(setup.llm, "version") == [version]
+        reference = {k: v.detach() for k, v in setup.model.state_dict().items()}
+        setup.reference.load_state_dict(reference)
+        assert llm_greedy(setup.llm) == hf_greedy(setup.reference)
+    finally:
+        engine.shutdown()

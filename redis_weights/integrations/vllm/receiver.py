@@ -99,7 +99,6 @@ class EngineReceiver(RedisWeightReceiver):
         self._staged: tuple[list[str], dict[str, str]] | None = None  # chunk ids and digests of the staged version
         self.staged_version = 0
         self._unstageable = 0  # the last version whose staging was refused: the update reports why
-        self._stager: threading.Thread | None = None
 
     @property
     def fetched_bytes(self) -> int:
@@ -137,13 +136,14 @@ class EngineReceiver(RedisWeightReceiver):
             self.staged_version = version
 
     def start_staging(self) -> None:
-        """Stage every new committed version (and every announced plan) from a daemon thread."""
-        if self._stager is not None:
+        """Stage every new committed version (and every announced plan) from a daemon thread, in the place of
+        the receiver's applying thread (``stop()`` and ``close()`` end it)."""
+        if self._thread is not None:
             return
         self._stop.clear()
         self._updates.open()
-        self._stager = threading.Thread(target=self._stage_loop, name=f"redis-weights-stage-{self.rank}", daemon=True)
-        self._stager.start()
+        self._thread = threading.Thread(target=self._stage_loop, name=f"redis-weights-stage-{self.rank}", daemon=True)
+        self._thread.start()
 
     def _stage_loop(self) -> None:
         last_check, wake = 0.0, True
@@ -166,10 +166,3 @@ class EngineReceiver(RedisWeightReceiver):
                 log.debug("rank %d: staging failed (%s: %s)", self.rank, type(exc).__name__, exc)
                 self._stop.wait(self.poll_interval)
             wake = self._next_update(_WAKE_SLICE)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        stager, self._stager = self._stager, None
-        if stager is not None:
-            self._stop.set()
-            stager.join(timeout)
-        super().stop(timeout)

@@ -140,7 +140,11 @@ class RedisTrainerWeightTransferEngine(TrainerWeightTransferEngine[RedisTrainerI
         store = RedisStore.from_url(init_info.url, namespace=init_info.namespace)
         ranks = list(range(init_info.first_rank, init_info.first_rank + init_info.num_engines))
         weights = dict(source) if source is not None else {}
-        engine.updater = RedisWeightUpdater(store, weights, max(ranks), **options)
+        try:
+            engine.updater = RedisWeightUpdater(store, weights, max(ranks), **options)
+        except BaseException:
+            store.close()
+            raise
         engine.ranks = ranks
         if init_info.num_engines == 1:
             init_engines([client], init_info.url, init_info.namespace, first_rank=init_info.first_rank,
