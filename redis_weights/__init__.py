@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     )
     from .keys import Keys
     from .manifest import Manifest
+    from .options import PushOptions, ReceiveOptions
     from .ranks import RankState
     from .receiver import RedisWeightReceiver
     from .store import RedisStore
@@ -57,6 +58,8 @@ _EXPORTS = {
     "WeightMismatchError": "errors",
     "Keys": "keys",
     "Manifest": "manifest",
+    "PushOptions": "options",
+    "ReceiveOptions": "options",
     "RankState": "ranks",
     "RedisStore": "store",
     "RedisWeightReceiver": "receiver",
@@ -90,8 +93,10 @@ __all__ = [
     "Keys",
     "Manifest",
     "PushError",
+    "PushOptions",
     "PushTimeoutError",
     "RankState",
+    "ReceiveOptions",
     "ReceiveTimeoutError",
     "RedisStore",
     "RedisWeightReceiver",

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import ConfigurationError
+from .ranks import as_integer
 
 WorkerIds = int | Sequence[int] | None
 
@@ -90,10 +91,17 @@ class WeightUpdaterBase(metaclass=abc.ABCMeta):
         """1-based ranks as a list; anything outside ``1..num_workers`` is a RuntimeError."""
         if worker_ids is None:
             return self.all_worker_ids()
-        ids = [worker_ids] if isinstance(worker_ids, int) else list(worker_ids)
-        for rank in ids:
-            if not isinstance(rank, int) or isinstance(rank, bool):
-                raise RuntimeError(f"worker ids are 1-based integer ranks, got {rank!r}")
+        one = as_integer(worker_ids)  # a single rank: int, numpy.int64, 0-d integer tensor
+        try:
+            given = [worker_ids] if one is not None or isinstance(worker_ids, (str, bytes)) else list(worker_ids)
+        except TypeError:  # neither a rank nor an iterable of ranks
+            given = [worker_ids]
+        ids = []
+        for item in given:
+            rank = as_integer(item)
+            if rank is None:
+                raise RuntimeError(f"worker ids are 1-based integer ranks, got {item!r} ({type(item).__name__})")
+            ids.append(rank)
             if rank < 1:
                 raise RuntimeError(f"worker rank must be >= 1 (ranks are 1-based), got {rank}")
             if rank > self.num_workers:

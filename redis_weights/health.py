@@ -329,6 +329,7 @@ def _needed_commands(keyspace: Keys) -> list[tuple[str, list[str], str]]:
         ("PUBLISH", [keyspace.acks_channel, "0"], WORKER),
         ("HGET", [keyspace.plan, "version"], WORKER),
         ("HSTRLEN", [keyspace.plan, "manifest"], WORKER),
+        ("GET", [keyspace.counter], WORKER),  # a plan above it is ignored (staging.read_plan)
         ("SET", [chunk, "x"], TRAINER),
         ("PUBLISH", [keyspace.updates_channel, "0"], TRAINER),
         ("HSET", [keyspace.plan, "version", "0"], TRAINER),

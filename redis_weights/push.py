@@ -16,7 +16,8 @@ it before the upload: a background push returns it at once):
    (``GcRaceError``), and the push goes back to step 1: the one place a race is retried;
 7. **collect**: garbage collection, only when the commit left more versions than the
    retention (a push that drops no version does no GC work); incremental, its reads
-   proportional to the versions it drops (``VersionRegistry.collect``).
+   proportional to the versions it drops (``VersionRegistry.collect``); on the trainer's
+   collector thread (``collector.py``), which the next push waits for.
 
 Waiting for the acks (step 8) belongs to the updater, which holds the acks
 subscription. Each step is timed as a phase of the caller's ``PhaseClock``.
@@ -42,6 +43,7 @@ from .versions import DEFAULT_PENDING_TTL, Commit, GcRaceError, GcReport, Versio
 
 if TYPE_CHECKING:  # torch: the admin tools roll back without importing it
     from .codec import Encoded
+    from .collector import GarbageCollector
     from .delta import DeltaPlanner
 
 log = logging.getLogger(__name__)
@@ -183,6 +185,7 @@ class Push:
         retention: int | None = None,
         overlap_min_bytes: int | None = None,
         replicas: ReplicaGate | None = None,
+        collector: GarbageCollector | None = None,
     ) -> None:
         self.registry = registry
         self.version = version
@@ -193,6 +196,7 @@ class Push:
         self.retention = retention
         self.overlap_min_bytes = overlap_min_bytes
         self.replicas = replicas
+        self.collector = collector
         self.committing = False
         self.token = uuid.uuid4().hex
 
@@ -270,17 +274,21 @@ class Push:
 
     def collect(self, commit: Commit) -> GcReport | None:
         """7. GC when the commit left more versions than the retention, or when another push the
-        index lists lost its pending record (a crash: its objects are garbage); else nothing.
-        Housekeeping never fails a push."""
+        index lists lost its pending record (a crash: its objects are garbage); else nothing. With
+        a ``collector`` it runs on the collector's thread (the report comes later, ``None`` here);
+        without, here. Housekeeping never fails a push."""
         if self.retention is None:
             return None
         try:
+            if not (commit.versions > self.retention or (commit.pushes and self.registry.crashed_pushes())):
+                return None
+            if self.collector is not None:
+                self.collector.start(self.retention)
+                return None
             started = time.perf_counter()
-            if commit.versions > self.retention or (commit.pushes and self.registry.crashed_pushes()):
-                report = self.registry.collect(self.retention)
-                self.clock.add("gc", time.perf_counter() - started)
-                return report
-            return None
+            report = self.registry.collect(self.retention)
+            self.clock.add("gc", time.perf_counter() - started)
+            return report
         except (redis.exceptions.RedisError, RedisWeightsError) as exc:  # Redis refused, or a corrupt index
             log.warning("garbage collection after version %d failed: %s", self.version, exc)
             return None

@@ -28,6 +28,7 @@ for longer than the rank needs to beat again (see its docstring).
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -95,18 +96,33 @@ return 0
 """
 
 
+def as_integer(value: object) -> int | None:
+    """``value`` as a plain ``int`` when it is an integer of any kind (``int``, ``numpy.int64``, a
+    0-d integer tensor: anything with ``__index__``), None otherwise (a bool, a float, text...).
+    Ranks reach keys, JSON and comparisons: one plain ``int`` everywhere."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # True is no rank 1 (numpy.bool_ too)
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def check_rank(rank: object) -> int:
-    """``rank`` if it is a 1-based integer rank, else a ``ConfigurationError``."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ConfigurationError(f"rank must be a 1-based integer, got {rank!r}")
-    return rank
+    """``rank`` as a plain ``int`` if it is a 1-based integer rank, else a ``ConfigurationError``."""
+    value = as_integer(rank)
+    if value is None or value < 1:
+        raise ConfigurationError(f"rank must be a 1-based integer, got {rank!r} ({type(rank).__name__})")
+    return value
 
 
 def check_worker_count(count: object) -> int:
-    """``count`` if it is a positive number of workers (ranks ``1..count``), else a ``ConfigurationError``."""
-    if not isinstance(count, int) or count < 1:
-        raise ConfigurationError(f"num_workers must be a positive integer, got {count!r}")
-    return count
+    """``count`` as a plain ``int`` if it is a positive number of workers (ranks ``1..count``), else a
+    ``ConfigurationError``."""
+    value = as_integer(count)
+    if value is None or value < 1:
+        raise ConfigurationError(f"num_workers must be a positive integer, got {count!r} ({type(count).__name__})")
+    return value
 
 
 def parse_ack(message: str) -> tuple[int, int] | None:

@@ -44,7 +44,6 @@ from .deployment import LOST
 from .errors import (
     ApplyError,
     CodecError,
-    ConfigurationError,
     ReceiveTimeoutError,
     RedisWeightsError,
     VersionNotFoundError,
@@ -55,6 +54,7 @@ from .health import ensure_server, explain_lost_connection
 from .hostcache import DEFAULT_DIRECTORY, HostCache
 from .manifest import Buffer, Manifest, manifest_limit
 from .metrics import WorkerMetrics
+from .options import Option, ReceiveOptions, from_kwargs
 from .reports import ApplyReport, PhaseClock, call_hook
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
@@ -62,8 +62,6 @@ from .versions import VersionRegistry
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLL_INTERVAL = 1.0
-DEFAULT_HEARTBEAT_TTL = ranks.DEFAULT_HEARTBEAT_TTL
 _WAKE_SLICE = 0.2  # the background loop checks for stop() this often
 _FETCH_ATTEMPTS = 3  # a version garbage-collected mid-read: retry from latest
 
@@ -76,21 +74,9 @@ class RedisWeightReceiver:
         policy: the live weights to update in place.
 
     Keyword Args:
-        poll_interval: seconds between reads of ``latest`` when no notification arrives.
-        heartbeat_ttl: seconds after its last beat at which a rank counts as dead.
-        allow_cast: accept pushed dtypes that differ from the policy's (cast on copy). A cast
-            the trainer chose (``wire_dtype``) is accepted for floating tensors without it.
-        check_server: fail at once with a ``ConfigurationError`` when Redis is
-            unreachable, refuses the credentials or is unsafe (False: skip the check).
-        host_cache: share each version with the other workers of this host through a
-            file in /dev/shm (True) or in the given directory: one worker fetches it
-            from Redis, the others memory-map it (see ``hostcache.py``).
-        read_from_replicas: read the chunks from replicas (a Redis Cluster's, with
-            ``READONLY``, or the ones the sentinels of a ``redis+sentinel://`` store list),
-            taking that egress off the primaries; a chunk a replica lacks (it lags) is read
-            from its primary. ``latest``, manifests and rank keys are always read from the
-            primary. The same as ``?replica_reads=yes`` in the store's URL, for this
-            receiver alone; refused on a standalone server (its replicas are unknown).
+        options: a ``ReceiveOptions`` (what each option does is documented there); or its
+            fields as keyword arguments (``poll_interval=``, ``host_cache=``...), not both.
+            ``receiver.options`` holds them; ``receiver.poll_interval`` and the like read them.
 
     Chunks are read straight into one receive buffer of the model's size, kept from
     version to version (or into the shared file), verified, then copied in place;
@@ -107,37 +93,29 @@ class RedisWeightReceiver:
         rank: int,
         policy: Any,
         *,
-        poll_interval: float = DEFAULT_POLL_INTERVAL,
-        heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL,
-        allow_cast: bool = False,
-        check_server: bool = True,
-        host_cache: bool | str | os.PathLike[str] = False,
-        read_from_replicas: bool = False,
+        options: ReceiveOptions | None = None,
+        **kwargs: Any,
     ) -> None:
-        ranks.check_rank(rank)
-        if poll_interval <= 0 or heartbeat_ttl <= 0:
-            raise ConfigurationError("poll_interval and heartbeat_ttl must be positive")
+        rank = ranks.check_rank(rank)
+        self.options = options = from_kwargs(ReceiveOptions, options, kwargs, type(self).__name__)
         flat = flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill
         # what a manifest for this policy can be at most: a bigger one is refused before it is downloaded
         self._max_manifest = manifest_limit(8 * sum(t.numel() for t in flat.values()), len(flat))
         self.store = as_store(store)
         self.rank = rank
         self.policy = policy
-        self.poll_interval = poll_interval
-        self.heartbeat_ttl = heartbeat_ttl
-        self.allow_cast = allow_cast
         self.keyspace = self.store.keyspace
-        self.read_from_replicas = read_from_replicas
         # replica reads for this receiver alone: a view of the store's deployment (same client, not owned)
-        deployment = self.store.deployment.with_replica_reads() if read_from_replicas else self.store.deployment
+        deployment = self.store.deployment.with_replica_reads() if options.read_from_replicas else self.store.deployment
         self.registry = VersionRegistry(deployment, self.keyspace)
-        self.host_cache = self._host_cache(host_cache)
+        self.host_cache = self._host_cache(options.host_cache)
         self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
         self._held: list[str | None] = []  # id of each chunk in the receive buffer (None: unknown)
         self._held_chunk_size = 0
         self._fetched_bytes = 0  # bytes this receiver read from Redis, all versions together
         self.staged_bytes = 0  # of which read before their version's commit (``staging.py``)
         self._plan_hint = 0  # the newest version announced on the updates channel, not yet staged
+        self._plan_staged = 0  # the newest plan staged: each version is staged once (a repeated hint costs nothing)
         self.version = 0
         self.latest_seen = 0  # ``latest`` as of the last check of Redis
         self.last_apply: ApplyReport | None = None
@@ -152,19 +130,30 @@ class RedisWeightReceiver:
         self._lost_reported = False
         self._history_lost = False  # Redis lost this rank's keys: version numbers may repeat
         self._updates = Subscription(self.store.client, [self.keyspace.updates_channel],
-                                     what=f"rank {rank}: updates subscription", poll_every=poll_interval)  # fmt: skip
+                                     what=f"rank {rank}: updates subscription",
+                                     poll_every=options.poll_interval)  # fmt: skip
         self._repeats = Repeats()  # a version whose fetch keeps failing: backoff, then an error status
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._beating = threading.Event()  # set: the heartbeat thread stops
-        if check_server:
+        if options.check_server:
             ensure_server(self.store.deployment, self.keyspace)
-        ranks.register(self.store.client, self.keyspace, rank, heartbeat_ttl)
+        ranks.register(self.store.client, self.keyspace, rank, options.heartbeat_ttl)
         self._beater = threading.Thread(
-            target=_beat_until_closed, args=(weakref.ref(self), self._beating, ranks.beat_interval(heartbeat_ttl)),
+            target=_beat_until_closed,
+            args=(weakref.ref(self), self._beating, ranks.beat_interval(options.heartbeat_ttl)),
             name=f"redis-weights-beat-{rank}", daemon=True,
         )  # fmt: skip
         self._beater.start()
+
+    # -- options: ``receiver.poll_interval`` and the like read ``receiver.options`` ------------
+    allow_cast = Option(settable=True)
+    poll_interval = Option()
+    heartbeat_ttl = Option()
+    read_from_replicas = Option()
+
+    def _set_options(self, options: ReceiveOptions) -> None:
+        self.options = options
 
     # -- liveness -----------------------------------------------------------------------
     def heartbeat(self) -> None:
@@ -396,14 +385,15 @@ class RedisWeightReceiver:
             log.warning("rank %d: cannot read the plan of version %d (%s); fetching after its commit",
                         self.rank, hinted, exc)  # fmt: skip
             return
-        if plan is None or plan.version <= max(self.version, self.latest_seen):
+        if plan is None or plan.version <= max(self.version, self.latest_seen, self._plan_staged):
             return
+        self._plan_staged = plan.version
         try:
             check_compatible(plan, flatten_weights(self.policy), allow_cast=self.allow_cast)
         except WeightMismatchError:
             return
         started = time.perf_counter()
-        current = self._plan_current(plan.version)
+        current = self._plan_current(plan.version, self.latest_seen)
         if self.host_cache is not None:
             self._held = []  # the private fallback may write into the receive buffer
             staged = self.host_cache.stage(plan, self.registry.chunks, current,
@@ -415,12 +405,12 @@ class RedisWeightReceiver:
         log.debug("rank %d: staged %d bytes of version %d before its commit in %.1f ms",
                   self.rank, staged, plan.version, (time.perf_counter() - started) * 1000)  # fmt: skip
 
-    def _plan_current(self, version: int) -> staging.Current:
-        """Whether the plan of ``version`` is still worth staging: not committed (nor superseded
-        by a commit), still the announced plan, and the receiver not stopping."""
+    def _plan_current(self, version: int, since: int) -> staging.Current:
+        """Whether the plan of ``version`` is still worth staging: no version committed since ``latest``
+        was ``since`` (a commit is applied at once), still the announced plan, and the receiver not stopping."""
 
         def current() -> bool:
-            return not self._stop.is_set() and staging.still_planned(self.store.client, self.keyspace, version)
+            return not self._stop.is_set() and staging.still_planned(self.store.client, self.keyspace, version, since)
 
         return current
 

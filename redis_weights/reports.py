@@ -41,7 +41,7 @@ class PhaseClock:
         self.seconds: dict[str, float] = {}
         self.total_bytes = 0
         self.bytes = 0
-        self.gc: Any = None  # the push's ``versions.GcReport``, when it collected garbage
+        self.gc: Any = None  # the ``versions.GcReport`` of the GCs finished since the previous push
         self._on_phase = on_phase
 
     @contextlib.contextmanager
@@ -66,9 +66,10 @@ class PushReport:
 
     ``seconds`` holds the phases that ran (``PUSH_PHASES``): ``encode`` (a snapshot into a
     staging buffer with ``background=True``), ``upload`` (writing the chunks), ``replicas``
-    (the ``WAIT`` for the replicas to hold them, ``min_replicas``), ``commit``, ``gc`` (only
-    when the commit left more versions than the retention: ``gc_versions`` deleted, and with
-    them ``gc_objects`` objects, reading ``gc_keys`` keys) and ``acks`` (the wait for acks, or for the ranks to come within ``max_lag``). A
+    (the ``WAIT`` for the replicas to hold them, ``min_replicas``), ``commit``, ``gc`` (how
+    long the push waited for the garbage collection the previous push started on the
+    collector's thread; ``gc_versions``, ``gc_objects`` and ``gc_keys``: what the collections
+    finished since the previous push deleted and read) and ``acks`` (the wait for acks, or for the ranks to come within ``max_lag``). A
     ``background`` push returns before its upload: its report has ``encode`` only and
     ``written_bytes`` 0; the upload's own figures go to the metrics when it commits.
     """

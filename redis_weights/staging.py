@@ -11,8 +11,16 @@ The one owner of the *plan* protocol:
   checked like a committed manifest's), and ``stage`` reads into its receive buffer
   (or the host's shared file) whatever stored chunk of the plan Redis already
   holds, verifying each against its id, again and again until every chunk is in,
-  the version is committed (``latest`` reached it), the plan is superseded or gone,
+  any version is committed (``latest`` moved), the plan is superseded or gone,
   or no new chunk appeared for ``STALL_SECONDS`` (a trainer that died mid-upload).
+
+Anyone with a worker's rights can write a plan, so a plan costs bounded work and never
+delays an apply: one for a version no push allocated (above the namespace's counter) is
+ignored; each read round asks for at most ``WINDOW_CHUNKS`` chunks (``WINDOW_BYTES``),
+the next ones in upload order, so a plan whose chunks never come costs at most
+``WINDOW_CHUNKS`` GETs per pause for ``STALL_SECONDS``, whatever its size; staging stops
+at the first commit of any version (checked between rounds: the commit is applied at
+once); and a receiver stages each version once.
 
 A plan is never applied: the receiver applies only what ``latest`` points at,
 from the committed manifest, and staged chunks only spare it downloads (they count
@@ -43,6 +51,8 @@ STALL_SECONDS = 3.0  # a stager gives up when no new chunk appeared for this lon
 _PAUSE_MIN = 0.002  # seconds between reads while chunks are still missing (doubled up to _PAUSE_MAX)
 _PAUSE_MAX = 0.02
 _HINT_PREFIX = "plan:"
+WINDOW_CHUNKS = 32  # chunks asked for per read round (the next missing ones: the trainer writes in order)
+WINDOW_BYTES = 32 * 1024 * 1024  # and at most this many bytes (at least one chunk), so latest is checked often
 
 Current = Callable[[], bool]  # whether the plan being staged is still the one to stage
 
@@ -64,26 +74,36 @@ def hinted_version(message: str) -> int | None:
     return parse_int(message[len(_HINT_PREFIX) :], minimum=1, maximum=MAX_VERSION)
 
 
-def still_planned(client: redis.Redis, keyspace: Keys, version: int) -> bool:
+def still_planned(client: redis.Redis, keyspace: Keys, version: int, since: int | None = None) -> bool:
     """Whether ``version`` is still the announced plan and not committed (nor passed by a commit),
-    in one round trip; False for a ``latest`` that is no version number."""
+    in one round trip; False for a ``latest`` that is no version number. With ``since`` (``latest``
+    when staging began), False as soon as any version is committed: a plan never delays an apply."""
     pipe = client.pipeline(transaction=False)
     pipe.get(keyspace.latest)
     pipe.hget(keyspace.plan, "version")
     raw_latest, planned = pipe.execute()
     latest = 0 if raw_latest is None else parse_int(raw_latest, minimum=0, maximum=MAX_VERSION)
-    return latest is not None and latest < version and parse_int(planned, minimum=1, maximum=MAX_VERSION) == version
+    if latest is None or latest >= version or (since is not None and latest != since):
+        return False
+    return parse_int(planned, minimum=1, maximum=MAX_VERSION) == version
 
 
 def read_plan(client: redis.Redis, keyspace: Keys, max_bytes: int = MAX_MANIFEST_BYTES) -> Manifest | None:
     """The announced manifest, validated like a committed one; None when there is none or it is
-    unusable (too big: ``HSTRLEN`` first, not JSON, another version's manifest...)."""
+    unusable (too big: ``HSTRLEN`` first, not JSON, another version's manifest, a version no push
+    allocated: above the namespace's counter...)."""
     pipe = client.pipeline(transaction=False)
     pipe.hget(keyspace.plan, "version")
     pipe.hstrlen(keyspace.plan, "manifest")
-    raw_version, length = pipe.execute()
+    pipe.get(keyspace.counter)
+    raw_version, length, raw_counter = pipe.execute()
     version = parse_int(raw_version, minimum=1, maximum=MAX_VERSION)
     if version is None or not length:
+        return None
+    counter = parse_int(raw_counter, minimum=0, maximum=MAX_VERSION) if raw_counter is not None else 0
+    if counter is None or version > counter:
+        log.warning("%s: a plan for version %d, which no push allocated (counter %s; ignored)", keyspace.plan, version,
+                    text(raw_counter)[:20])  # fmt: skip
         return None
     if length > min(max_bytes, MAX_MANIFEST_BYTES):
         log.warning("%s: a plan of %d bytes, more than the limit of %d (ignored)", keyspace.plan, length, max_bytes)
@@ -111,8 +131,9 @@ def stage(
 
     ``held[i]`` is the id of the bytes at chunk ``i`` of ``target`` (None: unknown) and
     is kept up to date (None while a chunk is overwritten), as ``assemble`` does in
-    place. Returns when every stored chunk is held, when ``current()`` turns False,
-    or after ``stall`` seconds (default ``STALL_SECONDS``) without a new chunk.
+    place. Each round reads the next ``WINDOW_CHUNKS`` missing chunks (``WINDOW_BYTES``),
+    then asks ``current()``. Returns when every stored chunk is held, when ``current()``
+    turns False, or after ``stall`` seconds (default ``STALL_SECONDS``) without a new chunk.
     """
     stall = STALL_SECONDS if stall is None else stall
     offsets = [0]
@@ -126,7 +147,7 @@ def stage(
     progress = time.monotonic()
     while todo:
         found = 0
-        for run in _runs(todo):
+        for run in _runs(_window(todo, offsets)):
             for i in run:
                 held[i] = None  # being overwritten
             ids = [plan.chunks[i].id for i in run]
@@ -158,6 +179,19 @@ def stage(
         if chunk_id is not None and chunk_id.endswith("!"):
             held[i] = None
     return fetched
+
+
+def _window(todo: list[int], offsets: list[int]) -> list[int]:
+    """The first missing chunks of ``todo`` a round reads: ``WINDOW_CHUNKS`` at most, ``WINDOW_BYTES``
+    at most (but at least one chunk)."""
+    window: list[int] = []
+    size = 0
+    for i in todo[:WINDOW_CHUNKS]:
+        size += offsets[i + 1] - offsets[i]
+        if window and size > WINDOW_BYTES:
+            break
+        window.append(i)
+    return window
 
 
 def _runs(indices: list[int]) -> list[list[int]]:

@@ -30,41 +30,38 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-import torch
 
 from .base import WeightUpdaterBase, WorkerIds
-from .codec import WIRE_DTYPES, Encoded, Encoder
-from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner
+from .codec import Encoded, Encoder
+from .collector import GarbageCollector
+from .delta import DeltaPlanner
 from .deployment import LOST
 from .errors import (
     BackgroundUploadError,
-    ConfigurationError,
     PushError,
     PushTimeoutError,
     RedisWeightsError,
     VersionNotFoundError,
 )
+from .evictionwatch import EvictionWatch
 from .health import ensure_server, explain_lost_connection
-from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
 from .metrics import TrainerMetrics
+from .options import Option, PushOptions, from_kwargs
 from .push import EncodedPayload, Push, ReplicaGate
 from .ranks import DeathWatch, RankState, check_worker_count, observe_rank_states, read_rank_states
 from .reports import PhaseClock, PushReport, call_hook
-from .staging import DEFAULT_OVERLAP_MIN_BYTES
 from .store import RedisStore, as_store
 from .subscriptions import Subscription
 from .uploader import SLOTS, BackgroundUploader
-from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION, VersionRegistry, producer_id
+from .versions import VersionRegistry, producer_id
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_REPLICA_TIMEOUT = 2.0  # seconds a push waits for the replicas to hold its chunks before it commits
 # What to do about the Redis errors a push most likely meets once Redis answers but refuses.
 _HINTS: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
     (redis.exceptions.OutOfMemoryError,
@@ -82,6 +79,7 @@ _CODE_HINTS = (
 )  # fmt: skip
 _RECONNECT_PAUSE = 0.2  # seconds between tries while the sync wait cannot reach Redis
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
+_NOTICEABLE = 1e-4  # seconds: a wait for the previous GC shorter than this is not a phase
 _POLL_WITHOUT_ACKS = 0.05  # seconds between MGETs while the acks subscription is lost or refused
 
 
@@ -107,47 +105,9 @@ class RedisWeightUpdater(WeightUpdaterBase):
             (False, see ``max_lag``).
 
     Keyword Args:
-        timeout: seconds a sync push (or ``wait()``) waits for acks.
-        chunk_size: bytes per Redis value (default 2 MiB: a GET of one holds Redis ~0.2 ms).
-        retention: committed versions kept; older ones are deleted after each push, then
-            every chunk no retained version references is swept (mark and sweep).
-        pending_ttl: seconds a push in flight protects its chunks from GC (after a crash,
-            its chunks are swept once this passes).
-        metadata: strings recorded in every version's safetensors ``__metadata__``.
-        check_server: fail at once with a ``ConfigurationError`` when Redis is
-            unreachable, refuses the credentials or is unsafe (False: skip the check).
-        wire_dtype: cast floating tensors to this dtype (``torch.bfloat16``, ``torch.float16``,
-            ``torch.float8_e4m3fn``, ``torch.float8_e5m2``) before encoding: half the bytes
-            (or a quarter), and what makes deltas sparse. Integer and bool tensors are sent
-            as they are. Workers accept the cast whatever their own floating dtype.
-        delta: store a changed chunk as a patch against the previous push's chunk when
-            that is smaller (lossless; workers verify every chunk they rebuild). Costs one
-            copy of the model in the wire dtype on the trainer (none with ``delta=False``).
-        keyframe_interval: with ``delta``, a version storing every chunk whole at least
-            every this many versions (the longest patch chain a late joiner applies).
-        keyframe_fraction: with ``delta``, a keyframe sooner when the patches a late joiner
-            would apply exceed this fraction of the version's size.
-        background: (needs ``sync=False``) return as soon as the weights are copied
-            into a staging buffer; upload and commit from a background thread. A push
-            made while an upload runs replaces any push still waiting for it.
-            ``version`` is then the version the last push *will* commit; ``flush()``
-            waits for the commit, ``wait()`` for the commit and the acks; an upload
-            error is raised by the next push, ``flush()`` or ``wait()``.
-        max_lag: (with ``sync=False``) bound the policy lag: a push returns at once
-            while every targeted rank runs a version at most ``max_lag`` behind the
-            one it committed, else waits (up to ``timeout``, failing like a sync push
-            and naming the laggards) until they catch up. None: no bound.
-            ``sync=True`` behaves as ``max_lag=0``.
-        overlap_min_bytes: announce the manifest of a version before uploading it when it
-            uploads at least this many bytes, so that workers fetch its chunks while they are
-            written and apply right after the commit (``staging.py``): a push then costs
-            about the longer of upload and download, not their sum. None: never announce.
-        min_replicas: before each commit, wait (``WAIT``) until this many replicas of
-            every master hold everything the push wrote. None (default): as many as
-            each master reports online, best effort: fewer within ``replica_timeout``
-            is a warning and the version is committed anyway. A number: a requirement:
-            fewer is a ``PushError`` and nothing is committed. 0: never wait.
-        replica_timeout: seconds the ``WAIT`` lasts at most, per master.
+        options: a ``PushOptions`` (what each option does is documented there); or its
+            fields as keyword arguments (``timeout=``, ``wire_dtype=``, ``delta=``...), not both.
+            ``updater.options`` holds them; ``updater.timeout`` and the like read them.
     """
 
     def __init__(
@@ -157,75 +117,27 @@ class RedisWeightUpdater(WeightUpdaterBase):
         num_workers: int = 1,
         sync: bool = True,
         *,
-        timeout: float = DEFAULT_TIMEOUT,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        retention: int = DEFAULT_RETENTION,
-        pending_ttl: float = DEFAULT_PENDING_TTL,
-        metadata: Mapping[str, str] | None = None,
-        check_server: bool = True,
-        background: bool = False,
-        max_lag: int | None = None,
-        wire_dtype: torch.dtype | None = None,
-        delta: bool = False,
-        keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
-        keyframe_fraction: float = DEFAULT_KEYFRAME_FRACTION,
-        overlap_min_bytes: int | None = DEFAULT_OVERLAP_MIN_BYTES,
-        min_replicas: int | None = None,
-        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+        options: PushOptions | None = None,
+        **kwargs: Any,
     ) -> None:
-        check_worker_count(num_workers)
-        if min_replicas is not None and (not isinstance(min_replicas, int) or isinstance(min_replicas, bool)
-                                         or min_replicas < 0):  # fmt: skip
-            raise ConfigurationError(f"min_replicas must be a non-negative integer or None, got {min_replicas!r}")
-        if replica_timeout <= 0:
-            raise ConfigurationError("replica_timeout must be positive")
-        if timeout <= 0:
-            raise ConfigurationError("timeout must be positive")
-        if retention < 1:
-            raise ConfigurationError("retention must be at least 1")
-        if background and sync:
-            raise ConfigurationError("background=True needs sync=False (a sync push waits for the acks anyway)")
-        if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
-            raise ConfigurationError(f"wire_dtype must be one of {', '.join(map(str, WIRE_DTYPES))}, got {wire_dtype}")
-        if not isinstance(keyframe_interval, int) or not 1 <= keyframe_interval <= MAX_CHAIN:
-            raise ConfigurationError(f"keyframe_interval must be within 1..{MAX_CHAIN}")
-        if not 0 < keyframe_fraction <= 1:
-            raise ConfigurationError("keyframe_fraction must be within (0, 1]")
-        if max_lag is not None:
-            if not isinstance(max_lag, int) or isinstance(max_lag, bool) or max_lag < 0:
-                raise ConfigurationError(f"max_lag must be a non-negative integer or None, got {max_lag!r}")
-            if sync and max_lag:
-                raise ConfigurationError(f"max_lag={max_lag} needs sync=False (sync=True is max_lag=0)")
-            if background:
-                raise ConfigurationError("max_lag needs background=False (a background push returns before its commit)")
-        if overlap_min_bytes is not None and (not isinstance(overlap_min_bytes, int) or overlap_min_bytes < 0):
-            raise ConfigurationError(
-                f"overlap_min_bytes must be a non-negative integer or None, got {overlap_min_bytes!r}"
-            )
-        self.overlap_min_bytes = overlap_min_bytes
+        num_workers = check_worker_count(num_workers)
+        options = from_kwargs(PushOptions, options, kwargs, type(self).__name__)
+        options.check_sync(sync)
+        self._options = options
+        self._sync = sync
         self.store = as_store(store)
         self.policy_weights = policy_weights
         self.num_workers = num_workers
-        self.sync = sync
-        self.max_lag = max_lag
-        self.timeout = timeout
-        self.retention = retention
-        self.pending_ttl = pending_ttl
-        self.metadata = dict(metadata or {})
-        self.min_replicas = min_replicas
-        self.replica_timeout = replica_timeout
         self._primary_lost = False  # the last push lost Redis: the next one first waits for a primary
         self.keyspace = self.store.keyspace
         self.registry = VersionRegistry(self.store.deployment, self.keyspace)
-        self._replicas = ReplicaGate(self.registry, min_replicas, replica_timeout)
+        self._replicas = ReplicaGate(self.registry, options.min_replicas, options.replica_timeout)
+        self._collector = GarbageCollector(self.registry, name=f"redis-weights-gc-{self.keyspace.namespace}")
         self._indexed = False
-        self.wire_dtype = wire_dtype
-        self._encoder = Encoder(chunk_size, wire_dtype)
-        self.chunk_size = chunk_size
-        self.background = background
+        self._encoder = Encoder(options.chunk_size, options.wire_dtype)
         self._uploader: BackgroundUploader[_Upload] | None = None
-        self._slots = [self._encoder] + [Encoder(chunk_size, wire_dtype) for _ in range(SLOTS - 1)]
-        self._delta = DeltaPlanner(keyframe_interval, keyframe_fraction) if delta else None
+        self._slots = [self._encoder] + [Encoder(options.chunk_size, options.wire_dtype) for _ in range(SLOTS - 1)]
+        self._delta = DeltaPlanner(options.keyframe_interval, options.keyframe_fraction) if options.delta else None
         self._acks = Subscription(self.store.client, [self.keyspace.acks_channel], what="acks subscription",
                                   poll_every=_POLL_WITHOUT_ACKS)  # fmt: skip
         self._last_ranks: list[int] = []
@@ -234,8 +146,46 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self.last_push: PushReport | None = None  # the report of the last push (``reports.PushReport``)
         self._metrics = TrainerMetrics(self.keyspace.namespace)
         self._producer = producer_id()
-        if check_server:
-            ensure_server(self.store.deployment, self.keyspace, chunk_size=chunk_size)
+        self._eviction = EvictionWatch(self.store.deployment)  # the policy re-checked while pushing
+        if options.check_server:
+            ensure_server(self.store.deployment, self.keyspace, chunk_size=options.chunk_size)
+
+    # -- options: ``updater.timeout`` and the like read ``updater.options`` ------------------
+    timeout = Option(settable=True)
+    retention = Option(settable=True)
+    pending_ttl = Option(settable=True)
+    metadata = Option(settable=True)
+    max_lag = Option(settable=True)
+    overlap_min_bytes = Option(settable=True)
+    min_replicas = Option(settable=True)
+    replica_timeout = Option(settable=True)
+    chunk_size = Option()
+    check_server = Option()
+    background = Option()
+    wire_dtype = Option()
+    delta = Option()
+    keyframe_interval = Option()
+    keyframe_fraction = Option()
+
+    @property
+    def options(self) -> PushOptions:
+        """This updater's options (``PushOptions``); assigning an option attribute replaces them."""
+        return self._options
+
+    def _set_options(self, options: PushOptions) -> None:
+        options.check_sync(self._sync)
+        self._options = options
+        self._replicas.min_replicas, self._replicas.timeout = options.min_replicas, options.replica_timeout
+
+    @property
+    def sync(self) -> bool:
+        """Whether a push waits for the acks of every targeted rank."""
+        return self._sync
+
+    @sync.setter
+    def sync(self, sync: bool) -> None:
+        self._options.check_sync(sync)
+        self._sync = sync
 
     # -- WeightUpdaterBase --------------------------------------------------------------
     @classmethod
@@ -249,6 +199,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
     def _sync_weights_with_worker(self, *, worker_id: list[int], server_weights: Any) -> None:
         ranks = worker_id  # validated once, by ``push_weights``
         clock = PhaseClock(self._metrics.phase)
+        self._eviction.check()  # at most once a minute: says loudly when Redis may evict chunks now
         if self._primary_lost:  # e.g. a Sentinel failover: give the sentinels time to promote a replica
             self.store.deployment.wait_for_primary()
             self._primary_lost = False
@@ -268,11 +219,12 @@ class RedisWeightUpdater(WeightUpdaterBase):
         finally:  # a failed push blocked its caller too
             self._metrics.pushed(sum(clock.seconds.values()))
         written = 0 if self.background else clock.bytes  # a background upload is still running
-        gc = clock.gc
+        gcs = clock.gc or []
         self.last_push = PushReport(self.version, tuple(ranks), clock.total_bytes, written, dict(clock.seconds),
                                     self.sync, self.lag_bound, self.background,
-                                    gc_versions=len(gc.versions) if gc else 0, gc_objects=gc.objects if gc else 0,
-                                    gc_keys=gc.keys_read if gc else 0)  # fmt: skip
+                                    gc_versions=sum(len(g.versions) for g in gcs),
+                                    gc_objects=sum(g.objects for g in gcs),
+                                    gc_keys=sum(g.keys_read for g in gcs))  # fmt: skip
 
     @property
     def lag_bound(self) -> int | None:
@@ -359,7 +311,11 @@ class RedisWeightUpdater(WeightUpdaterBase):
         payload = EncodedPayload(job.encoded, job.version, self._delta, fields)
         push = Push(self.registry, job.version, payload, job.ranks, clock=job.clock, pending_ttl=self.pending_ttl,
                     retention=self.retention, overlap_min_bytes=self.overlap_min_bytes,
-                    replicas=self._replicas)  # fmt: skip
+                    replicas=self._replicas, collector=self._collector)  # fmt: skip
+        waited = self._collector.wait()  # the previous push's GC: it never races this push
+        if waited > _NOTICEABLE:
+            job.clock.add("gc", waited)
+        job.clock.gc = self._collector.reports()
         try:
             result = push.run()
         except LOST as exc:  # Redis is gone; the commit script may or may not have run
@@ -383,7 +339,6 @@ class RedisWeightUpdater(WeightUpdaterBase):
             job.version, len(manifest.tensors), manifest.total_bytes, manifest.num_chunks, manifest.uploaded_bytes,
         )  # fmt: skip
         job.clock.bytes = manifest.uploaded_bytes  # only what Redis lacked was written
-        job.clock.gc = result.gc
         self._metrics.committed(job.version, manifest.uploaded_bytes)
 
     def _committed(self, version: int) -> bool:
@@ -398,11 +353,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             self._delta.reset()
 
     def _collect_garbage(self, version: int) -> None:
-        """A full GC after a push that failed (its chunks are garbage now); never fails the caller."""
-        try:
-            self.registry.collect(self.retention, full=True)
-        except (redis.exceptions.RedisError, RedisWeightsError) as exc:  # housekeeping: never fail a push
-            log.warning("garbage collection after version %d failed: %s", version, exc)
+        """A full GC after a push that failed (its chunks are garbage now), on the collector's thread."""
+        self._collector.start(self.retention, full=True)
 
     def _submit(self, weights: Any, ranks: list[int], clock: PhaseClock) -> None:
         """Background push: snapshot into a free staging buffer, queue the upload, return."""
@@ -434,15 +386,16 @@ class RedisWeightUpdater(WeightUpdaterBase):
             raise
 
     def flush(self, timeout: float | None = None) -> None:
-        """Background mode: wait until the last push is committed; raise an upload error
-        (``BackgroundUploadError``) or ``PushTimeoutError`` if it is still uploading after ``timeout``."""
-        if self._uploader is None:
-            return
+        """Wait until the last push is committed (background mode: raise an upload error,
+        ``BackgroundUploadError``, or ``PushTimeoutError`` if it is still uploading after ``timeout``),
+        then for the garbage collection it started, if any (``collector.py``)."""
         timeout = self.timeout if timeout is None else timeout
-        try:
-            self._uploader.flush(timeout)
-        except TimeoutError as exc:
-            raise PushTimeoutError(f"push of version {self.version}: {exc}", version=self.version) from exc
+        if self._uploader is not None:
+            try:
+                self._uploader.flush(timeout)
+            except TimeoutError as exc:
+                raise PushTimeoutError(f"push of version {self.version}: {exc}", version=self.version) from exc
+        self._collector.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the acks of the last push (for ``sync=False``; with ``background``, its commit first)."""
@@ -537,13 +490,15 @@ class RedisWeightUpdater(WeightUpdaterBase):
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
-        """Finish a background upload, drop the acks subscription and close the store's connections."""
+        """Finish a background upload and a garbage collection, drop the acks subscription and close
+        the store's connections."""
         if self._uploader is not None:
             self._uploader.close(self.timeout)
             try:
                 self._uploader.raise_error()
             except BackgroundUploadError as exc:
                 log.error("%s", exc)
+        self._collector.wait(self.timeout)
         self._acks.close()
         self.store.close()
 

@@ -269,8 +269,9 @@ class VersionRegistry:
         """Drop a push's pending record, staged manifest and token (its push failed): its objects
         become garbage unless referenced."""
         k = self.keyspace
-        pipe = self.client.pipeline(transaction=False)
-        pipe.delete(k.pending(token), k.staged_manifest(token))
+        pipe = self.client.pipeline(transaction=False)  # one key per DEL: a cluster pipeline takes no other
+        pipe.delete(k.pending(token))
+        pipe.delete(k.staged_manifest(token))
         pipe.srem(k.pushes_index, token)
         pipe.execute()
 
@@ -344,9 +345,19 @@ class VersionRegistry:
                 raise VersionNotFoundError(f"version {version} was deleted while its manifest was read")
         return Manifest.from_json(raw, version)
 
+    def _committed(self) -> tuple[int, list[int]]:
+        """``(latest, committed versions oldest first)`` in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.keyspace.latest)
+        pipe.zrange(self.keyspace.versions, 0, -1)
+        latest, members = pipe.execute()
+        return _version(latest, self.keyspace.latest), self._parse_versions(members)
+
     def list_versions(self) -> list[int]:
         """Committed versions, oldest first."""
-        members: list[bytes] = self.client.zrange(self.keyspace.versions, 0, -1)  # type: ignore[assignment]
+        return self._parse_versions(self.client.zrange(self.keyspace.versions, 0, -1))
+
+    def _parse_versions(self, members: list[bytes]) -> list[int]:
         versions = [parse_int(v, minimum=1, maximum=MAX_VERSION) for v in members]
         if None in versions:  # never deleted by GC either: it is not a version this library wrote
             log.warning("%s holds members that are no version numbers (ignored): %s", self.keyspace.versions,
@@ -371,8 +382,10 @@ class VersionRegistry:
         except CodecError as exc:
             log.warning("namespace %r: version %d has an unreadable manifest (%s); deleting it, then a full sweep",
                         k.namespace, version, exc)  # fmt: skip
-        self.client.zrem(k.versions, version)
-        self.client.delete(k.manifest(version))
+        pipe = self.client.pipeline(transaction=False)  # one round trip, no MULTI (works while Redis is full)
+        pipe.zrem(k.versions, version)
+        pipe.delete(k.manifest(version))
+        pipe.execute()
         names = [k.legacy_chunk(version, i) for i in range(legacy)]
         for start in range(0, len(names), DELETE_BATCH):
             self.client.delete(*names[start : start + DELETE_BATCH])
@@ -407,8 +420,8 @@ class VersionRegistry:
             return GcReport(skipped=True)
         old: list[int] = []
         try:
-            latest = self.latest()
-            old = [v for v in self.list_versions()[:-keep] if v != latest]
+            latest, versions = self._committed()
+            old = [v for v in versions[:-keep] if v != latest]
             candidates: set[str] = set()
             for version in old:
                 objects = self.delete(version)

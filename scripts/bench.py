@@ -246,6 +246,8 @@ def summarize(
         "worker_rss_growth": max(worker_growth) if worker_growth else None,
         "verified": verified,
         "error": trainer.get("error"),
+        "phases_s": {name: median([p["phases"][name] for p in pushes if name in p.get("phases", {})])
+                     for name in sorted({n for p in pushes for n in p.get("phases", {})})},
     }
 
 
@@ -629,6 +631,8 @@ def summarize_workload(
         "worker_rss_growth": max(worker_growth) if worker_growth else None,
         "verified": verified,
         "error": trainer.get("error"),
+        "phases_s": {name: median([p["phases"][name] for p in pushes if name in p.get("phases", {})])
+                     for name in sorted({n for p in pushes for n in p.get("phases", {})})},
     }
 
 

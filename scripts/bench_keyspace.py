@@ -39,19 +39,22 @@ DEFAULT_KEYS = (0, 1_000_000, 10_000_000)
 PUSHES = (("rw-sync", 1 << 20, 1), ("rw-sync", 100 << 20, 2))  # (system, size, workers)
 PEER = ("torchrl", 1 << 20, 4)  # and rw-sync 1 MB x4 on the empty server
 SCRAPES = 30
+POPULATE_STEP = 1_000_000
 
 
 def commandstats(client: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in client.info("commandstats").items()}
 
 
-def populate(client: redis.Redis, keys: int) -> float:
+def populate(url: str, keys: int) -> float:
     """Flush, then fill the server with ``keys`` unrelated keys; the seconds it took."""
     started = time.perf_counter()
-    client.flushall()
-    if keys:
-        client.execute_command("DEBUG", "POPULATE", keys, "other")
-    assert client.dbsize() == keys
+    slow = redis.Redis.from_url(url, socket_timeout=None)  # 10M keys take seconds
+    slow.flushall()
+    for start in range(0, keys, POPULATE_STEP):  # DEBUG POPULATE blocks the server: in steps
+        slow.execute_command("DEBUG", "POPULATE", min(POPULATE_STEP, keys - start), f"other{start}")
+    assert slow.dbsize() == keys
+    slow.close()
     return time.perf_counter() - started
 
 
@@ -60,7 +63,7 @@ def scrape_seconds(url: str, repeats: int = SCRAPES) -> float:
     from redis_weights.tools.exporter import FleetCollector
 
     with Admin(RedisStore.from_url(url, NAMESPACE)) as admin:
-        collector = FleetCollector(admin)
+        collector = FleetCollector(admin, cache_seconds=0)  # every scrape reads Redis
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
@@ -101,7 +104,7 @@ def run(keys_list: list[int], repeats: int, timeout: float, out: Path, server_bi
     try:
         client = redis.Redis.from_url(server.url)
         for keys in keys_list:
-            filled = populate(client, keys)
+            filled = populate(server.url, keys)
             print(f"{keys:,} unrelated keys ({filled:.1f}s to populate)", file=sys.stderr, flush=True)
             configs = list(PUSHES) + ([("rw-sync", PEER[1], PEER[2]), PEER] if keys == 0 else [])
             for system, size, workers in configs:

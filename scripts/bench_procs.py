@@ -282,7 +282,7 @@ def torchrl_init(args: argparse.Namespace, rank: int, world: int) -> Any:
     import datetime
 
     store = torch.distributed.TCPStore(
-        host_name="127.0.0.1",
+        host_name=args.tcp_host,
         port=args.tcp_port,
         world_size=world,
         is_master=rank == 0,
@@ -353,7 +353,9 @@ def run_trainer(args: argparse.Namespace) -> None:
             if info_client:
                 redis_out.append(info_client.info("stats")["total_net_output_bytes"] - out_before)
             if index > 1:
-                pushes.append({"marker": index, "t0": t0, "stall": stall, "total": total})
+                report = getattr(getattr(push, "updater", None), "last_push", None)
+                phases = dict(report.seconds) if report is not None else {}
+                pushes.append({"marker": index, "t0": t0, "stall": stall, "total": total, "phases": phases})
     except Exception as exc:  # reported in the table, not a crash of the whole bench
         error = f"{type(exc).__name__}: {exc}"[:300]
     finally:
@@ -420,6 +422,7 @@ def make_pusher(args: argparse.Namespace, model: nn.Module, ranks: list[int]) ->
             updater.update_weights()
 
         push_rw.close = updater.close  # type: ignore[attr-defined]
+        push_rw.updater = updater  # type: ignore[attr-defined]  (its last_push: the phases of each push)
         return push_rw, (updater.wait if background else nothing)
     if args.system == "raw":
         client = client_from_url(args.url)
@@ -482,6 +485,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tcp-port", type=int, default=0)
+    parser.add_argument("--tcp-host", default="127.0.0.1", help="torchrl: the trainer's address (TCPStore)")
     parser.add_argument("--chunk-size", type=int, default=CHUNK, help="bytes per chunk (rw systems and raw)")
     parser.add_argument("--cache-dir", default="/dev/shm/redis_weights", help="rw-shm: the host cache directory")
     parser.add_argument("--out", required=True)

@@ -394,7 +394,7 @@ class ApplyClock:
     def _listen(self) -> None:
         while not self._stop.is_set():
             message = self._pubsub.get_message(timeout=0.2)
-            if message is not None:
+            if message is not None and message["data"].isdigit():  # not a push's plan hint ("plan:<N>")
                 self.notified.setdefault(int(message["data"]), time.perf_counter())
 
     def hook(self, version: int) -> None:
@@ -434,7 +434,8 @@ def run_worker(args: argparse.Namespace) -> None:
 
         store = RedisStore.from_url(args.url, args.namespace)
         clock = ApplyClock(args.url, store.keyspace.updates_channel)
-        receiver = RedisWeightReceiver(store, args.rank, model, poll_interval=1.0)
+        receiver = RedisWeightReceiver(store, args.rank, model, poll_interval=1.0,
+                                       host_cache=args.cache_dir if args.host_cache else False)
         receiver.register_post_hook(clock.hook)
         receiver.start()
         ready(args.out)
@@ -468,6 +469,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vocab", type=int, default=4096, help="vocabulary (random tokens)")
     group.add_argument("--seq", type=int, default=32, help="tokens per sequence (MLP: samples = batch x seq)")
     group.add_argument("--batch", type=int, default=1, help="sequences per optimizer step")
+    group.add_argument("--host-cache", action="store_true", help="rw workers share each version through "
+                       "--cache-dir (the workers of one host)")
     group.add_argument("--threads", type=int, default=1, help="torch threads of the trainer (1: on a shared 2-core "
                        "machine two OpenMP threads trained 2-4x slower than one)")
     group.add_argument("--mlp-width", type=int, default=2048, help="classic: hidden width of the MLP policy")

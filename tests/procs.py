@@ -1,4 +1,5 @@
-"""Start and stop test worker processes (``tests/worker_main.py``); every one is stopped at teardown."""
+"""Start and stop the processes tests run: ``spawn`` / ``stop`` / ``running`` for any command, ``Worker`` and
+``workers`` for test workers (``tests/worker_main.py``). Every one is stopped at teardown, its children too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,53 @@ from typing import Any
 
 from tests.conftest import REPO_ROOT
 
+_GROUPS: set[int] = set()  # pids of the processes ``spawn`` started, each leading a process group of its own
+
+
+def spawn(args: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(args, **popen)`` in a process group of its own (cwd: the repository), so that
+    ``stop`` also reaches the processes it starts (a demo's server, a CLI's workers)."""
+    popen.setdefault("cwd", REPO_ROOT)
+    proc = subprocess.Popen(list(args), start_new_session=True, **popen)
+    _GROUPS.add(proc.pid)
+    return proc
+
+
+def _send(pid: int, sig: int) -> None:
+    try:
+        if pid in _GROUPS:
+            os.killpg(pid, sig)  # the process and its children, even once it has exited
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 10.0) -> int:
+    """Stop ``proc`` and, when ``spawn`` started it, its children, by pid: ``sig``, then SIGKILL after
+    ``grace`` seconds; reaped. Its exit code (a process that had exited is only reaped)."""
+    if proc.poll() is None:
+        _send(proc.pid, sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            _send(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.pid in _GROUPS:
+        _send(proc.pid, signal.SIGKILL)  # children left behind by a leader that exited
+        _GROUPS.discard(proc.pid)
+    return proc.returncode
+
+
+@contextmanager
+def running(args: Sequence[str], sig: int = signal.SIGTERM, **popen: Any) -> Iterator[subprocess.Popen[Any]]:
+    """A ``spawn``-ed process, stopped (``stop(proc, sig)``) on exit, even when the test fails."""
+    proc = spawn(args, **popen)
+    try:
+        yield proc
+    finally:
+        stop(proc, sig)
+
 
 class Worker:
     """One worker process and the JSON lines it writes."""
@@ -23,9 +71,8 @@ class Worker:
 
     def __init__(self, out: Path, args: list[str], prefix: Sequence[str] = ()) -> None:
         self.out = out
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [*prefix, sys.executable, "-m", self.module, "--out", str(out), *args],
-            cwd=REPO_ROOT,
             stdout=subprocess.DEVNULL,
             stderr=open(out.with_suffix(".log"), "wb"),
         )
@@ -60,17 +107,11 @@ class Worker:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        """SIGKILL: a crash, as far as Redis and the trainer can tell."""
+        stop(self.proc, signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop(self.proc)
 
 
 @contextmanager

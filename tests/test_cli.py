@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.tools.cli import main
 from redis_weights.tools.server import free_port
-from tests.conftest import REPO_ROOT
+from tests.procs import spawn, stop
 
 
 def _env(url: str | None, namespace: str | None) -> dict[str, str]:
@@ -42,10 +43,8 @@ def _env(url: str | None, namespace: str | None) -> dict[str, str]:
 
 
 def _start(args: Sequence[str], url: str | None, namespace: str | None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "redis_weights", *args], cwd=REPO_ROOT, env=_env(url, namespace),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return spawn([sys.executable, "-m", "redis_weights", *args], env=_env(url, namespace),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def cli_many(
@@ -60,9 +59,7 @@ def cli_many(
             results.append(subprocess.CompletedProcess(list(args), proc.returncode, out, err))
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            stop(proc, signal.SIGKILL)
     return results
 
 
@@ -259,9 +256,7 @@ def test_watch_prints_pushes_and_acks(real_store: RedisStore, redis_url: str, na
             time.sleep(0.05)
         out, err = watcher.communicate(timeout=30)
     finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
+        stop(watcher, signal.SIGKILL)
     assert watcher.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]
     assert [(e["kind"], e["version"]) for e in events] == [("push", 1), ("ack", 1)]

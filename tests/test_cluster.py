@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,12 +23,12 @@ from redis.cluster import RedisCluster
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.deployment import ClusterDeployment, Deployment, client_from_url, deployment_from_url
 from redis_weights.errors import ConfigurationError, PushError
-from redis_weights.index import NamespaceIndex
 from redis_weights.health import UNSAFE, UnsafeServerError, check_deployment, ensure_server
+from redis_weights.index import NamespaceIndex
 from redis_weights.tools.server import LocalRedisCluster
 from tests.conftest import REPO_ROOT
 from tests.models import make_model, state_digest
-from tests.procs import workers
+from tests.procs import running, workers
 
 pytestmark = pytest.mark.server
 
@@ -254,6 +255,7 @@ def test_gc_sweeps_the_chunks_of_old_versions_on_every_master(cluster_store):
             for p in model.parameters():
                 p.add_(step + 1.0)  # every chunk changes
         updater.push_weights()
+    updater.flush()  # the last push's GC
     kept = {c.id for c in updater.registry.read_manifest(updater.version).chunks}
     assert updater.registry.list_versions() == [updater.version]
     assert sum(_chunks_per_master(cluster_store).values()) == len(kept)
@@ -295,9 +297,8 @@ def test_the_redis_weights_commands_work_on_a_cluster(cluster_store, redis_clust
     assert updater.registry.list_versions() == [rolled]
     assert _stored_objects(cluster_store) == {c.id for c in updater.registry.read_manifest(rolled).chunks}
     assert _cli(url, namespace, "workers").returncode == 0
-    watch = subprocess.Popen([sys.executable, "-m", "redis_weights", "--url", url, "-n", namespace, "watch", "--json",
-                              "--count", "1", "--timeout", "60"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
-    try:
+    with running([sys.executable, "-m", "redis_weights", "--url", url, "-n", namespace, "watch", "--json",
+                  "--count", "1", "--timeout", "60"], signal.SIGKILL, stdout=subprocess.PIPE, text=True) as watch:
         pushed = []
         while watch.poll() is None and len(pushed) < 100:  # until the watcher has subscribed and heard one
             updater.push_weights()  # published on the namespace's master, heard on whichever node watch is on
@@ -305,10 +306,6 @@ def test_the_redis_weights_commands_work_on_a_cluster(cluster_store, redis_clust
             with contextlib.suppress(subprocess.TimeoutExpired):
                 watch.wait(0.5)
         out, _ = watch.communicate(timeout=60)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
     event = json.loads(out.splitlines()[0])
     assert watch.returncode == 0 and event["kind"] == "push" and event["version"] in pushed
     updater.close()

@@ -64,12 +64,12 @@ def test_a_master_killed_mid_push_fails_that_push_and_the_next_ones_succeed_afte
         rounds = [0]
         real_send = updater.registry.chunks._send_round
 
-        def send_round(batch):  # type: ignore[no-untyped-def]
+        def send_round(ids, batch):  # type: ignore[no-untyped-def]
             rounds[0] += 1
             if rounds[0] == 3:
                 victim.kill()  # SIGKILL: a crash, as far as everyone can tell
                 killed.append(time.monotonic())
-            return real_send(batch)
+            return real_send(ids, batch)
 
         killed: list[float] = []
         monkeypatch.setattr(updater.registry.chunks, "_send_round", send_round)

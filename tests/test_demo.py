@@ -23,6 +23,7 @@ from redis_weights.tools.demo import run_demo as run_demo_in_process
 from redis_weights.tools.demo.live import Progress, summary
 from redis_weights.tools.demo.model import demo_weights, digest, train_and_push
 from redis_weights.tools.demo.roles import claim_rank
+from tests import procs
 from tests.conftest import REPO_ROOT
 
 DEMO = ["--workers", "2", "--size-mb", "2", "--versions", "3", "--interval", "0"]
@@ -158,13 +159,7 @@ class _Process:
         return int(self.wait_for(r"rank (\d+): ready on namespace").group(1))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procs.stop(self.proc, sig)
 
 
 @pytest.fixture
@@ -175,8 +170,8 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., _Process]]:
     def start(*args: str) -> _Process:
         out = tmp_path / f"proc{len(started)}.out"
         with open(out, "wb") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "redis_weights", *args], cwd=REPO_ROOT,
-                                    stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+            proc = procs.spawn([sys.executable, "-m", "redis_weights", *args],
+                               stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
         started.append(_Process(out, proc))
         return started[-1]
 

@@ -8,7 +8,6 @@ also sends every query of the Grafana dashboard to that Prometheus: each must pa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from redis_weights.tools.admin import Admin
 from redis_weights.tools.exporter import FLEET_METRICS, STATUSES, serve
 from redis_weights.tools.server import free_port
 from tests import test_cli
-from tests.conftest import REPO_ROOT
+from tests.procs import running, spawn, stop
 from tests.test_dashboard import dashboard_queries
 
 pytestmark = pytest.mark.server
@@ -122,22 +121,13 @@ def _wait_for(check, what: str, timeout: float = 60.0, proc: subprocess.Popen | 
 def test_the_cli_command_serves_until_sigterm(fleet, redis_url: str, namespace: str, tmp_path: Path) -> None:
     port = free_port()
     log = open(tmp_path / "exporter.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "redis_weights", "--url", redis_url, "-n", namespace, "exporter", "--port", str(port),
-         "--address", "127.0.0.1"],
-        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
+    with log, running([sys.executable, "-m", "redis_weights", "--url", redis_url, "-n", namespace, "exporter",
+                       "--port", str(port), "--address", "127.0.0.1"],
+                      signal.SIGKILL, stdout=log, stderr=subprocess.STDOUT) as proc:  # fmt: skip
         samples = _wait_for(lambda: scrape(port), "the exporter's /metrics", proc=proc)
         assert samples["redis_weights_fleet_latest_version"][0].value == fleet["versions"][-1]
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert stop(proc, signal.SIGTERM, grace=30) == 0
         assert f"on http://127.0.0.1:{port}/metrics" in (tmp_path / "exporter.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def _prometheus_get(port: int, path: str, **params: str) -> dict[str, Any]:
@@ -162,11 +152,8 @@ def test_a_real_prometheus_scrapes_the_exporter_and_the_in_process_metrics(fleet
         ],
     }))  # fmt: skip
     log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = spawn([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                  f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         _wait_for(lambda: _prometheus_get(port, "/api/v1/targets")["data"]["activeTargets"], "Prometheus up", proc=proc)
 
@@ -186,12 +173,7 @@ def test_a_real_prometheus_scrapes_the_exporter_and_the_in_process_metrics(fleet
             answer = _prometheus_get(port, "/api/v1/query", query=expr.replace("$namespace", namespace))
             assert answer["status"] == "success", (title, expr, answer)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, grace=30)
         log.close()
         process_metrics.shutdown()
         process_metrics.server_close()

@@ -6,7 +6,6 @@ The fault matrix is in ``docs/faults.md``.
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -15,10 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from redis_weights import PushError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from tests.conftest import REPO_ROOT
 from tests.faults_support import eventually, perturb
 from tests.models import make_model, state_digest
-from tests.procs import workers
+from tests.procs import running, stop, workers
 
 pytestmark = pytest.mark.server
 
@@ -86,18 +84,10 @@ def test_a_trainer_killed_before_its_commit_leaves_orphans_that_the_next_gc_swee
         updater.update_weights()
         committed, digest = updater.version, state_digest(model)
         marker = tmp_path / "orphan-version"
-        trainer = subprocess.Popen(
-            [sys.executable, "-c", TRAINER, redis_url, namespace, str(marker)], cwd=REPO_ROOT,
-            stderr=open(tmp_path / "trainer.log", "wb"),
-        )  # fmt: skip
-        try:
+        with running([sys.executable, "-c", TRAINER, redis_url, namespace, str(marker)], signal.SIGKILL,
+                     stderr=open(tmp_path / "trainer.log", "wb")) as trainer:  # fmt: skip
             eventually(marker.exists, timeout=60, what="the trainer wrote its chunks")
-            trainer.send_signal(signal.SIGKILL)
-            trainer.wait(10)
-        finally:
-            if trainer.poll() is None:
-                trainer.kill()
-                trainer.wait(10)
+            stop(trainer, signal.SIGKILL)
         orphan, *ids = marker.read_text().split()
         orphan = int(orphan)
         chunks = [k.chunk(i) for i in set(ids) - set(updater.registry.read_manifest(committed).ids)]

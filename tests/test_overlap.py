@@ -6,6 +6,7 @@ says, so what the workers do during the upload is observed, not timed.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,13 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, staging
 from redis_weights.chunkstore import ChunkStore
 from redis_weights.codec import Encoder
 from redis_weights.deployment import Deployment
 from redis_weights.keys import Keys
+from redis_weights.push import publish
 from redis_weights.staging import PLAN_TTL, announce, hinted_version, read_plan, stage, still_planned
 from redis_weights.tools.admin import drop_namespace
+from redis_weights.versions import VersionRegistry
 from tests.faults_support import eventually
 from tests.models import make_model, state_digest
 from tests.procs import Worker, workers
@@ -211,6 +214,8 @@ def test_read_plan_returns_the_announced_manifest(fake_redis):
     k = Keys("t")
     manifest = _manifest(4)
     announce(fake_redis, k, manifest)
+    assert read_plan(fake_redis, k) is None  # no push allocated version 4
+    fake_redis.set(k.counter, 4)
     plan = read_plan(fake_redis, k)
     assert plan is not None and plan.version == 4 and plan.ids == manifest.ids
     assert still_planned(fake_redis, k, 4) and not still_planned(fake_redis, k, 3)
@@ -286,6 +291,7 @@ def test_a_receiver_never_applies_a_plan_and_ignores_one_that_does_not_fit(real_
         model2 = make_model("mlp", seed=2)
         encoded = Encoder(4096).encode({k_: v for k_, v in model2.state_dict().items()})
         plan = encoded.manifest(5)
+        real_store.client.set(real_store.keyspace.counter, 6)  # versions 5 and 6 allocated
         ChunkStore(real_store.client, real_store.keyspace, Deployment(real_store.client)).write(
             (i, *encoded.chunk(n)) for n, i in enumerate(encoded.ids))  # fmt: skip
         announce(real_store.client, real_store.keyspace, plan)
@@ -300,3 +306,91 @@ def test_a_receiver_never_applies_a_plan_and_ignores_one_that_does_not_fit(real_
         assert receiver.version == 1 and receiver.last_error is None
     finally:
         receiver.close()
+
+
+# -- hostile plans: bounded work, never a delayed apply ------------------------------------------------
+
+HOSTILE_CHUNK = 4096  # a 4 MB model in 1025 chunks that are never written
+
+
+@contextmanager
+def _hostile_setup(real_store, redis_url, namespace) -> Iterator[tuple[RedisWeightReceiver, list[int], set[str]]]:
+    """A receiver on version 1 (a 4 MB model) whose chunk reads are counted: ``(receiver, keys read of
+    the hostile plan's chunks per call, the plan's ids)``; the plan (``_hostile_plan``) is announced by
+    the test, as anyone with a worker's rights can."""
+    policy = make_model("mb:4", seed=None)
+    receiver = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, policy)
+    try:
+        RedisWeightUpdater(real_store, make_model("mb:4", seed=1), num_workers=1, sync=False).update_weights()
+        assert receiver.poll() == 1
+        ids = set(Encoder(HOSTILE_CHUNK).encode(make_model("mb:4", seed=9).state_dict()).ids)
+        reads: list[int] = []
+        chunks = receiver.registry.chunks
+        real_read = chunks.read_into
+
+        def counted(chunk_ids, sizes, target):
+            reads.append(sum(1 for i in chunk_ids if i in ids))
+            return real_read(chunk_ids, sizes, target)
+
+        chunks.read_into = counted  # type: ignore[method-assign]
+        yield receiver, reads, ids
+    finally:
+        receiver.close()
+
+
+def _hostile_plan(store: RedisStore, version: int):
+    plan = Encoder(HOSTILE_CHUNK).encode(make_model("mb:4", seed=9).state_dict()).manifest(version)
+    announce(store.client, store.keyspace, plan)
+    return plan
+
+
+@pytest.mark.server
+def test_a_hostile_plan_never_delays_the_apply_of_a_commit(real_store, redis_url, namespace, monkeypatch):
+    """A trainer has allocated version 2 and is uploading it; someone bumps the counter and announces a
+    plan of a later version whose chunks never come. The commit of version 2 is applied after at most
+    one read round of the plan (before: every worker kept staging until the stall limit)."""
+    monkeypatch.setattr(staging, "STALL_SECONDS", 0.5)  # the bound the test would otherwise wait for
+    with _hostile_setup(real_store, redis_url, namespace) as (receiver, reads, _):
+        registry = VersionRegistry(real_store.deployment, real_store.keyspace)
+        second = registry.read_manifest(1).renumbered(registry.allocate(), created=time.time(), producer="t")  # v2
+        real_store.client.set(real_store.keyspace.counter, 1000)  # the hostile INCRs
+        plan = _hostile_plan(real_store, 1000)
+        assert plan.num_chunks > 1000
+        read = receiver.registry.chunks.read_into
+
+        def commit_during_the_first_round(chunk_ids, sizes, target):
+            got = read(chunk_ids, sizes, target)
+            if len(reads) == 1:
+                publish(registry, second, [1])
+            return got
+
+        receiver.registry.chunks.read_into = commit_during_the_first_round  # type: ignore[method-assign]
+        receiver._plan_hint = 1000  # its hint, as if the message had arrived
+        assert receiver.poll() == 2  # applied in the same poll, once the round ended
+        assert sum(reads) <= staging.WINDOW_CHUNKS, reads  # one round, of one window
+        assert receiver.version == 2 and receiver.last_error is None
+
+
+@pytest.mark.server
+def test_a_plan_whose_chunks_never_come_costs_bounded_reads_once(real_store, redis_url, namespace, monkeypatch):
+    """However many chunks a plan lists, a stager reads at most ``WINDOW_CHUNKS`` per round until the
+    stall limit (before: every missing chunk every round, ~30k GETs a second), and a repeated hint of
+    the same plan costs nothing; a plan of a version no push allocated is not even read."""
+    stall = 0.3
+    monkeypatch.setattr(staging, "STALL_SECONDS", stall)
+    with _hostile_setup(real_store, redis_url, namespace) as (receiver, reads, _):
+        real_store.client.set(real_store.keyspace.counter, 50)
+        _hostile_plan(real_store, 50)
+        receiver._plan_hint = 50
+        assert receiver.poll() is None and receiver.version == 1
+        # pauses double from _PAUSE_MIN up to _PAUSE_MAX and add up to less than the stall limit
+        rounds = 1 + 4 + stall / staging._PAUSE_MAX + 1
+        assert 0 < sum(reads) <= staging.WINDOW_CHUNKS * rounds, (sum(reads), len(reads))
+        assert max(reads) <= staging.WINDOW_CHUNKS
+        spent = sum(reads)
+        receiver._plan_hint = 50  # the same hint again (repeated every few seconds)
+        assert receiver.poll() is None and sum(reads) == spent
+        _hostile_plan(real_store, 10**6)  # far in the future: above the counter
+        receiver._plan_hint = 10**6
+        assert receiver.poll() is None and sum(reads) == spent and receiver.staged_bytes == 0
+        assert receiver.last_error is None

@@ -79,6 +79,9 @@ def test_sentinel_passwords_are_redacted_in_the_userinfo_and_the_query():
 # ---------------------------------------------------------------------------------------
 # A shared set: primary, replica, one sentinel
 # ---------------------------------------------------------------------------------------
+SERVER_FIXTURES = ("sentinel_set", "failover_set")  # conftest marks the tests that use them ``server``
+
+
 @pytest.fixture(scope="module")
 def sentinel_set() -> Iterator[LocalSentinelSet]:
     _need_server()
@@ -325,6 +328,7 @@ def test_a_failover_during_the_ack_wait_names_no_live_rank_dead(failover_set, na
             updater.update_weights()  # and the next push is an ordinary one
 
 
+@pytest.mark.server
 def test_waiting_for_a_primary_ends_when_one_answers_or_when_the_wait_is_over(namespace):
     """No replica to promote: the wait gives up after its timeout (False); the primary back: True."""
     _need_server()

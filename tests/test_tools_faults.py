@@ -51,6 +51,7 @@ def push(store: RedisStore, seed: int, retention: int = 10) -> int:
     updater = RedisWeightUpdater(RedisStore(store.client, store.namespace, owns_client=False), weights(seed), 1,
                                  sync=False, retention=retention, chunk_size=4096)  # fmt: skip
     updater.update_weights()
+    updater.close()  # waits for the GC the push started (the store's client is the caller's)
     return updater.version
 
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 pytest.importorskip("torchrl")
@@ -39,6 +40,7 @@ from redis_weights.integrations.torchrl import (  # noqa: E402
     RedisCollectorWeightUpdater,
     RedisWeightSyncScheme,
 )
+from redis_weights.tools.admin import drop_namespace  # noqa: E402
 from tests.procs import Worker  # noqa: E402
 from tests.torchrl_env import action_values, make_env, make_policy, set_value  # noqa: E402
 
@@ -397,27 +399,74 @@ def test_multiasync_collector_async_scheme(redis_url: str, namespace: str) -> No
 
 
 # -- configuration: one options object, namespaces, ranks ---------------------------------------
-def test_options_take_their_defaults_from_the_core_constructors() -> None:
-    import inspect
+def test_options_hold_the_core_options_and_take_every_one_by_name() -> None:
+    import dataclasses
 
-    from redis_weights import RedisWeightReceiver, RedisWeightUpdater
+    from redis_weights import PushOptions, ReceiveOptions
     from redis_weights.integrations.torchrl import RedisSyncOptions
 
     options = RedisSyncOptions()
-    for cls, kwargs in ((RedisWeightUpdater, options.updater_kwargs()), (RedisWeightReceiver, options.receiver_kwargs())):
-        params = inspect.signature(cls.__init__).parameters
-        for name, value in kwargs.items():
-            assert name in params, f"{cls.__name__} has no option {name!r}"
-            default = params[name].default
-            assert value == (dict(default or {}) if name == "metadata" else default), name
-    assert options.first_version_timeout == options.timeout
+    assert (options.push, options.receive) == (PushOptions(), ReceiveOptions())
+    assert options.first_version_timeout == options.push.timeout
     assert RedisSyncOptions.of(connect_timeout=2.0).first_version_timeout == 2.0
+    for cls, side in ((PushOptions, "push"), (ReceiveOptions, "receive")):  # every core option, by its name
+        for f in dataclasses.fields(cls):
+            if f.name != "check_server":
+                assert getattr(RedisSyncOptions.of(**{f.name: getattr(getattr(options, side), f.name)}), side) \
+                    == getattr(options, side), f.name
+    flat = RedisSyncOptions.of(sync=False, wire_dtype=torch.bfloat16, delta=True, keyframe_interval=5,
+                               keyframe_fraction=0.25, overlap_min_bytes=None, poll_interval=0.5,
+                               check_server=False, upload_in_background=True, background=False)  # fmt: skip
+    assert flat.push == PushOptions(wire_dtype=torch.bfloat16, delta=True, keyframe_interval=5, keyframe_fraction=0.25,
+                                    overlap_min_bytes=None, check_server=False, background=True)  # fmt: skip
+    assert flat.receive == ReceiveOptions(poll_interval=0.5, check_server=False)
+    assert (flat.sync, flat.background) == (False, False), "background names the worker's thread here"
+    assert RedisSyncOptions.of(push=PushOptions(retention=5), timeout=7.0).push == PushOptions(retention=5, timeout=7.0)
     with pytest.raises(ConfigurationError, match="unknown option.*'timout'"):
         RedisSyncOptions.of(timout=3)
     with pytest.raises(ConfigurationError, match="unknown option"):
         RedisWeightSyncScheme("redis://127.0.0.1:1/0", updater_options={"retention": 2})
-    scheme = RedisWeightSyncScheme("redis://127.0.0.1:1/0", options=RedisSyncOptions(retention=5), sync=False)
-    assert (scheme.options.retention, scheme.sync) == (5, False)
+    with pytest.raises(ConfigurationError, match="background=True needs sync=False"):
+        RedisSyncOptions.of(upload_in_background=True)
+    with pytest.raises(ConfigurationError, match="keyframe_interval must be within"):
+        RedisWeightSyncScheme("redis://127.0.0.1:1/0", delta=True, keyframe_interval=0)
+    scheme = RedisWeightSyncScheme("redis://127.0.0.1:1/0", options=RedisSyncOptions(PushOptions(retention=5)),
+                                   sync=False, wire_dtype=torch.float16)  # fmt: skip
+    assert (scheme.options.push.retention, scheme.options.push.wire_dtype, scheme.sync) == (5, torch.float16, False)
+
+
+def test_a_scheme_push_with_deltas_moves_the_bytes_of_the_core_updaters(redis_url: str, namespace: str,
+                                                                        real_store: RedisStore) -> None:  # fmt: skip
+    """``wire_dtype`` and ``delta`` reach the scheme's updater: on real AdamW steps each of its pushes
+    writes exactly what a core updater with the same options writes, a few percent of the model."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1))
+    policy = TensorDictModule(net, in_keys=["observation"], out_keys=["action"])
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    options = {"wire_dtype": torch.bfloat16, "delta": True, "chunk_size": 16384}
+    sender = RedisWeightSyncScheme(redis_url, namespace=namespace, num_workers=1, sync=False, **options)
+    trainer = _local_collector(policy, weight_sync_schemes={"policy": sender})
+    core = RedisWeightUpdater(RedisStore.from_url(redis_url, f"{namespace}-core"), policy, 1, sync=False, **options)
+    try:
+        core.update_weights()  # the keyframe, as the scheme's first version
+        for _ in range(3):
+            loss = net(torch.randn(32, 1)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            trainer.update_policy_weights_(policy)
+            core.update_weights()
+            scheme_push, core_push = sender.updater.last_push, core.last_push
+            assert scheme_push is not None and core_push is not None
+            assert scheme_push.written_bytes == core_push.written_bytes, "the scheme moves the updater's bytes"
+            assert 0 < scheme_push.written_bytes < scheme_push.total_bytes / 4, "patches, not whole chunks"
+            assert scheme_push.total_bytes < 0.6 * sum(p.numel() * 4 for p in net.parameters()), "sent as bf16"
+        manifest = sender.updater.registry.read_manifest(sender.updater.version)
+        assert not manifest.is_keyframe and manifest.version == core.version
+    finally:
+        trainer.shutdown()
+        drop_namespace(core.store.client, core.store.keyspace)
+        core.close()
 
 
 def test_scheme_refuses_a_namespace_that_contradicts_its_store(real_store: RedisStore) -> None:
@@ -493,7 +542,7 @@ def test_the_scheme_and_the_legacy_updater_take_max_lag(redis_url: str, namespac
     trainer = _local_collector(make_policy(1.0), weight_sync_schemes={"policy": sender})
     try:
         assert sender.updater.max_lag == 3 and sender.updater.lag_bound == 3
-        assert pickle.loads(pickle.dumps(sender)).options.max_lag == 3
+        assert pickle.loads(pickle.dumps(sender)).options.push.max_lag == 3
         trainer.update_policy_weights_()  # nothing within reach of a bound of 3 yet: returns at once
         assert sender.updater.last_push.max_lag == 3
     finally:

@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from ..assemble import MissingObjectError
-from ..deployment import LOST, redacted
+from ..deployment import LOST, deployment_for, redacted
 from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
 from ..index import CorruptIndexError, IndexCheck, NamespaceIndex, ReindexReport
 from ..keys import DEFAULT_NAMESPACE, Keys
@@ -451,6 +451,8 @@ def drop_namespace(client: redis.Redis, keyspace: Keys) -> int:
         names += [k.rank_status(rank), k.rank_version(rank), k.rank_alive(rank), k.rank_acked(rank)]
     names += [k.latest, k.counter, k.versions, k.plan, k.gc_epoch, k.gc_lease, k.probe, k.replication_marker,
               k.stall_probe, *k.index_keys]  # fmt: skip
+    deployment = deployment_for(client)
+    names += [deployment.marker_on(master, k) for master, _ in deployment.masters()]  # a cluster's WAIT markers
     deleted = 0
     for start in range(0, len(names), _DROP_BATCH):
         pipe = client.pipeline(transaction=False)  # one key per DEL: chunks lie in many slots

@@ -30,6 +30,8 @@ from types import TracebackType
 from typing import TypeVar
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..deployment import LOST
 from ..errors import ConfigurationError
@@ -53,8 +55,12 @@ def find_server_binary() -> str | None:
     return str(path) if path and os.access(path, os.X_OK) else None
 
 
+PORT_TRIES = 8  # ports a server whose port was chosen for it tries before it gives up
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A TCP port that is free on ``host`` right now (another process may take it before it is bound:
+    ``LocalRedisServer`` then tries other ports)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -84,12 +90,22 @@ class _StartStop:
         self.close()
 
 
+class PortTakenError(ConfigurationError):
+    """The server could not bind its port (or its cluster bus port): another process holds it."""
+
+
 class LocalRedisServer(_StartStop):
     """A ``redis-server`` (or ``valkey-server``) child process bound to loopback.
 
     Nothing is persisted (``--save "" --appendonly no``) unless ``args`` says so.
     ``stop()`` terminates it by pid; ``kill()`` sends SIGKILL (for fault tests);
-    ``start()`` again restarts it on the same port.
+    ``start()`` again restarts it on the same port. ``bus_port``: a Redis Cluster node,
+    with its own cluster bus port (not port + 10000, which may be taken or above 65535).
+
+    A port chosen here (no ``port`` given) may be taken by another process between
+    ``free_port()`` and the bind: the first ``start()`` then tries other ports (and bus
+    ports), ``PORT_TRIES`` in all; it is up only once the process that answers PING is
+    this one (another server on the port is not taken for it). From then on the ports stay.
     """
 
     def __init__(
@@ -100,6 +116,7 @@ class LocalRedisServer(_StartStop):
         host: str = "127.0.0.1",
         binary: str | None = None,
         startup_timeout: float = 10.0,
+        bus_port: bool = False,
     ) -> None:
         found = binary or find_server_binary()
         if not found:
@@ -109,7 +126,9 @@ class LocalRedisServer(_StartStop):
             )
         self.binary: str = found
         self.host = host
+        self._ports_chosen = port is None  # chosen here: another may be tried while never started
         self.port = port or free_port(host)
+        self.bus_port = free_port(host) if bus_port else None
         self.extra_args = list(args)
         self.startup_timeout = startup_timeout
         self._dir = tempfile.TemporaryDirectory(prefix="redis-weights-server-")
@@ -137,35 +156,67 @@ class LocalRedisServer(_StartStop):
             "--dir", self._dir.name,
             "--logfile", str(self.log_path),
             "--daemonize", "no",
+            *([] if self.bus_port is None else ["--cluster-port", str(self.bus_port)]),
             *self.extra_args,
         ]  # fmt: skip
 
     def start(self) -> LocalRedisServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                self._start_once()
+            except PortTakenError as exc:
+                if not self._ports_chosen or attempt == PORT_TRIES:
+                    raise
+                log.info("%s; trying other ports", exc)
+                self._choose_ports()
+                continue
+            self._ports_chosen = False  # up: restarts keep these ports
+            return self
+        raise AssertionError("unreachable")
+
+    def _choose_ports(self) -> None:
+        """Other free ports for a server whose ports were taken before it could bind them."""
+        self.port = free_port(self.host)
+        if self.bus_port is not None:
+            self.bus_port = free_port(self.host)
+
+    def _start_once(self) -> None:
         self.proc = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise ConfigurationError(
-                    f"{self.binary} exited with code {self.proc.returncode}: {err.strip()} "
-                    f"{self._log_tail()}"
-                )
+                err = ""
+                if self.proc.stderr:
+                    err = self.proc.stderr.read().decode(errors="replace")
+                    self.proc.stderr.close()
+                tail = self._log_tail()
+                error = PortTakenError if "Address already in use" in err + tail else ConfigurationError
+                raise error(f"{self.binary} exited with code {self.proc.returncode}: {err.strip()} {tail}")
             if self._ping():
                 log.debug("server %s up on port %d (pid %d)", self.binary, self.port, self.proc.pid)
-                return self
+                return
             if time.monotonic() > deadline:
                 self.kill()
                 raise ConfigurationError(f"{self.binary} did not answer PING on port {self.port}")
             time.sleep(0.02)
 
     def _ping(self) -> bool:
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5)
+        """Whether this server answers: the process behind the port is this one (INFO's ``process_id``;
+        a server that refuses INFO, or protected by a password, is taken at its word)."""
+        # no retries: a port another process holds (listening, never answering) costs 0.5 s, not 10
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
         try:
-            return bool(client.ping())
+            if not client.ping():
+                return False
+            try:
+                pid = client.info("server").get("process_id")
+            except redis.exceptions.ResponseError:
+                return True
+            return pid is None or self.proc is None or int(pid) == self.proc.pid
         except redis.exceptions.AuthenticationError:
             return True  # up, but protected by requirepass/ACL
         except redis.exceptions.ResponseError as exc:
@@ -250,16 +301,17 @@ class LocalRedisCluster(_StartStop):
                         "--repl-ping-replica-period", "1",
                         *args]  # fmt: skip
         self.nodes: list[LocalRedisServer] = []
-        self.bus_ports: list[int] = []
         try:
             for _ in range(masters * (1 + replicas)):
-                # An explicit bus port: the default (port + 10000) may be taken, or above 65535.
-                self.bus_ports.append(free_port(host))
-                bus = ["--cluster-port", str(self.bus_ports[-1])]
-                self.nodes.append(LocalRedisServer([*cluster_args, *bus], host=host, binary=binary))
+                self.nodes.append(LocalRedisServer(cluster_args, host=host, binary=binary, bus_port=True))
         except BaseException:
             self.close()
             raise
+
+    @property
+    def bus_ports(self) -> list[int]:
+        """Each node's cluster bus port (explicit: port + 10000 may be taken, or above 65535)."""
+        return [n.bus_port for n in self.nodes if n.bus_port is not None]
 
     @property
     def url(self) -> str:
@@ -428,6 +480,10 @@ class _SentinelProcess(LocalRedisServer):
             )
         return [self.binary, str(self.config_path), "--sentinel"]
 
+    def _choose_ports(self) -> None:
+        super()._choose_ports()
+        self.config_path.unlink(missing_ok=True)  # never started: written again with the new port
+
 
 class LocalSentinelSet(_StartStop):
     """A Sentinel-managed service on loopback: one primary, ``replicas`` replicas, ``sentinels`` sentinels.
@@ -456,18 +512,16 @@ class LocalSentinelSet(_StartStop):
         self.host = host
         self.startup_timeout = startup_timeout
         fast_sync = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
-        self.nodes = [LocalRedisServer(fast_sync, binary=binary, host=host)]
-        primary = self.nodes[0]
-        self.nodes += [LocalRedisServer([*fast_sync, "--replicaof", host, str(primary.port)], binary=binary, host=host)
-                       for _ in range(replicas)]  # fmt: skip
-        quorum = sentinels // 2 + 1
-        monitor = (
-            f"sentinel monitor {service} {host} {primary.port} {quorum}\n"
+        # the primary's port is known once it runs (a port taken at start moves it): replicas and
+        # sentinels learn it in ``start``
+        self.nodes = [LocalRedisServer(fast_sync, binary=binary, host=host) for _ in range(1 + replicas)]
+        self._monitor = (
+            f"sentinel monitor {service} {host} {{port}} {sentinels // 2 + 1}\n"
             f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
             f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
             f"sentinel parallel-syncs {service} 1\n"
         )
-        self.sentinels = [_SentinelProcess(monitor, binary=binary, host=host) for _ in range(sentinels)]
+        self.sentinels = [_SentinelProcess("", binary=binary, host=host) for _ in range(sentinels)]
 
     @property
     def url(self) -> str:
@@ -476,8 +530,13 @@ class LocalSentinelSet(_StartStop):
 
     def start(self) -> LocalSentinelSet:
         try:
-            for node in self.nodes:
+            primary = self.nodes[0].start()
+            for node in self.nodes[1:]:
+                if "--replicaof" not in node.extra_args:
+                    node.extra_args += ["--replicaof", self.host, str(primary.port)]
                 node.start()
+            for s in self.sentinels:
+                s.monitor = s.monitor or self._monitor.format(port=primary.port)
             self._until(lambda: all(self._link_up(n) for n in self.nodes[1:]), "the replicas to sync")
             self._until(self._replicas_acked, "the replicas' first acknowledgement (WAIT counts them from then)")
             for s in self.sentinels:

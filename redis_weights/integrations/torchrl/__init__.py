@@ -9,7 +9,7 @@ Thin layers over the core ``RedisWeightUpdater`` / ``RedisWeightReceiver``, one 
   (the legacy ``weight_updater=``, drop-in for ``DistributedWeightUpdater``).
 - ``collector_receiver``: ``CollectorWeightReceiver``, the worker side for a collector you run
   yourself; it swaps weights only between batches.
-- ``options``: ``RedisSyncOptions``, every option of both sides, declared once.
+- ``options``: ``RedisSyncOptions``, the options of both sides: the core's ``PushOptions`` and ``ReceiveOptions``.
 
 Worker ids are 1-based ranks everywhere.
 """

@@ -52,10 +52,9 @@ class CollectorWeightReceiver:
 
     Keyword Args:
         policy: the module whose weights to update; default ``collector.policy``.
-        options: a ``RedisSyncOptions`` (its worker-side fields are used:
-            ``background``, ``poll_interval``, ``heartbeat_ttl``, ``allow_cast``,
-            ``host_cache``, ``check_server``).
-        **overrides: any ``RedisSyncOptions`` field, e.g. ``background=False``.
+        options: a ``RedisSyncOptions`` (its worker side is used: ``background``,
+            ``connect_timeout`` and ``receive``, the core receiver's ``ReceiveOptions``).
+        **overrides: any option by its name (``RedisSyncOptions.of``), e.g. ``background=False``.
 
     ``background=True`` (default): a thread fetches and applies as soon as the
     current batch ends, also while the collector idles; heartbeats have their own

@@ -18,7 +18,7 @@ from torchrl.weight_update import WeightSyncScheme
 from ...base import WorkerIds
 from ...errors import ConfigurationError, ReceiveTimeoutError
 from ...keys import validate_namespace
-from ...ranks import check_rank, check_worker_count
+from ...ranks import as_integer, check_rank, check_worker_count
 from ...store import RedisStore
 from ...updater import RedisWeightUpdater
 from ._collectors import collector_num_workers, materialize, set_policy_version, worker_index_base
@@ -70,9 +70,10 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         rank: a standalone receiver's 1-based rank (instead of one from ``worker_idx``).
         rank_offset: added to every rank derived from ``worker_idx`` (several
             collectors sharing one namespace).
-        options: a ``RedisSyncOptions``; ``**overrides``: any of its fields
-            (``sync``, ``timeout``, ``connect_timeout``, ``background``,
-            ``poll_interval``, ``retention``, ``client_options``...).
+        options: a ``RedisSyncOptions``; ``**overrides``: any option by its name, of
+            ``RedisSyncOptions`` (``sync``, ``connect_timeout``, ``background``,
+            ``client_options``), of ``PushOptions`` (``timeout``, ``retention``,
+            ``wire_dtype``, ``delta``...) or of ``ReceiveOptions`` (``poll_interval``...).
     """
 
     def __init__(
@@ -102,10 +103,8 @@ class RedisWeightSyncScheme(WeightSyncScheme):
         else:
             raise ConfigurationError(f"store must be a Redis URL or a RedisStore, got {type(store).__name__}")
         self._namespace = None if namespace is None else validate_namespace(namespace)
-        if rank is not None:
-            check_rank(rank)
-        if num_workers is not None:
-            check_worker_count(num_workers)
+        rank = None if rank is None else check_rank(rank)  # a plain int from here on (numpy.int64 too)
+        num_workers = None if num_workers is None else check_worker_count(num_workers)
         self.options = RedisSyncOptions.of(options, **overrides)
         self.num_workers = num_workers
         self.rank = rank
@@ -130,7 +129,7 @@ class RedisWeightSyncScheme(WeightSyncScheme):
 
     @property
     def timeout(self) -> float:
-        return self.options.timeout
+        return self.options.push.timeout
 
     def _use_model_id(self, model_id: str | None) -> str:
         model_id = model_id or "policy"
@@ -336,7 +335,11 @@ class RedisWeightSyncScheme(WeightSyncScheme):
                 raise ConfigurationError(
                     "RedisWeightSyncScheme receiver needs its rank: RedisWeightSyncScheme(url, rank=r) (1-based)"
                 )
-            rank = worker_idx + (1 - self._index_base) + self.rank_offset
+            index, offset = as_integer(worker_idx), as_integer(self.rank_offset)
+            if index is None or offset is None:
+                raise ConfigurationError(f"worker_idx={worker_idx!r} and rank_offset={self.rank_offset!r} must be "
+                                         "integers")  # fmt: skip
+            rank = index + (1 - self._index_base) + offset
             if rank < 1:
                 raise ConfigurationError(
                     f"worker_idx={worker_idx} with rank_offset={self.rank_offset} gives rank {rank}; ranks are 1-based"

@@ -1,0 +1,59 @@
+"""An eviction policy turned on after the start check: the trainer says so loudly, workers name the
+version and chunk that went, and the next push uploads what Redis lost."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import redis
+
+from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, evictionwatch
+from tests.models import make_model, state_digest
+
+WATCH = "redis_weights.evictionwatch"
+
+
+def _errors(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == WATCH and r.levelno == level]
+
+
+@pytest.mark.server
+def test_an_eviction_policy_set_after_the_start_is_reported_and_lost_chunks_are_uploaded_again(
+    server_factory, namespace, caplog, monkeypatch
+):
+    server = server_factory()
+    admin = redis.Redis.from_url(server.url)
+    store = RedisStore.from_url(server.url, namespace)
+    model, policy = make_model("mlp", seed=1), make_model("mlp", seed=None)
+    receiver = RedisWeightReceiver(RedisStore.from_url(server.url, namespace), 1, policy)
+    caplog.set_level(logging.INFO, logger=WATCH)
+    try:
+        monkeypatch.setattr(evictionwatch, "RECHECK_SECONDS", 0.0)  # every push re-checks (default: a minute)
+        updater = RedisWeightUpdater(store, model, num_workers=1, sync=False, chunk_size=4096)
+        updater.update_weights()
+        assert _errors(caplog, logging.ERROR) == [] and receiver.poll() == 1
+        admin.config_set("maxmemory", "1gb")
+        admin.config_set("maxmemory-policy", "allkeys-lru")  # an operator, after the trainer started
+        updater.update_weights()
+        (error,) = _errors(caplog, logging.ERROR)
+        assert "allkeys-lru" in error and "may now evict" in error and "fix: CONFIG SET" in error
+        updater.update_weights()
+        assert len(_errors(caplog, logging.ERROR)) == 1  # said once per change, not at every push
+        admin.config_set("maxmemory-policy", "noeviction")
+        updater.update_weights()
+        assert any("no longer evicts" in m for m in _errors(caplog, logging.WARNING))
+        # what eviction does: a chunk of the committed version gone
+        manifest = updater.registry.read_manifest(updater.version)
+        admin.delete(store.keyspace.chunk(manifest.ids[-1]))
+        receiver._held = []  # a late joiner: it holds nothing
+        assert receiver.poll() is None
+        assert f"version {updater.version}" in receiver.last_error and manifest.ids[-1] in receiver.last_error
+        assert "missing from Redis" in receiver.last_error
+        updater.update_weights()  # the same weights: the push finds the chunk missing and uploads it again
+        assert receiver.poll() == updater.version and state_digest(policy) == state_digest(model)
+        assert admin.exists(store.keyspace.chunk(manifest.ids[-1]))
+    finally:
+        receiver.close()
+        store.close()
+        admin.close()
