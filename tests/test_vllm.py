@@ -24,6 +24,7 @@ from redis_weights.errors import ConfigurationError  # noqa: E402
 from redis_weights.integrations.vllm import OfflineLLMClient, init_engines, push_to_engines  # noqa: E402
 from redis_weights.integrations.vllm.engine import INIT_ENV  # noqa: E402
 from redis_weights.integrations.vllm.options import split_receive_options  # noqa: E402
+from redis_weights.integrations.vllm.receiver import tensor_digests  # noqa: E402
 from redis_weights.tools.admin import Admin  # noqa: E402
 from redis_weights.tools.server import free_port  # noqa: E402
 
@@ -66,12 +67,23 @@ class Setup:
 
     def expected(self, version: int) -> list[list[int]]:
         """transformers' greedy tokens on the exact weights of ``version`` (read back from Redis)."""
-        path = self.path / f"v{version}.safetensors"
-        self.admin.export(version, path)
         from safetensors.torch import load_file
 
-        self.reference.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+        self.reference.load_state_dict({k: v.float() for k, v in load_file(str(self.export(version))).items()})
         return hf_greedy(self.reference)
+
+    def export(self, version: int) -> Path:
+        path = self.path / f"v{version}.safetensors"
+        self.admin.export(version, path)
+        return path
+
+    def assert_serves(self, version: int) -> None:
+        """The engine serves ``version``: its number, the digest of every tensor it loaded, its greedy tokens."""
+        assert engine_attr(self.llm, "version") == [version]
+        data, manifest = self.export(version).read_bytes(), self.admin.manifest(version)
+        chunks = [data[i * manifest.chunk_size : (i + 1) * manifest.chunk_size] for i in range(manifest.num_chunks)]
+        assert engine_attr(self.llm, "receiver")[0].loaded == tensor_digests(chunks, manifest)
+        assert llm_greedy(self.llm) == self.expected(version)
 
     def status(self, rank: int = 1) -> Any:
         return self.updater.workers([rank])[0]
@@ -95,8 +107,8 @@ def test_keyframe_delta_and_rollback_serve_exact_weights(setup: Setup) -> None:
     setup.step(1e-2)
     v1 = setup.push()
     assert setup.admin.manifest(v1).is_keyframe
-    assert llm_greedy(setup.llm) == setup.expected(v1) != checkpoint
-    assert engine_attr(setup.llm, "version") == [v1] and setup.llm.get_weight_version() == str(v1)
+    setup.assert_serves(v1)
+    assert llm_greedy(setup.llm) != checkpoint and setup.llm.get_weight_version() == str(v1)
     state = setup.status()
     assert (state.status, state.version) == ("updated", v1)
 
@@ -104,7 +116,7 @@ def test_keyframe_delta_and_rollback_serve_exact_weights(setup: Setup) -> None:
         setup.step()
         v = setup.push()
         assert not setup.admin.manifest(v).is_keyframe  # a delta: the engine patched its copy
-        assert llm_greedy(setup.llm) == setup.expected(v)
+        setup.assert_serves(v)
     setup.step(1e-2)
     setup.push()
     assert llm_greedy(setup.llm) == setup.expected(setup.updater.version) != setup.expected(v1)
@@ -113,8 +125,8 @@ def test_keyframe_delta_and_rollback_serve_exact_weights(setup: Setup) -> None:
     setup.client.start_weight_update()
     setup.client.update_weights({"version": "latest"})
     setup.client.finish_weight_update()
-    assert engine_attr(setup.llm, "version") == [rolled]
-    assert llm_greedy(setup.llm) == setup.expected(v1) == setup.expected(rolled)
+    setup.assert_serves(rolled)
+    assert setup.expected(rolled) == setup.expected(v1)
 
 
 def test_only_changed_layers_are_loaded(setup: Setup) -> None:

@@ -1,34 +1,22 @@
-"""The receiver options an engine's ``init_info`` may carry, by name.
+"""The receiver options an engine's ``init_info`` may carry, by name: the fields of ``ReceiveOptions``.
 
-They are exactly the keyword arguments of ``RedisWeightReceiver`` (the fields of
-``ReceiveOptions`` where that exists): read from the one place they are declared,
-so a new receiver option reaches vLLM engines with no edit here.
+They come from the one place they are declared, so a new receiver option reaches vLLM
+engines with no edit here; an unknown name is refused with the list of valid ones.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from typing import Any
 
-from ...receiver import RedisWeightReceiver
+from ...options import ReceiveOptions, names
 
 ENGINE_FIELDS = ("url", "namespace", "rank")
 
 
-def receive_option_names() -> frozenset[str]:
-    """Names of the receiver's options: ``ReceiveOptions``' fields, else its keyword-only arguments."""
-    try:
-        from ...options import ReceiveOptions  # type: ignore[attr-defined]
-    except ImportError:
-        params = inspect.signature(RedisWeightReceiver.__init__).parameters.values()
-        return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
-    return frozenset(f.name for f in dataclasses.fields(ReceiveOptions))
-
-
 def split_receive_options(init: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``init`` as (the engine's fields, the receiver's options); a name that is neither is a ``ValueError``."""
-    known = receive_option_names()
+    """``init`` as (the engine's fields, the receiver's options, top level or under ``"receiver"``);
+    a name that is neither is a ``ValueError`` (what vLLM's ``parse_init_info`` raises)."""
+    known = names(ReceiveOptions)
     fields = {k: v for k, v in init.items() if k in ENGINE_FIELDS}
     options = dict(init.get("receiver") or {})
     options.update({k: v for k, v in init.items() if k not in ENGINE_FIELDS and k != "receiver"})
