@@ -10,6 +10,7 @@ exact weights.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,10 @@ def test_corrupt_chunk_keeps_the_old_version_whole(setup: Setup) -> None:
     assert setup.status().status.startswith(f"error: version {version}")
 
 
+def _start_staging(worker: Any) -> None:
+    worker.weight_transfer_engine.receiver.start_staging()
+
+
 def _failing_loader(worker: Any) -> None:
     """Make the model's loader fail after it loaded some layers (once)."""
     model = worker.weight_transfer_engine.model
@@ -228,6 +233,35 @@ def test_options_and_misuse_are_refused(setup: Setup) -> None:
     with pytest.raises(ConfigurationError, match="sync=False"):
         push_to_engines(sync, [setup.client])
     sync.close()
+
+
+def test_a_dead_redis_during_an_update_keeps_the_old_version_whole(setup: Setup, server_factory: Any) -> None:
+    """On a private server (the engine moves there), killed between a push and the engine's update."""
+    server = server_factory()
+    store = RedisStore.from_url(server.url, namespace="dead")
+    updater = RedisWeightUpdater(store, dict(setup.model.named_parameters()), 1, sync=False)
+    try:
+        init_engines([setup.client], server.url, "dead")
+        setup.step(1e-2)
+        served = push_to_engines(updater, [setup.client])
+        tokens = llm_greedy(setup.llm)
+        setup.llm.collective_rpc(_stop_staging)
+        setup.step(1e-2)
+        updater.update_weights()
+        server.kill()
+        setup.client.start_weight_update()
+        with pytest.raises(Exception, match="Connection|connect"):
+            setup.client.update_weights({"version": updater.version})
+        assert engine_attr(setup.llm, "version") == [served]
+        assert llm_greedy(setup.llm) == tokens
+        server.start()  # back, empty: the staging thread sends the status Redis did not take
+        setup.llm.collective_rpc(_start_staging)
+        deadline = time.monotonic() + 30
+        while not (updater.workers([1])[0].status or "").startswith(f"error: version {updater.version}: "):
+            assert time.monotonic() < deadline, updater.workers([1])
+            time.sleep(0.1)
+    finally:
+        updater.close()
 
 
 def test_vllms_trainer_api_pushes_a_module_source(setup: Setup) -> None:

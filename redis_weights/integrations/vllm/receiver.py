@@ -155,6 +155,8 @@ class EngineReceiver(RedisWeightReceiver):
                         self._stage(hinted)
                 if wake or time.monotonic() - last_check >= self.poll_interval:
                     last_check = time.monotonic()
+                    if self._unsent is not None:  # a status Redis did not take (it was down): sent again
+                        self._report(*self._unsent)
                     latest = self.registry.latest()
                     if latest and latest not in (self.version, self.staged_version, self._unstageable):
                         try:
