@@ -131,11 +131,15 @@ class ChunkStore:
         (plain DEL: no MULTI, no script, so it works while Redis is over maxmemory), then
         drop them from the index (after: a crash in between leaves the index a superset)."""
         deleted = 0
+        single = self.deployment.single_node
         for start in range(0, len(ids), DELETE_BATCH):
             batch = ids[start : start + DELETE_BATCH]
             pipe = self.client.pipeline(transaction=False)  # one key per DEL: chunks lie in many slots
             for chunk_id in batch:
                 pipe.delete(self.keyspace.chunk(chunk_id))
-            deleted += sum(int(n) for n in pipe.execute())
-            self.index.remove_objects(batch)
+            if single:  # one connection, in order: the SREM follows the DELs in the same round trip
+                pipe.srem(self.keyspace.objects_index, *batch)
+            deleted += sum(int(n) for n in pipe.execute()[: len(batch)])
+            if not single:
+                self.index.remove_objects(batch)
         return deleted

@@ -154,16 +154,23 @@ class Encoded:
     wire_dtype: str | None = None
     cast: dict[str, str] = field(default_factory=dict)
     _ids: list[str] | None = None
+    _sizes: list[int] | None = None
+    _total: int | None = None
     _gather: list[bytearray] = field(default_factory=list)
     _slot: int = 0
 
     @property
     def chunk_sizes(self) -> list[int]:
-        return [sum(len(p) for p in parts) for parts in self.plan]
+        """The size of every chunk, computed once (planners read it per chunk)."""
+        if self._sizes is None:
+            self._sizes = [sum(len(p) for p in parts) for parts in self.plan]
+        return self._sizes
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.chunk_sizes)
+        if self._total is None:
+            self._total = sum(self.chunk_sizes)
+        return self._total
 
     @property
     def ids(self) -> list[str]:
@@ -192,7 +199,7 @@ class Encoded:
             offset += len(p)
         return view[:offset], slot == slots - 1
 
-    def manifest(self, version: int, chunks: Sequence[ChunkEntry] | None = None, **fields: Any) -> Manifest:
+    def manifest(self, version: int, chunks: list[ChunkEntry] | None = None, **fields: Any) -> Manifest:
         """The manifest of this stream as ``version``; ``chunks`` default to every chunk stored whole."""
         return Manifest(
             version=version,
@@ -200,7 +207,7 @@ class Encoded:
             tensors=self.tensors,
             chunk_size=self.chunk_size,
             total_bytes=self.total_bytes,
-            chunks=list(chunks) if chunks is not None else [ChunkEntry(i) for i in self.ids],
+            chunks=chunks if chunks is not None else [ChunkEntry(i) for i in self.ids],
             metadata=self.metadata,
             wire_dtype=self.wire_dtype,
             cast=self.cast,

@@ -78,7 +78,9 @@ is not C is refused.
 
 from __future__ import annotations
 
+import itertools
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,7 +103,7 @@ _POS_ZSTD = 0x01
 _VAL_ZSTD = 0x02
 
 _SAMPLE_BYTES = 128 << 10  # bytes of a large chunk tried first (a multiple of every itemsize)
-_SAMPLE_FROM = 8 * _SAMPLE_BYTES  # chunks of at least this many bytes are sampled first
+SAMPLE_FROM = 8 * _SAMPLE_BYTES  # chunks of at least this many bytes are sampled first
 
 _HEADER = struct.Struct("<4sBBBBB3xQQQQQ")
 HEADER_SIZE = _HEADER.size  # 52
@@ -152,12 +154,93 @@ def encode_patch(base: Buffer, new: Buffer, itemsize: int, *, max_ratio: float =
     return _build(base, new, itemsize, max_ratio=max_ratio)
 
 
+def encode_patches(base: Any, new: Any, chunk_size: int, itemsize: int) -> dict[int, bytes | None]:
+    """``encode_patch(base chunk i, new chunk i, itemsize)`` for every chunk ``i`` (bytes
+    ``[i * chunk_size, (i + 1) * chunk_size)``) of two regions of equal length whose bytes differ,
+    byte for byte the same patches, from one diff of the whole regions.
+
+    A sparse step changes a few elements of every chunk of a big model: diffing chunk by chunk
+    costs ~20 numpy calls per chunk (most of a 70,000-chunk push); here a chunk of few changes
+    is built from the positions of the regions' diff with plain Python, and only the others
+    go through ``encode_patch``."""
+    _check_itemsize(itemsize)
+    b: Any = _byte_view(base, "base")
+    nw: Any = _byte_view(new, "new")
+    if len(b) != len(nw):
+        raise PatchError(f"base and new differ in length ({len(b)} and {len(nw)} bytes)")
+    count = -(-len(b) // chunk_size)
+    if chunk_size % itemsize or chunk_size > MAX_CHUNK_SIZE:
+        return {i: encode_patch(b[i * chunk_size : (i + 1) * chunk_size], nw[i * chunk_size : (i + 1) * chunk_size],
+                                itemsize)
+                for i in range(count) if not np.array_equal(b[i * chunk_size : (i + 1) * chunk_size],
+                                                            nw[i * chunk_size : (i + 1) * chunk_size])}  # fmt: skip
+    whole = len(b) // itemsize * itemsize
+    diff = b[:whole].view(_UINT[itemsize]) ^ nw[:whole].view(_UINT[itemsize])
+    where = np.flatnonzero(diff)
+    values = diff[where]
+    per = chunk_size // itemsize
+    chunks, starts, counts = np.unique(where // per, return_index=True, return_counts=True)
+    out: dict[int, bytes | None] = {}
+    for i, start, changed in zip(chunks.tolist(), starts.tolist(), counts.tolist(), strict=True):
+        lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(b))
+        if (hi - lo) % itemsize == 0 and changed <= _SMALL_COUNT and 8 * changed < (hi - lo) // itemsize // 8:
+            local = (where[start : start + changed] - i * per).tolist()
+            out[i] = _small_patch(local, values[start : start + changed].tolist(), hi - lo, itemsize)
+        else:
+            out[i] = encode_patch(b[lo:hi], nw[lo:hi], itemsize)
+    if len(b) % itemsize and (count - 1) not in out and not np.array_equal(b[whole:], nw[whole:]):
+        lo = (count - 1) * chunk_size  # the last chunk, changed in its tail only
+        out[count - 1] = encode_patch(b[lo:], nw[lo:], itemsize)
+    return out
+
+
+_SMALL_COUNT = 32  # changes in a chunk up to which ``encode_patches`` builds its patch in plain Python
+
+
+def _small_patch(where: list[int], values: list[int], chunk_len: int, itemsize: int) -> bytes | None:
+    """What ``_build`` makes of a chunk with these few changes (gaps only: the bitmap, at least
+    8x larger, is not tried), without numpy."""
+    gaps = [where[0], *(b - a - 1 for a, b in zip(where, where[1:], strict=False))]
+    width = _gap_width(max(gaps))
+    val_section, val_z = _maybe_compress(_int_planes(values, itemsize), True)
+    room = chunk_len - HEADER_SIZE - len(val_section)
+    if room <= 0:
+        return None
+    pos_section, pos_z = _maybe_compress(_int_planes(gaps, width), True)
+    if len(pos_section) >= room:
+        return None
+    flags = (_POS_ZSTD if pos_z else 0) | (_VAL_ZSTD if val_z else 0)
+    head = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, GAPS, itemsize, flags, width, chunk_len, len(values), len(pos_section),
+        len(val_section), 0,
+    )[:_SIGNED]  # fmt: skip
+    digest = struct.pack("<Q", _digest(head, pos_section, val_section))
+    return b"".join((head, digest, pos_section, val_section))
+
+
+_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def _int_unplanes(raw: Buffer, count: int, width: int) -> list[int]:
+    """The inverse of ``_int_planes``: ``count`` unsigned integers of ``width`` bytes."""
+    data = bytes(raw[: count * width])
+    if width > 1:
+        data = bytes(b for k in range(count) for b in data[k::count])  # planes -> little-endian integers
+    return list(struct.unpack(f"<{count}{_CODES[width]}", data))
+
+
+def _int_planes(values: list[int], width: int) -> bytes:
+    """``_planes`` of unsigned integers of ``width`` bytes given as Python ints."""
+    raw = struct.pack(f"<{len(values)}{_CODES[width]}", *values)
+    return raw if width == 1 else b"".join(raw[j::width] for j in range(width))
+
+
 def estimate_patch_size(base: Buffer, new: Buffer, itemsize: int) -> int:
     """About how many bytes ``encode_patch(base, new, itemsize)`` would take: exact for a chunk
     under 1 MiB, else scaled from a 128 KiB sample of its middle (the chunk's length when no
     patch would pay). Lets a planner see that a push must be a keyframe before diffing it all."""
     b, nw = _byte_view(base, "base"), _byte_view(new, "new")
-    if len(b) != len(nw) or len(b) < _SAMPLE_FROM:
+    if len(b) != len(nw) or len(b) < SAMPLE_FROM:
         patch = _build(b, nw, itemsize, max_ratio=1.0) if len(b) == len(nw) else None
         return len(b) if patch is None else len(patch)
     start = (len(b) - _SAMPLE_BYTES) // 2 // itemsize * itemsize
@@ -172,7 +255,7 @@ def _sample_says_dense(base: Buffer, new: Buffer, itemsize: int, max_ratio: floa
     full patch attempt otherwise: ~0.4 s per 85 MB here, for nothing). Only ever says
     "dense": a chunk the sample finds sparse is still decided by the full patch."""
     b, nw = _byte_view(base, "base"), _byte_view(new, "new")
-    if len(b) != len(nw) or len(b) < _SAMPLE_FROM:
+    if len(b) != len(nw) or len(b) < SAMPLE_FROM:
         return False  # small chunks (and the length error) go straight to ``_build``
     start = (len(b) - _SAMPLE_BYTES) // 2 // itemsize * itemsize
     end = start + _SAMPLE_BYTES
@@ -242,7 +325,10 @@ def _positions(
     out: list[tuple[bytes, bool, int, int]] = []
     count = gaps_raw = len(where)  # a lower bound until the width is known
     if encoding == GAPS or (encoding is None and gaps_raw <= 2 * bitmap_raw):
-        gaps = np.diff(where, prepend=-1) - 1
+        gaps = np.empty_like(where)  # the unchanged elements before each change (np.diff's prepend costs more)
+        if count:
+            gaps[0] = where[0]
+            np.subtract(where[1:], where[:-1] + 1, out=gaps[1:])
         width = _gap_width(int(gaps.max()) if count else 0)
         gaps_raw = count * width
         if encoding == GAPS or gaps_raw <= 2 * bitmap_raw:
@@ -280,10 +366,21 @@ def _unplanes(raw: Buffer, count: int, itemsize: int) -> np.ndarray:
     return columns.view(_UINT[itemsize]).reshape(count)
 
 
+_MIN_COMPRESS = 32  # shorter sections are stored raw: a zstd frame alone takes 10+ bytes
+_LOCAL = threading.local()  # one compressor per thread: building one costs more than a small patch
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    found: zstandard.ZstdCompressor | None = getattr(_LOCAL, "compressor", None)
+    if found is None:
+        found = _LOCAL.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+    return found
+
+
 def _maybe_compress(raw: bytes, compress: bool) -> tuple[bytes, bool]:
     """``raw`` zstd-compressed when that is smaller, and whether it is."""
-    if compress and raw:
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(raw)
+    if compress and len(raw) >= _MIN_COMPRESS:
+        packed = _compressor().compress(raw)
         if len(packed) < len(raw):
             return packed, True
     return raw, False
@@ -405,9 +502,17 @@ def apply_patch(base: Buffer, patch: Buffer, out: Any) -> None:
     pos_raw = _section(pos_stored, head.pos_raw, bool(head.flags & _POS_ZSTD), "positions")
     val_raw = _section(val_stored, head.val_raw, bool(head.flags & _VAL_ZSTD), "values")
     n, itemsize = head.elements, head.itemsize
-    if head.kind == GAPS:
+    where: Any
+    values: Any
+    if head.kind == GAPS and head.count <= _SMALL_COUNT:  # a few changes: decoded without numpy
+        where = list(itertools.accumulate(g + 1 for g in _int_unplanes(pos_raw, head.count, head.width)))
+        where = [w - 1 for w in where]
+        values = np.array(_int_unplanes(val_raw, head.count, itemsize), dtype=_UINT[itemsize])
+        if head.count and where[-1] >= n:
+            raise PatchError(f"patch position {where[-1]} is beyond the chunk's {n} elements")
+    elif head.kind == GAPS:
         gaps = _unplanes(pos_raw, head.count, head.width)
-        where: np.ndarray = np.cumsum(gaps, dtype=np.int64) + np.arange(1, head.count + 1, dtype=np.int64) - 1
+        where = np.cumsum(gaps, dtype=np.int64) + np.arange(1, head.count + 1, dtype=np.int64) - 1
         if head.count and where[-1] >= n:
             raise PatchError(f"patch position {int(where[-1])} is beyond the chunk's {n} elements")
     else:
@@ -417,11 +522,12 @@ def apply_patch(base: Buffer, patch: Buffer, out: Any) -> None:
         where = np.flatnonzero(bits[:n].view(np.bool_))  # a bool view: nonzero on uint8 is 5x slower
         if len(where) != head.count:
             raise PatchError(f"patch bitmap marks {len(where)} elements, its header says {head.count}")
-    values = _unplanes(val_raw, head.count, itemsize)
+    if head.kind != GAPS or head.count > _SMALL_COUNT:
+        values = _unplanes(val_raw, head.count, itemsize)
     whole = n * itemsize
     tail = np.frombuffer(val_raw, dtype=np.uint8)[head.count * itemsize :]
     # Everything is checked: from here on, only writes.
-    if not _same_memory(b, o):
+    if base is not out and not _same_memory(b, o):
         np.copyto(o, b)
     elems = o[:whole].view(_UINT[itemsize])
     elems[where] ^= values

@@ -61,7 +61,7 @@ def announce(client: redis.Redis, keyspace: Keys, manifest: Manifest, ttl: float
     """Write ``manifest`` (not committed) as the plan, then wake the workers (the PUBLISH on its own:
     a cluster pipeline refuses it; one more round trip, only for pushes of ``overlap_min_bytes``)."""
     pipe = client.pipeline(transaction=False)
-    pipe.hset(keyspace.plan, mapping={"version": manifest.version, "manifest": manifest.to_json()})
+    pipe.hset(keyspace.plan, mapping={"version": manifest.version, "manifest": manifest.to_bytes()})
     pipe.pexpire(keyspace.plan, milliseconds(ttl))
     pipe.execute()
     client.publish(keyspace.updates_channel, f"{_HINT_PREFIX}{manifest.version}")
@@ -112,7 +112,7 @@ def read_plan(client: redis.Redis, keyspace: Keys, max_bytes: int = MAX_MANIFEST
     if raw is None:
         return None
     try:
-        return Manifest.from_json(raw, version)
+        return Manifest.from_bytes(raw, version)
     except CodecError as exc:
         log.warning("%s: unusable plan for version %s (%s; ignored)", keyspace.plan, text(raw_version)[:20], exc)
         return None

@@ -45,7 +45,6 @@ from .errors import (
     BackgroundUploadError,
     PushError,
     PushTimeoutError,
-    RedisWeightsError,
     VersionNotFoundError,
 )
 from .evictionwatch import EvictionWatch

@@ -440,27 +440,36 @@ class VersionRegistry:
         """True: this GC holds the lease (and bumped the epoch); False: Redis is too full to take it
         (go on without it); None: another GC holds it."""
         k = self.keyspace
-        try:
-            if not self.client.set(k.gc_lease, token, nx=True, px=milliseconds(GC_LEASE_TTL)):
-                return None
-            self.client.incr(k.gc_epoch)
-            return True
-        except redis.exceptions.ResponseError as exc:
-            if not _oom(exc):
-                raise
+        pipe = self.client.pipeline(transaction=False)  # one round trip; a failed SET NX bumps the epoch
+        pipe.set(k.gc_lease, token, nx=True, px=milliseconds(GC_LEASE_TTL))  # too: harmless (a lease is
+        pipe.incr(k.gc_epoch)  # held, so every commit is refused meanwhile anyway)
+        taken, bumped = pipe.execute(raise_on_error=False)
+        for result in (taken, bumped):
+            if isinstance(result, redis.exceptions.ResponseError) and not _oom(result):
+                raise result
+        if isinstance(taken, redis.exceptions.ResponseError) or isinstance(bumped, redis.exceptions.ResponseError):
             log.warning("namespace %r: Redis is full; collecting garbage without the GC lease until memory is freed",
                         self.keyspace.namespace)  # fmt: skip
+            if not isinstance(taken, redis.exceptions.ResponseError) and taken:
+                self._release(keys=[k.gc_lease], args=[token])  # taken, but the epoch could not be bumped
             return False
+        return True if taken else None
 
     def _give_back(self, token: str, held: bool) -> None:
+        """Bump the epoch (a push that checked during this GC must check again), then release the
+        lease if held: one round trip (the release script is loaded by the first GC's fallback)."""
         k = self.keyspace
-        try:
-            self.client.incr(k.gc_epoch)  # a push that checked during this GC must check again
-        except redis.exceptions.ResponseError as exc:
-            if not _oom(exc):
-                raise
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(k.gc_epoch)
         if held:
-            self._release(keys=[k.gc_lease], args=[token])
+            pipe.evalsha(self._release.sha, 1, k.gc_lease, token)
+        results = pipe.execute(raise_on_error=False)
+        if isinstance(results[0], redis.exceptions.ResponseError) and not _oom(results[0]):
+            raise results[0]
+        if held and isinstance(results[1], redis.exceptions.ResponseError):
+            if not isinstance(results[1], redis.exceptions.NoScriptError):
+                raise results[1]
+            self._release(keys=[k.gc_lease], args=[token])  # loads the script, then runs it
 
     def _marked(self) -> tuple[set[str], bool, int] | None:
         """``(every object a retained version or a live pending push references, whether a push
@@ -537,6 +546,7 @@ class VersionRegistry:
             return held, GcReport()
         garbage, full, read = found
         position = deleted = 0
+        renewed = time.monotonic()
         while position < len(garbage):
             batch = garbage[position : position + DELETE_BATCH]
             position += len(batch)
@@ -554,7 +564,9 @@ class VersionRegistry:
                     done = set(garbage[:position])
                     garbage = garbage[:position] + [i for i in rest if i not in done]
                     read += more
-            elif not self._renew(keys=[self.keyspace.gc_lease], args=[token, milliseconds(GC_LEASE_TTL)]):
-                log.warning("namespace %r: the GC lease expired mid-sweep; stopping", self.keyspace.namespace)
-                return False, GcReport(objects=deleted, full=full, keys_read=read)
+            elif position < len(garbage) and time.monotonic() - renewed > GC_LEASE_TTL / 3:
+                renewed = time.monotonic()  # a long sweep keeps its lease; a short one needs no renewal
+                if not self._renew(keys=[self.keyspace.gc_lease], args=[token, milliseconds(GC_LEASE_TTL)]):
+                    log.warning("namespace %r: the GC lease expired mid-sweep; stopping", self.keyspace.namespace)
+                    return False, GcReport(objects=deleted, full=full, keys_read=read)
         return held, GcReport(objects=deleted, full=full, keys_read=read)

@@ -21,6 +21,7 @@ configurations); nothing touches a Redis you run. See docs/benchmarks.md.
     python scripts/bench.py --workloads finetune,frozen,classic    # issue 11 (~25 min here)
     python scripts/bench.py --cluster                              # scripts/bench_cluster.py
     python scripts/bench.py --keyspace                             # a shared Redis: scripts/bench_keyspace.py
+    python scripts/bench.py --chunks                               # big models: scripts/bench_chunks.py
     python scripts/bench.py --vllm                                 # a vLLM engine's pause: scripts/bench_vllm.py
     python scripts/bench.py --workloads finetune --lrs 1e-6 --workers 4 --systems rw-delta,torchrl
 
@@ -775,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a shared Redis: pushes and scrapes beside 0, 1M and 10M unrelated keys "
                              "(scripts/bench_keyspace.py)")
     parser.add_argument("--keys", default="0,1000000,10000000", help="--keyspace: unrelated key counts")
+    parser.add_argument("--chunks", nargs="?", const="1000,4000,16000,64000,70000",
+                        help="only the big-model measure (scripts/bench_chunks.py): delta pushes at these chunk "
+                        "counts of 4 KiB chunks (default 1000,4000,16000,64000,70000) and a 520 MB model")
     parser.add_argument("--cluster", action="store_true",
                         help="only the Redis Cluster measure (scripts/bench_cluster.py, 1 GB; --sizes picks another)")
     parser.add_argument("--vllm", action="store_true",
@@ -792,6 +796,10 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or REPO / "docs" / "bench" / "keyspace.json"
         keys = [int(k) for k in args.keys.split(",") if k.strip()]
         return bench_keyspace.run(keys, args.repeats if args.repeats != 5 else 30, args.timeout, out, args.server_bin)
+    if args.chunks:
+        from scripts import bench_chunks
+
+        return bench_chunks.main(["--chunks", args.chunks] + (["--out", str(args.out)] if args.out else []))
     if args.cluster:
         return run_cluster_measure(args)
     if args.report:

@@ -8,7 +8,10 @@ from chunks in memory.
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,3 +74,29 @@ def count_reads(monkeypatch) -> list[int]:
     monkeypatch.setattr(ChunkStore, "read", read)
     monkeypatch.setattr(ChunkStore, "read_into", read_into)
     return seen
+
+
+def format2_doc(manifest: Manifest) -> dict[str, Any]:
+    """``manifest`` as the previous release stored it (format ``redis_weights/2``, JSON, every chunk
+    entry with its own chain): this release still reads it."""
+    raw = manifest.to_bytes()
+    meta, _ = split_format3(raw)
+    del meta["packs"]
+    chunks = [
+        {"id": c.id} if c.base is None
+        else {"id": c.id, "base": c.base, "steps": [[s.patch, s.size, s.id] for s in c.steps]}
+        for c in manifest.chunks
+    ]  # fmt: skip
+    return dict(meta, format="redis_weights/2", chunks=chunks)
+
+
+def split_format3(raw: bytes) -> tuple[dict[str, Any], bytes]:
+    """The JSON meta and the chunk table of a format-3 manifest."""
+    (length,) = struct.unpack_from("<I", raw, 4)
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def join_format3(meta: dict[str, Any], table: bytes) -> bytes:
+    """A format-3 manifest of ``meta`` and ``table`` (the inverse of ``split_format3``)."""
+    text = json.dumps(meta).encode()
+    return b"RWM3" + struct.pack("<I", len(text)) + text + table

@@ -25,6 +25,7 @@ from redis_weights import (
 )
 from redis_weights.codec import flatten_weights
 from redis_weights.tools.server import free_port
+from tests.codec_support import join_format3, split_format3
 from tests.faults_support import chunk_key, perturb
 from tests.models import make_model, state_digest
 
@@ -45,12 +46,15 @@ def pair(real_store, redis_url, namespace):
     receiver.close()
 
 
-def _manifest_doc(updater: RedisWeightUpdater) -> dict:
-    return json.loads(updater.store.client.get(updater.keyspace.manifest(updater.version)))
+def _edit_manifest(updater: RedisWeightUpdater, edit) -> None:
+    """Rewrite the latest manifest: ``edit(meta, table)`` changes the JSON meta in place and returns
+    the new chunk table (None: the same)."""
+    meta, table = split_format3(updater.store.client.get(updater.keyspace.manifest(updater.version)))
+    new_table = edit(meta, table)
+    _set_manifest(updater, join_format3(meta, table if new_table is None else new_table))
 
 
-def _set_manifest(updater: RedisWeightUpdater, doc: dict | bytes) -> None:
-    raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+def _set_manifest(updater: RedisWeightUpdater, raw: bytes) -> None:
     updater.store.client.set(updater.keyspace.manifest(updater.version), raw)
 
 
@@ -71,48 +75,44 @@ def _delete_chunk(updater, version, index=0):
 
 
 def _lie_about(field: str, value):
-    def corrupt(updater, version):
-        doc = _manifest_doc(updater)
+    def edit(doc, table):
         name = sorted(doc["tensors"])[0]
         if field == "header_len":
             doc["header_len"] = value
         else:
             doc["tensors"][name][field] = value
-        _set_manifest(updater, doc)
 
-    return corrupt
+    return lambda updater, version: _edit_manifest(updater, edit)
 
 
 def _many_entries(count: int):
-    """A manifest listing ``count`` tiny chunk entries (each with a two-patch chain)."""
+    """A manifest listing ``count`` tiny chained chunk entries."""
 
-    def corrupt(updater, version):
-        doc = _manifest_doc(updater)
-        doc["chunks"] = [{"id": "a" * 32, "base": "b" * 32, "steps": [["c" * 32, 5, "a" * 32]]}] * count
+    def edit(doc, table):
         doc["total_bytes"] = doc["chunk_size"] * count
-        _set_manifest(updater, doc)
+        doc["packs"] = [[doc["version"], "c" * 32, 100]]
+        return b"\x01" * count + b"a" * 16 * count + b"b" * 16 * count
 
-    return corrupt
+    return lambda updater, version: _edit_manifest(updater, edit)
 
 
 def _lie_about_size(updater, version):
-    doc = _manifest_doc(updater)
-    doc["total_bytes"] = doc["chunk_size"] * 10**6
-    doc["chunks"] = []
-    _set_manifest(updater, doc)
+    _edit_manifest(updater, lambda doc, table: doc.update(total_bytes=doc["chunk_size"] * 10**6))
 
 
 def _swap_same_shape_tensors(updater, version):
     """Swap the places of two tensors of one dtype and shape: a manifest that still parses and
     fits the policy, and whose chunks all pass their checksums."""
-    doc = _manifest_doc(updater)
-    by_kind: dict[str, list[str]] = {}
-    for name, spec in sorted(doc["tensors"].items()):
-        by_kind.setdefault(json.dumps([spec["dtype"], spec["shape"]]), []).append(name)
-    a, b = next(names for names in by_kind.values() if len(names) > 1)[:2]
-    tensors = doc["tensors"]
-    tensors[a]["data_offsets"], tensors[b]["data_offsets"] = tensors[b]["data_offsets"], tensors[a]["data_offsets"]
-    _set_manifest(updater, doc)
+
+    def edit(doc, table):
+        by_kind: dict[str, list[str]] = {}
+        for name, spec in sorted(doc["tensors"].items()):
+            by_kind.setdefault(json.dumps([spec["dtype"], spec["shape"]]), []).append(name)
+        a, b = next(names for names in by_kind.values() if len(names) > 1)[:2]
+        tensors = doc["tensors"]
+        tensors[a]["data_offsets"], tensors[b]["data_offsets"] = tensors[b]["data_offsets"], tensors[a]["data_offsets"]
+
+    _edit_manifest(updater, edit)
 
 
 CORRUPTIONS = {
@@ -129,11 +129,12 @@ CORRUPTIONS = {
     "manifest of 100k chunk entries": (_many_entries(100_000), "more than the limit"),
     "manifest claiming a million chunks it does not list": (_lie_about_size, "chunk entries"),
     "manifest not JSON": (lambda u, v: _set_manifest(u, b"\x00{not json"), "manifest is not JSON"),
+    "manifest meta not JSON": (lambda u, v: _set_manifest(u, b"RWM3\x03\0\0\0{no"), "manifest is not JSON"),
     "manifest with a 5000-digit integer": (
         lambda u, v: _set_manifest(u, b'{"format":"redis_weights/1","version":' + b"9" * 5000 + b"}"),
         "manifest is not JSON",
     ),
-    "manifest nested 100000 deep": (lambda u, v: _set_manifest(u, b"[" * 100_000), "not JSON"),
+    "manifest nested 50000 deep": (lambda u, v: _set_manifest(u, b"[" * 50_000), "not JSON"),
     "offsets out of range": (_lie_about("data_offsets", [0, 10**12]), "outside"),
     "shape whose size overflows": (_lie_about("shape", [2**64, 2**64, 0]), "shape [18446744073709551616"),
     "header of gigabytes": (_lie_about("header_len", 8 + 4 * 2**30), "header_len"),
@@ -402,7 +403,7 @@ def delta_pair(real_store, redis_url, namespace):
     _delta_step(model, optimizer)
     updater.update_weights()
     manifest = updater.registry.read_manifest(updater.version)
-    assert all(c.steps for c in manifest.chunks), "the fixture needs a version of patches only"
+    assert all(c.base is not None for c in manifest.chunks), "the fixture needs a version of patches only"
     yield updater, receiver, model, optimizer, manifest
     receiver.close()
 
@@ -411,52 +412,66 @@ def _like(model: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 32))
 
 
-def _rewrite(updater, manifest, index: int, **changes) -> None:
-    doc = json.loads(updater.store.client.get(updater.keyspace.manifest(manifest.version)))
-    doc["chunks"][index].update(changes)
-    _set_manifest(updater, doc)
+def _replace_packs(updater, manifest, records) -> None:
+    """Store packs of ``records`` and make the manifest name them instead of its own."""
+    from redis_weights.manifest import checksum
+    from redis_weights.packs import build_packs
+
+    packs = build_packs(records, 1 << 20)
+    updater.registry.chunks.write([(checksum(p), p, False) for p in packs])
+    _edit_manifest(updater, lambda doc, table: doc.update(packs=[[manifest.version, checksum(p), len(p)]
+                                                                 for p in packs]))  # fmt: skip
+
+
+def _records(updater, manifest):
+    """The records of the version's packs: ``(index, source, target, patch bytes)``."""
+    from redis_weights.packs import parse_pack
+
+    out = []
+    for pack in manifest.packs:
+        data = updater.store.client.get(updater.keyspace.chunk(pack.id))
+        out += [(r.index, r.source, r.target, data[r.offset : r.offset + r.length])
+                for r in parse_pack(data, manifest.chunk_sizes, "pack")]  # fmt: skip
+    return out
 
 
 def _corrupt_patch(updater, manifest):
-    step = manifest.chunks[0].steps[-1]
-    key = updater.keyspace.chunk(step.patch)
+    key = updater.keyspace.chunk(manifest.packs[-1].id)
     data = bytearray(updater.store.client.get(key))
     data[len(data) // 2] ^= 0xFF
     updater.store.client.set(key, bytes(data))
 
 
-def _malformed_patch_with_a_valid_id(updater, manifest):
-    """Bytes that are not a patch, stored under their own id and named by the manifest."""
-    from redis_weights.manifest import checksum
-
-    entry = manifest.chunks[0]
-    junk = b"RWPT" + bytes(range(60))
-    updater.registry.chunks.write([(checksum(junk), junk, False)])
-    _rewrite(updater, manifest, 0, steps=[[checksum(junk), len(junk), entry.id]])
+def _malformed_patch_in_a_valid_pack(updater, manifest):
+    """Bytes that are not a patch, in a pack stored under its own id and named by the manifest."""
+    records = _records(updater, manifest)
+    index, source, target, _ = records[0]
+    _replace_packs(updater, manifest, [(index, source, target, b"RWPT" + bytes(range(60))), *records[1:]])
 
 
 def _patch_of_another_chunk(updater, manifest):
-    """A real patch (its id right), but of chunk 1: applied to chunk 0 it cannot give chunk 0's bytes."""
-    other = manifest.chunks[1].steps[-1]
-    _rewrite(updater, manifest, 0, steps=[[other.patch, other.size, manifest.chunks[0].id]])
+    """A real patch (its pack's id right), but of chunk 1: applied to chunk 0 it cannot give chunk 0's bytes."""
+    records = _records(updater, manifest)
+    (index, source, target, _), other = records[0], records[1]
+    _replace_packs(updater, manifest, [(index, source, target, other[3]), *records[1:]])
 
 
 def _missing_patch(updater, manifest):
-    updater.store.client.delete(updater.keyspace.chunk(manifest.chunks[0].steps[-1].patch))
+    updater.store.client.delete(updater.keyspace.chunk(manifest.packs[-1].id))
 
 
-def _cycle(updater, manifest):
-    entry = manifest.chunks[0]
-    step = entry.steps[-1]
-    _rewrite(updater, manifest, 0, steps=[[step.patch, step.size, entry.base], [step.patch, step.size, entry.id]])
+def _record_of_another_chain(updater, manifest):
+    records = _records(updater, manifest)
+    index, source, _, patch = records[0]
+    _replace_packs(updater, manifest, [(index, source, "f" * 32, patch), *records[1:]])
 
 
 DELTA_CORRUPTIONS = {
-    "corrupted patch": (_corrupt_patch, "of chunk 0 does not match its id"),
-    "malformed patch with a valid id": (_malformed_patch_with_a_valid_id, "of chunk 0 cannot be applied"),
+    "corrupted pack": (_corrupt_patch, "does not match its id (corrupted in Redis; deleted)"),
+    "malformed patch in a valid pack": (_malformed_patch_in_a_valid_pack, "the patch of chunk 0 in pack"),
     "patch of another chunk": (_patch_of_another_chunk, "chunk 0 does not match its id after patching"),
-    "missing patch (a gap in the chain)": (_missing_patch, "of chunk 0 is missing from Redis"),
-    "chain with a cycle": (_cycle, "its chain has a cycle"),
+    "missing pack (a gap in the chain)": (_missing_patch, "is missing from Redis"),
+    "record of another chain": (_record_of_another_chain, "chunk 0: pack"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import safetensors.torch
@@ -12,8 +13,17 @@ from torch import nn
 
 from redis_weights.codec import Encoder, flatten_weights, plan_chunks, tensors_in_chunks
 from redis_weights.errors import CodecError, IntegrityError, LegacyFormatError, WeightMismatchError
-from redis_weights.manifest import Manifest, checksum, parse_header, parse_header_bytes
-from tests.codec_support import apply_chunks, built_chunks, decode_to_tensors
+from redis_weights.manifest import (
+    ChunkEntry,
+    Manifest,
+    ManifestTooLargeError,
+    Pack,
+    Step,
+    checksum,
+    parse_header,
+    parse_header_bytes,
+)
+from tests.codec_support import apply_chunks, built_chunks, decode_to_tensors, format2_doc, join_format3, split_format3
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.uint8, torch.bool]
 
@@ -33,7 +43,7 @@ def _encode(weights, chunk_size=64 * 1024, wire_dtype=None, **kw):
     encoded = Encoder(chunk_size, wire_dtype).encode(weights, **kw)
     manifest = encoded.manifest(1, created=0.0, producer="test")
     chunks = built_chunks(encoded)
-    return encoded, Manifest.from_json(manifest.to_json()), chunks
+    return encoded, Manifest.from_bytes(manifest.to_bytes()), chunks
 
 
 def test_concatenated_chunks_are_a_safetensors_file_equal_to_the_weights():
@@ -204,11 +214,11 @@ def test_a_manifest_that_disagrees_with_the_header_in_the_chunks_is_refused():
     """Checksums cover the chunks only: swapped same-shape entries must not place bytes wrongly."""
     src = {"a": torch.randn(8), "b": torch.randn(8)}
     _, manifest, chunks = _encode(src)
-    doc = json.loads(manifest.to_json())
+    doc, table = split_format3(manifest.to_bytes())
     doc["tensors"]["a"], doc["tensors"]["b"] = doc["tensors"]["b"], doc["tensors"]["a"]
     target = {"a": torch.zeros(8), "b": torch.zeros(8)}
     with pytest.raises(IntegrityError, match="tensor 'a' differs"):
-        apply_chunks(chunks, Manifest.from_json(json.dumps(doc)), target)
+        apply_chunks(chunks, Manifest.from_bytes(join_format3(doc, table)), target)
     assert not target["a"].any() and not target["b"].any()
 
 
@@ -223,32 +233,94 @@ def test_a_header_longer_than_a_chunk_is_checked_across_chunks():
 
 def test_manifest_round_trip_and_validation():
     _, manifest, _ = _encode({"w": torch.ones(3)})
-    doc = json.loads(manifest.to_json())
-    assert Manifest.from_json(json.dumps(doc)).tensors == manifest.tensors
+    doc, table = split_format3(manifest.to_bytes())
+    assert Manifest.from_bytes(join_format3(doc, table)) == manifest
     for field, value, match in [
         ("format", "other", "format"),
         ("checksum_algo", "md5", "checksum"),
         ("chunk_size", 1, "chunk_size"),
-        ("chunks", [], "chunk entries"),
-        ("chunks", [{"id": "xyz"}], "32-hex-digit id"),
+        ("total_bytes", 10**6, "chunk entries"),
         ("version", -1, "version"),
         ("header_len", 10**12, "header_len"),
         ("total_bytes", 1, "total_bytes"),
+        ("packs", {}, "packs must be a list"),
+        ("packs", [[1, "a" * 32, 0]], "bad pack"),
+        ("packs", [[2, "a" * 32, 10]], "bad pack"),  # a pack of a version after this one
     ]:
-        bad = dict(doc, **{field: value})
         with pytest.raises(CodecError, match=match):
-            Manifest.from_json(json.dumps(bad))
+            Manifest.from_bytes(join_format3(dict(doc, **{field: value}), table))
+    for bad_table, match in [(b"", "chunk entries"), (b"\x03" + table[1:], "chunk kinds"),
+                             (table[:-1], "chunk entries"), (table + b"\0", "after the last field"),
+                             (b"\x01" + table[1:], "too short")]:  # fmt: skip
+        with pytest.raises(CodecError, match=match):
+            Manifest.from_bytes(join_format3(doc, bad_table))
+    chained = b"\x01" + table[1:] + table[1:17]  # chunk 0 chained to itself
+    with pytest.raises(CodecError, match="chained to itself"):
+        Manifest.from_bytes(join_format3(dict(doc, packs=[[1, "a" * 32, 10]]), chained))
+    with pytest.raises(CodecError, match="lists no pack"):
+        Manifest.from_bytes(join_format3(doc, b"\x01" + table[1:] + b"b" * 16))
     with pytest.raises(CodecError, match="not JSON"):
-        Manifest.from_json(b"\x80not json")
+        Manifest.from_bytes(b"\x80not json")
+    with pytest.raises(CodecError, match="not JSON"):
+        Manifest.from_bytes(b"RWM3\x03\0\0\0abc")
     with pytest.raises(CodecError, match="lacks"):
-        Manifest.from_json(json.dumps({"format": doc["format"]}))
+        Manifest.from_bytes(join_format3({"format": doc["format"]}, b""))
     with pytest.raises(CodecError, match="says it is version 1"):
-        Manifest.from_json(manifest.to_json(), version=2)
+        Manifest.from_bytes(manifest.to_bytes(), version=2)
+
+
+def test_a_manifest_of_the_previous_format_is_read():
+    """Format 2 (JSON, chains repeated in every entry): namespaces of the previous release keep working."""
+    _, manifest, _ = _encode({"w": torch.ones(3)})
+    doc = format2_doc(manifest)
+    assert Manifest.from_bytes(json.dumps(doc)) == manifest
+    for field, value, match in [
+        ("chunks", [], "chunk entries"),
+        ("chunks", [{"id": "xyz"}], "32-hex-digit id"),
+        ("header_len", 10**12, "header_len"),
+    ]:
+        with pytest.raises(CodecError, match=match):
+            Manifest.from_bytes(json.dumps(dict(doc, **{field: value})))
+    with pytest.raises(CodecError, match="lacks"):
+        Manifest.from_bytes(json.dumps({"format": doc["format"]}))
+
+
+def test_a_format2_chain_committed_again_is_written_in_format3_and_read_back():
+    """A rollback of a version of the previous release: its own patch chains carried over (kind 2)."""
+    _, manifest, _ = _encode({"w": torch.randn(3000)}, chunk_size=4096)
+    doc = format2_doc(manifest)
+    doc["chunks"][1] = {"id": "a" * 32, "base": "b" * 32, "steps": [["c" * 32, 10, "d" * 32], ["e" * 32, 12, "a" * 32]]}
+    old = Manifest.from_bytes(json.dumps(doc))
+    again = Manifest.from_bytes(old.renumbered(2, created=1.0, producer="rollback").to_bytes())
+    assert again.chunks == old.chunks and again.version == 2 and again.objects() == old.objects()
+    assert again.chunks[1].steps[1] == Step("e" * 32, 12, "a" * 32)
+
+
+def test_the_manifest_size_does_not_grow_with_chain_depth():
+    """A chained chunk costs the same at any depth: the chain lives in the packs, listed once per version."""
+    _, manifest, _ = _encode({"w": torch.randn(1024 * 1024)}, chunk_size=4096)  # 1,025 chunks
+    chained = [ChunkEntry(c.id, "b" * 32) for c in manifest.chunks]
+    sizes = []
+    for depth in (1, 19):
+        packs = [Pack(v, f"{v:032x}", 1000) for v in range(2, 2 + depth)]
+        deep = replace(manifest, chunks=chained, packs=packs, depth=depth, version=1 + depth, keyframe=1)
+        raw = deep.to_bytes()
+        assert Manifest.from_bytes(raw) == deep
+        sizes.append(len(raw))
+    assert sizes[1] < 1.2 * sizes[0] and sizes[0] < 40 * manifest.num_chunks
+
+
+def test_a_manifest_larger_than_its_workers_accept_is_never_written():
+    _, manifest, _ = _encode({"w": torch.randn(2048)}, chunk_size=4096)
+    assert len(manifest.to_bytes()) < manifest.limit()
+    huge = replace(manifest, metadata={"notes": "x" * manifest.limit()})
+    with pytest.raises(ManifestTooLargeError, match="more than the .* a worker of this model accepts"):
+        huge.to_bytes()
 
 
 def test_a_manifest_of_the_previous_format_is_refused_with_what_to_do():
     with pytest.raises(LegacyFormatError, match="push again from the trainer"):
-        Manifest.from_json(json.dumps({"format": "redis_weights/1", "version": 3}), version=3)
+        Manifest.from_bytes(json.dumps({"format": "redis_weights/1", "version": 3}), version=3)
 
 
 @pytest.mark.parametrize(
@@ -264,10 +336,10 @@ def test_a_manifest_of_the_previous_format_is_refused_with_what_to_do():
 )
 def test_a_chain_with_a_cycle_a_gap_or_no_end_is_refused(chain, match):
     _, manifest, _ = _encode({"w": torch.ones(3)})
-    doc = json.loads(manifest.to_json())
+    doc = format2_doc(manifest)
     doc["chunks"] = [{"id": "a" * 32, **chain}]
     with pytest.raises(CodecError, match=match):
-        Manifest.from_json(json.dumps(doc))
+        Manifest.from_bytes(json.dumps(doc))
 
 
 @pytest.mark.parametrize(

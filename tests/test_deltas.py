@@ -60,7 +60,8 @@ def test_a_worker_at_the_parent_applies_patches_and_ends_bit_exact(fake_store, r
         assert worker.poll() == updater.version, worker.last_error
         assert _exact(worker.policy, _wire(model))
         assert not manifest.is_keyframe and manifest.uploaded_bytes < manifest.total_bytes / 10
-        assert 0 < sum(reads) == sum(s.size for c in manifest.chunks for s in c.steps[-1:]), "only the new patches"
+        new_packs = [p for p in manifest.packs if p.version == manifest.version]
+        assert new_packs and sum(reads) == sum(p.size for p in new_packs), "only the new version's packs"
 
 
 def test_a_late_joiner_and_a_laggard_reach_the_version_through_the_keyframe_and_chain(fake_store):
@@ -76,7 +77,7 @@ def test_a_late_joiner_and_a_laggard_reach_the_version_through_the_keyframe_and_
         _step(model, optimizer)
         updater.update_weights()
     manifest = updater.registry.read_manifest(updater.version)
-    assert manifest.depth == 4 and max(len(c.steps) for c in manifest.chunks) == 4
+    assert manifest.depth == 4 and {p.version for p in manifest.packs} == set(range(2, 6))
     late = _receiver(fake_store, 2)
     assert late.poll() == updater.version and laggard.poll() == updater.version
     assert _exact(late.policy, _wire(model)) and _exact(laggard.policy, _wire(model))
@@ -131,7 +132,7 @@ def test_unchanged_chunks_are_neither_uploaded_nor_downloaded_without_deltas(fak
     manifest = updater.registry.read_manifest(updater.version)
     reads.clear()
     assert worker.poll() == updater.version
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), worker.policy.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), worker.policy.state_dict().values(), strict=True))
     assert manifest.uploaded_bytes == sum(reads) <= 2 * 16384, "only the chunk(s) holding the head's bias"
 
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from redis_weights.codec import DTYPES, Encoder
 from redis_weights.errors import CodecError, WeightMismatchError
 from redis_weights.manifest import MAX_CHAIN, Manifest, parse_header, parse_header_bytes
-from tests.codec_support import apply_chunks, built_chunks
+from redis_weights.packs import build_packs, parse_pack
+from tests.codec_support import apply_chunks, built_chunks, format2_doc, join_format3, split_format3
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -97,12 +98,16 @@ def test_a_header_claiming_gigabytes_is_refused_without_allocating(length, body)
 
 
 def _valid_manifest() -> dict:
+    """A format-2 manifest (JSON): still read, so still fuzzed."""
     weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([True, False])}
     encoded = Encoder(4096).encode(weights)
-    return json.loads(encoded.manifest(1, created=0.0, producer="fuzz").to_json())
+    return format2_doc(encoded.manifest(1, created=0.0, producer="fuzz"))
 
 
 _BASE = _valid_manifest()
+_META3, _TABLE3 = split_format3(
+    Encoder(4096).encode({"w": torch.randn(3000)}).manifest(1, created=0.0, producer="fuzz").to_bytes()
+)
 
 
 @FUZZ
@@ -110,7 +115,7 @@ _BASE = _valid_manifest()
 def test_manifest_with_one_field_replaced(field, value):
     doc = dict(_BASE, **{field: value})
     try:
-        manifest = Manifest.from_json(json.dumps(doc).encode())
+        manifest = Manifest.from_bytes(json.dumps(doc).encode())
     except CodecError:
         return
     _assert_consistent(manifest.tensors, manifest.total_bytes - manifest.header_len)
@@ -122,7 +127,7 @@ def test_manifest_with_one_field_replaced(field, value):
 @given(doc=_json)
 def test_manifest_from_arbitrary_json(doc):
     try:
-        Manifest.from_json(json.dumps(doc).encode())
+        Manifest.from_bytes(json.dumps(doc).encode())
     except CodecError:
         pass
 
@@ -131,7 +136,7 @@ def test_manifest_from_arbitrary_json(doc):
 @given(raw=st.binary(max_size=256))
 def test_manifest_from_arbitrary_bytes(raw):
     try:
-        Manifest.from_json(raw)
+        Manifest.from_bytes(raw)
     except CodecError:
         pass
 
@@ -142,12 +147,12 @@ def test_flipped_bytes_in_a_manifest_never_write_a_mix(data):
     """Corrupt a valid manifest byte-wise; applying it either fails whole or leaves valid weights."""
     weights = {"w": torch.randn(64), "b": torch.randn(8)}
     encoded = Encoder(4096).encode(weights)
-    raw = bytearray(encoded.manifest(1, created=0.0, producer="fuzz").to_json())
+    raw = bytearray(encoded.manifest(1, created=0.0, producer="fuzz").to_bytes())
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     targets = {"w": torch.zeros(64), "b": torch.zeros(8)}
     try:
-        manifest = Manifest.from_json(bytes(raw))
+        manifest = Manifest.from_bytes(bytes(raw))
         apply_chunks(built_chunks(encoded), manifest, targets)
     except (CodecError, WeightMismatchError):  # a flipped name is a mismatch with the policy
         assert all(bool((t == 0).all()) for t in targets.values()), "a refused version wrote into the weights"
@@ -170,10 +175,65 @@ def test_chunk_entries_with_arbitrary_chains(entry):
     """A chain either parses into something bounded, acyclic and ending at the chunk's id, or is refused."""
     doc = dict(_BASE, chunks=[entry])
     try:
-        manifest = Manifest.from_json(json.dumps(doc).encode())
+        manifest = Manifest.from_bytes(json.dumps(doc).encode())
     except CodecError:
         return
     (parsed,) = manifest.chunks
     assert parsed.chain[-1] == parsed.id and len(set(parsed.chain)) == len(parsed.chain)
     assert len(parsed.steps) <= MAX_CHAIN
     assert all(0 < s.size < manifest.total_bytes for s in parsed.steps)
+
+
+@FUZZ
+@given(field=st.sampled_from(sorted(_META3)), value=_json | _dims)
+def test_format3_manifest_with_one_meta_field_replaced(field, value):
+    try:
+        manifest = Manifest.from_bytes(join_format3(dict(_META3, **{field: value}), _TABLE3))
+    except CodecError:
+        return
+    assert len(manifest.chunks) == manifest.num_chunks == len(manifest.chunk_sizes)
+    assert sum(manifest.chunk_sizes) == manifest.total_bytes
+
+
+@FUZZ
+@given(table=st.binary(max_size=200),
+       packs=st.lists(st.lists(_scalars | st.text("0123456789abcdef", min_size=32, max_size=32), max_size=4),
+                      max_size=3))  # fmt: skip
+def test_format3_manifest_with_an_arbitrary_chunk_table_and_packs(table, packs):
+    """Any table and pack list: a self-consistent manifest (chained chunks only with packs), or CodecError."""
+    try:
+        manifest = Manifest.from_bytes(join_format3(dict(_META3, packs=packs), _TABLE3[:1] + table))
+    except CodecError:
+        return
+    assert len(manifest.chunks) == manifest.num_chunks
+    assert all(c.base != c.id for c in manifest.chunks if c.base is not None)
+    assert manifest.packs or all(c.base is None or c.steps for c in manifest.chunks)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=256))
+def test_format3_manifest_from_arbitrary_bytes_after_the_magic(raw):
+    try:
+        Manifest.from_bytes(b"RWM3" + raw)
+    except CodecError:
+        pass
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_pack_parses_into_bounded_records_or_is_refused(data):
+    """A valid pack with bytes flipped or cut: records inside the pack and the chunks, or CodecError."""
+    sizes = [4096] * 8
+    records = [(i, f"{i:032x}", f"{i + 100:032x}", bytes(range(i + 1))) for i in range(0, 8, 2)]
+    (pack,) = build_packs(records, 1 << 20)
+    assert [(r.index, r.length) for r in parse_pack(pack, sizes, "pack")] == [(i, len(p)) for i, _, _, p in records]
+    raw = bytearray(pack)
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    raw = raw[: data.draw(st.integers(0, len(raw)))]
+    try:
+        parsed = parse_pack(bytes(raw), sizes, "pack")
+    except CodecError:
+        return
+    assert all(0 < r.length < 4096 and r.offset + r.length <= len(raw) and r.index < 8 for r in parsed)
+    assert [r.index for r in parsed] == sorted({r.index for r in parsed})

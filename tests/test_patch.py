@@ -517,3 +517,23 @@ def test_changes_outside_the_sample_are_decided_by_the_whole_chunk() -> None:
     out = bytearray(base.tobytes())
     apply_patch(out, patch, out)
     assert bytes(out) == new.tobytes()
+
+
+@pytest.mark.parametrize("chunk_size, itemsize", [(4096, 2), (4096, 4), (8192, 1), (4098, 4), (4096, 8)])
+@pytest.mark.parametrize("changes", [1, 7, 40, 5000])
+def test_patches_of_many_chunks_in_one_pass_are_the_chunk_by_chunk_patches(chunk_size, itemsize, changes):
+    """``encode_patches`` gives, byte for byte, ``encode_patch`` of every chunk that changed (sparse chunks
+    built without numpy, dense ones, a last chunk shorter and changed in its tail only, misaligned chunks)."""
+    from redis_weights.patch import encode_patches
+
+    rng = np.random.default_rng(changes + chunk_size + itemsize)
+    length = 9 * chunk_size + 4093
+    base = rng.integers(0, 256, length, dtype=np.uint8)
+    new = base.copy()
+    where = rng.integers(0, length, changes)
+    new[where] ^= rng.integers(1, 256, changes, dtype=np.uint8)
+    new[-1] ^= 1  # the tail of the last chunk
+    cut = [slice(i * chunk_size, (i + 1) * chunk_size) for i in range(10)]
+    pieces = [(base[c], new[c]) for c in cut]
+    expected = {i: encode_patch(a, b, itemsize) for i, (a, b) in enumerate(pieces) if not np.array_equal(a, b)}
+    assert encode_patches(base, new, chunk_size, itemsize) == expected

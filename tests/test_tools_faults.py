@@ -32,12 +32,12 @@ from redis_weights.assemble import MissingObjectError
 from redis_weights.errors import RedisWeightsError, VersionNotFoundError
 from redis_weights.tools import admin as admin_module
 from redis_weights.tools.admin import Admin
-from tests.test_admin_scripts import load
 from redis_weights.tools.cli import main
 from redis_weights.tools.cli.guard import guarded
 from redis_weights.tools.cli.render import print_table, printable
 from redis_weights.tools.exporter import serve
 from redis_weights.units import human_age, human_seconds, utc_time
+from tests.test_admin_scripts import load
 from tests.test_cli import assert_one_line_error, run_main, terminal  # noqa: F401 (a fixture)
 
 

@@ -127,7 +127,7 @@ def ack_latency(state: RankState, created: float | None) -> float | None:
 
 def manifest_dict(manifest: Manifest) -> dict[str, Any]:
     """A JSON-ready view of a manifest: version facts, storage (keyframe or patches), tensors
-    (offset order) and chunks."""
+    (offset order), the packs of its chain and chunks (``patches``: a format-2 chain's own)."""
     return {
         "version": manifest.version,
         "created": manifest.created,
@@ -140,7 +140,8 @@ def manifest_dict(manifest: Manifest) -> dict[str, Any]:
         "keyframe": manifest.keyframe,
         "base": manifest.parent,
         "chain_length": manifest.depth,
-        "longest_chain": max((len(c.steps) for c in manifest.chunks), default=0),
+        "chained_chunks": sum(c.base is not None for c in manifest.chunks),
+        "packs": [{"version": p.version, "id": p.id, "bytes": p.size} for p in manifest.packs],
         "stored_bytes": manifest.stored_bytes(),
         "new_bytes": manifest.uploaded_bytes,
         "wire_dtype": manifest.wire_dtype,
@@ -243,7 +244,7 @@ class Admin:
         out: list[Manifest | CodecError] = []
         for version, raw in zip(versions, raws, strict=True):
             try:
-                out.append(Manifest.from_json(raw, version) if raw is not None else CodecError("manifest is missing"))
+                out.append(Manifest.from_bytes(raw, version) if raw is not None else CodecError("manifest is missing"))
             except CodecError as exc:
                 out.append(exc)
         return out

@@ -27,7 +27,8 @@ import xxhash
 
 from ...codec import check_compatible, flatten_weights
 from ...errors import CodecError, WeightMismatchError
-from ...manifest import Buffer, Manifest, TensorEntry
+from ...header import Buffer, TensorEntry
+from ...manifest import Manifest
 from ...receiver import _WAKE_SLICE, RedisWeightReceiver
 
 log = logging.getLogger(__name__)

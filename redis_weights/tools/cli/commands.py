@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from ...deployment import redacted
 from ...errors import RedisWeightsError
@@ -61,6 +62,8 @@ def cmd_show(admin: Admin, args: argparse.Namespace) -> int:
     else:
         storage = (f"patch against version {doc['base']}, chain length {doc['chain_length']} "
                    f"from keyframe {doc['keyframe']}")  # fmt: skip
+    if doc["packs"]:
+        storage += f", {doc['chained_chunks']} chunk(s) patched by {len(doc['packs'])} pack(s)"
     print(f"stored: {storage}; {human_bytes(doc['stored_bytes'])} stored, {human_bytes(doc['new_bytes'])} new"
           + (f"; wire dtype {printable(doc['wire_dtype'])} ({len(doc['cast'])} tensor(s) cast)"
              if doc["wire_dtype"] else ""))  # fmt: skip
@@ -71,10 +74,18 @@ def cmd_show(admin: Admin, args: argparse.Namespace) -> int:
                  for t in doc["tensors"]])  # fmt: skip
     print_table(["chunk", "bytes", "id", "stored as"],
                 [(c["index"], c["bytes"], c["id"],
-                  f"base {c['base'][:12]} + {len(c['patches'])} patch(es), "
-                  f"{sum(p['bytes'] for p in c['patches'])} bytes" if c["base"] else "whole")
+                  _stored_as(c))
                  for c in doc["chunks"]])  # fmt: skip
     return 0
+
+
+def _stored_as(chunk: dict[str, Any]) -> str:
+    if not chunk["base"]:
+        return "whole"
+    if not chunk["patches"]:  # patched by the records of the version's packs
+        return f"base {chunk['base'][:12]} + packs"
+    return (f"base {chunk['base'][:12]} + {len(chunk['patches'])} patch(es), "
+            f"{sum(p['bytes'] for p in chunk['patches'])} bytes")
 
 
 def cmd_workers(admin: Admin, args: argparse.Namespace) -> int:
