@@ -304,7 +304,7 @@ class RedisWeightReceiver:
                 clock.add("fetch", time.perf_counter() - fetch_started)
                 check_header(chunks, manifest)
                 with self.lock, clock.phase("apply"):  # holders of the lock see weights and version agree
-                    copy_tensors(chunks, manifest, targets)  # all: weights damaged in place are restored
+                    self._install(chunks, manifest, targets)
                     previous, self.version = self.version, version
         except MissingObjectError as exc:
             if not self.registry.exists(version):  # garbage-collected meanwhile: retry from latest
@@ -335,6 +335,12 @@ class RedisWeightReceiver:
         with self._applied:
             self._applied.notify_all()
         return version
+
+    def _install(self, chunks: list[Buffer], manifest: Manifest, targets: dict[str, Any]) -> None:
+        """Put a verified version into the policy: every tensor copied in place (weights damaged in
+        place are restored too). The one step a receiver that installs elsewhere overrides (the vLLM
+        engine's, ``integrations/vllm``); a ``CodecError`` or ``WeightMismatchError`` refuses the version."""
+        copy_tensors(chunks, manifest, targets)
 
     def _host_cache(self, option: bool | str | os.PathLike[str]) -> HostCache | None:
         if option is False or option is None:

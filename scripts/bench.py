@@ -22,6 +22,7 @@ configurations); nothing touches a Redis you run. See docs/benchmarks.md.
     python scripts/bench.py --cluster                              # scripts/bench_cluster.py
     python scripts/bench.py --keyspace                             # a shared Redis: scripts/bench_keyspace.py
     python scripts/bench.py --chunks                               # big models: scripts/bench_chunks.py
+    python scripts/bench.py --vllm                                 # a vLLM engine's pause: scripts/bench_vllm.py
     python scripts/bench.py --workloads finetune --lrs 1e-6 --workers 4 --systems rw-delta,torchrl
 
 The training workloads (``scripts/bench_train.py``) take real optimizer steps between
@@ -780,7 +781,15 @@ def main(argv: list[str] | None = None) -> int:
                         "counts of 4 KiB chunks (default 1000,4000,16000,64000,70000) and a 520 MB model")
     parser.add_argument("--cluster", action="store_true",
                         help="only the Redis Cluster measure (scripts/bench_cluster.py, 1 GB; --sizes picks another)")
+    parser.add_argument("--vllm", action="store_true",
+                        help="a vLLM engine's pause per update against vLLM's reload (scripts/bench_vllm.py, run "
+                             "with .venv-vllm's python: scripts/install_vllm.sh first)")
     args = parser.parse_args(argv)
+    if args.vllm:
+        python = REPO / ".venv-vllm" / "bin" / "python"
+        if not python.exists():
+            parser.error("--vllm needs the vLLM venv: run scripts/install_vllm.sh first")
+        return subprocess.call([str(python), str(REPO / "scripts" / "bench_vllm.py")])
     if args.keyspace:
         from scripts import bench_keyspace
 
