@@ -29,6 +29,17 @@ from .manifest import Buffer
 log = logging.getLogger(__name__)
 
 _EXISTS_ROUND = 1000  # keys per EXISTS round trip
+_SCRIPT_ROUND = 4096  # keys per existence script (~1 ms of Redis)
+# KEYS: objects. Returns the (1-based) positions of the keys that do not exist.
+_ABSENT = """
+local absent = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then
+    absent[#absent + 1] = i
+  end
+end
+return absent
+"""
 DELETE_BATCH = 16  # DELs per round trip: one DEL frees one chunk (2 MiB by default: ~0.005 ms of Redis 7)
 
 
@@ -40,11 +51,21 @@ class ChunkStore:
         self.keyspace = keyspace
         self.deployment = deployment  # per-node connections for bulk reads
         self.index = NamespaceIndex(client, keyspace)
+        self._absent = client.register_script(_ABSENT)
 
     def missing(self, ids: Iterable[str]) -> set[str]:
-        """The ids among ``ids`` that Redis does not hold (pipelined EXISTS, one key per command)."""
+        """The ids among ``ids`` that Redis does not hold. One node: a script per ``_SCRIPT_ROUND``
+        keys that returns the absent ones (a 70,000-chunk model's check: ~0.1 s instead of ~2 s of
+        per-command pipelining, each call holding Redis ~1 ms); a cluster (keys in many slots, which
+        one script cannot name): pipelined EXISTS, one key per command, on every master."""
         unique = list(dict.fromkeys(ids))
         absent: set[str] = set()
+        if self.deployment.single_node:
+            for start in range(0, len(unique), _SCRIPT_ROUND):
+                batch = unique[start : start + _SCRIPT_ROUND]
+                found = self._absent(keys=[self.keyspace.chunk(i) for i in batch])
+                absent.update(batch[int(j) - 1] for j in found)
+            return absent
         for start in range(0, len(unique), _EXISTS_ROUND):
             batch = unique[start : start + _EXISTS_ROUND]
             pipe = self.client.pipeline(transaction=False)

@@ -9,7 +9,8 @@ count it is flushed and filled with ``DEBUG POPULATE`` (keys ``other:<n>``: anot
 application's), then the sweep's own processes (``scripts/bench_procs.py``) push
 1 MB to 1 worker and 100 MB to 2 workers, and the exporter's scrape of the namespace
 is timed in-process. ``INFO commandstats`` before and after each configuration gives
-the SCAN calls and the commands per push. The 1 MB push to 4 workers is also run
+the SCAN calls and the commands per push (one discarded warm-up configuration runs
+first, so that the empty server's row is no cold start). The 1 MB push to 4 workers is also run
 against TorchRL's gloo updater on the empty server (its cost does not depend on
 Redis). Medians, and ratios against the empty server, in the same run. Results:
 docs/bench/keyspace.json.
@@ -38,7 +39,7 @@ NAMESPACE = "bench"  # the namespace bench_procs pushes to
 DEFAULT_KEYS = (0, 1_000_000, 10_000_000)
 PUSHES = (("rw-sync", 1 << 20, 1), ("rw-sync", 100 << 20, 2))  # (system, size, workers)
 PEER = ("torchrl", 1 << 20, 4)  # and rw-sync 1 MB x4 on the empty server
-SCRAPES = 30
+SCRAPES = 200  # a scrape is ~1 ms: many, for a stable median
 POPULATE_STEP = 1_000_000
 
 
@@ -103,6 +104,7 @@ def run(keys_list: list[int], repeats: int, timeout: float, out: Path, server_bi
     server = LocalRedisServer(["--enable-debug-command", "yes"], binary=server_bin).start()
     try:
         client = redis.Redis.from_url(server.url)
+        run_push(server.url, "rw-sync", 1 << 20, 1, 5, timeout)  # warm-up (discarded): a cold first row is no baseline
         for keys in keys_list:
             filled = populate(server.url, keys)
             print(f"{keys:,} unrelated keys ({filled:.1f}s to populate)", file=sys.stderr, flush=True)
