@@ -94,7 +94,7 @@ class EngineReceiver(RedisWeightReceiver):
         options.setdefault("allow_cast", True)  # vLLM's loaders cast to the model's dtype, as from any checkpoint
         super().__init__(store, rank, spec_tensors(spec), **options)
         self.groups = groups
-        self.load = load
+        self.load_into_engine = load
         self.loaded: dict[str, str] = {}  # digest of each tensor the model holds from a version ({}: unknown)
         self.loaded_names: list[str] = []  # what the last install loaded
         self._staged: tuple[list[str], dict[str, str]] | None = None  # chunk ids and digests of the staged version
@@ -117,7 +117,7 @@ class EngineReceiver(RedisWeightReceiver):
         self.loaded = {}  # from here on the model may hold a mix until the load returns
         try:
             if weights:
-                self.load(weights, full)
+                self.load_into_engine(weights, full)
         except Exception as exc:
             raise LoadError(f"vLLM's load_weights failed: {type(exc).__name__}: {exc}") from exc
         self.loaded, self.loaded_names = digests, names
