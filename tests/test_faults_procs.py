@@ -101,6 +101,7 @@ def test_a_trainer_killed_before_its_commit_leaves_orphans_that_the_next_gc_swee
         eventually(lambda: not client.exists(record), timeout=10, what="the pending record expired")
         perturb(model, 5)
         updater.update_weights()  # the next push works, goes above the orphan's number, and its GC sweeps
+        updater.flush()  # that GC runs on the collector's thread
         assert updater.version > orphan and state_digest(worker.policy) == state_digest(model)
         assert not any(client.exists(c) for c in chunks), "orphans left after the GC"
 
