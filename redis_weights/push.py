@@ -238,10 +238,11 @@ class Push:
         return self.registry.chunks.missing(candidates)
 
     def plan(self, absent: set[str]) -> tuple[Manifest, Mapping[str, bytes]]:
-        """3. The manifest (and new patches); patches join the pending record."""
+        """3. The manifest (and new patches); the patches join the pending record (the candidates,
+        recorded by ``begin``, name every other object the manifest can reference)."""
         manifest, patches = self.payload.plan(absent)
         if patches:
-            self.registry.protect(self.token, manifest.objects(), self.pending_ttl)
+            self.registry.protect(self.token, patches, self.pending_ttl)  # the record names the rest
         return manifest, patches
 
     def upload(self, manifest: Manifest, patches: Mapping[str, bytes], absent: set[str], *, retried: bool) -> int:

@@ -262,8 +262,14 @@ class VersionRegistry:
             time.sleep(_LEASE_WAIT)
 
     def protect(self, token: str, objects: Iterable[str], pending_ttl: float = DEFAULT_PENDING_TTL) -> None:
-        """Replace a push's pending record (its plan added patches): the objects GC must spare."""
-        self.client.set(self.keyspace.pending(token), ",".join(sorted(set(objects))), px=milliseconds(pending_ttl))
+        """Add objects to a push's pending record (the patches its plan made): APPEND, so the record of
+        a big model is not written again; the TTL is set again too (an APPEND to an expired record
+        creates it, and it must still expire)."""
+        key = self.keyspace.pending(token)
+        pipe = self.client.pipeline(transaction=False)  # one key, one slot
+        pipe.append(key, "".join(f",{o}" for o in sorted(set(objects))))
+        pipe.pexpire(key, milliseconds(pending_ttl))
+        pipe.execute()
 
     def end(self, token: str) -> None:
         """Drop a push's pending record, staged manifest and token (its push failed): its objects

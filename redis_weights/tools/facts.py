@@ -44,7 +44,8 @@ def read_facts(registry: VersionRegistry, versions: Iterable[int]) -> dict[int, 
         pipe.getrange(key, -PIECE, -1)
     replies = pipe.execute() if wanted else []
     heads = {v: replies[2 * i] for i, v in enumerate(wanted)}
-    longer = {v: _meta_length(h) for v, h in heads.items() if h and 8 + _meta_length(h) > len(h) and _meta_length(h)}
+    lengths = {v: _meta_length(h) for v, h in heads.items() if h}
+    longer = {v: n for v, n in lengths.items() if n and 8 + n > len(heads[v])}
     if longer:  # format 3 with a big tensor table: its JSON meta alone, one more round trip
         pipe = registry.client.pipeline(transaction=False)
         for version, length in longer.items():
