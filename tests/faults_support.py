@@ -8,6 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from redis_weights.index import NamespaceIndex
+from redis_weights.keys import Keys
+
 
 def perturb(model: nn.Module, seed: int) -> None:
     """A deterministic "training step": add noise to every floating-point tensor."""
@@ -36,3 +39,11 @@ def chunk_key(store, version: int, index: int) -> str:
 
     entry = VersionRegistry(store.deployment, store.keyspace).read_manifest(version).chunks[index]
     return store.keyspace.chunk(entry.base or entry.id)
+
+
+def stored_objects(client, keyspace: Keys) -> set[str]:  # type: ignore[no-untyped-def]
+    """The objects really in Redis (a SCAN of the test's own server or cluster), checked against the
+    namespace's index: it must list every object that exists."""
+    stored = {keyspace.chunk_id_of(n) for n in client.scan_iter(match=keyspace.chunk_pattern)} - {None}
+    assert stored <= NamespaceIndex(client, keyspace).objects(), "the index must list every object that exists"
+    return stored  # type: ignore[return-value]

@@ -24,9 +24,9 @@ from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.deployment import ClusterDeployment, Deployment, client_from_url, deployment_from_url
 from redis_weights.errors import ConfigurationError, PushError
 from redis_weights.health import UNSAFE, UnsafeServerError, check_deployment, ensure_server
-from redis_weights.index import NamespaceIndex
 from redis_weights.tools.server import LocalRedisCluster
 from tests.conftest import REPO_ROOT
+from tests.faults_support import stored_objects
 from tests.models import make_model, state_digest
 from tests.procs import running, workers
 
@@ -342,8 +342,4 @@ def test_the_demo_runs_against_a_cluster_url_and_cleans_up_on_every_master(redis
 
 
 def _stored_objects(store: RedisStore) -> set[str]:
-    """The objects really on the cluster's masters (a SCAN of the test cluster), checked against the index."""
-    k = store.keyspace
-    stored = {k.chunk_id_of(n) for n in store.client.scan_iter(match=k.chunk_pattern)} - {None}
-    assert stored <= NamespaceIndex(store.client, k).objects(), "the index must list every object that exists"
-    return stored
+    return stored_objects(store.client, store.keyspace)  # every master's

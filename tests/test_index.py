@@ -21,7 +21,7 @@ from redis_weights.push import rollback
 from redis_weights.ranks import known_ranks
 from redis_weights.tools.admin import Admin
 from tests.conftest import REPO_ROOT
-from tests.faults_support import perturb
+from tests.faults_support import perturb, stored_objects
 from tests.models import state_digest
 
 pytestmark = pytest.mark.server
@@ -45,8 +45,7 @@ def _commandstats(client: redis.Redis) -> dict[str, int]:
 
 
 def _stored(store: RedisStore) -> set[str]:
-    k = store.keyspace
-    return {k.chunk_id_of(n) for n in store.client.scan_iter(match=k.chunk_pattern)} - {None}
+    return stored_objects(store.client, store.keyspace)
 
 
 @pytest.fixture

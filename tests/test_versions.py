@@ -11,6 +11,7 @@ from redis_weights.errors import CodecError
 from redis_weights.push import publish, rollback
 from redis_weights.versions import GcRaceError, ObjectsMissingError
 from tests.codec_support import read_version
+from tests.faults_support import stored_objects
 
 
 @pytest.fixture
@@ -34,11 +35,7 @@ def _push(registry, value=1.0, ranks=(), n=3000):
 
 
 def _objects(registry):
-    """The objects really in Redis (a SCAN of the private test server), checked against the index."""
-    k = registry.keyspace
-    stored = {k.chunk_id_of(n) for n in registry.client.scan_iter(match=k.chunk_pattern)} - {None}
-    assert stored <= registry.chunks.indexed(), "the index must list every object that exists"
-    return stored
+    return stored_objects(registry.client, registry.keyspace)
 
 
 def test_allocate_never_goes_below_latest_or_the_floor(registry, fake_redis):
