@@ -88,6 +88,7 @@ WORKER_METRICS = (
 _LABEL_VALUES = {"phase": PUSH_PHASES, "kind": FAILURE_KINDS}  # the values of the labels besides ``namespace``
 _families: dict[int, dict[str, Any]] = {}  # id(registry) -> metric name -> prometheus_client metric
 _families_lock = threading.Lock()
+_holders: dict[tuple[int, str, str], int] = {}  # (id(registry), namespace, first metric) -> open recorders
 
 
 def _family(spec: MetricSpec, registry: Any) -> Any:
@@ -111,14 +112,40 @@ class _Recorder:
 
     def __init__(self, specs: tuple[MetricSpec, ...], namespace: str, registry: Any = None) -> None:
         self.namespace = namespace
+        self._specs = specs
         self._metrics: dict[str, Any] | None = None
+        self._holder: tuple[int, str, str] | None = None
         if AVAILABLE:
             registry = prometheus_client.REGISTRY if registry is None else registry
             self._metrics = {s.name: _family(s, registry) for s in specs}
+            self._holder = (id(registry), namespace, specs[0].name)
+            with _families_lock:
+                _holders[self._holder] = _holders.get(self._holder, 0) + 1
             for spec in specs:  # every series exists from the start, at 0 (no gaps before the first event)
-                extra = [label for label in spec.labels if label != "namespace"]
-                for value in _LABEL_VALUES[extra[0]] if extra else [None]:
-                    self._child(spec.name, **({extra[0]: value} if extra else {}))
+                for extra in _extra_labels(spec):
+                    self._child(spec.name, **extra)
+
+    def release(self) -> None:
+        """Called at close: when the process's last recorder of this namespace goes, so do its series.
+
+        Without it a process that opens updaters or receivers of many namespaces over its
+        life (a sweep launcher, a test suite) would keep every namespace's series forever,
+        and each scrape would grow with them. Idempotent.
+        """
+        if self._holder is None or self._metrics is None:
+            return
+        holder, self._holder = self._holder, None
+        with _families_lock:
+            _holders[holder] -= 1
+            if _holders[holder]:
+                return
+            del _holders[holder]
+        for spec in self._specs:
+            for extra in _extra_labels(spec):
+                try:
+                    self._metrics[spec.name].remove(self.namespace, *extra.values())
+                except KeyError:  # already gone
+                    pass
 
     def _child(self, name: str, **labels: str) -> Any | None:
         if self._metrics is None:
@@ -139,6 +166,12 @@ class _Recorder:
         child = self._child(name)
         if child is not None:
             child.set(value)
+
+
+def _extra_labels(spec: MetricSpec) -> list[dict[str, str]]:
+    """Every value of ``spec``'s label besides ``namespace`` (``[{}]`` when it has none)."""
+    extra = [label for label in spec.labels if label != "namespace"]
+    return [{extra[0]: value} for value in _LABEL_VALUES[extra[0]]] if extra else [{}]
 
 
 class TrainerMetrics(_Recorder):

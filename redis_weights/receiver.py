@@ -532,6 +532,7 @@ class RedisWeightReceiver:
         if self.registry.deployment is not self.store.deployment:
             self.registry.deployment.close()  # the replica-reads view: its own replica connections
         self.store.close()
+        self._metrics.release()
 
     def __enter__(self) -> RedisWeightReceiver:
         return self.start()

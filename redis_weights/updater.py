@@ -500,6 +500,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._collector.wait(self.timeout)
         self._acks.close()
         self.store.close()
+        self._metrics.release()
 
     def __enter__(self) -> RedisWeightUpdater:
         return self

@@ -102,7 +102,8 @@ def test_a_scrape_while_redis_is_down_says_so(server_factory, namespace: str) ->
         admin.close()
 
 
-def _wait_for(check, what: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> Any:
+def _wait_for(check, what: str, timeout: float = 60.0, proc: subprocess.Popen | None = None,
+              diagnose: Any = None) -> Any:  # fmt: skip
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -114,7 +115,7 @@ def _wait_for(check, what: str, timeout: float = 60.0, proc: subprocess.Popen | 
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"{what}: the process exited with {proc.returncode}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g}s")
+            raise AssertionError(f"{what}: not within {timeout:g}s" + (f" ({diagnose()})" if diagnose else ""))
         time.sleep(0.2)
 
 
@@ -145,7 +146,8 @@ def test_a_real_prometheus_scrapes_the_exporter_and_the_in_process_metrics(fleet
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        # A scrape may take more than a second on a loaded machine: the timeout is the interval.
+        "global": {"scrape_interval": "2s", "scrape_timeout": "2s", "evaluation_interval": "2s"},
         "scrape_configs": [
             {"job_name": "fleet", "static_configs": [{"targets": [f"127.0.0.1:{exporter}"]}]},
             {"job_name": "trainer", "static_configs": [{"targets": [f"127.0.0.1:{process_metrics.server_port}"]}]},
@@ -160,14 +162,18 @@ def test_a_real_prometheus_scrapes_the_exporter_and_the_in_process_metrics(fleet
         def query(expr: str) -> list[dict[str, Any]]:
             return _prometheus_get(port, "/api/v1/query", query=expr)["data"]["result"]
 
+        def targets() -> list[tuple[str, str, str]]:  # what Prometheus says of each target, for a failure
+            active = _prometheus_get(port, "/api/v1/targets")["data"]["activeTargets"]
+            return [(t["scrapePool"], t["health"], t.get("lastError", "")) for t in active]
+
         latest = _wait_for(lambda: query(f'redis_weights_fleet_latest_version{{namespace="{namespace}"}}'),
-                           "the exporter's samples in Prometheus", proc=proc)  # fmt: skip
+                           "the exporter's samples in Prometheus", proc=proc, diagnose=targets)  # fmt: skip
         v1, v2, v3 = fleet["versions"]
         assert float(latest[0]["value"][1]) == v3
         lag = _wait_for(lambda: query(f'redis_weights_fleet_rank_lag_versions{{namespace="{namespace}"}}'), "lag")
         assert {r["metric"]["rank"]: float(r["value"][1]) for r in lag} == {"1": 0, "2": v3 - v2, "3": v3 - v1}
         committed = _wait_for(lambda: query(f'redis_weights_versions_committed_total{{namespace="{namespace}"}}'),
-                              "the in-process samples in Prometheus", proc=proc)  # fmt: skip
+                              "the in-process samples in Prometheus", proc=proc, diagnose=targets)  # fmt: skip
         assert float(committed[0]["value"][1]) == 3
         for title, expr in dashboard_queries():  # every panel's query is valid PromQL here
             answer = _prometheus_get(port, "/api/v1/query", query=expr.replace("$namespace", namespace))

@@ -43,6 +43,26 @@ def worker_policy() -> nn.Module:
     return model
 
 
+def test_a_namespace_series_leave_with_its_last_open_updater_or_receiver(store: RedisStore, namespace: str) -> None:
+    def exposed(name: str) -> float | None:
+        return prometheus_client.REGISTRY.get_sample_value(name, {"namespace": namespace})
+
+    first = RedisWeightUpdater(store, nn.Linear(8, 4), 1, sync=False)
+    second = RedisWeightUpdater(RedisStore(store.client, namespace, owns_client=False), nn.Linear(8, 4), 1)
+    receiver = RedisWeightReceiver(store, 1, worker_policy())
+    first.update_weights()
+    first.close()
+    first.close()  # idempotent: the second updater still holds the namespace's series
+    assert exposed("redis_weights_versions_committed_total") == 1
+    second.close()
+    assert exposed("redis_weights_versions_committed_total") is None
+    assert prometheus_client.REGISTRY.get_sample_value(
+        "redis_weights_push_phase_duration_seconds_count", {"namespace": namespace, "phase": "encode"}) is None
+    assert exposed("redis_weights_applied_version") == 0  # the receiver's own series stay while it is open
+    receiver.close()
+    assert exposed("redis_weights_applied_version") is None
+
+
 def test_a_push_and_an_apply_are_counted_and_timed_by_phase(store: RedisStore, namespace: str) -> None:
     policy = nn.Linear(8, 4)
     updater = RedisWeightUpdater(store, policy, 1, sync=False)
