@@ -8,7 +8,9 @@ it before the upload: a background push returns it at once):
 2. **find missing**: one pipelined ``EXISTS`` of those objects, the push's only check
    of what Redis holds (``ChunkStore.missing``);
 3. **plan**: the manifest, with patches for changed chunks when the payload has deltas
-   (``DeltaPlanner.plan``, from the absent set: a chain through a lost object is cut);
+   (``DeltaPlanner.plan``, from the absent set: a chain through a lost object is cut); the
+   objects a plan names beyond the candidates (a keyframe made because a pack was lost) are
+   recorded and checked too;
 4. **upload**: index, then write, every object Redis lacks (the plan is announced
    first when the upload is big enough for workers to overlap, ``staging.announce``);
 5. **replicate**: ``WAIT`` for the replicas (``ReplicaGate``);
@@ -210,6 +212,7 @@ class Push:
                 epoch = self.begin(candidates)
                 absent = self.find_missing(candidates)
                 manifest, patches = self.plan(absent)
+                absent |= self.find_unplanned(manifest, candidates, patches)
                 uploaded += self.upload(manifest, patches, absent, retried=attempt > 0)
                 manifest.uploaded_bytes = uploaded
                 self.clock.add("upload", time.perf_counter() - started)
@@ -244,6 +247,17 @@ class Push:
         if patches:
             self.registry.protect(self.token, patches, self.pending_ttl)  # the record names the rest
         return manifest, patches
+
+    def find_unplanned(self, manifest: Manifest, candidates: set[str], patches: Mapping[str, bytes]) -> set[str]:
+        """3b. Which objects the plan references beyond the candidates Redis lacks, once they are in
+        the pending record. Only a plan that left the candidates' path has any: a delta version
+        that became a keyframe (a pack of its chain was lost) names as chunks the ids that the
+        previous version held only inside that pack."""
+        rest = manifest.objects() - candidates - patches.keys()
+        if not rest:
+            return set()
+        self.registry.protect(self.token, rest, self.pending_ttl)
+        return self.find_missing(rest)
 
     def upload(self, manifest: Manifest, patches: Mapping[str, bytes], absent: set[str], *, retried: bool) -> int:
         """4. Write what Redis lacks (index first: ``ChunkStore.write``); the bytes sent. After a

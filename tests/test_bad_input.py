@@ -493,6 +493,23 @@ def test_a_bad_patch_or_chain_is_refused_whole_and_the_next_version_applies(delt
     assert all(torch.equal(t, expected[n]) for n, t in receiver.policy.state_dict().items())
 
 
+@pytest.mark.parametrize("change", ["nothing", "one layer"])
+def test_a_push_after_a_lost_pack_stores_what_only_that_pack_held(delta_pair, change):
+    """The pack is gone (a worker deleted it as corrupt): the next version is a keyframe, and its
+    chunks that the lost pack alone held (unchanged since) are uploaded again, not assumed."""
+    updater, receiver, model, _, manifest = delta_pair
+    _corrupt_patch(updater, manifest)
+    assert receiver.poll() is None and not updater.store.client.exists(updater.keyspace.chunk(manifest.packs[-1].id))
+    if change == "one layer":
+        with torch.no_grad():
+            model[1].weight.add_(0.01)
+    updater.update_weights()
+    assert updater.registry.read_manifest(updater.version).keyframe == updater.version
+    assert receiver.poll() == updater.version, receiver.last_error
+    expected = {k: v.detach().bfloat16().float() for k, v in model.state_dict().items()}
+    assert all(torch.equal(t, expected[n]) for n, t in receiver.policy.state_dict().items())
+
+
 def test_a_late_joiner_whose_chain_base_is_gone_refuses_and_keeps_its_weights(delta_pair, redis_url, namespace):
     """A patch whose base the worker does not hold, and Redis lost the keyframe's chunk."""
     updater, _, model, _, manifest = delta_pair
