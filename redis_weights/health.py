@@ -291,7 +291,7 @@ def check_persistence(client: redis.Redis) -> Finding:
 def check_io_threads(client: redis.Redis) -> Finding:
     """``io-threads``: advice, never a problem (the level is ``ok`` either way). With one I/O
     thread the main thread also copies every chunk to and from the sockets; more threads take
-    that off it where the server has cores to spare (see README, "Server settings")."""
+    that off it where the server has cores to spare (see docs/operations/doctor.md)."""
     threads = parse_int(_config(client, "io-threads"), minimum=1)
     if threads is None:
         return Finding("io-threads", OK, "cannot read io-threads (CONFIG refused); advice only")

@@ -10,7 +10,7 @@ Names follow Prometheus' conventions: one ``redis_weights_`` prefix, base units
 (seconds, bytes), ``_total`` for counters. The only labels are ``namespace`` and, where
 listed, ``phase`` or ``kind``: never a rank or a version, whose values grow without
 bound (the fleet's per-rank view is the exporter's, ``tools/exporter.py``).
-``TRAINER_METRICS`` and ``WORKER_METRICS`` are the catalogue the README documents and
+``TRAINER_METRICS`` and ``WORKER_METRICS`` are the catalogue the manual documents (docs/operations/metrics.md) and
 the dashboard's test checks against.
 """
 

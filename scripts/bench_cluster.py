@@ -222,7 +222,7 @@ def measure_failover(cluster: LocalRedisCluster, weights: dict[str, torch.Tensor
 
 
 def report(doc: dict[str, Any]) -> str:
-    """The Markdown tables of a run (the README's are this function's output)."""
+    """The Markdown tables of a run (docs/operations/cluster.md shows this function's output)."""
     p, f = doc["pushes"], doc["fetches"]
     mib = 1 << 20
     lines = [

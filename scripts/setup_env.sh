@@ -5,13 +5,13 @@
 # available as a local wheel (pip's find-links), so that resolving the project's
 # dependencies never pulls gigabytes of CUDA packages.
 #
-# Usage: scripts/setup_env.sh [EXTRAS]      (default extras: dev,server,torchrl)
+# Usage: scripts/setup_env.sh [EXTRAS]      (default extras: dev,server,torchrl,docs)
 # Env:   VENV (default: .venv in the repo), PYTHON (default: python3),
 #        TORCH_SPEC (default: the installed torch, else torch==2.13.0+cpu),
 #        TORCH_INDEX_URL (where a +cpu build comes from when no local wheel has it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-dev,server,torchrl}"
+extras="${1:-dev,server,torchrl,docs}"
 venv="${VENV:-.venv}"
 python="${PYTHON:-python3}"
 

@@ -1,5 +1,5 @@
 """``scripts/bench.py``: every system runs at a tiny size with sane, verified rows; the plot is
-drawn; ``--report`` re-renders a results file; the committed results and the README agree.
+drawn; ``--report`` re-renders a results file; the committed results, the README and docs/benchmarks.md agree.
 The training workloads (issue 11) run with tiny models: real steps, bit-exact proofs."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from scripts.bench_procs import RW_SYSTEMS, SYSTEMS
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "bench" / "results.json"
 WORKLOAD_RESULTS = REPO / "docs" / "bench" / "workloads.json"
+BENCHMARKS = REPO / "docs" / "benchmarks.md"
 TINY = 64 << 10
 # torchrl is an optional extra: its peer runs in a test of its own, skipped without it.
 CORE_SYSTEMS = tuple(s for s in SYSTEMS if s != "torchrl")
@@ -131,27 +132,27 @@ def test_targets_of_synthetic_rows():
     assert not any("raw" in name and "RSS" in name for name in found)  # memory targets are the library's
 
 
-def test_readme_shows_the_committed_results():
-    """The README's tables are ``bench.py --report docs/bench/results.json`` output, not hand-copied numbers."""
+def test_readme_and_docs_show_the_committed_results():
+    """The README's summary table and docs/benchmarks.md's tables and targets are ``bench.py --report
+    docs/bench/results.json`` output, not hand-copied numbers."""
     doc = json.loads(RESULTS.read_text())
-    section = readme_section("\n## Benchmarks")
-    assert bench.pivot(doc["rows"]) in section
-    assert bench.table(doc["rows"]) in section
+    assert bench.pivot(doc["rows"]) in readme_section("\n## Benchmarks")
+    docs = BENCHMARKS.read_text()
+    assert bench.pivot(doc["rows"]) in docs
+    assert bench.table(doc["rows"]) in docs
 
 
 def test_readme_and_docs_show_the_committed_workload_run():
-    """The issue-11 table and targets in the README and docs/benchmarks.md are ``--report`` output of
+    """The training-workload table and targets in docs/benchmarks.md are ``--report`` output of
     ``docs/bench/workloads.json``, a run at full size where every row is bit-exact."""
     doc = json.loads(WORKLOAD_RESULTS.read_text())
     rows = doc["workload_rows"]
     assert rows and all(r["verified"] for r in rows)
     assert {r["params"] for r in rows if r["workload"] != "classic"} == {260347904}  # >= 250M, bf16 >= 500 MB
-    section = readme_section("\n### Training workloads")
-    docs = (REPO / "docs" / "benchmarks.md").read_text()
-    for text in (section, docs):
-        assert bench.workload_table(rows) in text
-        for target in bench.workload_targets(rows):
-            assert bench.target_line(target) in text
+    docs = BENCHMARKS.read_text()
+    assert bench.workload_table(rows) in docs
+    for target in bench.workload_targets(rows):
+        assert bench.target_line(target) in docs
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,17 +373,15 @@ def test_the_host_cache_rows_report_redis_egress_per_host():
     assert [t["ratio"] for t in found] == [1.02, 1.02] and found[1]["target"].endswith("x8")
 
 
-def test_readme_and_docs_show_the_committed_neighbour_run():
+def test_docs_show_the_committed_neighbour_run():
     """The good-neighbour tables are ``--report`` output of docs/bench/neighbour.json: a 1 GB run of
     the library's defaults (2 MiB chunks among the compared sizes), every row verified."""
     doc = json.loads((REPO / "docs" / "bench" / "neighbour.json").read_text())
     rows = doc["neighbour_rows"]
     assert rows and all(r["verified"] and r["size"] == 1 << 30 for r in rows)
     assert bench.CHUNK in {r["chunk_size"] for r in rows}
-    section = readme_section("\n### A shared Redis")
-    docs = (REPO / "docs" / "benchmarks.md").read_text()
-    for text in (section, docs):
-        assert bench.neighbour_table(rows) in text
+    docs = BENCHMARKS.read_text()
+    assert bench.neighbour_table(rows) in docs
     valkey = json.loads((REPO / "docs" / "bench" / "neighbour-valkey.json").read_text())["neighbour_rows"]
     assert valkey and all(r["verified"] and r["server"].startswith("valkey ") for r in valkey)
     assert bench.neighbour_table(valkey) in docs

@@ -10,22 +10,20 @@ import pytest
 
 from redis_weights.keys import Keys, validate_namespace
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+LAYOUT = Path(__file__).resolve().parent.parent / "docs" / "design" / "keys.md"
 # Members of Keys that do not name one key or channel (helpers, patterns, the prefix).
 NOT_NAMES = {"namespace", "prefix", "full", "relative", "pattern", "is_blob", "rank_version_pattern", "rank_of",
              "patterns", "acl_key_patterns", "chunk_pattern", "chunk_id_of", "pending_pattern", "legacy_chunks_pattern",
              "acl_pattern", "index_keys", "is_library_name"}
-# Sample arguments for the members that take some, and the README table's placeholders for them.
+# Sample arguments for the members that take some, and the layout table's placeholders for them.
 SAMPLES = {"version": 7, "rank": 1, "chunk_id": "0123456789abcdef" * 2, "token": "t0", "tag": "t5", "index": 3}
 PLACEHOLDERS = {"{ns}": "{policy}", "<ns>": "policy", "<N>": "7", "<id>": "0123456789abcdef" * 2, "<token>": "t0",
                 "<r>": "1", "<tag>": "t5", "<i>": "3"}
 
 
-def readme_layout() -> dict[str, bool]:
-    """The README's "Redis layout" table: each name (placeholders filled in) -> whether it is a channel."""
-    text = README.read_text()
-    section = text[text.index("### Redis layout"):]
-    section = section[: section.index("\n#", 1)]
+def documented_layout() -> dict[str, bool]:
+    """The manual's "Redis key layout" table: each name (placeholders filled in) -> whether it is a channel."""
+    section = LAYOUT.read_text()
     rows = {}
     for line in section.splitlines():
         match = re.match(r"\| (channel )?`(rw:[^`]+)` \|", line)
@@ -54,8 +52,8 @@ def built_names() -> dict[str, bool]:
     return names
 
 
-def test_readme_layout_table_lists_every_key_exactly_as_keys_py_builds_it():
-    assert readme_layout() == built_names()
+def test_the_layout_table_lists_every_key_exactly_as_keys_py_builds_it():
+    assert documented_layout() == built_names()
 
 
 def test_layout_matches_the_documented_table():

@@ -1,5 +1,5 @@
-"""The README says what the code does: the ACL rights health.py asks for, every error class, every module,
-and the layering of the package."""
+"""The README and the manual (docs/) say what the code does: the ACL rights health.py asks for, every error
+class, every module, and the layering of the package."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from redis_weights.errors import RedisWeightsError
 from redis_weights.health import UNSAFE, check_acl
 from redis_weights.keys import Keys
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+# Every page of the manual, by its path under docs/.
+DOCS = {str(path.relative_to(ROOT / "docs")): path.read_text() for path in sorted((ROOT / "docs").rglob("*.md"))}
 
 
 class DeniedEverything:
@@ -27,13 +30,14 @@ class DeniedEverything:
         return "This user has no permissions to run the command"
 
 
-def test_every_acl_rights_list_in_the_readme_is_the_one_health_py_asks_for():
+def test_every_acl_rights_list_in_the_docs_is_the_one_health_py_asks_for():
     finding = check_acl(DeniedEverything(), Keys("ns"))  # type: ignore[arg-type]
     assert finding.level == UNSAFE
     rights = [word for word in finding.fix.split() if word.startswith("+")]
     assert "+@connection" in rights
-    # every place the README lists rights: a run of +... words in backquotes (may wrap lines)
-    lists = [re.findall(r"\+[@\w]+", m) for m in re.findall(r"`[^`]*\+@read[^`]*`", README)]
+    # every place the README or a page of the manual lists rights: a run of +... words in backquotes (may wrap)
+    text = "\n".join([README, *DOCS.values()])
+    lists = [re.findall(r"\+[@\w]+", m) for m in re.findall(r"`[^`]*\+@read[^`]*`", text)]
     assert len(lists) >= 2
     for found in lists:
         assert found == rights, found
@@ -58,28 +62,30 @@ def error_classes() -> set[type]:
     return found
 
 
-def first_column(heading: str, pattern: str) -> dict[str, str]:
-    """In the README's section ``heading``: each name ``pattern`` finds in a table's first column -> its row."""
-    section = README[README.index(heading):]
-    section = section[: section.index("\n#", 1)]
+def first_column(page: str, heading: str, pattern: str) -> dict[str, str]:
+    """In section ``heading`` of the manual's ``page``: each name ``pattern`` finds in a table's first column -> its row."""
+    text = DOCS[page]
+    section = text[text.index(heading):]
+    end = section.find("\n#", 1)
+    section = section if end < 0 else section[:end]
     return {name: line for line in section.splitlines() if line.startswith("| `")
             for name in re.findall(pattern, line.split(" | ")[0])}  # fmt: skip
 
 
 def test_the_errors_table_lists_every_error_class_under_its_import_path():
     listed = {}
-    for name in first_column("### Errors", r"`([\w.]+Error)`"):
+    for name in first_column("guide/api.md", "## Errors", r"`([\w.]+Error)`"):
         module, _, cls = name.rpartition(".")
         listed[name] = getattr(importlib.import_module(module) if module else redis_weights, cls)
     assert set(listed.values()) == error_classes() - {RedisWeightsError}
     for name, cls in listed.items():
         assert issubclass(cls, RedisWeightsError) and issubclass(cls, RuntimeError), name
         exported = "." not in name
-        assert exported == (cls.__name__ in redis_weights.__all__), f"{name}: README and __all__ disagree"
+        assert exported == (cls.__name__ in redis_weights.__all__), f"{name}: the docs and __all__ disagree"
 
 
 def test_the_module_map_lists_every_module_of_the_package_and_nothing_else():
-    rows = first_column("### Layout", r"`([\w/]+)`")  # a package's row (`tools/cli/`) names its modules
+    rows = first_column("design/layout.md", "# Layout", r"`([\w/]+)`")  # a package's row (`tools/cli/`) names its modules
     packages, modules = set(), set()
     for info in pkgutil.walk_packages(redis_weights.__path__, "redis_weights."):
         path = info.name.removeprefix("redis_weights.").replace(".", "/")
@@ -90,9 +96,9 @@ def test_the_module_map_lists_every_module_of_the_package_and_nothing_else():
         row = rows.get(f"{package}/") if package else None
         if path not in rows and not (row and f"`{name}`" in row):
             missing.append(path)
-    assert missing == [], f"modules the README's module map does not list: {missing}"
+    assert missing == [], f"modules the module map (docs/design/layout.md) does not list: {missing}"
     unknown = [name for name in rows if name.rstrip("/") not in (packages if name.endswith("/") else modules)]
-    assert unknown == [], f"the README's module map lists modules that do not exist: {unknown}"
+    assert unknown == [], f"the module map (docs/design/layout.md) lists modules that do not exist: {unknown}"
 
 
 def _imports(path: Path, package: str, modules: set[str]) -> set[str]:

@@ -12,7 +12,7 @@ It is no amplifier: it listens on loopback unless told otherwise, answers ``/met
 only, reads Redis at most once per ``cache_seconds`` however many clients scrape, and
 offers basic auth and TLS (``httpd``).
 
-``FLEET_METRICS`` is the catalogue the README documents and the dashboard's test
+``FLEET_METRICS`` is the catalogue the manual documents (docs/operations/metrics.md) and the dashboard's test
 checks against; the in-process metrics of the trainer and workers are in
 ``redis_weights.metrics``.
 """
