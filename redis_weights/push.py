@@ -31,7 +31,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
@@ -74,13 +74,15 @@ class EncodedPayload:
     version: int
     planner: DeltaPlanner | None
     fields: dict[str, Any]
+    patches: Mapping[str, bytes] = field(default_factory=dict)  # the last plan's: a repair may need them
 
     def candidates(self) -> set[str]:
         return self.planner.candidates(self.encoded) if self.planner is not None else set(self.encoded.ids)
 
     def plan(self, absent: set[str]) -> tuple[Manifest, Mapping[str, bytes]]:
         if self.planner is not None:
-            return self.planner.plan(self.encoded, self.version, absent, **self.fields)
+            manifest, self.patches = self.planner.plan(self.encoded, self.version, absent, **self.fields)
+            return manifest, self.patches
         return self.encoded.manifest(self.version, keyframe=self.version, **self.fields), {}
 
     def write(self, store: ChunkStore, missing: set[str], patches: Mapping[str, bytes]) -> int:

@@ -51,7 +51,8 @@ from .evictionwatch import EvictionWatch
 from .health import ensure_server, explain_lost_connection
 from .metrics import TrainerMetrics
 from .options import Option, PushOptions, from_kwargs
-from .push import EncodedPayload, Push, ReplicaGate
+from .manifest import Manifest
+from .push import EncodedPayload, Push, ReplicaGate, publish
 from .ranks import DeathWatch, RankState, check_worker_count, observe_rank_states, read_rank_states
 from .reports import PhaseClock, PushReport, call_hook
 from .store import RedisStore, as_store
@@ -80,6 +81,15 @@ _RECONNECT_PAUSE = 0.2  # seconds between tries while the sync wait cannot reach
 _LIVENESS_CHECK = 0.5  # seconds between MGETs when no ack arrives (heartbeats, lost acks)
 _NOTICEABLE = 1e-4  # seconds: a wait for the previous GC shorter than this is not a phase
 _POLL_WITHOUT_ACKS = 0.05  # seconds between MGETs while the acks subscription is lost or refused
+
+
+@dataclass(frozen=True)
+class _Held:
+    """The last version this updater committed in the foreground, with the bytes behind it: valid
+    until the next push encodes (into the same buffers)."""
+
+    manifest: Manifest
+    payload: EncodedPayload
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._replicas = ReplicaGate(self.registry, options.min_replicas, options.replica_timeout)
         self._collector = GarbageCollector(self.registry, name=f"redis-weights-gc-{self.keyspace.namespace}")
         self._indexed = False
+        self._held: _Held | None = None  # the last foreground version and its bytes (``_repair``)
         self._encoder = Encoder(options.chunk_size, options.wire_dtype)
         self._uploader: BackgroundUploader[_Upload] | None = None
         self._slots = [self._encoder] + [Encoder(options.chunk_size, options.wire_dtype) for _ in range(SLOTS - 1)]
@@ -214,7 +225,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
                 bound = self.lag_bound
                 if bound is not None and ranks:
                     with clock.phase("acks"):
-                        self._collect_acks(self.version, ranks, self.timeout, max_lag=bound)
+                        self._await_ranks(ranks, bound)
         finally:  # a failed push blocked its caller too
             self._metrics.pushed(sum(clock.seconds.values()))
         written = 0 if self.background else clock.bytes  # a background upload is still running
@@ -274,6 +285,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
     # -- the push -----------------------------------------------------------------------
     def _publish(self, weights: Any, ranks: list[int], clock: PhaseClock) -> int:
         """Encode, upload and commit one version for ``ranks``; returns it."""
+        self._held = None  # the encode below reuses the buffers behind it
         with clock.phase("encode"):
             encoded = self._encoder.encode(weights, metadata=self.metadata)
         clock.total_bytes = encoded.total_bytes
@@ -339,6 +351,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
         )  # fmt: skip
         job.clock.bytes = manifest.uploaded_bytes  # only what Redis lacked was written
         self._metrics.committed(job.version, manifest.uploaded_bytes)
+        if not self.background:  # a background push's buffers go back to the uploader's pool
+            self._held = _Held(manifest, payload)
 
     def _committed(self, version: int) -> bool:
         """Whether ``version``'s manifest is in Redis after an error reply (False if Redis cannot say)."""
@@ -410,6 +424,52 @@ class RedisWeightUpdater(WeightUpdaterBase):
         return read_rank_states(self.store.client, self.keyspace, self._normalize_worker_ids(ranks))
 
     # -- acks ---------------------------------------------------------------------------
+    def _await_ranks(self, ranks: list[int], bound: int) -> None:
+        """``_collect_acks`` of the push just committed; when ranks refused it because objects of it
+        are gone from Redis (evicted, deleted) and this updater still holds them, ``_repair`` once
+        and wait for the repaired version in the time left."""
+        deadline = time.monotonic() + self.timeout
+        try:
+            self._collect_acks(self.version, ranks, self.timeout, max_lag=bound)
+        except PushError as exc:
+            if not self._repair(exc, ranks):
+                raise
+            self._collect_acks(self.version, ranks, max(0.0, deadline - time.monotonic()), max_lag=bound)
+
+    def _repair(self, failure: PushError, ranks: list[int]) -> bool:
+        """Upload again the objects of the held version that Redis lost, and commit its weights again
+        as a new version (the ranks refused the old number for good); whether it did. Nothing is
+        done unless ranks reported errors and objects of that version are really missing."""
+        held = self._held
+        if held is None or held.manifest.version != failure.version or not failure.errors:
+            return False
+        chunks = self.registry.chunks
+        try:
+            lost = chunks.missing(held.manifest.objects())
+        except redis.exceptions.RedisError:
+            return False
+        if not lost:
+            return False
+        source = held.manifest.version
+        log.warning("version %d: %d object(s) of it are gone from Redis (evicted? ranks %s refused it); uploading "
+                    "them again and committing its weights again as a new version", source, len(lost),
+                    sorted(failure.errors))  # fmt: skip
+        manifest = held.manifest.renumbered(self._allocate(), created=time.time(),
+                                            producer=f"repair of v{source} by {self._producer}")  # fmt: skip
+        try:
+            written = publish(self.registry, manifest, ranks, pending_ttl=self.pending_ttl,
+                              upload=lambda missing: held.payload.write(chunks, missing, held.payload.patches))
+        except (VersionNotFoundError, redis.exceptions.RedisError) as exc:  # bytes it no longer holds
+            log.error("version %d could not be repaired: %s", source, exc)
+            return False
+        manifest.uploaded_bytes = written
+        self.version = manifest.version
+        if self._delta is not None:
+            self._delta.committed(held.payload.encoded, manifest)
+        self._held = _Held(manifest, held.payload)
+        self._metrics.committed(manifest.version, written)
+        return True
+
     def _collect_acks(self, version: int, ranks: list[int], timeout: float, *, max_lag: int = 0) -> None:
         """``_wait_for_acks``, with a Redis error raised as a ``PushError``."""
         try:

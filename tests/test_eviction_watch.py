@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 import redis
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, evictionwatch
@@ -56,4 +57,56 @@ def test_an_eviction_policy_set_after_the_start_is_reported_and_lost_chunks_are_
     finally:
         receiver.close()
         store.close()
+        admin.close()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("delta", [False, True], ids=["dense", "delta"])
+def test_a_sync_push_whose_objects_are_evicted_before_the_ranks_read_them_is_repaired(
+    server_factory, namespace, monkeypatch, caplog, delta
+):
+    """Evicted between the commit and the ranks' fetch: the rank refuses the version for good, so the
+    trainer uploads what went (it still holds the bytes) and commits the weights again as a new
+    version, within the same push call."""
+    from redis_weights import push as push_module
+
+    server = server_factory()
+    admin = redis.Redis.from_url(server.url)
+    store = RedisStore.from_url(server.url, namespace)
+    model, policy = make_model("mlp", seed=1), make_model("mlp", seed=None)
+    receiver = RedisWeightReceiver(RedisStore.from_url(server.url, namespace), 1, policy)
+    updater = RedisWeightUpdater(store, model, num_workers=1, sync=True, timeout=30, chunk_size=4096,
+                                 delta=delta, wire_dtype=torch.bfloat16 if delta else None)  # fmt: skip
+    try:
+        receiver.start()
+        updater.update_weights()  # v1, applied
+        receiver.stop()  # until the object is gone: no rank reads v2 before
+        gone: list[str] = []
+        commit = push_module.Push.commit
+
+        def commit_then_evict(self, manifest, epoch):  # what eviction does, before any rank reads
+            result = commit(self, manifest, epoch)
+            if not gone:
+                gone.append(manifest.packs[-1].id if delta else manifest.ids[-1])
+                admin.delete(store.keyspace.chunk(gone[0]))
+                receiver.start()
+            return result
+
+        monkeypatch.setattr(push_module.Push, "commit", commit_then_evict)
+        with torch.no_grad():  # a small step: with delta=True the version is a patch in a pack
+            next(model.parameters()).view(-1)[:8] += 0.5
+        caplog.set_level(logging.WARNING, logger="redis_weights.updater")
+        updater.update_weights()  # v2 refused by rank 1 (its object is gone), then repaired as v3
+        assert updater.version == 3 and receiver.version == 3, receiver.last_error
+        expected = {k: v.bfloat16().float() if delta and v.is_floating_point() else v
+                    for k, v in model.state_dict().items()}  # fmt: skip
+        assert all(torch.equal(t, expected[n]) for n, t in policy.state_dict().items())
+        repaired = updater.registry.read_manifest(3)
+        assert repaired.producer.startswith("repair of v2") and repaired.ids == updater.registry.read_manifest(2).ids
+        assert admin.exists(store.keyspace.chunk(gone[0]))
+        assert any("uploading them again" in r.getMessage() for r in caplog.records)
+        assert updater.last_push.version == 3
+    finally:
+        receiver.close()
+        updater.close()
         admin.close()
