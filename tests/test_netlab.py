@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.netlab]
 
 MODEL = "mb:16"
 FAST = Link("1gbit")
-STRAGGLER_RATE = "16mbit"  # the 4 MB model in ~2 s
+STRAGGLER_RATE = "12mbit"  # the 4 MB model in ~2.8 s
 
 
 class Trainer(Worker):
@@ -190,7 +190,8 @@ def test_a_straggler_host_on_a_slow_link_holds_max_lag_pushes_is_named_on_timeou
     lab: tuple[Lab, str], tmp_path: Path, namespace: str
 ) -> None:
     """``sync=False, max_lag=1``: a push returns only while every rank runs a version at most one behind
-    the one it committed; w2's link is slow (a fetch of the 4 MB model takes ~2 s), w1's fast."""
+    the one it committed; w2's link is slow (a fetch of the 4 MB model takes ~2.8 s), w1's fast. Heartbeat
+    TTL 8 s: the replies to w2's heartbeats queue behind its fetch on that link (up to the fetch's length)."""
     net, url = lab
     net.shape("w2", Link(STRAGGLER_RATE))
     workers: dict[int, Worker] = {}
@@ -198,7 +199,7 @@ def test_a_straggler_host_on_a_slow_link_holds_max_lag_pushes_is_named_on_timeou
     try:
         workers, trainer = start(net, url, namespace, tmp_path, seeds="1,2,3,4", model="mb:4",
                                  trainer_args=["--max-lag", "1", "--timeouts", ",,0.5,"],
-                                 worker_args=["--heartbeat-ttl", "5", "--poll-interval", "0.2"])  # fmt: skip
+                                 worker_args=["--heartbeat-ttl", "8", "--poll-interval", "0.2"])  # fmt: skip
         (tmp_path / "go.1").write_text("1")  # push 1 goes right after push 0: w2 is still fetching version 1
         first, second = trainer.result(0), trainer.result(1)
         assert "error" not in first and "error" not in second, (first, second)
@@ -208,7 +209,7 @@ def test_a_straggler_host_on_a_slow_link_holds_max_lag_pushes_is_named_on_timeou
         assert waited > 0.5, second  # a fetch at the straggler's rate, not a fast link's
         assert workers[1].wait_version(second["version"]) == second["digest"]  # the fast rank keeps up
 
-        (tmp_path / "go.2").write_text("1")  # timeout 0.5 s: w2 needs ~2 s to get within one version
+        (tmp_path / "go.2").write_text("1")  # timeout 0.5 s: w2 needs ~2.8 s to get within one version
         third = trainer.result(2)
         assert third.get("error") == "PushTimeoutError", third
         assert third["lagging"] == [2] and third["dead"] == [] and third["version"] == second["version"] + 1, third
