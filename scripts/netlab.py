@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,26 +348,131 @@ def start_redis(
 
 
 def start_cluster(
-    lab: Lab, names: Sequence[str], port: int, folder: Path, binary: str = "redis-server", cli: str = "redis-cli"
+    lab: Lab,
+    names: Sequence[str],
+    port: int,
+    folder: Path,
+    binary: str = "redis-server",
+    cli: str = "redis-cli",
+    *,
+    replicas: Sequence[str] = (),
+    node_timeout_ms: int = 15_000,
 ) -> list[subprocess.Popen[bytes]]:
-    """A Redis Cluster with one master on each host of ``names`` (no replicas), made with
-    ``redis-cli --cluster create``; returns once every node reports ``cluster_state:ok``."""
+    """A Redis Cluster with one master on each host of ``names`` (made with ``redis-cli --cluster
+    create``) and, when ``replicas`` is given, one replica of ``names[i]`` on host ``replicas[i]``;
+    ``node_timeout_ms``: ``cluster-node-timeout`` (Redis's default 15 s; a failover takes about that
+    plus an election). Returns once every node knows every other, reports ``cluster_state:ok``, and
+    every replica's link to its master is up."""
+    if replicas and len(replicas) != len(names):
+        raise ValueError("one replica host per master host, or none")
+    args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not after 5 s
+            "--repl-ping-replica-period", "1"]  # fmt: skip
     procs = []
-    for name in names:
+    for name in [*names, *replicas]:
         (folder / name).mkdir(parents=True)
-        procs.append(start_redis(lab, name, port, folder / name / "redis.log", binary,
-                                 ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]))  # fmt: skip
+        procs.append(start_redis(lab, name, port, folder / name / "redis.log", binary, args))
     nodes = [f"{lab.hosts[n].ip}:{port}" for n in names]
     made = lab.exec(names[0], cli, "--cluster", "create", *nodes, "--cluster-yes")
     if made.returncode != 0:
         raise RuntimeError(f"redis-cli --cluster create: {made.stdout[-500:]} {made.stderr[-500:]}")
     deadline = time.monotonic() + 60
-    for name in names:
-        while "cluster_state:ok" not in lab.exec(name, cli, "-p", str(port), "cluster", "info").stdout:
+    for master, replica in zip(names, replicas):
+        master_id = lab.exec(master, cli, "-p", str(port), "cluster", "myid").stdout.strip()
+        lab.exec(replica, cli, "-p", str(port), "cluster", "meet", lab.hosts[master].ip, str(port))
+        # refused until the replica has learnt of the master through the bus: try again
+        while lab.exec(replica, cli, "-p", str(port), "cluster", "replicate", master_id).stdout.strip() != "OK":
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the cluster on {', '.join(names)} never reached cluster_state:ok")
+                raise RuntimeError(f"{replica} never became a replica of {master}")
+            time.sleep(0.1)
+    total = len(names) + len(replicas)
+
+    def settled(name: str) -> bool:
+        info = lab.exec(name, cli, "-p", str(port), "cluster", "info").stdout
+        rows = lab.exec(name, cli, "-p", str(port), "cluster", "nodes").stdout.splitlines()
+        replication = lab.exec(name, cli, "-p", str(port), "info", "replication").stdout
+        return ("cluster_state:ok" in info and len(rows) == total
+                and sum("slave" in r.split()[2].split(",") for r in rows) == len(replicas)
+                and ("role:master" in replication or "master_link_status:up" in replication))  # fmt: skip
+
+    for name in [*names, *replicas]:
+        while not settled(name):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster on {', '.join([*names, *replicas])} never settled (seen from {name})")
             time.sleep(0.2)
     return procs
+
+
+def start_sentinels(
+    lab: Lab,
+    primary: str,
+    replicas: Sequence[str],
+    sentinels: Sequence[str],
+    port: int,
+    folder: Path,
+    binary: str = "redis-server",
+    cli: str = "redis-cli",
+    *,
+    service: str = "rw-lab",
+    sentinel_port: int = 26379,
+    down_after_ms: int = 30_000,
+    failover_timeout_ms: int = 180_000,
+) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """A Sentinel-managed service: a primary on host ``primary``, a replica on each host of
+    ``replicas``, a sentinel on each host of ``sentinels`` (quorum: a majority of them);
+    ``down_after_ms`` and ``failover_timeout_ms`` are Sentinel's (its defaults: 30 s, 180 s).
+    Returns the service's ``redis+sentinel://`` URL and the processes, once every replica is in
+    sync and acknowledges writes, and every sentinel sees the primary, every replica and every
+    other sentinel."""
+    procs = []
+    (folder / primary).mkdir(parents=True)
+    fast_sync = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+    procs.append(start_redis(lab, primary, port, folder / primary / "redis.log", binary, fast_sync))
+    primary_ip = lab.hosts[primary].ip
+    for name in replicas:
+        (folder / name).mkdir(parents=True)
+        procs.append(start_redis(lab, name, port, folder / name / "redis.log", binary,
+                                 [*fast_sync, "--replicaof", primary_ip, str(port)]))  # fmt: skip
+    deadline = time.monotonic() + 60
+
+    def until(ready: Callable[[], bool], what: str) -> None:
+        while not ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def replicas_acked() -> bool:  # right after a full sync the first WAIT may not count a replica yet
+        lab.exec(primary, cli, "-p", str(port), "set", "netlab:settled", "1")
+        return lab.exec(primary, cli, "-p", str(port), "wait", str(len(replicas)), "100").stdout.strip() == str(
+            len(replicas))
+
+    until(lambda: all("master_link_status:up" in lab.exec(n, cli, "-p", str(port), "info", "replication").stdout
+                      for n in replicas), "the replicas to sync")  # fmt: skip
+    until(replicas_acked, "the replicas' first acknowledgement")
+    for name in sentinels:
+        (folder / name).mkdir(parents=True)
+        config = folder / name / "sentinel.conf"  # sentinels rewrite their config: one file each
+        config.write_text(
+            f"port {sentinel_port}\nbind 0.0.0.0\nprotected-mode no\ndaemonize no\ndir {folder / name}\n"
+            f"logfile {folder / name / 'sentinel.log'}\n"
+            f"sentinel monitor {service} {primary_ip} {port} {len(sentinels) // 2 + 1}\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+        procs.append(lab.spawn(name, [binary, str(config), "--sentinel"], folder / name / "sentinel.err"))
+
+    def sentinel_agrees(name: str) -> bool:
+        shown = lab.exec(name, cli, "-p", str(sentinel_port), "sentinel", "master", service).stdout.split()
+        fields = dict(zip(shown[::2], shown[1::2]))
+        return (fields.get("ip") == primary_ip and fields.get("num-slaves") == str(len(replicas))
+                and fields.get("num-other-sentinels") == str(len(sentinels) - 1))  # fmt: skip
+
+    until(lambda: all(sentinel_agrees(n) for n in sentinels), "the sentinels to see the primary, its replicas "
+          "and each other")  # fmt: skip
+    addresses = ",".join(f"{lab.hosts[n].ip}:{sentinel_port}" for n in sentinels)
+    return f"redis+sentinel://{addresses}/{service}/0", procs
 
 
 def unavailable() -> str | None:

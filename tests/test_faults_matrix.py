@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "faults.md"
 SUITES = ["test_faults.py", "test_faults_procs.py", "test_reliability.py", "test_bad_input.py", "test_security.py",
-          "test_cluster_faults.py", "test_sentinel.py"]
+          "test_cluster_faults.py", "test_sentinel.py", "test_netlab.py"]
 
 
 def _defined(path: Path) -> set[str]:

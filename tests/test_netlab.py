@@ -4,16 +4,30 @@ namespaces, veth pairs or tc cannot be used."""
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.crc import key_slot
 
+from redis_weights.deployment import FAILOVER_WAIT
+from redis_weights.keys import Keys
 from redis_weights.tools.server import find_server_binary
 from scripts import netlab
-from scripts.netlab import Lab, Link, drop_program, own_namespaces, rate_bits, start_redis, unavailable
+from scripts.netlab import (
+    Lab,
+    Link,
+    drop_program,
+    own_namespaces,
+    rate_bits,
+    start_cluster,
+    start_redis,
+    start_sentinels,
+    unavailable,
+)
 from tests.models import make_model, state_digest
 from tests.procs import Worker
 
@@ -21,6 +35,9 @@ pytestmark = [pytest.mark.netlab]
 
 MODEL = "mb:16"
 FAST = Link("1gbit")
+STRAGGLER_RATE = "12mbit"  # the 4 MB model in ~2.8 s
+PUSHES = 30  # pushes a failover test's trainer may make: more than a failover can fail
+FAILOVER_SEEDS = ",".join(map(str, range(1, PUSHES + 1)))
 
 
 class Trainer(Worker):
@@ -79,19 +96,28 @@ def in_host(net: Lab, name: str) -> tuple[str, ...]:
 
 
 def start(
-    net: Lab, url: str, namespace: str, tmp_path: Path, seeds: str, model: str = MODEL
+    net: Lab,
+    url: str,
+    namespace: str,
+    tmp_path: Path,
+    seeds: str,
+    model: str = MODEL,
+    *,
+    trainer_args: Sequence[str] = (),
+    worker_args: Sequence[str] = ("--heartbeat-ttl", "2"),
 ) -> tuple[dict[int, Worker], Trainer]:
-    """A worker on each worker host (heartbeat TTL 2 s) and the trainer, started together; the trainer's
-    first push goes once both workers are ready, one version per seed."""
+    """A worker on each worker host (``worker_args``: heartbeat TTL 2 s) and the trainer, started together;
+    the trainer's first push goes once both workers are ready, one version per seed."""
     trainer = Trainer(tmp_path / "trainer.jsonl", ["--url", url, "--namespace", namespace, "--workers", "2",
-                                                   "--model", model, "--seeds", seeds, "--go", str(tmp_path / "go")],
+                                                   "--model", model, "--seeds", seeds, "--go", str(tmp_path / "go"),
+                                                   *trainer_args],
                       in_host(net, "trainer"))  # fmt: skip
     workers: dict[int, Worker] = {}
     try:
         for rank in (1, 2):
             workers[rank] = Worker(
                 tmp_path / f"w{rank}.jsonl",
-                ["--url", url, "--namespace", namespace, "--rank", str(rank), "--model", model, "--heartbeat-ttl", "2"],
+                ["--url", url, "--namespace", namespace, "--rank", str(rank), "--model", model, *worker_args],
                 in_host(net, f"w{rank}"),
             )
         for w in workers.values():
@@ -158,6 +184,198 @@ def test_a_lossy_worker_link_slows_the_push_but_every_rank_applies_it(
     finally:
         stop_all(workers, trainer)
         net.shape("w2", FAST)
+
+
+@pytest.mark.server
+def test_a_straggler_host_on_a_slow_link_holds_max_lag_pushes_is_named_on_timeout_and_catches_up_once_fast(
+    lab: tuple[Lab, str], tmp_path: Path, namespace: str
+) -> None:
+    """``sync=False, max_lag=1``: a push returns only while every rank runs a version at most one behind
+    the one it committed; w2's link is slow (a fetch of the 4 MB model takes ~2.8 s), w1's fast. Heartbeat
+    TTL 8 s: the replies to w2's heartbeats queue behind its fetch on that link (up to the fetch's length)."""
+    net, url = lab
+    net.shape("w2", Link(STRAGGLER_RATE))
+    workers: dict[int, Worker] = {}
+    trainer = None
+    try:
+        workers, trainer = start(net, url, namespace, tmp_path, seeds="1,2,3,4", model="mb:4",
+                                 trainer_args=["--max-lag", "1", "--timeouts", ",,0.5,"],
+                                 worker_args=["--heartbeat-ttl", "8", "--poll-interval", "0.2"])  # fmt: skip
+        (tmp_path / "go.1").write_text("1")  # push 1 goes right after push 0: w2 is still fetching version 1
+        first, second = trainer.result(0), trainer.result(1)
+        assert "error" not in first and "error" not in second, (first, second)
+        # push 0 returned at once (nothing committed is more than one behind); push 1 waited for the straggler
+        assert second["ranks"]["2"] >= first["version"] and second["ranks"]["1"] == second["version"], second
+        waited = second["ended"] - second["started"]
+        assert waited > 0.5, second  # a fetch at the straggler's rate, not a fast link's
+        assert workers[1].wait_version(second["version"]) == second["digest"]  # the fast rank keeps up
+
+        (tmp_path / "go.2").write_text("1")  # timeout 0.5 s: w2 needs ~2.8 s to get within one version
+        third = trainer.result(2)
+        assert third.get("error") == "PushTimeoutError", third
+        assert third["lagging"] == [2] and third["dead"] == [] and third["version"] == second["version"] + 1, third
+        assert "max_lag=1" in third["message"] and "rank 2 lags" in third["message"], third
+        assert workers[1].wait_version(third["version"]) == state_digest(make_model("mb:4", seed=3))
+
+        net.shape("w2", FAST)  # the link is fast again: the straggler catches up
+        (tmp_path / "go.3").write_text("1")
+        fourth = trainer.result(3)
+        assert "error" not in fourth, fourth
+        for w in workers.values():
+            assert w.wait_version(fourth["version"]) == fourth["digest"]
+        print(f"\nmax_lag=1, straggler at {STRAGGLER_RATE}: the push that waited for it took {waited:.2f} s, "
+              f"after its link was fast again {fourth['ended'] - fourth['started']:.2f} s")  # fmt: skip
+    finally:
+        stop_all(workers, trainer)
+        net.shape("w2", FAST)
+
+
+@pytest.fixture
+def own_lab(lab: tuple[Lab, str]) -> Iterator[tuple[Lab, str]]:
+    """A lab of its own (namespaces, processes: all gone at the end, even when the test fails) and the
+    server binary; skipped where the module's lab is, or without ``redis-cli``."""
+    binary, cli = find_server_binary(), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        pytest.skip("no redis-cli on PATH")
+    with Lab() as net:
+        yield net, str(binary)
+
+
+def pushes_until_one_succeeds(trainer: Trainer, tmp_path: Path, first: int, deadline: float) -> list[dict[str, Any]]:
+    """Push ``first``, ``first + 1``, ... until one succeeds (each failure must be one clear ``PushError``
+    naming its version); every result, the successful one last."""
+    results = []
+    for index in range(first, PUSHES - 1):  # the last one is left for an ordinary push after
+        (tmp_path / f"go.{index}").write_text("1")
+        result = trainer.result(index, timeout=max(1.0, deadline - time.monotonic()))
+        results.append(result)
+        if "error" not in result:
+            return results
+        assert result["error"] == "PushError", result  # not a timeout: Redis was lost, not a rank
+        assert result["message"].startswith(f"push of version {result['version']} failed: Redis at "), result
+        assert time.monotonic() < deadline, results[-3:]
+    raise AssertionError(f"no push succeeded: {results[-3:]}")
+
+
+@pytest.mark.server
+def test_the_sentinel_primary_host_partitioned_mid_push_fails_that_push_at_most_then_pushes_follow_the_failover(
+    own_lab: tuple[Lab, str], tmp_path: Path, namespace: str
+) -> None:
+    """Primary, replica and three sentinels on hosts of their own (``down-after-milliseconds`` 1000);
+    the primary's host cut off while the trainer uploads (its link at 50 Mbit: the 8 MB model takes
+    ~1.3 s). The URL sets a 2 s socket timeout and a 0.5 s connect timeout: a lost connection is
+    retried to the old primary's address (redis-py), each attempt held that long by the cut host."""
+    net, binary = own_lab
+    for name in ("sp", "sr", "s1", "s2", "s3", "w1", "w2"):
+        net.add_host(name, FAST)
+    net.add_host("trainer", Link("50mbit"))
+    url, _ = start_sentinels(net, "sp", ["sr"], ["s1", "s2", "s3"], 6379, tmp_path / "sentinel", binary,
+                             down_after_ms=1000, failover_timeout_ms=3000)  # fmt: skip
+    url += "?socket_timeout=2&socket_connect_timeout=0.5"
+    replica_ip = net.hosts["sr"].ip
+    workers: dict[int, Worker] = {}
+    trainer = None
+    try:
+        sent = net.counters("trainer")[1]
+        workers, trainer = start(net, url, namespace, tmp_path, seeds=FAILOVER_SEEDS, model="mb:8",
+                                 worker_args=["--heartbeat-ttl", "2", "--poll-interval", "0.2"])  # fmt: skip
+        wait_for(lambda: net.counters("trainer")[1] - sent > 2_000_000, 60, trainer.log)  # mid-upload
+        net.cut("sp")
+        cut_at, cut_mono = time.time(), time.monotonic()
+        in_flight = trainer.result(0, timeout=FAILOVER_WAIT)
+        if "error" in in_flight:  # one clear error naming the version, or the push rode the failover out
+            assert in_flight["error"] == "PushError", in_flight
+            assert in_flight["message"].startswith(f"push of version {in_flight['version']} failed: Redis at "), \
+                in_flight  # fmt: skip
+            assert "unreachable" in in_flight["message"] or "could not be confirmed" in in_flight["message"], in_flight
+            results = [in_flight, *pushes_until_one_succeeds(trainer, tmp_path, 1, cut_mono + 2 * FAILOVER_WAIT)]
+        else:
+            results = [in_flight]
+        good = results[-1]
+        promoted = wait_for(lambda: sentinel_primary(net, "s1") == replica_ip, FAILOVER_WAIT, trainer.log)
+        assert promoted and net.drops("sp") > 0
+        # the documented bound: the push after a lost primary waits at most FAILOVER_WAIT for a new one
+        assert good["ended"] - cut_at < FAILOVER_WAIT, results
+        for w in workers.values():
+            assert w.wait_version(good["version"], timeout=FAILOVER_WAIT) == good["digest"]
+        (tmp_path / f"go.{len(results)}").write_text("1")  # and the next push is an ordinary one
+        after = trainer.result(len(results))
+        assert "error" not in after, after
+        for w in workers.values():
+            assert w.wait_version(after["version"]) == after["digest"]
+        print(f"\nsentinel primary cut: {len(results) - 1} failed push(es), the first good push ended "
+              f"{good['ended'] - cut_at:.2f} s after the cut")  # fmt: skip
+    finally:
+        stop_all(workers, trainer)
+
+
+def sentinel_primary(net: Lab, sentinel: str) -> str | None:
+    """The primary's address as the sentinel on host ``sentinel`` names it now."""
+    shown = net.exec(sentinel, "redis-cli", "-p", "26379", "sentinel", "get-master-addr-by-name", "rw-lab").stdout
+    return shown.split()[0] if shown.split() else None
+
+
+def cluster_master_of(net: Lab, key: str, hosts: Sequence[str]) -> str:
+    """The host among ``hosts`` whose master serves ``key``'s slot (``CLUSTER NODES`` of the first)."""
+    slot = key_slot(key.encode())
+    ips = {net.hosts[h].ip: h for h in hosts}
+    for row in net.exec(hosts[0], "redis-cli", "-p", "6379", "cluster", "nodes").stdout.splitlines():
+        fields = row.split()
+        if "master" not in fields[2].split(","):
+            continue
+        for span in fields[8:]:
+            low, _, high = span.partition("-")
+            if low.isdigit() and int(low) <= slot <= int(high or low):
+                return ips[fields[1].split(":")[0]]
+    raise AssertionError(f"no master serves slot {slot}")
+
+
+@pytest.mark.server
+def test_a_cluster_master_host_partitioned_mid_push_fails_pushes_clearly_until_its_replica_is_promoted(
+    own_lab: tuple[Lab, str], tmp_path: Path, namespace: str
+) -> None:
+    """Three masters and a replica of each, every node on a host of its own (``cluster-node-timeout``
+    1000); the host of the master that holds the namespace's control keys cut off while the trainer
+    uploads (its link at 50 Mbit). The URL sets a 2 s socket timeout and a 0.5 s connect timeout."""
+    net, binary = own_lab
+    masters, replicas = ["m1", "m2", "m3"], ["r1", "r2", "r3"]
+    for name in (*masters, *replicas, "w1", "w2"):
+        net.add_host(name, FAST)
+    net.add_host("trainer", Link("50mbit"))
+    start_cluster(net, masters, 6379, tmp_path / "cluster", binary, replicas=replicas, node_timeout_ms=1000)
+    url = f"redis://{net.hosts['m1'].ip}:6379/0?socket_timeout=2&socket_connect_timeout=0.5"
+    victim = cluster_master_of(net, Keys(namespace).latest, masters)
+    replica = replicas[masters.index(victim)]
+    workers: dict[int, Worker] = {}
+    trainer = None
+    try:
+        sent = net.counters("trainer")[1]
+        workers, trainer = start(net, url, namespace, tmp_path, seeds=FAILOVER_SEEDS, model="mb:8",
+                                 worker_args=["--heartbeat-ttl", "2", "--poll-interval", "0.2"])  # fmt: skip
+        wait_for(lambda: net.counters("trainer")[1] - sent > 2_000_000, 60, trainer.log)  # mid-upload
+        net.cut(victim)
+        cut_at, cut_mono = time.time(), time.monotonic()
+        in_flight = trainer.result(0, timeout=FAILOVER_WAIT)
+        results = [in_flight]
+        if "error" in in_flight:
+            assert in_flight["error"] == "PushError", in_flight
+            assert in_flight["message"].startswith(f"push of version {in_flight['version']} failed: Redis at "), \
+                in_flight  # fmt: skip
+            results += pushes_until_one_succeeds(trainer, tmp_path, 1, cut_mono + 2 * FAILOVER_WAIT)
+        good = results[-1]
+        role = net.exec(replica, "redis-cli", "-p", "6379", "info", "replication").stdout
+        assert "role:master" in role, role  # the replica on another host took the victim's slots
+        for w in workers.values():
+            assert w.wait_version(good["version"], timeout=FAILOVER_WAIT) == good["digest"]
+        (tmp_path / f"go.{len(results)}").write_text("1")  # and the next push is an ordinary one
+        after = trainer.result(len(results))
+        assert "error" not in after, after
+        for w in workers.values():
+            assert w.wait_version(after["version"]) == after["digest"]
+        print(f"\ncluster master {victim} cut: {len(results) - 1} failed push(es), the first good push ended "
+              f"{good['ended'] - cut_at:.2f} s after the cut")  # fmt: skip
+    finally:
+        stop_all(workers, trainer)
 
 
 def test_a_lab_removes_its_namespaces_and_processes_even_when_the_run_fails() -> None:
