@@ -17,6 +17,7 @@ the dashboard's test checks against.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -89,63 +90,82 @@ _LABEL_VALUES = {"phase": PUSH_PHASES, "kind": FAILURE_KINDS}  # the values of t
 _families: dict[int, dict[str, Any]] = {}  # id(registry) -> metric name -> prometheus_client metric
 _families_lock = threading.Lock()
 _holders: dict[tuple[int, str, str], int] = {}  # (id(registry), namespace, first metric) -> open recorders
+# Releases are handed to one thread: ``close()`` may run inside a garbage collector's finalizer
+# (a ``__del__`` that closes an updater) on a thread that holds a prometheus_client lock at that
+# moment; taking any lock there could deadlock. ``SimpleQueue.put`` is reentrant, made for that.
+_releases: queue.SimpleQueue[_Recorder] = queue.SimpleQueue()
+_releaser: threading.Thread | None = None
 
 
 def _family(spec: MetricSpec, registry: Any) -> Any:
-    """The prometheus_client metric of ``spec`` in ``registry``, created once."""
-    with _families_lock:
-        made = _families.setdefault(id(registry), {})
-        if spec.name not in made:
-            if spec.kind == "counter":
-                metric = prometheus_client.Counter(spec.name, spec.help, spec.labels, registry=registry)
-            elif spec.kind == "gauge":
-                metric = prometheus_client.Gauge(spec.name, spec.help, spec.labels, registry=registry)
-            else:
-                metric = prometheus_client.Histogram(spec.name, spec.help, spec.labels, registry=registry,
-                                                     buckets=DURATION_BUCKETS)  # fmt: skip
-            made[spec.name] = metric
-        return made[spec.name]
+    """The prometheus_client metric of ``spec`` in ``registry``, created once (under ``_families_lock``)."""
+    made = _families.setdefault(id(registry), {})
+    if spec.name not in made:
+        if spec.kind == "counter":
+            metric = prometheus_client.Counter(spec.name, spec.help, spec.labels, registry=registry)
+        elif spec.kind == "gauge":
+            metric = prometheus_client.Gauge(spec.name, spec.help, spec.labels, registry=registry)
+        else:
+            metric = prometheus_client.Histogram(spec.name, spec.help, spec.labels, registry=registry,
+                                                 buckets=DURATION_BUCKETS)  # fmt: skip
+        made[spec.name] = metric
+    return made[spec.name]
+
+
+def _release_forever() -> None:
+    """The releaser thread: drop each released recorder's hold, in order, under ``_families_lock``."""
+    while True:
+        _releases.get()._drop()
 
 
 class _Recorder:
     """The metrics of ``specs`` for one namespace; every method is a no-op without prometheus-client."""
 
     def __init__(self, specs: tuple[MetricSpec, ...], namespace: str, registry: Any = None) -> None:
+        global _releaser
         self.namespace = namespace
         self._specs = specs
         self._metrics: dict[str, Any] | None = None
         self._holder: tuple[int, str, str] | None = None
         if AVAILABLE:
             registry = prometheus_client.REGISTRY if registry is None else registry
-            self._metrics = {s.name: _family(s, registry) for s in specs}
-            self._holder = (id(registry), namespace, specs[0].name)
-            with _families_lock:
+            with _families_lock:  # a release being dropped meanwhile cannot remove the series made here
+                self._metrics = {s.name: _family(s, registry) for s in specs}
+                self._holder = (id(registry), namespace, specs[0].name)
                 _holders[self._holder] = _holders.get(self._holder, 0) + 1
-            for spec in specs:  # every series exists from the start, at 0 (no gaps before the first event)
-                for extra in _extra_labels(spec):
-                    self._child(spec.name, **extra)
+                for spec in specs:  # every series exists from the start, at 0 (no gaps before the first event)
+                    for extra in _extra_labels(spec):
+                        self._child(spec.name, **extra)
+                if _releaser is None:
+                    _releaser = threading.Thread(target=_release_forever, name="redis-weights-metrics", daemon=True)
+                    _releaser.start()
 
     def release(self) -> None:
-        """Called at close: when the process's last recorder of this namespace goes, so do its series.
+        """Called at close: when the process's last recorder of this namespace goes, so do its series
+        (on the releaser thread, within moments; see ``_releases``).
 
         Without it a process that opens updaters or receivers of many namespaces over its
         life (a sweep launcher, a test suite) would keep every namespace's series forever,
-        and each scrape would grow with them. Idempotent.
+        and each scrape would grow with them. Idempotent; takes no lock.
         """
-        if self._holder is None or self._metrics is None:
-            return
-        holder, self._holder = self._holder, None
+        if self._holder is not None:
+            _releases.put(self)
+
+    def _drop(self) -> None:
         with _families_lock:
+            holder, self._holder = self._holder, None
+            if holder is None or self._metrics is None:
+                return
             _holders[holder] -= 1
             if _holders[holder]:
                 return
             del _holders[holder]
-        for spec in self._specs:
-            for extra in _extra_labels(spec):
-                try:
-                    self._metrics[spec.name].remove(self.namespace, *extra.values())
-                except KeyError:  # already gone
-                    pass
+            for spec in self._specs:
+                for extra in _extra_labels(spec):
+                    try:
+                        self._metrics[spec.name].remove(self.namespace, *extra.values())
+                    except KeyError:  # already gone
+                        pass
 
     def _child(self, name: str, **labels: str) -> Any | None:
         if self._metrics is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import prometheus_client
 import pytest
@@ -16,7 +18,14 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
-from redis_weights import ConfigurationError, PushTimeoutError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from redis_weights import (
+    ConfigurationError,
+    PushTimeoutError,
+    RedisStore,
+    RedisWeightReceiver,
+    RedisWeightUpdater,
+    metrics,
+)
 from redis_weights.metrics import FAILURE_KINDS, TRAINER_METRICS, WORKER_METRICS, failure_kind
 from redis_weights.reports import PUSH_PHASES, ApplyReport, PushReport, call_hook, wants_report
 from tests.conftest import REPO_ROOT
@@ -44,8 +53,15 @@ def worker_policy() -> nn.Module:
 
 
 def test_a_namespace_series_leave_with_its_last_open_updater_or_receiver(store: RedisStore, namespace: str) -> None:
-    def exposed(name: str) -> float | None:
-        return prometheus_client.REGISTRY.get_sample_value(name, {"namespace": namespace})
+    def exposed(name: str, **labels: str) -> float | None:
+        return prometheus_client.REGISTRY.get_sample_value(name, {"namespace": namespace, **labels})
+
+    def settled(name: str, **labels: str) -> float | None:  # releases are dropped on the releaser thread
+        deadline = time.monotonic() + 10
+        while metrics._releases.qsize() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the last one taken may still be being dropped
+        return exposed(name, **labels)
 
     first = RedisWeightUpdater(store, nn.Linear(8, 4), 1, sync=False)
     second = RedisWeightUpdater(RedisStore(store.client, namespace, owns_client=False), nn.Linear(8, 4), 1)
@@ -53,14 +69,37 @@ def test_a_namespace_series_leave_with_its_last_open_updater_or_receiver(store: 
     first.update_weights()
     first.close()
     first.close()  # idempotent: the second updater still holds the namespace's series
-    assert exposed("redis_weights_versions_committed_total") == 1
+    assert settled("redis_weights_versions_committed_total") == 1
     second.close()
-    assert exposed("redis_weights_versions_committed_total") is None
-    assert prometheus_client.REGISTRY.get_sample_value(
-        "redis_weights_push_phase_duration_seconds_count", {"namespace": namespace, "phase": "encode"}) is None
+    assert settled("redis_weights_versions_committed_total") is None
+    assert exposed("redis_weights_push_phase_duration_seconds_count", phase="encode") is None
     assert exposed("redis_weights_applied_version") == 0  # the receiver's own series stay while it is open
     receiver.close()
-    assert exposed("redis_weights_applied_version") is None
+    assert settled("redis_weights_applied_version") is None
+
+
+def test_a_release_from_a_finalizer_inside_prometheus_client_does_not_deadlock(namespace: str) -> None:
+    """A garbage collection may run an object's ``__del__`` that closes an updater while this very
+    thread holds a prometheus_client lock (seen: a TorchRL scheme collected while a histogram was
+    being created): the release must not wait for any lock."""
+    recorder = metrics.TrainerMetrics(namespace)
+    family = prometheus_client.REGISTRY._names_to_collectors["redis_weights_push_duration_seconds"]
+    done = threading.Event()
+
+    def finalizer_while_holding_the_lock() -> None:
+        with family._lock:  # what the thread holds when the collector runs the finalizer
+            recorder.release()
+        done.set()
+
+    thread = threading.Thread(target=finalizer_while_holding_the_lock, daemon=True)
+    thread.start()
+    assert done.wait(10), "release() blocked on a lock its own thread holds"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and prometheus_client.REGISTRY.get_sample_value(
+            "redis_weights_committed_version", {"namespace": namespace}) is not None:  # fmt: skip
+        time.sleep(0.01)
+    assert prometheus_client.REGISTRY.get_sample_value("redis_weights_committed_version",
+                                                       {"namespace": namespace}) is None  # fmt: skip
 
 
 def test_a_push_and_an_apply_are_counted_and_timed_by_phase(store: RedisStore, namespace: str) -> None:
