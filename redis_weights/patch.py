@@ -240,12 +240,27 @@ def estimate_patch_size(base: Buffer, new: Buffer, itemsize: int) -> int:
     under 1 MiB, else scaled from a 128 KiB sample of its middle (the chunk's length when no
     patch would pay). Lets a planner see that a push must be a keyframe before diffing it all."""
     b, nw = _byte_view(base, "base"), _byte_view(new, "new")
-    if len(b) != len(nw) or len(b) < SAMPLE_FROM:
+    span = sample_span(len(b), itemsize)
+    if len(b) != len(nw) or span is None:
         patch = _build(b, nw, itemsize, max_ratio=1.0) if len(b) == len(nw) else None
         return len(b) if patch is None else len(patch)
-    start = (len(b) - _SAMPLE_BYTES) // 2 // itemsize * itemsize
-    sample = _build(b[start : start + _SAMPLE_BYTES], nw[start : start + _SAMPLE_BYTES], itemsize, max_ratio=1.0)
-    return len(b) if sample is None else min(len(b), len(sample) * len(b) // _SAMPLE_BYTES)
+    return estimate_from_sample(b[span[0] : span[1]], nw[span[0] : span[1]], len(b), itemsize)
+
+
+def sample_span(length: int, itemsize: int) -> tuple[int, int] | None:
+    """The bytes ``[start, end)`` of a chunk of ``length`` bytes that stand for it in an estimate
+    (128 KiB from its middle, element-aligned); None for a chunk under 1 MiB (estimated whole)."""
+    if length < SAMPLE_FROM:
+        return None
+    start = (length - _SAMPLE_BYTES) // 2 // itemsize * itemsize
+    return start, start + _SAMPLE_BYTES
+
+
+def estimate_from_sample(base_sample: Buffer, new_sample: Buffer, length: int, itemsize: int) -> int:
+    """``estimate_patch_size`` of a chunk of ``length`` bytes from its two samples alone (``sample_span``):
+    a planner that kept only the previous version's samples still sees a push that must be a keyframe."""
+    sample = _build(base_sample, new_sample, itemsize, max_ratio=1.0)
+    return length if sample is None else min(length, len(sample) * length // _SAMPLE_BYTES)
 
 
 def _sample_says_dense(base: Buffer, new: Buffer, itemsize: int, max_ratio: float) -> bool:
@@ -255,10 +270,10 @@ def _sample_says_dense(base: Buffer, new: Buffer, itemsize: int, max_ratio: floa
     full patch attempt otherwise: ~0.4 s per 85 MB here, for nothing). Only ever says
     "dense": a chunk the sample finds sparse is still decided by the full patch."""
     b, nw = _byte_view(base, "base"), _byte_view(new, "new")
-    if len(b) != len(nw) or len(b) < SAMPLE_FROM:
+    span = sample_span(len(b), itemsize)
+    if len(b) != len(nw) or span is None:
         return False  # small chunks (and the length error) go straight to ``_build``
-    start = (len(b) - _SAMPLE_BYTES) // 2 // itemsize * itemsize
-    end = start + _SAMPLE_BYTES
+    start, end = span
     sample = _build(b[start:end], nw[start:end], itemsize)
     return sample is not None and len(sample) >= max_ratio * _SAMPLE_BYTES
 
