@@ -166,20 +166,25 @@ class DeltaPlanner:
         return entries, records
 
     def _diff(self, encoded: Encoded, first: int, end: int) -> dict[int, bytes | None]:
-        """``encode_patch`` of chunks ``first..end-1`` against the previous stream, in one pass:
-        the new chunks are gathered into one scratch region of at most ``DIFF_BYTES``."""
+        """``encode_patch`` of chunks ``first..end-1`` against the previous stream, in one pass: over
+        the new stream where it lies when those chunks are one piece of memory (a stream cast to the
+        wire dtype, past its header), else gathered into one scratch region of at most ``DIFF_BYTES``."""
         from .patch import encode_patches  # numpy-only; needed by delta pushes alone
 
         assert self._buffer is not None
         lo = first * encoded.chunk_size
         hi = min(end * encoded.chunk_size, encoded.total_bytes)
-        scratch: Any = np.empty(hi - lo, dtype=np.uint8)
-        view = memoryview(scratch)
-        offset = 0
-        for parts in encoded.plan[first:end]:  # the chunks' own parts: nothing gathered twice
-            for part in parts:
-                view[offset : offset + len(part)] = part
-                offset += len(part)
+        region = encoded.region(lo, hi)  # one piece (a cast stream's staging buffer): diffed where it lies
+        if region is not None:
+            scratch: Any = np.frombuffer(region, dtype=np.uint8)
+        else:
+            scratch = np.empty(hi - lo, dtype=np.uint8)
+            view = memoryview(scratch)
+            offset = 0
+            for parts in encoded.plan[first:end]:  # the chunks' own parts: nothing gathered twice
+                for part in parts:
+                    view[offset : offset + len(part)] = part
+                    offset += len(part)
         patches = encode_patches(self._buffer[lo:hi], scratch, encoded.chunk_size, element_size(encoded))
         return {first + i: patch for i, patch in patches.items()}
 
