@@ -175,6 +175,8 @@ class DeltaPlanner:
         lo = first * encoded.chunk_size
         hi = min(end * encoded.chunk_size, encoded.total_bytes)
         region = encoded.region(lo, hi)  # one piece (a cast stream's staging buffer): diffed where it lies
+        if region is None and end - first > 1 and encoded.region(lo + encoded.chunk_size, hi) is not None:
+            return {**self._diff(encoded, first, first + 1), **self._diff(encoded, first + 1, end)}  # the header's
         if region is not None:
             scratch: Any = np.frombuffer(region, dtype=np.uint8)
         else:

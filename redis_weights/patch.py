@@ -182,9 +182,11 @@ def encode_patches(base: Any, new: Any, chunk_size: int, itemsize: int) -> dict[
     where = np.flatnonzero(mask)  # nonzero of a bool array: 3x faster than of the integers
     values = diff[where]
     per = chunk_size // itemsize
-    chunks, starts, counts = np.unique(where // per, return_index=True, return_counts=True)
+    bounds = np.searchsorted(where, np.arange(count + 1, dtype=np.int64) * per)  # ``where`` is sorted: no np.unique
+    counts = np.diff(bounds)
+    chunks = np.flatnonzero(counts)
     out: dict[int, bytes | None] = {}
-    for i, start, changed in zip(chunks.tolist(), starts.tolist(), counts.tolist(), strict=True):
+    for i, start, changed in zip(chunks.tolist(), bounds[chunks].tolist(), counts[chunks].tolist(), strict=True):
         lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(b))
         if (hi - lo) % itemsize:  # the last chunk, with a tail of bytes after its last element
             out[i] = encode_patch(b[lo:hi], nw[lo:hi], itemsize)
