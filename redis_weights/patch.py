@@ -175,12 +175,11 @@ def encode_patches(base: Any, new: Any, chunk_size: int, itemsize: int) -> dict[
                 for i in range(count) if not np.array_equal(b[i * chunk_size : (i + 1) * chunk_size],
                                                             nw[i * chunk_size : (i + 1) * chunk_size])}  # fmt: skip
     whole = len(b) // itemsize * itemsize
-    diff = _scratch("diff", whole // itemsize, _UINT[itemsize])
-    np.bitwise_xor(b[:whole].view(_UINT[itemsize]), nw[:whole].view(_UINT[itemsize]), out=diff)
-    mask = _scratch("mask", len(diff), np.bool_)
-    np.not_equal(diff, 0, out=mask)
+    old_elems, new_elems = b[:whole].view(_UINT[itemsize]), nw[:whole].view(_UINT[itemsize])
+    mask = _scratch("mask", whole // itemsize, np.bool_)  # the changed flags, no XOR of every element:
+    np.not_equal(old_elems, new_elems, out=mask)  # ... memory-bound, 40% fewer bytes moved
     where = np.flatnonzero(mask)  # nonzero of a bool array: 3x faster than of the integers
-    values = diff[where]
+    values = old_elems[where] ^ new_elems[where]
     per = chunk_size // itemsize
     bounds = np.searchsorted(where, np.arange(count + 1, dtype=np.int64) * per)  # ``where`` is sorted: no np.unique
     counts = np.diff(bounds)
