@@ -65,7 +65,8 @@ class DeltaPlanner:
         self._previous: Manifest | None = None
         self._buffer: np.ndarray | None = None  # the previous stream (wire dtype), when ``_full``
         self._full = False  # ``_buffer`` holds the previous version (else only ``_samples`` do, or nothing)
-        self._samples: dict[int, bytes] | None = None  # chunk index -> its sample (``patch.sample_span``)
+        self._samples: dict[int, bytes] | None = None  # chunk index -> its sample (``patch.sample_span``; a
+        # short last chunk: all of it)
         self._dense = False  # the last plan was a keyframe because its patches could not pay
 
     def reset(self) -> None:
@@ -194,9 +195,9 @@ class DeltaPlanner:
         """The patch bytes this push would add, from samples of its large changed chunks: a cheap
         upper estimate that spares diffing a whole version that must be a keyframe anyway (chunks
         too small to sample are left to the diffing, which stops at the budget; without the previous
-        stream they count whole). ``SPREAD_SAMPLES`` chunks spread over the model come first: when
+        stream, a short last chunk is estimated from its kept bytes). ``SPREAD_SAMPLES`` chunks spread over the model come first: when
         they project more than ``SPREAD_MARGIN`` times ``budget``, the rest is not estimated."""
-        from .patch import SAMPLE_FROM, estimate_from_sample, sample_span
+        from .patch import SAMPLE_FROM, estimate_from_sample, estimate_patch_size, sample_span
 
         if encoded.chunk_size < SAMPLE_FROM:
             return 0
@@ -205,8 +206,13 @@ class DeltaPlanner:
         changed = [i for i, (new_id, old) in enumerate(zip(encoded.ids, prev.chunks, strict=True))
                    if new_id != old.id and new_id in absent]  # not stored already (a revert): a patch  # fmt: skip
         sampled = [i for i in changed if sample_span(encoded.chunk_sizes[i], itemsize) is not None]
-        total = 0.0 if self._full else float(sum(encoded.chunk_sizes[i] for i in changed) -
-                                              sum(encoded.chunk_sizes[i] for i in sampled))  # fmt: skip
+        total = 0.0
+        if not self._full:  # a short last chunk is kept whole with the samples: estimated exactly
+            assert self._samples is not None
+            for i in set(changed) - set(sampled):
+                kept, size = self._samples.get(i), encoded.chunk_sizes[i]
+                new = _part_slice(encoded.plan[i], 0, size)
+                total += size if kept is None or len(kept) != size else estimate_patch_size(kept, new, itemsize)
         step = max(1, len(sampled) // SPREAD_SAMPLES)
         first = sampled[::step][:SPREAD_SAMPLES]
         rest = sorted(set(sampled) - set(first))
@@ -249,9 +255,8 @@ class DeltaPlanner:
         if self._dense and all(sample_span(size, itemsize) for size in encoded.chunk_sizes[:-1]):
             self._samples = {}
             for index, (parts, size) in enumerate(zip(encoded.plan, encoded.chunk_sizes, strict=True)):
-                span = sample_span(size, itemsize)
-                if span is not None:
-                    self._samples[index] = bytes(_part_slice(parts, *span))
+                span = sample_span(size, itemsize) or (0, size)  # a short last chunk: kept whole
+                self._samples[index] = bytes(_part_slice(parts, *span))
             self._full = False
             self._previous = manifest
             return

@@ -192,6 +192,28 @@ def test_a_dense_step_is_a_keyframe_decided_from_samples_with_no_diff_and_no_cop
         assert push(dense=True)
         assert not diffed and len(estimated) <= delta.SPREAD_SAMPLES, "decided on a few samples"
         assert not planner._full and planner._samples is not None
-        assert sum(len(s) for s in planner._samples.values()) <= 16 * (128 << 10)  # samples, not the model
+        kept = sum(len(s) for s in planner._samples.values())
+        assert kept <= 16 * (128 << 10) + 4096  # samples (and the short last chunk), not the model
     assert push(dense=False) and planner._full  # sparse at last, but no stream to diff against: a keyframe
     assert not push(dense=False) and diffed  # then a delta again
+
+
+def test_after_a_density_keyframe_a_sparse_step_in_the_short_last_chunk_is_estimated_not_counted_whole():
+    """The planner keeps a short last chunk whole beside the samples: a step that changes one element
+    there projects a small patch, so a model whose last chunk is large never stays a keyframe."""
+    from redis_weights.codec import Encoder
+    from redis_weights.delta import DeltaPlanner
+
+    weights = {"a": torch.randn(262144), "b": torch.randn(180000)}  # 1 MiB, then a last chunk of ~720 KB
+    first = Encoder(1 << 20).encode(weights)
+    assert first.chunk_sizes[-1] > 512 * 1024
+    planner = DeltaPlanner(20, 0.5)
+    manifest = first.manifest(1, keyframe=1)
+    planner._dense = True  # as after a push whose samples said "dense"
+    planner.committed(first, manifest)
+    assert not planner._full
+    with torch.no_grad():
+        weights["b"][5] += 1.0
+    second = Encoder(1 << 20).encode(weights)
+    projected = planner._projected_bytes(second, manifest, set(second.ids), 0.5 * second.total_bytes)
+    assert 0 < projected < second.chunk_sizes[-1] / 10
