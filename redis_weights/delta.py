@@ -19,11 +19,11 @@ size: diffing stops as soon as they do. Whether a push can pay at all is seen fi
 128 KiB samples of its changed chunks, a few spread over the model, then the rest only
 when those few do not already say "keyframe" (an fp32 step that moves every element: no
 chunk is diffed). After such a density keyframe the planner keeps only the samples of the
-version (a few percent of it) instead of a full copy, so a run of dense steps costs no
-copy of the model per push; the first push that the samples find sparse is a keyframe
-too (there is nothing to diff it against), and the one after it is diffed again.
-Every step is linear in the chunk count:
-nothing per chunk looks at the chain behind it. The planner's state moves only when
+version (a few percent of it, and a short last chunk whole) instead of a full copy, so a
+run of dense steps costs no copy of the model per push; the first push that the samples
+find sparse is a keyframe too (there is nothing to diff it against), and the one after it
+is diffed again. Every step is linear in the chunk count: nothing per chunk looks at the
+chain behind it. The planner's state moves only when
 a commit succeeds (``committed``), and is dropped (``reset``: the next push is a
 keyframe) when the chain cannot be trusted.
 """
