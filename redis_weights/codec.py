@@ -158,6 +158,7 @@ class Encoded:
     _total: int | None = None
     _gather: list[bytearray] = field(default_factory=list)
     _slot: int = 0
+    _pieces: list[tuple[int, memoryview]] = field(default_factory=list)  # (stream offset, bytes) of each piece
 
     @property
     def chunk_sizes(self) -> list[int]:
@@ -178,6 +179,15 @@ class Encoded:
         if self._ids is None:
             self._ids = [checksum_parts(parts) for parts in self.plan]
         return self._ids
+
+    def region(self, begin: int, end: int) -> memoryview | None:
+        """Bytes ``[begin, end)`` of the stream as one view of the memory that holds them (no copy),
+        or None when they span several pieces (tensors read in place, the header)."""
+        at = bisect.bisect_right([start for start, _ in self._pieces], begin) - 1
+        if at < 0:
+            return None
+        start, piece = self._pieces[at]
+        return piece[begin - start : end - start] if end - start <= len(piece) else None
 
     def chunk(self, index: int) -> tuple[Buffer, bool]:
         """``(bytes of chunk index, reused)``. A chunk of several parts is gathered into the next
@@ -292,10 +302,15 @@ class Encoder:
                 pieces.append(_byte_view(t))
         if staging is not None and staging.is_pinned():
             torch.cuda.synchronize()
-        views = [_byte_view(staging[p[0] : p[1]]) if isinstance(p, tuple) else p for p in pieces]  # type: ignore[index]
+        views = [_byte_view(staging[p[0] : p[1]]) if isinstance(p, tuple) else memoryview(p)  # type: ignore[index]
+                 for p in pieces]
         wire = DTYPE_CODES[self.wire_dtype] if self.wire_dtype is not None else None
+        spans, offset = [], 0
+        for view in views:
+            spans.append((offset, view))
+            offset += len(view)
         return Encoded(len(head), entries, self.chunk_size, plan_chunks(views, self.chunk_size), dict(metadata or {}),
-                       wire, cast, _gather=self._gather)  # fmt: skip
+                       wire, cast, _gather=self._gather, _pieces=spans)  # fmt: skip
 
 
 def plan_chunks(pieces: Sequence[Buffer], chunk_size: int) -> list[Chunk]:

@@ -15,8 +15,15 @@ A version is a keyframe (every chunk stored whole) when there is no previous
 version of the same layout, every ``keyframe_interval`` versions, when a pack of the
 chain is gone from Redis, or sooner when the packs a late joiner would read (the
 chain's, this version's included) exceed ``keyframe_fraction`` of the version's
-size: diffing stops as soon as they do. Every step is linear in the chunk count:
-nothing per chunk looks at the chain behind it. The planner's state moves only when
+size: diffing stops as soon as they do. Whether a push can pay at all is seen first from
+128 KiB samples of its changed chunks, a few spread over the model, then the rest only
+when those few do not already say "keyframe" (an fp32 step that moves every element: no
+chunk is diffed). After such a density keyframe the planner keeps only the samples of the
+version (a few percent of it, and a short last chunk whole) instead of a full copy, so a
+run of dense steps costs no copy of the model per push; the first push that the samples
+find sparse is a keyframe too (there is nothing to diff it against), and the one after it
+is diffed again. Every step is linear in the chunk count: nothing per chunk looks at the
+chain behind it. The planner's state moves only when
 a commit succeeds (``committed``), and is dropped (``reset``: the next push is a
 keyframe) when the chain cannot be trusted.
 """
@@ -35,6 +42,8 @@ from .packs import build_packs
 DEFAULT_KEYFRAME_INTERVAL = 20
 DEFAULT_KEYFRAME_FRACTION = 0.5
 DIFF_BYTES = 64 * 1024 * 1024  # the new stream is diffed in regions of about this size (one scratch copy)
+SPREAD_SAMPLES = 8  # changed chunks estimated first, spread over the model, before the estimate may stop early
+SPREAD_MARGIN = 1.25  # ... it stops when those project at least this many times the patch budget
 
 
 def element_size(encoded: Encoded) -> int:
@@ -54,17 +63,22 @@ class DeltaPlanner:
         self.keyframe_interval = keyframe_interval
         self.keyframe_fraction = keyframe_fraction
         self._previous: Manifest | None = None
-        self._buffer: np.ndarray | None = None  # the previous stream (wire dtype)
+        self._buffer: np.ndarray | None = None  # the previous stream (wire dtype), when ``_full``
+        self._full = False  # ``_buffer`` holds the previous version (else only ``_samples`` do, or nothing)
+        self._samples: dict[int, bytes] | None = None  # chunk index -> its sample (``patch.sample_span``; a
+        # short last chunk: all of it)
+        self._dense = False  # the last plan was a keyframe because its patches could not pay
 
     def reset(self) -> None:
         """Forget the previous version: the next push is a keyframe (its chain may be broken)."""
         self._previous = None
+        self._full, self._samples = False, None
 
     def _compatible(self, encoded: Encoded) -> Manifest | None:
         prev = self._previous
         if (
             prev is None
-            or self._buffer is None
+            or not (self._full or self._samples is not None)
             or prev.chunk_size != encoded.chunk_size
             or prev.total_bytes != encoded.total_bytes
             or prev.header_len != encoded.header_len
@@ -92,6 +106,7 @@ class DeltaPlanner:
         pending record): a chain whose base is absent is not extended, and a chain with an absent
         pack (whose chunks are unknown without reading it) makes a keyframe."""
         prev = self._compatible(encoded)
+        self._dense = False
         if (
             prev is None
             or prev.depth + 1 >= self.keyframe_interval
@@ -99,7 +114,10 @@ class DeltaPlanner:
         ):
             return encoded.manifest(version, keyframe=version, **fields), {}
         budget = self.keyframe_fraction * encoded.total_bytes - sum(p.size for p in prev.packs)
-        if self._projected_bytes(encoded, prev, absent) > budget:  # e.g. a dense fp32 step: spare the diffing
+        if self._projected_bytes(encoded, prev, absent, budget) > budget:  # e.g. a dense fp32 step: no diffing
+            self._dense = True
+            return encoded.manifest(version, keyframe=version, **fields), {}
+        if not self._full:  # only samples of the previous version: nothing to diff against this time
             return encoded.manifest(version, keyframe=version, **fields), {}
         planned = self._entries(encoded, prev, absent, budget)
         if planned is None:
@@ -149,56 +167,141 @@ class DeltaPlanner:
         return entries, records
 
     def _diff(self, encoded: Encoded, first: int, end: int) -> dict[int, bytes | None]:
-        """``encode_patch`` of chunks ``first..end-1`` against the previous stream, in one pass:
-        the new chunks are gathered into one scratch region of at most ``DIFF_BYTES``."""
+        """``encode_patch`` of chunks ``first..end-1`` against the previous stream, in one pass: over
+        the new stream where it lies when those chunks are one piece of memory (a stream cast to the
+        wire dtype, past its header), else gathered into one scratch region of at most ``DIFF_BYTES``."""
         from .patch import encode_patches  # numpy-only; needed by delta pushes alone
 
         assert self._buffer is not None
         lo = first * encoded.chunk_size
         hi = min(end * encoded.chunk_size, encoded.total_bytes)
-        scratch: Any = np.empty(hi - lo, dtype=np.uint8)
-        view = memoryview(scratch)
-        offset = 0
-        for parts in encoded.plan[first:end]:  # the chunks' own parts: nothing gathered twice
-            for part in parts:
-                view[offset : offset + len(part)] = part
-                offset += len(part)
+        region = encoded.region(lo, hi)  # one piece (a cast stream's staging buffer): diffed where it lies
+        if region is None and end - first > 1 and encoded.region(lo + encoded.chunk_size, hi) is not None:
+            return {**self._diff(encoded, first, first + 1), **self._diff(encoded, first + 1, end)}  # the header's
+        if region is not None:
+            scratch: Any = np.frombuffer(region, dtype=np.uint8)
+        else:
+            scratch = np.empty(hi - lo, dtype=np.uint8)
+            view = memoryview(scratch)
+            offset = 0
+            for parts in encoded.plan[first:end]:  # the chunks' own parts: nothing gathered twice
+                for part in parts:
+                    view[offset : offset + len(part)] = part
+                    offset += len(part)
         patches = encode_patches(self._buffer[lo:hi], scratch, encoded.chunk_size, element_size(encoded))
         return {first + i: patch for i, patch in patches.items()}
 
-    def _projected_bytes(self, encoded: Encoded, prev: Manifest, absent: set[str]) -> int:
+    def _projected_bytes(self, encoded: Encoded, prev: Manifest, absent: set[str], budget: float) -> float:
         """The patch bytes this push would add, from samples of its large changed chunks: a cheap
         upper estimate that spares diffing a whole version that must be a keyframe anyway (chunks
-        too small to sample are left to the diffing, which stops at the budget)."""
-        from .patch import SAMPLE_FROM, estimate_patch_size
+        too small to sample are left to the diffing, which stops at the budget; without the previous
+        stream, a short last chunk is estimated from its kept bytes). ``SPREAD_SAMPLES`` chunks spread over the model come first: when
+        they project more than ``SPREAD_MARGIN`` times ``budget``, the rest is not estimated."""
+        from .patch import SAMPLE_FROM, estimate_from_sample, estimate_patch_size, sample_span
 
-        assert self._buffer is not None
         if encoded.chunk_size < SAMPLE_FROM:
             return 0
         itemsize = element_size(encoded)
-        total, offset = 0, 0
-        for index, (new_id, old, size) in enumerate(zip(encoded.ids, prev.chunks, encoded.chunk_sizes, strict=True)):
-            if new_id != old.id and new_id in absent:  # not stored already (a revert): a patch
-                data, _ = encoded.chunk(index)
-                total += estimate_patch_size(memoryview(self._buffer[offset : offset + size]), data, itemsize)
-            offset += size
-        return total
+        offsets = _offsets(encoded.chunk_sizes)
+        changed = [i for i, (new_id, old) in enumerate(zip(encoded.ids, prev.chunks, strict=True))
+                   if new_id != old.id and new_id in absent]  # not stored already (a revert): a patch  # fmt: skip
+        sampled = [i for i in changed if sample_span(encoded.chunk_sizes[i], itemsize) is not None]
+        total = 0.0
+        if not self._full:  # a short last chunk is kept whole with the samples: estimated exactly
+            assert self._samples is not None
+            for i in set(changed) - set(sampled):
+                kept, size = self._samples.get(i), encoded.chunk_sizes[i]
+                new = _part_slice(encoded.plan[i], 0, size)
+                total += size if kept is None or len(kept) != size else estimate_patch_size(kept, new, itemsize)
+        step = max(1, len(sampled) // SPREAD_SAMPLES)
+        first = sampled[::step][:SPREAD_SAMPLES]
+        rest = sorted(set(sampled) - set(first))
+        done = 0.0
+        for i in first:
+            done += self._estimate(encoded, i, offsets[i], itemsize, estimate_from_sample)
+        if first and total + done * len(sampled) / len(first) > SPREAD_MARGIN * budget:
+            return total + done * len(sampled) / len(first)  # a keyframe for sure: spare the rest
+        for i in rest:
+            done += self._estimate(encoded, i, offsets[i], itemsize, estimate_from_sample)
+        return total + done
+
+    def _estimate(self, encoded: Encoded, index: int, offset: int, itemsize: int, estimate: Any) -> int:
+        """The estimated patch size of chunk ``index`` (at stream ``offset``) from its sample and the
+        previous version's (the full stream's, or the kept samples)."""
+        from .patch import sample_span
+
+        size = encoded.chunk_sizes[index]
+        span = sample_span(size, itemsize)
+        assert span is not None
+        new = _part_slice(encoded.plan[index], *span)
+        if self._full:
+            assert self._buffer is not None
+            old: Any = memoryview(self._buffer[offset + span[0] : offset + span[1]])
+        else:
+            assert self._samples is not None
+            old = self._samples.get(index)
+            if old is None or len(old) != len(new):
+                return size
+        return int(estimate(old, new, size, itemsize))
 
     def committed(self, encoded: Encoded, manifest: Manifest) -> None:
-        """``manifest`` (of ``encoded``) is committed: it is the base of the next push."""
+        """``manifest`` (of ``encoded``) is committed: it is the base of the next push. After a
+        density keyframe only the samples of its chunks are kept (the next push is most likely
+        dense too: no copy of the model); else the stream (its changed chunks copied, when the
+        previous stream is held)."""
+        from .patch import sample_span
+
+        itemsize = element_size(encoded)
+        if self._dense and all(sample_span(size, itemsize) for size in encoded.chunk_sizes[:-1]):
+            self._samples = {}
+            for index, (parts, size) in enumerate(zip(encoded.plan, encoded.chunk_sizes, strict=True)):
+                span = sample_span(size, itemsize) or (0, size)  # a short last chunk: kept whole
+                self._samples[index] = bytes(_part_slice(parts, *span))
+            self._full = False
+            self._previous = manifest
+            return
         if self._buffer is None or len(self._buffer) != encoded.total_bytes:
             self._buffer = None  # free the old one before allocating its replacement
             self._buffer = np.empty(encoded.total_bytes, dtype=np.uint8)
-            held: list[str | None] = [None] * manifest.num_chunks
-        else:
-            held = list(self._previous.ids) if self._previous is not None else [None] * manifest.num_chunks
+            self._full = False
+        held: list[str | None] = [None] * manifest.num_chunks
+        if self._full and self._previous is not None:
+            held = list(self._previous.ids)
         offset = 0
         for index, (new_id, size) in enumerate(zip(encoded.ids, encoded.chunk_sizes, strict=True)):
             if held[index] != new_id:
                 data, _ = encoded.chunk(index)
                 self._buffer[offset : offset + size] = np.frombuffer(data, dtype=np.uint8)
             offset += size
+        self._full, self._samples = True, None
         self._previous = manifest
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    """The stream offset of every chunk."""
+    out, offset = [], 0
+    for size in sizes:
+        out.append(offset)
+        offset += size
+    return out
+
+
+def _part_slice(parts: list[memoryview], start: int, end: int) -> memoryview:
+    """Bytes ``[start, end)`` of a chunk given as its parts: a view when they lie in one part, else
+    gathered (only those bytes: never the whole chunk)."""
+    offset = 0
+    for part in parts:
+        if offset <= start and end <= offset + len(part):
+            return part[start - offset : end - offset]
+        offset += len(part)
+    out = bytearray(end - start)
+    offset = 0
+    for part in parts:
+        lo, hi = max(start, offset), min(end, offset + len(part))
+        if lo < hi:
+            out[lo - start : hi - start] = part[lo - offset : hi - offset]
+        offset += len(part)
+    return memoryview(out)
 
 
 def _groups(indices: list[int], span: int) -> list[list[int]]:

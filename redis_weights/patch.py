@@ -175,23 +175,55 @@ def encode_patches(base: Any, new: Any, chunk_size: int, itemsize: int) -> dict[
                 for i in range(count) if not np.array_equal(b[i * chunk_size : (i + 1) * chunk_size],
                                                             nw[i * chunk_size : (i + 1) * chunk_size])}  # fmt: skip
     whole = len(b) // itemsize * itemsize
-    diff = b[:whole].view(_UINT[itemsize]) ^ nw[:whole].view(_UINT[itemsize])
-    where = np.flatnonzero(diff)
-    values = diff[where]
+    old_elems, new_elems = b[:whole].view(_UINT[itemsize]), nw[:whole].view(_UINT[itemsize])
+    mask = _scratch("mask", whole // itemsize, np.bool_)  # the changed flags, no XOR of every element:
+    np.not_equal(old_elems, new_elems, out=mask)  # ... memory-bound, 40% fewer bytes moved
+    where = np.flatnonzero(mask)  # nonzero of a bool array: 3x faster than of the integers
+    values = old_elems[where] ^ new_elems[where]
     per = chunk_size // itemsize
-    chunks, starts, counts = np.unique(where // per, return_index=True, return_counts=True)
+    bounds = np.searchsorted(where, np.arange(count + 1, dtype=np.int64) * per)  # ``where`` is sorted: no np.unique
+    counts = np.diff(bounds)
+    chunks = np.flatnonzero(counts)
     out: dict[int, bytes | None] = {}
-    for i, start, changed in zip(chunks.tolist(), starts.tolist(), counts.tolist(), strict=True):
+    for i, start, changed in zip(chunks.tolist(), bounds[chunks].tolist(), counts[chunks].tolist(), strict=True):
         lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(b))
-        if (hi - lo) % itemsize == 0 and changed <= _SMALL_COUNT and 8 * changed < (hi - lo) // itemsize // 8:
+        if (hi - lo) % itemsize:  # the last chunk, with a tail of bytes after its last element
+            out[i] = encode_patch(b[lo:hi], nw[lo:hi], itemsize)
+        elif changed <= _SMALL_COUNT and 8 * changed < (hi - lo) // itemsize // 8:
             local = (where[start : start + changed] - i * per).tolist()
             out[i] = _small_patch(local, values[start : start + changed].tolist(), hi - lo, itemsize)
-        else:
-            out[i] = encode_patch(b[lo:hi], nw[lo:hi], itemsize)
+        else:  # what ``encode_patch`` makes of it, from the region's diff (not diffed again)
+            local_where = where[start : start + changed] - i * per
+            out[i] = _known_patch(local_where, values[start : start + changed], hi - lo, itemsize)
     if len(b) % itemsize and (count - 1) not in out and not np.array_equal(b[whole:], nw[whole:]):
         lo = (count - 1) * chunk_size  # the last chunk, changed in its tail only
         out[count - 1] = encode_patch(b[lo:], nw[lo:], itemsize)
     return out
+
+
+def _known_patch(where: np.ndarray, values: np.ndarray, chunk_len: int, itemsize: int) -> bytes | None:
+    """``encode_patch`` of a chunk of whole elements whose changes are known: the positions ``where``
+    (ascending) and the XOR ``values``; its sample is tried first, as ``encode_patch`` tries it."""
+    span = sample_span(chunk_len, itemsize)
+    if span is not None:
+        first, last = span[0] // itemsize, span[1] // itemsize
+        a, z = np.searchsorted(where, (first, last))
+        sample = _compose(where[a:z] - first, values[a:z], b"", _SAMPLE_BYTES, itemsize)
+        if sample is not None and len(sample) >= _SAMPLE_BYTES:
+            return None
+    return _compose(where, values, b"", chunk_len, itemsize, max_ratio=1.0)
+
+
+_SCRATCH = threading.local()  # reused diff buffers: fresh pages for every region cost more than the diff
+
+
+def _scratch(name: str, count: int, dtype: Any) -> np.ndarray:
+    """A reused array of ``count`` elements of ``dtype`` for this thread (contents undefined)."""
+    held: np.ndarray | None = getattr(_SCRATCH, name, None)
+    if held is None or held.dtype != dtype or len(held) < count:
+        held = np.empty(count, dtype=dtype)
+        setattr(_SCRATCH, name, held)
+    return held[:count]
 
 
 _SMALL_COUNT = 32  # changes in a chunk up to which ``encode_patches`` builds its patch in plain Python
@@ -240,12 +272,27 @@ def estimate_patch_size(base: Buffer, new: Buffer, itemsize: int) -> int:
     under 1 MiB, else scaled from a 128 KiB sample of its middle (the chunk's length when no
     patch would pay). Lets a planner see that a push must be a keyframe before diffing it all."""
     b, nw = _byte_view(base, "base"), _byte_view(new, "new")
-    if len(b) != len(nw) or len(b) < SAMPLE_FROM:
+    span = sample_span(len(b), itemsize)
+    if len(b) != len(nw) or span is None:
         patch = _build(b, nw, itemsize, max_ratio=1.0) if len(b) == len(nw) else None
         return len(b) if patch is None else len(patch)
-    start = (len(b) - _SAMPLE_BYTES) // 2 // itemsize * itemsize
-    sample = _build(b[start : start + _SAMPLE_BYTES], nw[start : start + _SAMPLE_BYTES], itemsize, max_ratio=1.0)
-    return len(b) if sample is None else min(len(b), len(sample) * len(b) // _SAMPLE_BYTES)
+    return estimate_from_sample(b[span[0] : span[1]], nw[span[0] : span[1]], len(b), itemsize)
+
+
+def sample_span(length: int, itemsize: int) -> tuple[int, int] | None:
+    """The bytes ``[start, end)`` of a chunk of ``length`` bytes that stand for it in an estimate
+    (128 KiB from its middle, element-aligned); None for a chunk under 1 MiB (estimated whole)."""
+    if length < SAMPLE_FROM:
+        return None
+    start = (length - _SAMPLE_BYTES) // 2 // itemsize * itemsize
+    return start, start + _SAMPLE_BYTES
+
+
+def estimate_from_sample(base_sample: Buffer, new_sample: Buffer, length: int, itemsize: int) -> int:
+    """``estimate_patch_size`` of a chunk of ``length`` bytes from its two samples alone (``sample_span``):
+    a planner that kept only the previous version's samples still sees a push that must be a keyframe."""
+    sample = _build(base_sample, new_sample, itemsize, max_ratio=1.0)
+    return length if sample is None else min(length, len(sample) * length // _SAMPLE_BYTES)
 
 
 def _sample_says_dense(base: Buffer, new: Buffer, itemsize: int, max_ratio: float) -> bool:
@@ -255,10 +302,10 @@ def _sample_says_dense(base: Buffer, new: Buffer, itemsize: int, max_ratio: floa
     full patch attempt otherwise: ~0.4 s per 85 MB here, for nothing). Only ever says
     "dense": a chunk the sample finds sparse is still decided by the full patch."""
     b, nw = _byte_view(base, "base"), _byte_view(new, "new")
-    if len(b) != len(nw) or len(b) < SAMPLE_FROM:
+    span = sample_span(len(b), itemsize)
+    if len(b) != len(nw) or span is None:
         return False  # small chunks (and the length error) go straight to ``_build``
-    start = (len(b) - _SAMPLE_BYTES) // 2 // itemsize * itemsize
-    end = start + _SAMPLE_BYTES
+    start, end = span
     sample = _build(b[start:end], nw[start:end], itemsize)
     return sample is not None and len(sample) >= max_ratio * _SAMPLE_BYTES
 
@@ -286,42 +333,64 @@ def _build(
         raise PatchError(f"base and new differ in length ({len(b)} and {len(nw)} bytes)")
     if len(b) > MAX_CHUNK_SIZE:
         raise PatchError(f"chunk of {len(b)} bytes is larger than MAX_CHUNK_SIZE ({MAX_CHUNK_SIZE})")
-    limit = float("inf") if max_ratio is None else max_ratio * len(b)
-    if HEADER_SIZE >= limit:
-        return None
     whole = len(b) // itemsize * itemsize
     diff = b[:whole].view(_UINT[itemsize]) ^ nw[:whole].view(_UINT[itemsize])
     mask = diff != 0
     where = np.flatnonzero(mask)
     changed = diff[where]  # a gather by index: 3x faster than diff[mask] at high density
-    val_section, val_z = _maybe_compress(_planes(changed) + (b[whole:] ^ nw[whole:]).tobytes(), compress)
+    tail = (b[whole:] ^ nw[whole:]).tobytes()
+    return _compose(where, changed, tail, len(b), itemsize, max_ratio=max_ratio, encoding=encoding, compress=compress,
+                    mask=mask)  # fmt: skip
+
+
+def _compose(
+    where: np.ndarray,
+    changed: np.ndarray,
+    tail: bytes,
+    chunk_len: int,
+    itemsize: int,
+    *,
+    max_ratio: float | None = None,
+    encoding: int | None = None,
+    compress: bool = True,
+    mask: np.ndarray | None = None,
+) -> bytes | None:
+    """The patch of a chunk of ``chunk_len`` bytes from its changes: positions ``where``, XOR values
+    ``changed``, the XOR of its ``tail`` (and ``mask``, the changed flags, when the caller has them);
+    None when it would not be smaller than ``max_ratio`` of the chunk (see ``_build``)."""
+    limit = float("inf") if max_ratio is None else max_ratio * chunk_len
+    if HEADER_SIZE >= limit:
+        return None
+    val_section, val_z = _maybe_compress(_planes(changed) + tail, compress)
     room = limit - HEADER_SIZE - len(val_section)
     if room <= 0:
         return None
-    candidates = _positions(mask, where, encoding, compress)
+    candidates = _positions(where, chunk_len // itemsize, encoding, compress, mask)
     pos_section, pos_z, kind, width = min(candidates, key=lambda c: len(c[0]))
     if len(pos_section) >= room:
         return None
     flags = (_POS_ZSTD if pos_z else 0) | (_VAL_ZSTD if val_z else 0)
     head = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, kind, itemsize, flags, width, len(b), len(changed), len(pos_section), len(val_section), 0
-    )[:_SIGNED]
+        MAGIC, FORMAT_VERSION, kind, itemsize, flags, width, chunk_len, len(changed), len(pos_section),
+        len(val_section), 0,
+    )[:_SIGNED]  # fmt: skip
     digest = struct.pack("<Q", _digest(head, pos_section, val_section))
     return b"".join((head, digest, pos_section, val_section))
 
 
 def _positions(
-    mask: np.ndarray, where: np.ndarray, encoding: int | None, compress: bool
+    where: np.ndarray, elements: int, encoding: int | None, compress: bool, mask: np.ndarray | None = None
 ) -> list[tuple[bytes, bool, int, int]]:
     """Candidate positions sections ``(stored, compressed, encoding, gap width)``.
 
-    ``mask`` flags the changed elements, ``where`` are their indices.
+    ``where`` are the indices of the changed elements among ``elements``; ``mask`` flags them
+    (built from ``where`` when the bitmap is tried and the caller has none).
 
     Unforced, gaps are tried while their raw size is at most twice the bitmap's, the
     bitmap while it is at most twice the gaps' (the band where compression decides;
     outside it the measured loser is not worth its zstd pass).
     """
-    bitmap_raw = (len(mask) + 7) // 8
+    bitmap_raw = (elements + 7) // 8
     out: list[tuple[bytes, bool, int, int]] = []
     count = gaps_raw = len(where)  # a lower bound until the width is known
     if encoding == GAPS or (encoding is None and gaps_raw <= 2 * bitmap_raw):
@@ -334,6 +403,9 @@ def _positions(
         if encoding == GAPS or gaps_raw <= 2 * bitmap_raw:
             out.append((*_maybe_compress(_planes(gaps.astype(_UINT[width])), compress), GAPS, width))
     if encoding == BITMAP or (encoding is None and (not out or 2 * gaps_raw >= bitmap_raw)):
+        if mask is None:
+            mask = np.zeros(elements, dtype=np.bool_)
+            mask[where] = True
         out.append((*_maybe_compress(np.packbits(mask, bitorder="little").tobytes(), compress), BITMAP, 0))
     return out
 

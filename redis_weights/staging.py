@@ -162,7 +162,10 @@ def stage(
                     _chunk_staged(plan.version, i)
                 else:  # left to the apply after the commit, which reports (and deletes) a corrupt object
                     held[i] = plan.chunks[i].id + "!"  # never an id: not retried here
-        todo = [i for i in todo if held[i] is None]
+        # still to read: a chunk not found yet (None) and any beyond the window (it may still hold
+        # an older version's id: only the plan's own id, or a mismatch marked "!", takes it off)
+        todo = [i for i in todo
+                if held[i] is None or held[i] != plan.chunks[i].id and not str(held[i]).endswith("!")]
         if not todo or not current():
             break
         now = time.monotonic()

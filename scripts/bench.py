@@ -575,7 +575,7 @@ def run_workload(
     url: str, workload: str, lr: float, system: str, workers: int, repeats: int, timeout: float, flags: list[str]
 ) -> dict[str, Any]:
     """One row: a trainer training ``workload`` at ``lr`` and pushing to ``workers`` workers."""
-    ident = {"workload": workload, "lr": lr, "system": system, "workers": workers}
+    ident = {"workload": workload, "lr": lr, "system": system, "workers": workers, "host_cache": "--host-cache" in flags}
     common = ["--system", system, "--workload", workload, "--lr", repr(lr), *flags]
     docs = run_processes(url, common, workers, repeats, timeout)
     if isinstance(docs, str):
@@ -650,7 +650,8 @@ def workload_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 13]
     mb = 1 / 1e6
     for r in rows:
-        where = f"| {workload_label(r)} | {r['workers']} | {r['system']} |"
+        system = f"{r['system']} (host cache)" if r.get("host_cache") and r["system"] != "torchrl" else r["system"]
+        where = f"| {workload_label(r)} | {r['workers']} | {system} |"
         if r.get("push_s") is None:
             reason = (r.get("error") or "no push measured").split(";")[0][:90]
             lines.append(f"{where} failed: {reason} |||||||||")

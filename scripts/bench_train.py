@@ -484,5 +484,6 @@ MODEL_FLAGS = ("width", "layers", "heads", "vocab", "seq", "batch", "threads", "
 
 
 def model_flags(args: argparse.Namespace) -> list[str]:
-    """The workload flags of ``args`` as a command line for ``bench_procs.py``."""
-    return [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in MODEL_FLAGS]
+    """The workload flags of ``args`` as a command line for ``bench_procs.py`` (``--host-cache`` included)."""
+    flags = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in MODEL_FLAGS]
+    return [*flags, "--host-cache"] if getattr(args, "host_cache", False) else flags

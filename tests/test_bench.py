@@ -385,3 +385,13 @@ def test_docs_show_the_committed_neighbour_run():
     valkey = json.loads((REPO / "docs" / "bench" / "neighbour-valkey.json").read_text())["neighbour_rows"]
     assert valkey and all(r["verified"] and r["server"].startswith("valkey ") for r in valkey)
     assert bench.neighbour_table(valkey) in docs
+
+
+def test_the_workload_flags_forward_the_host_cache_to_the_processes():
+    """``bench.py --workloads classic --host-cache``: the workers share each version (the flag once stayed behind)."""
+    assert "--host-cache" not in bench_train.model_flags(tiny_args())
+    flags = bench_train.model_flags(tiny_args(host_cache=True))
+    assert "--host-cache" in flags
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    assert parser.parse_args(flags).host_cache

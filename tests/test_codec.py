@@ -371,3 +371,20 @@ def test_parse_header_bytes_bounds_the_length_before_allocating():
     _, manifest, chunks = _encode({"w": torch.ones(3)})
     start, entries = parse_header_bytes(b"".join(chunks), manifest.total_bytes)
     assert start == manifest.header_len and entries == manifest.tensors
+
+
+def test_a_region_of_the_stream_is_a_view_where_it_lies_in_one_piece():
+    """``Encoded.region``: a cast stream's data is one staging buffer (a delta diffs it where it lies);
+    the header, or bytes across tensors read in place, are no one piece."""
+    weights = {"a": torch.randn(3000), "b": torch.randn(5000)}
+    cast = Encoder(4096, wire_dtype=torch.bfloat16).encode(weights)
+    stream = b"".join(bytes(cast.chunk(i)[0]) for i in range(len(cast.plan)))
+    lo, hi = cast.header_len + 10, cast.total_bytes - 6
+    view = cast.region(lo, hi)
+    assert view is not None and bytes(view) == stream[lo:hi]
+    assert cast.region(0, cast.header_len + 10) is None  # the header and the data: two pieces
+    plain = Encoder(4096).encode(weights)
+    first, second = plain.tensors
+    boundary = plain.header_len + first.end
+    assert plain.region(boundary - 8, boundary + 8) is None
+    assert bytes(plain.region(boundary, boundary + 8)) == weights[second.name][:2].numpy().tobytes()

@@ -153,3 +153,67 @@ def test_the_trainer_keeps_one_wire_copy_with_deltas_and_none_without(fake_store
 def test_bad_delta_options_are_refused(fake_store, bad):
     with pytest.raises(ConfigurationError):
         RedisWeightUpdater(fake_store, _model(), 1, sync=False, **bad)
+
+
+def test_a_dense_step_is_a_keyframe_decided_from_samples_with_no_diff_and_no_copy_of_the_model(fake_store,
+                                                                                               monkeypatch):
+    """fp32 steps that move every element: each push is a keyframe decided from a few 128 KiB samples
+    (no chunk diffed, the planner keeps samples, not a copy of the model); the first sparse push after
+    them is a keyframe too (nothing to diff against), the next one a delta; every worker bit-exact."""
+    from redis_weights import delta, patch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(1024, 512, bias=False) for _ in range(8)))  # 16 MiB: 16 chunks of 1 MiB
+    updater = RedisWeightUpdater(fake_store, model, 1, sync=False, chunk_size=1 << 20, delta=True)
+    worker = _receiver(fake_store, 1, nn.Sequential(*(nn.Linear(1024, 512, bias=False) for _ in range(8))))
+    planner = updater._delta
+    diffed, estimated = [], []
+    real_diff, real_estimate = delta.DeltaPlanner._diff, patch.estimate_from_sample
+    monkeypatch.setattr(delta.DeltaPlanner, "_diff", lambda self, *a: diffed.append(a) or real_diff(self, *a))
+    monkeypatch.setattr(patch, "estimate_from_sample", lambda *a: estimated.append(1) or real_estimate(*a))
+
+    def push(dense: bool) -> bool:
+        with torch.no_grad():
+            if dense:
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)
+            else:
+                model[0].weight[0, 0] += 1.0
+        diffed.clear()
+        estimated.clear()
+        updater.update_weights()
+        assert worker.poll() == updater.version, worker.last_error
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), worker.policy.state_dict().values(),
+                                                     strict=True))  # fmt: skip
+        return updater.registry.read_manifest(updater.version).is_keyframe
+
+    assert push(dense=True) and planner._full  # the first push: a keyframe, the stream kept to diff the next
+    for _ in range(2):
+        assert push(dense=True)
+        assert not diffed and len(estimated) <= delta.SPREAD_SAMPLES, "decided on a few samples"
+        assert not planner._full and planner._samples is not None
+        kept = sum(len(s) for s in planner._samples.values())
+        assert kept <= 16 * (128 << 10) + 4096  # samples (and the short last chunk), not the model
+    assert push(dense=False) and planner._full  # sparse at last, but no stream to diff against: a keyframe
+    assert not push(dense=False) and diffed  # then a delta again
+
+
+def test_after_a_density_keyframe_a_sparse_step_in_the_short_last_chunk_is_estimated_not_counted_whole():
+    """The planner keeps a short last chunk whole beside the samples: a step that changes one element
+    there projects a small patch, so a model whose last chunk is large never stays a keyframe."""
+    from redis_weights.codec import Encoder
+    from redis_weights.delta import DeltaPlanner
+
+    weights = {"a": torch.randn(262144), "b": torch.randn(180000)}  # 1 MiB, then a last chunk of ~720 KB
+    first = Encoder(1 << 20).encode(weights)
+    assert first.chunk_sizes[-1] > 512 * 1024
+    planner = DeltaPlanner(20, 0.5)
+    manifest = first.manifest(1, keyframe=1)
+    planner._dense = True  # as after a push whose samples said "dense"
+    planner.committed(first, manifest)
+    assert not planner._full
+    with torch.no_grad():
+        weights["b"][5] += 1.0
+    second = Encoder(1 << 20).encode(weights)
+    projected = planner._projected_bytes(second, manifest, set(second.ids), 0.5 * second.total_bytes)
+    assert 0 < projected < second.chunk_sizes[-1] / 10

@@ -269,6 +269,23 @@ def test_stage_reads_what_is_written_and_verifies_every_chunk(fake_redis):
     assert held == manifest.ids
 
 
+def test_stage_reads_every_chunk_past_the_first_window_over_an_older_version(fake_redis, monkeypatch):
+    """A receive buffer that holds the previous version (every chunk changed): staging goes on past its
+    first window until every chunk of the plan is in (it once stopped after one window, because the
+    chunks beyond it still held the previous version's ids)."""
+    monkeypatch.setattr(staging, "WINDOW_CHUNKS", 1)
+    k = Keys("t")
+    old, new = Encoder(4096).encode(_weights(1)), Encoder(4096).encode(_weights(2))
+    manifest = new.manifest(2)
+    assert manifest.num_chunks >= 3 and not set(old.ids) & set(new.ids)
+    store = ChunkStore(fake_redis, k, Deployment(fake_redis))
+    store.write((i, *new.chunk(n)) for n, i in enumerate(new.ids))
+    target = memoryview(bytearray(manifest.total_bytes))
+    held: list[str | None] = list(old.ids)
+    got = stage(store, manifest, target, held, current=lambda: True, stall=0.05)
+    assert held == manifest.ids and got == manifest.total_bytes
+
+
 def test_stage_stops_when_the_plan_is_no_longer_current(fake_redis):
     k = Keys("t")
     manifest = _manifest(2)

@@ -537,3 +537,25 @@ def test_patches_of_many_chunks_in_one_pass_are_the_chunk_by_chunk_patches(chunk
     pieces = [(base[c], new[c]) for c in cut]
     expected = {i: encode_patch(a, b, itemsize) for i, (a, b) in enumerate(pieces) if not np.array_equal(a, b)}
     assert encode_patches(base, new, chunk_size, itemsize) == expected
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize("fraction, bits", [(0.01, 0xFF), (0.3, 0x03), (1.0, 0xFF)])
+def test_patches_of_large_chunks_in_one_pass_are_the_chunk_by_chunk_patches(itemsize, fraction, bits):
+    """Chunks large enough to be sampled first: ``encode_patches`` builds them from the region's diff
+    (never diffed again), byte for byte what ``encode_patch`` makes, the chunks whose sample says
+    "dense" (None) included."""
+    from redis_weights.patch import SAMPLE_FROM, encode_patches
+
+    chunk_size = SAMPLE_FROM
+    rng = np.random.default_rng(int(fraction * 100) + itemsize)
+    length = 3 * chunk_size + 4096
+    base = rng.integers(0, 256, length, dtype=np.uint8)
+    new = base.copy()
+    where = rng.choice(length, int(fraction * length), replace=False)
+    new[where] ^= rng.integers(1, 256, len(where), dtype=np.uint8) & bits
+    cut = [slice(i * chunk_size, (i + 1) * chunk_size) for i in range(4)]
+    expected = {i: encode_patch(base[c], new[c], itemsize) for i, c in enumerate(cut)}
+    got = encode_patches(base, new, chunk_size, itemsize)
+    assert got == expected
+    assert (fraction < 0.5) == all(p is not None for p in got.values())  # every byte new: stored dense
