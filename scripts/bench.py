@@ -666,6 +666,29 @@ def workload_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def workload_summary(*runs: list[dict[str, Any]]) -> str:
+    """The README's summary: per run (one JSON file's workload rows) and (workload, lr, workers, host
+    cache), the median push seconds of the dense and delta pushes and of TorchRL's in that run, and
+    their ratios to TorchRL's."""
+    head = "| workload | lr | workers | host cache | dense push s | delta push s | TorchRL push s | dense / TorchRL | delta / TorchRL |"
+    lines = [head, "|" + "---|" * 9]
+    for rows in runs:
+        measured = [r for r in rows if r.get("push_s") is not None]
+        groups = dict.fromkeys((r["workload"], r["lr"], r["workers"], bool(r.get("host_cache")))
+                               for r in measured if r["system"] != "torchrl")  # fmt: skip
+        for workload, lr, workers, cache in groups:
+            def push(system: str) -> float | None:
+                return next((r["push_s"] for r in measured if (r["workload"], r["lr"], r["workers"], r["system"])
+                             == (workload, lr, workers, system)
+                             and (system == "torchrl" or bool(r.get("host_cache")) == cache)), None)  # fmt: skip
+
+            dense, delta, peer = push("rw-dense"), push("rw-delta"), push("torchrl")
+            ratio = (lambda ours: f"{ours / peer:.2f}x" if ours is not None and peer else "-")
+            lines.append(f"| {workload} | {lr:g} | {workers} | {'yes' if cache else 'no'} | {fmt(dense)} | "
+                         f"{fmt(delta)} | {fmt(peer)} | {ratio(dense)} | {ratio(delta)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def find_workload(rows: list[dict[str, Any]], workload: str, lr: float, system: str, workers: int) -> dict | None:
     for r in rows:
         if (r["workload"], r["lr"], r["system"], r["workers"]) == (workload, lr, system, workers) \
