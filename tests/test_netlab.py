@@ -279,34 +279,51 @@ def test_the_sentinel_primary_host_partitioned_mid_push_fails_that_push_at_most_
         sent = net.counters("trainer")[1]
         workers, trainer = start(net, url, namespace, tmp_path, seeds=FAILOVER_SEEDS, model="mb:8",
                                  worker_args=["--heartbeat-ttl", "2", "--poll-interval", "0.2"])  # fmt: skip
-        wait_for(lambda: net.counters("trainer")[1] - sent > 2_000_000, 60, trainer.log)  # mid-upload
-        net.cut("sp")
-        cut_at, cut_mono = time.time(), time.monotonic()
-        in_flight = trainer.result(0, timeout=FAILOVER_WAIT)
-        if "error" in in_flight:  # one clear error naming the version, or the push rode the failover out
-            assert in_flight["error"] == "PushError", in_flight
-            assert in_flight["message"].startswith(f"push of version {in_flight['version']} failed: Redis at "), \
-                in_flight  # fmt: skip
-            assert "unreachable" in in_flight["message"] or "could not be confirmed" in in_flight["message"], in_flight
-            results = [in_flight, *pushes_until_one_succeeds(trainer, tmp_path, 1, cut_mono + 2 * FAILOVER_WAIT)]
-        else:
-            results = [in_flight]
+        results, cut_at = cut_mid_upload(net, "sp", trainer, tmp_path, sent)
+        message = results[0].get("message", "")
+        assert "error" not in results[0] or "unreachable" in message or "could not be confirmed" in message, results
         good = results[-1]
         promoted = wait_for(lambda: sentinel_primary(net, "s1") == replica_ip, FAILOVER_WAIT, trainer.log)
         assert promoted and net.drops("sp") > 0
         # the documented bound: the push after a lost primary waits at most FAILOVER_WAIT for a new one
         assert good["ended"] - cut_at < FAILOVER_WAIT, results
-        for w in workers.values():
-            assert w.wait_version(good["version"], timeout=FAILOVER_WAIT) == good["digest"]
-        (tmp_path / f"go.{len(results)}").write_text("1")  # and the next push is an ordinary one
-        after = trainer.result(len(results))
-        assert "error" not in after, after
-        for w in workers.values():
-            assert w.wait_version(after["version"]) == after["digest"]
-        print(f"\nsentinel primary cut: {len(results) - 1} failed push(es), the first good push ended "
-              f"{good['ended'] - cut_at:.2f} s after the cut")  # fmt: skip
+        converge_then_push_again(workers, trainer, tmp_path, results, "sentinel primary", cut_at)
     finally:
         stop_all(workers, trainer)
+
+
+def cut_mid_upload(net: Lab, victim: str, trainer: Trainer, tmp_path: Path,
+                   sent: int) -> tuple[list[dict[str, Any]], float]:  # fmt: skip
+    """Cut ``victim``'s link once the trainer sent 2 MB of its first push (``sent``: its counter before);
+    (the pushes until one succeeded, the cut's wall time). The push in flight fails with one clear
+    error naming its version, or rides the failover out."""
+    wait_for(lambda: net.counters("trainer")[1] - sent > 2_000_000, 60, trainer.log)
+    net.cut(victim)
+    cut_at, cut_mono = time.time(), time.monotonic()
+    in_flight = trainer.result(0, timeout=FAILOVER_WAIT)
+    results = [in_flight]
+    if "error" in in_flight:
+        assert in_flight["error"] == "PushError", in_flight
+        assert in_flight["message"].startswith(f"push of version {in_flight['version']} failed: Redis at "), \
+            in_flight  # fmt: skip
+        results += pushes_until_one_succeeds(trainer, tmp_path, 1, cut_mono + 2 * FAILOVER_WAIT)
+    return results, cut_at
+
+
+def converge_then_push_again(workers: dict[int, Worker], trainer: Trainer, tmp_path: Path,
+                             results: list[dict[str, Any]], what: str, cut_at: float) -> None:  # fmt: skip
+    """After a failover: every worker runs the first good push's weights, and the next push is an
+    ordinary one that every worker applies too."""
+    good = results[-1]
+    for w in workers.values():
+        assert w.wait_version(good["version"], timeout=FAILOVER_WAIT) == good["digest"]
+    (tmp_path / f"go.{len(results)}").write_text("1")
+    after = trainer.result(len(results))
+    assert "error" not in after, after
+    for w in workers.values():
+        assert w.wait_version(after["version"]) == after["digest"]
+    print(f"\n{what} cut: {len(results) - 1} failed push(es), the first good push ended "
+          f"{good['ended'] - cut_at:.2f} s after the cut")  # fmt: skip
 
 
 def sentinel_primary(net: Lab, sentinel: str) -> str | None:
@@ -352,28 +369,10 @@ def test_a_cluster_master_host_partitioned_mid_push_fails_pushes_clearly_until_i
         sent = net.counters("trainer")[1]
         workers, trainer = start(net, url, namespace, tmp_path, seeds=FAILOVER_SEEDS, model="mb:8",
                                  worker_args=["--heartbeat-ttl", "2", "--poll-interval", "0.2"])  # fmt: skip
-        wait_for(lambda: net.counters("trainer")[1] - sent > 2_000_000, 60, trainer.log)  # mid-upload
-        net.cut(victim)
-        cut_at, cut_mono = time.time(), time.monotonic()
-        in_flight = trainer.result(0, timeout=FAILOVER_WAIT)
-        results = [in_flight]
-        if "error" in in_flight:
-            assert in_flight["error"] == "PushError", in_flight
-            assert in_flight["message"].startswith(f"push of version {in_flight['version']} failed: Redis at "), \
-                in_flight  # fmt: skip
-            results += pushes_until_one_succeeds(trainer, tmp_path, 1, cut_mono + 2 * FAILOVER_WAIT)
-        good = results[-1]
+        results, cut_at = cut_mid_upload(net, victim, trainer, tmp_path, sent)
         role = net.exec(replica, "redis-cli", "-p", "6379", "info", "replication").stdout
         assert "role:master" in role, role  # the replica on another host took the victim's slots
-        for w in workers.values():
-            assert w.wait_version(good["version"], timeout=FAILOVER_WAIT) == good["digest"]
-        (tmp_path / f"go.{len(results)}").write_text("1")  # and the next push is an ordinary one
-        after = trainer.result(len(results))
-        assert "error" not in after, after
-        for w in workers.values():
-            assert w.wait_version(after["version"]) == after["digest"]
-        print(f"\ncluster master {victim} cut: {len(results) - 1} failed push(es), the first good push ended "
-              f"{good['ended'] - cut_at:.2f} s after the cut")  # fmt: skip
+        converge_then_push_again(workers, trainer, tmp_path, results, f"cluster master {victim}", cut_at)
     finally:
         stop_all(workers, trainer)
 
