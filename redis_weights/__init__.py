@@ -17,6 +17,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .backend.keys import Keys
+    from .backend.store import RedisStore
     from .base import WeightUpdaterBase
     from .errors import (
         ApplyError,
@@ -32,14 +34,12 @@ if TYPE_CHECKING:
         VersionNotFoundError,
         WeightMismatchError,
     )
-    from .keys import Keys
-    from .manifest import Manifest
+    from .format.manifest import Manifest
     from .options import PushOptions, ReceiveOptions
-    from .ranks import RankState
-    from .receiver import RedisWeightReceiver
-    from .store import RedisStore
-    from .updater import RedisWeightUpdater
-    from .versions import VersionRegistry
+    from .protocol.ranks import RankState
+    from .protocol.versions import VersionRegistry
+    from .trainer.updater import RedisWeightUpdater
+    from .worker.receiver import RedisWeightReceiver
 
 # Where each public name lives. Imported on first use (PEP 562): the operator CLI and
 # admin scripts need no torch, and importing torch costs a second or more.
@@ -56,15 +56,15 @@ _EXPORTS = {
     "StaleVersionError": "errors",
     "VersionNotFoundError": "errors",
     "WeightMismatchError": "errors",
-    "Keys": "keys",
-    "Manifest": "manifest",
+    "Keys": "backend.keys",
+    "Manifest": "format.manifest",
     "PushOptions": "options",
     "ReceiveOptions": "options",
-    "RankState": "ranks",
-    "RedisStore": "store",
-    "RedisWeightReceiver": "receiver",
-    "RedisWeightUpdater": "updater",
-    "VersionRegistry": "versions",
+    "RankState": "protocol.ranks",
+    "RedisStore": "backend.store",
+    "RedisWeightReceiver": "worker.receiver",
+    "RedisWeightUpdater": "trainer.updater",
+    "VersionRegistry": "protocol.versions",
     "WeightUpdaterBase": "base",
 }
 

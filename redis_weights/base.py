@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import ConfigurationError
-from .ranks import as_integer
+from .protocol.ranks import as_integer
 
 WorkerIds = int | Sequence[int] | None
 

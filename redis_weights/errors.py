@@ -41,7 +41,7 @@ class CodecError(RedisWeightsError, ValueError):
 
 
 class PatchError(CodecError):
-    """A chunk patch (``redis_weights.patch``) that is malformed, corrupted, or meant for another chunk."""
+    """A chunk patch (``redis_weights.format.patch``) that is malformed, corrupted, or meant for another chunk."""
 
 
 class IntegrityError(CodecError):

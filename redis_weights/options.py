@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from .codec import WIRE_DTYPES
-from .delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL
 from .errors import ConfigurationError
-from .manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
-from .ranks import DEFAULT_HEARTBEAT_TTL
-from .staging import DEFAULT_OVERLAP_MIN_BYTES
-from .versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION
+from .format.codec import WIRE_DTYPES
+from .format.delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL
+from .format.manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
+from .protocol.ranks import DEFAULT_HEARTBEAT_TTL
+from .protocol.staging import DEFAULT_OVERLAP_MIN_BYTES
+from .protocol.versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION
 
 DEFAULT_TIMEOUT = 60.0  # seconds a sync push waits for the acks
 DEFAULT_REPLICA_TIMEOUT = 2.0  # seconds a push waits for the replicas to hold its chunks before it commits

@@ -48,12 +48,12 @@ sys.path.insert(0, str(REPO))
 import redis  # noqa: E402
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater  # noqa: E402
-from redis_weights.chunkstore import ChunkStore  # noqa: E402
-from redis_weights.delta import DeltaPlanner  # noqa: E402
-from redis_weights.manifest import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE  # noqa: E402
+from redis_weights.format.delta import DeltaPlanner  # noqa: E402
+from redis_weights.format.manifest import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE  # noqa: E402
+from redis_weights.protocol.chunkstore import ChunkStore  # noqa: E402
+from redis_weights.protocol.versions import VersionRegistry  # noqa: E402
 from redis_weights.tools.admin import Admin, manifest_dict  # noqa: E402
 from redis_weights.tools.server import LocalRedisServer  # noqa: E402
-from redis_weights.versions import VersionRegistry  # noqa: E402
 
 TENSORS = 64
 CHANGED_PER_CHUNK = 2

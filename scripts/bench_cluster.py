@@ -40,9 +40,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import redis_weights.chunkstore as chunkstore  # noqa: E402
+import redis_weights.protocol.chunkstore as chunkstore  # noqa: E402
 from redis_weights import PushError, RedisStore, RedisWeightReceiver, RedisWeightUpdater  # noqa: E402
-from redis_weights.codec import Encoder  # noqa: E402
+from redis_weights.format.codec import Encoder  # noqa: E402
 from redis_weights.tools.admin import drop_namespace  # noqa: E402
 from redis_weights.tools.server import LocalRedisCluster, LocalRedisServer  # noqa: E402
 

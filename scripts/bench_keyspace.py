@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from redis_weights.store import RedisStore  # noqa: E402
+from redis_weights.backend.store import RedisStore  # noqa: E402
 from redis_weights.tools.admin import Admin, drop_namespace  # noqa: E402
 from redis_weights.tools.server import LocalRedisServer  # noqa: E402
 

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater  # noqa: E402
-from redis_weights.staging import DEFAULT_OVERLAP_MIN_BYTES  # noqa: E402
+from redis_weights.protocol.staging import DEFAULT_OVERLAP_MIN_BYTES  # noqa: E402
 from redis_weights.tools.server import LocalRedisServer  # noqa: E402
 
 NAMESPACE = "bench-overlap"

@@ -44,8 +44,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from redis_weights.deployment import client_from_url  # noqa: E402
-from redis_weights.manifest import DEFAULT_CHUNK_SIZE  # noqa: E402
+from redis_weights.backend.deployment import client_from_url  # noqa: E402
+from redis_weights.format.manifest import DEFAULT_CHUNK_SIZE  # noqa: E402
 from scripts import bench_train  # noqa: E402
 from scripts.bench_train import TRAIN_SYSTEMS, WORKLOADS, add_arguments  # noqa: E402
 

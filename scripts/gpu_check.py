@@ -55,9 +55,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater  # noqa: E402
-from redis_weights.codec import Encoder, check_compatible, copy_tensors, flatten_weights  # noqa: E402
-from redis_weights.delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner  # noqa: E402
-from redis_weights.manifest import DEFAULT_CHUNK_SIZE  # noqa: E402
+from redis_weights.format.codec import Encoder, check_compatible, copy_tensors, flatten_weights  # noqa: E402
+from redis_weights.format.delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL, DeltaPlanner  # noqa: E402
+from redis_weights.format.manifest import DEFAULT_CHUNK_SIZE  # noqa: E402
 from redis_weights.tools.server import LocalRedisServer  # noqa: E402
 from scripts.bench import machine, parse_size  # noqa: E402
 from scripts.bench_procs import rss  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from redis_weights.ranks import is_error  # noqa: E402
+from redis_weights.protocol.ranks import is_error  # noqa: E402
 from redis_weights.tools.admin import Admin, VersionRow, WorkerRow  # noqa: E402
 from redis_weights.tools.cli.args import connection_options, non_negative_int  # noqa: E402
 from redis_weights.tools.cli.commands import cmd_versions, cmd_workers  # noqa: E402

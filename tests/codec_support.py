@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from redis_weights.assemble import assemble
-from redis_weights.codec import Encoded, check_compatible, check_header, copy_tensors
 from redis_weights.errors import IntegrityError
-from redis_weights.manifest import Buffer, Manifest
-from redis_weights.versions import VersionRegistry
+from redis_weights.format.codec import Encoded, check_compatible, check_header, copy_tensors
+from redis_weights.format.manifest import Buffer, Manifest
+from redis_weights.protocol.assemble import assemble
+from redis_weights.protocol.versions import VersionRegistry
 
 
 def built_chunks(encoded: Encoded) -> list[bytes]:
@@ -58,7 +58,7 @@ def read_version(registry: VersionRegistry, version: int) -> tuple[Manifest, byt
 
 def count_reads(monkeypatch) -> list[int]:
     """Record the bytes every ``ChunkStore`` read asks for (one entry per call), for this test."""
-    from redis_weights.chunkstore import ChunkStore
+    from redis_weights.protocol.chunkstore import ChunkStore
 
     seen: list[int] = []
     real_read, real_read_into = ChunkStore.read, ChunkStore.read_into

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from redis_weights.index import NamespaceIndex
-from redis_weights.keys import Keys
+from redis_weights.backend.index import NamespaceIndex
+from redis_weights.backend.keys import Keys
 
 
 def perturb(model: nn.Module, seed: int) -> None:

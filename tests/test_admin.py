@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, VersionNotFoundError
+from redis_weights.backend.keys import Keys
 from redis_weights.errors import CodecError, ConfigurationError
-from redis_weights.keys import Keys
 from redis_weights.tools.admin import Admin, RefusedError, drop_namespace, manifest_dict, parse_version
 from tests.codec_support import read_version
 

@@ -23,7 +23,7 @@ from redis_weights import (
     RedisWeightReceiver,
     RedisWeightUpdater,
 )
-from redis_weights.codec import flatten_weights
+from redis_weights.format.codec import flatten_weights
 from redis_weights.tools.server import free_port
 from tests.codec_support import join_format3, split_format3
 from tests.faults_support import chunk_key, perturb
@@ -414,8 +414,8 @@ def _like(model: nn.Module) -> nn.Module:
 
 def _replace_packs(updater, manifest, records) -> None:
     """Store packs of ``records`` and make the manifest name them instead of its own."""
-    from redis_weights.manifest import checksum
-    from redis_weights.packs import build_packs
+    from redis_weights.format.manifest import checksum
+    from redis_weights.format.packs import build_packs
 
     packs = build_packs(records, 1 << 20)
     updater.registry.chunks.write([(checksum(p), p, False) for p in packs])
@@ -425,7 +425,7 @@ def _replace_packs(updater, manifest, records) -> None:
 
 def _records(updater, manifest):
     """The records of the version's packs: ``(index, source, target, patch bytes)``."""
-    from redis_weights.packs import parse_pack
+    from redis_weights.format.packs import parse_pack
 
     out = []
     for pack in manifest.packs:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.manifest import MIN_CHUNK_SIZE
+from redis_weights.format.manifest import MIN_CHUNK_SIZE
 from redis_weights.tools.admin import Admin, manifest_dict
 from scripts.bench_chunks import sparse_step, weights
 

@@ -21,9 +21,9 @@ import torch
 from redis.cluster import RedisCluster
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.deployment import ClusterDeployment, Deployment, client_from_url, deployment_from_url
+from redis_weights.backend.deployment import ClusterDeployment, Deployment, client_from_url, deployment_from_url
 from redis_weights.errors import ConfigurationError, PushError
-from redis_weights.health import UNSAFE, UnsafeServerError, check_deployment, ensure_server
+from redis_weights.observe.health import UNSAFE, UnsafeServerError, check_deployment, ensure_server
 from redis_weights.tools.server import LocalRedisCluster
 from tests.conftest import REPO_ROOT
 from tests.faults_support import stored_objects

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-import redis_weights.chunkstore as chunkstore
+import redis_weights.protocol.chunkstore as chunkstore
 from redis_weights import PushError, RedisStore, RedisWeightUpdater
-from redis_weights.health import UNSAFE, check_deployment
+from redis_weights.observe.health import UNSAFE, check_deployment
 from redis_weights.tools.server import LocalRedisCluster, LocalRedisServer
 from tests.conftest import _need_server
 from tests.models import make_model, state_digest

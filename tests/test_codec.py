@@ -11,9 +11,9 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from redis_weights.codec import Encoder, flatten_weights, plan_chunks, tensors_in_chunks
 from redis_weights.errors import CodecError, IntegrityError, LegacyFormatError, WeightMismatchError
-from redis_weights.manifest import (
+from redis_weights.format.codec import Encoder, flatten_weights, plan_chunks, tensors_in_chunks
+from redis_weights.format.manifest import (
     ChunkEntry,
     Manifest,
     ManifestTooLargeError,

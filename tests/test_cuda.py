@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.codec import Encoder
+from redis_weights.format.codec import Encoder
 from scripts import gpu_check
 from tests.conftest import REPO_ROOT
 

@@ -1,7 +1,7 @@
 """docker/'s Prometheus and Grafana: the dashboard queries only metrics that exist, wired as compose runs them.
 
 Every metric name a dashboard query uses must be a sample that the library
-(``redis_weights.metrics``) or the exporter (``tools/exporter.py``) exposes; the
+(``redis_weights.observe.metrics``) or the exporter (``tools/exporter.py``) exposes; the
 README documents every one of them with its type and labels; Prometheus scrapes the
 ports the compose services serve on. (``test_exporter.py`` sends every query to a real
 Prometheus, where one is installed.)
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from redis_weights.metrics import TRAINER_METRICS, WORKER_METRICS
+from redis_weights.observe.metrics import TRAINER_METRICS, WORKER_METRICS
 from redis_weights.tools.cli import build_parser
 from redis_weights.tools.exporter import FLEET_METRICS
 from tests.conftest import REPO_ROOT

@@ -160,7 +160,7 @@ def test_a_dense_step_is_a_keyframe_decided_from_samples_with_no_diff_and_no_cop
     """fp32 steps that move every element: each push is a keyframe decided from a few 128 KiB samples
     (no chunk diffed, the planner keeps samples, not a copy of the model); the first sparse push after
     them is a keyframe too (nothing to diff against), the next one a delta; every worker bit-exact."""
-    from redis_weights import delta, patch
+    from redis_weights.format import delta, patch
 
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(1024, 512, bias=False) for _ in range(8)))  # 16 MiB: 16 chunks of 1 MiB
@@ -201,8 +201,8 @@ def test_a_dense_step_is_a_keyframe_decided_from_samples_with_no_diff_and_no_cop
 def test_after_a_density_keyframe_a_sparse_step_in_the_short_last_chunk_is_estimated_not_counted_whole():
     """The planner keeps a short last chunk whole beside the samples: a step that changes one element
     there projects a small patch, so a model whose last chunk is large never stays a keyframe."""
-    from redis_weights.codec import Encoder
-    from redis_weights.delta import DeltaPlanner
+    from redis_weights.format.codec import Encoder
+    from redis_weights.format.delta import DeltaPlanner
 
     weights = {"a": torch.randn(262144), "b": torch.randn(180000)}  # 1 MiB, then a last chunk of ~720 KB
     first = Encoder(1 << 20).encode(weights)

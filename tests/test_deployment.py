@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from redis_weights import ConfigurationError, RedisStore
-from redis_weights.deployment import Deployment, client_from_url, redacted
+from redis_weights.backend.deployment import Deployment, client_from_url, redacted
 
 REDACTED = [
     ("redis://user:secret@host:6380/0", "redis://user:***@host:6380/0"),
@@ -136,7 +136,13 @@ def test_the_registry_picks_one_kind_per_scheme_and_per_client(fake_redis):
     from redis.cluster import RedisCluster
     from redis.sentinel import Sentinel
 
-    from redis_weights.deployment import KINDS, ClusterDeployment, SentinelDeployment, deployment_for, kind_for_url
+    from redis_weights.backend.deployment import (
+        KINDS,
+        ClusterDeployment,
+        SentinelDeployment,
+        deployment_for,
+        kind_for_url,
+    )
 
     assert [k.name for k in KINDS] == [k.deployment.kind for k in KINDS]  # a kind's name is its class's
     schemes = [s for k in KINDS for s in k.schemes]
@@ -158,7 +164,7 @@ def test_the_registry_picks_one_kind_per_scheme_and_per_client(fake_redis):
 def test_a_new_kind_is_one_kind_object_in_the_registry(monkeypatch):
     import fakeredis
 
-    from redis_weights.deployment import Kind, deployment_from_url, registry
+    from redis_weights.backend.deployment import Kind, deployment_from_url, registry
 
     class Memory(Deployment):
         kind = "memory"

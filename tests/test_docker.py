@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from redis_weights.health import OK, check_server
-from redis_weights.keys import Keys
+from redis_weights.backend.keys import Keys
+from redis_weights.observe.health import OK, check_server
 from redis_weights.tools.cli import build_parser
 from redis_weights.tools.cli.args import ENV_NAMESPACE, ENV_URL
 from tests.conftest import REPO_ROOT

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 import redis
+import torch
 
-from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, evictionwatch
+from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from redis_weights.observe import evictionwatch
 from tests.models import make_model, state_digest
 
-WATCH = "redis_weights.evictionwatch"
+WATCH = "redis_weights.observe.evictionwatch"
 
 
 def _errors(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
@@ -68,7 +69,7 @@ def test_a_sync_push_whose_objects_are_evicted_before_the_ranks_read_them_is_rep
     """Evicted between the commit and the ranks' fetch: the rank refuses the version for good, so the
     trainer uploads what went (it still holds the bytes) and commits the weights again as a new
     version, within the same push call."""
-    from redis_weights import push as push_module
+    from redis_weights.protocol import push as push_module
 
     server = server_factory()
     admin = redis.Redis.from_url(server.url)
@@ -95,7 +96,7 @@ def test_a_sync_push_whose_objects_are_evicted_before_the_ranks_read_them_is_rep
         monkeypatch.setattr(push_module.Push, "commit", commit_then_evict)
         with torch.no_grad():  # a small step: with delta=True the version is a patch in a pack
             next(model.parameters()).view(-1)[:8] += 0.5
-        caplog.set_level(logging.WARNING, logger="redis_weights.updater")
+        caplog.set_level(logging.WARNING, logger="redis_weights.trainer.updater")
         updater.update_weights()  # v2 refused by rank 1 (its object is gone), then repaired as v3
         assert updater.version == 3 and receiver.version == 3, receiver.last_error
         expected = {k: v.bfloat16().float() if delta and v.is_floating_point() else v

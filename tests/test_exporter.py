@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from redis_weights import RedisStore, VersionRegistry, metrics
+from redis_weights import RedisStore, VersionRegistry
+from redis_weights.observe import metrics
 from redis_weights.tools.admin import Admin
 from redis_weights.tools.exporter import FLEET_METRICS, STATUSES, serve
 from redis_weights.tools.server import free_port

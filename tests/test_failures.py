@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis_weights.failures import Repeats
+from redis_weights.worker.failures import Repeats
 
 
 class _Clock:

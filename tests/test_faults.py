@@ -19,7 +19,7 @@ import pytest
 import redis
 import torch
 
-import redis_weights.chunkstore as chunkstore_module
+import redis_weights.protocol.chunkstore as chunkstore_module
 from redis_weights import (
     BackgroundUploadError,
     PushError,
@@ -29,10 +29,10 @@ from redis_weights import (
     RedisWeightReceiver,
     RedisWeightUpdater,
     StaleVersionError,
-    bulkread,
-    ranks,
 )
-from redis_weights.push import publish
+from redis_weights.backend import bulkread
+from redis_weights.protocol import ranks
+from redis_weights.protocol.push import publish
 from redis_weights.tools.admin import Admin, drop_namespace
 from tests.faults_support import eventually, perturb
 from tests.models import make_model, state_digest
@@ -453,7 +453,7 @@ def test_a_loss_report_never_hides_a_newer_pending_version(real_store, redis_url
 def test_retried_commands_are_idempotent(real_store, redis_url, namespace):
     """The client retries on connection errors: a commit or an ack sent twice changes nothing;
     a commit that is not above ``latest`` is refused; a late ack never hides a newer "pending"."""
-    from redis_weights.codec import Encoder
+    from redis_weights.format.codec import Encoder
 
     updater = RedisWeightUpdater(real_store, make_model("mlp", seed=80), 1, sync=False)
     worker = RedisWeightReceiver(RedisStore.from_url(redis_url, namespace), 1, make_model("mlp"), **FAST)

@@ -14,10 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from redis_weights.codec import DTYPES, Encoder
 from redis_weights.errors import CodecError, WeightMismatchError
-from redis_weights.manifest import MAX_CHAIN, Manifest, parse_header, parse_header_bytes
-from redis_weights.packs import build_packs, parse_pack
+from redis_weights.format.codec import DTYPES, Encoder
+from redis_weights.format.manifest import MAX_CHAIN, Manifest, parse_header, parse_header_bytes
+from redis_weights.format.packs import build_packs, parse_pack
 from tests.codec_support import apply_chunks, built_chunks, format2_doc, join_format3, split_format3
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

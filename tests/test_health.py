@@ -1,12 +1,13 @@
-"""Server checks (``redis_weights.health``) against real servers with chosen settings."""
+"""Server checks (``redis_weights.observe.health``) against real servers with chosen settings."""
 
 from __future__ import annotations
 
 import pytest
 import redis
 
-from redis_weights.deployment import client_from_url
-from redis_weights.health import (
+from redis_weights.backend.deployment import client_from_url
+from redis_weights.backend.keys import Keys
+from redis_weights.observe.health import (
     OK,
     UNSAFE,
     WARN,
@@ -22,7 +23,6 @@ from redis_weights.health import (
     ensure_no_eviction,
     worst,
 )
-from redis_weights.keys import Keys
 
 
 def _by_check(findings: list[Finding]) -> dict[str, Finding]:

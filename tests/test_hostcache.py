@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-import redis_weights.receiver as receiver_module
+import redis_weights.worker.receiver as receiver_module
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.bulkread import read_values_into
-from redis_weights.deployment import Deployment
+from redis_weights.backend.bulkread import read_values_into
+from redis_weights.backend.deployment import Deployment
 from redis_weights.errors import ConfigurationError
-from redis_weights.hostcache import DEFAULT_DIRECTORY, HostCache, private_directory
-from redis_weights.manifest import Manifest
+from redis_weights.format.manifest import Manifest
+from redis_weights.worker.hostcache import DEFAULT_DIRECTORY, HostCache, private_directory
 from tests.codec_support import count_reads
 from tests.faults_support import chunk_key
 from tests.models import make_model, state_digest

@@ -16,9 +16,9 @@ import redis
 import torch
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.index import CorruptIndexError, NamespaceIndex
-from redis_weights.push import rollback
-from redis_weights.ranks import known_ranks
+from redis_weights.backend.index import CorruptIndexError, NamespaceIndex
+from redis_weights.protocol.push import rollback
+from redis_weights.protocol.ranks import known_ranks
 from redis_weights.tools.admin import Admin
 from tests.conftest import REPO_ROOT
 from tests.faults_support import perturb, stored_objects

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from redis_weights.keys import Keys, validate_namespace
+from redis_weights.backend.keys import Keys, validate_namespace
 
 LAYOUT = Path(__file__).resolve().parent.parent / "docs" / "design" / "keys.md"
 # Members of Keys that do not name one key or channel (helpers, patterns, the prefix).

@@ -18,16 +18,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
-from redis_weights import (
-    ConfigurationError,
-    PushTimeoutError,
-    RedisStore,
-    RedisWeightReceiver,
-    RedisWeightUpdater,
-    metrics,
-)
-from redis_weights.metrics import FAILURE_KINDS, TRAINER_METRICS, WORKER_METRICS, failure_kind
-from redis_weights.reports import PUSH_PHASES, ApplyReport, PushReport, call_hook, wants_report
+from redis_weights import ConfigurationError, PushTimeoutError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from redis_weights.observe import metrics
+from redis_weights.observe.metrics import FAILURE_KINDS, TRAINER_METRICS, WORKER_METRICS, failure_kind
+from redis_weights.observe.reports import PUSH_PHASES, ApplyReport, PushReport, call_hook, wants_report
 from tests.conftest import REPO_ROOT
 from tests.test_updater import hold_uploads
 

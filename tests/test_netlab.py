@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from redis_weights.deployment import FAILOVER_WAIT
-from redis_weights.keys import Keys
+from redis_weights.backend.deployment import FAILOVER_WAIT
+from redis_weights.backend.keys import Keys
 from redis_weights.tools.server import find_server_binary
 from scripts import netlab
 from scripts.netlab import (

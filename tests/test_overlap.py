@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, staging
-from redis_weights.chunkstore import ChunkStore
-from redis_weights.codec import Encoder
-from redis_weights.deployment import Deployment
-from redis_weights.keys import Keys
-from redis_weights.push import publish
-from redis_weights.staging import PLAN_TTL, announce, hinted_version, read_plan, stage, still_planned
+from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from redis_weights.backend.deployment import Deployment
+from redis_weights.backend.keys import Keys
+from redis_weights.format.codec import Encoder
+from redis_weights.protocol import staging
+from redis_weights.protocol.chunkstore import ChunkStore
+from redis_weights.protocol.push import publish
+from redis_weights.protocol.staging import PLAN_TTL, announce, hinted_version, read_plan, stage, still_planned
+from redis_weights.protocol.versions import VersionRegistry
 from redis_weights.tools.admin import drop_namespace
-from redis_weights.versions import VersionRegistry
 from tests.faults_support import eventually
 from tests.models import make_model, state_digest
 from tests.procs import Worker, workers

@@ -1,4 +1,4 @@
-"""Chunk patches (redis_weights.patch): lossless round trips, the choice of encoding, and
+"""Chunk patches (redis_weights.format.patch): lossless round trips, the choice of encoding, and
 hostile patches refused with a PatchError before anything is written."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from redis_weights.errors import CodecError, PatchError
-from redis_weights.manifest import MAX_CHUNK_SIZE
-from redis_weights.patch import (
+from redis_weights.format.manifest import MAX_CHUNK_SIZE
+from redis_weights.format.patch import (
     BITMAP,
     GAPS,
     HEADER_SIZE,
@@ -524,7 +524,7 @@ def test_changes_outside_the_sample_are_decided_by_the_whole_chunk() -> None:
 def test_patches_of_many_chunks_in_one_pass_are_the_chunk_by_chunk_patches(chunk_size, itemsize, changes):
     """``encode_patches`` gives, byte for byte, ``encode_patch`` of every chunk that changed (sparse chunks
     built without numpy, dense ones, a last chunk shorter and changed in its tail only, misaligned chunks)."""
-    from redis_weights.patch import encode_patches
+    from redis_weights.format.patch import encode_patches
 
     rng = np.random.default_rng(changes + chunk_size + itemsize)
     length = 9 * chunk_size + 4093
@@ -545,7 +545,7 @@ def test_patches_of_large_chunks_in_one_pass_are_the_chunk_by_chunk_patches(item
     """Chunks large enough to be sampled first: ``encode_patches`` builds them from the region's diff
     (never diffed again), byte for byte what ``encode_patch`` makes, the chunks whose sample says
     "dense" (None) included."""
-    from redis_weights.patch import SAMPLE_FROM, encode_patches
+    from redis_weights.format.patch import SAMPLE_FROM, encode_patches
 
     chunk_size = SAMPLE_FROM
     rng = np.random.default_rng(int(fraction * 100) + itemsize)

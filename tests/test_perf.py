@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from redis_weights import ConfigurationError, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.codec import Encoder, flatten_weights, plan_chunks
 from redis_weights.errors import BackgroundUploadError
-from redis_weights.manifest import checksum
-from redis_weights.uploader import BackgroundUploader
-from redis_weights.versions import VersionRegistry
+from redis_weights.format.codec import Encoder, flatten_weights, plan_chunks
+from redis_weights.format.manifest import checksum
+from redis_weights.protocol.versions import VersionRegistry
+from redis_weights.trainer.uploader import BackgroundUploader
 from tests.codec_support import built_chunks
 
 
@@ -34,7 +34,7 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 # -- lazy gathering ------------------------------------------------------------------------
 def test_chunks_spanning_small_tensors_are_gathered_into_a_ring_of_buffers_and_ids_need_no_gather(monkeypatch):
-    import redis_weights.codec as codec
+    import redis_weights.format.codec as codec
 
     monkeypatch.setattr(codec, "GATHER_BYTES", 4 * 4096)  # a ring of 4 chunk buffers
     weights = _many_small()

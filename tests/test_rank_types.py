@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from redis_weights.errors import ConfigurationError
-from redis_weights.ranks import check_rank, check_worker_count
+from redis_weights.protocol.ranks import check_rank, check_worker_count
 from tests.models import make_model, state_digest
 
 

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from redis_weights import ConfigurationError, ranks
-from redis_weights.keys import Keys
-from redis_weights.ranks import STATUS_PENDING, STATUS_UPDATED, error_status, is_error, parse_ack, read_rank_states
-from redis_weights.subscriptions import Subscription
+from redis_weights import ConfigurationError
+from redis_weights.backend.keys import Keys
+from redis_weights.backend.subscriptions import Subscription
+from redis_weights.protocol import ranks
+from redis_weights.protocol.ranks import (
+    STATUS_PENDING,
+    STATUS_UPDATED,
+    error_status,
+    is_error,
+    parse_ack,
+    read_rank_states,
+)
 
 K = Keys("r")
 

@@ -18,8 +18,8 @@ from redis_weights import (
     RedisStore,
     RedisWeightReceiver,
     RedisWeightUpdater,
-    ranks,
 )
+from redis_weights.protocol import ranks
 from tests.faults_support import chunk_key
 
 

@@ -25,11 +25,11 @@ import pytest
 import redis
 
 from redis_weights import CodecError, ConfigurationError, PushError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.health import UnsafeServerError, check_acl
-from redis_weights.keys import Keys
-from redis_weights.ranks import read_rank_states
+from redis_weights.backend.keys import Keys
+from redis_weights.observe.health import UnsafeServerError, check_acl
+from redis_weights.protocol.ranks import read_rank_states
+from redis_weights.protocol.versions import VersionRegistry
 from redis_weights.tools.demo.procs import worker_command, worker_environment
-from redis_weights.versions import VersionRegistry
 from tests.conftest import REPO_ROOT
 from tests.faults_support import eventually, perturb
 from tests.models import make_model, state_digest

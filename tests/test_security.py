@@ -14,7 +14,7 @@ import redis
 import torch
 
 from redis_weights import ConfigurationError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.keys import Keys
+from redis_weights.backend.keys import Keys
 from redis_weights.tools.server import free_port
 from tests.models import make_model, state_digest
 

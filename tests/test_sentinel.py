@@ -21,10 +21,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-import redis_weights.chunkstore as chunkstore_module
+import redis_weights.protocol.chunkstore as chunkstore_module
 from redis_weights import ConfigurationError, PushError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.deployment import client_from_url, redacted
-from redis_weights.sentinel import DEFAULT_PORT, parse_url
+from redis_weights.backend.deployment import client_from_url, redacted
+from redis_weights.backend.deployment.sentinel import DEFAULT_PORT, parse_url
 from redis_weights.tools.admin import drop_namespace
 from redis_weights.tools.server import LocalRedisServer, LocalSentinelSet
 from tests.conftest import REPO_ROOT, _need_server
@@ -179,7 +179,7 @@ def test_a_paused_replica_fails_a_push_that_requires_it_and_only_slows_a_best_ef
             strict.update_weights()
         assert info.value.version == committed + 1
         assert _registry(sentinel_store).latest() == committed
-        with caplog.at_level(logging.WARNING, logger="redis_weights.updater"):
+        with caplog.at_level(logging.WARNING, logger="redis_weights.trainer.updater"):
             best_effort.update_weights()  # waits replica_timeout, warns, commits
         assert _registry(sentinel_store).latest() == best_effort.version > committed
         assert best_effort.last_push.seconds["replicas"] >= 0.5

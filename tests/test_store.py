@@ -8,7 +8,7 @@ import time
 import pytest
 
 from redis_weights import ConfigurationError, RedisStore
-from redis_weights.store import StoreTimeoutError, as_store
+from redis_weights.backend.store import StoreTimeoutError, as_store
 
 
 def test_mapping_get_set_delete_iterate(fake_store):

@@ -13,7 +13,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from redis_weights.subscriptions import Subscription
+from redis_weights.backend.subscriptions import Subscription
 
 
 class _Faulty:

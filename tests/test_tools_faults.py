@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.assemble import MissingObjectError
 from redis_weights.errors import RedisWeightsError, VersionNotFoundError
-from redis_weights.manifest import Manifest
+from redis_weights.format.manifest import Manifest
+from redis_weights.protocol.assemble import MissingObjectError
 from redis_weights.tools import admin as admin_module
 from redis_weights.tools.admin import Admin
 from redis_weights.tools.cli import main

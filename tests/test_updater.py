@@ -203,7 +203,7 @@ def test_constructor_validates_its_arguments(fake_store, policy):
 def test_a_redis_error_while_waiting_for_acks_is_a_push_error(fake_store, policy, monkeypatch):
     """Not only lost connections: an error reply (here NOPERM) is a ``PushError`` too, in a sync
     push and in ``wait()``, naming the version and chained to the Redis error."""
-    import redis_weights.updater as updater_module
+    import redis_weights.trainer.updater as updater_module
 
     def refused(*args, **kwargs):
         raise redis.exceptions.NoPermissionError("this user has no permissions to access one of the keys")
@@ -264,7 +264,7 @@ def test_an_error_reply_after_the_commit_happened_says_so_and_keeps_the_chunks(f
 def test_a_second_writer_is_reported_when_this_updater_pushes_next(fake_store, policy, caplog):
     """Two trainers that take turns are not refused (numbers still rise), but each sees a warning."""
     first, second = _updater(fake_store, policy), _updater(fake_store, policy)
-    with caplog.at_level(logging.WARNING, logger="redis_weights.updater"):
+    with caplog.at_level(logging.WARNING, logger="redis_weights.trainer.updater"):
         first.update_weights()
         first.update_weights()
         assert not caplog.records  # one writer: nothing to report

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from redis_weights.values import parse_float, parse_int, text, text_or_none
+from redis_weights.backend.values import parse_float, parse_int, text, text_or_none
 
 
 @pytest.mark.parametrize("value, expected", [

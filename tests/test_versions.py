@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from redis_weights import StaleVersionError, VersionNotFoundError, VersionRegistry
-from redis_weights.codec import Encoder
 from redis_weights.errors import CodecError
-from redis_weights.push import publish, rollback
-from redis_weights.versions import GcRaceError, ObjectsMissingError
+from redis_weights.format.codec import Encoder
+from redis_weights.protocol.push import publish, rollback
+from redis_weights.protocol.versions import GcRaceError, ObjectsMissingError
 from tests.codec_support import read_version
 from tests.faults_support import stored_objects
 
@@ -76,7 +76,7 @@ def test_the_manifest_is_staged_then_renamed_so_the_script_never_carries_it(regi
 
 
 def test_a_manifest_larger_than_one_piece_is_read_in_pieces(registry, fake_redis, monkeypatch):
-    from redis_weights import versions
+    from redis_weights.protocol import versions
 
     manifest, _ = _push(registry)
     whole = registry.read_manifest(manifest.version)
@@ -140,7 +140,7 @@ def test_a_manifest_stored_under_another_versions_key_is_refused(registry, fake_
 
 
 def test_a_manifest_too_large_is_refused_without_downloading_it(registry, fake_redis, monkeypatch):
-    import redis_weights.versions as versions
+    import redis_weights.protocol.versions as versions
 
     monkeypatch.setattr(versions, "MAX_MANIFEST_BYTES", 100)
     fake_redis.set(registry.keyspace.manifest(7), b"x" * 5000)
@@ -189,7 +189,7 @@ def test_gc_sweeps_orphans_but_spares_the_objects_of_a_pending_push(registry):
 
 
 def test_gc_frees_in_small_steps(registry, monkeypatch):
-    import redis_weights.chunkstore as chunkstore
+    import redis_weights.protocol.chunkstore as chunkstore
 
     registry.chunks.write((f"{i:032x}", b"x", False) for i in range(40))
     calls = []

@@ -16,7 +16,7 @@ import sys
 import time
 
 from redis_weights import RedisStore, RedisWeightUpdater
-from redis_weights.chunkstore import ChunkStore
+from redis_weights.protocol.chunkstore import ChunkStore
 from tests.models import make_model, state_digest
 
 

@@ -15,11 +15,11 @@ import time
 
 import redis
 
-import redis_weights.bulkread as bulkread_module
-import redis_weights.receiver as receiver_module
-import redis_weights.staging as staging_module
+import redis_weights.backend.bulkread as bulkread_module
+import redis_weights.protocol.staging as staging_module
+import redis_weights.worker.receiver as receiver_module
 from redis_weights import ReceiveTimeoutError, RedisStore, RedisWeightReceiver
-from redis_weights.reports import ApplyReport
+from redis_weights.observe.reports import ApplyReport
 from tests.models import make_model, state_digest
 
 

@@ -25,18 +25,18 @@ from typing import Any
 
 import redis
 
-from ..assemble import MissingObjectError
-from ..deployment import LOST, deployment_for, redacted
+from ..backend.deployment import LOST, deployment_for, redacted
+from ..backend.index import CorruptIndexError, IndexCheck, NamespaceIndex, ReindexReport
+from ..backend.keys import DEFAULT_NAMESPACE, Keys
+from ..backend.store import RedisStore
+from ..backend.subscriptions import Subscription
+from ..backend.values import MAX_VERSION, parse_int, text
 from ..errors import CodecError, ConfigurationError, RedisWeightsError, VersionNotFoundError
-from ..index import CorruptIndexError, IndexCheck, NamespaceIndex, ReindexReport
-from ..keys import DEFAULT_NAMESPACE, Keys
-from ..manifest import DEFAULT_CHUNK_SIZE, Manifest
-from ..push import rollback
-from ..ranks import RankState, known_ranks, parse_ack, read_rank_states
-from ..store import RedisStore
-from ..subscriptions import Subscription
-from ..values import MAX_VERSION, parse_int, text
-from ..versions import VersionRegistry
+from ..format.manifest import DEFAULT_CHUNK_SIZE, Manifest
+from ..protocol.assemble import MissingObjectError
+from ..protocol.push import rollback
+from ..protocol.ranks import RankState, known_ranks, parse_ack, read_rank_states
+from ..protocol.versions import VersionRegistry
 from .export import check_target, write_version
 from .facts import read_facts
 
@@ -378,7 +378,7 @@ class Admin:
         Redis already holds (the file was exported from a retained version) are not
         uploaded again.
         """
-        from ..updater import RedisWeightUpdater  # imports torch: only this command needs it
+        from ..trainer.updater import RedisWeightUpdater  # imports torch: only this command needs it
 
         tensors, file_metadata = read_safetensors(path)
         ranks = self.known_ranks()

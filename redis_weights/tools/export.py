@@ -15,10 +15,10 @@ import os
 import uuid
 from pathlib import Path
 
-from ..assemble import assemble
-from ..chunkstore import ChunkStore
 from ..errors import ConfigurationError
-from ..manifest import Manifest
+from ..format.manifest import Manifest
+from ..protocol.assemble import assemble
+from ..protocol.chunkstore import ChunkStore
 
 
 def check_target(path: str | os.PathLike[str]) -> Path:

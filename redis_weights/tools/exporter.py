@@ -14,7 +14,7 @@ offers basic auth and TLS (``httpd``).
 
 ``FLEET_METRICS`` is the catalogue the manual documents (docs/operations/metrics.md) and the dashboard's test
 checks against; the in-process metrics of the trainer and workers are in
-``redis_weights.metrics``.
+``redis_weights.observe.metrics``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 
 import redis
 
-from ..metrics import MetricSpec, require
-from ..ranks import ERROR_PREFIX, STATUS_PENDING, STATUS_UPDATED, is_error
+from ..observe.metrics import MetricSpec, require
+from ..protocol.ranks import ERROR_PREFIX, STATUS_PENDING, STATUS_UPDATED, is_error
 from .admin import Admin, WorkerRow
 from .facts import read_facts
 from .httpd import METRICS_PATH, guarded_app, serve_wsgi

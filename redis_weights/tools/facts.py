@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import CodecError, VersionNotFoundError
-from ..header import MAX_HEADER_BYTES, load_json
-from ..manifest_format import MAGIC
-from ..versions import VersionRegistry
+from ..format.header import MAX_HEADER_BYTES, load_json
+from ..format.manifest_format import MAGIC
+from ..protocol.versions import VersionRegistry
 
 PIECE = 512  # bytes read at each end of a manifest
 _TOTAL = re.compile(rb'"total_bytes":([0-9]{1,19})[,}]')

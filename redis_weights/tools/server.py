@@ -33,7 +33,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..deployment import LOST
+from ..backend.deployment import LOST
 from ..errors import ConfigurationError
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from typing import Any
 
 import redis
 
+from ...backend.store import RedisStore
 from ...errors import ApplyError, ConfigurationError
-from ...store import RedisStore
 from ._collectors import is_multi_process, is_single_process, set_policy_version
 from .options import RedisSyncOptions
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from ...errors import ConfigurationError
 from ...options import PushOptions, ReceiveOptions, names
-from ...receiver import RedisWeightReceiver
-from ...updater import RedisWeightUpdater
+from ...trainer.updater import RedisWeightUpdater
+from ...worker.receiver import RedisWeightReceiver
 
 # ``background`` names the worker's apply thread here; the updater's ``background`` keeps this name.
 _PUSH_ALIASES = {"upload_in_background": "background"}

@@ -15,12 +15,12 @@ from typing import Any
 
 from torchrl.weight_update import WeightSyncScheme
 
+from ...backend.keys import validate_namespace
+from ...backend.store import RedisStore
 from ...base import WorkerIds
 from ...errors import ConfigurationError, ReceiveTimeoutError
-from ...keys import validate_namespace
-from ...ranks import as_integer, check_rank, check_worker_count
-from ...store import RedisStore
-from ...updater import RedisWeightUpdater
+from ...protocol.ranks import as_integer, check_rank, check_worker_count
+from ...trainer.updater import RedisWeightUpdater
 from ._collectors import collector_num_workers, materialize, set_policy_version, worker_index_base
 from .collector_receiver import CollectorWeightReceiver
 from .options import RedisSyncOptions

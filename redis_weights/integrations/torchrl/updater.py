@@ -7,7 +7,7 @@ from typing import Any
 
 from torchrl.collectors import WeightUpdaterBase as _TorchRLWeightUpdaterBase
 
-from ...updater import RedisWeightUpdater
+from ...trainer.updater import RedisWeightUpdater
 
 # TorchRL warns (DeprecationWarning) for every subclass of its legacy base; this
 # subclass is deliberate, so importing it must not warn.

@@ -42,9 +42,9 @@ from vllm.distributed.weight_transfer.base import (
     layerwise_groups,
 )
 
-from ... import ranks
+from ...backend.store import RedisStore
 from ...errors import VersionNotFoundError
-from ...store import RedisStore
+from ...protocol import ranks
 from .checkpoint import checkpoint_spec
 from .options import split_receive_options
 from .receiver import EngineReceiver, LoadError

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 import xxhash
 
-from ...codec import check_compatible, flatten_weights
 from ...errors import CodecError, WeightMismatchError
-from ...header import Buffer, TensorEntry
-from ...manifest import Manifest
-from ...receiver import _WAKE_SLICE, RedisWeightReceiver
+from ...format.codec import check_compatible, flatten_weights
+from ...format.header import Buffer, TensorEntry
+from ...format.manifest import Manifest
+from ...worker.receiver import _WAKE_SLICE, RedisWeightReceiver
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from vllm.distributed.weight_transfer.base import (
     WeightSource,
 )
 
+from ...backend.store import RedisStore
 from ...errors import ConfigurationError
-from ...store import RedisStore
-from ...updater import RedisWeightUpdater
+from ...trainer.updater import RedisWeightUpdater
 
 
 class OfflineLLMClient:

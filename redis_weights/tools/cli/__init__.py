@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from ...manifest import DEFAULT_CHUNK_SIZE
+from ...format.manifest import DEFAULT_CHUNK_SIZE
 from ..admin import Admin
 from ..exporter import DEFAULT_ADDRESS as DEFAULT_EXPORTER_ADDRESS
 from ..exporter import DEFAULT_CACHE_SECONDS as DEFAULT_EXPORTER_CACHE

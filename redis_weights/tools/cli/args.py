@@ -12,9 +12,9 @@ import math
 import os
 from collections.abc import Callable
 
+from ...backend.keys import DEFAULT_NAMESPACE
 from ...errors import ConfigurationError, RedisWeightsError
-from ...keys import DEFAULT_NAMESPACE
-from ...manifest import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from ...format.manifest import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 DEFAULT_URL = "redis://localhost:6379/0"
 ENV_URL, ENV_NAMESPACE = "REDIS_URL", "REDIS_WEIGHTS_NAMESPACE"  # read when --url / --namespace are not given

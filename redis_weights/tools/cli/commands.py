@@ -1,7 +1,7 @@
 """One handler per ``redis-weights`` command: ``cmd_<name>(admin, args) -> exit code``.
 
 Each is a thin layer over ``redis_weights.tools.admin`` (reports and actions) and
-``redis_weights.health`` (``doctor``); ``cmd_demo(args)`` runs ``redis_weights.tools.demo``
+``redis_weights.observe.health`` (``doctor``); ``cmd_demo(args)`` runs ``redis_weights.tools.demo``
 and needs no ``Admin``. The scripts in ``scripts/`` print the same tables through them.
 """
 
@@ -15,9 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ...deployment import redacted
+from ...backend.deployment import redacted
 from ...errors import RedisWeightsError
-from ...health import UNSAFE, check_deployment, check_namespace, worst
+from ...observe.health import UNSAFE, check_deployment, check_namespace, worst
 from ...units import human_age, human_bytes, human_seconds, utc_time
 from .. import exporter
 from ..admin import Admin, manifest_dict

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from ...deployment import redacted
+from ...backend.deployment import redacted
+from ...backend.store import RedisStore
 from ...errors import ConfigurationError
-from ...ranks import read_rank_states
-from ...store import RedisStore
-from ...updater import RedisWeightUpdater
+from ...protocol.ranks import read_rank_states
+from ...trainer.updater import RedisWeightUpdater
 from ..admin import drop_namespace
 from ..server import LocalRedisServer
 from .live import Progress, live_view, summary

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import redis
 
-from ...ranks import RankState
+from ...protocol.ranks import RankState
 from ...units import human_bytes
 from .model import Push
 from .procs import WorkerProcess

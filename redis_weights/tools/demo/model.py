@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 import torch
 import xxhash
 
-from ...codec import flatten_weights
 from ...errors import PushError
+from ...format.codec import flatten_weights
 from ...units import human_bytes
 
 if TYPE_CHECKING:
-    from ...updater import RedisWeightUpdater
+    from ...trainer.updater import RedisWeightUpdater
 
 _COLUMNS = 1024  # every demo tensor is a (rows, 1024) float32 matrix plus a bias
 

@@ -15,11 +15,11 @@ import sys
 import threading
 from typing import IO, Any
 
-from ... import metrics
-from ...ranks import claim_rank
-from ...receiver import RedisWeightReceiver
-from ...store import RedisStore, StoreTimeoutError
-from ...updater import RedisWeightUpdater
+from ...backend.store import RedisStore, StoreTimeoutError
+from ...observe import metrics
+from ...protocol.ranks import claim_rank
+from ...trainer.updater import RedisWeightUpdater
+from ...worker.receiver import RedisWeightReceiver
 from .model import demo_weights, digest, train_and_push
 
 _HEARTBEAT_TTL = 5.0

@@ -1,0 +1,1 @@
+"""Watching it run: push and apply reports, in-process metrics, server checks, the eviction watch."""

@@ -1,0 +1,1 @@
+"""The trainer side: ``RedisWeightUpdater`` and its background upload thread."""

@@ -1,0 +1,1 @@
+"""The worker side: ``RedisWeightReceiver``, the same-host cache, and the back-off of repeated failures."""
