@@ -393,6 +393,7 @@ def _delta_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 @pytest.fixture
 def delta_pair(real_store, redis_url, namespace):
     """A delta updater (bf16 on the wire) whose second version is patches only, and a receiver at the first."""
+    torch.manual_seed(0)  # the same weights and step in every run: a chunk the step left unchanged is no patch
     model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     updater = RedisWeightUpdater(real_store, model, 1, sync=False, chunk_size=CHUNK, wire_dtype=torch.bfloat16,
