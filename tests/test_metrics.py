@@ -279,7 +279,8 @@ def test_the_core_works_without_prometheus_client() -> None:
         import sys
         sys.modules["prometheus_client"] = None  # as if it were not installed
         import fakeredis, torch
-        from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater, metrics
+        from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
+        from redis_weights.observe import metrics
         from redis_weights.errors import ConfigurationError
         assert not metrics.AVAILABLE
         store = RedisStore(fakeredis.FakeRedis(), "policy", owns_client=False)
