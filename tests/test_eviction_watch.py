@@ -48,7 +48,7 @@ def test_an_eviction_policy_set_after_the_start_is_reported_and_lost_chunks_are_
         # what eviction does: a chunk of the committed version gone
         manifest = updater.registry.read_manifest(updater.version)
         admin.delete(store.keyspace.chunk(manifest.ids[-1]))
-        receiver._held = []  # a late joiner: it holds nothing
+        receiver._fetcher.forget()  # a late joiner: it holds nothing
         assert receiver.poll() is None
         assert f"version {updater.version}" in receiver.last_error and manifest.ids[-1] in receiver.last_error
         assert "missing from Redis" in receiver.last_error

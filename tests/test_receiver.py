@@ -226,6 +226,6 @@ def test_a_version_that_does_not_fit_is_refused_before_anything_is_fetched(
     assert receiver.last_error == "error: version 1: key 'weight': shape [1024, 1024] pushed, the policy has [4, 8]"
     assert fake_store["rank:1:status"] == receiver.last_error
     assert reads == [], "chunks were fetched for a version the policy cannot hold"
-    assert len(receiver._receive_buffer) == 0, "a receive buffer was allocated for it"
+    assert receiver._fetcher.buffer_size == 0, "a receive buffer was allocated for it"
     assert not host_cache or not any((tmp_path / "cache").rglob("v1-*"))
     assert torch.equal(worker.weight, before) and receiver.version == 0

@@ -25,18 +25,16 @@ many versions this rank is behind ``latest`` as of its last check.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
-from ..backend.bulkread import receive_buffer
 from ..backend.deployment import LOST
 from ..backend.store import RedisStore, as_store
 from ..backend.subscriptions import Subscription
@@ -55,9 +53,10 @@ from ..observe.metrics import WorkerMetrics
 from ..observe.reports import ApplyReport, PhaseClock, call_hook
 from ..options import Option, ReceiveOptions, from_kwargs
 from ..protocol import ranks, staging
-from ..protocol.assemble import MissingObjectError, assemble
+from ..protocol.assemble import MissingObjectError
 from ..protocol.versions import VersionRegistry
 from .failures import Repeats
+from .fetcher import Fetcher
 from .hostcache import DEFAULT_DIRECTORY, HostCache
 
 log = logging.getLogger(__name__)
@@ -109,10 +108,7 @@ class RedisWeightReceiver:
         deployment = self.store.deployment.with_replica_reads() if options.read_from_replicas else self.store.deployment
         self.registry = VersionRegistry(deployment, self.keyspace)
         self.host_cache = self._host_cache(options.host_cache)
-        self._receive_buffer = memoryview(b"")  # grown to the largest version seen, then reused
-        self._held: list[str | None] = []  # id of each chunk in the receive buffer (None: unknown)
-        self._held_chunk_size = 0
-        self._fetched_bytes = 0  # bytes this receiver read from Redis, all versions together
+        self._fetcher = Fetcher(self.registry.chunks, self.host_cache)  # the receive buffer or the host's file
         self.staged_bytes = 0  # of which read before their version's commit (``staging.py``)
         self._plan_hint = 0  # the newest version announced on the updates channel, not yet staged
         self._plan_staged = 0  # the newest plan staged: each version is staged once (a repeated hint costs nothing)
@@ -297,10 +293,10 @@ class RedisWeightReceiver:
         except WeightMismatchError as exc:
             self._fail(version, str(exc))
             return None
-        fetched = self.host_cache.fetched_bytes if self.host_cache is not None else self._fetched_bytes
+        fetched = self._fetcher.fetched_bytes
         fetch_started = time.perf_counter()
         try:
-            with self._fetch(manifest) as chunks:  # the chunks are read, patched (or mapped) on entry
+            with self._fetcher.fetch(manifest) as chunks:  # the chunks are read, patched (or mapped) on entry
                 clock.add("fetch", time.perf_counter() - fetch_started)
                 check_header(chunks, manifest)
                 with self.lock, clock.phase("apply"):  # holders of the lock see weights and version agree
@@ -317,7 +313,7 @@ class RedisWeightReceiver:
             return None
         self.last_error = None
         self._lost_reported = self._history_lost = False
-        fetched = (self.host_cache.fetched_bytes if self.host_cache is not None else self._fetched_bytes) - fetched
+        fetched = self._fetcher.fetched_bytes - fetched
         report = ApplyReport(version, previous, manifest.total_bytes, fetched, dict(clock.seconds),
                              max(0, self.latest_seen - version))  # fmt: skip
         self.last_apply = report
@@ -348,32 +344,6 @@ class RedisWeightReceiver:
         base = DEFAULT_DIRECTORY if option is True else option
         return HostCache.scoped(base, self.store.deployment.scope(), self.keyspace.namespace)
 
-    @contextlib.contextmanager
-    def _fetch(self, manifest: Manifest) -> Iterator[list[Buffer]]:
-        """The verified chunks of a version: from the host's shared file, or built in the reused
-        receive buffer from the chunks it holds already plus what Redis has (``assemble``)."""
-        if self.host_cache is not None:
-            self._held = []  # the private fallback may write into the receive buffer
-            with self.host_cache.chunks(manifest, self.registry.chunks, self._buffer) as chunks:
-                yield chunks
-            return
-        buffer = self._buffer_for(manifest)
-        self._fetched_bytes += assemble(self.registry.chunks, manifest, buffer, self._held)
-        offset, views = 0, []
-        for size in manifest.chunk_sizes:
-            views.append(buffer[offset : offset + size])
-            offset += size
-        yield views
-
-    def _buffer_for(self, manifest: Manifest) -> memoryview:
-        """The receive buffer, sized for ``manifest``; ``_held`` forgotten where it no longer applies."""
-        if len(self._receive_buffer) < manifest.total_bytes:
-            self._held = []
-        buffer = self._buffer(manifest.total_bytes)
-        if self._held_chunk_size != manifest.chunk_size:
-            self._held, self._held_chunk_size = [], manifest.chunk_size
-        return buffer
-
     # -- overlap --------------------------------------------------------------------------
     def _stage(self, hinted: int) -> None:
         """Stage the announced version's chunks while the trainer writes them (``staging.py``):
@@ -394,13 +364,7 @@ class RedisWeightReceiver:
             return
         started = time.perf_counter()
         current = self._plan_current(plan.version, self.latest_seen)
-        if self.host_cache is not None:
-            self._held = []  # the private fallback may write into the receive buffer
-            staged = self.host_cache.stage(plan, self.registry.chunks, current,
-                                           committed=lambda: self.registry.latest() == plan.version)  # fmt: skip
-        else:
-            staged = staging.stage(self.registry.chunks, plan, self._buffer_for(plan), self._held, current)
-            self._fetched_bytes += staged
+        staged = self._fetcher.stage(plan, current, committed=lambda: self.registry.latest() == plan.version)
         self.staged_bytes += staged
         log.debug("rank %d: staged %d bytes of version %d before its commit in %.1f ms",
                   self.rank, staged, plan.version, (time.perf_counter() - started) * 1000)  # fmt: skip
@@ -413,13 +377,6 @@ class RedisWeightReceiver:
             return not self._stop.is_set() and staging.still_planned(self.store.client, self.keyspace, version, since)
 
         return current
-
-    def _buffer(self, size: int) -> memoryview:
-        """The reused receive buffer, grown to ``size`` bytes if it is smaller."""
-        if len(self._receive_buffer) < size:
-            self._receive_buffer = memoryview(b"")  # drop the old one before allocating the bigger one
-            self._receive_buffer = receive_buffer(size)
-        return self._receive_buffer
 
     def _fail(self, version: int, reason: str, *, applied: bool = False) -> None:
         """Report ``version`` as refused (``"error: version N: <reason>"``, also ``last_error``); it is

@@ -105,7 +105,7 @@ class EngineReceiver(RedisWeightReceiver):
     def fetched_bytes(self) -> int:
         """Bytes this engine read from Redis so far (staging included; with the host cache, what it fetched for the
         host)."""
-        return self.host_cache.fetched_bytes if self.host_cache is not None else self._fetched_bytes
+        return self._fetcher.fetched_bytes
 
     # -- install --------------------------------------------------------------------------
     def _install(self, chunks: list[Buffer], manifest: Manifest, targets: dict[str, Any]) -> None:
@@ -132,7 +132,7 @@ class EngineReceiver(RedisWeightReceiver):
         """Fetch, verify and hash ``version`` into the receive buffer (or the host's file), not installed."""
         manifest = self.registry.read_manifest(version, max_bytes=self._max_manifest)
         check_compatible(manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
-        with self._poll_lock, self._fetch(manifest) as chunks:
+        with self._poll_lock, self._fetcher.fetch(manifest) as chunks:
             self._staged = (manifest.ids, tensor_digests(chunks, manifest))
             self.staged_version = version
 
