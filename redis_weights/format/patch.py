@@ -241,13 +241,7 @@ def _small_patch(where: list[int], values: list[int], chunk_len: int, itemsize: 
     pos_section, pos_z = _maybe_compress(_int_planes(gaps, width), True)
     if len(pos_section) >= room:
         return None
-    flags = (_POS_ZSTD if pos_z else 0) | (_VAL_ZSTD if val_z else 0)
-    head = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, GAPS, itemsize, flags, width, chunk_len, len(values), len(pos_section),
-        len(val_section), 0,
-    )[:_SIGNED]  # fmt: skip
-    digest = struct.pack("<Q", _digest(head, pos_section, val_section))
-    return b"".join((head, digest, pos_section, val_section))
+    return _framed(GAPS, itemsize, width, chunk_len, len(values), (pos_section, pos_z), (val_section, val_z))
 
 
 _CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
@@ -369,13 +363,7 @@ def _compose(
     pos_section, pos_z, kind, width = min(candidates, key=lambda c: len(c[0]))
     if len(pos_section) >= room:
         return None
-    flags = (_POS_ZSTD if pos_z else 0) | (_VAL_ZSTD if val_z else 0)
-    head = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, kind, itemsize, flags, width, chunk_len, len(changed), len(pos_section),
-        len(val_section), 0,
-    )[:_SIGNED]  # fmt: skip
-    digest = struct.pack("<Q", _digest(head, pos_section, val_section))
-    return b"".join((head, digest, pos_section, val_section))
+    return _framed(kind, itemsize, width, chunk_len, len(changed), (pos_section, pos_z), (val_section, val_z))
 
 
 def _positions(
@@ -456,6 +444,18 @@ def _maybe_compress(raw: bytes, compress: bool) -> tuple[bytes, bool]:
         if len(packed) < len(raw):
             return packed, True
     return raw, False
+
+
+def _framed(kind: int, itemsize: int, width: int, chunk_len: int, count: int,
+            positions: tuple[bytes, bool], values: tuple[bytes, bool]) -> bytes:  # fmt: skip
+    """A patch: the signed header, its digest, then the sections (each with whether it is zstd)."""
+    (pos_section, pos_z), (val_section, val_z) = positions, values
+    flags = (_POS_ZSTD if pos_z else 0) | (_VAL_ZSTD if val_z else 0)
+    head = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, kind, itemsize, flags, width, chunk_len, count, len(pos_section), len(val_section), 0,
+    )[:_SIGNED]  # fmt: skip
+    digest = struct.pack("<Q", _digest(head, pos_section, val_section))
+    return b"".join((head, digest, pos_section, val_section))
 
 
 def _digest(head: bytes | memoryview, *sections: bytes | memoryview) -> int:
