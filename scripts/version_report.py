@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from redis_weights.protocol.ranks import is_error  # noqa: E402
 from redis_weights.tools.admin import Admin, VersionRow, WorkerRow  # noqa: E402
 from redis_weights.tools.cli.args import connection_options, non_negative_int  # noqa: E402
-from redis_weights.tools.cli.commands import cmd_versions, cmd_workers  # noqa: E402
+from redis_weights.tools.cli.commands import versions as versions_command  # noqa: E402
+from redis_weights.tools.cli.commands import workers as workers_command  # noqa: E402
 from redis_weights.tools.cli.guard import run_script  # noqa: E402
 
 
@@ -51,9 +52,9 @@ def report(args: argparse.Namespace) -> int:
                        "problems": found}, sys.stdout, indent=2)  # fmt: skip
             print()
         else:
-            cmd_versions(admin, args)
+            versions_command.run(admin, args)
             print()
-            cmd_workers(admin, args)
+            workers_command.run(admin, args)
             print()
             print("\n".join(f"PROBLEM: {p}" for p in found) if found else "OK: no problem found")
     return 1 if found else 0

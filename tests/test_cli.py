@@ -9,9 +9,11 @@ here, so the remaining variations call the same ``main()`` in-process.
 from __future__ import annotations
 
 import errno
+import importlib
 import io
 import json
 import os
+import pkgutil
 import re
 import signal
 import stat
@@ -28,7 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from redis_weights import RedisStore, RedisWeightReceiver, RedisWeightUpdater
-from redis_weights.tools.cli import main
+from redis_weights.tools.cli import build_parser, commands, main
+from redis_weights.tools.cli.commands import COMMANDS
 from redis_weights.tools.server import free_port
 from tests.procs import spawn, stop
 
@@ -422,3 +425,15 @@ def test_url_and_namespace_from_the_environment(
     monkeypatch.setenv("REDIS_WEIGHTS_NAMESPACE", namespace + "-other")
     assert json.loads(run_main(capsys, "versions", "--json").stdout)["latest"] == 0
     assert json.loads(run_main(capsys, "-n", namespace, "versions", "--json").stdout)["latest"] == 1
+
+
+def test_every_command_module_is_registered_once_and_listed_by_help_in_registry_order(capsys) -> None:
+    """A module in ``tools/cli/commands/`` is a command only through its line in ``COMMANDS``."""
+    names = [name for _, name, _ in pkgutil.iter_modules(commands.__path__) if name != "base"]
+    modules = [importlib.import_module(f"{commands.__name__}.{name}") for name in names]
+    assert set(COMMANDS) == {m.COMMAND for m in modules}
+    assert len({c.name for c in COMMANDS}) == len(COMMANDS) == len(modules)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    listing = re.findall(r"^    (\S+)", capsys.readouterr().out, flags=re.MULTILINE)  # not the wrapped help lines
+    assert listing == [c.name for c in COMMANDS]

@@ -14,6 +14,7 @@ import redis_weights
 from redis_weights.backend.keys import Keys
 from redis_weights.errors import RedisWeightsError
 from redis_weights.observe.health import UNSAFE, check_acl
+from redis_weights.tools.cli.commands import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -99,6 +100,12 @@ def test_the_module_map_lists_every_module_of_the_package_and_nothing_else():
     assert missing == [], f"modules the module map (docs/design/layout.md) does not list: {missing}"
     unknown = [name for name in rows if name.rstrip("/") not in (packages if name.endswith("/") else modules)]
     assert unknown == [], f"the module map (docs/design/layout.md) lists modules that do not exist: {unknown}"
+
+
+def test_the_cli_manual_has_a_row_for_every_command_in_the_order_of_its_help():
+    """A new command is one module, its line in ``COMMANDS`` and its row in docs/operations/cli.md."""
+    rows = first_column("operations/cli.md", "# The `redis-weights` command", r"^\| `([\w-]+)")
+    assert list(rows) == [command.name for command in COMMANDS], "docs/operations/cli.md's command table"
 
 
 def _imports(path: Path, package: str, modules: set[str]) -> set[str]:

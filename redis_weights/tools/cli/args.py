@@ -142,3 +142,13 @@ def _given(args: argparse.Namespace, name: str, option: str, variable: str) -> s
     if not value.strip():
         raise ConfigurationError(f"{where} is empty: give a value, or leave it out for the default")
     return value
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    """``--json``: the report as one JSON document (``versions``, ``show``, ``workers``, ``doctor``)."""
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``VERSION`` argument that also takes ``latest`` (``show``, ``export``)."""
+    parser.add_argument("version", help="a version number or 'latest'")
