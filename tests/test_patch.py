@@ -539,6 +539,30 @@ def test_patches_of_many_chunks_in_one_pass_are_the_chunk_by_chunk_patches(chunk
     assert encode_patches(base, new, chunk_size, itemsize) == expected
 
 
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+@pytest.mark.parametrize("split", ["elements", "bytes"])
+def test_patches_of_a_region_given_as_pieces_are_those_of_the_region_in_one_buffer(itemsize, split):
+    """The new region given as the pieces that tile it (tensors read in place, cut anywhere, also
+    inside a chunk and inside an element) gives the same patches as the region in one buffer."""
+    from redis_weights.format.patch import encode_patches
+
+    rng = np.random.default_rng(itemsize)
+    chunk_size = 4096
+    length = 12 * chunk_size
+    base = rng.integers(0, 256, length, dtype=np.uint8)
+    new = base.copy()
+    where = rng.choice(length, 3000, replace=False)
+    new[where] ^= rng.integers(1, 256, len(where), dtype=np.uint8)
+    new[5 * chunk_size : 6 * chunk_size] = base[5 * chunk_size : 6 * chunk_size]  # a chunk unchanged
+    cuts = sorted(set(rng.choice(length // itemsize, 20, replace=False).tolist()))
+    bounds = [0, *(c * itemsize + (1 if split == "bytes" else 0) for c in cuts if c), length]
+    pieces = [memoryview(new[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    assert len(pieces) > 10
+    expected = encode_patches(base, new, chunk_size, itemsize)
+    assert 5 not in expected and len(expected) == 11
+    assert encode_patches(base, pieces, chunk_size, itemsize) == expected
+
+
 @pytest.mark.parametrize("itemsize", [2, 4])
 @pytest.mark.parametrize("fraction, bits", [(0.01, 0xFF), (0.3, 0x03), (1.0, 0xFF)])
 def test_patches_of_large_chunks_in_one_pass_are_the_chunk_by_chunk_patches(itemsize, fraction, bits):

@@ -41,7 +41,7 @@ from .packs import build_packs
 
 DEFAULT_KEYFRAME_INTERVAL = 20
 DEFAULT_KEYFRAME_FRACTION = 0.5
-DIFF_BYTES = 64 * 1024 * 1024  # the new stream is diffed in regions of about this size (one scratch copy)
+DIFF_BYTES = 64 * 1024 * 1024  # the new stream is diffed in regions of about this size (bounds the diff's scratch)
 SPREAD_SAMPLES = 8  # changed chunks estimated first, spread over the model, before the estimate may stop early
 SPREAD_MARGIN = 1.25  # ... it stops when those project at least this many times the patch budget
 
@@ -167,28 +167,17 @@ class DeltaPlanner:
         return entries, records
 
     def _diff(self, encoded: Encoded, first: int, end: int) -> dict[int, bytes | None]:
-        """``encode_patch`` of chunks ``first..end-1`` against the previous stream, in one pass: over
-        the new stream where it lies when those chunks are one piece of memory (a stream cast to the
-        wire dtype, past its header), else gathered into one scratch region of at most ``DIFF_BYTES``."""
+        """``encode_patch`` of chunks ``first..end-1`` against the previous stream, in one pass over the
+        new stream where it lies: the chunks' parts (the tensors read in place, the header, a cast
+        stream's staging buffer) are diffed piece by piece, never gathered into a copy."""
         from .patch import encode_patches  # numpy-only; needed by delta pushes alone
 
         assert self._buffer is not None
         lo = first * encoded.chunk_size
         hi = min(end * encoded.chunk_size, encoded.total_bytes)
-        region = encoded.region(lo, hi)  # one piece (a cast stream's staging buffer): diffed where it lies
-        if region is None and end - first > 1 and encoded.region(lo + encoded.chunk_size, hi) is not None:
-            return {**self._diff(encoded, first, first + 1), **self._diff(encoded, first + 1, end)}  # the header's
-        if region is not None:
-            scratch: Any = np.frombuffer(region, dtype=np.uint8)
-        else:
-            scratch = np.empty(hi - lo, dtype=np.uint8)
-            view = memoryview(scratch)
-            offset = 0
-            for parts in encoded.plan[first:end]:  # the chunks' own parts: nothing gathered twice
-                for part in parts:
-                    view[offset : offset + len(part)] = part
-                    offset += len(part)
-        patches = encode_patches(self._buffer[lo:hi], scratch, encoded.chunk_size, element_size(encoded))
+        region = encoded.region(lo, hi)  # one piece: one view
+        pieces: Any = region if region is not None else [part for parts in encoded.plan[first:end] for part in parts]
+        patches = encode_patches(self._buffer[lo:hi], pieces, encoded.chunk_size, element_size(encoded))
         return {first + i: patch for i, patch in patches.items()}
 
     def _projected_bytes(self, encoded: Encoded, prev: Manifest, absent: set[str], budget: float) -> float:

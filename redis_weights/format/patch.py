@@ -159,27 +159,32 @@ def encode_patches(base: Any, new: Any, chunk_size: int, itemsize: int) -> dict[
     ``[i * chunk_size, (i + 1) * chunk_size)``) of two regions of equal length whose bytes differ,
     byte for byte the same patches, from one diff of the whole regions.
 
+    ``new`` is one buffer, or the pieces that tile the new region in order (the tensors of a
+    stream read in place): each piece is diffed where it lies, with no gathered copy of the
+    region, when every piece holds whole elements.
+
     A sparse step changes a few elements of every chunk of a big model: diffing chunk by chunk
     costs ~20 numpy calls per chunk (most of a 70,000-chunk push); here a chunk of few changes
     is built from the positions of the regions' diff with plain Python, and only the others
     go through ``encode_patch``."""
     _check_itemsize(itemsize)
     b: Any = _byte_view(base, "base")
-    nw: Any = _byte_view(new, "new")
-    if len(b) != len(nw):
-        raise PatchError(f"base and new differ in length ({len(b)} and {len(nw)} bytes)")
+    views = [_byte_view(p, "new") for p in new] if isinstance(new, (list, tuple)) else [_byte_view(new, "new")]
+    if sum(len(v) for v in views) != len(b):
+        raise PatchError(f"base and new differ in length ({len(b)} and {sum(len(v) for v in views)} bytes)")
+    aligned = chunk_size % itemsize == 0 and chunk_size <= MAX_CHUNK_SIZE
+    if len(views) > 1 and not (aligned and all(len(v) % itemsize == 0 for v in views)):
+        views = [_joined(views, len(b))]
     count = -(-len(b) // chunk_size)
-    if chunk_size % itemsize or chunk_size > MAX_CHUNK_SIZE:
+    if not aligned:
+        nw = views[0]
         return {i: encode_patch(b[i * chunk_size : (i + 1) * chunk_size], nw[i * chunk_size : (i + 1) * chunk_size],
                                 itemsize)
                 for i in range(count) if not np.array_equal(b[i * chunk_size : (i + 1) * chunk_size],
                                                             nw[i * chunk_size : (i + 1) * chunk_size])}  # fmt: skip
     whole = len(b) // itemsize * itemsize
-    old_elems, new_elems = b[:whole].view(_UINT[itemsize]), nw[:whole].view(_UINT[itemsize])
-    mask = _scratch("mask", whole // itemsize, np.bool_)  # the changed flags, no XOR of every element:
-    np.not_equal(old_elems, new_elems, out=mask)  # ... memory-bound, 40% fewer bytes moved
-    where = np.flatnonzero(mask)  # nonzero of a bool array: 3x faster than of the integers
-    values = old_elems[where] ^ new_elems[where]
+    old_elems = b[:whole].view(_UINT[itemsize])
+    where, values = _changes(old_elems, [v[: len(v) // itemsize * itemsize].view(_UINT[itemsize]) for v in views])
     per = chunk_size // itemsize
     bounds = np.searchsorted(where, np.arange(count + 1, dtype=np.int64) * per)  # ``where`` is sorted: no np.unique
     counts = np.diff(bounds)
@@ -187,17 +192,47 @@ def encode_patches(base: Any, new: Any, chunk_size: int, itemsize: int) -> dict[
     out: dict[int, bytes | None] = {}
     for i, start, changed in zip(chunks.tolist(), bounds[chunks].tolist(), counts[chunks].tolist(), strict=True):
         lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(b))
-        if (hi - lo) % itemsize:  # the last chunk, with a tail of bytes after its last element
-            out[i] = encode_patch(b[lo:hi], nw[lo:hi], itemsize)
+        if (hi - lo) % itemsize:  # the last chunk, with a tail of bytes after its last element (one view)
+            out[i] = encode_patch(b[lo:hi], views[0][lo:hi], itemsize)
         elif changed <= _SMALL_COUNT and 8 * changed < (hi - lo) // itemsize // 8:
             local = (where[start : start + changed] - i * per).tolist()
             out[i] = _small_patch(local, values[start : start + changed].tolist(), hi - lo, itemsize)
         else:  # what ``encode_patch`` makes of it, from the region's diff (not diffed again)
             local_where = where[start : start + changed] - i * per
             out[i] = _known_patch(local_where, values[start : start + changed], hi - lo, itemsize)
-    if len(b) % itemsize and (count - 1) not in out and not np.array_equal(b[whole:], nw[whole:]):
+    if len(b) % itemsize and (count - 1) not in out and not np.array_equal(b[whole:], views[0][whole:]):
         lo = (count - 1) * chunk_size  # the last chunk, changed in its tail only
-        out[count - 1] = encode_patch(b[lo:], nw[lo:], itemsize)
+        out[count - 1] = encode_patch(b[lo:], views[0][lo:], itemsize)
+    return out
+
+
+def _changes(old: np.ndarray, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The positions (ascending) where ``old`` differs from the concatenation of ``pieces``, and the
+    XOR of the two there: one comparison pass, each piece where it lies."""
+    mask = _scratch("mask", len(old), np.bool_)  # the changed flags, no XOR of every element:
+    offset = 0  # ... memory-bound, 40% fewer bytes moved
+    for piece in pieces:
+        np.not_equal(old[offset : offset + len(piece)], piece, out=mask[offset : offset + len(piece)])
+        offset += len(piece)
+    where = np.flatnonzero(mask)  # nonzero of a bool array: 3x faster than of the integers
+    if len(pieces) == 1:
+        return where, old[where] ^ pieces[0][where]
+    values = old[where]
+    offset = 0
+    for piece in pieces:
+        first, last = np.searchsorted(where, (offset, offset + len(piece)))
+        values[first:last] ^= piece[where[first:last] - offset]
+        offset += len(piece)
+    return where, values
+
+
+def _joined(views: list[np.ndarray], size: int) -> np.ndarray:
+    """The concatenation of ``views`` in a reused scratch buffer (pieces that split elements)."""
+    out = _scratch("joined", size, np.uint8)
+    offset = 0
+    for view in views:
+        out[offset : offset + len(view)] = view
+        offset += len(view)
     return out
 
 
