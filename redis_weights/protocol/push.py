@@ -335,6 +335,26 @@ def publish(
     return push.run().uploaded
 
 
+def republish(
+    registry: VersionRegistry,
+    source: Manifest,
+    version: int,
+    ranks: Iterable[int] = (),
+    *,
+    reason: str,
+    by: str,
+    upload: Callable[[set[str]], int] | None = None,
+    pending_ttl: float = DEFAULT_PENDING_TTL,
+) -> Manifest:
+    """Commit the weights of ``source`` again as ``version`` (allocated by the caller): the same
+    manifest with a new number, a new ``created`` and the producer ``"{reason} of v{source} by {by}"``
+    (a rollback, the updater's repair). Published as by ``publish`` (``upload``: the same rule); the
+    manifest committed, its ``uploaded_bytes`` what ``upload`` wrote."""
+    manifest = source.renumbered(version, created=time.time(), producer=f"{reason} of v{source.version} by {by}")
+    manifest.uploaded_bytes = publish(registry, manifest, ranks, upload=upload, pending_ttl=pending_ttl)
+    return manifest
+
+
 def rollback(
     registry: VersionRegistry, version: int, ranks: Iterable[int] = (), pending_ttl: float = DEFAULT_PENDING_TTL
 ) -> Manifest:
@@ -342,10 +362,9 @@ def rollback(
 
     Its chunks are already in Redis (content-addressed): nothing is uploaded or copied.
     The manifest is the old one with a new number, a new ``created`` and a producer
-    naming the rollback."""
+    naming the rollback (``republish``)."""
     source = registry.read_manifest(version)
-    manifest = source.renumbered(registry.allocate(), created=time.time(),
-                                 producer=f"rollback of v{version} by {producer_id()}")  # fmt: skip
-    publish(registry, manifest, ranks, pending_ttl=pending_ttl)
+    manifest = republish(registry, source, registry.allocate(), ranks, reason="rollback", by=producer_id(),
+                         pending_ttl=pending_ttl)  # fmt: skip
     log.info("rolled back to version %d as version %d", version, manifest.version)
     return manifest
