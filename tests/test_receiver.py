@@ -19,7 +19,9 @@ from redis_weights import (
     RedisWeightReceiver,
     RedisWeightUpdater,
 )
+from redis_weights.errors import CodecError
 from redis_weights.protocol import ranks
+from redis_weights.worker import receiver as receiver_module
 from tests.faults_support import chunk_key
 
 
@@ -178,6 +180,39 @@ def test_constructor_validates(fake_store):
         RedisWeightReceiver(fake_store, 1, nn.Linear(1, 1), poll_interval=0)
     with pytest.raises(Exception, match="nn.Module"):
         RedisWeightReceiver(fake_store, 1, object())
+
+
+def test_the_policy_is_walked_at_construction_and_at_each_assignment_only(fake_store, monkeypatch):
+    """The receiver fills the tensors it found at construction (no walk of the policy per version)
+    or at the last ``policy =``: a new module, or the same one after a tensor of it was replaced."""
+    worker = nn.Linear(8, 4)
+    updater, receiver, trainer = _pair(fake_store, worker)
+    walks: list[object] = []
+    flatten = receiver_module.flatten_weights
+    monkeypatch.setattr(receiver_module, "flatten_weights", lambda policy: walks.append(policy) or flatten(policy))
+    updater.update_weights()
+    assert receiver.poll() == 1 and walks == []
+    assert torch.equal(worker.weight, trainer.weight)
+
+    other, before = nn.Linear(8, 4), worker.weight.detach().clone()
+    receiver.policy = other
+    assert receiver.policy is other and walks == [other]
+    with torch.no_grad():
+        trainer.weight.add_(1.0)
+    updater.update_weights()
+    assert receiver.poll() == 2
+    assert torch.equal(other.weight, trainer.weight) and torch.equal(worker.weight, before)
+
+    other.weight = nn.Parameter(torch.zeros(4, 8))  # a new tensor object: found at the next assignment
+    receiver.policy = other
+    with torch.no_grad():
+        trainer.weight.add_(1.0)
+    updater.update_weights()
+    assert receiver.poll() == 3 and torch.equal(other.weight, trainer.weight)
+
+    with pytest.raises(CodecError, match="nn.Module"):
+        receiver.policy = object()
+    assert receiver.policy is other
 
 
 def test_stop_is_prompt(fake_store):

@@ -214,8 +214,9 @@ class Push:
                 epoch = self.begin(candidates)
                 absent = self.find_missing(candidates)
                 manifest, patches = self.plan(absent)
-                absent |= self.find_unplanned(manifest, candidates, patches)
-                uploaded += self.upload(manifest, patches, absent, retried=attempt > 0)
+                needed = manifest.objects()  # one pass over the chunks, for both steps below
+                absent |= self.find_unplanned(needed, candidates, patches)
+                uploaded += self.upload(manifest, needed, patches, absent, retried=attempt > 0)
                 manifest.uploaded_bytes = uploaded
                 self.clock.add("upload", time.perf_counter() - started)
                 self.replicate()
@@ -250,22 +251,23 @@ class Push:
             self.registry.protect(self.token, patches, self.pending_ttl)  # the record names the rest
         return manifest, patches
 
-    def find_unplanned(self, manifest: Manifest, candidates: set[str], patches: Mapping[str, bytes]) -> set[str]:
-        """3b. Which objects the plan references beyond the candidates Redis lacks, once they are in
-        the pending record. Only a plan that left the candidates' path has any: a delta version
-        that became a keyframe (a pack of its chain was lost) names as chunks the ids that the
-        previous version held only inside that pack."""
-        rest = manifest.objects() - candidates - patches.keys()
+    def find_unplanned(self, needed: set[str], candidates: set[str], patches: Mapping[str, bytes]) -> set[str]:
+        """3b. Which objects of ``needed`` (the plan's, ``Manifest.objects``) that are neither candidates
+        nor new patches Redis lacks, once they are in the pending record. Only a plan that left the
+        candidates' path has any: a delta version that became a keyframe (a pack of its chain was
+        lost) names as chunks the ids that the previous version held only inside that pack."""
+        rest = needed - candidates - patches.keys()
         if not rest:
             return set()
         self.registry.protect(self.token, rest, self.pending_ttl)
         return self.find_missing(rest)
 
-    def upload(self, manifest: Manifest, patches: Mapping[str, bytes], absent: set[str], *, retried: bool) -> int:
-        """4. Write what Redis lacks (index first: ``ChunkStore.write``); the bytes sent. After a
-        GC race every object is indexed again: that GC may have dropped the id of an object this
-        push wrote meanwhile (``index.py``)."""
-        needed = manifest.objects()
+    def upload(
+        self, manifest: Manifest, needed: set[str], patches: Mapping[str, bytes], absent: set[str], *, retried: bool
+    ) -> int:
+        """4. Write the objects of ``needed`` (the manifest's, ``Manifest.objects``) that Redis lacks
+        (index first: ``ChunkStore.write``); the bytes sent. After a GC race every object is indexed
+        again: that GC may have dropped the id of an object this push wrote meanwhile (``index.py``)."""
         missing = (absent & needed) | (set(patches) & needed)
         if retried:
             self.registry.chunks.index.add_objects(needed)
@@ -333,6 +335,26 @@ def publish(
     return push.run().uploaded
 
 
+def republish(
+    registry: VersionRegistry,
+    source: Manifest,
+    version: int,
+    ranks: Iterable[int] = (),
+    *,
+    reason: str,
+    by: str,
+    upload: Callable[[set[str]], int] | None = None,
+    pending_ttl: float = DEFAULT_PENDING_TTL,
+) -> Manifest:
+    """Commit the weights of ``source`` again as ``version`` (allocated by the caller): the same
+    manifest with a new number, a new ``created`` and the producer ``"{reason} of v{source} by {by}"``
+    (a rollback, the updater's repair). Published as by ``publish`` (``upload``: the same rule); the
+    manifest committed, its ``uploaded_bytes`` what ``upload`` wrote."""
+    manifest = source.renumbered(version, created=time.time(), producer=f"{reason} of v{source.version} by {by}")
+    manifest.uploaded_bytes = publish(registry, manifest, ranks, upload=upload, pending_ttl=pending_ttl)
+    return manifest
+
+
 def rollback(
     registry: VersionRegistry, version: int, ranks: Iterable[int] = (), pending_ttl: float = DEFAULT_PENDING_TTL
 ) -> Manifest:
@@ -340,10 +362,9 @@ def rollback(
 
     Its chunks are already in Redis (content-addressed): nothing is uploaded or copied.
     The manifest is the old one with a new number, a new ``created`` and a producer
-    naming the rollback."""
+    naming the rollback (``republish``)."""
     source = registry.read_manifest(version)
-    manifest = source.renumbered(registry.allocate(), created=time.time(),
-                                 producer=f"rollback of v{version} by {producer_id()}")  # fmt: skip
-    publish(registry, manifest, ranks, pending_ttl=pending_ttl)
+    manifest = republish(registry, source, registry.allocate(), ranks, reason="rollback", by=producer_id(),
+                         pending_ttl=pending_ttl)  # fmt: skip
     log.info("rolled back to version %d as version %d", version, manifest.version)
     return manifest

@@ -55,7 +55,7 @@ from ..observe.metrics import TrainerMetrics
 from ..observe.reports import PhaseClock, PushReport, call_hook
 from ..options import Option, PushOptions, from_kwargs
 from ..protocol.collector import GarbageCollector
-from ..protocol.push import EncodedPayload, Push, ReplicaGate, publish
+from ..protocol.push import EncodedPayload, Push, ReplicaGate, republish
 from ..protocol.ranks import DeathWatch, RankState, check_worker_count, observe_rank_states, read_rank_states
 from ..protocol.versions import VersionRegistry, producer_id
 from .uploader import SLOTS, BackgroundUploader
@@ -454,20 +454,19 @@ class RedisWeightUpdater(WeightUpdaterBase):
         log.warning("version %d: %d object(s) of it are gone from Redis (evicted? ranks %s refused it); uploading "
                     "them again and committing its weights again as a new version", source, len(lost),
                     sorted(failure.errors))  # fmt: skip
-        manifest = held.manifest.renumbered(self._allocate(), created=time.time(),
-                                            producer=f"repair of v{source} by {self._producer}")  # fmt: skip
+        version = self._allocate()
         try:
-            written = publish(self.registry, manifest, ranks, pending_ttl=self.pending_ttl,
-                              upload=lambda missing: held.payload.write(chunks, missing, held.payload.patches))
+            manifest = republish(self.registry, held.manifest, version, ranks, reason="repair", by=self._producer,
+                                 pending_ttl=self.pending_ttl,
+                                 upload=lambda missing: held.payload.write(chunks, missing, held.payload.patches))
         except (VersionNotFoundError, redis.exceptions.RedisError) as exc:  # bytes it no longer holds
             log.error("version %d could not be repaired: %s", source, exc)
             return False
-        manifest.uploaded_bytes = written
         self.version = manifest.version
         if self._delta is not None:
             self._delta.committed(held.payload.encoded, manifest)
         self._held = _Held(manifest, held.payload)
-        self._metrics.committed(manifest.version, written)
+        self._metrics.committed(manifest.version, manifest.uploaded_bytes)
         return True
 
     def _collect_acks(self, version: int, ranks: list[int], timeout: float, *, max_lag: int = 0) -> None:

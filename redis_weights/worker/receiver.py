@@ -84,6 +84,14 @@ class RedisWeightReceiver:
     Use ``poll()`` from your own loop, ``wait()`` to block, or ``start()`` for a
     background thread (hold ``receiver.lock`` around code that must not see an
     update half-applied, e.g. one forward pass).
+
+    The receiver fills the tensors it found in the policy at construction, or at the
+    last ``receiver.policy = ...`` assignment (reading them from the policy at every
+    version would walk every tensor each time). Tensors updated in place stay valid
+    (``load_state_dict``, ``copy_``, ``param.data = ...``); after replacing tensor
+    objects of the policy (a new ``nn.Parameter``, ``load_state_dict(assign=True)``,
+    ``to_empty``, or ``module.to()`` with a new device or dtype, which replaces the
+    buffers), assign ``receiver.policy = module`` again.
     """
 
     def __init__(
@@ -97,12 +105,9 @@ class RedisWeightReceiver:
     ) -> None:
         rank = ranks.check_rank(rank)
         self.options = options = from_kwargs(ReceiveOptions, options, kwargs, type(self).__name__)
-        flat = flatten_weights(policy)  # fail now, not at the first update, on a policy we cannot fill
-        # what a manifest for this policy can be at most: a bigger one is refused before it is downloaded
-        self._max_manifest = manifest_limit(8 * sum(t.numel() for t in flat.values()), len(flat))
+        self.policy = policy  # fails now, not at the first update, on a policy we cannot fill
         self.store = as_store(store)
         self.rank = rank
-        self.policy = policy
         self.keyspace = self.store.keyspace
         # replica reads for this receiver alone: a view of the store's deployment (same client, not owned)
         deployment = self.store.deployment.with_replica_reads() if options.read_from_replicas else self.store.deployment
@@ -150,6 +155,21 @@ class RedisWeightReceiver:
 
     def _set_options(self, options: ReceiveOptions) -> None:
         self.options = options
+
+    # -- the policy ---------------------------------------------------------------------
+    @property
+    def policy(self) -> Any:
+        """The weights this receiver updates in place; assigning it (the same object again after
+        replacing its tensors) makes the receiver find its tensors again."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Any) -> None:
+        targets = flatten_weights(policy)  # a CodecError for a policy it cannot fill: nothing changes
+        # what a manifest for this policy can be at most: a bigger one is refused before it is downloaded
+        self._max_manifest = manifest_limit(8 * sum(t.numel() for t in targets.values()), len(targets))
+        self._targets = targets  # the live tensors of ``policy``, by name: what every version is copied into
+        self._policy = policy
 
     # -- liveness -----------------------------------------------------------------------
     def heartbeat(self) -> None:
@@ -287,7 +307,7 @@ class RedisWeightReceiver:
         except CodecError as exc:  # not JSON, lies about the layout, too big, or another version's manifest
             self._fail(version, str(exc))
             return None
-        targets = flatten_weights(self.policy)
+        targets = self._targets
         try:  # before allocating or fetching anything: a version that cannot fit costs one GET
             check_compatible(manifest, targets, allow_cast=self.allow_cast)
         except WeightMismatchError as exc:
@@ -359,7 +379,7 @@ class RedisWeightReceiver:
             return
         self._plan_staged = plan.version
         try:
-            check_compatible(plan, flatten_weights(self.policy), allow_cast=self.allow_cast)
+            check_compatible(plan, self._targets, allow_cast=self.allow_cast)
         except WeightMismatchError:
             return
         started = time.perf_counter()

@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 from ...errors import CodecError, WeightMismatchError
-from ...format.codec import check_compatible, flatten_weights
+from ...format.codec import check_compatible
 from ...format.header import Buffer, TensorEntry
 from ...format.manifest import Manifest
 from ...worker.receiver import _WAKE_SLICE, RedisWeightReceiver
@@ -131,7 +131,7 @@ class EngineReceiver(RedisWeightReceiver):
     def prefetch(self, version: int) -> None:
         """Fetch, verify and hash ``version`` into the receive buffer (or the host's file), not installed."""
         manifest = self.registry.read_manifest(version, max_bytes=self._max_manifest)
-        check_compatible(manifest, flatten_weights(self.policy), allow_cast=self.allow_cast)
+        check_compatible(manifest, self._targets, allow_cast=self.allow_cast)
         with self._poll_lock, self._fetcher.fetch(manifest) as chunks:
             self._staged = (manifest.ids, tensor_digests(chunks, manifest))
             self.staged_version = version
