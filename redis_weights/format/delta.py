@@ -43,7 +43,7 @@ DEFAULT_KEYFRAME_INTERVAL = 20
 DEFAULT_KEYFRAME_FRACTION = 0.5
 DIFF_BYTES = 64 * 1024 * 1024  # the new stream is diffed in regions of about this size (bounds the diff's scratch)
 SPREAD_SAMPLES = 8  # changed chunks estimated first, spread over the model, before the estimate may stop early
-SPREAD_MARGIN = 1.25  # ... it stops when those project at least this many times the patch budget
+SPREAD_MARGIN = 1.25  # ... it stops when those project this many times the patch budget, or this many times less
 
 
 def element_size(encoded: Encoded) -> int:
@@ -185,7 +185,8 @@ class DeltaPlanner:
         upper estimate that spares diffing a whole version that must be a keyframe anyway (chunks
         too small to sample are left to the diffing, which stops at the budget; without the previous
         stream, a short last chunk is estimated from its kept bytes). ``SPREAD_SAMPLES`` chunks spread over the model come first: when
-        they project more than ``SPREAD_MARGIN`` times ``budget``, the rest is not estimated."""
+        they project more than ``SPREAD_MARGIN`` times ``budget``, or less than ``budget / SPREAD_MARGIN``, the
+        rest is not estimated."""
         from .patch import SAMPLE_FROM, estimate_from_sample, estimate_patch_size, sample_span
 
         if encoded.chunk_size < SAMPLE_FROM:
@@ -208,8 +209,9 @@ class DeltaPlanner:
         done = 0.0
         for i in first:
             done += self._estimate(encoded, i, offsets[i], itemsize, estimate_from_sample)
-        if first and total + done * len(sampled) / len(first) > SPREAD_MARGIN * budget:
-            return total + done * len(sampled) / len(first)  # a keyframe for sure: spare the rest
+        projected = total + done * len(sampled) / len(first) if first else total
+        if first and not budget / SPREAD_MARGIN <= projected <= SPREAD_MARGIN * budget:
+            return projected  # a keyframe for sure, or patches for sure (the diff stops at the budget anyway)
         for i in rest:
             done += self._estimate(encoded, i, offsets[i], itemsize, estimate_from_sample)
         return total + done

@@ -238,14 +238,16 @@ def _joined(views: list[np.ndarray], size: int) -> np.ndarray:
 
 def _known_patch(where: np.ndarray, values: np.ndarray, chunk_len: int, itemsize: int) -> bytes | None:
     """``encode_patch`` of a chunk of whole elements whose changes are known: the positions ``where``
-    (ascending) and the XOR ``values``; its sample is tried first, as ``encode_patch`` tries it."""
+    (ascending) and the XOR ``values``; its sample is tried first, as ``encode_patch`` tries it, unless
+    it holds too few changes to make a patch of the sample's size (then it cannot say "dense")."""
     span = sample_span(chunk_len, itemsize)
     if span is not None:
         first, last = span[0] // itemsize, span[1] // itemsize
         a, z = np.searchsorted(where, (first, last))
-        sample = _compose(where[a:z] - first, values[a:z], b"", _SAMPLE_BYTES, itemsize)
-        if sample is not None and len(sample) >= _SAMPLE_BYTES:
-            return None
+        if HEADER_SIZE + (z - a) * (itemsize + max(GAP_WIDTHS)) >= _SAMPLE_BYTES:  # else it cannot say "dense"
+            sample = _compose(where[a:z] - first, values[a:z], b"", _SAMPLE_BYTES, itemsize)
+            if sample is not None and len(sample) >= _SAMPLE_BYTES:
+                return None
     return _compose(where, values, b"", chunk_len, itemsize, max_ratio=1.0)
 
 
@@ -619,7 +621,10 @@ def apply_patch(base: Buffer, patch: Buffer, out: Any) -> None:
             raise PatchError(f"patch position {where[-1]} is beyond the chunk's {n} elements")
     elif head.kind == GAPS:
         gaps = _unplanes(pos_raw, head.count, head.width)
-        where = np.cumsum(gaps, dtype=np.int64) + np.arange(1, head.count + 1, dtype=np.int64) - 1
+        where = gaps.astype(np.int64)  # position k = gaps[0] + ... + gaps[k] + k: in place, no temporaries
+        where += 1
+        np.cumsum(where, out=where)
+        where -= 1
         if head.count and where[-1] >= n:
             raise PatchError(f"patch position {int(where[-1])} is beyond the chunk's {n} elements")
     else:
