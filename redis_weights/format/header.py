@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import xxhash
 
@@ -65,12 +65,17 @@ def checksum(data: Buffer) -> str:
 
 def checksum_parts(parts: Sequence[Buffer]) -> str:
     """``checksum`` of the concatenation of ``parts``, without concatenating them."""
-    if len(parts) == 1:
-        return checksum(parts[0])
-    state = xxhash.xxh3_128()
+    return checksum(parts[0]) if len(parts) == 1 else fed(xxhash.xxh3_128(), parts).hexdigest()
+
+
+HashState = TypeVar("HashState", xxhash.xxh3_64, xxhash.xxh3_128)
+
+
+def fed(state: HashState, parts: Iterable[Buffer]) -> HashState:
+    """``state`` after hashing each of ``parts`` in turn (a streaming hash of their concatenation)."""
     for part in parts:
         state.update(part)
-    return state.hexdigest()
+    return state
 
 
 # ---------------------------------------------------------------------------------------

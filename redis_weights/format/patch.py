@@ -89,6 +89,7 @@ import xxhash
 import zstandard
 
 from ..errors import PatchError
+from .header import fed
 from .manifest import MAX_CHUNK_SIZE, Buffer
 
 MAGIC = b"RWPT"
@@ -496,10 +497,8 @@ def _framed(kind: int, itemsize: int, width: int, chunk_len: int, count: int,
 
 
 def _digest(head: bytes | memoryview, *sections: bytes | memoryview) -> int:
-    h = xxhash.xxh3_64(head)
-    for s in sections:
-        h.update(s)
-    return h.intdigest()
+    """The patch's own check: xxh3-64 of its signed header and its sections."""
+    return fed(xxhash.xxh3_64(head), sections).intdigest()
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,8 +60,26 @@ class PhaseClock:
             self._on_phase(name, seconds)
 
 
+class _Timed:
+    """What a report timed by phases adds to its fields: their total, and a JSON-ready dict."""
+
+    seconds: Mapping[str, float]
+
+    @property
+    def total_seconds(self) -> float:
+        """Seconds all phases took together."""
+        return sum(self.seconds.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields (tuples as lists, ``seconds`` as a dict) and ``total_seconds``."""
+        doc = {name: list(value) if isinstance(value, tuple) else value
+               for name, value in asdict(self).items()}  # type: ignore[call-overload]  # fmt: skip
+        doc.update(seconds=dict(self.seconds), total_seconds=self.total_seconds)
+        return doc
+
+
 @dataclass(frozen=True)
-class PushReport:
+class PushReport(_Timed):
     """One push, as the trainer saw it when the push returned.
 
     ``seconds`` holds the phases that ran (``PUSH_PHASES``): ``encode`` (a snapshot into a
@@ -86,19 +104,10 @@ class PushReport:
     gc_objects: int = 0
     gc_keys: int = 0
 
-    @property
-    def total_seconds(self) -> float:
-        """Seconds the push took, all phases together."""
-        return sum(self.seconds.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc.update(ranks=list(self.ranks), seconds=dict(self.seconds), total_seconds=self.total_seconds)
-        return doc
 
 
 @dataclass(frozen=True)
-class ApplyReport:
+class ApplyReport(_Timed):
     """One version applied by a worker.
 
     ``fetched_bytes`` are the bytes read from Redis (0 when the host cache mapped a file
@@ -115,14 +124,6 @@ class ApplyReport:
     seconds: Mapping[str, float] = field(default_factory=dict)
     lag: int = 0
 
-    @property
-    def total_seconds(self) -> float:
-        return sum(self.seconds.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc.update(seconds=dict(self.seconds), total_seconds=self.total_seconds)
-        return doc
 
 
 def wants_report(hook: Callable[..., Any]) -> bool:
