@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Benchmark: this project against its peers, side by side in one run, same machine, same model.
 
-    python scripts/bench.py                                  # the full run (15 min with 1, 2, 4 workers
-                                                             # on 2 cores; 8 workers add about as much)
+    python scripts/bench.py                                  # the full run: the size sweep (15 min with 1, 2,
+                                                             # 4 workers on 2 cores; 8 workers add about as
+                                                             # much), then the classic RL policy trained
+                                                             # between pushes to 1, 2, 4 workers, without and
+                                                             # with the host cache (~8 min)
     python scripts/bench.py --sizes 100MB --workers 2 --systems rw-sync,raw --repeats 3
 
 For every (model size, worker count, system) it starts a trainer and N workers as
@@ -583,6 +586,15 @@ def run_workload(
     return summarize_workload(ident, *docs)
 
 
+def workload_plan(args: argparse.Namespace, workloads: list[str], neighbour: list[int]) -> tuple[list[str], list[bool]]:
+    """The workloads to run and the host-cache modes to run them in. The default run (no sizes,
+    workloads or neighbour measure asked for) is the size sweep, then the seed's own user: the
+    ``classic`` RL policy trained between pushes to 1, 2 and 4 workers, without and with the host cache."""
+    if args.sizes is None and not workloads and not neighbour:
+        return ["classic"], [True] if args.host_cache else [False, True]
+    return workloads, [bool(args.host_cache)]
+
+
 def workload_runs(workload: Workload, lrs: str | None) -> list[tuple[float, tuple[int, ...]]]:
     """(learning rate, default worker counts) to run: the workload's own, or ``--lrs`` (finetune)."""
     if not lrs or workload.name != "finetune":
@@ -837,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(workloads) - set(WORKLOADS):
         parser.error(f"unknown workloads {sorted(set(workloads) - set(WORKLOADS))}; choose from {list(WORKLOADS)}")
     neighbour = [parse_size(s) for s in args.neighbour.split(",") if s.strip()]
+    workloads, cache_modes = workload_plan(args, workloads, neighbour)
     chunk_sizes = [parse_size(s) for s in (args.chunk_sizes or size_label(CHUNK)).split(",") if s.strip()]
     sizes = [parse_size(s) for s in (args.sizes if args.sizes is not None else
                                      "" if workloads or neighbour else "1MB,100MB,1GB").split(",") if s.strip()]
@@ -872,17 +885,19 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{size_label(size):>7} x{n} {system:<9} "
                           f"{fmt(row.get('push_s'))} s/push  ({time.monotonic() - t:.0f}s)"
                           + (f"  ERROR {row['error'][:200]}" if row.get("error") else ""), file=sys.stderr, flush=True)
-        flags = model_flags(args)
-        for name in workloads:
+        for name, host_cache in ((name, cache) for cache in cache_modes for name in workloads):
+            flags = model_flags(argparse.Namespace(**{**vars(args), "host_cache": host_cache}))
             for lr, default_counts in workload_runs(WORKLOADS[name], args.lrs):
-                peers = [s for s in (chosen or WORKLOADS[name].systems) if s in TRAIN_SYSTEMS]
+                peers = [s for s in (chosen or WORKLOADS[name].systems) if s in TRAIN_SYSTEMS
+                         and not (s == "torchrl" and host_cache and False in cache_modes)]  # run once: no host cache
                 for n in counts if args.workers else default_counts:
                     for system in peers:
                         t = time.monotonic()
                         row = run_workload(url, name, lr, system, n, args.repeats_train, args.timeout, flags)
                         workload_rows.append(row)
                         status = row.get("error") or ""
-                        print(f"{name} lr {lr:g} x{n} {system:<8} {fmt(row.get('push_s'))} s/push  "
+                        print(f"{name} lr {lr:g} x{n} {system:<8}{' (host cache)' if host_cache else ''} "
+                              f"{fmt(row.get('push_s'))} s/push  "
                               f"({time.monotonic() - t:.0f}s) {status[:200]}", file=sys.stderr, flush=True)
         for size in neighbour:
             for chunk_size in chunk_sizes:

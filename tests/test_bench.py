@@ -398,6 +398,22 @@ def test_docs_show_the_committed_neighbour_run():
     assert bench.neighbour_table(valkey) in docs
 
 
+def test_the_default_run_is_the_sweep_then_the_classic_policy_without_and_with_the_host_cache():
+    """``bench.py`` with no selection also runs the seed's own user (``classic`` at 1, 2, 4 workers),
+    without and with the host cache; any selection runs only what it names."""
+    def plan(sizes=None, host_cache=False, workloads=(), neighbour=()):
+        args = argparse.Namespace(sizes=sizes, host_cache=host_cache)
+        return bench.workload_plan(args, list(workloads), list(neighbour))
+
+    assert plan() == (["classic"], [False, True])
+    assert plan(host_cache=True) == (["classic"], [True])
+    assert plan(sizes="100MB") == ([], [False])
+    assert plan(workloads=["finetune"]) == (["finetune"], [False])
+    assert plan(host_cache=True, workloads=["finetune"]) == (["finetune"], [True])
+    assert plan(neighbour=[1 << 20]) == ([], [False])
+    assert bench.WORKLOADS["classic"].runs == ((3e-4, (1, 2, 4)),)
+
+
 def test_the_workload_flags_forward_the_host_cache_to_the_processes():
     """``bench.py --workloads classic --host-cache``: the workers share each version (the flag once stayed behind)."""
     assert "--host-cache" not in bench_train.model_flags(tiny_args())
