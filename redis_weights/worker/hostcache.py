@@ -261,10 +261,9 @@ class HostCache:
             return True
 
         try:
-            self._build(path, manifest, fill)
+            mapping = self._build(path, manifest, fill)
         except _NoRoom as exc:
             return self._private(manifest, store, allocate, exc.cause)
-        mapping = self._open_shared(path, manifest)
         if mapping is None:  # recycled already by a fetcher of a newer version: build it privately
             log.info("host cache: %s vanished right after publishing; reading it privately", path.name)
             mapping = self._build_private(manifest, store, allocate)
@@ -309,7 +308,9 @@ class HostCache:
             if path.exists():
                 return 0
             try:
-                if self._build(path, plan, fill):
+                mapping = self._build(path, plan, fill)
+                if mapping is not None:
+                    mapping.close()  # the workers map it after the commit, this one too
                     self.fetched += 1
             except _NoRoom:
                 return 0  # the commit reads it privately (and warns)
@@ -318,16 +319,20 @@ class HostCache:
         self.fetched_bytes += staged
         return staged
 
-    def _build(self, path: Path, manifest: Manifest, fill: Callable[[memoryview, list[str | None]], bool]) -> bool:
+    def _build(
+        self, path: Path, manifest: Manifest, fill: Callable[[memoryview, list[str | None]], bool]
+    ) -> _Mapping | None:
         """Write ``manifest``'s version into a (recycled) file with ``fill(view, held)`` and publish it
-        under ``path`` when ``fill`` says it is complete (every chunk verified); whether it did.
-        Raises ``_NoRoom`` when the directory cannot hold the version."""
+        under ``path`` when ``fill`` says it is complete (every chunk verified). Returns the published
+        file as a reader holds it (the build's own mapping, under a shared lock: not mapped, nor read,
+        a second time), or None when it was not published or a newer version's fetcher recycled it
+        meanwhile. Raises ``_NoRoom`` when the directory cannot hold the version."""
         fd, tmp = self._writable_file(manifest.version, path)
         region = None
         published = False
         try:
             old_size = os.fstat(fd).st_size
-            no_room = _reserve(fd, manifest.total_bytes)
+            no_room = _reserve(fd, manifest.total_bytes, allocated=old_size)
             if no_room is not None:
                 raise _NoRoom(no_room)
             region = mmap.mmap(fd, manifest.total_bytes, flags=mmap.MAP_SHARED | _POPULATE)
@@ -337,27 +342,31 @@ class HostCache:
                 complete = fill(view, held)
             finally:
                 view.release()
-            region.close()
+            if not complete:
+                return None
+            os.replace(tmp, path)
+            published = True
+            own = os.fstat(fd)
+            self._built = (path, own.st_dev, own.st_ino, manifest.ids)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # a reader of it now (the conversion is not atomic: check the name)
+            if not _same_file(path, fd):
+                return None
+            mapping = _Mapping(_views(region, manifest), region=region, fd=fd)
             region = None
-            if complete:
-                os.replace(tmp, path)
-                published = True
-                own = os.fstat(fd)
-                self._built = (path, own.st_dev, own.st_ino, manifest.ids)
-        except BaseException:
+            fd = -1
+            return mapping
+        finally:
             if region is not None:
                 with contextlib.suppress(BufferError):
                     region.close()
-            raise
-        finally:
             if not published:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
-            os.close(fd)  # drops the exclusive lock: readers may map the published file
-        if published:
-            self._remove_older(manifest.version)
-            self._remove_stale(manifest)
-        return published
+            if fd >= 0:
+                os.close(fd)  # drops the lock: readers may map the published file
+            if published:
+                self._remove_older(manifest.version)
+                self._remove_stale(manifest)
 
     def _build_private(self, manifest: Manifest, store: ChunkStore, allocate: Allocate) -> _Mapping:
         """The version built in a private buffer (nothing held: every object read from Redis)."""
@@ -453,11 +462,12 @@ def _held_ids(region: memoryview, manifest: Manifest, valid: int) -> list[str | 
     return held
 
 
-def _reserve(fd: int, size: int) -> OSError | None:
+def _reserve(fd: int, size: int, allocated: int = 0) -> OSError | None:
     """Size the file to ``size`` bytes and reserve its storage now; the error when the filesystem
-    has no room for it (None: reserved, or a filesystem that cannot reserve, left sparse)."""
+    has no room for it (None: reserved, or a filesystem that cannot reserve, left sparse).
+    ``allocated``: bytes the file holds already (a recycled file, written whole), not reserved again."""
     os.ftruncate(fd, size)
-    if size == 0:
+    if size <= allocated:
         return None
     try:
         os.posix_fallocate(fd, 0, size)
