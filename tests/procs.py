@@ -1,5 +1,6 @@
 """Start and stop the processes tests run: ``spawn`` / ``stop`` / ``running`` for any command, ``Worker`` and
-``workers`` for test workers (``tests/worker_main.py``). Every one is stopped at teardown, its children too."""
+``workers`` for test workers (``tests/worker_main.py``). Every one is stopped at teardown, its children too;
+``stop_all`` and ``wait_ready`` handle several at once, so that their start-up and exit overlap."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,17 +42,27 @@ def _send(pid: int, sig: int) -> None:
 def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 10.0) -> int:
     """Stop ``proc`` and, when ``spawn`` started it, its children, by pid: ``sig``, then SIGKILL after
     ``grace`` seconds; reaped. Its exit code (a process that had exited is only reaped)."""
-    if proc.poll() is None:
-        _send(proc.pid, sig)
+    return stop_all([proc], sig, grace)[0]
+
+
+def stop_all(procs: Iterable[subprocess.Popen[Any]], sig: int = signal.SIGTERM, grace: float = 10.0) -> list[int]:
+    """``stop`` for several processes at once: ``sig`` to every one first, then each reaped (SIGKILL for
+    those still running ``grace`` seconds after the signal), so that they wind down side by side."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            _send(proc.pid, sig)
+    deadline = time.monotonic() + grace
+    for proc in procs:
         try:
-            proc.wait(grace)
+            proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             _send(proc.pid, signal.SIGKILL)
             proc.wait()
-    if proc.pid in _GROUPS:
-        _send(proc.pid, signal.SIGKILL)  # children left behind by a leader that exited
-        _GROUPS.discard(proc.pid)
-    return proc.returncode
+        if proc.pid in _GROUPS:
+            _send(proc.pid, signal.SIGKILL)  # children left behind by a leader that exited
+            _GROUPS.discard(proc.pid)
+    return [proc.returncode for proc in procs]
 
 
 @contextmanager
@@ -114,13 +125,21 @@ class Worker:
         stop(self.proc)
 
 
+def wait_ready(*groups: dict[int, Worker]) -> None:
+    """Wait until every worker of ``groups`` (``workers(..., ready=False)``) is ready: groups started with
+    different arguments then start side by side, not one after the other."""
+    for group in groups:
+        for worker in group.values():
+            worker.wait_ready()
+
+
 @contextmanager
 def workers(
     tmp_path: Path, url: str, namespace: str, ranks: list[int], *extra: str, ready: bool = True,
     prefix: Sequence[str] = (),
 ) -> Iterator[dict[int, Worker]]:
     """Start one worker process per rank (``prefix``: a command that runs it, e.g. ``unshare``);
-    stop them all on exit, even when the test fails."""
+    stop them all (side by side) on exit, even when the test fails."""
     started: dict[int, Worker] = {}
     try:
         for rank in ranks:
@@ -129,9 +148,7 @@ def workers(
                 ["--url", url, "--namespace", namespace, "--rank", str(rank), *extra], prefix,
             )
         if ready:
-            for w in started.values():
-                w.wait_ready()
+            wait_ready(started)
         yield started
     finally:
-        for w in started.values():
-            w.stop()
+        stop_all(w.proc for w in started.values())

@@ -176,8 +176,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., _Process]]:
         return started[-1]
 
     yield start
-    for p in started:
-        p.stop()
+    procs.stop_all(p.proc for p in started)
 
 
 def test_docker_roles_trainer_and_workers_without_rank(real_store, redis_url: str, namespace: str, spawn) -> None:

@@ -29,7 +29,7 @@ from scripts.netlab import (
     unavailable,
 )
 from tests.models import make_model, state_digest
-from tests.procs import Worker
+from tests.procs import Worker, stop_all
 
 pytestmark = [pytest.mark.netlab]
 
@@ -123,15 +123,14 @@ def start(
         for w in workers.values():
             w.wait_ready()
     except BaseException:
-        stop_all(workers, trainer)
+        stop_lab_processes(workers, trainer)
         raise
     (tmp_path / "go.0").write_text("1")
     return workers, trainer
 
 
-def stop_all(workers: dict[int, Worker], trainer: Trainer | None) -> None:
-    for proc in [*workers.values(), *([trainer] if trainer else [])]:
-        proc.stop()
+def stop_lab_processes(workers: dict[int, Worker], trainer: Trainer | None) -> None:
+    stop_all(p.proc for p in [*workers.values(), *([trainer] if trainer else [])])
 
 
 @pytest.mark.server
@@ -160,7 +159,7 @@ def test_a_worker_host_cut_off_mid_push_is_named_dead_and_catches_up_once_its_li
         for w in workers.values():
             assert w.wait_version(second["version"], timeout=60) == second["digest"]
     finally:
-        stop_all(workers, trainer)
+        stop_lab_processes(workers, trainer)
         net.heal("w2")
         net.shape("w2", FAST)
 
@@ -182,7 +181,7 @@ def test_a_lossy_worker_link_slows_the_push_but_every_rank_applies_it(
             assert w.wait_version(result["version"]) == result["digest"]
         assert net.drops("w2") > dropped  # packets were lost on the way, and TCP resent them
     finally:
-        stop_all(workers, trainer)
+        stop_lab_processes(workers, trainer)
         net.shape("w2", FAST)
 
 
@@ -226,7 +225,7 @@ def test_a_straggler_host_on_a_slow_link_holds_max_lag_pushes_is_named_on_timeou
         print(f"\nmax_lag=1, straggler at {STRAGGLER_RATE}: the push that waited for it took {waited:.2f} s, "
               f"after its link was fast again {fourth['ended'] - fourth['started']:.2f} s")  # fmt: skip
     finally:
-        stop_all(workers, trainer)
+        stop_lab_processes(workers, trainer)
         net.shape("w2", FAST)
 
 
@@ -289,7 +288,7 @@ def test_the_sentinel_primary_host_partitioned_mid_push_fails_that_push_at_most_
         assert good["ended"] - cut_at < FAILOVER_WAIT, results
         converge_then_push_again(workers, trainer, tmp_path, results, "sentinel primary", cut_at)
     finally:
-        stop_all(workers, trainer)
+        stop_lab_processes(workers, trainer)
 
 
 def cut_mid_upload(net: Lab, victim: str, trainer: Trainer, tmp_path: Path,
@@ -374,7 +373,7 @@ def test_a_cluster_master_host_partitioned_mid_push_fails_pushes_clearly_until_i
         assert "role:master" in role, role  # the replica on another host took the victim's slots
         converge_then_push_again(workers, trainer, tmp_path, results, f"cluster master {victim}", cut_at)
     finally:
-        stop_all(workers, trainer)
+        stop_lab_processes(workers, trainer)
 
 
 def test_a_lab_removes_its_namespaces_and_processes_even_when_the_run_fails() -> None:

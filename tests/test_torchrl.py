@@ -41,7 +41,7 @@ from redis_weights.integrations.torchrl import (  # noqa: E402
     RedisWeightSyncScheme,
 )
 from redis_weights.tools.admin import drop_namespace  # noqa: E402
-from tests.procs import Worker  # noqa: E402
+from tests.procs import Worker, stop_all  # noqa: E402
 from tests.torchrl_env import action_values, make_env, make_policy, set_value  # noqa: E402
 
 pytestmark = pytest.mark.server
@@ -238,8 +238,7 @@ def collector_workers(tmp_path: Path, url: str, namespace: str, modes: dict[int,
             w.wait_ready(90)
         yield started
     finally:
-        for w in started.values():
-            w.stop()
+        stop_all(w.proc for w in started.values())
 
 
 def _batches_started_after(worker: CollectorWorker, moment: float, count: int, timeout: float = 20) -> list[dict]:
