@@ -15,17 +15,19 @@ import torch
 
 from redis_weights import PushTimeoutError, RedisStore, RedisWeightUpdater
 from tests.models import make_model
-from tests.procs import Worker, workers
+from tests.procs import Worker, wait_ready, workers
 
 pytestmark = pytest.mark.server
 
 
 @contextlib.contextmanager
 def fast_and_slow(tmp_path: Path, url: str, namespace: str, delay: float) -> Iterator[dict[int, Worker]]:
-    """Rank 1 (fast) and rank 2 (``delay`` seconds per apply), both polling every 0.1 s."""
+    """Rank 1 (fast) and rank 2 (``delay`` seconds per apply), both polling every 0.1 s, started together."""
     fast_args = ("--poll-interval", "0.1")
-    with workers(tmp_path, url, namespace, [1], *fast_args) as fast, \
-            workers(tmp_path, url, namespace, [2], *fast_args, "--apply-delay", str(delay)) as slow:  # fmt: skip
+    slow_args = (*fast_args, "--apply-delay", str(delay))
+    with workers(tmp_path, url, namespace, [1], *fast_args, ready=False) as fast, \
+            workers(tmp_path, url, namespace, [2], *slow_args, ready=False) as slow:  # fmt: skip
+        wait_ready(fast, slow)
         yield {**fast, **slow}
 
 
@@ -65,7 +67,7 @@ def test_a_rank_that_stays_too_far_behind_times_out_by_name(
 ) -> None:
     model = make_model("mlp", seed=1)
     store = RedisStore(real_store.client, namespace, owns_client=False)
-    with fast_and_slow(tmp_path, redis_url, namespace, delay=5.0), \
+    with fast_and_slow(tmp_path, redis_url, namespace, delay=5.0) as procs, \
             RedisWeightUpdater(store, model, 2, sync=False, max_lag=1, timeout=0.5) as updater:  # fmt: skip
         updater.update_weights()  # version 1: nothing committed is more than one behind
         _step(model)
@@ -73,3 +75,4 @@ def test_a_rank_that_stays_too_far_behind_times_out_by_name(
         with pytest.raises(PushTimeoutError, match=expected) as info:
             updater.update_weights()  # rank 2 is still inside its 5 s apply of version 1
         assert info.value.lagging == [2] and info.value.version == 2
+        procs[2].kill()  # the rest of that apply is not waited out
