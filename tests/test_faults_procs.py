@@ -16,7 +16,7 @@ import pytest
 from redis_weights import PushError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
 from tests.faults_support import eventually, perturb
 from tests.models import make_model, state_digest
-from tests.procs import running, stop, workers
+from tests.procs import running, stop, wait_ready, workers
 
 pytestmark = pytest.mark.server
 
@@ -33,9 +33,10 @@ def test_a_worker_slower_to_apply_than_its_heartbeat_ttl_is_not_declared_dead(tm
 
 def test_a_worker_killed_while_applying_fails_the_push_early_and_catches_up(tmp_path, real_store, redis_url, namespace):
     model = make_model("mlp", seed=2)
-    with workers(tmp_path, redis_url, namespace, [1, 2], *FAST) as fast, workers(
-        tmp_path, redis_url, namespace, [3], *FAST, "--apply-delay", "30"
+    with workers(tmp_path, redis_url, namespace, [1, 2], *FAST, ready=False) as fast, workers(
+        tmp_path, redis_url, namespace, [3], *FAST, "--apply-delay", "30", ready=False
     ) as slow:
+        wait_ready(fast, slow)
         updater = RedisWeightUpdater(real_store, model, num_workers=3, sync=True, timeout=60)
         with ThreadPoolExecutor(1) as pool:
             push = pool.submit(updater.update_weights)
