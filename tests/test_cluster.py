@@ -28,7 +28,7 @@ from redis_weights.tools.server import LocalRedisCluster
 from tests.conftest import REPO_ROOT
 from tests.faults_support import stored_objects
 from tests.models import make_model, state_digest
-from tests.procs import running, workers
+from tests.procs import running, wait_ready, workers
 
 pytestmark = pytest.mark.server
 
@@ -133,8 +133,10 @@ def test_push_to_worker_processes_bit_exact_with_chunks_on_every_master(tmp_path
     model = make_model("mb:2", seed=1)
     url = redis_cluster.url
     model_flag = ("--model", "mb:2")
-    with workers(tmp_path, url, namespace, [1], *model_flag) as plain, \
-            workers(tmp_path, url + "?replica_reads=yes", namespace, [2], *model_flag) as from_replicas:  # fmt: skip
+    replica_reads = url + "?replica_reads=yes"
+    with workers(tmp_path, url, namespace, [1], *model_flag, ready=False) as plain, \
+            workers(tmp_path, replica_reads, namespace, [2], *model_flag, ready=False) as from_replicas:  # fmt: skip
+        wait_ready(plain, from_replicas)
         procs = {**plain, **from_replicas}
         updater = RedisWeightUpdater(cluster_store, model, num_workers=2, sync=True, timeout=60, chunk_size=CHUNK)
         for step in range(2):

@@ -22,7 +22,7 @@ from redis_weights.observe.health import UNSAFE, check_deployment
 from redis_weights.tools.server import LocalRedisCluster, LocalRedisServer
 from tests.conftest import _need_server
 from tests.models import make_model, state_digest
-from tests.procs import workers
+from tests.procs import wait_ready, workers
 
 pytestmark = pytest.mark.server
 
@@ -54,8 +54,10 @@ def test_a_master_killed_mid_push_fails_that_push_and_the_next_ones_succeed_afte
     store = RedisStore.from_url(url, namespace)
     model = make_model("mb:4", seed=1)
     fast = ["--model", "mb:4", "--poll-interval", "0.2"]
-    with workers(tmp_path, url, namespace, [1], *fast) as plain, \
-            workers(tmp_path, url + "?replica_reads=yes", namespace, [2], *fast) as from_replicas:  # fmt: skip
+    replica_reads = url + "?replica_reads=yes"
+    with workers(tmp_path, url, namespace, [1], *fast, ready=False) as plain, \
+            workers(tmp_path, replica_reads, namespace, [2], *fast, ready=False) as from_replicas:  # fmt: skip
+        wait_ready(plain, from_replicas)
         procs = {**plain, **from_replicas}
         updater = RedisWeightUpdater(store, model, num_workers=2, sync=True, timeout=60, chunk_size=64 << 10)
         updater.update_weights()

@@ -30,7 +30,7 @@ from redis_weights.tools.server import LocalRedisServer, LocalSentinelSet
 from tests.conftest import REPO_ROOT, _need_server
 from tests.faults_support import eventually, perturb
 from tests.models import make_model, state_digest
-from tests.procs import workers
+from tests.procs import wait_ready, workers
 
 CHUNK = 64 * 1024
 
@@ -275,8 +275,9 @@ def test_the_primary_killed_mid_push_one_push_error_then_the_next_push_succeeds_
     model = make_model("mb:1", seed=11)
     store = RedisStore.from_url(url, namespace)
     common = ["--poll-interval", "0.2", "--heartbeat-ttl", "2", "--model", "mb:1"]
-    with workers(tmp_path, url, namespace, [1], *common) as plain, \
-            workers(tmp_path, url, namespace, [2], *common, "--read-from-replicas") as from_replicas:
+    with workers(tmp_path, url, namespace, [1], *common, ready=False) as plain, \
+            workers(tmp_path, url, namespace, [2], *common, "--read-from-replicas", ready=False) as from_replicas:
+        wait_ready(plain, from_replicas)
         procs = {**plain, **from_replicas}  # rank 2 reads chunks from the replica, which becomes the primary
         updater = RedisWeightUpdater(store, model, 2, timeout=30, chunk_size=CHUNK)
         updater.update_weights()
