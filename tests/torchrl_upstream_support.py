@@ -5,14 +5,16 @@ bodies (pytorch/rl ``test/test_distributed.py``, v0.14.0) with one change: the
 collector gets ``weight_sync_schemes={"policy": RedisWeightSyncScheme(url, ...)}``
 instead of TorchRL's default ``DistributedWeightSyncScheme``. Their assertions are
 TorchRL's, unchanged; the trainer's TCPStore gets a longer timeout (see
-``patience_on_a_busy_machine``). They run in a spawned process (as upstream) and report
-through a queue.
+``patience_on_a_busy_machine``) and the trainer process freezes what it imported
+(``gc.freeze``: its exit then skips the last collection over torch's objects). They run
+in a spawned process (as upstream) and report through a queue.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import socket
@@ -100,6 +102,7 @@ def distributed_kwargs(url: str, namespace: str, **scheme_options: Any) -> dict[
 def run_distributed_collector_updatepolicy(queue, url, namespace, collector_class, sync, pfactory) -> None:
     """``DistributedCollectorBase._test_distributed_collector_updatepolicy``, Redis scheme swapped in."""
     patience_on_a_busy_machine()
+    gc.freeze()  # everything imported lives until this process exits: its last collection skips it
     try:
         frames_per_batch = 50
         total_frames = 300
