@@ -14,7 +14,6 @@ returned), or ``{"push": i, "error": <class name>, "message": ..., "dead": [...]
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import time
@@ -68,7 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # What is imported by now lives until exit: frozen, the interpreter's last garbage collection
-    # skips it (torch's objects: ~0.5 s of every stop).
-    gc.freeze()
     main()

@@ -78,12 +78,12 @@ def running(args: Sequence[str], sig: int = signal.SIGTERM, **popen: Any) -> Ite
 class Worker:
     """One worker process and the JSON lines it writes."""
 
-    module = "tests.worker_main"  # the script ``python -m`` runs; subclasses run others
+    module = "tests.worker_main"  # the script whose ``main()`` runs (``tests/launch.py``); subclasses run others
 
     def __init__(self, out: Path, args: list[str], prefix: Sequence[str] = ()) -> None:
         self.out = out
         self.proc = spawn(
-            [*prefix, sys.executable, "-m", self.module, "--out", str(out), *args],
+            [*prefix, sys.executable, "-m", "tests.launch", self.module, "--out", str(out), *args],
             stdout=subprocess.DEVNULL,
             stderr=open(out.with_suffix(".log"), "wb"),
         )

@@ -10,7 +10,6 @@ moment a push was acknowledged).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import signal
 import sys
@@ -76,7 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # What is imported by now lives until exit: frozen, the interpreter's last garbage collection
-    # skips it (torch's objects: ~0.5 s of every stop).
-    gc.freeze()
     sys.exit(main())

@@ -10,7 +10,6 @@ and writes ``{"pushed": version, "digest": ...}`` (or ``{"error": ...}``).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -68,7 +67,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # What is imported by now lives until exit: frozen, the interpreter's last garbage collection
-    # skips it (torch's objects: ~0.5 s of every stop).
-    gc.freeze()
     sys.exit(main())

@@ -7,7 +7,6 @@ the weights, so the test can compare them with the trainer's.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import signal
 import sys
@@ -117,7 +116,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # What is imported by now lives until exit: frozen, the interpreter's last garbage collection
-    # skips it (torch's objects: ~0.5 s of every stop).
-    gc.freeze()
     sys.exit(main())
