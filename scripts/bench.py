@@ -158,11 +158,25 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
             proc.wait()
 
 
+_PORT_TAKEN = ("EADDRINUSE", "address already in use")  # the peer's rendezvous port, taken since it was picked
+
+
 def run_processes(
     url: str, common: list[str], workers: int, repeats: int, timeout: float, flush: bool = True
 ) -> tuple[dict[str, Any], list[dict[str, Any]]] | str:
     """One trainer and ``workers`` worker processes on a flushed Redis (``flush=False``: the
-    caller flushed it): their JSON documents, or the error (with the tails of their logs) as a string."""
+    caller flushed it): their JSON documents, or the error (with the tails of their logs) as a string.
+    A run whose rendezvous port another process took between its choice and its bind runs again once."""
+    result = _run_processes(url, common, workers, repeats, timeout, flush)
+    if isinstance(result, str) and any(sign in result for sign in _PORT_TAKEN):
+        print(f"port taken ({result[-200:]!r}); running the configuration again", file=sys.stderr, flush=True)
+        result = _run_processes(url, common, workers, repeats, timeout, flush)
+    return result
+
+
+def _run_processes(
+    url: str, common: list[str], workers: int, repeats: int, timeout: float, flush: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]]] | str:
     if flush:
         client = redis.Redis.from_url(url)
         client.flushall()
