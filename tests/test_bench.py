@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "bench" / "results.json"
 WORKLOAD_RESULTS = REPO / "docs" / "bench" / "workloads.json"
 BENCHMARKS = REPO / "docs" / "benchmarks.md"
-SUMMARY_RUNS = ("classic", "classic-host-cache", "finetune-delta", "finetune-delta-host-cache")  # the README's table
+SUMMARY_RUNS = ("classic", "classic-host-cache", "finetune-delta", "finetune-delta-host-cache",  # the README's
+                "finetune-1e-5")  # table
 TINY = 64 << 10
 # torchrl is an optional extra: its peer runs in a test of its own, skipped without it.
 CORE_SYSTEMS = tuple(s for s in SYSTEMS if s != "torchrl")
