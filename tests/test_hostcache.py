@@ -97,6 +97,25 @@ def test_the_fetcher_verifies_each_chunk_once_and_the_others_verify_the_file(
         assert _same(fetcher.policy, trainer) and _same(other.policy, trainer)
 
 
+def test_every_worker_gets_read_only_views_of_the_shared_file_the_fetcher_too(
+    real_store, redis_url, namespace, tmp_path
+):
+    """The fetcher built the file through a writable mapping; what it hands on must not write into
+    the file the other workers map (they trust a file another process built only after verifying)."""
+    updater = RedisWeightUpdater(real_store, _policy(seed=4), 2, sync=False, chunk_size=64 << 10)
+    updater.push_weights()
+    with _receivers(redis_url, namespace, 1, tmp_path) as (receiver,):
+        cache, registry = receiver.host_cache, updater.registry
+        manifest = registry.read_manifest(updater.version)
+        with cache.chunks(manifest, registry.chunks) as fetched:  # this one builds the file
+            assert cache.fetched == 1
+            assert fetched and all(memoryview(c).readonly for c in fetched)
+            with pytest.raises(TypeError):
+                memoryview(fetched[0])[0] = 0
+        with cache.chunks(manifest, registry.chunks) as shared:  # this one maps it
+            assert cache.shared == 1 and all(memoryview(c).readonly for c in shared)
+
+
 def test_concurrent_workers_fetch_once_and_old_files_are_recycled(real_store, redis_url, namespace, tmp_path):
     trainer = _policy(seed=2)
     updater = RedisWeightUpdater(real_store, trainer, 4, sync=False)

@@ -42,6 +42,7 @@ from .manifest import (
     header_bytes,
     parse_header_bytes,
 )
+from .parts import gather
 
 DTYPES: dict[str, torch.dtype] = {code: getattr(torch, attr) for code, attr in DTYPE_ATTRS.items()}
 DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
@@ -203,11 +204,7 @@ class Encoded:
         slot = self._slot % slots
         self._slot = slot + 1
         view = memoryview(self._gather[slot])
-        offset = 0
-        for p in parts:
-            view[offset : offset + len(p)] = p
-            offset += len(p)
-        return view[:offset], slot == slots - 1
+        return view[: gather(parts, view)], slot == slots - 1
 
     def manifest(self, version: int, chunks: list[ChunkEntry] | None = None, **fields: Any) -> Manifest:
         """The manifest of this stream as ``version``; ``chunks`` default to every chunk stored whole."""

@@ -38,6 +38,7 @@ import numpy as np
 from .codec import Encoded
 from .manifest import DTYPE_SIZES, ChunkEntry, Manifest, Pack, checksum, pack_limit
 from .packs import build_packs
+from .parts import gather, within_one
 
 DEFAULT_KEYFRAME_INTERVAL = 20
 DEFAULT_KEYFRAME_FRACTION = 0.5
@@ -280,19 +281,12 @@ def _offsets(sizes: list[int]) -> list[int]:
 def _part_slice(parts: list[memoryview], start: int, end: int) -> memoryview:
     """Bytes ``[start, end)`` of a chunk given as its parts: a view when they lie in one part, else
     gathered (only those bytes: never the whole chunk)."""
-    offset = 0
-    for part in parts:
-        if offset <= start and end <= offset + len(part):
-            return part[start - offset : end - offset]
-        offset += len(part)
-    out = bytearray(end - start)
-    offset = 0
-    for part in parts:
-        lo, hi = max(start, offset), min(end, offset + len(part))
-        if lo < hi:
-            out[lo - start : hi - start] = part[lo - offset : hi - offset]
-        offset += len(part)
-    return memoryview(out)
+    view = within_one(parts, start, end)
+    if view is not None:
+        return view
+    out = memoryview(bytearray(end - start))
+    gather(parts, out, start, end)
+    return out
 
 
 def _groups(indices: list[int], span: int) -> list[list[int]]:

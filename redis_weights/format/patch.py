@@ -91,6 +91,7 @@ import zstandard
 from ..errors import PatchError
 from .header import fed
 from .manifest import MAX_CHUNK_SIZE, Buffer
+from .parts import gather
 
 MAGIC = b"RWPT"
 FORMAT_VERSION = 1
@@ -216,8 +217,6 @@ def _changes(old: np.ndarray, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.
         np.not_equal(old[offset : offset + len(piece)], piece, out=mask[offset : offset + len(piece)])
         offset += len(piece)
     where = np.flatnonzero(mask)  # nonzero of a bool array: 3x faster than of the integers
-    if len(pieces) == 1:
-        return where, old[where] ^ pieces[0][where]
     values = old[where]
     offset = 0
     for piece in pieces:
@@ -230,10 +229,7 @@ def _changes(old: np.ndarray, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.
 def _joined(views: list[np.ndarray], size: int) -> np.ndarray:
     """The concatenation of ``views`` in a reused scratch buffer (pieces that split elements)."""
     out = _scratch("joined", size, np.uint8)
-    offset = 0
-    for view in views:
-        out[offset : offset + len(view)] = view
-        offset += len(view)
+    gather(views, out)
     return out
 
 

@@ -143,10 +143,13 @@ class _Mapping:
 
 
 def _views(region: mmap.mmap | memoryview, manifest: Manifest) -> list[Buffer]:
+    """Read-only views of the version's chunks: the fetcher's own mapping is writable (it built the
+    file through it), yet nothing that applies a version may write into the file other workers map."""
     out: list[Buffer] = []
+    whole = memoryview(region).toreadonly()
     offset = 0
     for size in manifest.chunk_sizes:
-        out.append(memoryview(region)[offset : offset + size])
+        out.append(whole[offset : offset + size])
         offset += size
     return out
 
