@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import safetensors.torch
+import numpy as np
 import torch
 from tensordict import TensorDict
 from torch import nn
@@ -374,17 +375,42 @@ def test_parse_header_bytes_bounds_the_length_before_allocating():
 
 
 def test_a_region_of_the_stream_is_a_view_where_it_lies_in_one_piece():
-    """``Encoded.region``: a cast stream's data is one staging buffer (a delta diffs it where it lies);
-    the header, or bytes across tensors read in place, are no one piece."""
+    """``Encoded.region``: a cast stream is one staging buffer, header included (a delta diffs it where
+    it lies); bytes across the header and tensors read in place, or across two such tensors, are no one piece."""
     weights = {"a": torch.randn(3000), "b": torch.randn(5000)}
     cast = Encoder(4096, wire_dtype=torch.bfloat16).encode(weights)
     stream = b"".join(bytes(cast.chunk(i)[0]) for i in range(len(cast.plan)))
     lo, hi = cast.header_len + 10, cast.total_bytes - 6
     view = cast.region(lo, hi)
     assert view is not None and bytes(view) == stream[lo:hi]
-    assert cast.region(0, cast.header_len + 10) is None  # the header and the data: two pieces
+    assert bytes(cast.region(0, cast.header_len + 10)) == stream[: cast.header_len + 10]  # the header staged too
     plain = Encoder(4096).encode(weights)
     first, second = plain.tensors
+    assert plain.region(0, plain.header_len + 10) is None  # the header and a tensor read in place: two pieces
     boundary = plain.header_len + first.end
     assert plain.region(boundary - 8, boundary + 8) is None
     assert bytes(plain.region(boundary, boundary + 8)) == weights[second.name][:2].numpy().tobytes()
+
+
+def test_a_stream_staged_whole_is_traded_once_for_the_next_staging_buffer():
+    """``Encoded.take_stream``: the planner keeps a cast stream's staging buffer instead of copying it and
+    hands its old buffer to the encoder; never twice, never after the encoder reused the buffer, and
+    never for a stream of tensors read in place."""
+    weights = {"a": torch.randn(3000), "b": torch.randn(5000)}
+    encoder = Encoder(4096, wire_dtype=torch.bfloat16)
+    first = encoder.encode(weights)
+    stream = b"".join(bytes(first.chunk(i)[0]) for i in range(len(first.plan)))
+    spare = np.zeros(first.total_bytes, dtype=np.uint8)
+    kept = first.take_stream(spare)
+    assert kept is not None and kept.tobytes() == stream
+    assert first.take_stream(np.zeros_like(spare)) is None  # traded already: the encoder stages elsewhere now
+    with torch.no_grad():
+        weights["a"].add_(1.0)
+    second = encoder.encode(weights)
+    assert kept.tobytes() == stream  # the kept stream is not overwritten by the next encode
+    assert np.shares_memory(np.frombuffer(second.chunk(0)[0], dtype=np.uint8), spare)  # staged in the spare
+    third = encoder.encode(weights)
+    assert second.take_stream(None) is None  # encoded again since: its buffer holds the third stream
+    assert third.take_stream(None) is not None  # None: the encoder allocates its next staging buffer
+    assert Encoder(4096).encode(weights).take_stream(None) is None  # tensors read in place: nothing staged
+    assert Encoder(4096).encode(weights, snapshot=True).take_stream(None) is not None  # snapshotted: staged whole

@@ -19,8 +19,9 @@ validated field by field, and bytes are copied into the live tensors in place.
 from __future__ import annotations
 
 import bisect
+import functools
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +161,7 @@ class Encoded:
     _gather: list[bytearray] = field(default_factory=list)
     _slot: int = 0
     _pieces: list[tuple[int, memoryview]] = field(default_factory=list)  # (stream offset, bytes) of each piece
+    _trade: Callable[[np.ndarray | None], np.ndarray | None] | None = None  # see ``take_stream``
 
     @property
     def chunk_sizes(self) -> list[int]:
@@ -189,6 +191,16 @@ class Encoded:
             return None
         start, piece = self._pieces[at]
         return piece[begin - start : end - start] if end - start <= len(piece) else None
+
+    def take_stream(self, replacement: np.ndarray | None) -> np.ndarray | None:
+        """The whole stream as one buffer the caller may keep, when the encoder wrote all of it
+        into its staging buffer (every tensor cast or snapshotted) and has not reused it since;
+        the encoder takes ``replacement`` (or a fresh buffer, when None or too small) as its next
+        staging. None, and nothing traded, otherwise.
+
+        The delta planner keeps the committed stream as the next push's base this way instead
+        of copying it: the two buffers alternate between encoder and planner."""
+        return self._trade(replacement) if self._trade is not None else None
 
     def chunk(self, index: int) -> tuple[Buffer, bool]:
         """``(bytes of chunk index, reused)``. A chunk of several parts is gathered into the next
@@ -245,6 +257,7 @@ class Encoder:
         self.chunk_size = chunk_size
         self.wire_dtype = wire_dtype
         self._staging: torch.Tensor | None = None
+        self._generation = 0  # encodes so far: a stream may be traded away only until the next one
         self._gather: list[bytearray] = []  # the gather ring, kept from push to push (fresh pages are slow)
 
     def _staging_buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
@@ -271,19 +284,25 @@ class Encoder:
             snapshot or e.name in cast or t.device.type != "cpu" or not t.is_contiguous()
             for e, t in ((e, tensors[e.name]) for e in entries)
         ]
+        self._generation += 1
         staging = None
+        whole = all(needs_copy)  # the staging buffer holds the whole stream, the header first
+        at = len(head)  # the staging buffer is laid out as the stream: the data after the header's room
         if any(needs_copy):
             pin = any(tensors[e.name].device.type == "cuda" for e in entries) and torch.cuda.is_available()
-            staging = self._staging_buffer(data_size, pin)
+            staging = self._staging_buffer(at + data_size, pin)
         # pieces: bytes, or (begin, end) runs of the staging buffer, merged when adjacent
         pieces: list[Buffer | tuple[int, int]] = [head]
+        if whole and staging is not None:
+            staging[:at].numpy()[:] = np.frombuffer(head, dtype=np.uint8)
+            pieces = [(0, at)]
         for entry, copy in zip(entries, needs_copy, strict=True):
             if entry.nbytes == 0:
                 continue
             t = tensors[entry.name].detach()
             if copy:
                 assert staging is not None
-                region = staging[entry.begin : entry.end]
+                region = staging[at + entry.begin : at + entry.end]
                 if entry.name in cast:  # a cast is a copy anyway
                     region.view(entry.torch_dtype).copy_(t.reshape(-1), non_blocking=t.device.type == "cuda")
                 elif t.device.type == "cpu":  # one memcpy; torch's threaded copy stalls on a busy machine
@@ -291,10 +310,10 @@ class Encoder:
                 else:
                     region.copy_(t.contiguous().reshape(-1).view(torch.uint8), non_blocking=True)
                 last = pieces[-1]
-                if isinstance(last, tuple) and last[1] == entry.begin:
-                    pieces[-1] = (last[0], entry.end)
+                if isinstance(last, tuple) and last[1] == at + entry.begin:
+                    pieces[-1] = (last[0], at + entry.end)
                 else:
-                    pieces.append((entry.begin, entry.end))
+                    pieces.append((at + entry.begin, at + entry.end))
             else:
                 pieces.append(_byte_view(t))
         if staging is not None and staging.is_pinned():
@@ -306,8 +325,20 @@ class Encoder:
         for view in views:
             spans.append((offset, view))
             offset += len(view)
+        trade = None
+        if whole and staging is not None:
+            trade = functools.partial(self._trade, self._generation, staging[: at + data_size])
         return Encoded(len(head), entries, self.chunk_size, plan_chunks(views, self.chunk_size), dict(metadata or {}),
-                       wire, cast, _gather=self._gather, _pieces=spans)  # fmt: skip
+                       wire, cast, _gather=self._gather, _pieces=spans, _trade=trade)  # fmt: skip
+
+    def _trade(self, generation: int, stream: torch.Tensor, replacement: np.ndarray | None) -> np.ndarray | None:
+        """``Encoded.take_stream``: hand over ``stream`` (a slice of the staging buffer written by encode
+        number ``generation``) and stage the next encode in ``replacement``."""
+        if generation != self._generation or self._staging is None:
+            return None  # encoded (or traded) again since: the staging buffer is not that stream's now
+        self._generation += 1  # traded once
+        self._staging = torch.from_numpy(replacement) if replacement is not None else None
+        return stream.numpy()
 
 
 def plan_chunks(pieces: Sequence[Buffer], chunk_size: int) -> list[Chunk]:

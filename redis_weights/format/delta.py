@@ -239,8 +239,9 @@ class DeltaPlanner:
     def committed(self, encoded: Encoded, manifest: Manifest) -> None:
         """``manifest`` (of ``encoded``) is committed: it is the base of the next push. After a
         density keyframe only the samples of its chunks are kept (the next push is most likely
-        dense too: no copy of the model); else the stream (its changed chunks copied, when the
-        previous stream is held)."""
+        dense too: no copy of the model); else the stream: the encoder's staging buffer itself when
+        it holds all of it (cast or snapshotted weights: the planner's old buffer becomes the next
+        staging, nothing copied), else a copy (its changed chunks, when the previous stream is held)."""
         from .patch import sample_span
 
         itemsize = element_size(encoded)
@@ -252,7 +253,13 @@ class DeltaPlanner:
             self._full = False
             self._previous = manifest
             return
-        if self._buffer is None or len(self._buffer) != encoded.total_bytes:
+        size_ok = self._buffer is not None and len(self._buffer) == encoded.total_bytes
+        stream = encoded.take_stream(self._buffer if size_ok else None)  # the staging buffer, kept: no copy
+        if stream is not None:
+            self._buffer, self._full, self._samples = stream, True, None
+            self._previous = manifest
+            return
+        if not size_ok:
             self._buffer = None  # free the old one before allocating its replacement
             self._buffer = np.empty(encoded.total_bytes, dtype=np.uint8)
             self._full = False
