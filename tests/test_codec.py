@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import safetensors.torch
-import numpy as np
 import torch
 from tensordict import TensorDict
 from torch import nn

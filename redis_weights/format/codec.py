@@ -293,9 +293,9 @@ class Encoder:
             staging = self._staging_buffer(at + data_size, pin)
         # pieces: bytes, or (begin, end) runs of the staging buffer, merged when adjacent
         pieces: list[Buffer | tuple[int, int]] = [head]
-        if whole and staging is not None:
+        if whole and staging is not None:  # the header staged too: the stream is one run
             staging[:at].numpy()[:] = np.frombuffer(head, dtype=np.uint8)
-            pieces = [(0, at)]
+            pieces[0] = (0, at)
         for entry, copy in zip(entries, needs_copy, strict=True):
             if entry.nbytes == 0:
                 continue
@@ -334,7 +334,7 @@ class Encoder:
     def _trade(self, generation: int, stream: torch.Tensor, replacement: np.ndarray | None) -> np.ndarray | None:
         """``Encoded.take_stream``: hand over ``stream`` (a slice of the staging buffer written by encode
         number ``generation``) and stage the next encode in ``replacement``."""
-        if generation != self._generation or self._staging is None:
+        if generation != self._generation:
             return None  # encoded (or traded) again since: the staging buffer is not that stream's now
         self._generation += 1  # traded once
         self._staging = torch.from_numpy(replacement) if replacement is not None else None
