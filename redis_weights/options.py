@@ -19,7 +19,7 @@ import torch
 
 from .errors import ConfigurationError
 from .format.codec import WIRE_DTYPES
-from .format.delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL
+from .format.delta import DEFAULT_DIFF_THREADS, DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL
 from .format.manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
 from .protocol.ranks import DEFAULT_HEARTBEAT_TTL
 from .protocol.staging import DEFAULT_OVERLAP_MIN_BYTES
@@ -60,6 +60,8 @@ class PushOptions:
             every this many versions (the longest patch chain a late joiner applies).
         keyframe_fraction: with ``delta``, a keyframe sooner when the patches a late joiner
             would apply exceed this fraction of the version's size.
+        diff_threads: with ``delta``, threads that diff 64 MiB regions of the model side by
+            side (numpy and zstd release the GIL). Default: the CPU count, at most 4.
         background: (needs ``sync=False``) return as soon as the weights are copied
             into a staging buffer; upload and commit from a background thread. A push
             made while an upload runs replaces any push still waiting for it.
@@ -95,6 +97,7 @@ class PushOptions:
     delta: bool = False
     keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL
     keyframe_fraction: float = DEFAULT_KEYFRAME_FRACTION
+    diff_threads: int = DEFAULT_DIFF_THREADS
     overlap_min_bytes: int | None = DEFAULT_OVERLAP_MIN_BYTES
     min_replicas: int | None = None
     replica_timeout: float = DEFAULT_REPLICA_TIMEOUT
@@ -117,6 +120,8 @@ class PushOptions:
             raise ConfigurationError(f"keyframe_interval must be within 1..{MAX_CHAIN}")
         if not 0 < self.keyframe_fraction <= 1:
             raise ConfigurationError("keyframe_fraction must be within (0, 1]")
+        if not _count(self.diff_threads) or self.diff_threads < 1:
+            raise ConfigurationError(f"diff_threads must be a positive integer, got {self.diff_threads!r}")
         if self.max_lag is not None:
             if not _count(self.max_lag):
                 raise ConfigurationError(f"max_lag must be a non-negative integer or None, got {self.max_lag!r}")

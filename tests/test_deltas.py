@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from redis_weights import ConfigurationError, RedisStore, RedisWeightReceiver, RedisWeightUpdater
+from redis_weights.format.delta import DeltaPlanner
 from tests.codec_support import count_reads
 
 
@@ -238,3 +239,54 @@ def test_after_a_density_keyframe_a_sparse_step_in_the_short_last_chunk_is_estim
     second = Encoder(1 << 20).encode(weights)
     projected = planner._projected_bytes(second, manifest, set(second.ids), 0.5 * second.total_bytes)
     assert 0 < projected < second.chunk_sizes[-1] / 10
+
+
+def _planned(threads: int, fraction: float, monkeypatch) -> tuple[object, dict[str, bytes], DeltaPlanner]:
+    """The second version's plan of a 16-chunk bf16 model diffed in regions of two chunks by ``threads``."""
+    from redis_weights.format import delta
+    from redis_weights.format.codec import Encoder
+
+    monkeypatch.setattr(delta, "DIFF_BYTES", 2 * 16384)
+    generator = torch.Generator().manual_seed(3)
+    weights = {"w": torch.randn(16 * 8192, generator=generator).bfloat16()}
+    planner = delta.DeltaPlanner(20, fraction, threads)
+    first = Encoder(16384, torch.bfloat16).encode(weights)
+    planner.committed(first, first.manifest(1, keyframe=1))
+    with torch.no_grad():  # a sparse step: ~3% of the elements, in every chunk
+        changed = torch.rand(weights["w"].shape, generator=generator) < 0.03
+        weights["w"][changed] += 1.0
+    second = Encoder(16384, torch.bfloat16).encode(weights)
+    manifest, packs = planner.plan(second, 2, set(second.ids) - set(first.ids))  # Redis holds the first version
+    return manifest, packs, planner
+
+
+def test_diff_threads_make_the_same_patches_and_an_early_stop_leaves_no_diff_running(monkeypatch):
+    """Regions diffed side by side are taken in order: the same manifest and packs as one thread; a
+    keyframe decided by the budget midway returns only once no diff thread still reads the old stream."""
+    import threading
+    import time
+
+    one, one_packs, _ = _planned(1, 0.5, monkeypatch)
+    two, two_packs, planner = _planned(2, 0.5, monkeypatch)
+    assert one_packs and two_packs == one_packs
+    assert two == one and two.depth == 1
+    planner.close()
+    assert not any(t.name.startswith("redis-weights-diff") for t in threading.enumerate())
+
+    running, started = [0], [0]
+    diff = DeltaPlanner._diff
+
+    def slow_diff(self, *args):
+        running[0] += 1
+        started[0] += 1
+        try:
+            time.sleep(0.05)  # still running when the first region's patches already exceed the budget
+            return diff(self, *args)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(DeltaPlanner, "_diff", slow_diff)
+    stopped, packs, planner = _planned(2, 0.01, monkeypatch)  # the budget is spent by the first region
+    assert stopped.depth == 0 and stopped.keyframe == 2 and not packs
+    assert running[0] == 0 and 2 <= started[0] < 8  # stopped early, and waited for the diff in flight
+    planner.close()

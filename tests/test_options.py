@@ -54,6 +54,8 @@ def test_options_and_keyword_arguments_are_not_mixed_and_unknown_names_are_refus
         ({"wire_dtype": torch.float64}, "wire_dtype must be one of"),
         ({"keyframe_interval": 65}, "keyframe_interval must be within 1..64"),
         ({"keyframe_fraction": 0.0}, "keyframe_fraction must be within"),
+        ({"diff_threads": 0}, "diff_threads must be a positive integer"),
+        ({"diff_threads": True}, "diff_threads must be a positive integer"),
         ({"max_lag": -1}, "max_lag must be a non-negative integer or None"),
         ({"max_lag": 1, "background": True}, "max_lag needs background=False"),
         ({"overlap_min_bytes": 1.5}, "overlap_min_bytes must be a non-negative integer or None"),

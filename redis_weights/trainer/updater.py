@@ -147,7 +147,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._encoder = Encoder(options.chunk_size, options.wire_dtype)
         self._uploader: BackgroundUploader[_Upload] | None = None
         self._slots = [self._encoder] + [Encoder(options.chunk_size, options.wire_dtype) for _ in range(SLOTS - 1)]
-        self._delta = DeltaPlanner(options.keyframe_interval, options.keyframe_fraction) if options.delta else None
+        self._delta = (DeltaPlanner(options.keyframe_interval, options.keyframe_fraction, options.diff_threads)
+                       if options.delta else None)
         self._acks = Subscription(self.store.client, [self.keyspace.acks_channel], what="acks subscription",
                                   poll_every=_POLL_WITHOUT_ACKS)  # fmt: skip
         self._last_ranks: list[int] = []
@@ -176,6 +177,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
     delta = Option()
     keyframe_interval = Option()
     keyframe_fraction = Option()
+    diff_threads = Option()
 
     @property
     def options(self) -> PushOptions:
@@ -557,6 +559,8 @@ class RedisWeightUpdater(WeightUpdaterBase):
             except BackgroundUploadError as exc:
                 log.error("%s", exc)
         self._collector.wait(self.timeout)
+        if self._delta is not None:
+            self._delta.close()
         self._acks.close()
         self.store.close()
         self._metrics.release()
