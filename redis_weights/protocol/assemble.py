@@ -28,11 +28,12 @@ failure raises an ``IntegrityError`` (or ``CodecError``) naming the version and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..backend.bulkread import receive_buffer
 from ..errors import CodecError, IntegrityError
-from ..format.manifest import Manifest, Pack, Step, checksum
+from ..format.manifest import Buffer, Manifest, Pack, Step, checksum
 from ..format.packs import Record, parse_pack
 from .chunkstore import ROUND_BYTES, ChunkStore
 
@@ -131,15 +132,20 @@ class _PackWalk:
         self.store, self.manifest = store, manifest
         self.from_base: set[int] = set()
         self.uses: dict[int, list[Record]] = {}  # pack position -> records to apply, in chunk order
-        self.kept: dict[int, bytes] = {}  # packs read while walking, kept for applying
+        self.kept: dict[int, Buffer] = {}  # packs read while walking, kept for applying
         self.fetched = 0
         chunks = manifest.chunks
         pending: dict[int, str] = {i: chunks[i].id for i in chained}  # chunk -> the id still to explain
         packs = manifest.packs
         kept_bytes = 0
         for group in _by_version_newest_first(packs):  # a worker one version behind reads one group
-            rounds = store.read([packs[p].id for p in group], [packs[p].size for p in group])
-            for p, data in zip(group, (v for part in rounds for v in part), strict=True):
+            group_ids, sizes = [packs[p].id for p in group], [packs[p].size for p in group]
+            values: Iterable[Buffer | None]
+            if kept_bytes + sum(sizes) <= ROUND_BYTES:  # all kept if used: read from the socket into place
+                values = store.read_into(group_ids, sizes, receive_buffer(sum(sizes)))
+            else:
+                values = (v for part in store.read(group_ids, sizes) for v in part)
+            for p, data in zip(group, values, strict=True):
                 used = []
                 records, data = self._records(p, data)
                 for r in records:
@@ -173,7 +179,7 @@ class _PackWalk:
                 f"{chunks[index].base} to its id (a pack is missing from the manifest?)"
             )
 
-    def _records(self, position: int, data: bytes | None) -> tuple[list[Record], bytes]:
+    def _records(self, position: int, data: Buffer | None) -> tuple[list[Record], Buffer]:
         """The records of the pack at ``position`` and its bytes, read and checked against its id."""
         pack: Pack = self.manifest.packs[position]
         where = f"version {self.manifest.version}: pack {pack.id}"
