@@ -19,11 +19,12 @@ import torch
 
 from .errors import ConfigurationError
 from .format.codec import WIRE_DTYPES
-from .format.delta import DEFAULT_DIFF_THREADS, DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL
+from .format.delta import DEFAULT_KEYFRAME_FRACTION, DEFAULT_KEYFRAME_INTERVAL
 from .format.manifest import DEFAULT_CHUNK_SIZE, MAX_CHAIN
 from .protocol.ranks import DEFAULT_HEARTBEAT_TTL
 from .protocol.staging import DEFAULT_OVERLAP_MIN_BYTES
 from .protocol.versions import DEFAULT_PENDING_TTL, DEFAULT_RETENTION
+from .threads import DEFAULT_THREADS
 
 DEFAULT_TIMEOUT = 60.0  # seconds a sync push waits for the acks
 DEFAULT_REPLICA_TIMEOUT = 2.0  # seconds a push waits for the replicas to hold its chunks before it commits
@@ -97,7 +98,7 @@ class PushOptions:
     delta: bool = False
     keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL
     keyframe_fraction: float = DEFAULT_KEYFRAME_FRACTION
-    diff_threads: int = DEFAULT_DIFF_THREADS
+    diff_threads: int = DEFAULT_THREADS
     overlap_min_bytes: int | None = DEFAULT_OVERLAP_MIN_BYTES
     min_replicas: int | None = None
     replica_timeout: float = DEFAULT_REPLICA_TIMEOUT
@@ -161,6 +162,10 @@ class ReceiveOptions:
             from its primary. ``latest``, manifests and rank keys are always read from the
             primary. The same as ``?replica_reads=yes`` in the store's URL, for this
             receiver alone; refused on a standalone server (its replicas are unknown).
+        apply_threads: threads that apply the patches of a delta version's chunks, and verify
+            them, side by side (numpy and zstd release the GIL). Default: the CPU count, at
+            most 4. With the host cache they serve the worker that builds the host's file
+            while the other local workers wait for it.
     """
 
     poll_interval: float = DEFAULT_POLL_INTERVAL
@@ -169,10 +174,13 @@ class ReceiveOptions:
     check_server: bool = True
     host_cache: bool | str | os.PathLike[str] = False
     read_from_replicas: bool = False
+    apply_threads: int = DEFAULT_THREADS
 
     def __post_init__(self) -> None:
         if self.poll_interval <= 0 or self.heartbeat_ttl <= 0:
             raise ConfigurationError("poll_interval and heartbeat_ttl must be positive")
+        if not _count(self.apply_threads) or self.apply_threads < 1:
+            raise ConfigurationError(f"apply_threads must be a positive integer, got {self.apply_threads!r}")
 
 
 Options = TypeVar("Options", PushOptions, ReceiveOptions)

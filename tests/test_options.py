@@ -75,6 +75,9 @@ def test_checks_that_involve_sync_and_the_receivers_checks(fake_store) -> None:
         _updater(fake_store, options=PushOptions(max_lag=2))
     with pytest.raises(ConfigurationError, match="poll_interval and heartbeat_ttl must be positive"):
         ReceiveOptions(heartbeat_ttl=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigurationError, match="apply_threads must be a positive integer"):
+            ReceiveOptions(apply_threads=bad)
 
 
 def test_assigning_an_option_replaces_the_options_checked_again(fake_store) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..threads import Threads
 from .codec import Encoded
 from .manifest import DTYPE_SIZES, ChunkEntry, Manifest, Pack, checksum, pack_limit
 from .packs import build_packs
@@ -51,7 +52,6 @@ DEFAULT_KEYFRAME_FRACTION = 0.5
 DIFF_BYTES = 64 * 1024 * 1024  # the new stream is diffed in regions of about this size (bounds the diff's scratch)
 SPREAD_SAMPLES = 8  # changed chunks estimated first, spread over the model, before the estimate may stop early
 SPREAD_MARGIN = 1.25  # ... it stops when those project this many times the patch budget, or this many times less
-DEFAULT_DIFF_THREADS = max(1, min(4, os.cpu_count() or 1))  # threads diffing regions side by side
 
 
 def element_size(encoded: Encoded) -> int:
@@ -70,8 +70,7 @@ class DeltaPlanner:
     def __init__(self, keyframe_interval: int, keyframe_fraction: float, threads: int = 1) -> None:
         self.keyframe_interval = keyframe_interval
         self.keyframe_fraction = keyframe_fraction
-        self.threads = threads
-        self._pool: ThreadPoolExecutor | None = None  # started by the first diff with threads > 1
+        self.threads = Threads(threads, "redis-weights-diff")
         self._previous: Manifest | None = None
         self._buffer: np.ndarray | None = None  # the previous stream (wire dtype), when ``_full``
         self._full = False  # ``_buffer`` holds the previous version (else only ``_samples`` do, or nothing)
@@ -81,9 +80,7 @@ class DeltaPlanner:
 
     def close(self) -> None:
         """Stop the diff threads (a later diff starts them again)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self.threads.close()
 
     def reset(self) -> None:
         """Forget the previous version: the next push is a keyframe (its chain may be broken)."""
@@ -189,24 +186,22 @@ class DeltaPlanner:
         """``(group, self._diff of it)`` for each group in order, up to ``threads`` diffed side by side.
         A caller that stops early leaves no diff running: the generator's ``finally`` waits for them
         (they read the previous stream, which the next commit may hand to the encoder)."""
-        if self.threads <= 1 or len(groups) <= 1:
+        if self.threads.count <= 1 or len(groups) <= 1:
             for group in groups:
                 yield group, self._diff(encoded, group[0], group[-1] + 1)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="redis-weights-diff")
         pending: deque[tuple[list[int], Future[dict[int, bytes | None]]]] = deque()
         waiting = iter(groups)
         try:
             for group in waiting:
-                pending.append((group, self._pool.submit(self._diff, encoded, group[0], group[-1] + 1)))
-                if len(pending) >= self.threads:
+                pending.append((group, self.threads.submit(self._diff, encoded, group[0], group[-1] + 1)))
+                if len(pending) >= self.threads.count:
                     break
             while pending:
                 group, future = pending.popleft()
                 following = next(waiting, None)
                 if following is not None:
-                    pending.append((following, self._pool.submit(self._diff, encoded, following[0], following[-1] + 1)))
+                    pending.append((following, self.threads.submit(self._diff, encoded, following[0], following[-1] + 1)))
                 yield group, future.result()
         finally:
             for _, future in pending:

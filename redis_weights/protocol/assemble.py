@@ -35,7 +35,11 @@ from ..backend.bulkread import receive_buffer
 from ..errors import CodecError, IntegrityError
 from ..format.manifest import Buffer, Manifest, Pack, Step, checksum
 from ..format.packs import Record, parse_pack
+from ..threads import Threads
 from .chunkstore import ROUND_BYTES, ChunkStore
+
+
+_ONE = Threads(1, "redis-weights-apply")  # no threads: everything on the caller's
 
 
 class MissingObjectError(IntegrityError):
@@ -71,6 +75,7 @@ def assemble(
     target: memoryview,
     held: list[str | None],
     source: memoryview | None = None,
+    threads: Threads | None = None,
 ) -> int:
     """Make ``target[:total_bytes]`` hold the version's stream; returns the bytes read from Redis.
 
@@ -79,6 +84,7 @@ def assemble(
     in ``target`` and ``held`` is kept up to date as chunks change (None while a
     chunk is being rebuilt), so after a failure it still tells what ``target`` holds.
     With a ``source``, unchanged chunks are copied from it and ``held`` is not touched.
+    ``threads`` apply the patches of distinct chunks, and verify them, side by side.
     """
     layout = _Layout(manifest, target)
     in_place = source is None
@@ -118,7 +124,7 @@ def assemble(
     _apply_chains(store, manifest, layout, [t for t in todo if t.steps], ids)
     fetched = sum(len(layout.view(t.index)) for t in stored) + sum(s.size for t in todo for s in t.steps)
     if walk is not None:
-        fetched += walk.apply(layout, ids)
+        fetched += walk.apply(layout, ids, threads)
     return fetched
 
 
@@ -194,11 +200,14 @@ class _PackWalk:
         except CodecError as exc:
             raise IntegrityError(str(exc)) from exc
 
-    def apply(self, layout: _Layout, ids: list[str | None]) -> int:
-        """Apply the records oldest first, in place; check every chunk rebuilt; the pack bytes read."""
+    def apply(self, layout: _Layout, ids: list[str | None], threads: Threads | None = None) -> int:
+        """Apply the records oldest first, in place; check every chunk rebuilt; the pack bytes read.
+        One version's records patch distinct chunks: they are applied side by side on ``threads``, in
+        batches of at most ``ROUND_BYTES`` of packs, one version after the other."""
         from ..format.patch import apply_patch  # numpy-only; imported when a version has patches
 
         manifest = self.manifest
+        threads = threads or _ONE
         touched = sorted({r.index for used in self.uses.values() for r in used})
         for i in touched:
             ids[i] = None  # being patched
@@ -206,12 +215,11 @@ class _PackWalk:
         again = [p for p in ascending if p not in self.kept]
         reread = (data for values in self.store.read([manifest.packs[p].id for p in again],
                                                      [manifest.packs[p].size for p in again]) for data in values)
-        for p in ascending:
-            data = self.kept.pop(p, None)
-            if data is None:
-                _, data = self._records(p, next(reread))  # checked again: it was read anew
-            for r in self.uses[p]:
-                chunk = layout.view(r.index)
+
+        def patch(job: tuple[int, list[tuple[int, Buffer, Record]]]) -> None:
+            index, records = job
+            chunk = layout.view(index)
+            for p, data, r in records:
                 try:
                     apply_patch(chunk, memoryview(data)[r.offset : r.offset + r.length], chunk)
                 except CodecError as exc:
@@ -219,14 +227,40 @@ class _PackWalk:
                         f"version {manifest.version}: the patch of chunk {r.index} in pack {manifest.packs[p].id} "
                         f"cannot be applied: {exc}"
                     ) from exc
-        for i in touched:
-            if checksum(layout.view(i)) != manifest.chunks[i].id:
+
+        for batch in _batches(manifest.packs, ascending):
+            jobs: dict[int, list[tuple[int, Buffer, Record]]] = {}
+            for p in batch:
+                data = self.kept.pop(p, None)
+                if data is None:
+                    _, data = self._records(p, next(reread))  # checked again: it was read anew
+                for r in self.uses[p]:
+                    jobs.setdefault(r.index, []).append((p, data, r))
+            threads.map(patch, list(jobs.items()))
+        matches = threads.map(lambda i: checksum(layout.view(i)) == manifest.chunks[i].id, touched)
+        for i, match in zip(touched, matches, strict=True):
+            if not match:
                 raise IntegrityError(
                     f"version {manifest.version}: chunk {i} does not match its id after patching "
                     "(a wrong base or a corrupted patch)"
                 )
             ids[i] = manifest.chunks[i].id
         return self.fetched
+
+
+def _batches(packs: Sequence[Pack], positions: list[int]) -> list[list[int]]:
+    """``positions`` (ascending) in runs of one version's packs of at most ``ROUND_BYTES`` each (a
+    single larger pack alone)."""
+    batches: list[list[int]] = []
+    size = 0
+    for p in positions:
+        if batches and packs[batches[-1][0]].version == packs[p].version and size + packs[p].size <= ROUND_BYTES:
+            batches[-1].append(p)
+            size += packs[p].size
+        else:
+            batches.append([p])
+            size = packs[p].size
+    return batches
 
 
 def _by_version_newest_first(packs: Sequence[Pack]) -> list[list[int]]:

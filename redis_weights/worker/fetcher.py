@@ -23,15 +23,17 @@ from ..format.manifest import Buffer, Manifest
 from ..protocol import staging
 from ..protocol.assemble import assemble
 from ..protocol.chunkstore import ChunkStore
+from ..threads import Threads
 from .hostcache import HostCache
 
 
 class Fetcher:
     """Fetch and stage versions for one worker, into the host's shared file or its private buffer."""
 
-    def __init__(self, chunks: ChunkStore, host_cache: HostCache | None = None) -> None:
+    def __init__(self, chunks: ChunkStore, host_cache: HostCache | None = None, threads: int = 1) -> None:
         self.chunks = chunks
         self.host_cache = host_cache
+        self.threads = Threads(threads, "redis-weights-apply")  # patches of distinct chunks side by side
         self._buffer = memoryview(b"")  # grown to the largest version seen, then reused
         self._held: list[str | None] = []  # id of each chunk in the buffer (None: unknown)
         self._held_chunk_size = 0
@@ -48,6 +50,10 @@ class Fetcher:
         """Bytes of the private receive buffer (0 until a version needed it)."""
         return len(self._buffer)
 
+    def close(self) -> None:
+        """Stop the apply threads."""
+        self.threads.close()
+
     def forget(self) -> None:
         """Hold nothing: the next fetch reads every chunk again (a damaged buffer, a test of a late joiner)."""
         self._held = []
@@ -58,11 +64,11 @@ class Fetcher:
         shared file, or of the receive buffer built from the chunks it holds plus what Redis has."""
         if self.host_cache is not None:
             self._held = []  # the host cache's private fallback may write into the buffer
-            with self.host_cache.chunks(manifest, self.chunks, self._grown) as chunks:
+            with self.host_cache.chunks(manifest, self.chunks, self._grown, self.threads) as chunks:
                 yield chunks
             return
         buffer = self._buffer_for(manifest)
-        self._read += assemble(self.chunks, manifest, buffer, self._held)
+        self._read += assemble(self.chunks, manifest, buffer, self._held, threads=self.threads)
         offset, views = 0, []
         for size in manifest.chunk_sizes:
             views.append(buffer[offset : offset + size])

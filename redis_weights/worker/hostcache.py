@@ -62,6 +62,7 @@ from ..format.manifest import Buffer, Manifest, checksum
 from ..protocol import staging
 from ..protocol.assemble import assemble
 from ..protocol.chunkstore import ChunkStore
+from ..threads import Threads
 
 log = logging.getLogger(__name__)
 
@@ -187,14 +188,14 @@ class HostCache:
 
     @contextlib.contextmanager
     def chunks(
-        self, manifest: Manifest, store: ChunkStore, allocate: Allocate = receive_buffer
+        self, manifest: Manifest, store: ChunkStore, allocate: Allocate = receive_buffer, threads: Threads | None = None
     ) -> Iterator[list[Buffer]]:
         """The verified chunks of ``manifest``'s version, as views of a shared file (valid inside the block).
 
-        What the file lacks is read from ``store`` (and patched). If some object is
-        missing or wrong, the error propagates and no file is published. When the
-        directory has no room for the version, it is built in ``allocate(total_bytes)``
-        instead (a private buffer).
+        What the file lacks is read from ``store`` (and patched, on ``threads``: the other local
+        workers wait for the file meanwhile). If some object is missing or wrong, the error
+        propagates and no file is published. When the directory has no room for the version, it
+        is built in ``allocate(total_bytes)`` instead (a private buffer).
         """
         stem = self._stem(manifest)
         path = self.directory / f"{stem}.safetensors"
@@ -208,7 +209,7 @@ class HostCache:
                     self.shared += 1
                 else:
                     self.fetched += 1
-                    mapping = self._fetch_into_file(path, manifest, store, allocate)
+                    mapping = self._fetch_into_file(path, manifest, store, allocate, threads)
         try:
             yield mapping.chunks
         finally:
@@ -255,12 +256,14 @@ class HostCache:
             return None
         return mapping
 
-    def _fetch_into_file(self, path: Path, manifest: Manifest, store: ChunkStore, allocate: Allocate) -> _Mapping:
+    def _fetch_into_file(
+        self, path: Path, manifest: Manifest, store: ChunkStore, allocate: Allocate, threads: Threads | None
+    ) -> _Mapping:
         """Build the version in a (recycled) file and publish it; then map it like any reader does.
         Without room for the file, build it in a private buffer."""
 
         def fill(view: memoryview, held: list[str | None]) -> bool:
-            self.fetched_bytes += assemble(store, manifest, view, held)
+            self.fetched_bytes += assemble(store, manifest, view, held, threads=threads)
             return True
 
         try:

@@ -113,7 +113,8 @@ class RedisWeightReceiver:
         deployment = self.store.deployment.with_replica_reads() if options.read_from_replicas else self.store.deployment
         self.registry = VersionRegistry(deployment, self.keyspace)
         self.host_cache = self._host_cache(options.host_cache)
-        self._fetcher = Fetcher(self.registry.chunks, self.host_cache)  # the receive buffer or the host's file
+        self._fetcher = Fetcher(self.registry.chunks, self.host_cache, options.apply_threads)  # the receive buffer or
+        # the host's file
         self.staged_bytes = 0  # of which read before their version's commit (``staging.py``)
         self._plan_hint = 0  # the newest version announced on the updates channel, not yet staged
         self._plan_staged = 0  # the newest plan staged: each version is staged once (a repeated hint costs nothing)
@@ -152,6 +153,7 @@ class RedisWeightReceiver:
     poll_interval = Option()
     heartbeat_ttl = Option()
     read_from_replicas = Option()
+    apply_threads = Option()
 
     def _set_options(self, options: ReceiveOptions) -> None:
         self.options = options
@@ -506,6 +508,7 @@ class RedisWeightReceiver:
         if self._beater.is_alive() and self._beater is not threading.current_thread():
             self._beater.join(5.0)
         self._updates.close()
+        self._fetcher.close()
         if self.registry.deployment is not self.store.deployment:
             self.registry.deployment.close()  # the replica-reads view: its own replica connections
         self.store.close()
