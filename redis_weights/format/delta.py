@@ -15,12 +15,13 @@ A version is a keyframe (every chunk stored whole) when there is no previous
 version of the same layout, every ``keyframe_interval`` versions, when a pack of the
 chain is gone from Redis, or sooner when the packs a late joiner would read (the
 chain's, this version's included) exceed ``keyframe_fraction`` of the version's
-size: diffing stops as soon as they do. Whether a push can pay at all is seen first from
-128 KiB samples of its changed chunks, a few spread over the model, then the rest only
-when those few do not already say "keyframe" (an fp32 step that moves every element: no
-chunk is diffed). After such a density keyframe the planner keeps only the samples of the
-version (a few percent of it, and a short last chunk whole) instead of a full copy, so a
-run of dense steps costs no copy of the model per push; the first push that the samples
+size: diffing stops as soon as they do. Whether a push can pay at all is estimated first,
+from 16 KiB probes (the middle of each changed chunk's 128 KiB sample) of a few chunks
+spread over the model, then of every changed chunk only when those few are not decisive
+(an fp32 step that moves every element: no chunk is diffed, and the decision costs 3-5 ms
+for the 85 MB policy). After such a density keyframe the planner keeps only the probes of
+the version (under 1% of it, and a short last chunk whole) instead of a full copy, so a
+run of dense steps costs no copy of the model per push; the first push that the probes
 find sparse is a keyframe too (there is nothing to diff it against), and the one after it
 is diffed again. Every step is linear in the chunk count: nothing per chunk looks at the
 chain behind it. The 64 MiB regions are diffed by ``threads`` threads side by side (numpy and
@@ -52,6 +53,9 @@ DEFAULT_KEYFRAME_FRACTION = 0.5
 DIFF_BYTES = 64 * 1024 * 1024  # the new stream is diffed in regions of about this size (bounds the diff's scratch)
 SPREAD_SAMPLES = 8  # changed chunks estimated first, spread over the model, before the estimate may stop early
 SPREAD_MARGIN = 1.25  # ... it stops when those project this many times the patch budget, or this many times less
+PROBE_BYTES = 16 * 1024  # bytes of a changed chunk an estimate reads (the middle of its 128 KiB sample): an fp32
+# step of the 85 MB policy is found dense in 3-5 ms, not 12-13 ms; sparse bf16 steps are overestimated by 15-50%
+# (each probe's patch header and zstd frames, scaled up), which only errs towards a keyframe near the budget
 
 
 def element_size(encoded: Encoded) -> int:
@@ -73,8 +77,8 @@ class DeltaPlanner:
         self.threads = Threads(threads, "redis-weights-diff")
         self._previous: Manifest | None = None
         self._buffer: np.ndarray | None = None  # the previous stream (wire dtype), when ``_full``
-        self._full = False  # ``_buffer`` holds the previous version (else only ``_samples`` do, or nothing)
-        self._samples: dict[int, bytes] | None = None  # chunk index -> its sample (``patch.sample_span``; a
+        self._full = False  # ``_buffer`` holds the previous version (else only its probes, ``_samples``, or nothing)
+        self._samples: dict[int, bytes] | None = None  # chunk index -> its probe (``probe_span``; a
         # short last chunk: all of it)
         self._dense = False  # the last plan was a keyframe because its patches could not pay
 
@@ -130,7 +134,7 @@ class DeltaPlanner:
         if self._projected_bytes(encoded, prev, absent, budget) > budget:  # e.g. a dense fp32 step: no diffing
             self._dense = True
             return encoded.manifest(version, keyframe=version, **fields), {}
-        if not self._full:  # only samples of the previous version: nothing to diff against this time
+        if not self._full:  # only probes of the previous version: nothing to diff against this time
             return encoded.manifest(version, keyframe=version, **fields), {}
         planned = self._entries(encoded, prev, absent, budget)
         if planned is None:
@@ -225,13 +229,14 @@ class DeltaPlanner:
         return {first + i: patch for i, patch in patches.items()}
 
     def _projected_bytes(self, encoded: Encoded, prev: Manifest, absent: set[str], budget: float) -> float:
-        """The patch bytes this push would add, from samples of its large changed chunks: a cheap
-        upper estimate that spares diffing a whole version that must be a keyframe anyway (chunks
-        too small to sample are left to the diffing, which stops at the budget; without the previous
-        stream, a short last chunk is estimated from its kept bytes). ``SPREAD_SAMPLES`` chunks spread over the model come first: when
-        they project more than ``SPREAD_MARGIN`` times ``budget``, or less than ``budget / SPREAD_MARGIN``, the
-        rest is not estimated."""
-        from .patch import SAMPLE_FROM, estimate_from_sample, estimate_patch_size, sample_span
+        """The patch bytes this push would add, from probes of its large changed chunks (``probe_span``):
+        a cheap upper estimate that spares diffing a whole version that must be a keyframe anyway
+        (chunks too small to probe are left to the diffing, which stops at the budget; without the
+        previous stream, a short last chunk is estimated from its kept bytes). ``SPREAD_SAMPLES``
+        chunks spread over the model come first: when they project more than ``SPREAD_MARGIN`` times
+        ``budget``, or less than ``budget / SPREAD_MARGIN``, nothing more is estimated; else every
+        changed chunk's probe is."""
+        from .patch import SAMPLE_FROM, estimate_patch_size
 
         if encoded.chunk_size < SAMPLE_FROM:
             return 0
@@ -239,9 +244,9 @@ class DeltaPlanner:
         offsets = _offsets(encoded.chunk_sizes)
         changed = [i for i, (new_id, old) in enumerate(zip(encoded.ids, prev.chunks, strict=True))
                    if new_id != old.id and new_id in absent]  # not stored already (a revert): a patch  # fmt: skip
-        sampled = [i for i in changed if sample_span(encoded.chunk_sizes[i], itemsize) is not None]
+        sampled = [i for i in changed if probe_span(encoded.chunk_sizes[i], itemsize) is not None]
         total = 0.0
-        if not self._full:  # a short last chunk is kept whole with the samples: estimated exactly
+        if not self._full:  # a short last chunk is kept whole with the probes: estimated exactly
             assert self._samples is not None
             for i in set(changed) - set(sampled):
                 kept, size = self._samples.get(i), encoded.chunk_sizes[i]
@@ -249,24 +254,19 @@ class DeltaPlanner:
                 total += size if kept is None or len(kept) != size else estimate_patch_size(kept, new, itemsize)
         step = max(1, len(sampled) // SPREAD_SAMPLES)
         first = sampled[::step][:SPREAD_SAMPLES]
-        rest = sorted(set(sampled) - set(first))
-        done = 0.0
-        for i in first:
-            done += self._estimate(encoded, i, offsets[i], itemsize, estimate_from_sample)
-        projected = total + done * len(sampled) / len(first) if first else total
+        probed = sum(self._estimate(encoded, i, offsets[i], itemsize) for i in first)
+        projected = total + probed * len(sampled) / len(first) if first else total
         if first and not budget / SPREAD_MARGIN <= projected <= SPREAD_MARGIN * budget:
             return projected  # a keyframe for sure, or patches for sure (the diff stops at the budget anyway)
-        for i in rest:
-            done += self._estimate(encoded, i, offsets[i], itemsize, estimate_from_sample)
-        return total + done
+        return total + sum(self._estimate(encoded, i, offsets[i], itemsize) for i in sampled)
 
-    def _estimate(self, encoded: Encoded, index: int, offset: int, itemsize: int, estimate: Any) -> int:
-        """The estimated patch size of chunk ``index`` (at stream ``offset``) from its sample and the
-        previous version's (the full stream's, or the kept samples)."""
-        from .patch import sample_span
+    def _estimate(self, encoded: Encoded, index: int, offset: int, itemsize: int) -> int:
+        """The estimated patch size of chunk ``index`` (at stream ``offset``) from its probe and the
+        previous version's (the full stream's, or the kept probes)."""
+        from .patch import estimate_from_sample
 
         size = encoded.chunk_sizes[index]
-        span = sample_span(size, itemsize)
+        span = probe_span(size, itemsize)
         assert span is not None
         new = _part_slice(encoded.plan[index], *span)
         if self._full:
@@ -277,21 +277,19 @@ class DeltaPlanner:
             old = self._samples.get(index)
             if old is None or len(old) != len(new):
                 return size
-        return int(estimate(old, new, size, itemsize))
+        return int(estimate_from_sample(old, new, size, itemsize))
 
     def committed(self, encoded: Encoded, manifest: Manifest) -> None:
         """``manifest`` (of ``encoded``) is committed: it is the base of the next push. After a
-        density keyframe only the samples of its chunks are kept (the next push is most likely
+        density keyframe only the probes of its chunks are kept (the next push is most likely
         dense too: no copy of the model); else the stream: the encoder's staging buffer itself when
         it holds all of it (cast or snapshotted weights: the planner's old buffer becomes the next
         staging, nothing copied), else a copy (its changed chunks, when the previous stream is held)."""
-        from .patch import sample_span
-
         itemsize = element_size(encoded)
-        if self._dense and all(sample_span(size, itemsize) for size in encoded.chunk_sizes[:-1]):
+        if self._dense and all(probe_span(size, itemsize) for size in encoded.chunk_sizes[:-1]):
             self._samples = {}
             for index, (parts, size) in enumerate(zip(encoded.plan, encoded.chunk_sizes, strict=True)):
-                span = sample_span(size, itemsize) or (0, size)  # a short last chunk: kept whole
+                span = probe_span(size, itemsize) or (0, size)  # a short last chunk: kept whole
                 self._samples[index] = bytes(_part_slice(parts, *span))
             self._full = False
             self._previous = manifest
@@ -317,6 +315,19 @@ class DeltaPlanner:
             offset += size
         self._full, self._samples = True, None
         self._previous = manifest
+
+
+def probe_span(length: int, itemsize: int) -> tuple[int, int] | None:
+    """The bytes ``[start, end)`` of a chunk of ``length`` bytes that the estimate reads: the middle
+    ``PROBE_BYTES`` of its sample (``patch.sample_span``, element-aligned); None for a chunk too small
+    to be sampled."""
+    from .patch import sample_span
+
+    span = sample_span(length, itemsize)
+    if span is None:
+        return None
+    start = span[0] + (span[1] - span[0] - PROBE_BYTES) // 2 // itemsize * itemsize
+    return start, start + PROBE_BYTES
 
 
 def _offsets(sizes: list[int]) -> list[int]:

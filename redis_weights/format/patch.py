@@ -324,10 +324,12 @@ def sample_span(length: int, itemsize: int) -> tuple[int, int] | None:
 
 
 def estimate_from_sample(base_sample: Buffer, new_sample: Buffer, length: int, itemsize: int) -> int:
-    """``estimate_patch_size`` of a chunk of ``length`` bytes from its two samples alone (``sample_span``):
-    a planner that kept only the previous version's samples still sees a push that must be a keyframe."""
+    """``estimate_patch_size`` of a chunk of ``length`` bytes from its two samples alone (``sample_span``,
+    or a shorter span of it: the estimate scales by the samples' length): a planner that kept only the
+    previous version's samples still sees a push that must be a keyframe."""
     sample = _build(base_sample, new_sample, itemsize, max_ratio=1.0)
-    return length if sample is None else min(length, len(sample) * length // _SAMPLE_BYTES)
+    size = len(_byte_view(new_sample, "new"))
+    return length if sample is None or not size else min(length, len(sample) * length // size)
 
 
 def _sample_says_dense(base: Buffer, new: Buffer, itemsize: int, max_ratio: float) -> bool:
