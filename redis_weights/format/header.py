@@ -135,7 +135,7 @@ def parse_header(header: Any, data_size: int) -> list[TensorEntry]:
         if not isinstance(spec, dict):
             raise CodecError(f"tensor {name!r}: entry is not an object")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise CodecError(f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
             raise CodecError(f"tensor {name!r}: bad shape {shape!r}")
