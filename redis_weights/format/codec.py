@@ -43,6 +43,7 @@ from .manifest import (
     header_bytes,
     parse_header_bytes,
 )
+from ..threads import Threads
 from .parts import gather
 
 DTYPES: dict[str, torch.dtype] = {code: getattr(torch, attr) for code, attr in DTYPE_ATTRS.items()}
@@ -465,8 +466,10 @@ def copy_tensors(
     manifest: Manifest,
     targets: Mapping[str, torch.Tensor],
     names: set[str] | None = None,
+    threads: Threads | None = None,
 ) -> None:
-    """Copy the verified chunks of a version into ``targets`` in place (all tensors, or ``names``).
+    """Copy the verified chunks of a version into ``targets`` in place (all tensors, or ``names``),
+    tensor by tensor on ``threads`` (the copies release the GIL).
 
     The caller has checked the chunks (ids), the header (``check_header``) and the
     layout (``check_compatible``). The target tensors keep their identity, device
@@ -474,16 +477,21 @@ def copy_tensors(
     """
     stream = _ChunkedStream(chunks)
     base = manifest.header_len
-    with torch.no_grad():
-        for entry in manifest.tensors:
-            if entry.nbytes == 0 or (names is not None and entry.name not in names):
-                continue
-            target = targets[entry.name]
-            direct = target.device.type == "cpu" and target.is_contiguous() and target.dtype == entry.torch_dtype
-            if direct:
+
+    def copy(entry: TensorEntry) -> None:
+        target = targets[entry.name]
+        with torch.no_grad():
+            if target.device.type == "cpu" and target.is_contiguous() and target.dtype == entry.torch_dtype:
                 out = target.detach().reshape(-1).view(torch.uint8).numpy()
                 stream.copy_range(base + entry.begin, base + entry.end, out)
             else:
                 tmp = torch.empty(entry.nbytes, dtype=torch.uint8)
                 stream.copy_range(base + entry.begin, base + entry.end, tmp.numpy())
                 target.copy_(tmp.view(entry.torch_dtype).view(entry.shape))
+
+    todo = [e for e in manifest.tensors if e.nbytes and (names is None or e.name in names)]
+    if threads is None:
+        for entry in todo:
+            copy(entry)
+    else:
+        threads.map(copy, todo)

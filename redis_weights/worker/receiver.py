@@ -358,7 +358,7 @@ class RedisWeightReceiver:
         """Put a verified version into the policy: every tensor copied in place (weights damaged in
         place are restored too). The one step a receiver that installs elsewhere overrides (the vLLM
         engine's, ``integrations/vllm``); a ``CodecError`` or ``WeightMismatchError`` refuses the version."""
-        copy_tensors(chunks, manifest, targets)
+        copy_tensors(chunks, manifest, targets, threads=self._fetcher.threads)
 
     def _host_cache(self, option: bool | str | os.PathLike[str]) -> HostCache | None:
         if option is False or option is None:
