@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import CodecError, IntegrityError, WeightMismatchError
+from ..threads import Threads
 from .manifest import (
     DEFAULT_CHUNK_SIZE,
     DTYPE_ATTRS,
@@ -43,7 +44,6 @@ from .manifest import (
     header_bytes,
     parse_header_bytes,
 )
-from ..threads import Threads
 from .parts import gather
 
 DTYPES: dict[str, torch.dtype] = {code: getattr(torch, attr) for code, attr in DTYPE_ATTRS.items()}

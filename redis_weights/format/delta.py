@@ -34,10 +34,9 @@ keyframe) when the chain cannot be trusted.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Generator
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -205,7 +204,8 @@ class DeltaPlanner:
                 group, future = pending.popleft()
                 following = next(waiting, None)
                 if following is not None:
-                    pending.append((following, self.threads.submit(self._diff, encoded, following[0], following[-1] + 1)))
+                    diff = self.threads.submit(self._diff, encoded, following[0], following[-1] + 1)
+                    pending.append((following, diff))
                 yield group, future.result()
         finally:
             for _, future in pending:

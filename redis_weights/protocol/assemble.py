@@ -38,7 +38,6 @@ from ..format.packs import Record, parse_pack
 from ..threads import Threads
 from .chunkstore import ROUND_BYTES, ChunkStore
 
-
 _ONE = Threads(1, "redis-weights-apply")  # no threads: everything on the caller's
 
 
