@@ -56,3 +56,6 @@ class Threads:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+INLINE = Threads(1, "redis-weights-inline")  # for callers handed no threads: the work runs on the caller's

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import CodecError, IntegrityError, WeightMismatchError
-from ..threads import Threads
+from ..threads import INLINE, Threads
 from .manifest import (
     DEFAULT_CHUNK_SIZE,
     DTYPE_ATTRS,
@@ -489,9 +489,4 @@ def copy_tensors(
                 stream.copy_range(base + entry.begin, base + entry.end, tmp.numpy())
                 target.copy_(tmp.view(entry.torch_dtype).view(entry.shape))
 
-    todo = [e for e in manifest.tensors if e.nbytes and (names is None or e.name in names)]
-    if threads is None:
-        for entry in todo:
-            copy(entry)
-    else:
-        threads.map(copy, todo)
+    (threads or INLINE).map(copy, [e for e in manifest.tensors if e.nbytes and (names is None or e.name in names)])

@@ -258,7 +258,8 @@ class DeltaPlanner:
         projected = total + probed * len(sampled) / len(first) if first else total
         if first and not budget / SPREAD_MARGIN <= projected <= SPREAD_MARGIN * budget:
             return projected  # a keyframe for sure, or patches for sure (the diff stops at the budget anyway)
-        return total + sum(self._estimate(encoded, i, offsets[i], itemsize) for i in sampled)
+        rest = sorted(set(sampled) - set(first))  # the first ones are estimated already
+        return total + probed + sum(self._estimate(encoded, i, offsets[i], itemsize) for i in rest)
 
     def _estimate(self, encoded: Encoded, index: int, offset: int, itemsize: int) -> int:
         """The estimated patch size of chunk ``index`` (at stream ``offset``) from its probe and the

@@ -35,10 +35,8 @@ from ..backend.bulkread import receive_buffer
 from ..errors import CodecError, IntegrityError
 from ..format.manifest import Buffer, Manifest, Pack, Step, checksum
 from ..format.packs import Record, parse_pack
-from ..threads import Threads
+from ..threads import INLINE, Threads
 from .chunkstore import ROUND_BYTES, ChunkStore
-
-_ONE = Threads(1, "redis-weights-apply")  # no threads: everything on the caller's
 
 
 class MissingObjectError(IntegrityError):
@@ -206,7 +204,7 @@ class _PackWalk:
         from ..format.patch import apply_patch  # numpy-only; imported when a version has patches
 
         manifest = self.manifest
-        threads = threads or _ONE
+        threads = threads or INLINE
         touched = sorted({r.index for used in self.uses.values() for r in used})
         for i in touched:
             ids[i] = None  # being patched
