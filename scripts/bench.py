@@ -629,11 +629,14 @@ def summarize_workload(
     proofs = [{p["index"]: p for p in w["proofs"]} for w in worker_docs]
     verified = len(worker_docs) == ident["workers"] and bool(timed) and all(
         w.get(p["index"], {}).get("digest") == p["digest"] for p in pushes for w in proofs)
-    slowest_apply = []
+    slowest_apply, workers_cpu = [], []
     for p in timed:
         seconds = [w[p["index"]].get("apply_s") for w in proofs if p["index"] in w]
         if seconds and None not in seconds:
             slowest_apply.append(max(seconds))
+        cpu = [w[p["index"]].get("cpu_s") for w in proofs if p["index"] in w]
+        if len(cpu) == ident["workers"] and None not in cpu:
+            workers_cpu.append(sum(cpu))
 
     def med(key: str) -> float | None:
         return median([p[key] for p in timed if p.get(key) is not None])
@@ -654,6 +657,9 @@ def summarize_workload(
         "push_s_all": [p["push_s"] for p in timed],
         "apply_s": median(slowest_apply),
         "train_s": med("train_s"),
+        "trainer_cpu_s": med("trainer_cpu_s"),
+        "workers_cpu_s": median(workers_cpu),
+        "redis_cpu_s": med("redis_cpu_s"),
         "trainer_rss_growth": trainer["rss_peak"] - trainer["rss_baseline"],
         "worker_rss_growth": max(worker_growth) if worker_growth else None,
         "verified": verified,
@@ -668,25 +674,33 @@ def workload_label(r: dict[str, Any]) -> str:
 
 
 def workload_table(rows: list[dict[str, Any]]) -> str:
-    """One line per (workload, lr, workers, system): medians per push after the first."""
+    """One line per (workload, lr, workers, system): medians per push after the first.
+
+    Runs that measured CPU (trainer, all workers together, Redis: seconds per push) get a column
+    for it; earlier runs' JSON files have no such figures, and their tables keep their columns."""
+    cpu = any("trainer_cpu_s" in r for r in rows)
     head = (
         "| workload | lr | workers | system | changed elements % | written MB/push | written / dense wire "
-        "| Redis out MB/push | encode s | push s | worker apply s | worker RSS +MB | bit-exact |"
+        "| Redis out MB/push | encode s | push s | worker apply s |"
+        + (" CPU s: trainer / workers / Redis |" if cpu else "") + " worker RSS +MB | bit-exact |"
     )
-    lines = [head, "|" + "---|" * 13]
+    columns = 14 if cpu else 13
+    lines = [head, "|" + "---|" * columns]
     mb = 1 / 1e6
     for r in rows:
         system = f"{r['system']} (host cache)" if r.get("host_cache") and r["system"] != "torchrl" else r["system"]
         where = f"| {workload_label(r)} | {r['workers']} | {system} |"
         if r.get("push_s") is None:
             reason = (r.get("error") or "no push measured").split(";")[0][:90]
-            lines.append(f"{where} failed: {reason} |||||||||")
+            lines.append(f"{where} failed: {reason} " + "|" * (columns - 4))
             continue
         ratio = r["bytes_in"] / r["wire_bytes"] if r.get("bytes_in") is not None else None
+        cpu_cell = (f" {fmt(r.get('trainer_cpu_s'), digits=2)} / {fmt(r.get('workers_cpu_s'), digits=2)} / "
+                    f"{fmt(r.get('redis_cpu_s'), digits=2)} |") if cpu else ""  # fmt: skip
         lines.append(
             f"{where} {fmt(r.get('changed'), 100, 3)} | {fmt(r.get('bytes_in'), mb, 4)} | {fmt(ratio, 1, 3)} "
             f"| {fmt(r.get('bytes_out'), mb, 4)} | {fmt(r.get('encode_s'))} | {fmt(r['push_s'])} "
-            f"| {fmt(r.get('apply_s'))} | {fmt(r.get('worker_rss_growth'), mb, 4)} "
+            f"| {fmt(r.get('apply_s'))} |{cpu_cell} {fmt(r.get('worker_rss_growth'), mb, 4)} "
             f"| {'yes' if r['verified'] else 'NO'} |"
         )
     return "\n".join(lines)

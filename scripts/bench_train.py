@@ -218,18 +218,19 @@ class WireCopy:
             for dst, src in zip(self.model.state_dict().values(), self.master.state_dict().values(), strict=True):
                 dst.copy_(src)
 
-    def refresh(self) -> tuple[float, float]:
-        """Cast the master weights into the copy; (seconds the cast took, fraction of changed elements)."""
-        start = time.perf_counter()
+    def refresh(self) -> tuple[float, float, float]:
+        """Cast the master weights into the copy; (seconds the cast took, CPU seconds it took,
+        fraction of changed elements)."""
+        start, cpu = time.perf_counter(), time.process_time()
         self._copy()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         changed = total = 0
         for new, old in zip(self.model.state_dict().values(), self.previous, strict=True):
             a, b = as_words(new), as_words(old)
             changed += int((a != b).sum())
             total += a.numel()
             old.copy_(new)
-        return seconds, changed / total
+        return seconds, cpu, changed / total
 
 
 def as_words(t: torch.Tensor) -> torch.Tensor:
@@ -346,23 +347,26 @@ def run_trainer(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             loss = trainer.step()
             train_s = time.perf_counter() - started
-            cast_s, changed = wire.refresh()
-            before = info.info("stats") if info else None
+            cast_s, cast_cpu_s, changed = wire.refresh()
+            before = redis_counters(info) if info else None
             t0 = time.time()
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             pusher.push()
-            push_s = time.perf_counter() - started
-            after = info.info("stats") if info else None
+            push_s, cpu = time.perf_counter() - started, time.process_time() - cpu
+            after = redis_counters(info) if info else None
             expected = digest(wire.model)
             signal_path(args, f"pushed.{index}").write_text(expected)
             for rank in ranks:  # the workers hash their weights only now: never inside a timed push
                 wait_signal(signal_path(args, f"w{rank}.digest.{index}"))
-            encode_s = cast_s if args.system == "torchrl" else pusher.encode_seconds()
+            torchrl = args.system == "torchrl"  # its cast to the wire dtype runs before the push: counted here
+            encode_s = cast_s if torchrl else pusher.encode_seconds()
+            delta = {k: after[k] - before[k] for k in after} if info else {}
             pushes.append({
                 "index": index, "t0": t0, "loss": loss, "train_s": train_s, "changed": changed,
                 "encode_s": encode_s, "push_s": push_s, "digest": expected,
-                "bytes_in": after["total_net_input_bytes"] - before["total_net_input_bytes"] if info else None,
-                "bytes_out": after["total_net_output_bytes"] - before["total_net_output_bytes"] if info else None,
+                "trainer_cpu_s": cpu + (cast_cpu_s if torchrl else 0.0),
+                "redis_cpu_s": delta.get("cpu_s"),
+                "bytes_in": delta.get("bytes_in"), "bytes_out": delta.get("bytes_out"),
             })  # fmt: skip
     except Exception as exc:  # reported in the table, not a crash of the whole bench
         error = f"{type(exc).__name__}: {exc}"[:300]
@@ -374,6 +378,14 @@ def run_trainer(args: argparse.Namespace) -> None:
         "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "rss_baseline": baseline, "rss_peak": peak_rss(), "error": error,
     })  # fmt: skip
+
+
+def redis_counters(client: redis.Redis) -> dict[str, float]:
+    """The server's network bytes in and out and its CPU seconds (all threads, user + system),
+    read in one INFO call: the differences across a push are what the push cost Redis."""
+    info = client.execute_command("INFO", "stats", "cpu")
+    return {"bytes_in": info["total_net_input_bytes"], "bytes_out": info["total_net_output_bytes"],
+            "cpu_s": info["used_cpu_user"] + info["used_cpu_sys"]}
 
 
 class ApplyClock:
@@ -423,10 +435,14 @@ def run_worker(args: argparse.Namespace) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     proofs: list[dict[str, Any]] = []
+    cpu_since = time.process_time()  # CPU seconds after the last proof: hashing for proofs is not counted
 
     def prove(index: int, apply_s: float | None) -> None:
-        proofs.append({"index": index, "digest": digest(model), "apply_s": apply_s})
+        nonlocal cpu_since
+        cpu_s = time.process_time() - cpu_since  # this push's CPU: the receive, apply and ack, all threads
+        proofs.append({"index": index, "digest": digest(model), "apply_s": apply_s, "cpu_s": cpu_s})
         signal_path(args, f"w{args.rank}.digest.{index}").write_text(proofs[-1]["digest"])
+        cpu_since = time.process_time()
 
     baseline = rss()
     if args.system in RW_TRAIN_SYSTEMS:

@@ -189,13 +189,13 @@ def test_a_training_step_moves_the_master_weights_and_the_wire_copy_counts_what_
     trainer = bench_train.Trainer(args, bench_train.WORKLOADS["finetune"])
     wire = bench_train.WireCopy(args, bench_train.WORKLOADS["finetune"], trainer.model)
     assert all(t.dtype == torch.bfloat16 for t in wire.model.state_dict().values())
-    assert wire.refresh()[1] == 0.0  # nothing trained yet
+    assert wire.refresh()[2] == 0.0  # nothing trained yet
     before = bench_train.digest(wire.model)
     trainer.step()
-    _, changed = wire.refresh()
+    _, _, changed = wire.refresh()
     assert 0 < changed < 0.5  # lr 1e-6: a few bf16 elements move, most do not
     assert bench_train.digest(wire.model) != before
-    assert wire.refresh()[1] == 0.0  # compared with the previous refresh, not the start
+    assert wire.refresh()[2] == 0.0  # compared with the previous refresh, not the start
 
 
 def test_the_digest_sees_every_bit_and_the_frozen_half_stays_put():
@@ -228,6 +228,28 @@ def test_a_worker_that_missed_a_push_fails_verification():
     stale = bench.summarize_workload(ident, trainer, [proofs(["d1", "d2", "d3"]), proofs(["d1", "d2", "d2"])])
     assert not stale["verified"]
     assert not bench.summarize_workload(ident, trainer, [proofs(["d1", "d2", "d3"])])["verified"]  # a worker short
+
+
+def test_cpu_per_push_sums_the_workers_and_shows_only_in_runs_that_measured_it():
+    pushes = [{"index": i, "digest": f"d{i}", "changed": 0.01, "push_s": 1.0, "encode_s": 0.1, "train_s": 1.0,
+               "bytes_in": 10, "bytes_out": 20, "trainer_cpu_s": 0.5 + i, "redis_cpu_s": 0.01 * i}
+              for i in (1, 2, 3, 4)]
+    trainer = {"pushes": pushes, "params": 5, "trainable": 5, "wire_bytes": 1000, "rss_baseline": 0, "rss_peak": 1}
+    ident = {"workload": "finetune", "lr": 1e-6, "system": "rw-delta", "workers": 2}
+    workers = [proofs(["d1", "d2", "d3", "d4"]) for _ in range(2)]
+    for w, scale in zip(workers, (1.0, 3.0), strict=True):
+        for proof in w["proofs"]:
+            proof["cpu_s"] = scale * proof["index"]
+    row = bench.summarize_workload(ident, trainer, workers)
+    # medians over the pushes after the first (2, 3, 4); the workers' CPU is their sum per push
+    assert (row["trainer_cpu_s"], row["workers_cpu_s"], row["redis_cpu_s"]) == (3.5, 12.0, 0.03)
+    table = bench.workload_table([{**row, "host_cache": False}])
+    assert "CPU s: trainer / workers / Redis" in table and "| 3.5 / 12 / 0.03 |" in table
+    assert all(line.count("|") == 15 for line in table.splitlines())
+    earlier = {k: v for k, v in row.items() if not k.endswith("_cpu_s")}  # a JSON file from before CPU was measured
+    assert "CPU" not in bench.workload_table([earlier])
+    workers[1]["proofs"][1].pop("cpu_s")  # one worker did not measure push 2: no sum for it
+    assert bench.summarize_workload(ident, trainer, workers)["workers_cpu_s"] == (12 + 16) / 2  # pushes 3 and 4
 
 
 def test_workload_targets_of_synthetic_rows():
@@ -276,7 +298,8 @@ def test_workloads_train_between_pushes_and_every_worker_proves_the_bytes(tmp_pa
     for name, r in rows.items():
         assert r["error"] is None and r["verified"], (name, r)
         assert r["repeats"] == 2 and len(r["push_s_all"]) == 2, name
-        for key in ("push_s", "apply_s", "train_s", "encode_s", "bytes_in", "bytes_out", "changed", "wire_bytes"):
+        for key in ("push_s", "apply_s", "train_s", "encode_s", "bytes_in", "bytes_out", "changed", "wire_bytes",
+                    "trainer_cpu_s", "workers_cpu_s", "redis_cpu_s"):
             assert positive(r[key]), (name, key, r[key])
         assert r["changed"] <= 1 and r["bytes_in"] <= 2 * r["first_bytes_in"], name
     assert rows["classic"]["changed"] > 0.9  # fp32 Adam at lr 3e-4: almost every element
