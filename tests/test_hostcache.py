@@ -320,3 +320,41 @@ def test_with_deltas_the_host_fetches_each_version_once_and_only_its_patches(
         assert sum(r.host_cache.fetched for r in receivers) == 3  # once per version for the host
         assert sizes[0] == manifest.total_bytes  # the keyframe: the whole model, once
         assert 0 < sizes[2] < manifest.total_bytes / 5, sizes  # a delta version: its patches only
+
+
+def test_a_delta_plan_is_not_announced_and_a_stager_waits_for_the_commit_to_patch(
+    real_store, redis_url, namespace, tmp_path
+):
+    """Workers stage stored chunks only: a push that uploads patches alone announces no plan. A
+    stager whose plan still has patches to apply when staging ends waits for the commit and
+    patches the recycled file then, instead of dropping it (and the spare file with it)."""
+    trainer = _policy(seed=7)
+    updater = RedisWeightUpdater(real_store, trainer, 1, sync=False, chunk_size=16384, wire_dtype=torch.bfloat16,
+                                 delta=True, overlap_min_bytes=0)  # fmt: skip
+    cache = HostCache(tmp_path / "cache")
+    updater.push_weights()  # the keyframe: stored chunks, announced
+    assert int(real_store.client.hget(real_store.keyspace.plan, "version")) == updater.version
+    real_store.client.delete(real_store.keyspace.plan)
+    with cache.chunks(updater.registry.read_manifest(updater.version), updater.registry.chunks):
+        pass  # the host's file of the keyframe: recycled for the next version
+    with torch.no_grad():
+        for t in trainer.parameters():
+            t.add_(1e-2)
+    updater.push_weights()
+    manifest = updater.registry.read_manifest(updater.version)
+    assert not manifest.is_keyframe and manifest.packs
+    assert not real_store.client.exists(real_store.keyspace.plan)  # patches only: not announced
+    asked = []
+
+    def committed() -> bool:  # the commit lands on the third look
+        asked.append(1)
+        return len(asked) >= 3
+
+    staged = cache.stage(manifest, updater.registry.chunks, lambda: True, committed=committed)
+    assert len(asked) >= 3 and staged > 0 and cache.recycled == 1 and cache.fetched == 2  # the keyframe, this one
+    with cache.chunks(manifest, updater.registry.chunks) as chunks:
+        assert cache.shared == 1 and cache.fetched == 2  # the staged file, mapped: nothing fetched again
+        for index, chunk in enumerate(chunks):
+            manifest.verify_chunk(index, chunk)  # raises on a byte that is not the version's
+    abandoned = cache.stage(manifest, updater.registry.chunks, lambda: False, committed=lambda: False)
+    assert abandoned == 0  # the file exists already: nothing to do

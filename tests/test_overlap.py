@@ -412,3 +412,12 @@ def test_a_plan_whose_chunks_never_come_costs_bounded_reads_once(real_store, red
         receiver._plan_hint = 10**6
         assert receiver.poll() is None and sum(reads) == spent and receiver.staged_bytes == 0
         assert receiver.last_error is None
+
+
+def test_wait_for_commit_ends_at_the_commit_an_abandoned_plan_or_the_stall():
+    looks = iter([False, False, True])
+    assert staging.wait_for_commit(lambda: next(looks), lambda: True, stall=5)
+    assert not staging.wait_for_commit(lambda: False, lambda: False, stall=5)  # superseded: at once
+    started = time.monotonic()
+    assert not staging.wait_for_commit(lambda: False, lambda: True, stall=0.05)  # the trainer died: bounded
+    assert time.monotonic() - started < 2

@@ -184,6 +184,21 @@ def stage(
     return fetched
 
 
+def wait_for_commit(committed: Callable[[], bool], current: Current, stall: float | None = None) -> bool:
+    """After staging, wait for the staged version's commit (checked every 2-20 ms): True once it
+    is committed; False when the plan stops being current without it (superseded, abandoned) or
+    after ``stall`` seconds (default ``STALL_SECONDS``). A stager with the patches of a delta
+    version still to apply finishes its file after the commit instead of dropping it."""
+    deadline = time.monotonic() + (STALL_SECONDS if stall is None else stall)
+    pause = _PAUSE_MIN
+    while not committed():
+        if not current() or time.monotonic() >= deadline:
+            return committed()  # the commit is what ends a plan's currency, too
+        time.sleep(pause)
+        pause = min(2 * pause, _PAUSE_MAX)
+    return True
+
+
 def _window(todo: list[int], offsets: list[int]) -> list[int]:
     """The first missing chunks of ``todo`` a round reads: ``WINDOW_CHUNKS`` at most, ``WINDOW_BYTES``
     at most (but at least one chunk)."""

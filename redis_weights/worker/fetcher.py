@@ -81,7 +81,7 @@ class Fetcher:
         version was committed meanwhile (the host cache then hands over to the fetch)."""
         if self.host_cache is not None:
             self._held = []  # the host cache's private fallback may write into the buffer
-            return self.host_cache.stage(plan, self.chunks, current, committed=committed)
+            return self.host_cache.stage(plan, self.chunks, current, committed=committed, threads=self.threads)
         staged = staging.stage(self.chunks, plan, self._buffer_for(plan), self._held, current)
         self._read += staged
         return staged

@@ -275,15 +275,23 @@ class HostCache:
             mapping = self._build_private(manifest, store, allocate)
         return mapping
 
-    def stage(self, plan: Manifest, store: ChunkStore, current: staging.Current, committed: Callable[[], bool]) -> int:
+    def stage(
+        self,
+        plan: Manifest,
+        store: ChunkStore,
+        current: staging.Current,
+        committed: Callable[[], bool],
+        threads: Threads | None = None,
+    ) -> int:
         """Stream an announced, uncommitted version into its shared file while the trainer writes it
         (``staging.py``); returns the bytes read. Skipped when the file exists, when another local
         worker holds the version's lock (it stages or fetches it), or without room for it.
 
         The file is published once every chunk matches the plan; it is applied only after the
-        commit, from the committed manifest (whose chunk ids name the same file). When the commit
-        comes first, the rest is fetched at once, still under the lock the other local workers
-        wait on; when the plan is abandoned (the trainer died, a newer plan), the file is dropped.
+        commit, from the committed manifest (whose chunk ids name the same file). What staging cannot
+        read (patched chunks, chunks not written yet) is fetched and patched, on ``threads``, once the
+        version is committed (``staging.wait_for_commit``), still under the lock the other local
+        workers wait on; when the plan is abandoned (the trainer died, a newer plan), the file is dropped.
         """
         stem = self._stem(plan)
         path = self.directory / f"{stem}.safetensors"
@@ -296,10 +304,10 @@ class HostCache:
             staged += staging.stage(store, plan, view, held, current)
             if held == plan.ids:
                 return True
-            if not committed():
+            if not staging.wait_for_commit(committed, current):  # patches need the commit: wait for it
                 return False
             try:  # committed meanwhile: fetch (or patch) the rest now, under the lock
-                staged += assemble(store, plan, view, held)
+                staged += assemble(store, plan, view, held, threads=threads)
             except (IntegrityError, CodecError) as exc:
                 log.info("host cache: staged version %d could not be completed (%s); dropped", plan.version, exc)
                 return False
