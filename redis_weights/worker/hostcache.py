@@ -304,8 +304,9 @@ class HostCache:
             staged += staging.stage(store, plan, view, held, current)
             if held == plan.ids:
                 return True
-            if not staging.wait_for_commit(committed, current):  # patches need the commit: wait for it
-                return False
+            stored_in = all(held[i] == e.id for i, e in enumerate(plan.chunks) if e.base is None)
+            if not (committed() or stored_in and staging.wait_for_commit(committed, current)):
+                return False  # abandoned, or stalled (the trainer died?) with stored chunks missing
             try:  # committed meanwhile: fetch (or patch) the rest now, under the lock
                 staged += assemble(store, plan, view, held, threads=threads)
             except (IntegrityError, CodecError) as exc:
