@@ -264,8 +264,7 @@ class Encoder:
     def _staging_buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
         if self._staging is None or self._staging.numel() < nbytes or (pin and not self._staging.is_pinned()):
             self._staging = None  # free the old one before allocating its replacement
-            self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) if pin else \
-                torch.from_numpy(np.empty(nbytes, dtype=np.uint8))
+            self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         return self._staging
 
     def encode(

@@ -273,10 +273,10 @@ class Push:
             self.registry.chunks.index.add_objects(needed)
         if not missing:
             return 0
-        if self.overlap_min_bytes is not None:  # workers stage stored chunks only: patches need their parent
+        if self.overlap_min_bytes is not None:
             sizes = dict(zip(manifest.ids, manifest.chunk_sizes, strict=True))
-            stored = sum(sizes.get(i, 0) for i in missing)
-            if stored and stored >= self.overlap_min_bytes:
+            size = sum(sizes.get(i, 0) for i in missing) + sum(len(d) for i, d in patches.items() if i in missing)
+            if size >= self.overlap_min_bytes:
                 announce(self.registry.client, self.registry.keyspace, manifest)
         return self.payload.write(self.registry.chunks, missing, patches)
 
