@@ -360,13 +360,13 @@ def run_trainer(args: argparse.Namespace) -> None:
                 wait_signal(signal_path(args, f"w{rank}.digest.{index}"))
             torchrl = args.system == "torchrl"  # its cast to the wire dtype runs before the push: counted here
             encode_s = cast_s if torchrl else pusher.encode_seconds()
-            delta = {k: after[k] - before[k] for k in after} if info else {}
+            spent = {k: after[k] - before[k] for k in after} if info else {}
             pushes.append({
                 "index": index, "t0": t0, "loss": loss, "train_s": train_s, "changed": changed,
                 "encode_s": encode_s, "push_s": push_s, "digest": expected,
                 "trainer_cpu_s": cpu + (cast_cpu_s if torchrl else 0.0),
-                "redis_cpu_s": delta.get("cpu_s"),
-                "bytes_in": delta.get("bytes_in"), "bytes_out": delta.get("bytes_out"),
+                "redis_cpu_s": spent.get("cpu_s"),
+                "bytes_in": spent.get("bytes_in"), "bytes_out": spent.get("bytes_out"),
             })  # fmt: skip
     except Exception as exc:  # reported in the table, not a crash of the whole bench
         error = f"{type(exc).__name__}: {exc}"[:300]

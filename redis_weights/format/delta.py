@@ -318,9 +318,9 @@ class DeltaPlanner:
 
 
 def _touched(buffer: np.ndarray) -> np.ndarray:
-    """``buffer`` with every page faulted in now. A fresh buffer's first write costs 0.06-1 s
-    per 520 MB on this project's 2-core VMs (10-20x a warm copy): paid here, at a keyframe's
-    commit, instead of inside the next push's cast."""
+    """``buffer`` with every page faulted in now: the first write to fresh memory can cost 10-20x
+    a warm copy (0.06-1 s per 520 MB measured on 2-core VMs), paid here, at a keyframe's commit,
+    instead of inside the next push's cast."""
     buffer.fill(0)
     return buffer
 
