@@ -437,11 +437,10 @@ def run_worker(args: argparse.Namespace) -> None:
     proofs: list[dict[str, Any]] = []
     cpu_since = time.process_time()  # CPU seconds after the last proof: hashing for proofs is not counted
 
-    def prove(index: int, apply_s: float | None, phases: dict[str, float] | None = None) -> None:
+    def prove(index: int, apply_s: float | None) -> None:
         nonlocal cpu_since
         cpu_s = time.process_time() - cpu_since  # this push's CPU: the receive, apply and ack, all threads
-        proofs.append({"index": index, "digest": digest(model), "apply_s": apply_s, "cpu_s": cpu_s,
-                       "phases": phases or {}})
+        proofs.append({"index": index, "digest": digest(model), "apply_s": apply_s, "cpu_s": cpu_s})
         signal_path(args, f"w{args.rank}.digest.{index}").write_text(proofs[-1]["digest"])
         cpu_since = time.process_time()
 
@@ -459,8 +458,7 @@ def run_worker(args: argparse.Namespace) -> None:
         index = 1
         while wait_signal(signal_path(args, f"pushed.{index}"), stop):
             with receiver.lock:
-                last = receiver.last_apply  # the receiver's own phases: fetch (read, patch, verify), apply (copy)
-                prove(index, clock.seconds(receiver.version), dict(last.seconds) if last is not None else None)
+                prove(index, clock.seconds(receiver.version))
             index += 1
         receiver.close()
         clock.close()

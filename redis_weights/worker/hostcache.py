@@ -305,7 +305,7 @@ class HostCache:
             if held == plan.ids:
                 return True
             stored_in = all(held[i] == e.id for i, e in enumerate(plan.chunks) if e.base is None)
-            if not (committed() or stored_in and staging.wait_for_commit(committed, current)):
+            if not (staging.wait_for_commit(committed, current) if stored_in else committed()):
                 return False  # abandoned, or stalled (the trainer died?) with stored chunks missing
             try:  # committed meanwhile: fetch (or patch) the rest now, under the lock
                 staged += assemble(store, plan, view, held, threads=threads)
