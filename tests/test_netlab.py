@@ -169,7 +169,9 @@ def test_a_lossy_worker_link_slows_the_push_but_every_rank_applies_it(
     lab: tuple[Lab, str], tmp_path: Path, namespace: str
 ) -> None:
     net, url = lab
-    net.shape("w2", Link("1gbit", loss=2.0))
+    # 5%: one push of the 4 MB model crosses w2's link in ~300 packets (GSO segments and their acks),
+    # so 12-21 drops were seen in five runs; at 2% a CI run once saw none
+    net.shape("w2", Link("1gbit", loss=5.0))
     workers: dict[int, Worker] = {}
     trainer = None
     try:
