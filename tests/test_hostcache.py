@@ -355,3 +355,67 @@ def test_a_stager_with_patches_left_waits_for_the_commit_and_patches_its_recycle
             manifest.verify_chunk(index, chunk)  # raises on a byte that is not the version's
     abandoned = cache.stage(manifest, updater.registry.chunks, lambda: False, committed=lambda: False)
     assert abandoned == 0  # the file exists already: nothing to do
+
+
+def _mapped_files(directory: Path) -> list[str]:
+    """This process's mappings of files in ``directory`` (``/proc/self/maps``), deleted ones too."""
+    with open("/proc/self/maps") as maps:
+        return [line.split(maxsplit=5)[-1].strip() for line in maps if str(directory) in line]
+
+
+def test_each_worker_keeps_its_mapping_of_the_recycled_file_from_version_to_version(
+    real_store, redis_url, namespace, tmp_path
+):
+    """With one file recycled version after version, no worker maps a file after the first version
+    (mapping and unmapping a large file costs page tables each time), and every worker still
+    applies each version's bytes: the fetcher writes the pages the others keep mapped."""
+    trainer = _policy(seed=8)
+    updater = RedisWeightUpdater(real_store, trainer, 2, sync=False, chunk_size=64 << 10)
+    with _receivers(redis_url, namespace, 2, tmp_path) as receivers:
+        for step in range(4):
+            with torch.no_grad():
+                trainer[0].bias.fill_(float(step))
+            updater.push_weights()
+            for r in receivers[step % 2 :] + receivers[: step % 2]:  # the fetcher alternates
+                assert r.poll() == updater.version
+            assert all(_same(r.policy, trainer) for r in receivers)
+        assert [r.host_cache.mapped for r in receivers] == [1, 1]
+        assert sum(r.host_cache.recycled for r in receivers) == 3 and sum(r.host_cache.fetched for r in receivers) == 4
+        directory = receivers[0].host_cache.directory
+        assert len(_mapped_files(directory)) == 2  # one kept mapping per worker, of the same file
+        for r in receivers:
+            r.host_cache.close()
+        assert _mapped_files(directory) == []
+
+
+def test_a_kept_mapping_of_a_deleted_file_is_dropped_at_the_next_version(real_store, redis_url, namespace, tmp_path):
+    """A kept mapping holds the file's memory: once the file is deleted, the worker unmaps it at
+    its next version, and a size change (a recycled file truncated or grown) maps the file anew."""
+    small, big = _policy(seed=9), nn.Sequential(nn.Linear(256, 512))
+    other = RedisStore.from_url(redis_url, f"{namespace}-big")
+    first = RedisWeightUpdater(real_store, small, 1, sync=False, chunk_size=64 << 10)
+    second = RedisWeightUpdater(other, big, 1, sync=False, chunk_size=64 << 10)
+    cache = HostCache(tmp_path / "cache")
+    try:
+        first.push_weights()
+        manifest = first.registry.read_manifest(first.version)
+        with cache.chunks(manifest, first.registry.chunks):
+            pass
+        (path,) = Path(cache.directory).glob("*.safetensors")
+        path.unlink()  # an operator's clean-up: the worker's mapping is the only hold on its memory
+        assert [m for m in _mapped_files(cache.directory) if m.endswith("(deleted)")]
+        with cache.chunks(manifest, first.registry.chunks):  # refetched into a new file
+            assert not [m for m in _mapped_files(cache.directory) if m.endswith("(deleted)")]
+        assert cache.mapped == 2 and cache.fetched == 2
+        second.push_weights()
+        second.push_weights()  # version 2: recycles the small model's file, grown
+        grown = second.registry.read_manifest(second.version)
+        assert grown.total_bytes > manifest.total_bytes
+        with cache.chunks(grown, second.registry.chunks) as chunks:
+            assert cache.recycled == 1 and cache.mapped == 3
+            for index, chunk in enumerate(chunks):
+                grown.verify_chunk(index, chunk)
+    finally:
+        cache.close()
+        second.close()
+        other.close()

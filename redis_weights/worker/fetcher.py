@@ -51,8 +51,10 @@ class Fetcher:
         return len(self._buffer)
 
     def close(self) -> None:
-        """Stop the apply threads."""
+        """Stop the apply threads; unmap the host cache's kept file."""
         self.threads.close()
+        if self.host_cache is not None:
+            self.host_cache.close()
 
     def forget(self) -> None:
         """Hold nothing: the next fetch reads every chunk again (a damaged buffer, a test of a late joiner)."""

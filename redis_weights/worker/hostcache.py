@@ -23,10 +23,17 @@ lock when its plan was announced: it streams the chunks into the file while the
 trainer writes them, and the other local workers, woken by the commit, wait on that
 lock as they would for any fetch.
 
-A reader holds a shared ``flock`` on the file for as long as it maps it, and a
+A reader holds a shared ``flock`` on the file for as long as it reads it, and a
 fetcher recycles only a file it can lock exclusively (so nobody is reading it),
 renaming it away before writing: a reader that opened it just before checks, once
 it holds its lock, that the name still points at the file it opened.
+
+Each process keeps its last mapping between versions, without the lock: with sync
+pushes a host recycles one file, version after version, so the next version is
+usually the same file, and mapping and unmapping a large file (page tables, not
+bytes: ~0.04 s per 520 MB here) would be paid by every worker at every version. The
+mapping is read only under the lock, after the name and the size are checked; one
+of a file deleted meanwhile is dropped at the process's next version (or ``close``).
 
 The fetcher reserves the file's space before writing a byte (``posix_fallocate``):
 on a filesystem too small for the version (Docker's and Kubernetes' default 64 MB
@@ -122,25 +129,37 @@ def private_directory(path: str | os.PathLike[str]) -> Path:
 
 @dataclass
 class _Mapping:
-    """A mapped file (or a private buffer) and the views of its chunks; ``fd`` holds the lock."""
+    """The views of a version's chunks (in a kept mapping, or a private buffer); ``fd`` holds the lock."""
 
     chunks: list[Buffer]
-    region: mmap.mmap | None = None
     fd: int | None = None
 
     def close(self) -> None:
-        """Release the views, unmap, then drop the lock (a view still held elsewhere: GC unmaps)."""
+        """Release the views, then drop the lock (the mapping stays: see ``_KeptMap``)."""
         for chunk in self.chunks:
             if isinstance(chunk, memoryview):
                 with contextlib.suppress(BufferError):
                     chunk.release()
         self.chunks = []
-        if self.region is not None:
-            with contextlib.suppress(BufferError):
-                self.region.close()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+@dataclass
+class _KeptMap:
+    """A process's mapping of one file (read and write, populated), kept between versions."""
+
+    region: mmap.mmap
+    fd: int  # a descriptor of its own, never locked: tells whether the file was deleted meanwhile
+    key: tuple[int, int]  # (st_dev, st_ino)
+    size: int
+
+    def close(self) -> None:
+        """Unmap (a view still held elsewhere, e.g. a reader of the version inside its block: GC unmaps)."""
+        with contextlib.suppress(BufferError):
+            self.region.close()
+        os.close(self.fd)
 
 
 def _views(region: mmap.mmap | memoryview, manifest: Manifest) -> list[Buffer]:
@@ -176,6 +195,45 @@ class HostCache:
         self.private = 0  # versions it read into a private buffer: the directory had no room for them
         self._no_room: str | None = None  # the last "no room" cause warned about
         self._built: tuple[Path, int, int, list[str]] | None = None  # the file this process built and verified
+        self._kept: _KeptMap | None = None  # the last file mapped (one thread uses a cache)
+        self.mapped = 0  # files this process mapped (a version in the file it mapped last costs none)
+
+    def close(self) -> None:
+        """Unmap the kept file (the cache can still be used: it maps again)."""
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
+
+    def _map(self, fd: int, path: Path) -> mmap.mmap:
+        """The whole file behind ``fd`` (locked, named ``path``) mapped: the kept mapping when it is
+        the same file at the same size, else a new mapping that is kept instead of the old one.
+
+        The mapping is made through a descriptor of its own: ``mmap`` keeps a duplicate of the
+        descriptor it is given, and a duplicate of ``fd`` would hold ``fd``'s ``flock`` as long as
+        the mapping lives."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        kept = self._kept
+        if kept is not None and kept.key == key and kept.size == st.st_size:
+            return kept.region
+        self.close()
+        own = os.open(f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else path, os.O_RDWR)
+        try:
+            mine = os.fstat(own)
+            if (mine.st_dev, mine.st_ino) != key:  # only without /proc, if the name moved: never under the lock
+                raise OSError(errno.ESTALE, f"{path} is no longer the file being read")
+            region = mmap.mmap(own, st.st_size, flags=mmap.MAP_SHARED | _POPULATE)
+        except BaseException:
+            os.close(own)
+            raise
+        self._kept = _KeptMap(region, own, key, st.st_size)
+        self.mapped += 1
+        return region
+
+    def _drop_deleted(self) -> None:
+        """Unmap the kept file if it was deleted since (its memory is freed only once nobody maps it)."""
+        if self._kept is not None and os.fstat(self._kept.fd).st_nlink == 0:
+            self.close()
 
     @classmethod
     def scoped(cls, base: str | os.PathLike[str], scope: str, namespace: str) -> HostCache:
@@ -197,6 +255,7 @@ class HostCache:
         propagates and no file is published. When the directory has no room for the version, it
         is built in ``allocate(total_bytes)`` instead (a private buffer).
         """
+        self._drop_deleted()
         stem = self._stem(manifest)
         path = self.directory / f"{stem}.safetensors"
         mapping = self._open_shared(path, manifest)
@@ -227,7 +286,7 @@ class HostCache:
     def _open_shared(self, path: Path, manifest: Manifest) -> _Mapping | None:
         """Map the file under a shared lock if it holds exactly this version; delete it if it does not."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDWR)  # read-write: the mapping is kept, and may be recycled here later
         except FileNotFoundError:
             return None
         mapping = _Mapping([], fd=fd)
@@ -239,8 +298,7 @@ class HostCache:
             size = os.fstat(fd).st_size
             if size != manifest.total_bytes:
                 raise IntegrityError(f"{size} bytes, expected {manifest.total_bytes}")
-            mapping.region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
-            mapping.chunks = _views(mapping.region, manifest)
+            mapping.chunks = _views(self._map(fd, path), manifest)
             own = os.fstat(fd)
             if self._built == (path, own.st_dev, own.st_ino, manifest.ids):  # built here: verified already
                 self._built = None  # once: an inode number may be reused after the file is gone
@@ -253,6 +311,7 @@ class HostCache:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             mapping.close()
+            self._drop_deleted()
             return None
         return mapping
 
@@ -343,14 +402,13 @@ class HostCache:
         a second time), or None when it was not published or a newer version's fetcher recycled it
         meanwhile. Raises ``_NoRoom`` when the directory cannot hold the version."""
         fd, tmp = self._writable_file(manifest.version, path)
-        region = None
         published = False
         try:
             old_size = os.fstat(fd).st_size
             no_room = _reserve(fd, manifest.total_bytes, allocated=old_size)
             if no_room is not None:
                 raise _NoRoom(no_room)
-            region = mmap.mmap(fd, manifest.total_bytes, flags=mmap.MAP_SHARED | _POPULATE)
+            region = self._map(fd, tmp)  # the file it read last, usually: no new mapping
             view = memoryview(region)
             try:
                 held = _held_ids(view, manifest, min(old_size, manifest.total_bytes))
@@ -366,17 +424,14 @@ class HostCache:
             fcntl.flock(fd, fcntl.LOCK_SH)  # a reader of it now (the conversion is not atomic: check the name)
             if not _same_file(path, fd):
                 return None
-            mapping = _Mapping(_views(region, manifest), region=region, fd=fd)
-            region = None
+            mapping = _Mapping(_views(region, manifest), fd=fd)
             fd = -1
             return mapping
         finally:
-            if region is not None:
-                with contextlib.suppress(BufferError):
-                    region.close()
             if not published:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
+                self._drop_deleted()
             if fd >= 0:
                 os.close(fd)  # drops the lock: readers may map the published file
             if published:
