@@ -1,8 +1,8 @@
 """``Threads``: a few threads for the data path's GIL-free work, one owner per trainer or worker.
 
-numpy, zstd, xxhash and torch's copies release the GIL on large buffers, so a push's diff of
-64 MiB regions, or a worker's patches of independent chunks, run side by side on as many
-cores. The pool starts on first use (a push or a worker that never needs it starts no thread);
+numpy, zstd and torch's copies release the GIL on large buffers (xxhash does not), so a push's
+casts and diff of 64 MiB regions, or a worker's patches of independent chunks, run side by side
+on as many cores. The pool starts on first use (a push or a worker that never needs it starts no thread);
 with one thread, or a single item, the work runs on the calling thread.
 """
 
@@ -50,6 +50,23 @@ class Threads:
             if error is not None:
                 raise error
         return [f.result() for f in futures]
+
+    def spread(self, fn: Callable[[T], R], items: Iterable[T], size: Callable[[T], int]) -> list[R]:
+        """``[fn(item) for item in items]``, the items cut into at most ``count`` runs of about equal
+        total ``size`` and the runs side by side: one task per thread, not per item (hundreds of
+        chunks or tensors would otherwise cost a task each)."""
+        todo = list(items)
+        if self.count == 1 or len(todo) <= 1:
+            return [fn(item) for item in todo]
+        share = sum(size(item) for item in todo) / self.count
+        runs: list[list[T]] = [[]]
+        filled = 0.0
+        for item in todo:
+            if filled >= share * len(runs) and len(runs) < self.count:
+                runs.append([])
+            runs[-1].append(item)
+            filled += size(item)
+        return [result for run in self.map(lambda run: [fn(item) for item in run], runs) for result in run]
 
     def close(self) -> None:
         """Stop the threads (a later call starts them again)."""

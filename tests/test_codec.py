@@ -24,6 +24,7 @@ from redis_weights.format.manifest import (
     parse_header,
     parse_header_bytes,
 )
+from redis_weights.threads import Threads
 from tests.codec_support import apply_chunks, built_chunks, decode_to_tensors, format2_doc, join_format3, split_format3
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.uint8, torch.bool]
@@ -414,3 +415,20 @@ def test_a_stream_staged_whole_is_traded_once_for_the_next_staging_buffer():
     assert third.take_stream(None) is not None  # None: the encoder allocates its next staging buffer
     assert Encoder(4096).encode(weights).take_stream(None) is None  # tensors read in place: nothing staged
     assert Encoder(4096).encode(weights, snapshot=True).take_stream(None) is not None  # snapshotted: staged whole
+
+
+def test_an_encode_on_threads_stages_and_names_the_same_bytes_as_one_on_the_caller():
+    """The casts, copies and chunk ids spread over threads (``diff_threads``) give the stream and the
+    ids of the inline encode: each tensor lands in its own region, each id is its chunk's."""
+    weights = {f"t{i}": torch.randn(1000 + 937 * i) for i in range(9)} | {"steps": torch.arange(77)}
+    threads = Threads(3, "test-encode")
+    try:
+        for wire, snapshot in ((torch.bfloat16, False), (None, True)):
+            alone = Encoder(4096, wire_dtype=wire).encode(weights, snapshot=snapshot)
+            spread = Encoder(4096, wire_dtype=wire, threads=threads).encode(weights, snapshot=snapshot)
+            assert spread.ids == alone.ids
+            assert [bytes(spread.chunk(i)[0]) for i in range(len(spread.plan))] == [
+                bytes(alone.chunk(i)[0]) for i in range(len(alone.plan))
+            ]
+    finally:
+        threads.close()

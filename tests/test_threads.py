@@ -49,3 +49,25 @@ def test_map_raises_the_first_error_only_once_every_call_has_ended() -> None:
 def test_a_thread_count_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Threads(0, "t")
+
+
+def test_spread_runs_one_task_per_thread_over_runs_of_about_equal_size() -> None:
+    class Recording(Threads):
+        def map(self, fn, items):  # type: ignore[no-untyped-def]
+            self.runs = list(items)
+            return super().map(fn, self.runs)
+
+    names: set[str] = set()
+
+    def work(item: int) -> int:
+        names.add(threading.current_thread().name)
+        time.sleep(0.001)
+        return -item
+
+    three = Recording(3, "t-spread")
+    sizes = [5, 1, 1, 1, 1, 1, 4, 1]  # total 15: three runs of 5
+    assert three.spread(work, sizes, size=lambda s: s) == [-s for s in sizes]
+    assert three.runs == [[5], [1, 1, 1, 1, 1], [4, 1]]
+    assert names and all(name.startswith("t-spread") for name in names)
+    assert Threads(1, "t-spread-one").spread(work, [1, 2], size=lambda s: s) == [-1, -2]
+    three.close()

@@ -181,7 +181,7 @@ class Encoded:
     def ids(self) -> list[str]:
         """The id (xxh3-128) of every chunk, computed once."""
         if self._ids is None:
-            self._ids = [checksum_parts(parts) for parts in self.plan]
+            self._ids = [checksum_parts(parts) for parts in self.plan]  # xxhash holds the GIL: no threads
         return self._ids
 
     def region(self, begin: int, end: int) -> memoryview | None:
@@ -250,13 +250,19 @@ class Encoder:
     the rest are read in place.
     """
 
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, wire_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        wire_dtype: torch.dtype | None = None,
+        threads: Threads | None = None,
+    ) -> None:
         if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be within {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
         if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {', '.join(map(str, WIRE_DTYPES))}, got {wire_dtype}")
         self.chunk_size = chunk_size
         self.wire_dtype = wire_dtype
+        self.threads = threads or INLINE  # the casts and copies of CPU tensors, side by side
         self._staging: torch.Tensor | None = None
         self._generation = 0  # encodes so far: a stream may be traded away only until the next one
         self._gather: list[bytearray] = []  # the gather ring, kept from push to push (fresh pages are slow)
@@ -297,19 +303,14 @@ class Encoder:
         if whole and staging is not None:  # the header staged too: the stream is one run
             staging[:at].numpy()[:] = np.frombuffer(head, dtype=np.uint8)
             pieces[0] = (0, at)
+        copies: list[tuple[TensorEntry, torch.Tensor, torch.Tensor]] = []  # (entry, tensor, its staging region)
         for entry, copy in zip(entries, needs_copy, strict=True):
             if entry.nbytes == 0:
                 continue
             t = tensors[entry.name].detach()
             if copy:
                 assert staging is not None
-                region = staging[at + entry.begin : at + entry.end]
-                if entry.name in cast:  # a cast is a copy anyway
-                    region.view(entry.torch_dtype).copy_(t.reshape(-1), non_blocking=t.device.type == "cuda")
-                elif t.device.type == "cpu":  # one memcpy; torch's threaded copy stalls on a busy machine
-                    np.copyto(region.numpy(), np.frombuffer(_byte_view(t.contiguous()), dtype=np.uint8))
-                else:
-                    region.copy_(t.contiguous().reshape(-1).view(torch.uint8), non_blocking=True)
+                copies.append((entry, t, staging[at + entry.begin : at + entry.end]))
                 last = pieces[-1]
                 if isinstance(last, tuple) and last[1] == at + entry.begin:
                     pieces[-1] = (last[0], at + entry.end)
@@ -317,6 +318,11 @@ class Encoder:
                     pieces.append((at + entry.begin, at + entry.end))
             else:
                 pieces.append(_byte_view(t))
+        if any(t.device.type != "cpu" for _, t, _ in copies):  # queued on the device's stream, in order
+            for job in copies:
+                _stage_tensor(job, cast)
+        else:  # the copies release the GIL
+            self.threads.spread(functools.partial(_stage_tensor, cast=cast), copies, lambda job: job[0].nbytes)
         if staging is not None and staging.is_pinned():
             torch.cuda.synchronize()
         views = [_byte_view(staging[p[0] : p[1]]) if isinstance(p, tuple) else memoryview(p)  # type: ignore[index]
@@ -340,6 +346,17 @@ class Encoder:
         self._generation += 1  # traded once
         self._staging = torch.from_numpy(replacement) if replacement is not None else None
         return stream.numpy()
+
+
+def _stage_tensor(job: tuple[TensorEntry, torch.Tensor, torch.Tensor], cast: Mapping[str, str]) -> None:
+    """Copy (or cast, for a name in ``cast``) one tensor into its region of the staging buffer."""
+    entry, t, region = job
+    if entry.name in cast:  # a cast is a copy anyway
+        region.view(entry.torch_dtype).copy_(t.reshape(-1), non_blocking=t.device.type == "cuda")
+    elif t.device.type == "cpu":  # one memcpy; torch's threaded copy stalls on a busy machine
+        np.copyto(region.numpy(), np.frombuffer(_byte_view(t.contiguous()), dtype=np.uint8))
+    else:
+        region.copy_(t.contiguous().reshape(-1).view(torch.uint8), non_blocking=True)
 
 
 def plan_chunks(pieces: Sequence[Buffer], chunk_size: int) -> list[Chunk]:

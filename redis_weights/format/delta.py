@@ -70,10 +70,10 @@ def element_size(encoded: Encoded) -> int:
 class DeltaPlanner:
     """Plans the manifest of each push against the previous committed one (see the module docstring)."""
 
-    def __init__(self, keyframe_interval: int, keyframe_fraction: float, threads: int = 1) -> None:
+    def __init__(self, keyframe_interval: int, keyframe_fraction: float, threads: int | Threads = 1) -> None:
         self.keyframe_interval = keyframe_interval
         self.keyframe_fraction = keyframe_fraction
-        self.threads = Threads(threads, "redis-weights-diff")
+        self.threads = threads if isinstance(threads, Threads) else Threads(threads, "redis-weights-diff")
         self._previous: Manifest | None = None
         self._buffer: np.ndarray | None = None  # the previous stream (wire dtype), when ``_full``
         self._full = False  # ``_buffer`` holds the previous version (else only its probes, ``_samples``, or nothing)

@@ -58,6 +58,7 @@ from ..protocol.collector import GarbageCollector
 from ..protocol.push import EncodedPayload, Push, ReplicaGate, republish
 from ..protocol.ranks import DeathWatch, RankState, check_worker_count, observe_rank_states, read_rank_states
 from ..protocol.versions import VersionRegistry, producer_id
+from ..threads import Threads
 from .uploader import SLOTS, BackgroundUploader
 
 log = logging.getLogger(__name__)
@@ -144,10 +145,12 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._collector = GarbageCollector(self.registry, name=f"redis-weights-gc-{self.keyspace.namespace}")
         self._indexed = False
         self._held: _Held | None = None  # the last foreground version and its bytes (``_repair``)
-        self._encoder = Encoder(options.chunk_size, options.wire_dtype)
+        self._threads = Threads(options.diff_threads, "redis-weights-encode")  # the casts, ids and diffs
+        self._encoder = Encoder(options.chunk_size, options.wire_dtype, self._threads)
         self._uploader: BackgroundUploader[_Upload] | None = None
-        self._slots = [self._encoder] + [Encoder(options.chunk_size, options.wire_dtype) for _ in range(SLOTS - 1)]
-        self._delta = (DeltaPlanner(options.keyframe_interval, options.keyframe_fraction, options.diff_threads)
+        self._slots = [self._encoder] + [Encoder(options.chunk_size, options.wire_dtype, self._threads)
+                                         for _ in range(SLOTS - 1)]  # fmt: skip
+        self._delta = (DeltaPlanner(options.keyframe_interval, options.keyframe_fraction, self._threads)
                        if options.delta else None)
         self._acks = Subscription(self.store.client, [self.keyspace.acks_channel], what="acks subscription",
                                   poll_every=_POLL_WITHOUT_ACKS)  # fmt: skip
@@ -559,8 +562,7 @@ class RedisWeightUpdater(WeightUpdaterBase):
             except BackgroundUploadError as exc:
                 log.error("%s", exc)
         self._collector.wait(self.timeout)
-        if self._delta is not None:
-            self._delta.close()
+        self._threads.close()  # the delta planner's too: the same threads
         self._acks.close()
         self.store.close()
         self._metrics.release()
