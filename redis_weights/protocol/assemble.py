@@ -213,8 +213,11 @@ class _PackWalk:
         reread = (data for values in self.store.read([manifest.packs[p].id for p in again],
                                                      [manifest.packs[p].size for p in again]) for data in values)
 
-        def patch(job: tuple[int, list[tuple[int, Buffer, Record]]]) -> None:
-            index, records = job
+        def patch(job: tuple[int, list[tuple[int, Buffer, Record]], bool]) -> bool:
+            """Apply a chunk's records; after its last ones, whether it matches its id (hashed while
+            the chunk is still in the cache: xxhash holds the GIL, so a pass of its own on the
+            threads would only queue behind it)."""
+            index, records, last = job
             chunk = layout.view(index)
             for p, data, r in records:
                 try:
@@ -224,8 +227,11 @@ class _PackWalk:
                         f"version {manifest.version}: the patch of chunk {r.index} in pack {manifest.packs[p].id} "
                         f"cannot be applied: {exc}"
                     ) from exc
+            return not last or checksum(chunk) == manifest.chunks[index].id
 
-        for batch in _batches(manifest.packs, ascending):
+        batches = _batches(manifest.packs, ascending)
+        final = {r.index: n for n, batch in enumerate(batches) for p in batch for r in self.uses[p]}  # last batch
+        for n, batch in enumerate(batches):
             jobs: dict[int, list[tuple[int, Buffer, Record]]] = {}
             for p in batch:
                 data = self.kept.pop(p, None)
@@ -233,15 +239,15 @@ class _PackWalk:
                     _, data = self._records(p, next(reread))  # checked again: it was read anew
                 for r in self.uses[p]:
                     jobs.setdefault(r.index, []).append((p, data, r))
-            threads.map(patch, list(jobs.items()))
-        matches = threads.map(lambda i: checksum(layout.view(i)) == manifest.chunks[i].id, touched)
-        for i, match in zip(touched, matches, strict=True):
-            if not match:
-                raise IntegrityError(
-                    f"version {manifest.version}: chunk {i} does not match its id after patching "
-                    "(a wrong base or a corrupted patch)"
-                )
-            ids[i] = manifest.chunks[i].id
+            matches = threads.map(patch, [(i, records, final[i] == n) for i, records in jobs.items()])
+            for i, match in zip(jobs, matches, strict=True):
+                if not match:
+                    raise IntegrityError(
+                        f"version {manifest.version}: chunk {i} does not match its id after patching "
+                        "(a wrong base or a corrupted patch)"
+                    )
+                if final[i] == n:
+                    ids[i] = manifest.chunks[i].id
         return self.fetched
 
 
