@@ -486,7 +486,7 @@ def copy_tensors(
     threads: Threads | None = None,
 ) -> None:
     """Copy the verified chunks of a version into ``targets`` in place (all tensors, or ``names``),
-    tensor by tensor on ``threads`` (the copies release the GIL).
+    on ``threads``: one run of tensors of about equal bytes each (the copies release the GIL).
 
     The caller has checked the chunks (ids), the header (``check_header``) and the
     layout (``check_compatible``). The target tensors keep their identity, device
@@ -506,4 +506,5 @@ def copy_tensors(
                 stream.copy_range(base + entry.begin, base + entry.end, tmp.numpy())
                 target.copy_(tmp.view(entry.torch_dtype).view(entry.shape))
 
-    (threads or INLINE).map(copy, [e for e in manifest.tensors if e.nbytes and (names is None or e.name in names)])
+    wanted = [e for e in manifest.tensors if e.nbytes and (names is None or e.name in names)]
+    (threads or INLINE).spread(copy, wanted, size=lambda e: e.nbytes)  # one run of tensors per thread
