@@ -62,8 +62,9 @@ class PushOptions:
         keyframe_fraction: with ``delta``, a keyframe sooner when the patches a late joiner
             would apply exceed this fraction of the version's size.
         diff_threads: threads that encode a push side by side: the cast to ``wire_dtype``
-            (CPU tensors) and, with ``delta``, the diff of 64 MiB regions (torch, numpy and
-            zstd release the GIL). Default: the CPU count, at most 4.
+            (CPU tensors; a ``background`` push's snapshot stays on the calling thread) and,
+            with ``delta``, the diff of 64 MiB regions (torch, numpy and zstd release the
+            GIL). Default: the CPU count, at most 4.
         background: (needs ``sync=False``) return as soon as the weights are copied
             into a staging buffer; upload and commit from a background thread. A push
             made while an upload runs replaces any push still waiting for it.

@@ -275,3 +275,27 @@ def test_a_second_writer_is_reported_when_this_updater_pushes_next(fake_store, p
     (record,) = caplog.records
     assert "version 3 was committed by another writer after this updater's version 2" in record.getMessage()
     assert "version 4 supersedes it" in record.getMessage()
+
+
+def test_a_push_casts_on_the_encode_threads_and_a_background_push_on_the_caller(fake_store, monkeypatch):
+    """The cast to ``wire_dtype`` runs on ``diff_threads``; a background push's snapshot stays on
+    the calling thread (on the threads it would queue behind the previous upload's diff)."""
+    import redis_weights.format.codec as codec
+
+    ran: list[str] = []
+    stage = codec._stage_tensor
+    monkeypatch.setattr(codec, "_stage_tensor", lambda job, cast: ran.append(threading.current_thread().name)
+                        or stage(job, cast))  # fmt: skip
+    policy = nn.Sequential(*(nn.Linear(64, 64) for _ in range(4)))
+    foreground = RedisWeightUpdater(fake_store, policy, 1, sync=False, wire_dtype=torch.bfloat16, diff_threads=2)
+    foreground.push_weights()
+    assert len(ran) == 8 and all(name.startswith("redis-weights-encode") for name in ran), ran
+    ran.clear()
+    background = RedisWeightUpdater(fake_store, policy, 1, sync=False, wire_dtype=torch.bfloat16, diff_threads=2,
+                                    background=True)  # fmt: skip
+    try:
+        background.push_weights()
+        background.flush()
+        assert len(ran) == 8 and set(ran) == {threading.current_thread().name}, ran
+    finally:
+        background.close()

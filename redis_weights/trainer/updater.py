@@ -145,10 +145,13 @@ class RedisWeightUpdater(WeightUpdaterBase):
         self._collector = GarbageCollector(self.registry, name=f"redis-weights-gc-{self.keyspace.namespace}")
         self._indexed = False
         self._held: _Held | None = None  # the last foreground version and its bytes (``_repair``)
-        self._threads = Threads(options.diff_threads, "redis-weights-encode")  # the casts, ids and diffs
-        self._encoder = Encoder(options.chunk_size, options.wire_dtype, self._threads)
+        self._threads = Threads(options.diff_threads, "redis-weights-encode")  # the casts and the diffs
+        # A background push's snapshot stays on the caller's thread: on the threads it would queue
+        # behind the previous upload's diff, and that push returns after a memcpy.
+        casts = None if options.background else self._threads
+        self._encoder = Encoder(options.chunk_size, options.wire_dtype, casts)
         self._uploader: BackgroundUploader[_Upload] | None = None
-        self._slots = [self._encoder] + [Encoder(options.chunk_size, options.wire_dtype, self._threads)
+        self._slots = [self._encoder] + [Encoder(options.chunk_size, options.wire_dtype, casts)
                                          for _ in range(SLOTS - 1)]  # fmt: skip
         self._delta = (DeltaPlanner(options.keyframe_interval, options.keyframe_fraction, self._threads)
                        if options.delta else None)
