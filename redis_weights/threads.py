@@ -2,8 +2,8 @@
 
 numpy, zstd and torch's copies release the GIL on large buffers (xxhash does not), so a push's
 casts and diff of 64 MiB regions, or a worker's patches of independent chunks, run side by side
-on as many cores. The pool starts on first use (a push or a worker that never needs it starts no thread);
-with one thread, or a single item, the work runs on the calling thread.
+on as many cores. The pool starts on first use (a push or a worker that never needs it starts
+no thread); with one thread, or a single item, the work runs on the calling thread.
 """
 
 from __future__ import annotations

@@ -418,8 +418,8 @@ def test_a_stream_staged_whole_is_traded_once_for_the_next_staging_buffer():
 
 
 def test_an_encode_on_threads_stages_and_names_the_same_bytes_as_one_on_the_caller():
-    """The casts, copies and chunk ids spread over threads (``diff_threads``) give the stream and the
-    ids of the inline encode: each tensor lands in its own region, each id is its chunk's."""
+    """The casts and copies spread over threads (``diff_threads``) give the stream and the ids of
+    the inline encode: each tensor lands in its own region, each id is its chunk's."""
     weights = {f"t{i}": torch.randn(1000 + 937 * i) for i in range(9)} | {"steps": torch.arange(77)}
     threads = Threads(3, "test-encode")
     try:
